@@ -1,0 +1,173 @@
+"""One settings struct per service, loaded in one place.
+
+Order: built-in defaults, then a TOML file (`--config` or `CPLANE_CONFIG`),
+then environment variables `CPLANE__<SECTION>__<KEY>` (e.g.
+`CPLANE__ORCHESTRATOR__MAX_BATCH=32`). No file is needed.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from schemas.subjects import Subjects
+
+ENV_PREFIX = "CPLANE__"
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+
+class StreamSettings(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    storage: str = "file"  # file | memory
+    max_bytes: int = -1  # -1 = unlimited
+    max_msgs: int = -1
+    max_age_s: float = 0.0  # 0 = forever
+    max_msg_size: int = -1
+    duplicate_window_s: float = 120.0
+    replicas: int = 1
+
+
+class StreamsSettings(msgspec.Struct, frozen=True, kw_only=True):
+    # Requests: discard=new with size limits, so an overloaded system
+    # refuses at publish time instead of queueing forever.
+    req: StreamSettings = StreamSettings(
+        name="LLM_REQ", max_bytes=1 << 30, max_msgs=1_000_000
+    )
+    work: StreamSettings = StreamSettings(name="LLM_WORK", max_bytes=1 << 30)
+    # Token chunks: memory, short-lived; long enough for a replay after a reconnect.
+    out: StreamSettings = StreamSettings(
+        name="LLM_OUT", storage="memory", max_age_s=300.0, max_bytes=1 << 30
+    )
+    done: StreamSettings = StreamSettings(
+        name="LLM_DONE", max_age_s=7 * 86400.0, max_bytes=8 << 30
+    )
+
+
+class NatsSettings(msgspec.Struct, frozen=True, kw_only=True):
+    url: str = DEFAULT_NATS_URL
+    prefix: str = "llm"
+
+
+class OrchestratorSettings(msgspec.Struct, frozen=True, kw_only=True):
+    orchestrator_id: str = ""  # "" = generated at start
+    policy: str = "priority"  # fifo | priority
+    aging_s: float = 10.0  # waiting this long raises a request one priority level
+    max_batch: int = 16  # work items per LLM_WORK message at most
+    hold_per_priority: int = 512  # request messages held unacked per priority at most
+    fetch_batch: int = 128
+    fetch_timeout_s: float = 2.0
+    ack_wait_s: float = 30.0
+    in_progress_every_s: float = 10.0
+    max_deliver: int = 5
+    publish_window: int = 64  # work publishes in flight at most
+    publish_timeout_s: float = 10.0
+    # Dispatch up to capacity * (1 + headroom) so workers never idle between batches.
+    headroom: float = 0.25
+    pd_mode: str = "auto"  # never | always | auto (prompt >= pd_min_prompt_tokens)
+    pd_min_prompt_tokens: int = 512
+    worker_timeout_s: float = 3.5  # no heartbeat this long: the worker is gone
+    dedup_cache: int = 200_000  # request ids remembered for dedup without Nats-Msg-Id
+
+
+class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
+    worker_id: str = ""  # "" = generated at start
+    role: str = "unified"
+    model: str = "sim"
+    capacity: int = 64  # sequences it takes at once
+    chunk_tokens: int = 16  # flush a chunk after this many tokens...
+    chunk_interval_ms: float = 5.0  # ...or this long after its first token
+    heartbeat_s: float = 1.0
+    ack_wait_s: float = 30.0
+    in_progress_every_s: float = 10.0
+    fetch_timeout_s: float = 2.0
+    publish_timeout_s: float = 10.0
+    drain_timeout_s: float = 30.0
+    max_prompt_tokens: int = 0  # 0 = the engine's own limit
+
+
+class SimSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """Latency model of the sim engine (see docs/sim-calibration.md)."""
+
+    zero_cost: bool = False
+    # prefill_ms = a + b*sum(l) + c*sum(l^2) over prompts prefilled in a step
+    prefill_a_ms: float = 5.5
+    prefill_b_ms: float = 0.0192
+    prefill_c_ms: float = 1.2e-6
+    # decode_ms = a + b*sum(ctx) + c*batch
+    decode_a_ms: float = 6.5
+    decode_b_ms: float = 6.5e-5
+    decode_c_ms: float = 0.01
+    kv_tokens: int = 420_000  # KV cache capacity in tokens
+    max_num_seqs: int = 256
+    max_batched_tokens: int = 8192
+    vocab_size: int = 32_000
+    eos_probability: float = 0.0  # chance per token of an early EOS (deterministic hash)
+    # PD: KV transfer delay before a decode starts = a + b * prompt_tokens
+    kv_transfer_a_ms: float = 1.0
+    kv_transfer_b_ms: float = 0.002
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    nats: NatsSettings = NatsSettings()
+    streams: StreamsSettings = StreamsSettings()
+    orchestrator: OrchestratorSettings = OrchestratorSettings()
+    worker: WorkerSettings = WorkerSettings()
+    sim: SimSettings = SimSettings()
+
+    @property
+    def subjects(self) -> Subjects:
+        return Subjects(prefix=self.nats.prefix)
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in key[len(ENV_PREFIX) :].split("__") if p]
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        if path:
+            node[path[-1]] = value
+    return tree
+
+
+def load_settings(
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Defaults <- TOML file <- env vars <- keyword overrides (section dicts).
+
+    Raises `ValueError` with the offending key when a value has the wrong type.
+    """
+    env = os.environ if env is None else env
+    data = msgspec.to_builtins(Settings())
+    path = path or env.get("CPLANE_CONFIG")
+    if path:
+        with open(path, "rb") as fh:
+            data = _merge(data, tomllib.load(fh))
+    data = _merge(data, _env_overrides(env))
+    if "NATS_URL" in env and "url" not in _env_overrides(env).get("nats", {}):
+        data["nats"]["url"] = env["NATS_URL"]
+    data = _merge(data, overrides)
+    try:
+        return msgspec.convert(data, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"invalid configuration: {exc}") from exc

@@ -1,0 +1,19 @@
+"""Python client SDK of cplane."""
+
+from client.sdk import (
+    Client,
+    Overloaded,
+    RejectedAtPublish,
+    RequestFailed,
+    RequestHandle,
+    new_request_id,
+)
+
+__all__ = [
+    "Client",
+    "Overloaded",
+    "RejectedAtPublish",
+    "RequestFailed",
+    "RequestHandle",
+    "new_request_id",
+]

@@ -1,0 +1,281 @@
+"""`cplane`: the command line. Every client command takes --nats-url
+(default: $NATS_URL, then nats://127.0.0.1:4222). Errors end with a one-line
+reason and a non-zero exit code."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from bus.settings import DEFAULT_NATS_URL, Settings, load_settings
+
+
+def _url_default() -> str:
+    return os.environ.get("NATS_URL", DEFAULT_NATS_URL)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nats-url", default=None, help="NATS server (default: $NATS_URL, then %s)"
+                   % DEFAULT_NATS_URL)
+    p.add_argument("--config", default=None, help="TOML settings file (or $CPLANE_CONFIG)")
+
+
+def _settings(args: argparse.Namespace, **sections: dict[str, Any]) -> Settings:
+    nats: dict[str, Any] = {}
+    if getattr(args, "nats_url", None):
+        nats["url"] = args.nats_url
+    if nats:
+        sections["nats"] = {**sections.get("nats", {}), **nats}
+    return load_settings(getattr(args, "config", None), **sections)
+
+
+def run_service(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run a service under uvloop until SIGINT/SIGTERM; the signal only sets a stop event."""
+    import uvloop
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    uvloop.run(runner())
+
+
+# -- services ---------------------------------------------------------------
+def cmd_orchestrator(args: argparse.Namespace) -> int:
+    from orchestrator.service import Orchestrator
+
+    o: dict[str, Any] = {}
+    if args.policy:
+        o["policy"] = args.policy
+    if args.pd_mode:
+        o["pd_mode"] = args.pd_mode
+    settings = _settings(args, orchestrator=o)
+    run_service(Orchestrator(settings).run)
+    return 0
+
+
+def _vllm_options(args: argparse.Namespace) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    for key in ("kv_connector", "kv_shared_path", "max_model_len", "dtype", "block_size",
+                "gpu_memory_utilization", "scheduling_policy", "tensor_parallel_size"):
+        value = getattr(args, key, None)
+        if value is not None:
+            opts[key] = value
+    if args.enforce_eager:
+        opts["enforce_eager"] = True
+    extra = {}
+    for kv in args.engine_arg or []:
+        key, _, value = kv.partition("=")
+        extra[key.replace("-", "_")] = json.loads(value) if value[:1] in "[{0123456789tfn" else value
+    if extra:
+        opts["engine_args"] = extra
+    return opts
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.factory import build_engine
+    from workers.runtime import Worker
+
+    w: dict[str, Any] = {"role": args.role}
+    for key in ("worker_id", "model", "capacity"):
+        if getattr(args, key) is not None:
+            w[key] = getattr(args, key)
+    sim: dict[str, Any] = {"zero_cost": True} if args.zero_cost else {}
+    settings = _settings(args, worker=w, sim=sim)
+    engine = build_engine(args.engine, settings, _vllm_options(args))
+
+    async def main(stop: asyncio.Event) -> None:
+        await engine.start()
+        try:
+            await Worker(settings, engine).run(stop)
+        finally:
+            await engine.shutdown()
+
+    run_service(main)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from cplane.stack import Stack, StackSpec
+
+    spec = StackSpec(
+        nats_url=args.nats_url or os.environ.get("NATS_URL"),
+        config=args.config,
+        workers=args.workers,
+        engine=args.engine,
+        model=args.model or ("sim" if args.engine == "sim" else ""),
+        capacity=args.capacity,
+        zero_cost=args.zero_cost,
+        pd=args.pd,
+        extra_worker_args=args.worker_arg or [],
+    )
+    if args.engine == "vllm" and not args.model:
+        print("cplane up: --engine vllm needs --model PATH", file=sys.stderr)
+        return 2
+    return Stack(spec).run_foreground()
+
+
+# -- client commands --------------------------------------------------------
+def cmd_generate(args: argparse.Namespace) -> int:
+    from client.sdk import Client, Overloaded, RejectedAtPublish, RequestFailed, new_request_id
+    from schemas.messages import Priority, Request
+
+    settings = _settings(args)
+    req = Request(
+        request_id=args.request_id or new_request_id(),
+        prompt=args.prompt,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        model=args.model or "",
+        priority=Priority(args.priority),
+        slo_class=args.slo_class,
+        ignore_eos=args.ignore_eos,
+    )
+
+    async def main() -> int:
+        client = await Client.connect(settings.nats.url, settings)
+        try:
+            handle = await client.submit(req)
+            async with asyncio.timeout(args.timeout):
+                async for chunk in handle:
+                    if not args.json:
+                        print(chunk.text, end="", flush=True)
+                final = await handle.result()
+            if args.json:
+                import msgspec
+
+                print(msgspec.json.encode(final).decode())
+            else:
+                t = final.timings
+                print(f"\n[{final.finish_reason} | {final.usage.completion_tokens} tokens | "
+                      f"ttft {t.ttft_ms:.1f} ms | e2e {t.e2e_ms:.1f} ms]", file=sys.stderr)
+            return 0
+        except RequestFailed as exc:
+            print(f"\nerror: {exc}", file=sys.stderr)
+            return 1
+        except (Overloaded, RejectedAtPublish) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except TimeoutError:
+            print(f"\nerror: no result within {args.timeout} s", file=sys.stderr)
+            return 1
+        finally:
+            await client.close()
+
+    return asyncio.run(main())
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from schemas.export import render, write_all
+    from schemas.messages import WIRE_TYPES
+
+    if args.out:
+        for path in write_all(Path(args.out)):
+            print(path)
+    else:
+        print(json.dumps({n: json.loads(render(n)) for n in WIRE_TYPES}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cplane", description=__doc__.split("\n")[0])
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sp = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sp.add_parser("up", help="start nats-server (embedded), the orchestrator and workers")
+    _common(p)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--engine", choices=["sim", "vllm"], default="sim")
+    p.add_argument("--model", default=None)
+    p.add_argument("--capacity", type=int, default=None)
+    p.add_argument("--zero-cost", action="store_true", help="sim steps take no time")
+    p.add_argument("--pd", action="store_true",
+                   help="vllm: one prefill + one decode worker (ExampleConnector) instead")
+    p.add_argument("--worker-arg", action="append", help="extra argument for every worker")
+    p.set_defaults(fn=cmd_up)
+
+    p = sp.add_parser("orchestrator", help="run an orchestrator replica")
+    _common(p)
+    p.add_argument("--policy", choices=["fifo", "priority"], default=None)
+    p.add_argument("--pd-mode", choices=["never", "always", "auto"], default=None)
+    p.set_defaults(fn=cmd_orchestrator)
+
+    p = sp.add_parser("worker", help="run a worker hosting one engine")
+    _common(p)
+    p.add_argument("--engine", choices=["sim", "vllm"], default="sim")
+    p.add_argument("--role", choices=["unified", "prefill", "decode"], default="unified")
+    p.add_argument("--model", default=None, help="model name (sim) or path (vllm)")
+    p.add_argument("--worker-id", default=None)
+    p.add_argument("--capacity", type=int, default=None)
+    p.add_argument("--zero-cost", action="store_true")
+    p.add_argument("--kv-connector", choices=["ExampleConnector", "NixlConnector"], default=None)
+    p.add_argument("--kv-shared-path", default=None, help="ExampleConnector's shared directory")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=None)
+    p.add_argument("--tensor-parallel-size", type=int, default=None)
+    p.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default=None)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--engine-arg", action="append", help="any AsyncEngineArgs field: KEY=VALUE")
+    p.set_defaults(fn=cmd_worker)
+
+    p = sp.add_parser("generate", help="send one request and stream its text")
+    _common(p)
+    p.add_argument("prompt")
+    p.add_argument("--priority", choices=[p.value for p in _priorities()], default="normal")
+    p.add_argument("--slo-class", default="standard")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--model", default=None)
+    p.add_argument("--request-id", default=None)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--json", action="store_true", help="print the Final as JSON")
+    p.set_defaults(fn=cmd_generate)
+
+    p = sp.add_parser("schema", help="export the wire types as JSON Schema")
+    p.add_argument("--out", default=None, help="directory for one file per type")
+    p.set_defaults(fn=cmd_schema)
+    return ap
+
+
+def _priorities() -> list[Any]:
+    from schemas.messages import PRIORITIES
+
+    return list(PRIORITIES)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.fn(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, OSError, ConnectionError) as exc:
+        print(f"cplane {args.cmd}: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # nats connection errors and the like: one line, not a trace
+        if args.verbose:
+            raise
+        print(f"cplane {args.cmd}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

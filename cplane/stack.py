@@ -1,0 +1,151 @@
+"""`cplane up`: an embedded nats-server, one orchestrator and N workers, as processes.
+
+Each service is its own process (`cplane orchestrator`, `cplane worker`), as
+in production, so a 2-core laptop uses both cores. The stack is ready when
+every worker's heartbeat has been seen; then it prints the URL to publish to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import nats
+
+from bus.server import EmbeddedNats
+
+
+@dataclass(slots=True)
+class StackSpec:
+    nats_url: str | None = None  # None: start an embedded server
+    config: str | None = None
+    workers: int = 2
+    engine: str = "sim"
+    model: str = "sim"
+    capacity: int | None = None
+    zero_cost: bool = False
+    pd: bool = False  # one prefill + one decode worker instead of unified ones
+    extra_worker_args: list[str] = field(default_factory=list)
+
+
+async def wait_for_workers(url: str, n: int, timeout_s: float) -> set[str]:
+    """Block until `n` distinct workers have sent a heartbeat (or the timeout passes)."""
+    nc = await nats.connect(url)
+    seen: set[str] = set()
+    done = asyncio.Event()
+
+    async def on_hb(msg: nats.aio.msg.Msg) -> None:
+        seen.add(msg.subject.rpartition(".")[2])
+        if len(seen) >= n:
+            done.set()
+
+    await nc.subscribe("llm.hb.*", cb=on_hb)
+    try:
+        await asyncio.wait_for(done.wait(), timeout_s)
+    except TimeoutError:
+        pass
+    finally:
+        await nc.close()
+    return seen
+
+
+class Stack:
+    def __init__(self, spec: StackSpec) -> None:
+        self.spec = spec
+        self.server: EmbeddedNats | None = None
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.url = spec.nats_url or ""
+        self.kv_dir: str | None = None
+
+    def _cli(self, *args: str) -> list[str]:
+        base = [sys.executable, "-m", "cplane.cli", *args, "--nats-url", self.url]
+        if self.spec.config:
+            base += ["--config", self.spec.config]
+        return base
+
+    def _worker_cmds(self) -> list[list[str]]:
+        s = self.spec
+        common = ["--engine", s.engine]
+        if s.model:
+            common += ["--model", s.model]
+        if s.capacity:
+            common += ["--capacity", str(s.capacity)]
+        if s.zero_cost:
+            common.append("--zero-cost")
+        common += s.extra_worker_args
+        if s.pd:
+            self.kv_dir = tempfile.mkdtemp(prefix="cplane-kv-")
+            kv = ["--kv-connector", "ExampleConnector", "--kv-shared-path", self.kv_dir]
+            if s.engine == "sim":
+                kv = []
+            return [
+                self._cli("worker", "--role", "prefill", "--worker-id", "prefill-0", *common, *kv),
+                self._cli("worker", "--role", "decode", "--worker-id", "decode-0", *common, *kv),
+            ]
+        return [
+            self._cli("worker", "--role", "unified", "--worker-id", f"{s.engine}-{i}", *common)
+            for i in range(s.workers)
+        ]
+
+    def start(self, timeout_s: float = 180.0) -> None:
+        if not self.url:
+            self.server = EmbeddedNats().start()
+            self.url = self.server.url
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.procs.append(subprocess.Popen(self._cli("orchestrator"), env=env))
+        cmds = self._worker_cmds()
+        for cmd in cmds:
+            self.procs.append(subprocess.Popen(cmd, env=env))
+        seen = asyncio.run(wait_for_workers(self.url, len(cmds), timeout_s))
+        if len(seen) < len(cmds):
+            self.stop()
+            raise RuntimeError(f"only {len(seen)} of {len(cmds)} workers came up in {timeout_s} s")
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 40
+        for p in self.procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.procs.clear()
+        if self.server:
+            self.server.stop()
+            self.server = None
+
+    def run_foreground(self) -> int:
+        """`cplane up`: start, print where to publish, wait for Ctrl-C or SIGTERM."""
+        stop = {"now": False}
+
+        def on_signal(signum: int, frame: object) -> None:
+            stop["now"] = True
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        s = self.spec
+        roles = "prefill+decode" if s.pd else f"{s.workers} unified"
+        print(f"cplane is up: NATS at {self.url} | orchestrator + {roles} {s.engine} worker(s), "
+              f"model {s.model!r}", flush=True)
+        print(f"  try: cplane generate 'Hello' --nats-url {self.url}", flush=True)
+        print(f"  or publish JSON to llm.req.normal.standard, read llm.out.i.<id> / llm.done.i.<id>",
+              flush=True)
+        try:
+            while not stop["now"]:
+                if any(p.poll() is not None for p in self.procs):
+                    print("cplane up: a service exited; stopping", file=sys.stderr, flush=True)
+                    self.stop()
+                    return 1
+                time.sleep(0.2)
+        finally:
+            self.stop()
+        return 0

@@ -1,0 +1,47 @@
+"""Prefill/decode disaggregation: per request, unified or prefill-then-decode. Pure.
+
+Modes: `never`, `always` (whenever a prefill and a decode pool serve the
+model), `auto` (when the prompt is at least `min_prompt_tokens` long; the
+prefill pool's queue is weighed in a later issue). Without a unified pool,
+PD is used whatever the mode, and vice versa.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from orchestrator.fleet import FleetView
+from schemas.messages import Request, Role
+
+
+@dataclass(frozen=True, slots=True)
+class PdConfig:
+    mode: str = "auto"  # never | always | auto
+    min_prompt_tokens: int = 512
+
+
+def estimate_prompt_tokens(req: Request) -> int:
+    """Token count without a tokenizer: exact for ids, ~4 characters per token for text."""
+    if req.prompt_token_ids is not None:
+        return len(req.prompt_token_ids)
+    if req.prompt is not None:
+        return len(req.prompt) // 4 + 1
+    if req.messages is not None:
+        return sum(len(m.content) for m in req.messages) // 4 + len(req.messages)
+    return 0
+
+
+def decide(req: Request, fleet: FleetView, cfg: PdConfig) -> Role | None:
+    """The role to dispatch to, or None when no live pool serves the request now."""
+    model = req.model
+    has_unified = bool(fleet.of_role(Role.UNIFIED, model))
+    has_pd = bool(fleet.of_role(Role.PREFILL, model)) and bool(fleet.of_role(Role.DECODE, model))
+    if not has_pd:
+        return Role.UNIFIED if has_unified else None
+    if not has_unified:
+        return Role.PREFILL
+    if cfg.mode == "always":
+        return Role.PREFILL
+    if cfg.mode == "auto" and estimate_prompt_tokens(req) >= cfg.min_prompt_tokens:
+        return Role.PREFILL
+    return Role.UNIFIED

@@ -1,0 +1,335 @@
+"""The orchestrator service: the imperative shell around policy, PD decision and fleet.
+
+- One durable pull consumer per priority on LLM_REQ, each with a fetch
+  outstanding, filling a bounded per-priority hold queue (JetStream has no
+  per-message priority; holding lets the policy choose among what is held).
+- A dispatch loop that, whenever the fleet has room, asks the policy for the
+  next requests, packs them into WorkBatch messages (one request alone goes
+  out at once; a deep queue goes out in batches of up to `max_batch`), and
+  acks the request messages only after JetStream acked the work publish.
+- Held messages get `in_progress()` so ack_wait never expires under them.
+- Room = fleet capacity (from heartbeats) * (1 + headroom) - requests in
+  flight; a request leaves "in flight" when its Final/ErrorReply appears on
+  `llm.done.>` (read from the subject, never decoded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from itertools import islice
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from bus.connect import connect
+from bus.jsmeta import stored_ms, stream_seq
+from bus.outcome import error_reply, publish_terminal
+from bus.provision import ensure_request_consumers, ensure_streams
+from bus.recent import RecentIds
+from bus.settings import Settings
+from orchestrator.fleet import FleetView, Registry
+from orchestrator.intake import Rejection, admit
+from orchestrator.pd_decision import PdConfig, decide
+from orchestrator.policy import PolicyConfig, QueueView, get_policy
+from schemas.codec import encode, heartbeat_decoder
+from schemas.messages import PRIORITIES, ErrorCode, Final, FinishReason, Role, WorkBatch, WorkItem
+from schemas.subjects import consumer_for_priority
+
+log = logging.getLogger("cplane.orchestrator")
+_TIMEOUTS = (asyncio.TimeoutError, TimeoutError)
+
+
+@dataclass(slots=True, eq=False)
+class Held:
+    msg: Msg
+    item: WorkItem
+    arrival_ms: float
+
+
+def now_ms() -> float:
+    return time.time() * 1000
+
+
+class Orchestrator:
+    def __init__(self, settings: Settings, nc: NATS | None = None) -> None:
+        self.settings = settings
+        o = settings.orchestrator
+        self.id = o.orchestrator_id or f"orch-{uuid.uuid4().hex[:8]}"
+        self.subjects = settings.subjects
+        self.policy = get_policy(o.policy)
+        self.policy_cfg = PolicyConfig(aging_s=o.aging_s)
+        self.pd_cfg = PdConfig(mode=o.pd_mode, min_prompt_tokens=o.pd_min_prompt_tokens)
+        self.registry = Registry(timeout_ms=o.worker_timeout_s * 1000)
+        self._queues: list[deque[Held]] = [deque() for _ in PRIORITIES]
+        self._held_by_id: dict[str, Held] = {}
+        self._room = [asyncio.Event() for _ in PRIORITIES]
+        self._inflight: dict[str, Role] = {}
+        self._seen = RecentIds(o.dedup_cache)
+        self._cancelled = RecentIds(100_000)
+        self._wake = asyncio.Event()
+        self._publish_slots = asyncio.Semaphore(o.publish_window)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._nc = nc
+        self._own_nc = nc is None
+        self._js: JetStreamContext | None = None
+        self.counters = {
+            "accepted": 0, "rejected": 0, "duplicates": 0, "dispatched": 0,
+            "batches": 0, "cancelled": 0, "publish_failures": 0, "pd": 0,
+        }
+
+    # -- lifecycle ------------------------------------------------------------
+    async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+        nc = self._nc or await connect(self.settings.nats.url, self.id)
+        self._nc = nc
+        js = nc.jetstream(publish_async_max_pending=8000)
+        self._js = js
+        await ensure_streams(js, self.settings)
+        await ensure_request_consumers(js, self.settings)
+        subs = [
+            await nc.subscribe(self.subjects.heartbeats_all, cb=self._on_heartbeat),
+            await nc.subscribe(self.subjects.done_all, cb=self._on_done),
+            await nc.subscribe(self.subjects.cancel_all, cb=self._on_cancel),
+        ]
+        loops = []
+        for level, p in enumerate(PRIORITIES):
+            psub = await js.pull_subscribe_bind(
+                durable=consumer_for_priority(p), stream=self.settings.streams.req.name
+            )
+            loops.append(asyncio.create_task(self._fetch_loop(level, psub), name=f"fetch-{p}"))
+        loops.append(asyncio.create_task(self._dispatch_loop(), name="dispatch"))
+        loops.append(asyncio.create_task(self._ticker(), name="ticker"))
+        log.info("orchestrator %s consuming (policy=%s)", self.id, self.settings.orchestrator.policy)
+        if ready is not None:
+            ready.set()
+        try:
+            await stop.wait()
+        finally:
+            for t in loops:
+                t.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+            if self._tasks:  # let in-flight work publishes finish and ack
+                await asyncio.wait(self._tasks, timeout=self.settings.orchestrator.publish_timeout_s)
+            for held in list(self._held_by_id.values()):
+                with contextlib.suppress(Exception):
+                    await held.msg.nak()  # another replica takes it at once
+            for s in subs:
+                with contextlib.suppress(Exception):
+                    await s.unsubscribe()
+            if self._own_nc:
+                await nc.drain()
+
+    def _spawn(self, coro: object, name: str) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- intake ----------------------------------------------------------------
+    async def _fetch_loop(self, level: int, sub: JetStreamContext.PullSubscription) -> None:
+        o = self.settings.orchestrator
+        queue, room = self._queues[level], self._room[level]
+        while True:
+            free = o.hold_per_priority - len(queue)
+            if free <= 0:
+                room.clear()
+                await room.wait()
+                continue
+            try:
+                msgs = await sub.fetch(min(free, o.fetch_batch), timeout=o.fetch_timeout_s)
+            except _TIMEOUTS:
+                continue
+            except Exception as exc:
+                log.warning("fetch on %s failed: %s", PRIORITIES[level], exc)
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                await self._intake(msg)
+            self._wake.set()
+
+    async def _intake(self, msg: Msg) -> None:
+        prio, slo = self.subjects.parse_request(msg.subject)
+        arrival = stored_ms(msg.reply)
+        result = admit(msg.data, prio, slo, arrival, now_ms(), self.id)
+        if isinstance(result, Rejection):
+            self.counters["rejected"] += 1
+            self._spawn(self._reject(msg, result), "reject")
+            return
+        rid = result.request.request_id
+        if rid in self._inflight or rid in self._held_by_id or not self._seen.add(rid):
+            # Same request_id published twice without Nats-Msg-Id (or after the
+            # dedup window): it is served once.
+            self.counters["duplicates"] += 1
+            await msg.term()
+            return
+        held = Held(msg=msg, item=result, arrival_ms=arrival)
+        if rid in self._cancelled:
+            self._spawn(self._finish_cancelled(held), "cancel")
+            return
+        level = result.priority.level
+        self._queues[level].append(held)
+        self._held_by_id[rid] = held
+        self.counters["accepted"] += 1
+
+    async def _reject(self, msg: Msg, rej: Rejection) -> None:
+        assert self._nc is not None and self._js is not None
+        rid = rej.request_id or f"seq{stream_seq(msg.reply) if msg.reply else 0}"
+        err = error_reply(rid, rej.code, rej.message)
+        log.info("rejected %s: %s", rid, rej.message)
+        try:
+            await publish_terminal(self._nc, self._js, self.subjects, rej.group, err)
+        except Exception as exc:
+            log.warning("could not publish rejection of %s: %s", rid, exc)
+            await msg.nak(delay=1.0)
+            return
+        await msg.term()
+
+    async def _finish_cancelled(self, held: Held) -> None:
+        assert self._nc is not None and self._js is not None
+        item = held.item
+        t = now_ms()
+        final = Final(
+            request_id=item.request.request_id,
+            finish_reason=FinishReason.CANCELLED,
+            ts_ms=t,
+        )
+        final = msgspec.structs.replace(
+            final, timings=msgspec.structs.replace(final.timings, e2e_ms=t - held.arrival_ms)
+        )
+        await publish_terminal(
+            self._nc, self._js, self.subjects, item.request.group, final,
+            reply_to=item.request.reply_to,
+        )
+        self.counters["cancelled"] += 1
+        await held.msg.ack()
+
+    # -- dispatch --------------------------------------------------------------
+    def room(self, fleet: FleetView) -> int:
+        o = self.settings.orchestrator
+        cap = fleet.capacity(Role.UNIFIED) + fleet.pd_capacity()
+        return int(cap * (1 + o.headroom)) - len(self._inflight)
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._dispatch_ready()
+            except Exception:
+                log.exception("dispatch step failed")
+
+    def _take(self, k: int) -> list[Held]:
+        """Pop up to k held requests in the policy's order."""
+        now = now_ms()
+        view = QueueView(tuple([h.arrival_ms for h in islice(q, k)] for q in self._queues))
+        taken = []
+        for level in self.policy(view, k, now, self.policy_cfg):
+            held = self._queues[level].popleft()
+            del self._held_by_id[held.item.request.request_id]
+            taken.append(held)
+        for level, q in enumerate(self._queues):
+            if len(q) < self.settings.orchestrator.hold_per_priority:
+                self._room[level].set()
+        return taken
+
+    async def _dispatch_ready(self) -> None:
+        fleet = self.registry.snapshot(now_ms())
+        room = self.room(fleet)
+        if room <= 0 or not self._held_by_id:
+            return
+        by_role: dict[Role, list[Held]] = {}
+        keep: list[Held] = []
+        for held in self._take(room):
+            req = held.item.request
+            if fleet.workers and not fleet.serves(req.model):
+                self._spawn(self._reject(held.msg, Rejection(
+                    req.request_id, req.group, ErrorCode.UNKNOWN_MODEL,
+                    f"no worker serves model {req.model!r}; served: {sorted(fleet.models)}",
+                )), "reject")
+                continue
+            role = decide(req, fleet, self.pd_cfg)
+            if role is None:  # no live pool for this model right now
+                keep.append(held)
+                continue
+            by_role.setdefault(role, []).append(held)
+        for held in reversed(keep):  # back to the front, in order
+            self._queues[held.item.priority.level].appendleft(held)
+            self._held_by_id[held.item.request.request_id] = held
+        size = max(1, min(self.settings.orchestrator.max_batch, fleet.max_worker_capacity()))
+        for role, items in by_role.items():
+            for i in range(0, len(items), size):
+                batch = items[i : i + size]
+                for held in batch:
+                    self._inflight[held.item.request.request_id] = role
+                await self._publish_slots.acquire()
+                self._spawn(self._publish_batch(role, batch), "publish")
+
+    async def _publish_batch(self, role: Role, batch: list[Held]) -> None:
+        assert self._js is not None
+        o = self.settings.orchestrator
+        t = now_ms()
+        items = [msgspec.structs.replace(h.item, role=role, dispatched_ms=t) for h in batch]
+        data = encode(WorkBatch(items=items))
+        try:
+            fut = await self._js.publish_async(self.subjects.work(role), data)
+            await asyncio.wait_for(fut, o.publish_timeout_s)
+        except Exception as exc:
+            # Not dispatched: JetStream redelivers the requests shortly.
+            log.warning("work publish failed (%d requests back to the queue): %s", len(batch), exc)
+            self.counters["publish_failures"] += 1
+            for held in batch:
+                self._inflight.pop(held.item.request.request_id, None)
+                self._seen.discard(held.item.request.request_id)
+                await held.msg.nak(delay=1.0)
+            return
+        finally:
+            self._publish_slots.release()
+        for held in batch:
+            await held.msg.ack()
+        self.counters["dispatched"] += len(batch)
+        self.counters["batches"] += 1
+        if role is Role.PREFILL:
+            self.counters["pd"] += len(batch)
+
+    # -- subscriptions ---------------------------------------------------------
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        try:
+            hb = heartbeat_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            return
+        if self.registry.observe(hb, now_ms()):
+            self._wake.set()
+
+    async def _on_done(self, msg: Msg) -> None:
+        if self._inflight.pop(self.subjects.last_token(msg.subject), None) is not None:
+            self._wake.set()
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        rid = self.subjects.last_token(msg.subject)
+        self._cancelled.add(rid)
+        held = self._held_by_id.pop(rid, None)
+        if held is not None:  # not dispatched yet: it never runs
+            self._queues[held.item.priority.level].remove(held)
+            self._spawn(self._finish_cancelled(held), "cancel")
+
+    async def _ticker(self) -> None:
+        """Wakes dispatch for aging and worker expiry; keeps held messages alive."""
+        o = self.settings.orchestrator
+        last_progress = time.monotonic()
+        while True:
+            await asyncio.sleep(0.25)
+            if self.registry.expire(now_ms()):
+                log.info("workers expired; fleet is now %d", len(self.registry.snapshot(now_ms()).workers))
+            self._wake.set()
+            if time.monotonic() - last_progress >= o.in_progress_every_s:
+                last_progress = time.monotonic()
+                for held in list(self._held_by_id.values()):
+                    with contextlib.suppress(Exception):
+                        await held.msg.in_progress()

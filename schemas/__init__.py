@@ -1,0 +1,47 @@
+"""Wire types and subject names of cplane. Depends on msgspec only."""
+
+from schemas.messages import (
+    PRIORITIES,
+    SCHEMA_VERSION,
+    WIRE_TYPES,
+    Cancel,
+    ChatMessage,
+    ErrorCode,
+    ErrorReply,
+    Final,
+    FinishReason,
+    Heartbeat,
+    Output,
+    Priority,
+    Request,
+    Role,
+    Timings,
+    TokenChunk,
+    Usage,
+    WorkBatch,
+    WorkItem,
+)
+from schemas.subjects import Subjects
+
+__all__ = [
+    "PRIORITIES",
+    "SCHEMA_VERSION",
+    "WIRE_TYPES",
+    "Cancel",
+    "ChatMessage",
+    "ErrorCode",
+    "ErrorReply",
+    "Final",
+    "FinishReason",
+    "Heartbeat",
+    "Output",
+    "Priority",
+    "Request",
+    "Role",
+    "Subjects",
+    "Timings",
+    "TokenChunk",
+    "Usage",
+    "WorkBatch",
+    "WorkItem",
+]

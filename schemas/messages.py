@@ -1,0 +1,234 @@
+"""Wire messages: the single source of truth for what crosses NATS.
+
+JSON on the wire so any language can publish. Evolution rules (msgspec's):
+new fields get defaults, field types never change, readers ignore unknown
+fields. Times are milliseconds since the Unix epoch (`*_ms`) unless named
+otherwise; durations are milliseconds too.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import msgspec
+
+SCHEMA_VERSION = 1
+
+
+class Priority(enum.StrEnum):
+    """Request priority; the subject token of `llm.req.<priority>.<slo_class>`."""
+
+    CRITICAL = "critical"
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+    BACKGROUND = "background"
+
+    @property
+    def level(self) -> int:
+        """0 for CRITICAL ... 4 for BACKGROUND (lower runs first)."""
+        return _LEVEL[self]
+
+
+PRIORITIES: tuple[Priority, ...] = tuple(Priority)
+_LEVEL = {p: i for i, p in enumerate(PRIORITIES)}
+
+
+class Role(enum.StrEnum):
+    """What a worker does with a work item."""
+
+    UNIFIED = "unified"  # prefill and decode in one engine
+    PREFILL = "prefill"  # prompt only; hands a decode item on
+    DECODE = "decode"  # continues after the prefill's first token
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"  # EOS or a stop string
+    LENGTH = "length"  # max_tokens reached
+    CANCELLED = "cancelled"  # llm.cancel.<id> or client abort
+    ABORT = "abort"  # the engine aborted it (e.g. shutdown without hand-back)
+
+
+class ErrorCode(enum.StrEnum):
+    INVALID_REQUEST = "invalid_request"  # not JSON, wrong fields, bad values
+    UNKNOWN_MODEL = "unknown_model"
+    PROMPT_TOO_LONG = "prompt_too_long"
+    OVERLOADED = "overloaded"
+    ENGINE_ERROR = "engine_error"
+    INTERNAL = "internal"
+
+
+class Base(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
+    """Root of every wire struct: immutable, compact (defaults omitted)."""
+
+
+class ChatMessage(Base, frozen=True, kw_only=True):
+    role: str
+    content: str
+
+
+class Request(Base, frozen=True, kw_only=True):
+    """What a client publishes to `llm.req.<priority>.<slo_class>`.
+
+    Exactly one of `prompt`, `prompt_token_ids` or `messages` is given.
+    `priority` and `slo_class` default to the subject's tokens; when the body
+    names them too, the subject wins (it is the queue the request sat in).
+    Publish with header `Nats-Msg-Id: <request_id>` for server-side dedup.
+    """
+
+    request_id: str
+    model: str = ""  # "" = any model the fleet serves
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    messages: list[ChatMessage] | None = None
+    # sampling
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 = off (vLLM's convention)
+    stop: list[str] | None = None
+    seed: int | None = None
+    ignore_eos: bool = False
+    # scheduling metadata (the seeds' RequestMetadata)
+    priority: Priority | None = None
+    slo_class: str | None = None
+    slo_deadline_ms: float | None = None  # end-to-end budget from publish, ms
+    ttft_target_ms: float | None = None
+    tpot_target_ms: float | None = None
+    cost_budget: float | None = None  # currency units for this request
+    parallelism_hint: int = 1
+    user_id: str | None = None
+    tenant: str | None = None
+    session_id: str | None = None
+    # delivery
+    group: str = "i"  # output subject group: "i" interactive, else batch job id
+    reply_to: str | None = None  # extra core-NATS subject that also gets every output
+    created_ms: float | None = None  # client clock at publish, for latency accounting
+    schema_version: int = SCHEMA_VERSION
+
+
+class WorkItem(Base, frozen=True, kw_only=True):
+    """One request as the orchestrator hands it to a worker role."""
+
+    request: Request
+    priority: Priority
+    slo_class: str
+    role: Role = Role.UNIFIED
+    enqueued_ms: float = 0.0  # when JetStream stored the request
+    dispatched_ms: float = 0.0  # when the orchestrator dispatched it
+    attempt: int = 1
+    # Tokens already streamed to the client (migration, or the prefill's
+    # first token for a decode item); the worker continues after them.
+    resume_token_ids: list[int] = []
+    resume_text: str = ""
+    next_seq: int = 0  # seq of the next TokenChunk to publish
+    kv_transfer_params: dict[str, Any] | None = None
+    served_by: list[str] = []  # worker ids that handled it so far
+    ttft_ms: float | None = None  # set by the prefill for the decode's Final
+    prompt_tokens: int | None = None
+    orchestrator_id: str = ""
+
+
+class WorkBatch(Base, frozen=True, kw_only=True):
+    """One LLM_WORK message: one or more items (never more than the target can take).
+
+    The worker acks the message when every item in it is Final, handed back
+    or failed.
+    """
+
+    items: list[WorkItem]
+
+
+class Usage(Base, frozen=True, kw_only=True):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+
+
+class Timings(Base, frozen=True, kw_only=True):
+    """Server-side latencies of one request, milliseconds."""
+
+    queue_ms: float = 0.0  # stored in LLM_REQ -> dispatched
+    ttft_ms: float = 0.0  # stored in LLM_REQ -> first token published
+    tpot_ms: float = 0.0  # (last - first token) / (completion_tokens - 1)
+    e2e_ms: float = 0.0  # stored in LLM_REQ -> Final published
+
+
+class TokenChunk(Base, frozen=True, kw_only=True, tag="chunk", tag_field="type"):
+    """Tokens of one request, on `llm.out.<group>.<request_id>` (core publish).
+
+    `seq` counts chunks from 0 without gaps; a client drops a seq it has seen.
+    """
+
+    request_id: str
+    seq: int
+    token_ids: list[int]
+    text: str = ""
+    ts_ms: float = 0.0  # worker clock when published
+    worker_id: str = ""
+
+
+class Final(Base, frozen=True, kw_only=True, tag="final", tag_field="type"):
+    """Terminal success/cancel message on `llm.done.<group>.<request_id>` (JetStream)."""
+
+    request_id: str
+    finish_reason: FinishReason
+    usage: Usage = Usage()
+    timings: Timings = Timings()
+    text: str = ""  # the whole completion, for batch collectors and late readers
+    chunks: int = 0  # number of TokenChunks published before this Final
+    workers: list[str] = []  # every worker that served it, in order
+    model: str = ""
+    ts_ms: float = 0.0
+
+
+class ErrorReply(Base, frozen=True, kw_only=True, tag="error", tag_field="type"):
+    """Terminal failure, on `llm.done.<group>.<request_id>` (JetStream)."""
+
+    request_id: str
+    code: ErrorCode
+    message: str
+    retryable: bool = False
+    ts_ms: float = 0.0
+
+
+class Heartbeat(Base, frozen=True, kw_only=True):
+    """Published by each worker every second on `llm.hb.<worker_id>` (core NATS)."""
+
+    worker_id: str
+    role: Role
+    models: list[str]
+    engine: str
+    capacity: int  # concurrent sequences it will run
+    running: int = 0
+    waiting: int = 0
+    held_items: int = 0  # work items pulled and not yet terminal
+    kv_usage: float = 0.0  # 0..1
+    prefix_hit_rate: float = 0.0  # 0..1
+    prompt_tokens_per_s: float = 0.0
+    gen_tokens_per_s: float = 0.0
+    state: str = "ready"  # ready | draining | stopped
+    ts_ms: float = 0.0
+    started_ms: float = 0.0
+
+
+class Cancel(Base, frozen=True, kw_only=True):
+    """Optional body of `llm.cancel.<request_id>` (an empty body works too)."""
+
+    request_id: str = ""
+    reason: str = ""
+
+
+Output = TokenChunk | Final | ErrorReply
+TERMINAL = (Final, ErrorReply)
+
+WIRE_TYPES: dict[str, type[Any]] = {
+    "Request": Request,
+    "WorkBatch": WorkBatch,
+    "TokenChunk": TokenChunk,
+    "Final": Final,
+    "ErrorReply": ErrorReply,
+    "Heartbeat": Heartbeat,
+    "Cancel": Cancel,
+}

@@ -1,0 +1,137 @@
+"""Every NATS subject and default stream/consumer name, in one place.
+
+Subjects (defaults; the prefix is configurable through `Subjects(prefix=...)`):
+
+| subject                              | carries                      | stream   |
+| ------------------------------------ | ---------------------------- | -------- |
+| `llm.req.<priority>.<slo_class>`     | Request (JSON)               | LLM_REQ  |
+| `llm.work.<role>.<target>`           | WorkBatch                    | LLM_WORK |
+| `llm.out.<group>.<request_id>`       | TokenChunk                   | LLM_OUT  |
+| `llm.done.<group>.<request_id>`      | Final or ErrorReply          | LLM_DONE |
+| `llm.hb.<worker_id>`                 | Heartbeat (core NATS)        | —        |
+| `llm.cancel.<request_id>`            | Cancel (core NATS)           | —        |
+| `llm.admin.<verb>`                   | request/reply control        | —        |
+
+`group` is `i` for interactive requests and the batch job id for batch ones.
+Undecodable requests (no request id recoverable) get their ErrorReply on
+`llm.done.invalid.<stream_sequence>`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from schemas.messages import PRIORITIES, Priority, Role
+
+INTERACTIVE_GROUP = "i"
+INVALID_GROUP = "invalid"
+ANY_TARGET = "any"
+DEFAULT_SLO_CLASS = "standard"
+
+# Subject tokens cannot hold these; ids that do are refused at the door.
+_BAD_TOKEN_CHARS = frozenset(" .*>\t\r\n")
+
+
+def valid_token(token: str) -> bool:
+    """True when `token` can be one subject token (non-empty, no dots or wildcards)."""
+    return bool(token) and len(token) <= 256 and not (_BAD_TOKEN_CHARS & set(token))
+
+
+@dataclass(frozen=True, slots=True)
+class Subjects:
+    """Builds and parses subject names. Nothing else in the project formats subjects."""
+
+    prefix: str = "llm"
+
+    # -- requests -------------------------------------------------------
+    def request(self, priority: Priority | str, slo_class: str = DEFAULT_SLO_CLASS) -> str:
+        prio = priority.value if isinstance(priority, Priority) else priority
+        return f"{self.prefix}.req.{prio}.{slo_class}"
+
+    def requests_of(self, priority: Priority) -> str:
+        """Filter for one priority's durable consumer (every SLO class)."""
+        return f"{self.prefix}.req.{priority.value}.*"
+
+    @property
+    def requests_all(self) -> str:
+        return f"{self.prefix}.req.>"
+
+    def parse_request(self, subject: str) -> tuple[str, str]:
+        """`llm.req.high.interactive` -> ("high", "interactive")."""
+        parts = subject.split(".")
+        return parts[-2], parts[-1]
+
+    # -- work -----------------------------------------------------------
+    def work(self, role: Role, target: str = ANY_TARGET) -> str:
+        return f"{self.prefix}.work.{role.value}.{target}"
+
+    @property
+    def work_all(self) -> str:
+        return f"{self.prefix}.work.>"
+
+    # -- output -----------------------------------------------------------
+    def out(self, group: str, request_id: str) -> str:
+        return f"{self.prefix}.out.{group}.{request_id}"
+
+    def done(self, group: str, request_id: str) -> str:
+        return f"{self.prefix}.done.{group}.{request_id}"
+
+    def outputs_of(self, group: str, request_id: str) -> str:
+        """One wildcard covering a request's chunks and its terminal message.
+
+        A single subscription keeps the publisher's order (chunks before Final).
+        """
+        return f"{self.prefix}.*.{group}.{request_id}"
+
+    @property
+    def out_all(self) -> str:
+        return f"{self.prefix}.out.>"
+
+    @property
+    def done_all(self) -> str:
+        return f"{self.prefix}.done.>"
+
+    # -- control ----------------------------------------------------------
+    def heartbeat(self, worker_id: str) -> str:
+        return f"{self.prefix}.hb.{worker_id}"
+
+    @property
+    def heartbeats_all(self) -> str:
+        return f"{self.prefix}.hb.*"
+
+    def cancel(self, request_id: str) -> str:
+        return f"{self.prefix}.cancel.{request_id}"
+
+    @property
+    def cancel_all(self) -> str:
+        return f"{self.prefix}.cancel.*"
+
+    def admin(self, verb: str) -> str:
+        return f"{self.prefix}.admin.{verb}"
+
+    @staticmethod
+    def last_token(subject: str) -> str:
+        return subject.rpartition(".")[2]
+
+
+def consumer_for_priority(priority: Priority) -> str:
+    """Durable pull consumer name of one priority level on LLM_REQ."""
+    return f"orch-{priority.value}"
+
+
+def consumer_for_work(role: Role, target: str) -> str:
+    """Durable pull consumer of one work subject (pool `any` or one worker)."""
+    return f"work-{role.value}-{target}"
+
+
+__all__ = [
+    "ANY_TARGET",
+    "DEFAULT_SLO_CLASS",
+    "INTERACTIVE_GROUP",
+    "INVALID_GROUP",
+    "PRIORITIES",
+    "Subjects",
+    "consumer_for_priority",
+    "consumer_for_work",
+    "valid_token",
+]

@@ -1,0 +1,109 @@
+"""Streams one request's tokens as TokenChunks on core NATS.
+
+The first token goes out at once (TTFT); later tokens are batched until
+`max_tokens` accumulate or `max_age_s` passes since the oldest unsent one.
+Never one JetStream ack per token: chunks are plain core publishes that the
+LLM_OUT stream captures server-side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+from schemas.codec import encode
+from schemas.messages import TokenChunk
+
+Publish = Callable[[str, bytes], Awaitable[None]]
+
+
+class ChunkStream:
+    def __init__(
+        self,
+        publish: Publish,
+        subjects: list[str],
+        request_id: str,
+        worker_id: str,
+        *,
+        next_seq: int = 0,
+        max_tokens: int = 16,
+        max_age_s: float = 0.005,
+    ) -> None:
+        self._publish = publish
+        self._subjects = subjects  # output subject, plus reply_to when asked for
+        self.request_id = request_id
+        self.worker_id = worker_id
+        self.next_seq = next_seq
+        self._max_tokens = max_tokens
+        self._max_age_s = max_age_s
+        self._ids: list[int] = []
+        self._text: list[str] = []
+        self._oldest = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._sent_any = False
+        self.first_token_ms: float | None = None
+        self.last_token_ms: float | None = None
+        self.tokens_sent = 0
+        self.token_ids: list[int] = []  # everything sent, for hand-back and Final
+        self.text_parts: list[str] = []
+
+    async def add(self, token_ids: list[int], text: str) -> None:
+        if not token_ids and not text:
+            return
+        now = time.time() * 1000
+        if self.first_token_ms is None:
+            self.first_token_ms = now
+        self.last_token_ms = now
+        if not self._ids and not self._text:
+            self._oldest = time.monotonic()
+        self._ids.extend(token_ids)
+        self._text.append(text)
+        if (
+            not self._sent_any
+            or len(self._ids) >= self._max_tokens
+            or time.monotonic() - self._oldest >= self._max_age_s
+        ):
+            await self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(
+                self._max_age_s, self._on_timer
+            )
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._ids or self._text:
+            asyncio.ensure_future(self.flush())
+
+    async def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._ids and not self._text:
+            return
+        ids, self._ids = self._ids, []
+        text = "".join(self._text)
+        self._text = []
+        chunk = TokenChunk(
+            request_id=self.request_id,
+            seq=self.next_seq,
+            token_ids=ids,
+            text=text,
+            ts_ms=time.time() * 1000,
+            worker_id=self.worker_id,
+        )
+        # seq, bookkeeping and the publish happen without an await in between,
+        # so concurrent flushes (timer vs. add) still go out in seq order.
+        self.next_seq += 1
+        self._sent_any = True
+        self.tokens_sent += len(ids)
+        self.token_ids.extend(ids)
+        self.text_parts.append(text)
+        data = encode(chunk)
+        for subject in self._subjects:
+            await self._publish(subject, data)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

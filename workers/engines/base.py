@@ -1,0 +1,93 @@
+"""The one small interface every engine implements (vllm, sim).
+
+The worker runtime calls `start()` once, then `generate()` per work item
+(concurrently, on one asyncio loop), `abort()` on cancel, `stats()` for each
+heartbeat, and `shutdown()` once. Engines know nothing about NATS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from schemas.messages import ChatMessage, FinishReason
+
+
+class EngineInputError(ValueError):
+    """The request can never succeed on this engine (bad prompt, too long...)."""
+
+    def __init__(self, message: str, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.code = code  # an ErrorCode value
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EngineRequest:
+    """What an engine needs to run one request (built from a WorkItem)."""
+
+    request_id: str
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    messages: list[ChatMessage] | None = None
+    max_tokens: int = 256  # total completion tokens, resumed ones included
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    stop: list[str] | None = None
+    seed: int | None = None
+    ignore_eos: bool = False
+    priority: int = 2  # 0 = critical ... 4 = background
+    # Completion tokens already streamed (migration, or the prefill's first
+    # token): the engine continues after them and never repeats them.
+    resume_token_ids: list[int] = field(default_factory=list)
+    # Prefill role: run the prompt only (one token) and return kv_transfer_params.
+    prefill_only: bool = False
+    # Decode role: the prefill's kv_transfer_params (None for unified).
+    kv_transfer_params: dict[str, Any] | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class Delta:
+    """New output of one request since the last delta."""
+
+    token_ids: list[int]
+    text: str = ""
+    finish_reason: FinishReason | None = None  # set on the last delta only
+    prompt_tokens: int | None = None  # set at least on the last delta
+    cached_prompt_tokens: int | None = None  # prompt tokens served from cache/KV transfer
+    kv_transfer_params: dict[str, Any] | None = None  # prefill_only: for the decode
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0  # 0..1
+    prefix_hit_rate: float = 0.0  # 0..1, over the recent past
+    prompt_tokens_per_s: float = 0.0
+    gen_tokens_per_s: float = 0.0
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: str  # "sim" | "vllm"
+    models: list[str]  # model names it serves (requests name one of these)
+
+    async def start(self) -> None: ...
+
+    def generate(self, req: EngineRequest) -> AsyncIterator[Delta]:
+        """Yield deltas until one carries `finish_reason`.
+
+        Raises EngineInputError for requests that can never succeed; any other
+        exception is an engine fault (the runtime reports it as retryable).
+        """
+        ...
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a running request; its generate() then ends with CANCELLED."""
+        ...
+
+    def stats(self) -> EngineStats: ...
+
+    async def shutdown(self) -> None: ...

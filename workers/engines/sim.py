@@ -1,0 +1,300 @@
+"""The `sim` engine: continuous batching with a calibrated latency model.
+
+One step loop per engine, like vLLM's: each step admits waiting sequences
+(within `max_num_seqs`, the token budget and KV capacity), runs their
+prefill together with one decode token for every running sequence, sleeps
+for the modelled step time, then emits one token per sequence.
+
+    prefill_ms = a + b*sum(l) + c*sum(l^2)      (over prompts prefilled this step)
+    decode_ms  = a + b*sum(ctx) + c*batch       (over sequences decoding this step)
+
+Default coefficients approximate Llama-3-8B on one H100 (docs/sim-calibration.md).
+`zero_cost=True` makes every step free: the overhead benchmark's setting.
+Tokens are deterministic functions of (prompt, seed, position), so a resumed
+or repeated request produces the same tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import zlib
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from bus.settings import SimSettings
+from schemas.messages import FinishReason
+from workers.engines.base import Delta, EngineInputError, EngineRequest, EngineStats
+from workers.engines.rates import RateWindow
+
+_WORDS = (
+    "the of and to in is that it for on was with as be at by this had not are but from or "
+    "have an they which one you were all we her she there would their will when who him "
+    "been has more if no out do so can what up said about other into than its time only"
+).split()
+MAX_MODEL_LEN = 131_072
+
+
+def tokenize(text: str, vocab_size: int) -> list[int]:
+    """Deterministic word-level token ids (about one per word)."""
+    return [zlib.crc32(w.encode()) % vocab_size for w in text.split()] or [1]
+
+
+def token_text(token_id: int) -> str:
+    return " " + _WORDS[token_id % len(_WORDS)]
+
+
+@dataclass(slots=True, eq=False)
+class _Seq:
+    req: EngineRequest
+    prompt_ids: list[int]
+    ctx: int  # tokens in context (prompt + generated so far)
+    to_generate: int  # completion tokens this engine still produces
+    key: int  # seeds the token stream
+    produced: int  # completion tokens so far, resumed ones included
+    needs_prefill: bool
+    cached: int = 0
+    kv_reserved: int = 0
+    ready_at: float = 0.0  # KV-transfer delay: not admitted before this (monotonic s)
+    out: list[Delta] = field(default_factory=list)
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    done: bool = False
+    text: str = ""
+
+
+class SimEngine:
+    """Simulated GPU engine; implements workers.engines.base.Engine."""
+
+    name = "sim"
+
+    def __init__(self, settings: SimSettings, model: str = "sim") -> None:
+        self.s = settings
+        self.models = [model]
+        self._waiting: deque[_Seq] = deque()
+        self._running: list[_Seq] = []
+        self._by_id: dict[str, _Seq] = {}
+        self._kv_used = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._rates = RateWindow()
+        self._prefix_hits = 0
+        self._prefix_queries = 0
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="sim-step-loop")
+
+    async def shutdown(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        for seq in list(self._by_id.values()):
+            self._finish(seq, FinishReason.ABORT)
+
+    def stats(self) -> EngineStats:
+        prompt_rate, gen_rate = self._rates.rates()
+        q = self._prefix_queries
+        return EngineStats(
+            running=len(self._running),
+            waiting=len(self._waiting),
+            kv_usage=self._kv_used / self.s.kv_tokens if self.s.kv_tokens else 0.0,
+            prefix_hit_rate=self._prefix_hits / q if q else 0.0,
+            prompt_tokens_per_s=prompt_rate,
+            gen_tokens_per_s=gen_rate,
+        )
+
+    async def abort(self, request_id: str) -> None:
+        seq = self._by_id.get(request_id)
+        if seq is not None:
+            self._finish(seq, FinishReason.CANCELLED)
+
+    # -- request side -------------------------------------------------------
+    def _prompt_ids(self, req: EngineRequest) -> list[int]:
+        if req.prompt_token_ids is not None:
+            return list(req.prompt_token_ids)
+        if req.prompt is not None:
+            return tokenize(req.prompt, self.s.vocab_size)
+        if req.messages is not None:
+            text = "\n".join(f"{m.role}: {m.content}" for m in req.messages)
+            return tokenize(text, self.s.vocab_size)
+        raise EngineInputError("request has no prompt, prompt_token_ids or messages")
+
+    def _new_seq(self, req: EngineRequest) -> _Seq:
+        prompt_ids = self._prompt_ids(req)
+        resumed = len(req.resume_token_ids)
+        if len(prompt_ids) + req.max_tokens > MAX_MODEL_LEN:
+            raise EngineInputError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens exceeds {MAX_MODEL_LEN}",
+                code="prompt_too_long",
+            )
+        to_generate = 1 if req.prefill_only else max(0, req.max_tokens - resumed)
+        key = hash((zlib.crc32(str(prompt_ids).encode()), req.seed or 0))
+        transferred = req.kv_transfer_params is not None
+        seq = _Seq(
+            req=req,
+            prompt_ids=prompt_ids,
+            ctx=len(prompt_ids) + resumed,
+            to_generate=to_generate,
+            key=key,
+            produced=resumed,
+            needs_prefill=not transferred,
+            cached=len(prompt_ids) if transferred else 0,
+        )
+        if transferred:
+            delay_ms = self.s.kv_transfer_a_ms + self.s.kv_transfer_b_ms * len(prompt_ids)
+            seq.ready_at = time.monotonic() + (0.0 if self.s.zero_cost else delay_ms / 1000)
+        return seq
+
+    async def generate(self, req: EngineRequest) -> AsyncIterator[Delta]:
+        if req.request_id in self._by_id:
+            raise EngineInputError(f"request {req.request_id} is already running here")
+        seq = self._new_seq(req)
+        self._by_id[req.request_id] = seq
+        if seq.to_generate == 0:
+            self._finish(seq, FinishReason.LENGTH)
+        else:
+            self._waiting.append(seq)
+            self._wake.set()
+        try:
+            while True:
+                await seq.event.wait()
+                seq.event.clear()
+                out, seq.out = seq.out, []
+                for delta in out:
+                    yield delta
+                    if delta.finish_reason is not None:
+                        return
+        finally:
+            if not seq.done:  # the caller went away: free the slot
+                self._finish(seq, FinishReason.CANCELLED)
+
+    # -- step loop ----------------------------------------------------------
+    def _admit(self, now: float) -> list[_Seq]:
+        admitted: list[_Seq] = []
+        budget = self.s.max_batched_tokens
+        deferred: list[_Seq] = []
+        while self._waiting and len(self._running) + len(admitted) < self.s.max_num_seqs:
+            seq = self._waiting[0]
+            if seq.ready_at > now:
+                deferred.append(self._waiting.popleft())
+                continue
+            need = seq.ctx + seq.to_generate
+            cost = seq.ctx if seq.needs_prefill else 0
+            if self._kv_used + need > self.s.kv_tokens or (admitted and cost > budget):
+                break
+            self._waiting.popleft()
+            budget -= cost
+            self._kv_used += need
+            seq.kv_reserved = need
+            admitted.append(seq)
+        self._waiting.extendleft(reversed(deferred))
+        return admitted
+
+    def _step_ms(self, prefills: list[_Seq], decodes: list[_Seq]) -> float:
+        s = self.s
+        if s.zero_cost:
+            return 0.0
+        ms = 0.0
+        if prefills:
+            lens = [q.ctx for q in prefills]
+            ms += s.prefill_a_ms + s.prefill_b_ms * sum(lens) + s.prefill_c_ms * sum(
+                n * n for n in lens
+            )
+        if decodes:
+            ms += s.decode_a_ms + s.decode_b_ms * sum(q.ctx for q in decodes) + (
+                s.decode_c_ms * len(decodes)
+            )
+        return ms
+
+    async def _loop(self) -> None:
+        while True:
+            if not self._running and not self._waiting:
+                self._wake.clear()
+                await self._wake.wait()
+            now = time.monotonic()
+            admitted = self._admit(now)
+            if not self._running and not admitted:
+                # Only KV transfers in flight: wait for the earliest one.
+                soonest = min((q.ready_at for q in self._waiting), default=now)
+                await asyncio.sleep(max(soonest - now, 0.0005))
+                continue
+            prefills = [q for q in admitted if q.needs_prefill]
+            decodes = list(self._running)
+            step_ms = self._step_ms(prefills, decodes)
+            await asyncio.sleep(step_ms / 1000)
+            self._rates.add(prompt=sum(q.ctx for q in prefills), gen=0)
+            for q in admitted:
+                q.needs_prefill = False
+                self._running.append(q)
+            self._emit_tokens()
+
+    def _emit_tokens(self) -> None:
+        finished: list[_Seq] = []
+        for q in self._running:
+            if q.done:
+                continue
+            tid = hash((q.key, q.produced)) % self.s.vocab_size
+            text = token_text(tid)
+            q.produced += 1
+            q.ctx += 1
+            q.to_generate -= 1
+            q.text += text
+            reason = self._finish_reason(q, tid)
+            q.out.append(self._delta(q, [tid], text, reason))
+            q.event.set()
+            if reason is not None:
+                finished.append(q)
+        self._rates.add(prompt=0, gen=len(self._running))
+        for q in finished:
+            self._release(q)
+
+    def _finish_reason(self, q: _Seq, tid: int) -> FinishReason | None:
+        req = q.req
+        if not req.ignore_eos and self.s.eos_probability > 0:
+            if (hash((q.key, q.produced, "eos")) % 1_000_000) < self.s.eos_probability * 1e6:
+                return FinishReason.STOP
+        if req.stop and not req.ignore_eos and any(s in q.text for s in req.stop):
+            return FinishReason.STOP
+        if q.to_generate <= 0:
+            return FinishReason.LENGTH
+        return None
+
+    def _delta(
+        self, q: _Seq, ids: list[int], text: str, reason: FinishReason | None
+    ) -> Delta:
+        delta = Delta(token_ids=ids, text=text, finish_reason=reason)
+        if reason is not None:
+            delta.prompt_tokens = len(q.prompt_ids)
+            delta.cached_prompt_tokens = q.cached
+            if q.req.prefill_only:
+                delta.kv_transfer_params = self._kv_params(q)
+        return delta
+
+    @staticmethod
+    def _kv_params(q: _Seq) -> dict[str, Any]:
+        return {"engine": "sim", "prompt_tokens": len(q.prompt_ids)}
+
+    def _release(self, q: _Seq) -> None:
+        q.done = True
+        self._by_id.pop(q.req.request_id, None)
+        self._kv_used -= q.kv_reserved
+        q.kv_reserved = 0
+        if q in self._running:
+            self._running.remove(q)
+
+    def _finish(self, q: _Seq, reason: FinishReason) -> None:
+        """End a sequence early (abort, cancel, shutdown)."""
+        if q.done:
+            return
+        try:
+            self._waiting.remove(q)
+        except ValueError:
+            pass
+        self._release(q)
+        q.out.append(self._delta(q, [], "", reason))
+        q.event.set()
