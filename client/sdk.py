@@ -25,7 +25,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import MaxPayloadError, NoRespondersError
 from nats.js.api import DeliverPolicy
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 from bus.settings import Settings, load_settings
 from schemas.codec import encode, final_decoder, output_decoder
@@ -174,7 +174,8 @@ class Client:
         return cls(nc, settings)
 
     async def close(self) -> None:
-        await self.nc.drain()
+        await self.nc.flush()
+        await self.nc.close()
 
     async def __aenter__(self) -> Client:
         return self
@@ -252,7 +253,7 @@ class Client:
 def _publish_error(exc: Exception, subject: str) -> Exception:
     if isinstance(exc, APIError) and exc.err_code in _STREAM_FULL_CODES:
         return Overloaded(f"request stream is full ({exc.description}); retry later")
-    if isinstance(exc, NoRespondersError):
+    if isinstance(exc, NoRespondersError | NoStreamResponseError):
         return RejectedAtPublish(
             f"no stream accepts {subject!r}: priority must be one of "
             f"{[p.value for p in Priority]} and the subject llm.req.<priority>.<slo_class>"

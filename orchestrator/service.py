@@ -124,7 +124,8 @@ class Orchestrator:
                 with contextlib.suppress(Exception):
                     await s.unsubscribe()
             if self._own_nc:
-                await nc.drain()
+                await nc.flush()
+                await nc.close()
 
     def _spawn(self, coro: object, name: str) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[arg-type]

@@ -106,7 +106,8 @@ class Worker:
             await self._publish_heartbeat()
             await delete_work_consumer(js, self.settings, self.role, self.worker_id)
             if self._own_nc:
-                await nc.drain()
+                await nc.flush()
+                await nc.close()
 
     async def _drain(self, fetchers: list[asyncio.Task[None]]) -> None:
         self._state = "draining"

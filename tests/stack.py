@@ -1,0 +1,77 @@
+"""An in-process stack for tests: orchestrator + workers on the test's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import msgspec
+
+from bus.settings import Settings
+from orchestrator.service import Orchestrator
+from workers.engines.base import Engine
+from workers.engines.sim import SimEngine
+from workers.runtime import Worker
+
+
+@dataclass
+class Running:
+    orchestrator: Orchestrator | None
+    workers: list[Worker]
+    stops: dict[object, asyncio.Event] = field(default_factory=dict)
+    tasks: dict[object, asyncio.Task[None]] = field(default_factory=dict)
+
+    async def stop_worker(self, worker: Worker) -> None:
+        self.stops[worker].set()
+        await self.tasks[worker]
+
+
+async def _start(svc: Orchestrator | Worker, run: Running) -> None:
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(svc.run(stop, ready))
+    run.stops[svc], run.tasks[svc] = stop, task
+    waiter = asyncio.create_task(ready.wait())
+    done, _ = await asyncio.wait({waiter, task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        task.result()  # raise its error
+    assert waiter in done, "service did not become ready"
+
+
+async def start_worker(settings: Settings, run: Running, engine: Engine | None = None,
+                       **worker: object) -> Worker:
+    s = msgspec.structs.replace(settings, worker=msgspec.structs.replace(settings.worker, **worker))
+    eng = engine or SimEngine(s.sim, model=s.worker.model)
+    if engine is None:
+        await eng.start()
+    w = Worker(s, eng)
+    run.workers.append(w)
+    await _start(w, run)
+    return w
+
+
+@contextlib.asynccontextmanager
+async def stack(
+    settings: Settings,
+    workers: int | Sequence[dict[str, object]] = 2,
+    orchestrator: bool = True,
+) -> AsyncIterator[Running]:
+    """Start an orchestrator and workers (dicts override WorkerSettings fields)."""
+    run = Running(orchestrator=None, workers=[])
+    specs = [{} for _ in range(workers)] if isinstance(workers, int) else list(workers)
+    try:
+        for i, spec in enumerate(specs):
+            spec = {"worker_id": f"w{i}", **spec}
+            await start_worker(settings, run, engine=spec.pop("engine", None), **spec)  # type: ignore[arg-type]
+        if orchestrator:
+            run.orchestrator = Orchestrator(settings)
+            await _start(run.orchestrator, run)
+        yield run
+    finally:
+        for svc, stop in run.stops.items():
+            stop.set()
+        await asyncio.gather(*run.tasks.values(), return_exceptions=True)
+        for w in run.workers:
+            if isinstance(w.engine, SimEngine):
+                await w.engine.shutdown()
