@@ -11,7 +11,8 @@ import asyncio
 import time
 
 from nats.aio.client import Client as NATS
-from nats.js import JetStreamContext
+
+from nats.js import JetStreamContext as JetStream
 
 from schemas.codec import encode
 from schemas.messages import ErrorCode, ErrorReply, Final
@@ -19,16 +20,18 @@ from schemas.subjects import Subjects
 
 
 async def publish_stored(
-    js: JetStreamContext, subject: str, data: bytes, msg_id: str, timeout_s: float
+    js: JetStream, subject: str, data: bytes, msg_id: str | None, timeout_s: float
 ) -> None:
-    """JetStream publish with a dedup id, bounded in time (nats.py #985)."""
-    fut = await js.publish_async(subject, data, headers={"Nats-Msg-Id": msg_id})
-    await asyncio.wait_for(fut, timeout_s)
+    """JetStream publish (with a dedup id when given), bounded in time (nats.py #985)."""
+    headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+    fut = await js.publish_async(subject, data, headers=headers)
+    async with asyncio.timeout(timeout_s):
+        await fut
 
 
 async def publish_terminal(
     nc: NATS,
-    js: JetStreamContext,
+    js: JetStream,
     subjects: Subjects,
     group: str,
     msg: Final | ErrorReply,

@@ -137,7 +137,7 @@ class Stack:
         print(f"cplane is up: NATS at {self.url} | orchestrator + {roles} {s.engine} worker(s), "
               f"model {s.model!r}", flush=True)
         print(f"  try: cplane generate 'Hello' --nats-url {self.url}", flush=True)
-        print(f"  or publish JSON to llm.req.normal.standard, read llm.out.i.<id> / llm.done.i.<id>",
+        print("  or publish JSON to llm.req.normal.standard, read llm.out.i.<id> / llm.done.i.<id>",
               flush=True)
         try:
             while not stop["now"]:

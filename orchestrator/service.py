@@ -31,8 +31,9 @@ from nats.js import JetStreamContext
 
 from bus.connect import connect
 from bus.jsmeta import stored_ms, stream_seq
-from bus.outcome import error_reply, publish_terminal
+from bus.outcome import error_reply, publish_stored, publish_terminal
 from bus.provision import ensure_request_consumers, ensure_streams
+from bus.puller import Puller
 from bus.recent import RecentIds
 from bus.settings import Settings
 from orchestrator.fleet import FleetView, Registry
@@ -44,7 +45,6 @@ from schemas.messages import PRIORITIES, ErrorCode, Final, FinishReason, Role, W
 from schemas.subjects import consumer_for_priority
 
 log = logging.getLogger("cplane.orchestrator")
-_TIMEOUTS = (asyncio.TimeoutError, TimeoutError)
 
 
 @dataclass(slots=True, eq=False)
@@ -70,7 +70,7 @@ class Orchestrator:
         self.registry = Registry(timeout_ms=o.worker_timeout_s * 1000)
         self._queues: list[deque[Held]] = [deque() for _ in PRIORITIES]
         self._held_by_id: dict[str, Held] = {}
-        self._room = [asyncio.Event() for _ in PRIORITIES]
+        self._pullers: list[Puller] = []
         self._inflight: dict[str, Role] = {}
         self._seen = RecentIds(o.dedup_cache)
         self._cancelled = RecentIds(100_000)
@@ -98,20 +98,26 @@ class Orchestrator:
             await nc.subscribe(self.subjects.done_all, cb=self._on_done),
             await nc.subscribe(self.subjects.cancel_all, cb=self._on_cancel),
         ]
-        loops = []
+        o = self.settings.orchestrator
         for level, p in enumerate(PRIORITIES):
-            psub = await js.pull_subscribe_bind(
-                durable=consumer_for_priority(p), stream=self.settings.streams.req.name
+            puller = Puller(
+                nc, self.settings.streams.req.name, consumer_for_priority(p), self._on_request,
+                room=lambda q=self._queues[level]: o.hold_per_priority - len(q),
+                expires_s=o.fetch_timeout_s, max_batch=o.fetch_batch,
             )
-            loops.append(asyncio.create_task(self._fetch_loop(level, psub), name=f"fetch-{p}"))
-        loops.append(asyncio.create_task(self._dispatch_loop(), name="dispatch"))
-        loops.append(asyncio.create_task(self._ticker(), name="ticker"))
+            await puller.start()
+            self._pullers.append(puller)
+        loops = [asyncio.create_task(self._dispatch_loop(), name="dispatch"),
+                 asyncio.create_task(self._ticker(), name="ticker")]
         log.info("orchestrator %s consuming (policy=%s)", self.id, self.settings.orchestrator.policy)
+        await nc.publish(self.subjects.heartbeat_request, b"")  # workers answer at once
         if ready is not None:
             ready.set()
         try:
             await stop.wait()
         finally:
+            for puller in self._pullers:
+                await puller.stop()
             for t in loops:
                 t.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
@@ -134,26 +140,9 @@ class Orchestrator:
         task.add_done_callback(self._tasks.discard)
 
     # -- intake ----------------------------------------------------------------
-    async def _fetch_loop(self, level: int, sub: JetStreamContext.PullSubscription) -> None:
-        o = self.settings.orchestrator
-        queue, room = self._queues[level], self._room[level]
-        while True:
-            free = o.hold_per_priority - len(queue)
-            if free <= 0:
-                room.clear()
-                await room.wait()
-                continue
-            try:
-                msgs = await sub.fetch(min(free, o.fetch_batch), timeout=o.fetch_timeout_s)
-            except _TIMEOUTS:
-                continue
-            except Exception as exc:
-                log.warning("fetch on %s failed: %s", PRIORITIES[level], exc)
-                await asyncio.sleep(0.5)
-                continue
-            for msg in msgs:
-                await self._intake(msg)
-            self._wake.set()
+    async def _on_request(self, msg: Msg) -> None:
+        await self._intake(msg)
+        self._wake.set()
 
     async def _intake(self, msg: Msg) -> None:
         prio, slo = self.subjects.parse_request(msg.subject)
@@ -235,9 +224,8 @@ class Orchestrator:
             held = self._queues[level].popleft()
             del self._held_by_id[held.item.request.request_id]
             taken.append(held)
-        for level, q in enumerate(self._queues):
-            if len(q) < self.settings.orchestrator.hold_per_priority:
-                self._room[level].set()
+        for puller in self._pullers:
+            puller.poke()
         return taken
 
     async def _dispatch_ready(self) -> None:
@@ -279,8 +267,7 @@ class Orchestrator:
         items = [msgspec.structs.replace(h.item, role=role, dispatched_ms=t) for h in batch]
         data = encode(WorkBatch(items=items))
         try:
-            fut = await self._js.publish_async(self.subjects.work(role), data)
-            await asyncio.wait_for(fut, o.publish_timeout_s)
+            await publish_stored(self._js, self.subjects.work(role), data, None, o.publish_timeout_s)
         except Exception as exc:
             # Not dispatched: JetStream redelivers the requests shortly.
             log.warning("work publish failed (%d requests back to the queue): %s", len(batch), exc)

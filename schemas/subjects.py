@@ -99,6 +99,11 @@ class Subjects:
     def heartbeats_all(self) -> str:
         return f"{self.prefix}.hb.*"
 
+    @property
+    def heartbeat_request(self) -> str:
+        """Core subject: every worker answers with a heartbeat at once (orchestrator start)."""
+        return f"{self.prefix}.admin.heartbeat"
+
     def cancel(self, request_id: str) -> str:
         return f"{self.prefix}.cancel.{request_id}"
 

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 
 from bus.connect import connect
 from bus.jsmeta import stored_ms
 from bus.provision import delete_work_consumer, ensure_streams, ensure_work_consumer
+from bus.puller import Puller
 from bus.recent import RecentIds
 from bus.settings import Settings
 from schemas.codec import encode, work_decoder
@@ -36,7 +36,6 @@ from workers.engines.base import Engine
 from workers.serve import ServeContext, finish_cancelled, run_item
 
 log = logging.getLogger("cplane.worker")
-_NATS_TIMEOUTS = (asyncio.TimeoutError, TimeoutError)
 
 
 @dataclass(slots=True)
@@ -58,8 +57,7 @@ class Worker:
         self._held: dict[int, _Held] = {}
         self._items: dict[str, asyncio.Task[None]] = {}  # request_id -> serving task
         self._cancelled = RecentIds(100_000)
-        self._room = asyncio.Event()
-        self._room.set()
+        self._pullers: list[Puller] = []
         self._started_ms = time.time() * 1000
         self._state = "ready"
         self.ctx: ServeContext | None = None
@@ -77,16 +75,16 @@ class Worker:
             worker_id=self.worker_id, role=self.role, chunk_tokens=ws.chunk_tokens,
             chunk_interval_s=ws.chunk_interval_ms / 1000, publish_timeout_s=ws.publish_timeout_s,
         )
-        subs = []
+        cancel_sub = await nc.subscribe(self.subjects.cancel_all, cb=self._on_cancel)
+        hb_sub = await nc.subscribe(self.subjects.heartbeat_request, cb=self._on_hb_request)
         for target in (ANY_TARGET, self.worker_id):
             durable = await ensure_work_consumer(js, self.settings, self.role, target)
-            subs.append(await js.pull_subscribe_bind(
-                durable=durable, stream=self.settings.streams.work.name
-            ))
-        cancel_sub = await nc.subscribe(self.subjects.cancel_all, cb=self._on_cancel)
-        tasks = [asyncio.create_task(self._fetch_loop(s), name="fetch") for s in subs]
-        tasks.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
-        tasks.append(asyncio.create_task(self._in_progress_loop(), name="in-progress"))
+            puller = Puller(nc, self.settings.streams.work.name, durable, self._accept,
+                            room=self._room_msgs, expires_s=ws.fetch_timeout_s)
+            await puller.start()
+            self._pullers.append(puller)
+        tasks = [asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+                 asyncio.create_task(self._in_progress_loop(), name="in-progress")]
         await self._publish_heartbeat()
         log.info("worker %s (%s, %s) consuming", self.worker_id, self.role, self.engine.name)
         if ready is not None:
@@ -94,14 +92,12 @@ class Worker:
         try:
             await stop.wait()
         finally:
-            await self._drain(tasks[:2])
-            for t in tasks[2:]:
+            await self._drain()
+            for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await cancel_sub.unsubscribe()
-            for s in subs:
-                with contextlib.suppress(Exception):
-                    await s.unsubscribe()
+            await hb_sub.unsubscribe()
             self._state = "stopped"
             await self._publish_heartbeat()
             await delete_work_consumer(js, self.settings, self.role, self.worker_id)
@@ -109,11 +105,10 @@ class Worker:
                 await nc.flush()
                 await nc.close()
 
-    async def _drain(self, fetchers: list[asyncio.Task[None]]) -> None:
+    async def _drain(self) -> None:
         self._state = "draining"
-        for t in fetchers:
-            t.cancel()
-        await asyncio.gather(*fetchers, return_exceptions=True)
+        for puller in self._pullers:
+            await puller.stop()
         await self._publish_heartbeat()
         deadline = time.monotonic() + self.settings.worker.drain_timeout_s
         while self._items and time.monotonic() < deadline:
@@ -132,24 +127,12 @@ class Worker:
     def held_items(self) -> int:
         return len(self._items)
 
-    async def _fetch_loop(self, sub: JetStreamContext.PullSubscription) -> None:
-        ws = self.settings.worker
-        while True:
-            free = ws.capacity - len(self._items)
-            if free <= 0:
-                self._room.clear()
-                await self._room.wait()
-                continue
-            try:
-                msgs = await sub.fetch(free, timeout=ws.fetch_timeout_s)
-            except _NATS_TIMEOUTS:
-                continue
-            except Exception as exc:  # server restart, consumer gone: retry shortly
-                log.warning("fetch failed: %s", exc)
-                await asyncio.sleep(0.5)
-                continue
-            for msg in msgs:
-                await self._accept(msg)
+    def _room_msgs(self) -> int:
+        """Work messages we can take now; a message may carry up to max_batch items."""
+        free = self.settings.worker.capacity - len(self._items)
+        if free <= 0 or self._state != "ready":
+            return 0
+        return max(1, free // max(1, self.settings.orchestrator.max_batch))
 
     async def _accept(self, msg: Msg) -> None:
         try:
@@ -192,7 +175,8 @@ class Worker:
                 await held.msg.nak(delay=1.0)
         finally:
             self._items.pop(rid, None)
-            self._room.set()
+            for puller in self._pullers:
+                puller.poke()
         await self._item_done(key)
 
     async def _item_done(self, key: int) -> None:
@@ -210,6 +194,9 @@ class Worker:
         self._cancelled.add(rid)
         if rid in self._items:
             await self.engine.abort(rid)
+
+    async def _on_hb_request(self, msg: Msg) -> None:
+        await self._publish_heartbeat()
 
     async def _in_progress_loop(self) -> None:
         every = self.settings.worker.in_progress_every_s

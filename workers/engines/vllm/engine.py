@@ -1,0 +1,264 @@
+"""The vLLM engine: vLLM's `AsyncLLM` behind our small Engine protocol.
+
+One `AsyncLLM` per engine, driven from the caller's asyncio loop (its engine
+core runs in a child process that vLLM spawns). We tokenize every prompt
+ourselves and hand vLLM token ids, because three features need the ids:
+the length check, resume (prompt + tokens already streamed), and PD decode
+(prompt + the prefill's first token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from schemas.messages import ErrorCode, FinishReason
+from workers.engines.base import Delta, EngineInputError, EngineRequest, EngineStats
+from workers.engines.vllm.config import VllmSettings, build_engine_args
+from workers.engines.vllm.stats import StatsRecorder, stat_logger_factory
+
+if TYPE_CHECKING:
+    from vllm.outputs import RequestOutput
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+# vLLM's finish reasons (str(vllm.v1.engine.FinishReason)) on our wire's.
+# "abort" is decided per request (ours → CANCELLED, the engine's → ABORT);
+# "error" is an engine fault and raises.
+_FINISH = {
+    "stop": FinishReason.STOP,
+    "length": FinishReason.LENGTH,
+    "repetition": FinishReason.STOP,
+}
+# What a prefill hands its decode when the connector returns no params
+# (ExampleConnector finds the KV by prompt hash in the shared directory).
+CONNECTOR_KEY = "connector"
+
+
+class VllmEngine:
+    """Engine protocol over an in-process `AsyncLLM`."""
+
+    name = "vllm"
+
+    def __init__(self, settings: VllmSettings) -> None:
+        self.settings = settings
+        self.models = [settings.model_name]
+        self._llm: AsyncLLM | None = None
+        self._tokenizer: Any = None
+        self._max_model_len = 0
+        self._recorder = StatsRecorder(
+            rate_window_s=settings.rate_window_s, prefix_window_s=settings.prefix_window_s
+        )
+        # request_id -> True once abort() was asked for it.
+        self._active: dict[str, bool] = {}
+
+    @property
+    def llm(self) -> AsyncLLM:
+        """The underlying AsyncLLM (tests compare against it directly)."""
+        if self._llm is None:
+            raise RuntimeError("VllmEngine is not started")
+        return self._llm
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    async def start(self) -> None:
+        """Build the engine (seconds to minutes); idempotent."""
+        if self._llm is not None:
+            return
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = build_engine_args(self.settings)
+        logger_cls = stat_logger_factory(
+            self._recorder, replace_prometheus=not self.settings.vllm_prometheus
+        )
+
+        def build() -> AsyncLLM:
+            vllm_config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+            # Our logger alone forces stats on; disable_log_stats only drops
+            # vLLM's LoggingStatLogger, which nobody would ever flush.
+            return AsyncLLM.from_vllm_config(
+                vllm_config, stat_loggers=[logger_cls], disable_log_stats=True
+            )
+
+        # Start-up blocks for the whole model load: keep the loop (and the
+        # worker's heartbeats) alive meanwhile. AsyncLLM starts its output
+        # handler lazily on the first request when built off-loop.
+        llm = await asyncio.to_thread(build)
+        self._llm = llm
+        self._tokenizer = llm.get_tokenizer()
+        self._max_model_len = llm.model_config.max_model_len
+        # Cached from here on, so submitting a request never suspends before
+        # vLLM registers it (see generate: abort must never miss a request).
+        await llm.get_supported_tasks()
+
+    async def shutdown(self) -> None:
+        """Stop the engine core process; idempotent."""
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            await asyncio.to_thread(llm.shutdown)
+
+    @property
+    def scheduler_counts(self) -> tuple[int, int]:
+        """(running, waiting) as vLLM's scheduler last reported them, uncorrected."""
+        return self._recorder.running, self._recorder.waiting
+
+    def stats(self) -> EngineStats:
+        return self._recorder.snapshot(active_requests=len(self._active))
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request; its generate() then ends with CANCELLED.
+
+        Unknown or finished ids are ignored."""
+        if request_id not in self._active:
+            return
+        self._active[request_id] = True
+        if self._llm is not None:
+            await self._llm.abort(request_id)
+
+    async def generate(self, req: EngineRequest) -> AsyncIterator[Delta]:
+        """Yield deltas until one carries finish_reason (see Engine.generate)."""
+        llm = self.llm
+        if req.request_id in self._active:
+            raise EngineInputError(f"request {req.request_id} is already running")
+        prompt_ids = self._prompt_ids(req)
+        engine_ids = prompt_ids + list(req.resume_token_ids)
+        if len(engine_ids) >= self._max_model_len:
+            raise EngineInputError(
+                f"prompt has {len(engine_ids)} tokens; this model takes fewer than "
+                f"{self._max_model_len}",
+                code=ErrorCode.PROMPT_TOO_LONG,
+            )
+        max_tokens = 1 if req.prefill_only else req.max_tokens - len(req.resume_token_ids)
+        if max_tokens <= 0:  # everything was streamed before a migration
+            yield Delta(
+                token_ids=[],
+                finish_reason=FinishReason.LENGTH,
+                prompt_tokens=len(prompt_ids),
+                cached_prompt_tokens=0,
+            )
+            return
+        params = self._sampling_params(req, max_tokens)
+        kwargs: dict[str, Any] = {}
+        if self.settings.scheduling_policy == "priority":
+            kwargs["priority"] = req.priority
+
+        from vllm.exceptions import VLLMClientError
+        from vllm.inputs.engine import tokens_input
+
+        rid = req.request_id
+        self._active[rid] = False
+        # No await between registering `rid` and vLLM registering the request
+        # (supported tasks are cached): an abort() can never fall in between.
+        stream = llm.generate(tokens_input(engine_ids), params, rid, **kwargs)
+        finished = False
+        try:
+            final: Delta | None = None
+            try:
+                async for out in stream:
+                    delta = self._delta(out, req, len(prompt_ids))
+                    if delta.finish_reason is None:
+                        yield delta
+                    else:  # vLLM's stream ends right after its finished output
+                        final = delta
+            except VLLMClientError as e:  # vLLM's own input validation
+                raise EngineInputError(str(e)) from e
+            if final is None:
+                raise RuntimeError(f"vLLM stream of {rid} ended without finishing")
+            finished = True
+            yield final
+        finally:
+            self._active.pop(rid, None)
+            if not finished:
+                # The consumer went away (aclose, task cancelled) or vLLM
+                # raised: free the request's KV blocks now, not at GC.
+                with contextlib.suppress(Exception):
+                    await stream.aclose()
+                with contextlib.suppress(Exception):
+                    await llm.abort(rid)
+
+    def _prompt_ids(self, req: EngineRequest) -> list[int]:
+        """Token ids of the request's prompt (text, ids or chat messages)."""
+        given = [x is not None for x in (req.prompt, req.prompt_token_ids, req.messages)]
+        if sum(given) != 1:
+            raise EngineInputError("give exactly one of prompt, prompt_token_ids, messages")
+        tok = self._tokenizer
+        if req.prompt_token_ids is not None:
+            ids = list(req.prompt_token_ids)
+            vocab = len(tok) if tok is not None else None
+            if vocab is not None and any(not 0 <= t < vocab for t in ids):
+                raise EngineInputError("prompt_token_ids outside the vocabulary")
+        elif req.prompt is not None:
+            ids = list(tok.encode(req.prompt))
+        else:
+            ids = self._chat_ids(req)
+        if not ids:
+            raise EngineInputError("empty prompt")
+        return ids
+
+    def _chat_ids(self, req: EngineRequest) -> list[int]:
+        tok = self._tokenizer
+        msgs = [{"role": m.role, "content": m.content} for m in req.messages or []]
+        if not msgs:
+            raise EngineInputError("messages is empty")
+        if getattr(tok, "chat_template", None):
+            try:
+                text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            except Exception as e:  # template errors are the caller's input
+                raise EngineInputError(f"chat template failed: {e}") from e
+            # The template writes its own BOS and friends.
+            return list(tok.encode(text, add_special_tokens=False))
+        plain = "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
+        return list(tok.encode(plain))
+
+    def _sampling_params(self, req: EngineRequest, max_tokens: int) -> SamplingParams:
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        extra: dict[str, Any] | None = None
+        if req.prefill_only:
+            extra = {"kv_transfer_params": {"do_remote_decode": True}}
+        elif req.kv_transfer_params and "do_remote_prefill" in req.kv_transfer_params:
+            # A connector's own params (NIXL): it pulls the KV with them. Our
+            # marker dict (ExampleConnector) needs nothing: the KV is found by
+            # the hash of the prompt in the shared directory.
+            extra = {"kv_transfer_params": dict(req.kv_transfer_params)}
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                top_k=0 if req.top_k < 0 else req.top_k,  # both mean "off"
+                stop=list(req.stop) if req.stop else None,
+                seed=req.seed,
+                ignore_eos=req.ignore_eos,
+                output_kind=RequestOutputKind.DELTA,
+                extra_args=extra,
+            )
+        except ValueError as e:  # vLLM validates ranges (temperature < 0...)
+            raise EngineInputError(str(e)) from e
+
+    def _delta(self, out: RequestOutput, req: EngineRequest, prompt_len: int) -> Delta:
+        comp = out.outputs[0]
+        delta = Delta(token_ids=list(comp.token_ids), text=comp.text)
+        if not out.finished:
+            return delta
+        reason = comp.finish_reason or "stop"
+        if reason == "error":
+            raise RuntimeError(f"vLLM failed request {req.request_id} ({comp.stop_reason})")
+        if reason == "abort":
+            cancelled = self._active.get(req.request_id, False)
+            delta.finish_reason = FinishReason.CANCELLED if cancelled else FinishReason.ABORT
+        else:
+            delta.finish_reason = _FINISH.get(reason, FinishReason.STOP)
+        delta.prompt_tokens = prompt_len
+        # vLLM counts over prompt + resumed tokens; we report the prompt's share.
+        delta.cached_prompt_tokens = min(out.num_cached_tokens or 0, prompt_len)
+        if req.prefill_only:
+            delta.kv_transfer_params = out.kv_transfer_params or {
+                CONNECTOR_KEY: self.settings.kv_connector or "none"
+            }
+        return delta
