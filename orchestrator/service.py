@@ -31,7 +31,7 @@ from nats.js import JetStreamContext
 
 from bus.connect import connect
 from bus.jsmeta import stored_ms, stream_seq
-from bus.outcome import error_reply, publish_stored, publish_terminal
+from bus.outcome import StoredPublisher, error_reply
 from bus.provision import ensure_request_consumers, ensure_streams
 from bus.puller import Puller
 from bus.recent import RecentIds
@@ -80,6 +80,7 @@ class Orchestrator:
         self._nc = nc
         self._own_nc = nc is None
         self._js: JetStreamContext | None = None
+        self._store: StoredPublisher
         self.counters = {
             "accepted": 0, "rejected": 0, "duplicates": 0, "dispatched": 0,
             "batches": 0, "cancelled": 0, "publish_failures": 0, "pd": 0,
@@ -91,6 +92,7 @@ class Orchestrator:
         self._nc = nc
         js = nc.jetstream(publish_async_max_pending=8000)
         self._js = js
+        self._store = StoredPublisher(js, self.settings.orchestrator.publish_timeout_s)
         await ensure_streams(js, self.settings)
         await ensure_request_consumers(js, self.settings)
         subs = [
@@ -174,7 +176,7 @@ class Orchestrator:
         err = error_reply(rid, rej.code, rej.message)
         log.info("rejected %s: %s", rid, rej.message)
         try:
-            await publish_terminal(self._nc, self._js, self.subjects, rej.group, err)
+            await self._store.publish_terminal(self._nc, self.subjects, rej.group, err)
         except Exception as exc:
             log.warning("could not publish rejection of %s: %s", rid, exc)
             await msg.nak(delay=1.0)
@@ -193,9 +195,8 @@ class Orchestrator:
         final = msgspec.structs.replace(
             final, timings=msgspec.structs.replace(final.timings, e2e_ms=t - held.arrival_ms)
         )
-        await publish_terminal(
-            self._nc, self._js, self.subjects, item.request.group, final,
-            reply_to=item.request.reply_to,
+        await self._store.publish_terminal(
+            self._nc, self.subjects, item.request.group, final, item.request.reply_to
         )
         self.counters["cancelled"] += 1
         await held.msg.ack()
@@ -262,12 +263,11 @@ class Orchestrator:
 
     async def _publish_batch(self, role: Role, batch: list[Held]) -> None:
         assert self._js is not None
-        o = self.settings.orchestrator
         t = now_ms()
         items = [msgspec.structs.replace(h.item, role=role, dispatched_ms=t) for h in batch]
         data = encode(WorkBatch(items=items))
         try:
-            await publish_stored(self._js, self.subjects.work(role), data, None, o.publish_timeout_s)
+            await self._store.publish(self.subjects.work(role), data)
         except Exception as exc:
             # Not dispatched: JetStream redelivers the requests shortly.
             log.warning("work publish failed (%d requests back to the queue): %s", len(batch), exc)

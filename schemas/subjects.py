@@ -19,6 +19,7 @@ Undecodable requests (no request id recoverable) get their ErrorReply on
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from schemas.messages import PRIORITIES, Priority, Role
@@ -29,12 +30,12 @@ ANY_TARGET = "any"
 DEFAULT_SLO_CLASS = "standard"
 
 # Subject tokens cannot hold these; ids that do are refused at the door.
-_BAD_TOKEN_CHARS = frozenset(" .*>\t\r\n")
+_BAD_TOKEN = re.compile(r"[\s.*>]")
 
 
 def valid_token(token: str) -> bool:
     """True when `token` can be one subject token (non-empty, no dots or wildcards)."""
-    return bool(token) and len(token) <= 256 and not (_BAD_TOKEN_CHARS & set(token))
+    return 0 < len(token) <= 256 and _BAD_TOKEN.search(token) is None
 
 
 @dataclass(frozen=True, slots=True)

@@ -284,3 +284,38 @@ async def test_vllm_stats_report_rates_and_cache(vllm_engine: VllmEngine) -> Non
     assert 0.0 <= s.kv_usage <= 1.0
     assert 0.0 < s.prefix_hit_rate <= 1.0
     assert s.running == 0 and s.waiting == 0
+
+
+async def test_vllm_two_engines_step_together(
+    vllm_engine: VllmEngine, vllm_decode_engine: VllmEngine
+) -> None:
+    def reqs(tag: str) -> list[EngineRequest]:
+        return [greedy(rid(tag), prompt_token_ids=prompt_ids(200 + i, 30), max_tokens=24,
+                       ignore_eos=True) for i in range(12)]
+
+    both = [collect(e.generate(r)) for e in (vllm_engine, vllm_decode_engine)
+            for r in reqs(e.settings.scheduling_policy)]
+    results = await asyncio.wait_for(asyncio.gather(*both), timeout=60)
+    assert all(len(tokens) == 24 for tokens, _, _ in results)
+    # Same model, same greedy prompts: both engines agree.
+    assert [t for t, _, _ in results[:12]] == [t for t, _, _ in results[12:]]
+
+
+async def test_vllm_engines_leave_global_prometheus_alone(
+    vllm_engine: VllmEngine, vllm_decode_engine: VllmEngine
+) -> None:
+    from prometheus_client import REGISTRY
+
+    names = [n for names in REGISTRY._collector_to_names.values() for n in names]
+    assert not [n for n in names if n.startswith("vllm:")]
+
+
+async def test_vllm_unstarted_engine(vllm_model_dir: Path) -> None:
+    from tests.vllm_fixtures import tiny_settings
+
+    engine = VllmEngine(tiny_settings(vllm_model_dir))
+    assert engine.stats().running == 0
+    with pytest.raises(RuntimeError):
+        await collect(engine.generate(greedy(rid("n"), prompt="hi")))
+    await engine.shutdown()
+    await engine.shutdown()  # idempotent

@@ -25,6 +25,7 @@ from nats.aio.msg import Msg
 
 from bus.connect import connect
 from bus.jsmeta import stored_ms
+from bus.outcome import StoredPublisher
 from bus.provision import delete_work_consumer, ensure_streams, ensure_work_consumer
 from bus.puller import Puller
 from bus.recent import RecentIds
@@ -71,9 +72,9 @@ class Worker:
         js = nc.jetstream(publish_async_max_pending=4000)
         await ensure_streams(js, self.settings)
         self.ctx = ServeContext(
-            nc=nc, js=js, engine=self.engine, subjects=self.subjects,
-            worker_id=self.worker_id, role=self.role, chunk_tokens=ws.chunk_tokens,
-            chunk_interval_s=ws.chunk_interval_ms / 1000, publish_timeout_s=ws.publish_timeout_s,
+            nc=nc, store=StoredPublisher(js, ws.publish_timeout_s), engine=self.engine,
+            subjects=self.subjects, worker_id=self.worker_id, role=self.role,
+            chunk_tokens=ws.chunk_tokens, chunk_interval_s=ws.chunk_interval_ms / 1000,
         )
         cancel_sub = await nc.subscribe(self.subjects.cancel_all, cb=self._on_cancel)
         hb_sub = await nc.subscribe(self.subjects.heartbeat_request, cb=self._on_hb_request)

@@ -16,9 +16,8 @@ from typing import Any
 
 import msgspec
 from nats.aio.client import Client as NATS
-from nats.js import JetStreamContext
 
-from bus.outcome import error_reply, publish_stored, publish_terminal
+from bus.outcome import StoredPublisher, error_reply
 from schemas.codec import encode
 from schemas.messages import (
     ErrorCode,
@@ -43,14 +42,13 @@ class ServeContext:
     """What every item needs; one per worker."""
 
     nc: NATS
-    js: JetStreamContext
+    store: StoredPublisher
     engine: Engine
     subjects: Subjects
     worker_id: str
     role: Role
     chunk_tokens: int = 16
     chunk_interval_s: float = 0.005
-    publish_timeout_s: float = 10.0
     handing_back: bool = False  # set while draining: cancelled items go back to the pool
     stats: dict[str, int] = field(default_factory=lambda: {
         "finals": 0, "errors": 0, "handoffs": 0, "handbacks": 0, "cancelled": 0,
@@ -58,24 +56,20 @@ class ServeContext:
 
     async def publish_terminal(self, item: WorkItem, msg: Final | ErrorReply) -> None:
         req = item.request
-        await publish_terminal(
-            self.nc, self.js, self.subjects, req.group, msg,
-            reply_to=req.reply_to, timeout_s=self.publish_timeout_s,
-        )
+        await self.store.publish_terminal(self.nc, self.subjects, req.group, msg, req.reply_to)
         key = "finals" if isinstance(msg, Final) else "errors"
         self.stats[key] += 1
 
     async def publish_error(
         self, item: WorkItem, code: ErrorCode, message: str, retryable: bool = False
     ) -> None:
-        await self.publish_terminal(item, error_reply(item.request.request_id, code, message, retryable))
+        err = error_reply(item.request.request_id, code, message, retryable)
+        await self.publish_terminal(item, err)
 
     async def publish_work(self, role: Role, item: WorkItem) -> None:
         data = encode(WorkBatch(items=[item]))
         msg_id = f"{item.request.request_id}:{role.value}:{item.attempt}:{item.next_seq}"
-        await publish_stored(
-            self.js, self.subjects.work(role), data, msg_id, self.publish_timeout_s
-        )
+        await self.store.publish(self.subjects.work(role), data, msg_id)
 
 
 def engine_request(item: WorkItem, role: Role) -> EngineRequest:

@@ -88,13 +88,15 @@ class VllmEngine:
         # Start-up blocks for the whole model load: keep the loop (and the
         # worker's heartbeats) alive meanwhile. AsyncLLM starts its output
         # handler lazily on the first request when built off-loop.
-        llm = await asyncio.to_thread(build)
-        self._llm = llm
-        self._tokenizer = llm.get_tokenizer()
-        self._max_model_len = llm.model_config.max_model_len
+        # No local holds the AsyncLLM: a traceback vLLM keeps from an import
+        # in get_supported_tasks() pins this frame, and shutdown() must be
+        # able to drop the last reference.
+        self._llm = await asyncio.to_thread(build)
+        self._tokenizer = self._llm.get_tokenizer()
+        self._max_model_len = self._llm.model_config.max_model_len
         # Cached from here on, so submitting a request never suspends before
         # vLLM registers it (see generate: abort must never miss a request).
-        await llm.get_supported_tasks()
+        await self._llm.get_supported_tasks()
 
     async def shutdown(self) -> None:
         """Stop the engine core process; idempotent."""
@@ -216,6 +218,7 @@ class VllmEngine:
         return list(tok.encode(plain))
 
     def _sampling_params(self, req: EngineRequest, max_tokens: int) -> SamplingParams:
+        from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         extra: dict[str, Any] | None = None
@@ -238,7 +241,7 @@ class VllmEngine:
                 output_kind=RequestOutputKind.DELTA,
                 extra_args=extra,
             )
-        except ValueError as e:  # vLLM validates ranges (temperature < 0...)
+        except (VLLMClientError, ValueError) as e:  # vLLM checks ranges (temperature < 0...)
             raise EngineInputError(str(e)) from e
 
     def _delta(self, out: RequestOutput, req: EngineRequest, prompt_len: int) -> Delta:

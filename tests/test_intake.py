@@ -1,0 +1,57 @@
+"""Request validation at the orchestrator's door."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.intake import Rejection, admit
+from schemas.messages import Priority, WorkItem
+
+
+def ok(body: bytes, prio: str = "high", slo: str = "interactive") -> WorkItem:
+    out = admit(body, prio, slo, stored_ms=1000.0, now_ms=1005.0, orchestrator_id="o1")
+    assert isinstance(out, WorkItem), out
+    return out
+
+
+def rejected(body: bytes) -> Rejection:
+    out = admit(body, "normal", "standard", stored_ms=0.0, now_ms=0.0)
+    assert isinstance(out, Rejection), out
+    return out
+
+
+def test_subject_priority_and_class_win_over_body() -> None:
+    item = ok(b'{"request_id": "a", "prompt": "x", "priority": "low", "slo_class": "batch"}')
+    assert item.priority is Priority.HIGH and item.slo_class == "interactive"
+    assert item.enqueued_ms == 1000.0 and item.dispatched_ms == 1005.0
+    assert item.orchestrator_id == "o1"
+
+
+def test_token_ids_and_messages_are_prompts_too() -> None:
+    ok(b'{"request_id": "a", "prompt_token_ids": [1, 2, 3]}')
+    ok(b'{"request_id": "a", "messages": [{"role": "user", "content": "hi"}]}')
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        (b'{"request_id": "a"}', "exactly one of"),
+        (b'{"request_id": "a", "prompt": "x", "prompt_token_ids": [1]}', "exactly one of"),
+        (b'{"request_id": "a", "prompt": ""}', "empty"),
+        (b'{"request_id": "a", "prompt": "x", "max_tokens": 0}', "max_tokens"),
+        (b'{"request_id": "a", "prompt": "x", "temperature": -1}', "temperature"),
+        (b'{"request_id": "a", "prompt": "x", "top_p": 0}', "top_p"),
+        (b'{"request_id": "a", "prompt": "x", "group": "a.b"}', "group"),
+    ],
+)
+def test_invalid_requests_are_rejected_with_their_id(body: bytes, needle: str) -> None:
+    rej = rejected(body)
+    assert rej.request_id == "a" and rej.group == "i"
+    assert rej.code == "invalid_request" and needle in rej.message
+
+
+def test_undecodable_requests_go_to_the_invalid_group() -> None:
+    rej = rejected(b"\xff\xfe garbage")
+    assert rej.request_id == "" and rej.group == "invalid"
+    rej = rejected(b'{"request_id": "has.dot", "prompt": "x"}')
+    assert rej.group == "invalid" and "subject token" in rej.message

@@ -1,0 +1,68 @@
+"""Small pure pieces: ack-subject parsing, the worker registry, the PD decision."""
+
+from __future__ import annotations
+
+from bus.jsmeta import delivered, stored_ms, stream_seq
+from bus.recent import RecentIds
+from orchestrator.fleet import Registry
+from orchestrator.pd_decision import PdConfig, decide, estimate_prompt_tokens
+from schemas.messages import Heartbeat, Request, Role
+
+
+def test_ack_subject_v1_and_v2() -> None:
+    v1 = "$JS.ACK.LLM_REQ.orch-high.2.17.5.1700000000123456789.3"
+    assert delivered(v1) == 2 and stream_seq(v1) == 17
+    assert stored_ms(v1) == 1700000000123.456789
+    v2 = "$JS.ACK.dom.acchash.LLM_REQ.orch-high.1.18.6.1700000000000000000.0.rand"
+    assert delivered(v2) == 1 and stream_seq(v2) == 18 and stored_ms(v2) == 1700000000000.0
+
+
+def test_recent_ids_forgets_oldest() -> None:
+    r = RecentIds(2)
+    assert r.add("a") and r.add("b") and not r.add("a")
+    r.add("c")
+    assert "a" in r and "b" not in r and len(r) == 2
+
+
+def hb(wid: str, role: Role, cap: int = 4, state: str = "ready", models: list[str] | None = None
+       ) -> Heartbeat:
+    return Heartbeat(worker_id=wid, role=role, models=models or ["m"], engine="sim",
+                     capacity=cap, state=state)
+
+
+def test_registry_expires_and_unregisters() -> None:
+    reg = Registry(timeout_ms=1000)
+    assert reg.observe(hb("a", Role.UNIFIED), 0.0)
+    assert not reg.observe(hb("a", Role.UNIFIED), 500.0)  # same shape: no change
+    assert reg.observe(hb("b", Role.UNIFIED, cap=8), 800.0)
+    assert reg.snapshot(1200.0).capacity(Role.UNIFIED) == 12
+    assert reg.snapshot(1700.0).capacity(Role.UNIFIED) == 8  # a is stale
+    assert reg.expire(1700.0) == ["a"]
+    assert reg.observe(hb("b", Role.UNIFIED, state="stopped"), 1800.0)
+    assert reg.snapshot(1800.0).workers == ()
+    reg.observe(hb("c", Role.UNIFIED, state="draining"), 0.0)
+    assert reg.snapshot(0.0).workers == ()  # draining workers get no new work
+
+
+def fleet(*roles: Role) -> object:
+    reg = Registry(timeout_ms=1000)
+    for i, role in enumerate(roles):
+        reg.observe(hb(f"w{i}", role), 0.0)
+    return reg.snapshot(0.0)
+
+
+def test_pd_decision() -> None:
+    short = Request(request_id="s", prompt="x" * 40)
+    long = Request(request_id="l", prompt_token_ids=list(range(600)))
+    auto, never, always = PdConfig("auto", 512), PdConfig("never"), PdConfig("always")
+    all_pools = fleet(Role.UNIFIED, Role.PREFILL, Role.DECODE)
+    assert decide(long, all_pools, auto) is Role.PREFILL  # type: ignore[arg-type]
+    assert decide(short, all_pools, auto) is Role.UNIFIED  # type: ignore[arg-type]
+    assert decide(long, all_pools, never) is Role.UNIFIED  # type: ignore[arg-type]
+    assert decide(short, all_pools, always) is Role.PREFILL  # type: ignore[arg-type]
+    assert decide(short, fleet(Role.PREFILL, Role.DECODE), never) is Role.PREFILL  # type: ignore[arg-type]
+    assert decide(long, fleet(Role.UNIFIED, Role.PREFILL), always) is Role.UNIFIED  # type: ignore[arg-type]
+    assert decide(long, fleet(), auto) is None  # type: ignore[arg-type]
+    other = Request(request_id="o", prompt="x", model="other")
+    assert decide(other, all_pools, auto) is None  # type: ignore[arg-type]
+    assert estimate_prompt_tokens(long) == 600
