@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from types import TracebackType
@@ -32,6 +33,7 @@ from schemas.codec import encode, final_decoder, output_decoder
 from schemas.messages import ErrorReply, Final, Priority, Request, TokenChunk
 from schemas.subjects import DEFAULT_SLO_CLASS, Subjects
 
+log = logging.getLogger("cplane.client")
 _STREAM_FULL_CODES = {10077, 10078, 10047}  # max msgs / max bytes / storage resources
 
 
@@ -168,9 +170,21 @@ class Client:
         self.subjects: Subjects = settings.subjects
 
     @classmethod
-    async def connect(cls, url: str | None = None, settings: Settings | None = None) -> Client:
+    async def connect(
+        cls, url: str | None = None, settings: Settings | None = None, connect_timeout_s: float = 10.0
+    ) -> Client:
+        """Connect (reconnecting forever once connected); ConnectionError if unreachable."""
         settings = settings or load_settings()
-        nc = await nats.connect(url or settings.nats.url, max_reconnect_attempts=-1)
+        url = url or settings.nats.url
+        async def quiet(exc: Exception) -> None:  # nats-py would log a traceback per retry
+            log.debug("nats: %s", exc)
+
+        try:
+            async with asyncio.timeout(connect_timeout_s):
+                nc = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                                        error_cb=quiet)
+        except TimeoutError:
+            raise ConnectionError(f"cannot reach NATS at {url}") from None
         return cls(nc, settings)
 
     async def close(self) -> None:

@@ -144,7 +144,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
 
     async def main() -> int:
-        client = await Client.connect(settings.nats.url, settings)
+        client = await Client.connect(settings.nats.url, settings, connect_timeout_s=5.0)
         try:
             handle = await client.submit(req)
             async with asyncio.timeout(args.timeout):
