@@ -23,6 +23,10 @@ class Rejection:
     message: str
 
 
+def _valid_subject(subject: str) -> bool:
+    return all(valid_token(t) for t in subject.split("."))
+
+
 def _problem(req: Request) -> str | None:
     forms = sum(x is not None for x in (req.prompt, req.prompt_token_ids, req.messages))
     if forms != 1:
@@ -41,8 +45,8 @@ def _problem(req: Request) -> str | None:
         return "parallelism_hint must be at least 1"
     if not valid_token(req.group):
         return f"group {req.group!r} is not a valid subject token"
-    if req.reply_to is not None and not req.reply_to:
-        return "reply_to is empty"
+    if req.reply_to is not None and not _valid_subject(req.reply_to):
+        return f"reply_to {req.reply_to!r} is not a publishable subject"
     return None
 
 

@@ -42,6 +42,7 @@ def test_token_ids_and_messages_are_prompts_too() -> None:
         (b'{"request_id": "a", "prompt": "x", "temperature": -1}', "temperature"),
         (b'{"request_id": "a", "prompt": "x", "top_p": 0}', "top_p"),
         (b'{"request_id": "a", "prompt": "x", "group": "a.b"}', "group"),
+        (b'{"request_id": "a", "prompt": "x", "reply_to": "my.*"}', "reply_to"),
     ],
 )
 def test_invalid_requests_are_rejected_with_their_id(body: bytes, needle: str) -> None:

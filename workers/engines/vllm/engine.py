@@ -101,8 +101,19 @@ class VllmEngine:
     async def shutdown(self) -> None:
         """Stop the engine core process; idempotent."""
         llm, self._llm = self._llm, None
-        if llm is not None:
-            await asyncio.to_thread(llm.shutdown)
+        if llm is None:
+            return
+        if self._active:
+            # Requests still running end with ABORT (not ours to hand back):
+            # vLLM queues their final outputs synchronously, handler or not.
+            await llm.abort(list(self._active))
+        # Stop the output handler before the engine core dies under it:
+        # otherwise it logs EngineDeadError while shutdown() runs in a thread.
+        handler = llm.output_handler
+        if handler is not None:
+            handler.cancel()
+            await asyncio.gather(handler, return_exceptions=True)
+        await asyncio.to_thread(llm.shutdown)
 
     @property
     def scheduler_counts(self) -> tuple[int, int]:
