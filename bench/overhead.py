@@ -255,7 +255,8 @@ def show(res: dict[str, object], args: argparse.Namespace) -> None:
         t.add_row(f"raw-nats-py pipeline ceiling, batch {b}", f"{rate:,.0f} req/s")
         t.add_row(f"(b) / ceiling batch {b}", f"{sat / rate:.2f}")
     t.add_row("(c) offered load", f"{lat['rate']:,.0f} req/s ({lat['n']} requests)")
-    t.add_row("(c) publish -> first token p50 / p99", f"{lat['ttft_p50']:.2f} / {lat['ttft_p99']:.2f} ms")
+    t.add_row("(c) publish -> first token p50 / p99",
+              f"{lat['ttft_p50']:.2f} / {lat['ttft_p99']:.2f} ms")
     t.add_row("(c) publish -> Final p50 / p99", f"{lat['e2e_p50']:.2f} / {lat['e2e_p99']:.2f} ms")
     console.print(t)
 

@@ -44,8 +44,11 @@ class StoredPublisher:
         while self._deadlines:
             await asyncio.sleep(tick)
             now = time.monotonic()
-            while self._deadlines and (self._deadlines[0][0] <= now or self._deadlines[0][1].done()):
-                _, fut = self._deadlines.popleft()
+            while self._deadlines:
+                deadline, fut = self._deadlines[0]
+                if deadline > now and not fut.done():
+                    break
+                self._deadlines.popleft()
                 if not fut.done():
                     fut.set_exception(TimeoutError(f"no JetStream ack within {self.timeout_s} s"))
 

@@ -24,6 +24,7 @@ import msgspec
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import MaxPayloadError, NoRespondersError
 from nats.js.api import DeliverPolicy
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
@@ -71,8 +72,9 @@ class RequestHandle:
         self._terminal: asyncio.Future[Final | ErrorReply] = (
             asyncio.get_running_loop().create_future()
         )
-        self._sub: nats.aio.subscription.Subscription | None = None
+        self._sub: Subscription | None = None
         self._replaying = False
+        self._bg: asyncio.Future[None] | None = None  # keeps a background step referenced
 
     # -- input -----------------------------------------------------------------
     async def _on_msg(self, msg: Msg) -> None:
@@ -103,7 +105,7 @@ class RequestHandle:
             self._unsubscribe()
         elif not self._replaying:
             self._replaying = True
-            asyncio.ensure_future(self._replay())
+            self._bg = asyncio.ensure_future(self._replay())
 
     async def _replay(self) -> None:
         """Fetch chunks missed on the live subscription from LLM_OUT (or give up after 2 s)."""
@@ -131,7 +133,7 @@ class RequestHandle:
     def _unsubscribe(self) -> None:
         if self._sub is not None:
             sub, self._sub = self._sub, None
-            asyncio.ensure_future(sub.unsubscribe())
+            self._bg = asyncio.ensure_future(sub.unsubscribe())
 
     # -- output ----------------------------------------------------------------
     def __aiter__(self) -> AsyncIterator[TokenChunk]:
@@ -171,7 +173,10 @@ class Client:
 
     @classmethod
     async def connect(
-        cls, url: str | None = None, settings: Settings | None = None, connect_timeout_s: float = 10.0
+        cls,
+        url: str | None = None,
+        settings: Settings | None = None,
+        connect_timeout_s: float = 10.0,
     ) -> Client:
         """Connect (reconnecting forever once connected); ConnectionError if unreachable."""
         settings = settings or load_settings()
@@ -255,7 +260,9 @@ class Client:
         async for chunk in handle:
             yield chunk
 
-    async def generate(self, request: Request, *, timeout: float | None = None, **kw: object) -> Final:
+    async def generate(
+        self, request: Request, *, timeout: float | None = None, **kw: object
+    ) -> Final:
         handle = await self.submit(request, **kw)  # type: ignore[arg-type]
         return await handle.result(timeout)
 

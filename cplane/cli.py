@@ -77,7 +77,10 @@ def _vllm_options(args: argparse.Namespace) -> dict[str, Any]:
     extra = {}
     for kv in args.engine_arg or []:
         key, _, value = kv.partition("=")
-        extra[key.replace("-", "_")] = json.loads(value) if value[:1] in "[{0123456789tfn" else value
+        try:  # numbers, booleans, lists and dicts as JSON; anything else as a string
+            extra[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            extra[key.replace("-", "_")] = value
     if extra:
         opts["engine_args"] = extra
     return opts

@@ -34,7 +34,8 @@ async def burst(url: str, n: int) -> list[tuple[Priority, Final, float]]:
     t0 = time.perf_counter()
     handles = []
     for p in prios:
-        r = Request(request_id=new_request_id()[:12], prompt="Tell me about NATS " * rng.randint(5, 60),
+        r = Request(request_id=new_request_id()[:12],
+                    prompt="Tell me about NATS " * rng.randint(5, 60),
                     max_tokens=rng.randint(32, 128), ignore_eos=True)
         handles.append((p, await client.submit(r, priority=p)))
     out = []
@@ -60,8 +61,9 @@ def show(results: list[tuple[Priority, Final, float]]) -> None:
         fs = [f for q, f, _ in results if q is p]
         if fs:
             lat = [f.timings.e2e_ms for f in fs]
-            s.add_row(p.value, str(len(fs)), f"{statistics.fmean(f.timings.ttft_ms for f in fs):.1f}",
-                      f"{statistics.median(lat):.1f}", f"{max(lat):.1f}")
+            ttft = statistics.fmean(f.timings.ttft_ms for f in fs)
+            s.add_row(p.value, str(len(fs)), f"{ttft:.1f}", f"{statistics.median(lat):.1f}",
+                      f"{max(lat):.1f}")
     console.print(s)
     toks = sum(f.usage.completion_tokens for _, f, _ in results)
     wall = max(w for _, _, w in results) / 1000

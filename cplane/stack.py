@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 import nats
+from nats.aio.msg import Msg
 
 from bus.server import EmbeddedNats
 
@@ -40,7 +41,7 @@ async def wait_for_workers(url: str, n: int, timeout_s: float) -> set[str]:
     seen: set[str] = set()
     done = asyncio.Event()
 
-    async def on_hb(msg: nats.aio.msg.Msg) -> None:
+    async def on_hb(msg: Msg) -> None:
         seen.add(msg.subject.rpartition(".")[2])
         if len(seen) >= n:
             done.set()

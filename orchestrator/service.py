@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
 from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from itertools import islice
+from typing import Any
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -104,14 +107,14 @@ class Orchestrator:
         for level, p in enumerate(PRIORITIES):
             puller = Puller(
                 nc, self.settings.streams.req.name, consumer_for_priority(p), self._on_request,
-                room=lambda q=self._queues[level]: o.hold_per_priority - len(q),
+                room=functools.partial(self._hold_room, level),
                 expires_s=o.fetch_timeout_s, max_batch=o.fetch_batch,
             )
             await puller.start()
             self._pullers.append(puller)
         loops = [asyncio.create_task(self._dispatch_loop(), name="dispatch"),
                  asyncio.create_task(self._ticker(), name="ticker")]
-        log.info("orchestrator %s consuming (policy=%s)", self.id, self.settings.orchestrator.policy)
+        log.info("orchestrator %s consuming (policy=%s)", self.id, o.policy)
         await nc.publish(self.subjects.heartbeat_request, b"")  # workers answer at once
         if ready is not None:
             ready.set()
@@ -124,7 +127,7 @@ class Orchestrator:
                 t.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
             if self._tasks:  # let in-flight work publishes finish and ack
-                await asyncio.wait(self._tasks, timeout=self.settings.orchestrator.publish_timeout_s)
+                await asyncio.wait(self._tasks, timeout=o.publish_timeout_s)
             for held in list(self._held_by_id.values()):
                 with contextlib.suppress(Exception):
                     await held.msg.nak()  # another replica takes it at once
@@ -135,13 +138,15 @@ class Orchestrator:
                 await nc.flush()
                 await nc.close()
 
-    def _spawn(self, coro: object, name: str) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
-        task.set_name(name)
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     # -- intake ----------------------------------------------------------------
+    def _hold_room(self, level: int) -> int:
+        return self.settings.orchestrator.hold_per_priority - len(self._queues[level])
+
     async def _on_request(self, msg: Msg) -> None:
         await self._intake(msg)
         self._wake.set()
@@ -314,7 +319,8 @@ class Orchestrator:
         while True:
             await asyncio.sleep(0.25)
             if self.registry.expire(now_ms()):
-                log.info("workers expired; fleet is now %d", len(self.registry.snapshot(now_ms()).workers))
+                live = len(self.registry.snapshot(now_ms()).workers)
+                log.info("workers expired; %d live workers left", live)
             self._wake.set()
             if time.monotonic() - last_progress >= o.in_progress_every_s:
                 last_progress = time.monotonic()

@@ -69,7 +69,7 @@ async def stack(
             await _start(run.orchestrator, run)
         yield run
     finally:
-        for svc, stop in run.stops.items():
+        for stop in run.stops.values():
             stop.set()
         await asyncio.gather(*run.tasks.values(), return_exceptions=True)
         for w in run.workers:

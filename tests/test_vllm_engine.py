@@ -18,11 +18,11 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from schemas.messages import ChatMessage, ErrorCode, FinishReason  # noqa: E402
-from tests.vllm_fixtures import *  # noqa: E402, F403  (the engine fixtures)
-from workers.engines.base import Delta, Engine, EngineInputError, EngineRequest  # noqa: E402
-from workers.engines.vllm import VllmEngine  # noqa: E402
-from workers.engines.vllm.engine import CONNECTOR_KEY  # noqa: E402
+from schemas.messages import ChatMessage, ErrorCode, FinishReason
+from tests.vllm_fixtures import *  # noqa: F403  (the engine fixtures)
+from workers.engines.base import Delta, Engine, EngineInputError, EngineRequest
+from workers.engines.vllm import VllmEngine
+from workers.engines.vllm.engine import CONNECTOR_KEY
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(240)]
 
@@ -97,8 +97,11 @@ async def test_vllm_stop_string_ends_with_stop(vllm_engine: VllmEngine) -> None:
     ids = prompt_ids(3)
     ref = (await direct(vllm_engine, ids, temperature=0.0, max_tokens=32)).outputs[0]
     stop = next(
-        (ref.text[i : i + 2] for i in range(len(ref.text) // 3, len(ref.text) - 1)
-         if ref.text[i : i + 2].isalnum()),
+        (
+            ref.text[i : i + 2]
+            for i in range(len(ref.text) // 3, len(ref.text) - 1)
+            if ref.text[i : i + 2].isalnum()
+        ),
         None,
     )
     if stop is None:
@@ -111,10 +114,12 @@ async def test_vllm_stop_string_ends_with_stop(vllm_engine: VllmEngine) -> None:
 
 async def test_vllm_resume_continues_after_streamed_tokens(vllm_engine: VllmEngine) -> None:
     ids = prompt_ids(4)
-    ref, _, _ = await collect(vllm_engine.generate(greedy(rid("r"), prompt_token_ids=ids,
-                                                          max_tokens=20, ignore_eos=True)))
-    req = greedy(rid("r"), prompt_token_ids=ids, max_tokens=20, ignore_eos=True,
-                 resume_token_ids=ref[:7])
+    ref, _, _ = await collect(
+        vllm_engine.generate(greedy(rid("r"), prompt_token_ids=ids, max_tokens=20, ignore_eos=True))
+    )
+    req = greedy(
+        rid("r"), prompt_token_ids=ids, max_tokens=20, ignore_eos=True, resume_token_ids=ref[:7]
+    )
     tokens, _, last = await collect(vllm_engine.generate(req))
     assert tokens == ref[7:]
     assert last.finish_reason == FinishReason.LENGTH
@@ -130,23 +135,31 @@ async def test_vllm_pd_greedy_matches_unified(
 ) -> None:
     ids = prompt_ids(5)  # 70 tokens: ExampleConnector stores the first 64
     stored_before = set(os.listdir(vllm_kv_dir))
-    pre = greedy(rid("p"), prompt_token_ids=ids, max_tokens=16, ignore_eos=True,
-                 prefill_only=True)
+    pre = greedy(rid("p"), prompt_token_ids=ids, max_tokens=16, ignore_eos=True, prefill_only=True)
     first, _, p_last = await collect(vllm_prefill_engine.generate(pre))
     assert len(first) == 1
     assert p_last.kv_transfer_params == {CONNECTOR_KEY: "ExampleConnector"}
     assert set(os.listdir(vllm_kv_dir)) - stored_before, "prefill stored no KV"
 
-    dec = greedy(rid("d"), prompt_token_ids=ids, max_tokens=16, ignore_eos=True,
-                 resume_token_ids=first, kv_transfer_params=p_last.kv_transfer_params)
+    dec = greedy(
+        rid("d"),
+        prompt_token_ids=ids,
+        max_tokens=16,
+        ignore_eos=True,
+        resume_token_ids=first,
+        kv_transfer_params=p_last.kv_transfer_params,
+    )
     rest, _, d_last = await collect(vllm_decode_engine.generate(dec))
     # The decode engine never saw this prompt: its cache hit is the transfer.
     assert d_last.cached_prompt_tokens is not None and d_last.cached_prompt_tokens >= 32
     assert d_last.prompt_tokens == len(ids)
     assert d_last.finish_reason == FinishReason.LENGTH
 
-    unified, _, _ = await collect(vllm_prefill_engine.generate(
-        greedy(rid("u"), prompt_token_ids=ids, max_tokens=16, ignore_eos=True)))
+    unified, _, _ = await collect(
+        vllm_prefill_engine.generate(
+            greedy(rid("u"), prompt_token_ids=ids, max_tokens=16, ignore_eos=True)
+        )
+    )
     assert first + rest == unified
 
 
@@ -154,24 +167,40 @@ async def test_vllm_pd_sampled_decode_continues_after_first_token(
     vllm_prefill_engine: VllmEngine, vllm_decode_engine: VllmEngine
 ) -> None:
     ids = prompt_ids(6)
-    sampled = {"temperature": 1.0, "seed": 1234, "ignore_eos": True, "max_tokens": 12}
-    first, _, p_last = await collect(vllm_prefill_engine.generate(
-        EngineRequest(request_id=rid("p"), prompt_token_ids=ids, prefill_only=True, **sampled)))
-    rest, _, d_last = await collect(vllm_decode_engine.generate(
-        EngineRequest(request_id=rid("d"), prompt_token_ids=ids, resume_token_ids=first,
-                      kv_transfer_params=p_last.kv_transfer_params, **sampled)))
+    sampled: dict[str, Any] = {
+        "temperature": 1.0,
+        "seed": 1234,
+        "ignore_eos": True,
+        "max_tokens": 12,
+    }
+    first, _, p_last = await collect(
+        vllm_prefill_engine.generate(
+            EngineRequest(request_id=rid("p"), prompt_token_ids=ids, prefill_only=True, **sampled)
+        )
+    )
+    rest, _, d_last = await collect(
+        vllm_decode_engine.generate(
+            EngineRequest(
+                request_id=rid("d"),
+                prompt_token_ids=ids,
+                resume_token_ids=first,
+                kv_transfer_params=p_last.kv_transfer_params,
+                **sampled,
+            )
+        )
+    )
     assert len(first) == 1 and len(rest) == 11
     assert d_last.cached_prompt_tokens is not None and d_last.cached_prompt_tokens >= 32
     # The decode ran on prompt + first token: the same seeded request sent
     # straight to vLLM with that prompt gives the same continuation.
-    ref = await direct(vllm_decode_engine, ids + first, temperature=1.0, seed=1234,
-                       ignore_eos=True, max_tokens=11)
+    ref = await direct(
+        vllm_decode_engine, ids + first, temperature=1.0, seed=1234, ignore_eos=True, max_tokens=11
+    )
     assert rest == list(ref.outputs[0].token_ids)
 
 
 async def test_vllm_abort_ends_with_cancelled_and_frees(vllm_engine: VllmEngine) -> None:
-    req = greedy(rid("a"), prompt_token_ids=prompt_ids(7, 20), max_tokens=480,
-                 ignore_eos=True)
+    req = greedy(rid("a"), prompt_token_ids=prompt_ids(7, 20), max_tokens=480, ignore_eos=True)
     stream = vllm_engine.generate(req)
     got: list[int] = []
     async for d in stream:
@@ -188,16 +217,18 @@ async def test_vllm_abort_ends_with_cancelled_and_frees(vllm_engine: VllmEngine)
     assert vllm_engine.llm.get_num_unfinished_requests() == 0
     # The engine is free: a following request runs, and its last step shows
     # the scheduler with nothing else running.
-    tokens, _, last = await collect(vllm_engine.generate(
-        greedy(rid("a"), prompt_token_ids=prompt_ids(8, 20), max_tokens=8, ignore_eos=True)))
+    tokens, _, last = await collect(
+        vllm_engine.generate(
+            greedy(rid("a"), prompt_token_ids=prompt_ids(8, 20), max_tokens=8, ignore_eos=True)
+        )
+    )
     assert len(tokens) == 8 and last.finish_reason == FinishReason.LENGTH
     assert vllm_engine.scheduler_counts == (0, 0)
     await vllm_engine.abort("no-such-request")  # ignored
 
 
 async def test_vllm_consumer_leaving_aborts_request(vllm_engine: VllmEngine) -> None:
-    req = greedy(rid("c"), prompt_token_ids=prompt_ids(9, 20), max_tokens=480,
-                 ignore_eos=True)
+    req = greedy(rid("c"), prompt_token_ids=prompt_ids(9, 20), max_tokens=480, ignore_eos=True)
     stream = vllm_engine.generate(req)
     assert isinstance(stream, AsyncIterator)
     await anext(stream)
@@ -206,8 +237,8 @@ async def test_vllm_consumer_leaving_aborts_request(vllm_engine: VllmEngine) -> 
 
     async def consume() -> None:
         async for _ in vllm_engine.generate(
-            greedy(rid("c"), prompt_token_ids=prompt_ids(10, 20), max_tokens=480,
-                   ignore_eos=True)):
+            greedy(rid("c"), prompt_token_ids=prompt_ids(10, 20), max_tokens=480, ignore_eos=True)
+        ):
             pass
 
     task = asyncio.create_task(consume())
@@ -221,9 +252,15 @@ async def test_vllm_consumer_leaving_aborts_request(vllm_engine: VllmEngine) -> 
 
 async def test_vllm_32_concurrent_requests(vllm_engine: VllmEngine) -> None:
     reqs = [
-        EngineRequest(request_id=rid("cc"), prompt_token_ids=prompt_ids(100 + i, 10 + i),
-                      max_tokens=8 + i % 9, ignore_eos=True, temperature=0.8, seed=i,
-                      priority=i % 5)
+        EngineRequest(
+            request_id=rid("cc"),
+            prompt_token_ids=prompt_ids(100 + i, 10 + i),
+            max_tokens=8 + i % 9,
+            ignore_eos=True,
+            temperature=0.8,
+            seed=i,
+            priority=i % 5,
+        )
         for i in range(32)
     ]
     results = await asyncio.gather(*(collect(vllm_engine.generate(r)) for r in reqs))
@@ -237,15 +274,22 @@ async def test_vllm_chat_and_token_prompts(vllm_engine: VllmEngine) -> None:
     tok = vllm_engine.llm.get_tokenizer()
     messages = [ChatMessage(role="user", content="tell me a story")]
     chat_ids = tok.encode(
-        tok.apply_chat_template([{"role": "user", "content": "tell me a story"}],
-                                tokenize=False, add_generation_prompt=True),
+        str(
+            tok.apply_chat_template(
+                [{"role": "user", "content": "tell me a story"}],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+        ),
         add_special_tokens=False,
     )
     assert chat_ids[0] == tok.bos_token_id  # the template wrote the BOS
-    by_chat = await collect(vllm_engine.generate(
-        greedy(rid("chat"), messages=messages, max_tokens=10)))
-    by_ids = await collect(vllm_engine.generate(
-        greedy(rid("chat"), prompt_token_ids=chat_ids, max_tokens=10)))
+    by_chat = await collect(
+        vllm_engine.generate(greedy(rid("chat"), messages=messages, max_tokens=10))
+    )
+    by_ids = await collect(
+        vllm_engine.generate(greedy(rid("chat"), prompt_token_ids=chat_ids, max_tokens=10))
+    )
     assert by_chat[0] == by_ids[0] and by_chat[1] == by_ids[1]
     assert by_chat[2].prompt_tokens == len(chat_ids)
 
@@ -255,8 +299,7 @@ async def test_vllm_bad_input_raises(vllm_engine: VllmEngine) -> None:
     too_long = [
         greedy(rid("x"), prompt_token_ids=prompt_ids(11, limit)),
         greedy(rid("x"), prompt="hello " * limit),
-        greedy(rid("x"), prompt_token_ids=prompt_ids(12, limit - 3),
-               resume_token_ids=[5, 6, 7]),
+        greedy(rid("x"), prompt_token_ids=prompt_ids(12, limit - 3), resume_token_ids=[5, 6, 7]),
     ]
     for req in too_long:
         with pytest.raises(EngineInputError) as err:
@@ -277,8 +320,11 @@ async def test_vllm_bad_input_raises(vllm_engine: VllmEngine) -> None:
 async def test_vllm_stats_report_rates_and_cache(vllm_engine: VllmEngine) -> None:
     ids = prompt_ids(13, 100)
     for _ in range(2):  # the second run hits the prefix cache
-        await collect(vllm_engine.generate(
-            greedy(rid("s"), prompt_token_ids=ids, max_tokens=16, ignore_eos=True)))
+        await collect(
+            vllm_engine.generate(
+                greedy(rid("s"), prompt_token_ids=ids, max_tokens=16, ignore_eos=True)
+            )
+        )
     s = vllm_engine.stats()
     assert s.gen_tokens_per_s > 0 and s.prompt_tokens_per_s > 0
     assert 0.0 <= s.kv_usage <= 1.0
@@ -290,11 +336,18 @@ async def test_vllm_two_engines_step_together(
     vllm_engine: VllmEngine, vllm_decode_engine: VllmEngine
 ) -> None:
     def reqs(tag: str) -> list[EngineRequest]:
-        return [greedy(rid(tag), prompt_token_ids=prompt_ids(200 + i, 30), max_tokens=24,
-                       ignore_eos=True) for i in range(12)]
+        return [
+            greedy(
+                rid(tag), prompt_token_ids=prompt_ids(200 + i, 30), max_tokens=24, ignore_eos=True
+            )
+            for i in range(12)
+        ]
 
-    both = [collect(e.generate(r)) for e in (vllm_engine, vllm_decode_engine)
-            for r in reqs(e.settings.scheduling_policy)]
+    both = [
+        collect(e.generate(r))
+        for e in (vllm_engine, vllm_decode_engine)
+        for r in reqs(e.settings.scheduling_policy)
+    ]
     results = await asyncio.wait_for(asyncio.gather(*both), timeout=60)
     assert all(len(tokens) == 24 for tokens, _, _ in results)
     # Same model, same greedy prompts: both engines agree.

@@ -110,9 +110,7 @@ def vllm_prefill_engine(vllm_engine: VllmEngine) -> VllmEngine:
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def vllm_decode_engine(
-    vllm_model_dir: Path, vllm_kv_dir: Path
-) -> AsyncIterator[VllmEngine]:
+async def vllm_decode_engine(vllm_model_dir: Path, vllm_kv_dir: Path) -> AsyncIterator[VllmEngine]:
     engine = await _started(
         tiny_settings(
             vllm_model_dir, kv_connector="ExampleConnector", kv_shared_path=str(vllm_kv_dir)

@@ -41,6 +41,7 @@ class ChunkStream:
         self._text: list[str] = []
         self._oldest = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._flushing: asyncio.Future[None] | None = None  # a timer's flush, kept referenced
         self._sent_any = False
         self.first_token_ms: float | None = None
         self.last_token_ms: float | None = None
@@ -73,7 +74,7 @@ class ChunkStream:
     def _on_timer(self) -> None:
         self._timer = None
         if self._ids or self._text:
-            asyncio.ensure_future(self.flush())
+            self._flushing = asyncio.ensure_future(self.flush())
 
     async def flush(self) -> None:
         if self._timer is not None:

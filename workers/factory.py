@@ -9,7 +9,9 @@ from workers.engines.base import Engine
 from workers.engines.sim import SimEngine
 
 
-def build_engine(kind: str, settings: Settings, vllm_options: dict[str, Any] | None = None) -> Engine:
+def build_engine(
+    kind: str, settings: Settings, vllm_options: dict[str, Any] | None = None
+) -> Engine:
     if kind == "sim":
         return SimEngine(settings.sim, model=settings.worker.model)
     if kind == "vllm":

@@ -229,7 +229,8 @@ class Worker:
 
     async def _publish_heartbeat(self) -> None:
         if self._nc is not None and self._nc.is_connected:
-            await self._nc.publish(self.subjects.heartbeat(self.worker_id), encode(self.heartbeat()))
+            subject = self.subjects.heartbeat(self.worker_id)
+            await self._nc.publish(subject, encode(self.heartbeat()))
 
     async def _heartbeat_loop(self) -> None:
         while True:

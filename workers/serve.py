@@ -35,6 +35,7 @@ from workers.chunker import ChunkStream
 from workers.engines.base import Delta, Engine, EngineInputError, EngineRequest
 
 log = logging.getLogger("cplane.worker")
+_ERROR_CODES = frozenset(c.value for c in ErrorCode)
 
 
 @dataclass(slots=True)
@@ -190,7 +191,7 @@ async def run_item(ctx: ServeContext, item: WorkItem) -> None:
                 last = delta
     except EngineInputError as exc:
         await stream.flush()
-        code = ErrorCode(exc.code) if exc.code in ErrorCode else ErrorCode.INVALID_REQUEST
+        code = ErrorCode(exc.code) if exc.code in _ERROR_CODES else ErrorCode.INVALID_REQUEST
         await ctx.publish_error(item, code, str(exc))
         return
     except asyncio.CancelledError:
