@@ -68,13 +68,16 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
 def _vllm_options(args: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = {}
     for key in ("kv_connector", "kv_shared_path", "max_model_len", "dtype", "block_size",
-                "gpu_memory_utilization", "scheduling_policy", "tensor_parallel_size"):
+                "gpu_memory_utilization", "scheduling_policy", "served_model_name",
+                "kv_cache_memory_bytes"):
         value = getattr(args, key, None)
         if value is not None:
             opts[key] = value
     if args.enforce_eager:
         opts["enforce_eager"] = True
-    extra = {}
+    extra: dict[str, Any] = {}
+    if args.tensor_parallel_size:
+        extra["tensor_parallel_size"] = args.tensor_parallel_size
     for kv in args.engine_arg or []:
         key, _, value = kv.partition("=")
         try:  # numbers, booleans, lists and dicts as JSON; anything else as a string
@@ -82,7 +85,7 @@ def _vllm_options(args: argparse.Namespace) -> dict[str, Any]:
         except json.JSONDecodeError:
             extra[key.replace("-", "_")] = value
     if extra:
-        opts["engine_args"] = extra
+        opts["extra_engine_args"] = extra
     return opts
 
 
@@ -231,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-parallel-size", type=int, default=None)
     p.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default=None)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--served-model-name", default=None, help="the name requests use")
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     p.add_argument("--engine-arg", action="append", help="any AsyncEngineArgs field: KEY=VALUE")
     p.set_defaults(fn=cmd_worker)
 

@@ -8,6 +8,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from tests.natsfix import nats_server
+from tests.vllm_fixtures import *  # noqa: F403 - session engines shared by every vLLM test
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

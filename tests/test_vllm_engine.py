@@ -19,7 +19,6 @@ import pytest
 pytest.importorskip("vllm")
 
 from schemas.messages import ChatMessage, ErrorCode, FinishReason
-from tests.vllm_fixtures import *  # noqa: F403  (the engine fixtures)
 from workers.engines.base import Delta, Engine, EngineInputError, EngineRequest
 from workers.engines.vllm import VllmEngine
 from workers.engines.vllm.engine import CONNECTOR_KEY
@@ -372,3 +371,54 @@ async def test_vllm_unstarted_engine(vllm_model_dir: Path) -> None:
         await collect(engine.generate(greedy(rid("n"), prompt="hi")))
     await engine.shutdown()
     await engine.shutdown()  # idempotent
+
+
+async def test_vllm_resume_inside_a_character_sends_no_prompt_text(
+    vllm_engine: VllmEngine,
+) -> None:
+    # "é" is two byte tokens in the tiny tokenizer; the streamed tokens stop
+    # after its first byte, so the client has seen "hello world " only.
+    tok = vllm_engine.llm.get_tokenizer()
+    prompt = tok.encode("hello world")
+    streamed = tok.encode(" é", add_special_tokens=False)[:2]
+    assert tok.decode(streamed).endswith("\ufffd")
+    req = greedy(
+        rid("e"),
+        prompt_token_ids=prompt,
+        resume_token_ids=streamed,
+        max_tokens=10,
+        ignore_eos=True,
+    )
+    tokens, text, _ = await collect(vllm_engine.generate(req))
+    assert len(tokens) == 8
+    sent = tok.decode(prompt + streamed[:1])
+    assert text == tok.decode(prompt + streamed + tokens)[len(sent) :]
+    assert "hello" not in text
+
+
+async def test_vllm_pd_prompt_of_whole_blocks(
+    vllm_prefill_engine: VllmEngine, vllm_decode_engine: VllmEngine
+) -> None:
+    # 64 tokens: the decode prompt has 65, where vLLM's own ExampleConnector
+    # loads a file it never checked for and kills the engine core.
+    ids = prompt_ids(14, 64)
+    first, _, p_last = await collect(
+        vllm_prefill_engine.generate(
+            greedy(rid("p"), prompt_token_ids=ids, max_tokens=8, ignore_eos=True, prefill_only=True)
+        )
+    )
+    dec = greedy(
+        rid("d"),
+        prompt_token_ids=ids,
+        max_tokens=8,
+        ignore_eos=True,
+        resume_token_ids=first,
+        kv_transfer_params=p_last.kv_transfer_params,
+    )
+    rest, _, _ = await collect(vllm_decode_engine.generate(dec))
+    unified, _, _ = await collect(
+        vllm_prefill_engine.generate(
+            greedy(rid("u"), prompt_token_ids=ids, max_tokens=8, ignore_eos=True)
+        )
+    )
+    assert first + rest == unified

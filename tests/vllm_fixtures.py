@@ -61,7 +61,7 @@ def tiny_settings(model_dir: Path, **overrides: Any) -> VllmSettings:
     base = VllmSettings(
         model=str(model_dir),
         served_model_name=MODEL_NAME,
-        dtype="float32",  # bf16 needs AVX-512 on vLLM's CPU backend
+        dtype="float32",  # exact and safe on AVX2-only CPUs (bf16 not tried)
         max_model_len=512,
         block_size=32,
         enforce_eager=True,

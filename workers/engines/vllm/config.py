@@ -18,6 +18,7 @@ SchedulingPolicy = Literal["fcfs", "priority"]
 # NixlConnector moves it between GPUs over RDMA/TCP.
 KvConnector = Literal["ExampleConnector", "NixlConnector"]
 KvRole = Literal["kv_producer", "kv_consumer", "kv_both"]
+EXAMPLE_CONNECTOR_MODULE = "workers.engines.vllm.example_connector"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -27,7 +28,7 @@ class VllmSettings:
     model: str  # local directory or HF repo id
     served_model_name: str | None = None  # the name requests use; default: model
     tokenizer: str | None = None  # default: model
-    dtype: str = "auto"  # "float32" on CPUs without AVX-512 bf16
+    dtype: str = "auto"  # tests use "float32" (this CPU has AVX2 only; bf16 untried)
     max_model_len: int | None = None  # default: the model's own
     block_size: int | None = None  # CPU attention wants a multiple of 32
     enforce_eager: bool = False  # True skips torch.compile (fast start-up)
@@ -69,14 +70,16 @@ def kv_transfer_config(settings: VllmSettings) -> dict[str, Any] | None:
     """The `kv_transfer_config` engine arg for the configured connector, or None."""
     if settings.kv_connector is None:
         return None
-    extra: dict[str, Any] = {}
-    if settings.kv_connector == "ExampleConnector":
-        extra["shared_storage_path"] = settings.kv_shared_path
-    return {
+    config: dict[str, Any] = {
         "kv_connector": settings.kv_connector,
         "kv_role": settings.kv_role,
-        "kv_connector_extra_config": extra,
+        "kv_connector_extra_config": {},
     }
+    if settings.kv_connector == "ExampleConnector":
+        config["kv_connector_extra_config"]["shared_storage_path"] = settings.kv_shared_path
+        # Our subclass, which fixes a crash of vLLM's (see example_connector.py).
+        config["kv_connector_module_path"] = EXAMPLE_CONNECTOR_MODULE
+    return config
 
 
 def build_engine_args(settings: VllmSettings) -> AsyncEngineArgs:

@@ -163,6 +163,12 @@ class VllmEngine:
         from vllm.exceptions import VLLMClientError
         from vllm.inputs.engine import tokens_input
 
+        # Text vLLM wrongly repeats on a resumed request (see _resume_echo).
+        echo = (
+            _resume_echo(self._tokenizer, engine_ids, len(prompt_ids))
+            if req.resume_token_ids
+            else None
+        )
         rid = req.request_id
         self._active[rid] = False
         # No await between registering `rid` and vLLM registering the request
@@ -174,6 +180,9 @@ class VllmEngine:
             try:
                 async for out in stream:
                     delta = self._delta(out, req, len(prompt_ids))
+                    if echo is not None and delta.text:
+                        delta.text = delta.text.removeprefix(echo)
+                        echo = None
                     if delta.finish_reason is None:
                         yield delta
                     else:  # vLLM's stream ends right after its finished output
@@ -201,10 +210,7 @@ class VllmEngine:
             raise EngineInputError("give exactly one of prompt, prompt_token_ids, messages")
         tok = self._tokenizer
         if req.prompt_token_ids is not None:
-            ids = list(req.prompt_token_ids)
-            vocab = len(tok) if tok is not None else None
-            if vocab is not None and any(not 0 <= t < vocab for t in ids):
-                raise EngineInputError("prompt_token_ids outside the vocabulary")
+            ids = list(req.prompt_token_ids)  # vLLM checks them against the vocab
         elif req.prompt is not None:
             ids = list(tok.encode(req.prompt))
         else:
@@ -276,3 +282,30 @@ class VllmEngine:
                 CONNECTOR_KEY: self.settings.kv_connector or "none"
             }
         return delta
+
+
+def _resume_echo(tokenizer: Any, engine_ids: list[int], prompt_len: int) -> str | None:
+    """The text vLLM will wrongly put in front of a resumed request's output.
+
+    When prompt + resumed tokens end inside a multi-byte character (the
+    streamed tokens stopped mid-character, so that text was never sent),
+    vLLM 0.32 primes its `tokenizers.DecodeStream` with those ids, and once the
+    character completes the stream returns the text of the *whole* sequence,
+    prompt included. We cut that leading part, which is the text of the ids
+    before the incomplete tail. None when the tail is complete (no echo).
+    """
+    raw = getattr(tokenizer, "_tokenizer", None)  # the `tokenizers` object vLLM uses
+    if raw is None:
+        return None
+
+    def ends_incomplete(end: int) -> bool:
+        return raw.decode(engine_ids[max(end - 8, 0) : end], skip_special_tokens=True).endswith(
+            "\ufffd"
+        )
+
+    end = len(engine_ids)
+    while end > prompt_len and ends_incomplete(end):
+        end -= 1
+    if end == len(engine_ids):
+        return None
+    return str(raw.decode(engine_ids[:end], skip_special_tokens=True))
