@@ -39,11 +39,9 @@ async def direct_ids(engine: Any, prompt: str, n: int) -> list[int]:
 
     params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True,
                             output_kind=RequestOutputKind.FINAL_ONLY)
-    out = None
-    async for out in engine.llm.generate(prompt, params, request_id=f"direct-{hash(prompt)}"):
-        pass
-    assert out is not None
-    return list(out.outputs[0].token_ids)
+    outs = [o async for o in engine.llm.generate(prompt, params,
+                                                 request_id=f"direct-{hash(prompt)}")]
+    return list(outs[-1].outputs[0].token_ids)
 
 
 async def test_vllm_unified_through_nats_equals_direct_asyncllm(
