@@ -56,6 +56,7 @@ class Puller:
         self._wake = asyncio.Event()
         self._sub: Subscription | None = None
         self._task: asyncio.Task[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
         self.delivered = 0
 
     @property
@@ -68,17 +69,25 @@ class Puller:
                                              pending_bytes_limit=-1)
         self._inbox = inbox
         self._task = asyncio.create_task(self._loop(), name=f"puller-{self._next_subject}")
+        # One ticker wakes the loop to expire requests; cheaper than a timeout per wait.
+        self._ticker = asyncio.create_task(self._tick(), name="puller-tick")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._task, self._ticker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._ticker = None
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
             self._sub = None
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(min(_GRACE_S, self._expires_s / 2))
+            self._wake.set()
 
     def poke(self) -> None:
         """The owner's room grew: request more."""
@@ -104,12 +113,7 @@ class Puller:
                     await asyncio.sleep(0.2)
                 continue
             self._wake.clear()
-            timeout = self._requests[0][0] + _GRACE_S - now if self._requests else self._expires_s
-            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a
-            # cancel that races with the event, and stop() would hang.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(timeout, 0.01)):
-                    await self._wake.wait()
+            await self._wake.wait()
 
     def _consume_credit(self) -> None:
         while self._requests:
