@@ -13,10 +13,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from typing import Any
 
+import orjson
 from nats.aio.client import Client as NATS
-from nats.js import JetStreamContext as JetStream
-from nats.js.api import PubAck
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.errors import APIError, NoStreamResponseError
 
 from schemas.codec import encode
 from schemas.messages import ErrorCode, ErrorReply, Final
@@ -24,32 +27,90 @@ from schemas.subjects import Subjects
 
 
 class StoredPublisher:
-    def __init__(self, js: JetStream, timeout_s: float) -> None:
-        self.js = js
+    """JetStream publishes with pipelined acks on one wildcard inbox.
+
+    nats-py's publish_async costs a NUID, an urandom call, a stdlib-json parse
+    and a PubAck dataclass per message; on the hot path (one Final per
+    request, one work message per batch) this does the same protocol with a
+    counter and orjson. At most `max_pending` acks are outstanding; every ack
+    is bounded in time by one sweeper task (nats.py #985: an error reply must
+    never leave a publisher waiting forever).
+    """
+
+    def __init__(self, nc: NATS, timeout_s: float, max_pending: int = 4000) -> None:
+        self.nc = nc
         self.timeout_s = timeout_s
-        self._deadlines: deque[tuple[float, asyncio.Future[PubAck]]] = deque()
+        self.max_pending = max_pending
+        self._inbox = nc.new_inbox()
+        self._sub: Subscription | None = None
+        self._next = 0
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._room = asyncio.Event()
+        self._room.set()
+        self._deadlines: deque[tuple[float, int]] = deque()
         self._sweeper: asyncio.Task[None] | None = None
 
-    async def publish(self, subject: str, data: bytes, msg_id: str | None = None) -> PubAck:
-        """Store `data` on `subject`; raises TimeoutError when no ack comes in time."""
-        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
-        fut = await self.js.publish_async(subject, data, headers=headers)
-        self._deadlines.append((time.monotonic() + self.timeout_s, fut))
+    async def publish(
+        self, subject: str, data: bytes, msg_id: str | None = None
+    ) -> dict[str, Any]:
+        """Store `data` on `subject`; returns the ack (`seq`, `duplicate`...).
+
+        Raises TimeoutError without an ack in time, NoStreamResponseError when
+        no stream takes the subject, APIError when the stream refuses it.
+        """
+        if self._sub is None:
+            self._sub = await self.nc.subscribe(f"{self._inbox}.*", cb=self._on_ack)
+        while len(self._pending) >= self.max_pending:
+            self._room.clear()
+            await self._room.wait()
+        n = self._next
+        self._next += 1
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[n] = fut
+        self._deadlines.append((time.monotonic() + self.timeout_s, n))
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.create_task(self._sweep(), name="ack-deadlines")
+        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+        try:
+            await self.nc.publish(subject, data, reply=f"{self._inbox}.{n}", headers=headers)
+        except BaseException:
+            self._pending.pop(n, None)
+            raise
         return await fut
+
+    def _resolve(self, n: int) -> asyncio.Future[dict[str, Any]] | None:
+        fut = self._pending.pop(n, None)
+        if len(self._pending) < self.max_pending:
+            self._room.set()
+        return fut if fut is not None and not fut.done() else None
+
+    async def _on_ack(self, msg: Msg) -> None:
+        fut = self._resolve(int(msg.subject.rpartition(".")[2]))
+        if fut is None:
+            return
+        if not msg.data:
+            status = msg.headers.get("Status") if msg.headers else None
+            fut.set_exception(NoStreamResponseError() if status == "503" else
+                              APIError(description=f"unexpected status {status}"))
+            return
+        resp = orjson.loads(msg.data)
+        error = resp.get("error")
+        if error:
+            try:
+                APIError.from_error(error)  # raises the specific subclass
+            except APIError as exc:
+                fut.set_exception(exc)
+            return
+        fut.set_result(resp)
 
     async def _sweep(self) -> None:
         tick = min(0.25, self.timeout_s / 4)
         while self._deadlines:
             await asyncio.sleep(tick)
             now = time.monotonic()
-            while self._deadlines:
-                deadline, fut = self._deadlines[0]
-                if deadline > now and not fut.done():
-                    break
-                self._deadlines.popleft()
-                if not fut.done():
+            while self._deadlines and self._deadlines[0][0] <= now:
+                fut = self._resolve(self._deadlines.popleft()[1])
+                if fut is not None:
                     fut.set_exception(TimeoutError(f"no JetStream ack within {self.timeout_s} s"))
 
     async def publish_terminal(

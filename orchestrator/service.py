@@ -95,7 +95,7 @@ class Orchestrator:
         self._nc = nc
         js = nc.jetstream(publish_async_max_pending=8000)
         self._js = js
-        self._store = StoredPublisher(js, self.settings.orchestrator.publish_timeout_s)
+        self._store = StoredPublisher(nc, self.settings.orchestrator.publish_timeout_s)
         await ensure_streams(js, self.settings)
         await ensure_request_consumers(js, self.settings)
         subs = [

@@ -72,7 +72,7 @@ class Worker:
         js = nc.jetstream(publish_async_max_pending=4000)
         await ensure_streams(js, self.settings)
         self.ctx = ServeContext(
-            nc=nc, store=StoredPublisher(js, ws.publish_timeout_s), engine=self.engine,
+            nc=nc, store=StoredPublisher(nc, ws.publish_timeout_s), engine=self.engine,
             subjects=self.subjects, worker_id=self.worker_id, role=self.role,
             chunk_tokens=ws.chunk_tokens, chunk_interval_s=ws.chunk_interval_ms / 1000,
         )
