@@ -25,6 +25,8 @@ demo: install
 	$(BIN)/python -m cplane.demo
 
 test: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy schemas bus orchestrator workers client cplane
 	$(BIN)/python -m pytest -q tests
 
 lint: install
