@@ -43,9 +43,10 @@ from orchestrator.fleet import FleetView, Registry
 from orchestrator.intake import Rejection, admit
 from orchestrator.pd_decision import PdConfig, decide
 from orchestrator.policy import PolicyConfig, QueueView, get_policy
+from orchestrator.routing import choose_target
 from schemas.codec import encode, heartbeat_decoder
 from schemas.messages import PRIORITIES, ErrorCode, Final, FinishReason, Role, WorkBatch, WorkItem
-from schemas.subjects import consumer_for_priority
+from schemas.subjects import ANY_TARGET, consumer_for_priority
 
 log = logging.getLogger("cplane.orchestrator")
 
@@ -75,6 +76,7 @@ class Orchestrator:
         self._held_by_id: dict[str, Held] = {}
         self._pullers: list[Puller] = []
         self._inflight: dict[str, Role] = {}
+        self._sent_since_hb: dict[str, int] = {}  # worker id -> items sent it since its heartbeat
         self._seen = RecentIds(o.dedup_cache)
         self._cancelled = RecentIds(100_000)
         self._wake = asyncio.Event()
@@ -239,7 +241,7 @@ class Orchestrator:
         room = self.room(fleet)
         if room <= 0 or not self._held_by_id:
             return
-        by_role: dict[Role, list[Held]] = {}
+        by_dest: dict[tuple[Role, str], list[Held]] = {}
         keep: list[Held] = []
         for held in self._take(room):
             req = held.item.request
@@ -250,29 +252,34 @@ class Orchestrator:
                 )), "reject")
                 continue
             role = decide(req, fleet, self.pd_cfg)
-            if role is None:  # no live pool for this model right now
+            target = None if role is None else choose_target(
+                req.model, role, fleet, self._sent_since_hb
+            )
+            if role is None or target is None:  # no live pool for this model right now
                 keep.append(held)
                 continue
-            by_role.setdefault(role, []).append(held)
+            if target != ANY_TARGET:
+                self._sent_since_hb[target] = self._sent_since_hb.get(target, 0) + 1
+            by_dest.setdefault((role, target), []).append(held)
         for held in reversed(keep):  # back to the front, in order
             self._queues[held.item.priority.level].appendleft(held)
             self._held_by_id[held.item.request.request_id] = held
         size = max(1, min(self.settings.orchestrator.max_batch, fleet.max_worker_capacity()))
-        for role, items in by_role.items():
+        for (role, target), items in by_dest.items():
             for i in range(0, len(items), size):
                 batch = items[i : i + size]
                 for held in batch:
                     self._inflight[held.item.request.request_id] = role
                 await self._publish_slots.acquire()
-                self._spawn(self._publish_batch(role, batch), "publish")
+                self._spawn(self._publish_batch(role, target, batch), "publish")
 
-    async def _publish_batch(self, role: Role, batch: list[Held]) -> None:
+    async def _publish_batch(self, role: Role, target: str, batch: list[Held]) -> None:
         assert self._js is not None
         t = now_ms()
         items = [msgspec.structs.replace(h.item, role=role, dispatched_ms=t) for h in batch]
         data = encode(WorkBatch(items=items))
         try:
-            await self._store.publish(self.subjects.work(role), data)
+            await self._store.publish(self.subjects.work(role, target), data)
         except Exception as exc:
             # Not dispatched: JetStream redelivers the requests shortly.
             log.warning("work publish failed (%d requests back to the queue): %s", len(batch), exc)
@@ -297,6 +304,7 @@ class Orchestrator:
             hb = heartbeat_decoder.decode(msg.data)
         except msgspec.DecodeError:
             return
+        self._sent_since_hb.pop(hb.worker_id, None)  # its heartbeat counts them now
         if self.registry.observe(hb, now_ms()):
             self._wake.set()
 

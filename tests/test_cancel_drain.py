@@ -105,3 +105,20 @@ async def test_drain_hands_unfinished_work_to_another_worker(nats_url: str) -> N
     assert [t for c in chunks for t in c.token_ids] == ref_ids
     assert final.text == ref.text and final.usage.completion_tokens == 120
     assert final.workers == ["first", "second"]
+
+
+async def test_worker_refuses_work_for_a_model_it_does_not_serve(nats_url: str, nc: NATS) -> None:
+    # Bypass the orchestrator: a work item naming another model reaches the pool.
+    import msgspec
+
+    from schemas.messages import ErrorReply, Priority, Role, WorkBatch, WorkItem
+
+    s = isolated_settings(nats_url, sim={"zero_cost": True})
+    async with stack(s, workers=[{"model": "mine"}], orchestrator=False):
+        done = await nc.subscribe(s.subjects.done("i", "wrongmodel"))
+        item = WorkItem(request=req("wrongmodel", 3, model="theirs"), priority=Priority.NORMAL,
+                        slo_class="standard")
+        await nc.jetstream().publish(s.subjects.work(Role.UNIFIED),
+                                     msgspec.json.encode(WorkBatch(items=[item])))
+        err = msgspec.json.decode((await done.next_msg(timeout=10)).data, type=ErrorReply)
+        assert err.code == "unknown_model" and "mine" in err.message

@@ -66,3 +66,21 @@ def test_pd_decision() -> None:
     other = Request(request_id="o", prompt="x", model="other")
     assert decide(other, all_pools, auto) is None  # type: ignore[arg-type]
     assert estimate_prompt_tokens(long) == 600
+
+
+def test_routing_uses_the_pool_unless_models_are_mixed() -> None:
+    from orchestrator.routing import choose_target
+
+    reg = Registry(timeout_ms=1000)
+    reg.observe(hb("a", Role.UNIFIED, models=["m1"]), 0.0)
+    reg.observe(hb("b", Role.UNIFIED, models=["m1"]), 0.0)
+    one_model = reg.snapshot(0.0)
+    assert choose_target("m1", Role.UNIFIED, one_model, {}) == "any"
+    assert choose_target("", Role.UNIFIED, one_model, {}) == "any"
+    assert choose_target("m2", Role.UNIFIED, one_model, {}) is None
+    reg.observe(hb("c", Role.UNIFIED, models=["m2"]), 0.0)
+    mixed = reg.snapshot(0.0)
+    assert choose_target("m2", Role.UNIFIED, mixed, {}) == "c"
+    assert choose_target("m1", Role.UNIFIED, mixed, {}) == "a"  # tie -> lowest id
+    assert choose_target("m1", Role.UNIFIED, mixed, {"a": 3}) == "b"  # a got work since
+    assert choose_target("m1", Role.PREFILL, mixed, {}) is None

@@ -286,3 +286,15 @@ async def test_unknown_model_gets_error(nats_url: str, nc: NATS) -> None:
         h = await client.submit(req("nomodel", model="gpt-17"))
         term = await h.terminal(timeout=10)
         assert isinstance(term, ErrorReply) and term.code == "unknown_model"
+
+
+async def test_mixed_models_go_to_workers_that_serve_them(nats_url: str, nc: NATS) -> None:
+    s = isolated_settings(nats_url, sim={"zero_cost": True})
+    async with stack(s, workers=[{"worker_id": "wa", "model": "ma"},
+                                 {"worker_id": "wb", "model": "mb"}]):
+        client = Client(nc, s)
+        finals = await asyncio.gather(*(
+            client.generate(req(f"mm{i}", model="ma" if i % 2 else "mb"), timeout=10)
+            for i in range(20)))
+    for i, f in enumerate(finals):
+        assert f.workers == ["wa" if i % 2 else "wb"] and f.model == ("ma" if i % 2 else "mb")

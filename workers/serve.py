@@ -184,6 +184,12 @@ async def run_item(ctx: ServeContext, item: WorkItem) -> None:
     )
     last = Delta(token_ids=[])
     model = req.model or ctx.engine.models[0]
+    if model not in ctx.engine.models:  # never answer with another model's tokens
+        await ctx.publish_error(
+            item, ErrorCode.UNKNOWN_MODEL,
+            f"worker {ctx.worker_id} serves {ctx.engine.models}, not {model!r}", True,
+        )
+        return
     try:
         async for delta in ctx.engine.generate(engine_request(item, role)):
             await stream.add(delta.token_ids, delta.text)
