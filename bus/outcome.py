@@ -22,7 +22,15 @@ from nats.aio.subscription import Subscription
 from nats.js.errors import APIError, NoStreamResponseError
 
 from schemas.codec import encode
-from schemas.messages import ErrorCode, ErrorReply, Final
+from schemas.messages import (
+    ErrorCode,
+    ErrorReply,
+    Final,
+    FinishReason,
+    Timings,
+    Usage,
+    WorkItem,
+)
 from schemas.subjects import Subjects
 
 
@@ -126,6 +134,23 @@ class StoredPublisher:
         if reply_to:
             await nc.publish(reply_to, data)
         await self.publish(subjects.done(group, msg.request_id), data, f"{msg.request_id}:done")
+
+
+def cancelled_final(item: WorkItem, worker_id: str | None = None) -> Final:
+    """Final(cancelled) for a request stopped before (or between) runs: what was
+    already streamed stays its result; `worker_id` is the one that stopped it."""
+    now = time.time() * 1000
+    waited = max(0.0, now - (item.enqueued_ms or now))
+    return Final(
+        request_id=item.request.request_id,
+        finish_reason=FinishReason.CANCELLED,
+        usage=Usage(completion_tokens=len(item.resume_token_ids)),
+        timings=Timings(queue_ms=waited, e2e_ms=waited),
+        text=item.resume_text,
+        chunks=item.next_seq,
+        workers=[*item.served_by, *([worker_id] if worker_id else [])],
+        ts_ms=now,
+    )
 
 
 def error_reply(

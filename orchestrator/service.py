@@ -30,11 +30,10 @@ from typing import Any
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 
 from bus.connect import connect
 from bus.jsmeta import stored_ms, stream_seq
-from bus.outcome import StoredPublisher, error_reply
+from bus.outcome import StoredPublisher, cancelled_final, error_reply
 from bus.provision import ensure_request_consumers, ensure_streams
 from bus.puller import Puller
 from bus.recent import RecentIds
@@ -45,7 +44,7 @@ from orchestrator.pd_decision import PdConfig, decide
 from orchestrator.policy import PolicyConfig, QueueView, get_policy
 from orchestrator.routing import choose_target
 from schemas.codec import encode, heartbeat_decoder
-from schemas.messages import PRIORITIES, ErrorCode, Final, FinishReason, Role, WorkBatch, WorkItem
+from schemas.messages import PRIORITIES, ErrorCode, Role, WorkBatch, WorkItem
 from schemas.subjects import ANY_TARGET, consumer_for_priority
 
 log = logging.getLogger("cplane.orchestrator")
@@ -84,7 +83,6 @@ class Orchestrator:
         self._tasks: set[asyncio.Task[None]] = set()
         self._nc = nc
         self._own_nc = nc is None
-        self._js: JetStreamContext | None = None
         self._store: StoredPublisher
         self.counters = {
             "accepted": 0, "rejected": 0, "duplicates": 0, "dispatched": 0,
@@ -96,7 +94,6 @@ class Orchestrator:
         nc = self._nc or await connect(self.settings.nats.url, self.id)
         self._nc = nc
         js = nc.jetstream(publish_async_max_pending=8000)
-        self._js = js
         self._store = StoredPublisher(nc, self.settings.orchestrator.publish_timeout_s)
         await ensure_streams(js, self.settings)
         await ensure_request_consumers(js, self.settings)
@@ -178,7 +175,7 @@ class Orchestrator:
         self.counters["accepted"] += 1
 
     async def _reject(self, msg: Msg, rej: Rejection) -> None:
-        assert self._nc is not None and self._js is not None
+        assert self._nc is not None
         rid = rej.request_id or f"seq{stream_seq(msg.reply) if msg.reply else 0}"
         err = error_reply(rid, rej.code, rej.message)
         log.info("rejected %s: %s", rid, rej.message)
@@ -191,19 +188,10 @@ class Orchestrator:
         await msg.term()
 
     async def _finish_cancelled(self, held: Held) -> None:
-        assert self._nc is not None and self._js is not None
-        item = held.item
-        t = now_ms()
-        final = Final(
-            request_id=item.request.request_id,
-            finish_reason=FinishReason.CANCELLED,
-            ts_ms=t,
-        )
-        final = msgspec.structs.replace(
-            final, timings=msgspec.structs.replace(final.timings, e2e_ms=t - held.arrival_ms)
-        )
+        assert self._nc is not None
+        req = held.item.request
         await self._store.publish_terminal(
-            self._nc, self.subjects, item.request.group, final, item.request.reply_to
+            self._nc, self.subjects, req.group, cancelled_final(held.item), req.reply_to
         )
         self.counters["cancelled"] += 1
         await held.msg.ack()
@@ -274,7 +262,6 @@ class Orchestrator:
                 self._spawn(self._publish_batch(role, target, batch), "publish")
 
     async def _publish_batch(self, role: Role, target: str, batch: list[Held]) -> None:
-        assert self._js is not None
         t = now_ms()
         items = [msgspec.structs.replace(h.item, role=role, dispatched_ms=t) for h in batch]
         data = encode(WorkBatch(items=items))

@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import msgspec
+import nats
 import pytest
 from nats.aio.client import Client as NATS
 
@@ -31,7 +32,7 @@ async def collect(client: Client, r: Request, **kw: object) -> tuple[list[TokenC
 async def test_many_concurrent_requests_stream_tokens_and_final(nats_url: str) -> None:
     s = isolated_settings(nats_url, sim={"zero_cost": True})
     async with stack(s, workers=2):
-        client = Client(await __import__("nats").connect(nats_url), s)
+        client = Client(await nats.connect(nats_url), s)
         n = 200
         results = await asyncio.gather(
             *(collect(client, req(f"c{i}", max_tokens=5 + i % 20)) for i in range(n))
@@ -58,7 +59,7 @@ async def test_first_token_then_batched_chunks(nats_url: str) -> None:
         nats_url, sim={"zero_cost": True}, worker={"chunk_tokens": 16, "chunk_interval_ms": 200}
     )
     async with stack(s, workers=1):
-        client = Client(await __import__("nats").connect(nats_url), s)
+        client = Client(await nats.connect(nats_url), s)
         chunks, final = await collect(client, req("batched", max_tokens=40))
         await client.close()
     assert len(chunks[0].token_ids) == 1
@@ -75,7 +76,7 @@ async def test_priority_order_under_contention(nats_url: str) -> None:
         orchestrator={"headroom": 0.0, "aging_s": 3600.0},
         sim={"decode_a_ms": 2.0},
     )
-    client = Client(await __import__("nats").connect(nats_url), s)
+    client = Client(await nats.connect(nats_url), s)
     async with stack(s, workers=0) as run:
         handles = []
         for i in range(2):
@@ -219,7 +220,7 @@ async def test_long_generation_is_not_redelivered(nats_url: str) -> None:
         sim={"decode_a_ms": 100.0},
     )
     async with stack(s, workers=1) as run:
-        client = Client(await __import__("nats").connect(nats_url), s)
+        client = Client(await nats.connect(nats_url), s)
         t0 = time.monotonic()
         chunks, final = await collect(client, req("long", max_tokens=40))
         assert time.monotonic() - t0 > 3.0
@@ -246,7 +247,7 @@ async def test_requests_wait_for_capacity_and_batch_when_deep(nats_url: str) -> 
                 await asyncio.sleep(0.002)
 
         watcher = asyncio.create_task(watch())
-        client = Client(await __import__("nats").connect(nats_url), s)
+        client = Client(await nats.connect(nats_url), s)
         res = await asyncio.gather(*(collect(client, req(f"cap{i}", max_tokens=6)) for i in range(80)))
         watcher.cancel()
         await client.close()

@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 from nats.aio.client import Client as NATS
 
-from bus.outcome import StoredPublisher, error_reply
+from bus.outcome import StoredPublisher, cancelled_final, error_reply
 from schemas.codec import encode
 from schemas.messages import (
     ErrorCode,
@@ -228,17 +228,6 @@ async def run_item(ctx: ServeContext, item: WorkItem) -> None:
 
 async def finish_cancelled(ctx: ServeContext, item: WorkItem) -> None:
     """Final(cancelled) for an item cancelled before it ran."""
-    now = time.time() * 1000
-    t0 = item.enqueued_ms or now
-    final = Final(
-        request_id=item.request.request_id,
-        finish_reason=FinishReason.CANCELLED,
-        usage=Usage(completion_tokens=len(item.resume_token_ids)),
-        timings=Timings(queue_ms=max(0.0, now - t0), e2e_ms=max(0.0, now - t0)),
-        text=item.resume_text,
-        chunks=item.next_seq,
-        workers=[*item.served_by, ctx.worker_id],
-        ts_ms=now,
-    )
+    final = cancelled_final(item, ctx.worker_id)
     ctx.stats["cancelled"] += 1
     await ctx.publish_terminal(item, final)
