@@ -42,9 +42,9 @@ sys.path.insert(0, str(ROOT))
 
 from bus.provision import ensure_streams  # noqa: E402
 from bus.server import EmbeddedNats  # noqa: E402
-from bus.settings import load_settings  # noqa: E402
 from schemas.codec import encode  # noqa: E402
 from schemas.messages import Request  # noqa: E402
+from schemas.settings import load_settings  # noqa: E402
 
 console = Console()
 PROMPT = "hello world " * 4

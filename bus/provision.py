@@ -20,8 +20,8 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError, NotFoundError
 
-from bus.settings import Settings, StreamSettings
 from schemas.messages import PRIORITIES, Priority, Role
+from schemas.settings import Settings, StreamSettings
 from schemas.subjects import Subjects, consumer_for_priority, consumer_for_work
 
 log = logging.getLogger("cplane.provision")
@@ -92,7 +92,7 @@ def request_consumer_config(settings: Settings, subjects: Subjects, p: Priority)
         filter_subject=subjects.requests_of(p),
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=o.ack_wait_s,
-        max_deliver=o.max_deliver,
+        max_deliver=-1,  # the orchestrator dead-letters at o.max_deliveries itself
         max_ack_pending=max(o.hold_per_priority * 4, 1024),
         max_waiting=512,
     )

@@ -29,9 +29,9 @@ from nats.errors import MaxPayloadError, NoRespondersError
 from nats.js.api import DeliverPolicy
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
-from bus.settings import Settings, load_settings
 from schemas.codec import encode, final_decoder, output_decoder
 from schemas.messages import ErrorReply, Final, Priority, Request, TokenChunk
+from schemas.settings import Settings, load_settings
 from schemas.subjects import DEFAULT_SLO_CLASS, Subjects
 
 log = logging.getLogger("cplane.client")

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bus.settings import DEFAULT_NATS_URL, Settings, load_settings
+from schemas.settings import DEFAULT_NATS_URL, Settings, load_settings
 
 
 def _url_default() -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from schemas.messages import Heartbeat, Role
+from schemas.messages import Heartbeat, Role, WorkerState
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +64,7 @@ class Registry:
     def observe(self, hb: Heartbeat, now_ms: float) -> bool:
         """Record a heartbeat; True when the fleet's shape changed (new, gone, capacity)."""
         prev = self._latest.get(hb.worker_id)
-        if hb.state == "stopped":
+        if hb.state == WorkerState.STOPPED:
             self._latest.pop(hb.worker_id, None)
             return prev is not None
         self._latest[hb.worker_id] = (hb, now_ms)
@@ -79,7 +79,7 @@ class Registry:
     def snapshot(self, now_ms: float) -> FleetView:
         workers = []
         for hb, seen in self._latest.values():
-            if now_ms - seen > self.timeout_ms or hb.state != "ready":
+            if now_ms - seen > self.timeout_ms or hb.state != WorkerState.READY:
                 continue
             workers.append(
                 WorkerView(

@@ -37,7 +37,6 @@ from bus.outcome import StoredPublisher, cancelled_final, error_reply
 from bus.provision import ensure_request_consumers, ensure_streams
 from bus.puller import Puller
 from bus.recent import RecentIds
-from bus.settings import Settings
 from orchestrator.fleet import FleetView, Registry
 from orchestrator.intake import Rejection, admit
 from orchestrator.pd_decision import PdConfig, decide
@@ -45,6 +44,7 @@ from orchestrator.policy import PolicyConfig, QueueView, get_policy
 from orchestrator.routing import choose_target
 from schemas.codec import encode, heartbeat_decoder
 from schemas.messages import PRIORITIES, ErrorCode, Role, WorkBatch, WorkItem
+from schemas.settings import Settings
 from schemas.subjects import ANY_TARGET, consumer_for_priority
 
 log = logging.getLogger("cplane.orchestrator")

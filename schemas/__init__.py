@@ -6,6 +6,7 @@ from schemas.messages import (
     WIRE_TYPES,
     Cancel,
     ChatMessage,
+    DeadLetter,
     ErrorCode,
     ErrorReply,
     Final,
@@ -19,6 +20,7 @@ from schemas.messages import (
     TokenChunk,
     Usage,
     WorkBatch,
+    WorkerState,
     WorkItem,
 )
 from schemas.subjects import Subjects
@@ -29,6 +31,7 @@ __all__ = [
     "WIRE_TYPES",
     "Cancel",
     "ChatMessage",
+    "DeadLetter",
     "ErrorCode",
     "ErrorReply",
     "Final",
@@ -44,4 +47,5 @@ __all__ = [
     "Usage",
     "WorkBatch",
     "WorkItem",
+    "WorkerState",
 ]

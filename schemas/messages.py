@@ -57,6 +57,25 @@ class ErrorCode(enum.StrEnum):
     OVERLOADED = "overloaded"
     ENGINE_ERROR = "engine_error"
     INTERNAL = "internal"
+    # Delivered `max_deliveries` times without an outcome (a request that keeps
+    # crashing the orchestrator, work that keeps crashing workers); evidence on
+    # `llm.dlq.<stream>.<seq>`.
+    DEAD_LETTER = "dead_letter"
+    # Its workers died `max_migrations` times mid-generation; retryable.
+    WORKER_FAILED = "worker_failed"
+    # No live worker served the model within the wait bound; retryable.
+    MODEL_UNAVAILABLE = "model_unavailable"
+    # max_tokens, prompt size or body size above the configured limits.
+    TOO_LARGE = "too_large"
+
+
+class WorkerState(enum.StrEnum):
+    """`Heartbeat.state`: only READY workers get work."""
+
+    READY = "ready"
+    DRAINING = "draining"  # finishing what it holds, taking nothing new
+    UNHEALTHY = "unhealthy"  # its engine died or keeps failing; takes nothing new
+    STOPPED = "stopped"  # last heartbeat: forget it at once
 
 
 class Base(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
@@ -128,6 +147,10 @@ class WorkItem(Base, frozen=True, kw_only=True):
     ttft_ms: float | None = None  # set by the prefill for the decode's Final
     prompt_tokens: int | None = None
     orchestrator_id: str = ""
+    # The orchestrator could not rule out an earlier dispatch of this request
+    # (its message was redelivered): the worker looks for a stored terminal and
+    # streamed chunks (LLM_DONE, LLM_OUT) before it runs it.
+    redispatched: bool = False
 
 
 class WorkBatch(Base, frozen=True, kw_only=True):
@@ -208,7 +231,7 @@ class Heartbeat(Base, frozen=True, kw_only=True):
     prefix_hit_rate: float = 0.0  # 0..1
     prompt_tokens_per_s: float = 0.0
     gen_tokens_per_s: float = 0.0
-    state: str = "ready"  # ready | draining | stopped
+    state: WorkerState = WorkerState.READY
     ts_ms: float = 0.0
     started_ms: float = 0.0
 
@@ -218,6 +241,22 @@ class Cancel(Base, frozen=True, kw_only=True):
 
     request_id: str = ""
     reason: str = ""
+
+
+class DeadLetter(Base, frozen=True, kw_only=True):
+    """Evidence of a message taken out of a stream, on `llm.dlq.<stream>.<seq>` (LLM_DLQ).
+
+    The request it belonged to (when one could be read) got an ErrorReply.
+    """
+
+    stream: str
+    seq: int  # stream sequence of the message taken out
+    subject: str  # subject it was published to
+    reason: str
+    deliveries: int = 0
+    request_id: str = ""
+    data: bytes = b""  # its body (base64 in JSON), cut to `max_dead_letter_bytes`
+    ts_ms: float = 0.0
 
 
 Output = TokenChunk | Final | ErrorReply
@@ -231,4 +270,5 @@ WIRE_TYPES: dict[str, type[Any]] = {
     "ErrorReply": ErrorReply,
     "Heartbeat": Heartbeat,
     "Cancel": Cancel,
+    "DeadLetter": DeadLetter,
 }

@@ -9,17 +9,23 @@ Subjects (defaults; the prefix is configurable through `Subjects(prefix=...)`):
 | `llm.out.<group>.<request_id>`       | TokenChunk                   | LLM_OUT  |
 | `llm.done.<group>.<request_id>`      | Final or ErrorReply          | LLM_DONE |
 | `llm.hb.<worker_id>`                 | Heartbeat (core NATS)        | —        |
-| `llm.cancel.<request_id>`            | Cancel (core NATS)           | —        |
+| `llm.cancel.<request_id>`            | Cancel (captured)            | LLM_CANCEL |
+| `llm.dlq.<stream>.<seq>`             | DeadLetter                   | LLM_DLQ  |
 | `llm.admin.<verb>`                   | request/reply control        | —        |
 
 `group` is `i` for interactive requests and the batch job id for batch ones.
 Undecodable requests (no request id recoverable) get their ErrorReply on
-`llm.done.invalid.<stream_sequence>`.
+`llm.done.invalid.seq<stream_sequence>`.
+
+Work targets: `any` (the role's whole pool), `m-<model key>` (every worker
+of the role that serves that model: hand-offs, hand-backs and mixed-model
+pools keep the model), or one worker id.
 """
 
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass
 
 from schemas.messages import PRIORITIES, Priority, Role
@@ -28,6 +34,9 @@ INTERACTIVE_GROUP = "i"
 INVALID_GROUP = "invalid"
 ANY_TARGET = "any"
 DEFAULT_SLO_CLASS = "standard"
+MODEL_TARGET_PREFIX = "m-"
+# Groups a request may not name: they are the system's own output subjects.
+RESERVED_GROUPS = frozenset({INVALID_GROUP, "any", "all", "admin", "sys"})
 
 # Subject tokens cannot hold these; ids that do are refused at the door.
 _BAD_TOKEN = re.compile(r"[\s.*>]")
@@ -36,6 +45,18 @@ _BAD_TOKEN = re.compile(r"[\s.*>]")
 def valid_token(token: str) -> bool:
     """True when `token` can be one subject token (non-empty, no dots or wildcards)."""
     return 0 < len(token) <= 256 and _BAD_TOKEN.search(token) is None
+
+
+def model_target(model: str) -> str:
+    """The work target of one model's pool: `m-<readable part>-<crc32>` (a valid token).
+
+    Model names hold `/` and `.`; the readable part keeps what a subject token
+    can carry, the checksum keeps distinct names apart.
+    """
+    if not model:
+        return ANY_TARGET
+    readable = re.sub(r"[^A-Za-z0-9_-]", "_", model)[-48:]
+    return f"{MODEL_TARGET_PREFIX}{readable}-{zlib.crc32(model.encode()):08x}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +133,22 @@ class Subjects:
     def cancel_all(self) -> str:
         return f"{self.prefix}.cancel.*"
 
+    def dead_letter(self, stream: str, seq: int) -> str:
+        return f"{self.prefix}.dlq.{stream}.{seq}"
+
+    @property
+    def dead_letters_all(self) -> str:
+        return f"{self.prefix}.dlq.>"
+
+    def is_own(self, subject: str) -> bool:
+        """True for any subject of this system (`<prefix>.` ...): never a reply_to."""
+        return subject == self.prefix or subject.startswith(self.prefix + ".")
+
+    @property
+    def leases_bucket(self) -> str:
+        """KV bucket of the orchestrator leader lease."""
+        return f"{self.prefix}_leases"
+
     def admin(self, verb: str) -> str:
         return f"{self.prefix}.admin.{verb}"
 
@@ -135,9 +172,12 @@ __all__ = [
     "DEFAULT_SLO_CLASS",
     "INTERACTIVE_GROUP",
     "INVALID_GROUP",
+    "MODEL_TARGET_PREFIX",
     "PRIORITIES",
+    "RESERVED_GROUPS",
     "Subjects",
     "consumer_for_priority",
     "consumer_for_work",
+    "model_target",
     "valid_token",
 ]

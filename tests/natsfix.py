@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import msgspec
 
 from bus.server import EmbeddedNats
-from bus.settings import Settings, load_settings
+from schemas.settings import Settings, load_settings
 
 
 def _docker_answers() -> bool:

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from bus.settings import Settings
 from orchestrator.service import Orchestrator
+from schemas.settings import Settings
 from workers.engines.base import Engine
 from workers.engines.sim import SimEngine
 from workers.runtime import Worker

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from bus.settings import load_settings
+from schemas.settings import load_settings
 
 
 def test_defaults_need_no_file() -> None:
     s = load_settings(env={})
     assert s.nats.url == "nats://127.0.0.1:4222"
-    assert s.streams.req.name == "LLM_REQ" and s.streams.out.storage == "memory"
+    assert s.streams.req.name == "LLM_REQ" and s.streams.out.storage == "file"
     assert s.orchestrator.policy == "priority"
     assert s.subjects.request("high", "x") == "llm.req.high.x"
 

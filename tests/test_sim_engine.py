@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from bus.settings import SimSettings
 from schemas.messages import FinishReason
+from schemas.settings import SimSettings
 from workers.engines.base import Delta, Engine, EngineInputError, EngineRequest
 from workers.engines.sim import SimEngine, token_text
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bus.settings import Settings
+from schemas.settings import Settings
 from workers.engines.base import Engine
 from workers.engines.sim import SimEngine
 

@@ -29,9 +29,9 @@ from bus.outcome import StoredPublisher
 from bus.provision import delete_work_consumer, ensure_streams, ensure_work_consumer
 from bus.puller import Puller
 from bus.recent import RecentIds
-from bus.settings import Settings
 from schemas.codec import encode, work_decoder
-from schemas.messages import Heartbeat, Role, WorkItem
+from schemas.messages import Heartbeat, Role, WorkerState, WorkItem
+from schemas.settings import Settings
 from schemas.subjects import ANY_TARGET
 from workers.engines.base import Engine
 from workers.serve import ServeContext, finish_cancelled, run_item
@@ -60,7 +60,7 @@ class Worker:
         self._cancelled = RecentIds(100_000)
         self._pullers: list[Puller] = []
         self._started_ms = time.time() * 1000
-        self._state = "ready"
+        self._state = WorkerState.READY
         self.ctx: ServeContext | None = None
 
     # -- lifecycle ------------------------------------------------------------
@@ -99,7 +99,7 @@ class Worker:
             await asyncio.gather(*tasks, return_exceptions=True)
             await cancel_sub.unsubscribe()
             await hb_sub.unsubscribe()
-            self._state = "stopped"
+            self._state = WorkerState.STOPPED
             await self._publish_heartbeat()
             await delete_work_consumer(js, self.settings, self.role, self.worker_id)
             if self._own_nc:
@@ -107,7 +107,7 @@ class Worker:
                 await nc.close()
 
     async def _drain(self) -> None:
-        self._state = "draining"
+        self._state = WorkerState.DRAINING
         for puller in self._pullers:
             await puller.stop()
         await self._publish_heartbeat()
@@ -131,7 +131,7 @@ class Worker:
     def _room_msgs(self) -> int:
         """Work messages we can take now; a message may carry up to max_batch items."""
         free = self.settings.worker.capacity - len(self._items)
-        if free <= 0 or self._state != "ready":
+        if free <= 0 or self._state is not WorkerState.READY:
             return 0
         return max(1, free // max(1, self.settings.orchestrator.max_batch))
 

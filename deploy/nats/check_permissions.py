@@ -48,8 +48,8 @@ from bus.provision import (  # noqa: E402
     ensure_work_consumer,
 )
 from bus.server import free_port, nats_server_binary  # noqa: E402
-from bus.settings import load_settings  # noqa: E402
 from schemas.messages import Role  # noqa: E402
+from schemas.settings import load_settings  # noqa: E402
 
 PASSWORDS = {
     "CPLANE_CLIENT_PASSWORD": "client-pw",

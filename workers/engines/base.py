@@ -22,6 +22,11 @@ class EngineInputError(ValueError):
         self.code = code  # an ErrorCode value
 
 
+class EngineDeadError(RuntimeError):
+    """The engine cannot serve anything any more (its process died): the worker
+    stops pulling, reports itself unhealthy and hands its work back."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EngineRequest:
     """What an engine needs to run one request (built from a WorkItem)."""
@@ -79,8 +84,9 @@ class Engine(Protocol):
     def generate(self, req: EngineRequest) -> AsyncIterator[Delta]:
         """Yield deltas until one carries `finish_reason`.
 
-        Raises EngineInputError for requests that can never succeed; any other
-        exception is an engine fault (the runtime reports it as retryable).
+        Raises EngineInputError for requests that can never succeed,
+        EngineDeadError when the engine is gone; any other exception is an
+        engine fault (the item is retried elsewhere, bounded).
         """
         ...
 

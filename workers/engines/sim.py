@@ -24,8 +24,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from bus.settings import SimSettings
 from schemas.messages import FinishReason
+from schemas.settings import SimSettings
 from workers.engines.base import Delta, EngineInputError, EngineRequest, EngineStats
 from workers.engines.rates import RateWindow
 

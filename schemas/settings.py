@@ -39,18 +39,41 @@ class StreamsSettings(msgspec.Struct, frozen=True, kw_only=True):
         name="LLM_REQ", max_bytes=1 << 30, max_msgs=1_000_000
     )
     work: StreamSettings = StreamSettings(name="LLM_WORK", max_bytes=1 << 30)
-    # Token chunks: memory, short-lived; long enough for a replay after a reconnect.
-    out: StreamSettings = StreamSettings(
-        name="LLM_OUT", storage="memory", max_age_s=300.0, max_bytes=1 << 30
-    )
+    # Token chunks: file storage so they survive a broker restart (a client
+    # replays, a worker taking over continues after them); short-lived.
+    out: StreamSettings = StreamSettings(name="LLM_OUT", max_age_s=300.0, max_bytes=1 << 30)
     done: StreamSettings = StreamSettings(
         name="LLM_DONE", max_age_s=7 * 86400.0, max_bytes=8 << 30
+    )
+    # Cancels are stored so a worker or orchestrator started after one honours it.
+    cancel: StreamSettings = StreamSettings(
+        name="LLM_CANCEL", max_age_s=3600.0, max_msgs=1_000_000, max_bytes=256 << 20
+    )
+    # Dead letters: evidence of messages taken out of LLM_REQ / LLM_WORK.
+    dlq: StreamSettings = StreamSettings(
+        name="LLM_DLQ", max_age_s=7 * 86400.0, max_bytes=1 << 30
     )
 
 
 class NatsSettings(msgspec.Struct, frozen=True, kw_only=True):
     url: str = DEFAULT_NATS_URL
     prefix: str = "llm"
+    # An existing stream whose configuration differs is left as it is (with a
+    # warning) unless this is set; even then a change that weakens it (fewer
+    # replicas, memory instead of file) is refused.
+    update_streams: bool = False
+
+
+class LimitsSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """What a request may ask for; checked at intake (orchestrator) and by workers."""
+
+    max_tokens: int = 32_768  # upper bound on Request.max_tokens
+    max_prompt_chars: int = 2_000_000  # text prompt / chat content, in characters
+    max_prompt_token_ids: int = 262_144  # prompt_token_ids length
+    max_stop: int = 16  # stop strings
+    # reply_to must start with one of these (never the system's own subjects).
+    reply_to_prefixes: tuple[str, ...] = ("_INBOX.",)
+    max_dead_letter_bytes: int = 65_536  # body kept as evidence in a DeadLetter
 
 
 class OrchestratorSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -61,9 +84,24 @@ class OrchestratorSettings(msgspec.Struct, frozen=True, kw_only=True):
     hold_per_priority: int = 512  # request messages held unacked per priority at most
     fetch_batch: int = 128
     fetch_timeout_s: float = 2.0
-    ack_wait_s: float = 30.0
-    in_progress_every_s: float = 10.0
-    max_deliver: int = 5
+    # Held request messages get in_progress() every `in_progress_every_s`; a
+    # crashed orchestrator's messages come back after `ack_wait_s`.
+    ack_wait_s: float = 10.0
+    in_progress_every_s: float = 3.0
+    # A request delivered this many times without an outcome is dead-lettered
+    # (ErrorReply dead_letter). Enforced here, not by the consumer's max_deliver,
+    # which would leave the message in the stream for good.
+    max_deliveries: int = 8
+    # One active orchestrator at a time: it holds a KV lease renewed every
+    # `lease_renew_s`; a standby takes over `lease_ttl_s` after the last renewal.
+    lease_ttl_s: float = 3.0
+    lease_renew_s: float = 1.0
+    # A request for a model no live worker serves waits this long (or until its
+    # deadline), then gets ErrorReply model_unavailable (retryable).
+    model_wait_s: float = 30.0
+    # Dispatched requests with no terminal seen for this long are looked up in
+    # LLM_DONE (a Final missed during a reconnect heals here).
+    reconcile_after_s: float = 5.0
     publish_window: int = 64  # work publishes in flight at most
     publish_timeout_s: float = 10.0
     # Dispatch up to capacity * (1 + headroom) so workers never idle between batches.
@@ -82,8 +120,16 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     chunk_tokens: int = 16  # flush a chunk after this many tokens...
     chunk_interval_ms: float = 5.0  # ...or this long after its first token
     heartbeat_s: float = 1.0
-    ack_wait_s: float = 30.0
-    in_progress_every_s: float = 10.0
+    # A killed worker's work comes back to the pool after `ack_wait_s`; live
+    # workers renew every `in_progress_every_s`.
+    ack_wait_s: float = 5.0
+    in_progress_every_s: float = 1.0
+    # A work item delivered more than 1 + max_migrations times (its workers
+    # died under it) ends with ErrorReply worker_failed and a dead letter.
+    max_migrations: int = 3
+    # This many engine errors in a row (or EngineDeadError) make the worker
+    # unhealthy: it stops pulling and hands its work back.
+    engine_error_limit: int = 3
     fetch_timeout_s: float = 2.0
     publish_timeout_s: float = 10.0
     drain_timeout_s: float = 30.0
@@ -115,6 +161,7 @@ class SimSettings(msgspec.Struct, frozen=True, kw_only=True):
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     nats: NatsSettings = NatsSettings()
     streams: StreamsSettings = StreamsSettings()
+    limits: LimitsSettings = LimitsSettings()
     orchestrator: OrchestratorSettings = OrchestratorSettings()
     worker: WorkerSettings = WorkerSettings()
     sim: SimSettings = SimSettings()

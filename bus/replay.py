@@ -1,0 +1,65 @@
+"""Reading back what a request already produced: its stored terminal and chunks.
+
+Used where a delivery may repeat earlier work: a redelivered request (the
+orchestrator) and a redelivered or migrated work item (the worker). One
+JetStream API round trip per message read; only redeliveries pay it.
+"""
+
+from __future__ import annotations
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from schemas.codec import chunk_decoder, final_decoder
+from schemas.messages import ErrorReply, Final, TokenChunk
+from schemas.settings import Settings
+
+
+async def stored_terminal(
+    js: JetStreamContext, settings: Settings, group: str, request_id: str
+) -> Final | ErrorReply | None:
+    """The Final/ErrorReply stored for a request in LLM_DONE, or None."""
+    subject = settings.subjects.done(group, request_id)
+    try:
+        msg = await js.get_last_msg(settings.streams.done.name, subject)
+    except NotFoundError:
+        return None
+    try:
+        return final_decoder.decode(msg.data or b"")
+    except msgspec.DecodeError:
+        return None
+
+
+async def streamed_chunks(
+    js: JetStreamContext, settings: Settings, group: str, request_id: str, from_seq: int = 0,
+    limit: int = 100_000,
+) -> list[TokenChunk]:
+    """The gap-free run of chunks `from_seq, from_seq+1, ...` captured in LLM_OUT.
+
+    Where a seq was published twice, the first stored copy wins: it is the one
+    every reader took (the SDK drops a seq it has seen). The run stops at the
+    first missing seq; a worker continues after it.
+    """
+    subject = settings.subjects.out(group, request_id)
+    stream = settings.streams.out.name
+    by_seq: dict[int, TokenChunk] = {}
+    cursor = 1
+    for _ in range(limit):
+        try:
+            raw = await js.get_msg(stream, seq=cursor, subject=subject, next=True)
+        except NotFoundError:
+            break
+        cursor = (raw.seq or cursor) + 1
+        try:
+            chunk = chunk_decoder.decode(raw.data or b"")
+        except msgspec.DecodeError:
+            continue
+        if chunk.request_id == request_id and chunk.seq >= from_seq:
+            by_seq.setdefault(chunk.seq, chunk)
+    run: list[TokenChunk] = []
+    seq = from_seq
+    while seq in by_seq:
+        run.append(by_seq[seq])
+        seq += 1
+    return run
