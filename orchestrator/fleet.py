@@ -5,9 +5,12 @@ No I/O: the service feeds heartbeats in and asks for a `FleetView`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from schemas.messages import Heartbeat, Role, WorkerState
+
+POOL_UNIFIED = "unified"  # pool kinds: what a request occupies while it runs
+POOL_PD = "pd"  # prefill then decode: counted against the decode side
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,14 +28,49 @@ class WorkerView:
 
 @dataclass(frozen=True, slots=True)
 class FleetView:
-    """Live, ready workers at one instant."""
+    """Live, ready workers at one instant, indexed once by role and model."""
 
     workers: tuple[WorkerView, ...] = ()
+    _by_role: dict[Role, tuple[WorkerView, ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
+    _by_role_model: dict[tuple[Role, str], tuple[WorkerView, ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
+    _models: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_role: dict[Role, list[WorkerView]] = {}
+        by_rm: dict[tuple[Role, str], list[WorkerView]] = {}
+        for w in self.workers:
+            by_role.setdefault(w.role, []).append(w)
+            for m in w.models:
+                by_rm.setdefault((w.role, m), []).append(w)
+        object.__setattr__(self, "_by_role", {k: tuple(v) for k, v in by_role.items()})
+        object.__setattr__(self, "_by_role_model", {k: tuple(v) for k, v in by_rm.items()})
+        object.__setattr__(self, "_models", frozenset(m for w in self.workers for m in w.models))
 
     def of_role(self, role: Role, model: str = "") -> tuple[WorkerView, ...]:
-        return tuple(
-            w for w in self.workers if w.role is role and (not model or model in w.models)
-        )
+        if not model:
+            return self._by_role.get(role, ())
+        return self._by_role_model.get((role, model), ())
+
+    def whole_pool_serves(self, role: Role, model: str) -> bool:
+        """Every live worker of `role` serves `model` (so the `any` subject is exact)."""
+        return not model or len(self.of_role(role, model)) == len(self.of_role(role))
+
+    def pool_workers(self, pool: tuple[str, str]) -> tuple[WorkerView, ...]:
+        """Workers whose slots a pool's requests occupy: unified, or the decode side of PD."""
+        kind, model = pool
+        return self.of_role(Role.UNIFIED if kind == POOL_UNIFIED else Role.DECODE, model)
+
+    def pool_capacity(self, pool: tuple[str, str]) -> int:
+        kind, model = pool
+        if kind == POOL_PD:
+            return self.pd_capacity(model)
+        return self.capacity(Role.UNIFIED, model)
+
+    def pool_held(self, pool: tuple[str, str]) -> int:
+        """Items the pool's workers said they hold at their last heartbeat."""
+        return sum(w.held_items for w in self.pool_workers(pool))
 
     def capacity(self, role: Role, model: str = "") -> int:
         return sum(w.capacity for w in self.of_role(role, model))
@@ -42,7 +80,7 @@ class FleetView:
 
     @property
     def models(self) -> frozenset[str]:
-        return frozenset(m for w in self.workers for m in w.models)
+        return self._models
 
     def serves(self, model: str) -> bool:
         return not model or model in self.models

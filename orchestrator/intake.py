@@ -1,14 +1,21 @@
-"""Turning a request message into a WorkItem, or a clear rejection. Pure."""
+"""Turning a request message into a WorkItem, or a clear rejection. Pure.
+
+`admit` never raises, whatever the bytes (deep nesting, invalid UTF-8, huge
+numbers, NaN, wrong shapes): every stored request message ends in a
+WorkItem or a Rejection that the shell publishes as an ErrorReply.
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-
-import msgspec
 
 from schemas.codec import request_decoder, sniff_request_id
 from schemas.messages import PRIORITIES, ErrorCode, Priority, Request, WorkItem
-from schemas.subjects import INTERACTIVE_GROUP, INVALID_GROUP, valid_token
+from schemas.settings import LimitsSettings
+from schemas.subjects import INTERACTIVE_GROUP, INVALID_GROUP, RESERVED_GROUPS, valid_token
+
+_DEFAULT_LIMITS = LimitsSettings()
 
 _PRIORITY_BY_NAME = {p.value: p for p in PRIORITIES}
 
@@ -21,13 +28,37 @@ class Rejection:
     group: str
     code: ErrorCode
     message: str
+    reply_to: str | None = None  # a validated reply_to also gets the ErrorReply
 
 
 def _valid_subject(subject: str) -> bool:
     return all(valid_token(t) for t in subject.split("."))
 
 
-def _problem(req: Request) -> str | None:
+def _too_large(req: Request, lim: LimitsSettings) -> str | None:
+    if req.max_tokens > lim.max_tokens:
+        return f"max_tokens {req.max_tokens} is above the limit of {lim.max_tokens}"
+    chars = len(req.prompt or "") + sum(len(m.content) for m in req.messages or ())
+    if chars > lim.max_prompt_chars:
+        return f"the prompt has {chars} characters; the limit is {lim.max_prompt_chars}"
+    if req.prompt_token_ids is not None and len(req.prompt_token_ids) > lim.max_prompt_token_ids:
+        return (f"prompt_token_ids has {len(req.prompt_token_ids)} ids; the limit is "
+                f"{lim.max_prompt_token_ids}")
+    if req.stop is not None and len(req.stop) > lim.max_stop:
+        return f"{len(req.stop)} stop strings; the limit is {lim.max_stop}"
+    return None
+
+
+def _reply_to_problem(reply_to: str, lim: LimitsSettings) -> str | None:
+    if not _valid_subject(reply_to):
+        return f"reply_to {reply_to!r} is not a publishable subject"
+    if not any(reply_to.startswith(p) for p in lim.reply_to_prefixes):
+        return (f"reply_to must start with one of {list(lim.reply_to_prefixes)}, "
+                "never a subject of the system")
+    return None
+
+
+def _problem(req: Request, lim: LimitsSettings) -> str | None:
     forms = sum(x is not None for x in (req.prompt, req.prompt_token_ids, req.messages))
     if forms != 1:
         return "give exactly one of prompt, prompt_token_ids or messages"
@@ -43,33 +74,83 @@ def _problem(req: Request) -> str | None:
         return "top_p must be in (0, 1]"
     if req.parallelism_hint < 1:
         return "parallelism_hint must be at least 1"
+    if req.top_k < -1 or req.top_k == 0:
+        return "top_k must be -1 (off) or at least 1"
     if not valid_token(req.group):
         return f"group {req.group!r} is not a valid subject token"
-    if req.reply_to is not None and not _valid_subject(req.reply_to):
-        return f"reply_to {req.reply_to!r} is not a publishable subject"
+    if req.group in RESERVED_GROUPS:
+        return f"group {req.group!r} is reserved; use 'i' or a batch job id"
+    if req.reply_to is not None:
+        return _reply_to_problem(req.reply_to, lim)
     return None
+
+
+_RID = re.compile(rb'"request_id"\s*:\s*"([A-Za-z0-9_\-]{1,256})"')
+
+
+_GROUP = re.compile(rb'"group"\s*:\s*"([A-Za-z0-9_\-]{1,256})"')
+
+
+def sniff_group(data: bytes) -> str:
+    """The output group a body names, when plainly there (else interactive)."""
+    m = _GROUP.search(data[:65536])
+    group = m.group(1).decode() if m else INTERACTIVE_GROUP
+    return INTERACTIVE_GROUP if group in RESERVED_GROUPS else group
+
+
+def sniff_id(data: bytes) -> str | None:
+    """The request id of a body that cannot be decoded, when one is plainly there."""
+    try:
+        rid = sniff_request_id(data)
+    except Exception:  # RecursionError on deep nesting, invalid UTF-8...
+        rid = None
+    if rid is None:
+        m = _RID.search(data[:65536])
+        rid = m.group(1).decode() if m else None
+    return rid
+
+
+def _undecodable(data: bytes, exc: BaseException) -> Rejection:
+    rid = sniff_id(data)
+    group = INTERACTIVE_GROUP
+    if rid is None or not valid_token(rid):
+        rid, group = "", INVALID_GROUP
+    reason = str(exc)[:300] or type(exc).__name__
+    return Rejection(rid, group, ErrorCode.INVALID_REQUEST, f"invalid request: {reason}")
 
 
 def admit(
     data: bytes, subject_priority: str, subject_slo: str, stored_ms: float, now_ms: float,
-    orchestrator_id: str = "",
+    orchestrator_id: str = "", limits: LimitsSettings = _DEFAULT_LIMITS,
 ) -> WorkItem | Rejection:
-    """Validate one LLM_REQ message. The subject's priority/slo class win over the body's."""
+    """Validate one LLM_REQ message. The subject's priority/slo class win over the body's.
+
+    Never raises: bytes that are not a valid request become a Rejection.
+    """
     try:
-        req = request_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        rid = sniff_request_id(data)
-        group = INTERACTIVE_GROUP
-        if rid is None or not valid_token(rid):
-            rid, group = "", INVALID_GROUP
-        return Rejection(rid, group, ErrorCode.INVALID_REQUEST, f"invalid request: {exc}")
+        return _admit(data, subject_priority, subject_slo, stored_ms, now_ms, orchestrator_id,
+                      limits)
+    except Exception as exc:  # msgspec errors, RecursionError, UnicodeDecodeError...
+        return _undecodable(data, exc)
+
+
+def _admit(
+    data: bytes, subject_priority: str, subject_slo: str, stored_ms: float, now_ms: float,
+    orchestrator_id: str, limits: LimitsSettings,
+) -> WorkItem | Rejection:
+    req = request_decoder.decode(data)
     if not valid_token(req.request_id):
         return Rejection("", INVALID_GROUP, ErrorCode.INVALID_REQUEST,
                          f"request_id {req.request_id!r} is not a valid subject token")
-    group = req.group if valid_token(req.group) else INTERACTIVE_GROUP
-    problem = _problem(req)
+    group = (req.group if valid_token(req.group) and req.group not in RESERVED_GROUPS
+             else INTERACTIVE_GROUP)
+    problem = _problem(req, limits)
     if problem is not None:
         return Rejection(req.request_id, group, ErrorCode.INVALID_REQUEST, problem)
+    reply_to = req.reply_to
+    too_large = _too_large(req, limits)
+    if too_large is not None:
+        return Rejection(req.request_id, group, ErrorCode.TOO_LARGE, too_large, reply_to)
     priority = _PRIORITY_BY_NAME.get(subject_priority) or req.priority or Priority.NORMAL
     return WorkItem(
         request=req,

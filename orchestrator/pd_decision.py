@@ -33,7 +33,11 @@ def estimate_prompt_tokens(req: Request) -> int:
 
 def decide(req: Request, fleet: FleetView, cfg: PdConfig) -> Role | None:
     """The role to dispatch to, or None when no live pool serves the request now."""
-    model = req.model
+    return choose_role(req.model, estimate_prompt_tokens(req), fleet, cfg)
+
+
+def choose_role(model: str, prompt_tokens: int, fleet: FleetView, cfg: PdConfig) -> Role | None:
+    """`decide` over what the snapshot carries: the model and the prompt's length."""
     has_unified = bool(fleet.of_role(Role.UNIFIED, model))
     has_pd = bool(fleet.of_role(Role.PREFILL, model)) and bool(fleet.of_role(Role.DECODE, model))
     if not has_pd:
@@ -42,6 +46,6 @@ def decide(req: Request, fleet: FleetView, cfg: PdConfig) -> Role | None:
         return Role.PREFILL
     if cfg.mode == "always":
         return Role.PREFILL
-    if cfg.mode == "auto" and estimate_prompt_tokens(req) >= cfg.min_prompt_tokens:
+    if cfg.mode == "auto" and prompt_tokens >= cfg.min_prompt_tokens:
         return Role.PREFILL
     return Role.UNIFIED

@@ -1,16 +1,18 @@
-"""The orchestrator service: the imperative shell around policy, PD decision and fleet.
+"""The orchestrator service: the imperative shell around the ledger and `plan_dispatch`.
 
-- One durable pull consumer per priority on LLM_REQ, each with a fetch
-  outstanding, filling a bounded per-priority hold queue (JetStream has no
-  per-message priority; holding lets the policy choose among what is held).
-- A dispatch loop that, whenever the fleet has room, asks the policy for the
-  next requests, packs them into WorkBatch messages (one request alone goes
-  out at once; a deep queue goes out in batches of up to `max_batch`), and
-  acks the request messages only after JetStream acked the work publish.
-- Held messages get `in_progress()` so ack_wait never expires under them.
-- Room = fleet capacity (from heartbeats) * (1 + headroom) - requests in
-  flight; a request leaves "in flight" when its Final/ErrorReply appears on
-  `llm.done.>` (read from the subject, never decoded).
+Table of contents:
+- `run`: connect, provision, follow heartbeats / terminals / cancels, and
+  compete for the leader lease (orchestrator/lease.py). Only the leader
+  pulls requests; a standby takes over within `lease_ttl_s`.
+- `_on_request`: one LLM_REQ delivery -> dead letter, rejection, duplicate,
+  re-check of a redelivery (orchestrator/recheck.py), or a HELD ledger entry.
+- `_dispatch_step`: snapshot -> `plan_dispatch` -> apply the plan: publish
+  each batch (Nats-Msg-Id from its request ids, retried with the same id
+  until JetStream answers), then ack its requests; publish each rejection,
+  then ack.
+- `_on_done`: a request's terminal frees its pool slot (ledger).
+- `_ticker`: in_progress() for held messages, reconcile slots whose
+  terminal was missed (LLM_DONE lookup), wake dispatch for aging/expiry.
 """
 
 from __future__ import annotations
@@ -18,47 +20,65 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import logging
 import time
 import uuid
-from collections import deque
 from collections.abc import Coroutine
-from dataclasses import dataclass
-from itertools import islice
+from dataclasses import asdict
 from typing import Any
 
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.errors import APIError, NoStreamResponseError
 
+from bus.cancels import CancelBook
 from bus.connect import connect
-from bus.jsmeta import stored_ms, stream_seq
-from bus.outcome import StoredPublisher, cancelled_final, error_reply
+from bus.jsmeta import delivered, stored_ms, stream_seq
+from bus.outcome import StoredPublisher, cancelled_final
 from bus.provision import ensure_request_consumers, ensure_streams
 from bus.puller import Puller
 from bus.recent import RecentIds
-from orchestrator.fleet import FleetView, Registry
+from bus.replay import stored_terminal
+from orchestrator.dispatch import (
+    Batch,
+    DispatchConfig,
+    DispatchPlan,
+    Pending,
+    QueueSnapshot,
+    free_slots,
+    plan_dispatch,
+)
+from orchestrator.fleet import Registry
 from orchestrator.intake import Rejection, admit
-from orchestrator.pd_decision import PdConfig, decide
-from orchestrator.policy import PolicyConfig, QueueView, get_policy
-from orchestrator.routing import choose_target
+from orchestrator.lease import LeaderLease
+from orchestrator.ledger import Entry, Ledger, RequestState
+from orchestrator.outcomes import Outcomes, Recheck, recheck
+from orchestrator.pd_decision import PdConfig, estimate_prompt_tokens
+from orchestrator.policy import PolicyConfig, get_policy
+from orchestrator.stats import OrchestratorStats
 from schemas.codec import encode, heartbeat_decoder
-from schemas.messages import PRIORITIES, ErrorCode, Role, WorkBatch, WorkItem
+from schemas.messages import PRIORITIES, WorkBatch, WorkItem
 from schemas.settings import Settings
-from schemas.subjects import ANY_TARGET, consumer_for_priority
+from schemas.subjects import consumer_for_priority
 
 log = logging.getLogger("cplane.orchestrator")
-
-
-@dataclass(slots=True, eq=False)
-class Held:
-    msg: Msg
-    item: WorkItem
-    arrival_ms: float
+_PUBLISH_RETRY_S = 0.5
 
 
 def now_ms() -> float:
     return time.time() * 1000
+
+
+def batch_msg_id(batch: Batch) -> str:
+    """Deterministic per content: a retried or repeated publish of the same batch is one."""
+    h = hashlib.blake2b(digest_size=12)
+    h.update(batch.role.value.encode())
+    for rid in batch.request_ids:
+        h.update(b"\0" + rid.encode())
+    return f"w:{h.hexdigest()}"
 
 
 class Orchestrator:
@@ -67,258 +87,394 @@ class Orchestrator:
         o = settings.orchestrator
         self.id = o.orchestrator_id or f"orch-{uuid.uuid4().hex[:8]}"
         self.subjects = settings.subjects
-        self.policy = get_policy(o.policy)
-        self.policy_cfg = PolicyConfig(aging_s=o.aging_s)
-        self.pd_cfg = PdConfig(mode=o.pd_mode, min_prompt_tokens=o.pd_min_prompt_tokens)
+        self.cfg = DispatchConfig(
+            policy=get_policy(o.policy), policy_cfg=PolicyConfig(aging_s=o.aging_s),
+            pd=PdConfig(mode=o.pd_mode, min_prompt_tokens=o.pd_min_prompt_tokens),
+            headroom=o.headroom, max_batch=o.max_batch, model_wait_ms=o.model_wait_s * 1000)
         self.registry = Registry(timeout_ms=o.worker_timeout_s * 1000)
-        self._queues: list[deque[Held]] = [deque() for _ in PRIORITIES]
-        self._held_by_id: dict[str, Held] = {}
+        self.ledger = Ledger(len(PRIORITIES))
+        self.stats = OrchestratorStats()
+        self._seen = RecentIds(o.dedup_cache)  # ids dispatched or finished: served once
         self._pullers: list[Puller] = []
-        self._inflight: dict[str, Role] = {}
-        self._sent_since_hb: dict[str, int] = {}  # worker id -> items sent it since its heartbeat
-        self._seen = RecentIds(o.dedup_cache)
-        self._cancelled = RecentIds(100_000)
         self._wake = asyncio.Event()
         self._publish_slots = asyncio.Semaphore(o.publish_window)
         self._tasks: set[asyncio.Task[None]] = set()
         self._nc = nc
         self._own_nc = nc is None
+        self._js: JetStreamContext
         self._store: StoredPublisher
-        self.counters = {
-            "accepted": 0, "rejected": 0, "duplicates": 0, "dispatched": 0,
-            "batches": 0, "cancelled": 0, "publish_failures": 0, "pd": 0,
-        }
+        self._out: Outcomes
+        self._cancels: CancelBook
+        self.lease: LeaderLease | None = None
+
+    @property
+    def leading(self) -> bool:
+        return self.lease is not None and self.lease.leading
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return asdict(self.stats)
 
     # -- lifecycle ------------------------------------------------------------
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
-        nc = self._nc or await connect(self.settings.nats.url, self.id)
+        o = self.settings.orchestrator
+        nc = self._nc or await connect(self.settings.nats.url, self.id,
+                                       on_reconnect=self._on_reconnect)
         self._nc = nc
-        js = nc.jetstream(publish_async_max_pending=8000)
-        self._store = StoredPublisher(nc, self.settings.orchestrator.publish_timeout_s)
-        await ensure_streams(js, self.settings)
-        await ensure_request_consumers(js, self.settings)
+        self._js = nc.jetstream(publish_async_max_pending=8000)
+        self._store = StoredPublisher(nc, o.publish_timeout_s)
+        self._out = Outcomes(nc, self._store, self.settings)
+        await ensure_streams(self._js, self.settings)
+        await ensure_request_consumers(self._js, self.settings)
         subs = [
             await nc.subscribe(self.subjects.heartbeats_all, cb=self._on_heartbeat),
             await nc.subscribe(self.subjects.done_all, cb=self._on_done),
-            await nc.subscribe(self.subjects.cancel_all, cb=self._on_cancel),
         ]
-        o = self.settings.orchestrator
-        for level, p in enumerate(PRIORITIES):
-            puller = Puller(
-                nc, self.settings.streams.req.name, consumer_for_priority(p), self._on_request,
-                room=functools.partial(self._hold_room, level),
-                expires_s=o.fetch_timeout_s, max_batch=o.fetch_batch,
-            )
-            await puller.start()
-            self._pullers.append(puller)
+        self._cancels = CancelBook(nc, self.settings, on_cancel=self._on_cancel)
+        await self._cancels.start()
+        self.lease = LeaderLease(self._js, self.subjects.leases_bucket, self.id,
+                                 ttl_s=o.lease_ttl_s, renew_s=o.lease_renew_s,
+                                 on_change=self._on_leadership)
+        lease_stop = asyncio.Event()
         loops = [asyncio.create_task(self._dispatch_loop(), name="dispatch"),
-                 asyncio.create_task(self._ticker(), name="ticker")]
-        log.info("orchestrator %s consuming (policy=%s)", self.id, o.policy)
+                 asyncio.create_task(self._ticker(), name="ticker"),
+                 asyncio.create_task(self.lease.run(lease_stop), name="lease")]
         await nc.publish(self.subjects.heartbeat_request, b"")  # workers answer at once
+        log.info("orchestrator %s up (policy=%s)", self.id, o.policy)
         if ready is not None:
             ready.set()
         try:
             await stop.wait()
         finally:
-            for puller in self._pullers:
-                await puller.stop()
-            for t in loops:
+            lease_stop.set()  # steps down (naks what it holds) and releases the lease
+            await asyncio.gather(loops[2], return_exceptions=True)
+            for t in loops[:2]:
                 t.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
-            if self._tasks:  # let in-flight work publishes finish and ack
-                await asyncio.wait(self._tasks, timeout=o.publish_timeout_s)
-            for held in list(self._held_by_id.values()):
-                with contextlib.suppress(Exception):
-                    await held.msg.nak()  # another replica takes it at once
+            await self._cancels.stop()
             for s in subs:
                 with contextlib.suppress(Exception):
                     await s.unsubscribe()
             if self._own_nc:
-                await nc.flush()
+                with contextlib.suppress(Exception):
+                    await nc.flush()
                 await nc.close()
+
+    async def _on_reconnect(self) -> None:
+        """After a broker restart: streams and consumers back, cancels sent meanwhile."""
+        await ensure_streams(self._js, self.settings)
+        await ensure_request_consumers(self._js, self.settings)
+        await self._cancels.load()
+        self._wake.set()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    # -- leadership ------------------------------------------------------------
+    async def _on_leadership(self, leading: bool) -> None:
+        if leading:
+            await self._start_pulling()
+            self._wake.set()
+        else:
+            await self._stop_pulling()
+
+    async def _start_pulling(self) -> None:
+        assert self._nc is not None
+        o = self.settings.orchestrator
+        await ensure_request_consumers(self._js, self.settings)
+        for level, p in enumerate(PRIORITIES):
+            puller = Puller(
+                self._nc, self.settings.streams.req.name, consumer_for_priority(p),
+                self._on_request, room=functools.partial(self._hold_room, level),
+                expires_s=o.fetch_timeout_s, max_batch=o.fetch_batch,
+            )
+            await puller.start()
+            self._pullers.append(puller)
+
+    async def _stop_pulling(self) -> None:
+        """Stop taking requests; finish publishes in flight; hand held ones back at once."""
+        pullers, self._pullers = self._pullers, []
+        for puller in pullers:
+            await puller.stop()
+        if self._tasks:
+            timeout = self.settings.orchestrator.publish_timeout_s
+            await asyncio.wait(set(self._tasks), timeout=timeout)
+        for e in list(self.ledger.entries(RequestState.HELD)):
+            self.ledger.transition(e, None)
+            for m in (e.msg, *e.extra_msgs):
+                with contextlib.suppress(Exception):
+                    await m.nak()  # the next leader gets it without waiting for ack_wait
+
     # -- intake ----------------------------------------------------------------
     def _hold_room(self, level: int) -> int:
-        return self.settings.orchestrator.hold_per_priority - len(self._queues[level])
+        return self.settings.orchestrator.hold_per_priority - self.ledger.held_count(level)
 
     async def _on_request(self, msg: Msg) -> None:
-        await self._intake(msg)
+        try:
+            await self._intake(msg)
+        except Exception:  # never let one message stop the puller; it is redelivered
+            log.exception("intake failed; the message will be redelivered")
         self._wake.set()
 
     async def _intake(self, msg: Msg) -> None:
+        seq, deliveries = stream_seq(msg.reply), delivered(msg.reply)
+        if not self.leading:
+            await msg.nak()
+            return
+        if deliveries > self.settings.orchestrator.max_deliveries:
+            self.stats.dead_letters += 1
+            self._spawn(self._out.dead_letter_request(msg, seq, deliveries, self._known),
+                        "dead-letter")
+            return
         prio, slo = self.subjects.parse_request(msg.subject)
-        arrival = stored_ms(msg.reply)
-        result = admit(msg.data, prio, slo, arrival, now_ms(), self.id)
+        result = admit(msg.data, prio, slo, stored_ms(msg.reply), now_ms(), self.id,
+                       self.settings.limits)
         if isinstance(result, Rejection):
-            self.counters["rejected"] += 1
-            self._spawn(self._reject(msg, result), "reject")
+            self.stats.rejected += 1
+            self._spawn(self._out.reject(msg, seq, result, self._known), "reject")
             return
         rid = result.request.request_id
-        if rid in self._inflight or rid in self._held_by_id or not self._seen.add(rid):
-            # Same request_id published twice without Nats-Msg-Id (or after the
-            # dedup window): it is served once.
-            self.counters["duplicates"] += 1
-            await msg.term()
+        entry = self.ledger.get(rid)
+        if entry is not None:
+            if entry.seq == seq:  # a redelivery of a message we hold: keep the newest handle
+                entry.msg = msg
+            elif entry.state in (RequestState.HELD, RequestState.DISPATCHING):
+                entry.extra_msgs.append(msg)  # the same id published twice: acked with it
+                self.stats.duplicates += 1
+            else:
+                self.stats.duplicates += 1
+                await msg.ack()
             return
-        held = Held(msg=msg, item=result, arrival_ms=arrival)
-        if rid in self._cancelled:
-            self._spawn(self._finish_cancelled(held), "cancel")
+        if rid in self._seen:
+            self.stats.duplicates += 1
+            await msg.ack()
             return
-        level = result.priority.level
-        self._queues[level].append(held)
-        self._held_by_id[rid] = held
-        self.counters["accepted"] += 1
+        entry = Entry(item=result, seq=seq, arrival_ms=result.enqueued_ms, held_ms=now_ms(),
+                      msg=msg)
+        if deliveries > 1:  # an earlier delivery may have been dispatched: look first
+            self._spawn(self._recheck(entry), "recheck")
+            return
+        await self._hold(entry)
 
-    async def _reject(self, msg: Msg, rej: Rejection) -> None:
-        assert self._nc is not None
-        rid = rej.request_id or f"seq{stream_seq(msg.reply) if msg.reply else 0}"
-        err = error_reply(rid, rej.code, rej.message)
-        log.info("rejected %s: %s", rid, rej.message)
-        try:
-            await self._store.publish_terminal(self._nc, self.subjects, rej.group, err)
-        except Exception as exc:
-            log.warning("could not publish rejection of %s: %s", rid, exc)
-            await msg.nak(delay=1.0)
-            return
-        await msg.term()
+    def _known(self, request_id: str) -> bool:
+        """A live or recently finished request: a rejection must not become its terminal."""
+        return request_id in self.ledger or request_id in self._seen
 
-    async def _finish_cancelled(self, held: Held) -> None:
-        assert self._nc is not None
-        req = held.item.request
-        await self._store.publish_terminal(
-            self._nc, self.subjects, req.group, cancelled_final(held.item), req.reply_to
-        )
-        self.counters["cancelled"] += 1
-        await held.msg.ack()
+    async def _recheck(self, entry: Entry) -> None:
+        found = await recheck(self._js, self.settings, entry.item.request)
+        if found is Recheck.NOT_FOUND:
+            entry.redispatched = True
+            if entry.request_id not in self.ledger:
+                await self._hold(entry)
+            return
+        # Finished, or streaming on a worker (its work message migrates if that
+        # worker dies): the request message has done its job.
+        self.stats.redeliveries_settled += 1
+        self._seen.add(entry.request_id)
+        await entry.msg.ack()
+
+    async def _hold(self, entry: Entry) -> None:
+        self.ledger.transition(entry, RequestState.HELD)
+        self.stats.accepted += 1
+        if entry.request_id in self._cancels:
+            await self._finish_cancelled(entry)
+
+    async def _finish_cancelled(self, entry: Entry) -> None:
+        self.ledger.transition(entry, RequestState.FINISHING)
+        self.stats.cancelled += 1
+        self._spawn(self._finish(entry, cancelled_final(entry.item)), "cancel")
+
+    async def _finish(self, entry: Entry, terminal: Any) -> None:
+        """Publish our own terminal for a held request, then ack; on failure JetStream retries."""
+        ok = await self._out.terminal(entry.item.request, terminal)
+        if ok:
+            self._seen.add(entry.request_id)
+        for m in (entry.msg, *entry.extra_msgs):
+            with contextlib.suppress(Exception):
+                await (m.ack() if ok else m.nak(delay=1.0))
+        self.ledger.transition(entry, None)
 
     # -- dispatch --------------------------------------------------------------
-    def room(self, fleet: FleetView) -> int:
-        o = self.settings.orchestrator
-        cap = fleet.capacity(Role.UNIFIED) + fleet.pd_capacity()
-        return int(cap * (1 + o.headroom)) - len(self._inflight)
-
     async def _dispatch_loop(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            if not self.leading or not self.ledger.held_count():
+                continue
             try:
-                await self._dispatch_ready()
+                await self._apply(self._plan())
             except Exception:
                 log.exception("dispatch step failed")
 
-    def _take(self, k: int) -> list[Held]:
-        """Pop up to k held requests in the policy's order."""
-        now = now_ms()
-        view = QueueView(tuple([h.arrival_ms for h in islice(q, k)] for q in self._queues))
-        taken = []
-        for level in self.policy(view, k, now, self.policy_cfg):
-            held = self._queues[level].popleft()
-            del self._held_by_id[held.item.request.request_id]
-            taken.append(held)
+    def _plan(self) -> DispatchPlan:
+        t = now_ms()
+        fleet = self.registry.snapshot(t)
+        # What each pool holds: our own ledger, or, after a takeover, what the
+        # workers report holding (work a previous leader dispatched), whichever is more.
+        in_flight = {pool: max(self.ledger.in_flight(pool), fleet.pool_held(pool))
+                     for pool in free_slots(fleet, {}, 0.0)}
+        room = sum(max(0, f) for f in free_slots(fleet, in_flight, self.cfg.headroom).values())
+        k = room + 16
+        levels = tuple(tuple(self._pending(e) for e in self.ledger.held_heads(level, k))
+                       for level in range(len(PRIORITIES)))
+        return plan_dispatch(QueueSnapshot(levels, in_flight), fleet, self.cfg, now_ms=t)
+
+    @staticmethod
+    def _pending(e: Entry) -> Pending:
+        req = e.item.request
+        deadline = e.arrival_ms + req.slo_deadline_ms if req.slo_deadline_ms else None
+        return Pending(request_id=e.request_id, level=e.level, arrival_ms=e.arrival_ms,
+                       held_ms=e.held_ms, model=req.model,
+                       prompt_tokens=estimate_prompt_tokens(req), deadline_ms=deadline,
+                       redispatched=e.redispatched)
+
+    async def _apply(self, plan: DispatchPlan) -> None:
+        for rej in plan.rejections:
+            entry = self.ledger.get(rej.request_id)
+            if entry is None or entry.state is not RequestState.HELD:
+                continue
+            self.ledger.transition(entry, RequestState.FINISHING)
+            self.stats.rejected += 1
+            err = self._out.error(rej.request_id, rej.code, rej.message, rej.retryable)
+            self._spawn(self._finish(entry, err), "reject")
+        for batch in plan.batches:
+            entries = [e for rid in batch.request_ids if (e := self.ledger.get(rid)) is not None
+                       and e.state is RequestState.HELD]
+            if not entries:
+                continue
+            for e in entries:
+                self.ledger.transition(e, RequestState.DISPATCHING, batch.pool)
+            await self._publish_slots.acquire()
+            self._spawn(self._publish_batch(batch, entries), "publish")
         for puller in self._pullers:
             puller.poke()
-        return taken
 
-    async def _dispatch_ready(self) -> None:
-        fleet = self.registry.snapshot(now_ms())
-        room = self.room(fleet)
-        if room <= 0 or not self._held_by_id:
-            return
-        by_dest: dict[tuple[Role, str], list[Held]] = {}
-        keep: list[Held] = []
-        for held in self._take(room):
-            req = held.item.request
-            if fleet.workers and not fleet.serves(req.model):
-                self._spawn(self._reject(held.msg, Rejection(
-                    req.request_id, req.group, ErrorCode.UNKNOWN_MODEL,
-                    f"no worker serves model {req.model!r}; served: {sorted(fleet.models)}",
-                )), "reject")
-                continue
-            role = decide(req, fleet, self.pd_cfg)
-            target = None if role is None else choose_target(
-                req.model, role, fleet, self._sent_since_hb
-            )
-            if role is None or target is None:  # no live pool for this model right now
-                keep.append(held)
-                continue
-            if target != ANY_TARGET:
-                self._sent_since_hb[target] = self._sent_since_hb.get(target, 0) + 1
-            by_dest.setdefault((role, target), []).append(held)
-        for held in reversed(keep):  # back to the front, in order
-            self._queues[held.item.priority.level].appendleft(held)
-            self._held_by_id[held.item.request.request_id] = held
-        size = max(1, min(self.settings.orchestrator.max_batch, fleet.max_worker_capacity()))
-        for (role, target), items in by_dest.items():
-            for i in range(0, len(items), size):
-                batch = items[i : i + size]
-                for held in batch:
-                    self._inflight[held.item.request.request_id] = role
-                await self._publish_slots.acquire()
-                self._spawn(self._publish_batch(role, target, batch), "publish")
-
-    async def _publish_batch(self, role: Role, target: str, batch: list[Held]) -> None:
-        t = now_ms()
-        items = [msgspec.structs.replace(h.item, role=role, dispatched_ms=t) for h in batch]
-        data = encode(WorkBatch(items=items))
+    async def _publish_batch(self, batch: Batch, entries: list[Entry]) -> None:
         try:
-            await self._store.publish(self.subjects.work(role, target), data)
-        except Exception as exc:
-            # Not dispatched: JetStream redelivers the requests shortly.
-            log.warning("work publish failed (%d requests back to the queue): %s", len(batch), exc)
-            self.counters["publish_failures"] += 1
-            for held in batch:
-                self._inflight.pop(held.item.request.request_id, None)
-                self._seen.discard(held.item.request.request_id)
-                await held.msg.nak(delay=1.0)
-            return
+            stored = await self._store_batch(batch, entries)
         finally:
             self._publish_slots.release()
-        for held in batch:
-            await held.msg.ack()
-        self.counters["dispatched"] += len(batch)
-        self.counters["batches"] += 1
-        if role is Role.PREFILL:
-            self.counters["pd"] += len(batch)
+        if not stored:  # refused, so not stored: plan them again
+            for e in entries:
+                self.ledger.transition(e, RequestState.HELD)
+            self._wake.set()
+            return
+        for e in entries:
+            for m in (e.msg, *e.extra_msgs):
+                with contextlib.suppress(Exception):
+                    await m.ack()
+            self._seen.add(e.request_id)
+            self.ledger.transition(e, RequestState.DISPATCHED)
+            e.dispatched_ms = now_ms()
+            if e.terminal_seen:  # its Final raced our ack (zero-cost engines)
+                self.ledger.transition(e, None)
+        self.stats.dispatched += len(entries)
+        self.stats.batches += 1
+        if batch.role.value == "prefill":
+            self.stats.pd += len(entries)
+
+    async def _store_batch(self, batch: Batch, entries: list[Entry]) -> bool:
+        """True once JetStream stored the batch; False when it refused it (not stored).
+
+        A timeout is no answer: the batch may be stored. Retry with the same
+        Nats-Msg-Id (JetStream keeps one copy) while we lead, within the
+        duplicate window; a request is never published under two ids at once.
+        """
+        t = now_ms()
+        items = [msgspec.structs.replace(e.item, role=batch.role, dispatched_ms=t,
+                                         redispatched=e.redispatched) for e in entries]
+        data = encode(WorkBatch(items=items))
+        subject = self.subjects.work(batch.role, batch.target)
+        msg_id = batch_msg_id(batch)
+        window_s = self.settings.streams.work.duplicate_window_s
+        deadline = time.monotonic() + window_s / 2
+        while True:
+            try:
+                await self._store.publish(subject, data, msg_id)
+                return True
+            except NoStreamResponseError:  # the stream vanished with the broker's store
+                with contextlib.suppress(Exception):
+                    await ensure_streams(self._js, self.settings)
+            except APIError as exc:  # refused (stream full...): not stored
+                log.warning("work publish refused (%d requests stay held): %s", len(entries), exc)
+                self.stats.publish_failures += 1
+                return False
+            except Exception as exc:  # timeout / disconnected: unknown, retry the same id
+                self.stats.publish_retries += 1
+                log.debug("work publish unanswered, retrying: %s", exc)
+            if time.monotonic() > deadline:
+                for e in entries:  # past half the dedup window: redispatch alone, checked
+                    e.redispatched = True
+                return False
+            await asyncio.sleep(_PUBLISH_RETRY_S)
 
     # -- subscriptions ---------------------------------------------------------
     async def _on_heartbeat(self, msg: Msg) -> None:
         try:
             hb = heartbeat_decoder.decode(msg.data)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, msgspec.ValidationError):
             return
-        self._sent_since_hb.pop(hb.worker_id, None)  # its heartbeat counts them now
         if self.registry.observe(hb, now_ms()):
             self._wake.set()
 
     async def _on_done(self, msg: Msg) -> None:
-        if self._inflight.pop(self.subjects.last_token(msg.subject), None) is not None:
+        entry = self.ledger.get(self.subjects.last_token(msg.subject))
+        if entry is None:
+            return
+        if entry.state is RequestState.DISPATCHED:
+            self.ledger.transition(entry, None)
             self._wake.set()
+        elif entry.state is RequestState.DISPATCHING:
+            entry.terminal_seen = True
 
-    async def _on_cancel(self, msg: Msg) -> None:
-        rid = self.subjects.last_token(msg.subject)
-        self._cancelled.add(rid)
-        held = self._held_by_id.pop(rid, None)
-        if held is not None:  # not dispatched yet: it never runs
-            self._queues[held.item.priority.level].remove(held)
-            self._spawn(self._finish_cancelled(held), "cancel")
+    async def _on_cancel(self, request_id: str) -> None:
+        entry = self.ledger.get(request_id)
+        if entry is not None and entry.state is RequestState.HELD:  # never runs
+            await self._finish_cancelled(entry)
 
+    # -- housekeeping ----------------------------------------------------------
     async def _ticker(self) -> None:
-        """Wakes dispatch for aging and worker expiry; keeps held messages alive."""
         o = self.settings.orchestrator
-        last_progress = time.monotonic()
+        last_progress = last_reconcile = time.monotonic()
         while True:
             await asyncio.sleep(0.25)
-            if self.registry.expire(now_ms()):
-                live = len(self.registry.snapshot(now_ms()).workers)
-                log.info("workers expired; %d live workers left", live)
+            t = now_ms()
+            if self.registry.expire(t):
+                log.info("workers expired; %d live", len(self.registry.snapshot(t).workers))
             self._wake.set()
-            if time.monotonic() - last_progress >= o.in_progress_every_s:
-                last_progress = time.monotonic()
-                for held in list(self._held_by_id.values()):
+            mono = time.monotonic()
+            if mono - last_progress >= o.in_progress_every_s:
+                last_progress = mono
+                await self._keep_alive()
+            if mono - last_reconcile >= 1.0:
+                last_reconcile = mono
+                await self._reconcile(t)
+
+    async def _keep_alive(self) -> None:
+        for e in list(self.ledger.entries()):
+            if e.state in (RequestState.HELD, RequestState.DISPATCHING):
+                for m in (e.msg, *e.extra_msgs):
                     with contextlib.suppress(Exception):
-                        await held.msg.in_progress()
+                        await m.in_progress()
+
+    async def _reconcile(self, t: float, limit: int = 64) -> None:
+        """Free the slots of dispatched requests whose terminal we missed (a reconnect)."""
+        after = self.settings.orchestrator.reconcile_after_s * 1000
+        due = [e for e in self.ledger.entries(RequestState.DISPATCHED)
+               if t - max(e.dispatched_ms, e.checked_ms) > after][:limit]
+        for e in due:
+            e.checked_ms = t
+            try:
+                term = await stored_terminal(self._js, self.settings, e.item.request.group,
+                                             e.request_id)
+            except Exception:
+                return
+            if term is not None and e.state is RequestState.DISPATCHED:
+                self.stats.reconciled += 1
+                self.ledger.transition(e, None)
+                self._wake.set()
+
+
+__all__ = ["Orchestrator", "WorkItem"]

@@ -243,7 +243,7 @@ async def test_requests_wait_for_capacity_and_batch_when_deep(nats_url: str) -> 
         async def watch() -> None:
             nonlocal peak
             while True:
-                peak = max(peak, len(orch._inflight))
+                peak = max(peak, sum(orch.ledger.in_flight_by_pool().values()))
                 await asyncio.sleep(0.002)
 
         watcher = asyncio.create_task(watch())
@@ -279,14 +279,21 @@ async def test_heartbeats_report_load(nats_url: str, nc: NATS) -> None:
     assert beats[-1].state == "stopped"
 
 
-async def test_unknown_model_gets_error(nats_url: str, nc: NATS) -> None:
-    s = isolated_settings(nats_url, sim={"zero_cost": True})
-    async with stack(s, workers=1):
-        await asyncio.sleep(0.1)
+async def test_absent_model_waits_then_gets_retryable_error(nats_url: str, nc: NATS) -> None:
+    # A model no worker serves waits model_wait_s (a rolling restart), then
+    # gets the retryable model_unavailable; a worker that appears in time serves it.
+    s = isolated_settings(nats_url, sim={"zero_cost": True}, orchestrator={"model_wait_s": 1.0})
+    async with stack(s, workers=1) as run:
         client = Client(nc, s)
+        t0 = time.monotonic()
         h = await client.submit(req("nomodel", model="gpt-17"))
         term = await h.terminal(timeout=10)
-        assert isinstance(term, ErrorReply) and term.code == "unknown_model"
+        assert isinstance(term, ErrorReply) and term.code == "model_unavailable"
+        assert term.retryable and time.monotonic() - t0 >= 1.0
+        late = await client.submit(req("late-model", model="m-late"))
+        await start_worker(s, run, worker_id="w-late", model="m-late")
+        final = await late.result(timeout=10)
+        assert final.workers == ["w-late"]
 
 
 async def test_mixed_models_go_to_workers_that_serve_them(nats_url: str, nc: NATS) -> None:

@@ -1,0 +1,102 @@
+"""One active orchestrator at a time: a leader lease in a JetStream KV bucket.
+
+The bucket's entries live `ttl_s` after their last write. The leader
+renews its entry every `renew_s` (a compare-and-set on the revision it
+wrote last); a standby tries `create` every `renew_s`, which succeeds only
+once the entry is gone (expired, or deleted by a leader stepping down
+gracefully). Fencing: a leader that has not renewed for `ttl_s - renew_s`
+steps down by itself, before any standby can acquire the lease, so two
+replicas never dispatch at the same time (see docs/replicas.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+log = logging.getLogger("cplane.lease")
+LEASE_KEY = "orchestrator"
+OnChange = Callable[[bool], Awaitable[None]]
+
+
+async def lease_bucket(js: JetStreamContext, bucket: str, ttl_s: float) -> KeyValue:
+    try:
+        return await js.key_value(bucket)
+    except BucketNotFoundError:
+        return await js.create_key_value(KeyValueConfig(
+            bucket=bucket, history=1, ttl=ttl_s, storage=StorageType.FILE))
+
+
+class LeaderLease:
+    def __init__(self, js: JetStreamContext, bucket: str, holder: str, *, ttl_s: float,
+                 renew_s: float, on_change: OnChange) -> None:
+        self._js = js
+        self._bucket = bucket
+        self.holder = holder
+        self.ttl_s = ttl_s
+        self.renew_s = renew_s
+        self._on_change = on_change
+        self._kv: KeyValue | None = None
+        self._revision = 0
+        self._renewed_at = 0.0  # monotonic start of the last successful write
+        self.leading = False
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Acquire, renew, and step down when fenced, until `stop`; then release."""
+        try:
+            while not stop.is_set():
+                await self._step()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.renew_s)
+        finally:
+            await self.release()
+
+    async def _step(self) -> None:
+        started = time.monotonic()
+        try:
+            if self._kv is None:
+                self._kv = await lease_bucket(self._js, self._bucket, self.ttl_s)
+            if self.leading:
+                self._revision = await asyncio.wait_for(
+                    self._kv.update(LEASE_KEY, self.holder.encode(), last=self._revision),
+                    self.renew_s)
+                self._renewed_at = started
+            else:
+                self._revision = await asyncio.wait_for(
+                    self._kv.create(LEASE_KEY, self.holder.encode()), self.renew_s)
+                self._renewed_at = started
+                await self._set(True)
+        except KeyWrongLastSequenceError:  # someone else holds it (or ours expired)
+            if self.leading:
+                log.warning("%s lost the orchestrator lease", self.holder)
+            await self._set(False)
+        except Exception as exc:  # broker away, timeout: fenced once the lease may expire
+            if self.leading and time.monotonic() - self._renewed_at > self.ttl_s - self.renew_s:
+                log.warning("%s cannot renew its lease (%s): stepping down", self.holder, exc)
+                await self._set(False)
+            else:
+                log.debug("lease step failed: %s", exc)
+            if isinstance(exc, BucketNotFoundError):  # the bucket vanished with the broker
+                self._kv = None
+
+    async def _set(self, leading: bool) -> None:
+        if leading != self.leading:
+            self.leading = leading
+            log.info("%s is %s", self.holder, "the leader" if leading else "standing by")
+            await self._on_change(leading)
+
+    async def release(self) -> None:
+        """Graceful exit: step down, then delete the entry so a standby takes over at once."""
+        was = self.leading
+        await self._set(False)
+        if was and self._kv is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._kv.delete(LEASE_KEY, last=self._revision), 2.0)

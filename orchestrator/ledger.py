@@ -1,0 +1,166 @@
+"""The request ledger: every request the orchestrator holds, in one place. Pure.
+
+Each request is an `Entry` keyed by request id, with the stream sequence of
+its LLM_REQ message and one ordered `RequestState`. `transition()` is the
+only way a state changes, and it refuses illegal moves, so "held twice",
+"dispatched after its terminal" or "acked while dispatching" cannot happen
+silently. What the orchestrator did with the message (ack, nak) is the
+shell's business; the ledger only knows what each request is waiting for.
+
+    (absent) -> HELD -> DISPATCHING -> DISPATCHED -> (removed when its terminal is seen)
+                 |          |
+                 |          +-> HELD        the work publish was refused: plan it again
+                 +-> FINISHING -> (removed) a terminal of our own (reject, cancel) is stored
+                 +-> (removed)              handed back to JetStream (nak on step-down)
+
+Capacity: every DISPATCHING or DISPATCHED entry counts against its pool
+(role class x model); `in_flight(pool)` is O(1).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from schemas.messages import WorkItem
+
+
+class RequestState(enum.IntEnum):
+    """Ordered: `state >= DISPATCHING` means the fleet has (or is getting) it."""
+
+    HELD = 1  # unacked in LLM_REQ, waiting for the plan
+    DISPATCHING = 2  # its work publish is in flight
+    DISPATCHED = 3  # work stored, request acked; waiting for its terminal
+    FINISHING = 4  # the orchestrator publishes its terminal itself (reject, cancel)
+
+
+_ALLOWED: dict[RequestState | None, frozenset[RequestState | None]] = {
+    None: frozenset({RequestState.HELD}),
+    RequestState.HELD: frozenset({RequestState.DISPATCHING, RequestState.FINISHING, None}),
+    RequestState.DISPATCHING: frozenset({RequestState.DISPATCHED, RequestState.HELD}),
+    RequestState.DISPATCHED: frozenset({None}),
+    RequestState.FINISHING: frozenset({None}),
+}
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+PoolKey = tuple[str, str]  # (role class: "unified" | "pd", model)
+
+
+@dataclass(slots=True, eq=False)
+class Entry:
+    """One request. `msg` is the shell's handle of its LLM_REQ message (opaque here)."""
+
+    item: WorkItem
+    seq: int  # LLM_REQ stream sequence
+    arrival_ms: float  # when JetStream stored it
+    held_ms: float  # when this orchestrator first held it (model-wait bound)
+    msg: Any = None
+    state: RequestState | None = None
+    pool: PoolKey | None = None  # set while DISPATCHING / DISPATCHED
+    dispatched_ms: float = 0.0
+    checked_ms: float = 0.0  # last reconcile lookup in LLM_DONE
+    redispatched: bool = False  # redelivered: an earlier dispatch cannot be ruled out
+    terminal_seen: bool = False  # its terminal arrived while its dispatch was being acked
+    extra_msgs: list[Any] = field(default_factory=list)  # duplicates acked with it
+
+    @property
+    def request_id(self) -> str:
+        return self.item.request.request_id
+
+    @property
+    def level(self) -> int:
+        return self.item.priority.level
+
+
+class Ledger:
+    def __init__(self, levels: int) -> None:
+        self._by_id: dict[str, Entry] = {}
+        self._held: list[deque[str]] = [deque() for _ in range(levels)]  # FIFO per level
+        self._held_count = [0] * levels
+        self._in_flight: dict[PoolKey, int] = {}
+
+    # -- reads ------------------------------------------------------------------
+    def get(self, request_id: str) -> Entry | None:
+        return self._by_id.get(request_id)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._by_id
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def held_count(self, level: int | None = None) -> int:
+        return sum(self._held_count) if level is None else self._held_count[level]
+
+    def in_flight(self, pool: PoolKey) -> int:
+        return self._in_flight.get(pool, 0)
+
+    def in_flight_by_pool(self) -> dict[PoolKey, int]:
+        return dict(self._in_flight)
+
+    def held_heads(self, level: int, k: int) -> list[Entry]:
+        """Up to k HELD entries of one level, oldest first (skipping stale ids)."""
+        out: list[Entry] = []
+        seen: set[str] = set()  # a request planned back to HELD appears twice
+        for rid in self._held[level]:
+            if len(out) >= k:
+                break
+            e = self._by_id.get(rid)
+            if e is not None and e.state is RequestState.HELD and rid not in seen:
+                seen.add(rid)
+                out.append(e)
+        return out
+
+    def entries(self, state: RequestState | None = None) -> Iterator[Entry]:
+        return (e for e in list(self._by_id.values()) if state is None or e.state is state)
+
+    # -- the one transition function -----------------------------------------------
+    def transition(self, entry: Entry, to: RequestState | None, pool: PoolKey | None = None
+                   ) -> None:
+        """Move `entry` to `to` (None = leave the ledger); refuses illegal moves."""
+        frm = entry.state
+        if to not in _ALLOWED[frm]:
+            raise IllegalTransition(f"{entry.request_id}: {frm!r} -> {to!r}")
+        if frm is None and entry.request_id in self._by_id:
+            raise IllegalTransition(f"{entry.request_id} is already in the ledger")
+        # leave the old state
+        if frm is RequestState.HELD:
+            self._held_count[entry.level] -= 1
+            self._compact(entry.level)
+        elif frm in (RequestState.DISPATCHING, RequestState.DISPATCHED) and entry.pool:
+            if to is not RequestState.DISPATCHED:
+                self._in_flight[entry.pool] -= 1
+                entry.pool = None
+        # enter the new one
+        if to is None:
+            self._by_id.pop(entry.request_id, None)
+        elif to is RequestState.HELD:
+            self._by_id[entry.request_id] = entry
+            self._held[entry.level].append(entry.request_id)
+            self._held_count[entry.level] += 1
+        elif to is RequestState.DISPATCHING:
+            if pool is None:
+                raise IllegalTransition(f"{entry.request_id}: dispatching needs a pool")
+            entry.pool = pool
+            self._in_flight[pool] = self._in_flight.get(pool, 0) + 1
+        entry.state = to
+
+    def _compact(self, level: int) -> None:
+        """Drop ids at the front of a level's FIFO that are no longer HELD (amortised O(1))."""
+        q = self._held[level]
+        while q:
+            e = self._by_id.get(q[0])
+            if e is not None and e.state is RequestState.HELD:
+                return
+            q.popleft()
+        if len(q) > 4 * (self._held_count[level] + 64):  # many stale ids mid-queue
+            live = (rid for rid in q
+                    if (e := self._by_id.get(rid)) is not None and e.state is RequestState.HELD)
+            self._held[level] = deque(dict.fromkeys(live))

@@ -1,0 +1,126 @@
+"""The orchestrator's own outcomes on the wire: rejections, dead letters, early terminals.
+
+Each publish goes to JetStream (LLM_DONE / LLM_DLQ) with a Nats-Msg-Id, so a
+repeat after a redelivery is stored once; the request message is acked only
+after the store (nak with a delay when the store failed: it comes back).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Callable
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from bus.outcome import StoredPublisher, error_reply
+from bus.replay import stored_terminal
+from orchestrator.intake import Rejection, sniff_group, sniff_id
+from schemas.codec import encode
+from schemas.messages import DeadLetter, ErrorCode, ErrorReply, Final, Request
+from schemas.settings import Settings
+from schemas.subjects import INVALID_GROUP, valid_token
+
+log = logging.getLogger("cplane.orchestrator")
+_RETRY_DELAY_S = 1.0
+
+
+class Recheck(enum.Enum):
+    NOT_FOUND = 0  # no trace of an earlier run: dispatch it (flagged redispatched)
+    FINISHED = 1  # a terminal is stored
+    RUNNING = 2  # chunks were streamed: a worker has (or had) it; its work migrates
+
+
+async def recheck(js: JetStreamContext, settings: Settings, req: Request) -> Recheck:
+    """What became of an earlier delivery of this request. Errors count as NOT_FOUND."""
+    with contextlib.suppress(Exception):
+        if await stored_terminal(js, settings, req.group, req.request_id) is not None:
+            return Recheck.FINISHED
+        await js.get_last_msg(settings.streams.out.name,
+                              settings.subjects.out(req.group, req.request_id))
+        return Recheck.RUNNING
+    return Recheck.NOT_FOUND
+
+
+class Outcomes:
+    def __init__(self, nc: NATS, store: StoredPublisher, settings: Settings) -> None:
+        self.nc = nc
+        self.store = store
+        self.settings = settings
+        self.subjects = settings.subjects
+
+    @staticmethod
+    def error(request_id: str, code: ErrorCode, message: str, retryable: bool = False
+              ) -> ErrorReply:
+        return error_reply(request_id, code, message, retryable)
+
+    async def terminal(self, req: Request, msg: Final | ErrorReply) -> bool:
+        """Store a terminal for a held request (and send it to its reply_to). True when stored."""
+        try:
+            await self.store.publish_terminal(self.nc, self.subjects, req.group, msg, req.reply_to)
+            return True
+        except Exception as exc:
+            log.warning("terminal of %s not stored: %s", req.request_id, exc)
+            return False
+
+    async def _settle(self, msg: Msg, publish: Callable[[], object]) -> None:
+        try:
+            await publish()  # type: ignore[misc]
+        except Exception as exc:
+            log.warning("could not store an outcome (redelivered later): %s", exc)
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=_RETRY_DELAY_S)
+            return
+        with contextlib.suppress(Exception):
+            await msg.ack()  # ack, not term: it leaves the WorkQueue stream for sure
+
+    async def reject(self, msg: Msg, seq: int, rej: Rejection, known: Callable[[str], bool]
+                     ) -> None:
+        """ErrorReply on the request's done subject, or on `llm.done.invalid.seq<N>` when
+        the body names no usable id, or an id that belongs to a live or finished request
+        (a bad copy must not become another request's terminal)."""
+        rid, group = rej.request_id, rej.group
+        if not rid or known(rid):
+            rid, group = f"seq{seq}", INVALID_GROUP
+        err = error_reply(rid, rej.code, rej.message)
+        reply_to = rej.reply_to if rid == rej.request_id else None
+        log.info("rejected %s: %s", rid, rej.message)
+
+        async def publish() -> None:
+            await self.store.publish_terminal(self.nc, self.subjects, group, err, reply_to)
+
+        await self._settle(msg, publish)
+
+    async def dead_letter_request(self, msg: Msg, seq: int, deliveries: int,
+                                  known: Callable[[str], bool]) -> None:
+        """A request delivered too often: evidence to LLM_DLQ, ErrorReply dead_letter, ack."""
+        s = self.settings
+        rid = sniff_id(msg.data) or ""
+        usable = bool(rid) and valid_token(rid) and not known(rid)
+        letter = DeadLetter(
+            stream=s.streams.req.name, seq=seq, subject=msg.subject,
+            reason=f"delivered {deliveries} times without an outcome", deliveries=deliveries,
+            request_id=rid, data=msg.data[: s.limits.max_dead_letter_bytes],
+            ts_ms=time.time() * 1000)
+        err_id, group = (rid, sniff_group(msg.data)) if usable else (f"seq{seq}", INVALID_GROUP)
+        err: ErrorReply | None = error_reply(
+            err_id, ErrorCode.DEAD_LETTER,
+            f"request taken out of {s.streams.req.name} after {deliveries} deliveries; "
+            "see the dead-letter subject")
+        if usable:
+            with contextlib.suppress(Exception):  # it finished after all: no second terminal
+                if await stored_terminal(self.nc.jetstream(), s, group, rid) is not None:
+                    err = None
+        log.warning("dead letter: %s seq %d (%s)", s.streams.req.name, seq, rid or "no id")
+
+        async def publish() -> None:
+            await self.store.publish(self.subjects.dead_letter(s.streams.req.name, seq),
+                                     encode(letter), f"dlq:{s.streams.req.name}:{seq}")
+            if err is not None:
+                await self.store.publish_terminal(self.nc, self.subjects, group, err)
+
+        await self._settle(msg, publish)
