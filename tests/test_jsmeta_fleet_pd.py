@@ -68,19 +68,20 @@ def test_pd_decision() -> None:
     assert estimate_prompt_tokens(long) == 600
 
 
-def test_routing_uses_the_pool_unless_models_are_mixed() -> None:
-    from orchestrator.routing import choose_target
+def test_pool_subject_unless_models_are_mixed() -> None:
+    from schemas.subjects import model_target, valid_token
 
     reg = Registry(timeout_ms=1000)
     reg.observe(hb("a", Role.UNIFIED, models=["m1"]), 0.0)
     reg.observe(hb("b", Role.UNIFIED, models=["m1"]), 0.0)
     one_model = reg.snapshot(0.0)
-    assert choose_target("m1", Role.UNIFIED, one_model, {}) == "any"
-    assert choose_target("", Role.UNIFIED, one_model, {}) == "any"
-    assert choose_target("m2", Role.UNIFIED, one_model, {}) is None
+    assert one_model.whole_pool_serves(Role.UNIFIED, "m1")
+    assert one_model.whole_pool_serves(Role.UNIFIED, "")
     reg.observe(hb("c", Role.UNIFIED, models=["m2"]), 0.0)
     mixed = reg.snapshot(0.0)
-    assert choose_target("m2", Role.UNIFIED, mixed, {}) == "c"
-    assert choose_target("m1", Role.UNIFIED, mixed, {}) == "a"  # tie -> lowest id
-    assert choose_target("m1", Role.UNIFIED, mixed, {"a": 3}) == "b"  # a got work since
-    assert choose_target("m1", Role.PREFILL, mixed, {}) is None
+    assert not mixed.whole_pool_serves(Role.UNIFIED, "m1")
+    assert [w.worker_id for w in mixed.of_role(Role.UNIFIED, "m2")] == ["c"]
+    assert mixed.pool_capacity(("unified", "m1")) == 8 and mixed.pool_capacity(("pd", "m1")) == 0
+    for name in ("meta-llama/Llama-3.1-8B", "a.b", "x" * 300):
+        t = model_target(name)
+        assert valid_token(t) and t.startswith("m-") and t != model_target(name + "!")
