@@ -55,6 +55,7 @@ def isolated_settings(url: str, **sections: dict[str, object]) -> Settings:
         cfg.update(sections.pop(f"stream_{key}", {}))  # type: ignore[arg-type]
     fast = {"fetch_timeout_s": 0.5}
     merged: dict[str, object] = {"streams": streams}
-    for name in ("orchestrator", "worker", "sim"):
-        merged[name] = {**(fast if name != "sim" else {}), **sections.pop(name, {})}  # type: ignore[dict-item]
+    for name in ("orchestrator", "worker", "sim", "limits"):
+        slow = name in ("sim", "limits")
+        merged[name] = {**({} if slow else fast), **sections.pop(name, {})}  # type: ignore[dict-item]
     return load_settings(env={}, nats={"url": url, "prefix": f"t{tag}"}, **merged)  # type: ignore[arg-type]
