@@ -31,19 +31,21 @@ async def stored_terminal(
         return None
 
 
-async def streamed_chunks(
+async def stored_seqs(
     js: JetStreamContext, settings: Settings, group: str, request_id: str, from_seq: int = 0,
     limit: int = 100_000,
-) -> list[TokenChunk]:
-    """The gap-free run of chunks `from_seq, from_seq+1, ...` captured in LLM_OUT.
+) -> set[int]:
+    """The chunk seqs (>= from_seq) of a request that LLM_OUT holds."""
+    return {c.seq for c in await _chunks(js, settings, group, request_id, from_seq, limit)}
 
-    Where a seq was published twice, the first stored copy wins: it is the one
-    every reader took (the SDK drops a seq it has seen). The run stops at the
-    first missing seq; a worker continues after it.
-    """
+
+async def _chunks(
+    js: JetStreamContext, settings: Settings, group: str, request_id: str, from_seq: int,
+    limit: int,
+) -> list[TokenChunk]:
     subject = settings.subjects.out(group, request_id)
     stream = settings.streams.out.name
-    by_seq: dict[int, TokenChunk] = {}
+    out: list[TokenChunk] = []
     cursor = 1
     for _ in range(limit):
         try:
@@ -56,7 +58,23 @@ async def streamed_chunks(
         except msgspec.DecodeError:
             continue
         if chunk.request_id == request_id and chunk.seq >= from_seq:
-            by_seq.setdefault(chunk.seq, chunk)
+            out.append(chunk)
+    return out
+
+
+async def streamed_chunks(
+    js: JetStreamContext, settings: Settings, group: str, request_id: str, from_seq: int = 0,
+    limit: int = 100_000,
+) -> list[TokenChunk]:
+    """The gap-free run of chunks `from_seq, from_seq+1, ...` captured in LLM_OUT.
+
+    Where a seq was published twice, the first stored copy wins: it is the one
+    every reader took (the SDK drops a seq it has seen). The run stops at the
+    first missing seq; a worker continues after it.
+    """
+    by_seq: dict[int, TokenChunk] = {}
+    for chunk in await _chunks(js, settings, group, request_id, from_seq, limit):
+        by_seq.setdefault(chunk.seq, chunk)
     run: list[TokenChunk] = []
     seq = from_seq
     while seq in by_seq:

@@ -36,28 +36,42 @@ def test_sim_implements_the_engine_protocol() -> None:
     assert isinstance(SimEngine(SimSettings()), Engine)
 
 
+def greedy(request_id: str, **kw: object) -> EngineRequest:
+    """A request whose tokens are deterministic (temperature 0)."""
+    return EngineRequest(request_id=request_id, temperature=0.0, **kw)  # type: ignore[arg-type]
+
+
 async def test_tokens_are_deterministic(engine: SimEngine) -> None:
-    a, last = await run(engine, EngineRequest(request_id="a", prompt="hello there", max_tokens=12))
-    b, _ = await run(engine, EngineRequest(request_id="b", prompt="hello there", max_tokens=12))
-    c, _ = await run(engine, EngineRequest(request_id="c", prompt="other words", max_tokens=12))
+    a, last = await run(engine, greedy("a", prompt="hello there", max_tokens=12))
+    b, _ = await run(engine, greedy("b", prompt="hello there", max_tokens=12))
+    c, _ = await run(engine, greedy("c", prompt="other words", max_tokens=12))
     assert a == b and a != c and len(a) == 12
     assert last.finish_reason is FinishReason.LENGTH and last.prompt_tokens == 2
 
 
+async def test_sampling_without_seed_differs_between_runs(engine: SimEngine) -> None:
+    a, _ = await run(engine, EngineRequest(request_id="a", prompt="hi", max_tokens=20))
+    b, _ = await run(engine, EngineRequest(request_id="b", prompt="hi", max_tokens=20))
+    assert a != b and len(a) == len(b) == 20  # 20 draws from 32k ids: equal by chance ~never
+    s1, _ = await run(engine, EngineRequest(request_id="s1", prompt="hi", max_tokens=20, seed=7))
+    s2, _ = await run(engine, EngineRequest(request_id="s2", prompt="hi", max_tokens=20, seed=7))
+    assert s1 == s2  # a seed makes sampling repeatable
+
+
 async def test_resume_continues_the_same_sequence(engine: SimEngine) -> None:
-    full, _ = await run(engine, EngineRequest(request_id="f", prompt="p q r", max_tokens=10))
-    rest, _ = await run(engine, EngineRequest(request_id="r", prompt="p q r", max_tokens=10,
-                                              resume_token_ids=full[:4]))
+    full, _ = await run(engine, greedy("f", prompt="p q r", max_tokens=10))
+    rest, _ = await run(engine, greedy("r", prompt="p q r", max_tokens=10,
+                                       resume_token_ids=full[:4]))
     assert rest == full[4:]
 
 
 async def test_prefill_then_decode_equals_unified(engine: SimEngine) -> None:
-    full, _ = await run(engine, EngineRequest(request_id="u", prompt="a b c d", max_tokens=8))
-    first, pre = await run(engine, EngineRequest(request_id="p", prompt="a b c d", max_tokens=8,
-                                                 prefill_only=True))
+    full, _ = await run(engine, greedy("u", prompt="a b c d", max_tokens=8))
+    first, pre = await run(engine, greedy("p", prompt="a b c d", max_tokens=8,
+                                          prefill_only=True))
     assert first == full[:1] and pre.kv_transfer_params is not None
-    rest, dec = await run(engine, EngineRequest(
-        request_id="d", prompt="a b c d", max_tokens=8, resume_token_ids=first,
+    rest, dec = await run(engine, greedy(
+        "d", prompt="a b c d", max_tokens=8, resume_token_ids=first,
         kv_transfer_params=pre.kv_transfer_params))
     assert first + rest == full
     assert dec.cached_prompt_tokens == 4  # the KV "moved": no prefill on the decode side
@@ -111,13 +125,15 @@ async def test_bad_prompts(engine: SimEngine) -> None:
     with pytest.raises(EngineInputError) as exc:
         await run(engine, EngineRequest(request_id="y", prompt_token_ids=[1] * 200_000))
     assert exc.value.code == "prompt_too_long"
+    with pytest.raises(EngineInputError) as exc:
+        await run(engine, EngineRequest(request_id="z", prompt="a b c d", max_prompt_tokens=3))
+    assert exc.value.code == "prompt_too_long"
 
 
 async def test_stop_strings_and_stats(engine: SimEngine) -> None:
-    ids, _ = await run(engine, EngineRequest(request_id="s", prompt="x", max_tokens=50))
+    ids, _ = await run(engine, greedy("s", prompt="x", max_tokens=50))
     text = "".join(token_text(t) for t in ids)
     word = text.split()[3]
-    ids2, last = await run(engine, EngineRequest(request_id="s2", prompt="x", max_tokens=50,
-                                                 stop=[word]))
+    ids2, last = await run(engine, greedy("s2", prompt="x", max_tokens=50, stop=[word]))
     assert last.finish_reason is FinishReason.STOP and len(ids2) < 50
     assert engine.stats().gen_tokens_per_s > 0

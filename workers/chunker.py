@@ -29,12 +29,18 @@ class ChunkStream:
         next_seq: int = 0,
         max_tokens: int = 16,
         max_age_s: float = 0.005,
+        epoch: int = 0,
     ) -> None:
         self._publish = publish
         self._subjects = subjects  # output subject, plus reply_to when asked for
         self.request_id = request_id
         self.worker_id = worker_id
         self.next_seq = next_seq
+        self.first_seq = next_seq
+        # The connection's reconnect count when this stream began: if it changed,
+        # a chunk may have died in a socket buffer and is re-sent from `sent`.
+        self.epoch = epoch
+        self.sent: list[bytes] = []  # encoded chunk first_seq + i, exactly as published
         self._max_tokens = max_tokens
         self._max_age_s = max_age_s
         self._ids: list[int] = []
@@ -101,8 +107,16 @@ class ChunkStream:
         self.token_ids.extend(ids)
         self.text_parts.append(text)
         data = encode(chunk)
+        self.sent.append(data)
         for subject in self._subjects:
             await self._publish(subject, data)
+
+    async def resend(self, seqs: list[int]) -> None:
+        """Publish chunks again, byte for byte (readers drop the seqs they have)."""
+        for seq in seqs:
+            data = self.sent[seq - self.first_seq]
+            for subject in self._subjects:
+                await self._publish(subject, data)
 
     def close(self) -> None:
         if self._timer is not None:

@@ -1,48 +1,82 @@
 """The worker service: pulls work within its capacity, serves it, heartbeats.
 
-Consumes its role's pool subject (`llm.work.<role>.any`) and its own
-(`llm.work.<role>.<worker_id>`). A work message is acked only when every
-item in it has its outcome stored (serve.run_item). While it holds a message
-it sends `in_progress()` so JetStream does not redeliver a long generation.
+Consumes its role's pool (`llm.work.<role>.any`), one pool per model it
+serves (`llm.work.<role>.m-<model>`) and its own subject
+(`llm.work.<role>.<worker_id>`). Promises:
 
-Drain (stop event): stop fetching, let held items finish for
-`drain_timeout_s`, then hand the rest back to the pool with the tokens
-streamed so far, ack, publish a last heartbeat (state=stopped), unregister.
+- A work message is acked exactly when every item in it has its outcome
+  stored (serve.py), never earlier. Held messages are keyed by stream
+  sequence; a redelivered copy of a held message replaces the Msg used for
+  the ack while its items run on; an item whose request already runs here
+  (from another message) is not started twice, and its message is acked when
+  the running one has its outcome.
+- Held messages get `in_progress()` every `in_progress_every_s`, so only a
+  dead worker's work comes back (after `ack_wait_s`).
+- A redelivered message (or an item flagged `redispatched`) is checked
+  against LLM_DONE and LLM_OUT before it runs (migrate.prepare); one
+  delivered more than 1 + max_migrations times is dead-lettered.
+- Cancels come from the stored LLM_CANCEL stream (bus.cancels.CancelBook):
+  a worker started after a cancel still honours it.
+- Engine health: EngineDeadError, or `engine_error_limit` engine errors in a
+  row, make the worker unhealthy: it stops pulling, says so in heartbeats and
+  hands every held item back to its model's pool.
+
+Drain (stop event): stop fetching, move what is queued on the worker's own
+subject to the model pools, let held items finish for `drain_timeout_s`,
+then hand the rest back with the tokens streamed so far, publish a last
+heartbeat (state=stopped) and delete the own consumer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from bus.cancels import CancelBook
 from bus.connect import connect
-from bus.jsmeta import stored_ms
+from bus.jsmeta import delivered, stored_ms, stream_seq
 from bus.outcome import StoredPublisher
 from bus.provision import delete_work_consumer, ensure_streams, ensure_work_consumer
 from bus.puller import Puller
-from bus.recent import RecentIds
 from schemas.codec import encode, work_decoder
 from schemas.messages import Heartbeat, Role, WorkerState, WorkItem
 from schemas.settings import Settings
-from schemas.subjects import ANY_TARGET
+from schemas.subjects import ANY_TARGET, model_target
+from workers.context import Outcome, ServeContext
 from workers.engines.base import Engine
-from workers.serve import ServeContext, finish_cancelled, run_item
+from workers.held import HeldMessages
+from workers.migrate import dead_letter, move_queued, prepare, store_dead_letter
+from workers.serve import finish_cancelled, hand_back, serve_item
 
 log = logging.getLogger("cplane.worker")
+_STORE_TRIES = 3  # an outcome that could not be stored is retried here before a nak
 
 
-@dataclass(slots=True)
-class _Held:
-    msg: Msg
-    remaining: int
+@dataclass(slots=True, eq=False)
+class _Job:
+    """One run of one item here; the messages that carry it wait for its outcome."""
+
+    key: int
+    item: WorkItem
+    task: asyncio.Task[None] | None = None
+    started: bool = False  # a task cancelled before it starts never runs its cleanup
+
+
+def _continues(running: WorkItem, new: WorkItem) -> bool:
+    """`new` carries `running` on (its hand-back or hand-off), rather than repeating it."""
+    return new.attempt > running.attempt or new.role is not running.role or (
+        new.next_seq > running.next_seq)
 
 
 class Worker:
@@ -55,13 +89,22 @@ class Worker:
         self.subjects = settings.subjects
         self._nc = nc
         self._own_nc = nc is None
-        self._held: dict[int, _Held] = {}
-        self._items: dict[str, asyncio.Task[None]] = {}  # request_id -> serving task
-        self._cancelled = RecentIds(100_000)
+        self._held = HeldMessages()
+        self._jobs: dict[str, _Job] = {}  # request_id -> its newest job here
+        self._job_keys = itertools.count()
+        self._cancels: CancelBook | None = None
         self._pullers: list[Puller] = []
+        self._own_durable = ""
+        self._engine_errors = 0  # in a row
+        self._background: set[asyncio.Task[Any]] = set()
+        self._moving: asyncio.Task[int] | None = None
         self._started_ms = time.time() * 1000
         self._state = WorkerState.READY
         self.ctx: ServeContext | None = None
+
+    @property
+    def state(self) -> WorkerState:
+        return self._state
 
     # -- lifecycle ------------------------------------------------------------
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
@@ -72,14 +115,17 @@ class Worker:
         js = nc.jetstream(publish_async_max_pending=4000)
         await ensure_streams(js, self.settings)
         self.ctx = ServeContext(
-            nc=nc, store=StoredPublisher(nc, ws.publish_timeout_s), engine=self.engine,
-            subjects=self.subjects, worker_id=self.worker_id, role=self.role,
-            chunk_tokens=ws.chunk_tokens, chunk_interval_s=ws.chunk_interval_ms / 1000,
+            nc=nc, js=js, settings=self.settings, store=StoredPublisher(nc, ws.publish_timeout_s),
+            engine=self.engine, worker_id=self.worker_id, role=self.role,
+            on_engine_fault=self._on_engine_fault,
         )
-        cancel_sub = await nc.subscribe(self.subjects.cancel_all, cb=self._on_cancel)
+        self._cancels = CancelBook(nc, self.settings, on_cancel=self._on_cancel)
+        await self._cancels.start()
         hb_sub = await nc.subscribe(self.subjects.heartbeat_request, cb=self._on_hb_request)
-        for target in (ANY_TARGET, self.worker_id):
+        for target in self._targets():
             durable = await ensure_work_consumer(js, self.settings, self.role, target)
+            if target == self.worker_id:
+                self._own_durable = durable
             puller = Puller(nc, self.settings.streams.work.name, durable, self._accept,
                             room=self._room_msgs, expires_s=ws.fetch_timeout_s)
             await puller.start()
@@ -94,10 +140,10 @@ class Worker:
             await stop.wait()
         finally:
             await self._drain()
-            for t in tasks:
+            for t in [*tasks, *self._background]:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await cancel_sub.unsubscribe()
+            await asyncio.gather(*tasks, *self._background, return_exceptions=True)
+            await self._cancels.stop()
             await hb_sub.unsubscribe()
             self._state = WorkerState.STOPPED
             await self._publish_heartbeat()
@@ -106,95 +152,193 @@ class Worker:
                 await nc.flush()
                 await nc.close()
 
+    def _targets(self) -> list[str]:
+        """Work subjects' targets: the role's pool, each model's pool, this worker."""
+        models = dict.fromkeys(model_target(m) for m in self.engine.models)
+        return [ANY_TARGET, *(t for t in models if t != ANY_TARGET), self.worker_id]
+
     async def _drain(self) -> None:
-        self._state = WorkerState.DRAINING
+        if self._state is WorkerState.READY:
+            self._state = WorkerState.DRAINING
         for puller in self._pullers:
             await puller.stop()
         await self._publish_heartbeat()
+        await self._move_own_queue()
         deadline = time.monotonic() + self.settings.worker.drain_timeout_s
-        while self._items and time.monotonic() < deadline:
+        while self._jobs and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if self._items and self.ctx is not None:
-            log.info("drain: handing %d unfinished items back", len(self._items))
-            self.ctx.handing_back = True
-            for task in list(self._items.values()):
-                task.cancel()
+        if self._jobs:
+            log.info("drain: handing %d unfinished items back", len(self._jobs))
+            self._hand_back_all()
         deadline = time.monotonic() + self.settings.worker.publish_timeout_s
         while self._held and time.monotonic() < deadline:  # last acks go out as items end
             await asyncio.sleep(0.01)
 
+    def _hand_back_all(self) -> None:
+        """Every running item goes back to its model's pool (except those storing
+        an outcome right now: they finish)."""
+        assert self.ctx is not None
+        self.ctx.handing_back = True
+        me = asyncio.current_task()
+        for rid, job in list(self._jobs.items()):
+            # A job not started yet hands back by itself when it starts (handing_back).
+            if job.started and job.task is not me and rid not in self.ctx.publishing:
+                assert job.task is not None
+                job.task.cancel()
+
+    async def _move_own_queue(self) -> None:
+        if self.ctx is None or not self._own_durable:
+            return
+        if self._moving is None or self._moving.done():
+            self._moving = asyncio.create_task(move_queued(self.ctx, self._own_durable))
+        try:
+            await asyncio.shield(self._moving)
+        except Exception as exc:
+            log.warning("could not move work queued for %s: %s", self.worker_id, exc)
+
+    # -- engine health ----------------------------------------------------------
+    async def _on_engine_fault(self, dead: bool) -> None:
+        """The engine failed on an item (which goes back to its pool after this)."""
+        self._engine_errors += 1
+        if dead:
+            await self._become_unhealthy("the engine is dead")
+        elif self._engine_errors >= self.settings.worker.engine_error_limit:
+            await self._become_unhealthy(f"{self._engine_errors} engine errors in a row")
+
+    async def _become_unhealthy(self, why: str) -> None:
+        """Stop pulling, say so, hand everything held back to its model's pool."""
+        if self._state is not WorkerState.READY:
+            return
+        log.error("worker %s unhealthy: %s; handing its work back", self.worker_id, why)
+        self._state = WorkerState.UNHEALTHY
+        self._hand_back_all()
+        for puller in self._pullers:  # no pull request left open: nothing comes back here
+            await puller.stop()
+        await self._publish_heartbeat()
+        self._spawn(self._move_own_queue())
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     # -- intake ----------------------------------------------------------------
     @property
     def held_items(self) -> int:
-        return len(self._items)
+        return len(self._jobs)
+
+    @property
+    def _items(self) -> dict[str, asyncio.Task[None]]:
+        """request_id -> the task serving it here (tests kill a worker through it)."""
+        return {rid: job.task for rid, job in self._jobs.items() if job.task is not None}
 
     def _room_msgs(self) -> int:
         """Work messages we can take now; a message may carry up to max_batch items."""
-        free = self.settings.worker.capacity - len(self._items)
+        free = self.settings.worker.capacity - len(self._jobs)
         if free <= 0 or self._state is not WorkerState.READY:
             return 0
         return max(1, free // max(1, self.settings.orchestrator.max_batch))
 
     async def _accept(self, msg: Msg) -> None:
+        """One delivery of a work message: start what is not running here yet."""
+        assert self.ctx is not None
+        seq, deliveries = stream_seq(msg.reply), delivered(msg.reply)
+        if self._held.refresh(seq, msg):
+            log.info("work message %d delivered again (%d) while held here", seq, deliveries)
+            return
         try:
             batch = work_decoder.decode(msg.data)
         except msgspec.DecodeError as exc:
-            log.error("undecodable work message terminated: %s", exc)
-            await msg.term()
+            log.error("undecodable work message %d dead-lettered: %s", seq, exc)
+            await store_dead_letter(self.ctx, seq=seq, subject=msg.subject, data=msg.data,
+                                    deliveries=deliveries, reason=f"undecodable: {exc}")
+            await msg.ack()
             return
-        held = _Held(msg=msg, remaining=len(batch.items))
-        key = id(msg)
-        self._held[key] = held
-        enqueued = stored_ms(msg.reply) if msg.reply else 0.0
+        over = deliveries > 1 + self.settings.worker.max_migrations
+        letter = {"seq": seq, "subject": msg.subject, "deliveries": deliveries,
+                  "data": msg.data} if over else None
+        enqueued = stored_ms(msg.reply)
+        waits: list[int] = []
+        starts: list[tuple[_Job, _Job | None, bool]] = []
         for item in batch.items:
+            rid = item.request.request_id
+            running = self._jobs.get(rid)
+            if running is not None and not _continues(running.item, item):
+                # Runs here already: its outcome settles this message too.
+                log.info("%s already runs here; message %d waits for it", rid, seq)
+                waits.append(running.key)
+                continue
             if not item.enqueued_ms:
                 item = msgspec.structs.replace(item, enqueued_ms=enqueued)
-            rid = item.request.request_id
-            if rid in self._items:  # a redelivered duplicate of work running here
-                log.info("duplicate work for %s ignored", rid)
-                await self._item_done(key)
-                continue
-            task = asyncio.create_task(self._serve(key, item), name=f"item-{rid}")
-            self._items[rid] = task
-        if not batch.items:
-            await self._item_done(key)
+            job = self._jobs[rid] = _Job(key=next(self._job_keys), item=item)
+            waits.append(job.key)
+            starts.append((job, running, deliveries > 1 or item.redispatched))
+        if not self._held.hold(seq, msg, waits):
+            await msg.ack()
+            return
+        for job, after, check in starts:
+            job.task = asyncio.create_task(self._serve(job, check, letter, after),
+                                           name=f"item-{job.item.request.request_id}")
 
-    async def _serve(self, key: int, item: WorkItem) -> None:
-        assert self.ctx is not None
-        rid = item.request.request_id
+    async def _serve(self, job: _Job, check: bool, letter: dict[str, Any] | None,
+                     after: _Job | None) -> None:
+        """Bring one item to its stored outcome, then ack what waited for it."""
+        job.started = True
+        rid = job.item.request.request_id
+        outcome: Outcome | None = None
         try:
-            if rid in self._cancelled:
-                await finish_cancelled(self.ctx, item)
-            else:
-                await run_item(self.ctx, item)
-        except Exception:
-            # The outcome could not be stored: leave the message unacked so
-            # JetStream redelivers it after ack_wait (to us or another worker).
-            log.exception("outcome of %s not stored; message will be redelivered", rid)
-            held = self._held.pop(key, None)
-            if held is not None:
-                await held.msg.nak(delay=1.0)
+            for n in range(_STORE_TRIES):
+                try:
+                    outcome = await self._attempt(job.item, check, letter, after)
+                    break
+                except Exception:
+                    log.exception("outcome of %s not stored (try %d)", rid, n + 1)
+                    if n + 1 < _STORE_TRIES:
+                        await asyncio.sleep(n + 1)
+                        check = True  # part of it may be stored: look before going on
         finally:
-            self._items.pop(rid, None)
+            if self._jobs.get(rid) is job:
+                del self._jobs[rid]
+            # No await between forgetting the job and settling its messages: a
+            # duplicate accepted in between would wait for an outcome already past.
+            msgs = self._held.drop(job.key) if outcome is None else self._held.done(job.key)
             for puller in self._pullers:
                 puller.poke()
-        await self._item_done(key)
+        if outcome in (Outcome.FINAL, Outcome.HANDOFF):
+            self._engine_errors = 0  # the engine works
+        for msg in msgs:
+            with contextlib.suppress(Exception):  # lost: redelivered, then found stored
+                await (msg.ack() if outcome is not None else msg.nak(delay=1.0))
 
-    async def _item_done(self, key: int) -> None:
-        held = self._held.get(key)
-        if held is None:
-            return
-        held.remaining -= 1
-        if held.remaining <= 0:
-            del self._held[key]
-            await held.msg.ack()
+    async def _attempt(self, item: WorkItem, check: bool, letter: dict[str, Any] | None,
+                       after: _Job | None) -> Outcome:
+        assert self.ctx is not None and self._cancels is not None
+        ctx = self.ctx
+        try:
+            if after is not None and after.task is not None:  # the run it continues ends first
+                await asyncio.wait({after.task})
+            if letter is not None:
+                return await dead_letter(ctx, item, **letter)
+            if check:
+                prepared = await prepare(ctx, item)
+                if prepared is None:
+                    return Outcome.SKIPPED
+                item = prepared
+            if item.request.request_id in self._cancels:
+                return await finish_cancelled(ctx, item)
+            return await serve_item(ctx, item)
+        except asyncio.CancelledError:
+            if not ctx.handing_back:
+                raise
+            # Cancelled outside generation (redelivery check, a flush): the next
+            # worker looks for what this one stored before it runs the item.
+            await asyncio.shield(hand_back(ctx, item, recheck=True))
+            return Outcome.HANDBACK
 
     # -- control ---------------------------------------------------------------
-    async def _on_cancel(self, msg: Msg) -> None:
-        rid = self.subjects.last_token(msg.subject)
-        self._cancelled.add(rid)
-        if rid in self._items:
-            await self.engine.abort(rid)
+    async def _on_cancel(self, request_id: str) -> None:
+        if request_id in self._jobs:
+            await self.engine.abort(request_id)
 
     async def _on_hb_request(self, msg: Msg) -> None:
         await self._publish_heartbeat()
@@ -203,9 +347,9 @@ class Worker:
         every = self.settings.worker.in_progress_every_s
         while True:
             await asyncio.sleep(every)
-            for held in list(self._held.values()):
+            for msg in self._held.msgs():
                 with contextlib.suppress(Exception):
-                    await held.msg.in_progress()
+                    await msg.in_progress()
 
     def heartbeat(self) -> Heartbeat:
         st = self.engine.stats()
@@ -239,3 +383,5 @@ class Worker:
                 await self._publish_heartbeat()
             except Exception as exc:
                 log.warning("heartbeat failed: %s", exc)
+            if self._state is WorkerState.UNHEALTHY:  # work sent here before the news spread
+                self._spawn(self._move_own_queue())

@@ -2,78 +2,36 @@
 
 Every item ends in exactly one outcome, published before the caller acks the
 work message: a Final or ErrorReply on `llm.done.<group>.<id>` (stored by
-JetStream), a decode item handed to the decode pool (prefill role), or the
-item handed back to its pool with the tokens so far (drain/migration).
+JetStream), a decode item handed to the model's decode pool (prefill role),
+or the item handed back to its model's pool with the tokens so far (drain,
+an unhealthy engine, a retryable engine fault). `run_item` returns which one
+it was, so the runtime can judge its engine's health.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
-from nats.aio.client import Client as NATS
 
-from bus.outcome import StoredPublisher, cancelled_final, error_reply
-from schemas.codec import encode
-from schemas.messages import (
-    ErrorCode,
-    ErrorReply,
-    Final,
-    FinishReason,
-    Role,
-    Timings,
-    Usage,
-    WorkBatch,
-    WorkItem,
-)
-from schemas.subjects import Subjects
+from bus.outcome import cancelled_final
+from schemas.messages import ErrorCode, Final, FinishReason, Role, Timings, Usage, WorkItem
 from workers.chunker import ChunkStream
-from workers.engines.base import Delta, Engine, EngineInputError, EngineRequest
+from workers.context import Outcome, ServeContext
+from workers.engines.base import Delta, EngineDeadError, EngineInputError, EngineRequest
 
+__all__ = ["Outcome", "ServeContext", "engine_request", "finish_cancelled", "finish_resumed",
+           "hand_back", "run_item", "serve_item"]
 log = logging.getLogger("cplane.worker")
 _ERROR_CODES = frozenset(c.value for c in ErrorCode)
 
 
-@dataclass(slots=True)
-class ServeContext:
-    """What every item needs; one per worker."""
-
-    nc: NATS
-    store: StoredPublisher
-    engine: Engine
-    subjects: Subjects
-    worker_id: str
-    role: Role
-    chunk_tokens: int = 16
-    chunk_interval_s: float = 0.005
-    handing_back: bool = False  # set while draining: cancelled items go back to the pool
-    stats: dict[str, int] = field(default_factory=lambda: {
-        "finals": 0, "errors": 0, "handoffs": 0, "handbacks": 0, "cancelled": 0,
-    })
-
-    async def publish_terminal(self, item: WorkItem, msg: Final | ErrorReply) -> None:
-        req = item.request
-        await self.store.publish_terminal(self.nc, self.subjects, req.group, msg, req.reply_to)
-        key = "finals" if isinstance(msg, Final) else "errors"
-        self.stats[key] += 1
-
-    async def publish_error(
-        self, item: WorkItem, code: ErrorCode, message: str, retryable: bool = False
-    ) -> None:
-        err = error_reply(item.request.request_id, code, message, retryable)
-        await self.publish_terminal(item, err)
-
-    async def publish_work(self, role: Role, item: WorkItem) -> None:
-        data = encode(WorkBatch(items=[item]))
-        msg_id = f"{item.request.request_id}:{role.value}:{item.attempt}:{item.next_seq}"
-        await self.store.publish(self.subjects.work(role), data, msg_id)
-
-
-def engine_request(item: WorkItem, role: Role) -> EngineRequest:
+def engine_request(ctx: ServeContext, item: WorkItem, role: Role) -> EngineRequest:
     r = item.request
     return EngineRequest(
         request_id=r.request_id,
@@ -88,6 +46,7 @@ def engine_request(item: WorkItem, role: Role) -> EngineRequest:
         seed=r.seed,
         ignore_eos=r.ignore_eos,
         priority=item.priority.level,
+        max_prompt_tokens=ctx.settings.worker.max_prompt_tokens,
         resume_token_ids=list(item.resume_token_ids),
         prefill_only=role is Role.PREFILL,
         kv_transfer_params=item.kv_transfer_params if role is Role.DECODE else None,
@@ -130,13 +89,28 @@ def _final(
 
 def _continued(ctx: ServeContext, item: WorkItem, stream: ChunkStream, **changes: Any) -> WorkItem:
     """The item as the next worker should see it: after everything streamed so far."""
+    served = item.served_by if item.served_by[-1:] == [ctx.worker_id] else [
+        *item.served_by, ctx.worker_id]
     return msgspec.structs.replace(
         item,
         resume_token_ids=[*item.resume_token_ids, *stream.token_ids],
         resume_text=item.resume_text + "".join(stream.text_parts),
         next_seq=stream.next_seq,
-        served_by=[*item.served_by, ctx.worker_id],
+        served_by=served,
         **changes,
+    )
+
+
+def _stream(ctx: ServeContext, item: WorkItem) -> ChunkStream:
+    req = item.request
+    out_subjects = [ctx.subjects.out(req.group, req.request_id)]
+    if req.reply_to:
+        out_subjects.append(req.reply_to)
+    ws = ctx.settings.worker
+    return ChunkStream(
+        ctx.nc.publish, out_subjects, req.request_id, ctx.worker_id,
+        next_seq=item.next_seq, max_tokens=ws.chunk_tokens,
+        max_age_s=ws.chunk_interval_ms / 1000, epoch=ctx.epoch,
     )
 
 
@@ -151,83 +125,171 @@ async def _hand_off_to_decode(
         stream,
         role=Role.DECODE,
         kv_transfer_params=last.kv_transfer_params or {},
-        ttft_ms=max(0.0, first_ms - t0),
+        ttft_ms=item.ttft_ms if item.ttft_ms is not None else max(0.0, first_ms - t0),
         prompt_tokens=last.prompt_tokens,
     )
     await ctx.publish_work(Role.DECODE, decode)
     ctx.stats["handoffs"] += 1
 
 
-async def hand_back(ctx: ServeContext, item: WorkItem, stream: ChunkStream) -> None:
-    """Return an unfinished item to its role's pool, resuming after what was streamed."""
+async def hand_back(
+    ctx: ServeContext, item: WorkItem, stream: ChunkStream | None = None, *,
+    recheck: bool = False,
+) -> None:
+    """Return an unfinished item to its model's pool (attempt+1), resuming after
+    what was streamed. `recheck`: the next worker must look in LLM_DONE/LLM_OUT
+    first (this one did not finish doing so)."""
+    if stream is None:
+        stream = _stream(ctx, item)
     await stream.flush()
-    back = _continued(ctx, item, stream, attempt=item.attempt + 1)
-    await ctx.publish_work(ctx.role, back)
+    back = _continued(ctx, item, stream, attempt=item.attempt + 1,
+                      redispatched=item.redispatched or recheck)
+    await ctx.publish_work(item.role, back)
     ctx.stats["handbacks"] += 1
 
 
-async def run_item(ctx: ServeContext, item: WorkItem) -> None:
-    """Serve one item to its outcome. Never raises except on a failed outcome publish."""
+async def _engine_failed(
+    ctx: ServeContext, item: WorkItem, stream: ChunkStream, exc: Exception
+) -> Outcome:
+    """Hand the item to another worker, until it ran max_attempts times."""
+    dead = isinstance(exc, EngineDeadError)
+    ctx.stats["engine_faults"] += 1
+    await stream.flush()
+    if ctx.on_engine_fault is not None:  # may stop the pulling before the item goes back
+        await ctx.on_engine_fault(dead)
+    if item.attempt < ctx.max_attempts:
+        await hand_back(ctx, item, stream)
+    else:
+        await ctx.publish_error(item, ErrorCode.ENGINE_ERROR,
+                                f"engine failed {item.attempt} times: {exc}", True)
+    return Outcome.ENGINE_DEAD if dead else Outcome.ENGINE_FAULT
+
+
+def _refused(ctx: ServeContext, item: WorkItem) -> tuple[ErrorCode, str, bool] | None:
+    """Why this worker will not run the item at all, or None."""
     req = item.request
-    role = item.role
-    out_subjects = [ctx.subjects.out(req.group, req.request_id)]
-    if req.reply_to:
-        out_subjects.append(req.reply_to)
-    stream = ChunkStream(
-        ctx.nc.publish,
-        out_subjects,
-        req.request_id,
-        ctx.worker_id,
-        next_seq=item.next_seq,
-        max_tokens=ctx.chunk_tokens,
-        max_age_s=ctx.chunk_interval_s,
-    )
-    last = Delta(token_ids=[])
-    model = req.model or ctx.engine.models[0]
+    model = ctx.model_of(item)
     if model not in ctx.engine.models:  # never answer with another model's tokens
-        await ctx.publish_error(
-            item, ErrorCode.UNKNOWN_MODEL,
-            f"worker {ctx.worker_id} serves {ctx.engine.models}, not {model!r}", True,
-        )
-        return
+        return (ErrorCode.UNKNOWN_MODEL,
+                f"worker {ctx.worker_id} serves {ctx.engine.models}, not {model!r}", True)
+    if req.max_tokens > ctx.settings.limits.max_tokens:
+        return (ErrorCode.TOO_LARGE,
+                f"max_tokens {req.max_tokens} above the limit {ctx.settings.limits.max_tokens}",
+                False)
+    limit = ctx.settings.worker.max_prompt_tokens
+    if limit > 0 and req.prompt_token_ids is not None and len(req.prompt_token_ids) > limit:
+        return (ErrorCode.PROMPT_TOO_LONG,
+                f"prompt has {len(req.prompt_token_ids)} tokens, more than {limit}", False)
+    return None
+
+
+async def _deltas(gen: AsyncIterator[Delta]) -> AsyncIterator[Delta | BaseException]:
+    """The engine's deltas, with its exception as the last element (so that a
+    failed chunk publish is never mistaken for an engine fault)."""
     try:
-        async for delta in ctx.engine.generate(engine_request(item, role)):
+        async for delta in gen:
+            yield delta
+    except (asyncio.CancelledError, GeneratorExit):
+        raise
+    except Exception as exc:
+        yield exc
+
+
+async def _close(gen: AsyncIterator[Delta]) -> None:
+    """Let the engine free the request's slot now, not when the generator is collected."""
+    aclose = getattr(gen, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()
+
+
+async def run_item(ctx: ServeContext, item: WorkItem) -> Outcome:
+    """Serve one item to its outcome; raises only when the outcome could not be
+    stored (the caller leaves the message unacked), or CancelledError when
+    cancelled outside a hand-back."""
+    req = item.request
+    refused = _refused(ctx, item)
+    if refused is not None:
+        await ctx.publish_error(item, *refused)
+        return Outcome.ERROR
+    stream = _stream(ctx, item)
+    if ctx.handing_back:
+        await hand_back(ctx, item, stream)
+        return Outcome.HANDBACK
+    last = Delta(token_ids=[])
+    model = ctx.model_of(item)
+    gen = ctx.engine.generate(engine_request(ctx, item, item.role))
+    try:
+        async for delta in _deltas(gen):
+            if isinstance(delta, EngineInputError):
+                await stream.flush()
+                code = ErrorCode(delta.code) if delta.code in _ERROR_CODES else (
+                    ErrorCode.INVALID_REQUEST)
+                await ctx.publish_error(item, code, str(delta))
+                return Outcome.ERROR
+            if isinstance(delta, Exception):
+                log.error("engine failed on %s: %r", req.request_id, delta)
+                return await _engine_failed(ctx, item, stream, delta)
+            assert isinstance(delta, Delta)
             await stream.add(delta.token_ids, delta.text)
             if delta.finish_reason is not None:
                 last = delta
-    except EngineInputError as exc:
-        await stream.flush()
-        code = ErrorCode(exc.code) if exc.code in _ERROR_CODES else ErrorCode.INVALID_REQUEST
-        await ctx.publish_error(item, code, str(exc))
-        return
     except asyncio.CancelledError:
         stream.close()
         if not ctx.handing_back:
             raise
         await asyncio.shield(hand_back(ctx, item, stream))
-        return
-    except Exception as exc:
-        log.exception("engine failed on %s", req.request_id)
-        await stream.flush()
-        await ctx.publish_error(item, ErrorCode.ENGINE_ERROR, f"engine failed: {exc}", True)
-        return
+        return Outcome.HANDBACK
     finally:
         stream.close()
+        await _close(gen)
     await stream.flush()
     if last.finish_reason is FinishReason.ABORT and ctx.handing_back:
         await hand_back(ctx, item, stream)
-        return
+        return Outcome.HANDBACK
+    return await _finish(ctx, item, stream, last, model)
+
+
+async def _finish(
+    ctx: ServeContext, item: WorkItem, stream: ChunkStream, last: Delta, model: str
+) -> Outcome:
+    req = item.request
     wants_more = len(item.resume_token_ids) + stream.tokens_sent < req.max_tokens
-    if role is Role.PREFILL and last.finish_reason is FinishReason.LENGTH and wants_more:
+    if item.role is Role.PREFILL and last.finish_reason is FinishReason.LENGTH and wants_more:
         await _hand_off_to_decode(ctx, item, stream, last)
-        return
+        return Outcome.HANDOFF
     if last.finish_reason is FinishReason.CANCELLED:
         ctx.stats["cancelled"] += 1
-    await ctx.publish_terminal(item, _final(ctx, item, stream, last, model))
+    await ctx.publish_terminal(item, _final(ctx, item, stream, last, model), stream)
+    return Outcome.FINAL
 
 
-async def finish_cancelled(ctx: ServeContext, item: WorkItem) -> None:
+async def finish_resumed(ctx: ServeContext, item: WorkItem) -> Outcome:
+    """The tokens read back already reach max_tokens: only the Final was missing."""
+    last = Delta(token_ids=[], finish_reason=FinishReason.LENGTH)
+    stream = _stream(ctx, item)
+    stream.close()
+    await ctx.publish_terminal(item, _final(ctx, item, stream, last, ctx.model_of(item)))
+    return Outcome.FINAL
+
+
+async def finish_cancelled(ctx: ServeContext, item: WorkItem) -> Outcome:
     """Final(cancelled) for an item cancelled before it ran."""
     final = cancelled_final(item, ctx.worker_id)
     ctx.stats["cancelled"] += 1
     await ctx.publish_terminal(item, final)
+    return Outcome.FINAL
+
+
+async def serve_item(ctx: ServeContext, item: WorkItem) -> Outcome:
+    """One item (after any redelivery check) to its outcome; see run_item."""
+    if len(item.resume_token_ids) >= item.request.max_tokens:
+        return await finish_resumed(ctx, item)
+    if item.role is Role.PREFILL and item.resume_token_ids:
+        # The first token is out (an earlier prefill died before handing off):
+        # the decode pool continues without transferred KV.
+        decode = msgspec.structs.replace(item, role=Role.DECODE, kv_transfer_params=None)
+        await ctx.publish_work(Role.DECODE, decode)
+        ctx.stats["handoffs"] += 1
+        return Outcome.HANDOFF
+    return await run_item(ctx, item)

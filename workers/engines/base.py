@@ -43,6 +43,9 @@ class EngineRequest:
     seed: int | None = None
     ignore_eos: bool = False
     priority: int = 2  # 0 = critical ... 4 = background
+    # Longest prompt (tokens) this worker accepts; 0 = the engine's own limit.
+    # A longer one raises EngineInputError(code="prompt_too_long").
+    max_prompt_tokens: int = 0
     # Completion tokens already streamed (migration, or the prefill's first
     # token): the engine continues after them and never repeats them.
     resume_token_ids: list[int] = field(default_factory=list)

@@ -10,13 +10,17 @@ for the modelled step time, then emits one token per sequence.
 
 Default coefficients approximate Llama-3-8B on one H100 (docs/sim-calibration.md).
 `zero_cost=True` makes every step free: the overhead benchmark's setting.
-Tokens are deterministic functions of (prompt, seed, position), so a resumed
-or repeated request produces the same tokens.
+Sampling: with `temperature == 0` or a `seed`, tokens are deterministic
+functions of (prompt, seed, position), so a resumed or repeated request
+produces the same tokens. With `temperature > 0` and no seed they are drawn
+from a fresh random generator, as real sampling is: two runs of one request
+differ, so a spliced stream (a restart instead of a continuation) shows.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import zlib
 from collections import deque
@@ -52,7 +56,8 @@ class _Seq:
     prompt_ids: list[int]
     ctx: int  # tokens in context (prompt + generated so far)
     to_generate: int  # completion tokens this engine still produces
-    key: int  # seeds the token stream
+    key: int  # seeds the token stream (deterministic sampling)
+    rng: random.Random | None  # sampling at temperature > 0 without a seed
     produced: int  # completion tokens so far, resumed ones included
     needs_prefill: bool
     cached: int = 0
@@ -127,6 +132,11 @@ class SimEngine:
     def _new_seq(self, req: EngineRequest) -> _Seq:
         prompt_ids = self._prompt_ids(req)
         resumed = len(req.resume_token_ids)
+        if 0 < req.max_prompt_tokens < len(prompt_ids):
+            raise EngineInputError(
+                f"prompt has {len(prompt_ids)} tokens, more than {req.max_prompt_tokens}",
+                code="prompt_too_long",
+            )
         if len(prompt_ids) + req.max_tokens > MAX_MODEL_LEN:
             raise EngineInputError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens exceeds {MAX_MODEL_LEN}",
@@ -134,6 +144,7 @@ class SimEngine:
             )
         to_generate = 1 if req.prefill_only else max(0, req.max_tokens - resumed)
         key = hash((zlib.crc32(str(prompt_ids).encode()), req.seed or 0))
+        sampled = req.temperature > 0 and req.seed is None
         transferred = req.kv_transfer_params is not None
         seq = _Seq(
             req=req,
@@ -141,6 +152,7 @@ class SimEngine:
             ctx=len(prompt_ids) + resumed,
             to_generate=to_generate,
             key=key,
+            rng=random.Random() if sampled else None,  # seeded from os.urandom
             produced=resumed,
             needs_prefill=not transferred,
             cached=len(prompt_ids) if transferred else 0,
@@ -238,7 +250,10 @@ class SimEngine:
         for q in self._running:
             if q.done:
                 continue
-            tid = hash((q.key, q.produced)) % self.s.vocab_size
+            if q.rng is not None:
+                tid = q.rng.randrange(self.s.vocab_size)
+            else:
+                tid = hash((q.key, q.produced)) % self.s.vocab_size
             text = token_text(tid)
             q.produced += 1
             q.ctx += 1
@@ -256,7 +271,11 @@ class SimEngine:
     def _finish_reason(self, q: _Seq, tid: int) -> FinishReason | None:
         req = q.req
         if not req.ignore_eos and self.s.eos_probability > 0:
-            if (hash((q.key, q.produced, "eos")) % 1_000_000) < self.s.eos_probability * 1e6:
+            if q.rng is not None:
+                draw = q.rng.random()
+            else:
+                draw = (hash((q.key, q.produced, "eos")) % 1_000_000) / 1e6
+            if draw < self.s.eos_probability:
                 return FinishReason.STOP
         if req.stop and not req.ignore_eos and any(s in q.text for s in req.stop):
             return FinishReason.STOP

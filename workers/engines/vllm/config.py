@@ -45,6 +45,11 @@ class VllmSettings:
     kv_connector: KvConnector | None = None
     kv_role: KvRole = "kv_both"
     kv_shared_path: str | None = None  # ExampleConnector's directory
+    # Text prompts (or chat contents) longer than this many characters are
+    # refused with prompt_too_long before they are tokenized. None: derived
+    # from the model (tokens left after max_tokens, times the characters of
+    # the longest vocabulary entry, times 2); 0: no character limit.
+    max_prompt_chars: int | None = None
     # Stats windows for EngineStats (see stats.py).
     rate_window_s: float = 5.0
     prefix_window_s: float = 60.0
@@ -64,6 +69,8 @@ class VllmSettings:
             raise ValueError("ExampleConnector needs kv_shared_path (a shared directory)")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
             raise ValueError("kv_cache_memory_bytes must be positive")
+        if self.max_prompt_chars is not None and self.max_prompt_chars < 0:
+            raise ValueError("max_prompt_chars must be >= 0 (0 = no limit)")
 
 
 def kv_transfer_config(settings: VllmSettings) -> dict[str, Any] | None:

@@ -4,18 +4,31 @@ One `AsyncLLM` per engine, driven from the caller's asyncio loop (its engine
 core runs in a child process that vLLM spawns). We tokenize every prompt
 ourselves and hand vLLM token ids, because three features need the ids:
 the length check, resume (prompt + tokens already streamed), and PD decode
-(prompt + the prefill's first token).
+(prompt + the prefill's first token). Long prompts are tokenized on a
+thread of our own, never on the loop: a multi-MB prompt takes seconds, and
+the worker's heartbeats and in-progress acks run on that loop.
+
+A dead engine core (vLLM's EngineDeadError, or an AsyncLLM that reports
+`errored`) surfaces as workers.engines.base.EngineDeadError from generate(),
+and `healthy` turns False for good.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from schemas.messages import ErrorCode, FinishReason
-from workers.engines.base import Delta, EngineInputError, EngineRequest, EngineStats
+from workers.engines.base import (
+    Delta,
+    EngineDeadError,
+    EngineInputError,
+    EngineRequest,
+    EngineStats,
+)
 from workers.engines.vllm.config import VllmSettings, build_engine_args
 from workers.engines.vllm.stats import StatsRecorder, stat_logger_factory
 
@@ -35,6 +48,14 @@ _FINISH = {
 # What a prefill hands its decode when the connector returns no params
 # (ExampleConnector finds the KV by prompt hash in the shared directory).
 CONNECTOR_KEY = "connector"
+# Prompts (text or chat contents) up to this many characters are tokenized
+# inline: a few ms at most, and their order of arrival is kept. Longer ones go
+# to the tokenizer thread so the loop keeps running.
+INLINE_TOKENIZE_CHARS = 8192
+# The derived character limit (see VllmSettings.max_prompt_chars) allows this
+# many times the characters the longest vocabulary entry could cover: a
+# margin for normalizers that shrink text (composed accents...).
+_PRECHECK_MARGIN = 2
 
 
 class VllmEngine:
@@ -48,6 +69,10 @@ class VllmEngine:
         self._llm: AsyncLLM | None = None
         self._tokenizer: Any = None
         self._max_model_len = 0
+        self._max_token_chars = 0  # longest vocabulary entry, in characters
+        self._dead = False
+        # One thread: tokenizer calls never overlap, long prompts queue in order.
+        self._tokenize_pool: ThreadPoolExecutor | None = None
         self._recorder = StatsRecorder(
             rate_window_s=settings.rate_window_s, prefix_window_s=settings.prefix_window_s
         )
@@ -64,6 +89,22 @@ class VllmEngine:
     @property
     def max_model_len(self) -> int:
         return self._max_model_len
+
+    @property
+    def healthy(self) -> bool:
+        """True while the engine is started and its engine core is alive.
+
+        Once False (the core died) it stays False: the worker should stop
+        pulling work and report itself unhealthy."""
+        if self._dead or self._llm is None:
+            return False
+        try:
+            errored = bool(self._llm.errored)
+        except Exception:  # vLLM internals gone half-way through a shutdown
+            errored = True
+        if errored:
+            self._dead = True
+        return not errored
 
     async def start(self) -> None:
         """Build the engine (seconds to minutes); idempotent."""
@@ -94,6 +135,8 @@ class VllmEngine:
         self._llm = await asyncio.to_thread(build)
         self._tokenizer = self._llm.get_tokenizer()
         self._max_model_len = self._llm.model_config.max_model_len
+        self._max_token_chars = _max_token_chars(self._tokenizer)
+        self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="vllm-tokenize")
         # Cached from here on, so submitting a request never suspends before
         # vLLM registers it (see generate: abort must never miss a request).
         await self._llm.get_supported_tasks()
@@ -113,6 +156,9 @@ class VllmEngine:
         if handler is not None:
             handler.cancel()
             await asyncio.gather(handler, return_exceptions=True)
+        pool, self._tokenize_pool = self._tokenize_pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(llm.shutdown)
 
     @property
@@ -136,21 +182,37 @@ class VllmEngine:
     async def generate(self, req: EngineRequest) -> AsyncIterator[Delta]:
         """Yield deltas until one carries finish_reason (see Engine.generate)."""
         llm = self.llm
-        if req.request_id in self._active:
-            raise EngineInputError(f"request {req.request_id} is already running")
-        prompt_ids = self._prompt_ids(req)
+        rid = req.request_id
+        if rid in self._active:
+            raise EngineInputError(f"request {rid} is already running")
+        if not self.healthy:
+            raise EngineDeadError(f"vLLM engine of {self.settings.model_name} is dead")
+        # Registered before tokenizing (which may suspend): an abort() that
+        # comes meanwhile is remembered, and the request never reaches vLLM.
+        self._active[rid] = False
+        inner = self._generate(llm, req)
+        try:
+            async for delta in inner:
+                yield delta
+        finally:
+            try:
+                await inner.aclose()  # its own cleanup now, not at GC
+            finally:
+                self._active.pop(rid, None)
+
+    async def _generate(self, llm: AsyncLLM, req: EngineRequest) -> AsyncGenerator[Delta, None]:
+        rid = req.request_id
+        prompt_ids = await self._prompt_ids(req)
         engine_ids = prompt_ids + list(req.resume_token_ids)
-        if len(engine_ids) >= self._max_model_len:
-            raise EngineInputError(
-                f"prompt has {len(engine_ids)} tokens; this model takes fewer than "
-                f"{self._max_model_len}",
-                code=ErrorCode.PROMPT_TOO_LONG,
-            )
+        self._check_length(req, len(prompt_ids), len(engine_ids), req.max_tokens)
         max_tokens = 1 if req.prefill_only else req.max_tokens - len(req.resume_token_ids)
-        if max_tokens <= 0:  # everything was streamed before a migration
+        if max_tokens <= 0 or self._active.get(rid):
+            # Everything was streamed before a migration, or aborted while
+            # the prompt was being tokenized.
+            reason = FinishReason.CANCELLED if self._active.get(rid) else FinishReason.LENGTH
             yield Delta(
                 token_ids=[],
-                finish_reason=FinishReason.LENGTH,
+                finish_reason=reason,
                 prompt_tokens=len(prompt_ids),
                 cached_prompt_tokens=0,
             )
@@ -169,10 +231,9 @@ class VllmEngine:
             if req.resume_token_ids
             else None
         )
-        rid = req.request_id
-        self._active[rid] = False
-        # No await between registering `rid` and vLLM registering the request
-        # (supported tasks are cached): an abort() can never fall in between.
+        # No await between the abort check above and vLLM registering the
+        # request (supported tasks are cached): an abort() can never fall in
+        # between.
         stream = llm.generate(tokens_input(engine_ids), params, rid, **kwargs)
         finished = False
         try:
@@ -188,13 +249,22 @@ class VllmEngine:
                     else:  # vLLM's stream ends right after its finished output
                         final = delta
             except VLLMClientError as e:  # vLLM's own input validation
-                raise EngineInputError(str(e)) from e
+                code = (
+                    ErrorCode.PROMPT_TOO_LONG
+                    if "maximum model length" in str(e)
+                    else ErrorCode.INVALID_REQUEST
+                )
+                raise EngineInputError(str(e), code=code) from e
+            except Exception as e:
+                dead = self.dead_error(e, llm)
+                if dead is not None:
+                    raise dead from e
+                raise
             if final is None:
                 raise RuntimeError(f"vLLM stream of {rid} ended without finishing")
             finished = True
             yield final
         finally:
-            self._active.pop(rid, None)
             if not finished:
                 # The consumer went away (aclose, task cancelled) or vLLM
                 # raised: free the request's KV blocks now, not at GC.
@@ -203,16 +273,93 @@ class VllmEngine:
                 with contextlib.suppress(Exception):
                     await llm.abort(rid)
 
-    def _prompt_ids(self, req: EngineRequest) -> list[int]:
-        """Token ids of the request's prompt (text, ids or chat messages)."""
+    def dead_error(self, exc: BaseException, llm: Any = None) -> EngineDeadError | None:
+        """Our EngineDeadError for `exc` when it (or the engine's state) says the
+        engine core is gone, else None (an ordinary, possibly retryable fault).
+
+        vLLM raises its own EngineDeadError once the core died; a request
+        that failed otherwise (EngineGenerateError) on an engine that now
+        reports `errored` is a death too. Marks this engine unhealthy."""
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
+
+        dead = isinstance(exc, VllmEngineDeadError)
+        if not dead and llm is not None:
+            try:
+                dead = bool(llm.errored)
+            except Exception:
+                dead = False
+        if not dead:
+            return None
+        self._dead = True
+        name = self.settings.model_name
+        return EngineDeadError(f"vLLM engine of {name} died: {type(exc).__name__}: {exc}")
+
+    def _check_length(
+        self, req: EngineRequest, prompt_len: int, engine_len: int, max_tokens: int
+    ) -> None:
+        """prompt_too_long unless the prompt is within the worker's limit and
+        prompt + max_tokens (resumed included) fits the model."""
+        if 0 < req.max_prompt_tokens < prompt_len:
+            raise EngineInputError(
+                f"prompt has {prompt_len} tokens, more than {req.max_prompt_tokens}",
+                code=ErrorCode.PROMPT_TOO_LONG,
+            )
+        limit = self._max_model_len
+        if engine_len >= limit or prompt_len + max_tokens > limit:
+            raise EngineInputError(
+                f"prompt has {prompt_len} tokens and max_tokens is {max_tokens}: "
+                f"{prompt_len + max_tokens} > {limit}, this model's max_model_len",
+                code=ErrorCode.PROMPT_TOO_LONG,
+            )
+
+    def _char_limit(self, req: EngineRequest) -> int:
+        """Most prompt characters that could still fit, or 0 for no limit."""
+        configured = self.settings.max_prompt_chars
+        if configured is not None:
+            return configured
+        if self._max_token_chars <= 0:
+            return 0
+        room = max(self._max_model_len - req.max_tokens, 0)
+        if req.max_prompt_tokens > 0:
+            room = min(room, req.max_prompt_tokens)
+        return max(room * self._max_token_chars * _PRECHECK_MARGIN, 1)
+
+    async def _prompt_ids(self, req: EngineRequest) -> list[int]:
+        """Token ids of the request's prompt (text, ids or chat messages).
+
+        Long texts are tokenized on the tokenizer thread; texts that cannot
+        fit whatever their tokens are refused without tokenizing."""
         given = [x is not None for x in (req.prompt, req.prompt_token_ids, req.messages)]
         if sum(given) != 1:
             raise EngineInputError("give exactly one of prompt, prompt_token_ids, messages")
-        tok = self._tokenizer
         if req.prompt_token_ids is not None:
             ids = list(req.prompt_token_ids)  # vLLM checks them against the vocab
-        elif req.prompt is not None:
-            ids = list(tok.encode(req.prompt))
+            if not ids:
+                raise EngineInputError("empty prompt")
+            return ids
+        if req.messages is not None and not req.messages:
+            raise EngineInputError("messages is empty")
+        chars = (
+            len(req.prompt)
+            if req.prompt is not None
+            else sum(len(m.content) + len(m.role) for m in req.messages or [])
+        )
+        limit = self._char_limit(req)
+        if limit and chars > limit:
+            raise EngineInputError(
+                f"prompt has {chars} characters; with max_tokens {req.max_tokens} this model "
+                f"(max_model_len {self._max_model_len}) takes at most {limit}",
+                code=ErrorCode.PROMPT_TOO_LONG,
+            )
+        if chars <= INLINE_TOKENIZE_CHARS or self._tokenize_pool is None:
+            return self._text_ids(req)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenize_pool, self._text_ids, req)
+
+    def _text_ids(self, req: EngineRequest) -> list[int]:
+        """Tokenize a text or chat prompt (runs on the loop or the tokenizer thread)."""
+        if req.prompt is not None:
+            ids = list(self._tokenizer.encode(req.prompt))
         else:
             ids = self._chat_ids(req)
         if not ids:
@@ -282,6 +429,19 @@ class VllmEngine:
                 CONNECTOR_KEY: self.settings.kv_connector or "none"
             }
         return delta
+
+
+def _max_token_chars(tokenizer: Any) -> int:
+    """Characters of the longest vocabulary entry (0 when unknown).
+
+    A token covers at most this many characters of text (byte-level BPE
+    entries spell one character per byte; SentencePiece ones one per
+    character), so a text of n characters has at least n / this tokens."""
+    try:
+        vocab = tokenizer.get_vocab()
+        return max((len(str(k)) for k in vocab), default=0)
+    except Exception:
+        return 0
 
 
 def _resume_echo(tokenizer: Any, engine_ids: list[int], prompt_len: int) -> str | None:

@@ -1,0 +1,151 @@
+"""What every work item's handling shares: the worker's context and the outcome kinds.
+
+One `ServeContext` per worker; `serve.py` (running an item) and `migrate.py`
+(work that may have run before) use it. Publishing helpers here store before
+they return: the caller acks a work message only after they did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from nats.aio.client import Client as NATS
+from nats.errors import ConnectionClosedError
+from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
+from nats.js.errors import NoStreamResponseError
+
+from bus.outcome import StoredPublisher, error_reply
+from bus.replay import stored_seqs
+from schemas.codec import encode
+from schemas.messages import ErrorCode, ErrorReply, Final, Role, WorkBatch, WorkItem
+from schemas.settings import Settings
+from schemas.subjects import Subjects, model_target
+from workers.chunker import ChunkStream
+from workers.engines.base import Engine
+
+log = logging.getLogger("cplane.worker")
+_RETRY_S = 0.5
+
+
+class Outcome(enum.StrEnum):
+    """What became of one item (each is stored before the message is acked)."""
+
+    FINAL = "final"  # Final published (cancelled ones included)
+    ERROR = "error"  # ErrorReply published (the request's fault, or bounds reached)
+    HANDOFF = "handoff"  # decode item published (prefill role)
+    HANDBACK = "handback"  # back to its model's pool (drain, unhealthy)
+    SKIPPED = "skipped"  # its terminal was already stored: nothing to do
+    ENGINE_FAULT = "engine_fault"  # the engine failed on it: handed back or errored
+    ENGINE_DEAD = "engine_dead"  # EngineDeadError: handed back or errored
+
+
+@dataclass(slots=True)
+class ServeContext:
+    """What every item needs; one per worker."""
+
+    nc: NATS
+    js: JetStreamContext
+    settings: Settings
+    store: StoredPublisher
+    engine: Engine
+    worker_id: str
+    role: Role
+    handing_back: bool = False  # draining or unhealthy: items go back to their pool
+    # Called when the engine fails on an item (True: EngineDeadError), before the
+    # item is handed back: the runtime judges its engine's health here.
+    on_engine_fault: Callable[[bool], Awaitable[None]] | None = None
+    publishing: set[str] = field(default_factory=set)  # ids storing an outcome: never cancel
+    stats: dict[str, int] = field(default_factory=lambda: {
+        "finals": 0, "errors": 0, "handoffs": 0, "handbacks": 0, "cancelled": 0,
+        "skipped": 0, "migrated": 0, "dead_letters": 0, "engine_faults": 0,
+    })
+
+    @property
+    def subjects(self) -> Subjects:
+        return self.settings.subjects
+
+    @property
+    def max_attempts(self) -> int:
+        """An item runs at most this many times (1 + max_migrations)."""
+        return 1 + self.settings.worker.max_migrations
+
+    def model_of(self, item: WorkItem) -> str:
+        """The model the item runs on here (a request naming none takes ours)."""
+        return item.request.model or self.engine.models[0]
+
+    @property
+    def epoch(self) -> int:
+        """Reconnects of this worker's connection so far."""
+        return int(self.nc.stats.get("reconnects", 0))
+
+    async def publish_terminal(self, item: WorkItem, msg: Final | ErrorReply,
+                               stream: ChunkStream | None = None) -> None:
+        """Store the terminal on `llm.done` (and send it to reply_to when asked).
+
+        The same bytes are retried until JetStream stores them (a broker
+        restart), for up to half the duplicate window: a live reader that got
+        a copy while the store failed sees the identical terminal again, never
+        a second, different one. When the connection dropped while `stream`
+        was streaming, chunks that never reached LLM_OUT (lost in a socket
+        buffer) are re-sent first, so the Final never counts a chunk nobody has.
+        """
+        req = item.request
+        deadline = time.monotonic() + self.settings.streams.done.duplicate_window_s / 2
+        self.publishing.add(req.request_id)
+        try:
+            while True:
+                try:
+                    if stream is not None and stream.epoch != self.epoch and stream.sent:
+                        await self._resend_lost(item, stream)
+                    await self.store.publish_terminal(self.nc, self.subjects, req.group, msg,
+                                                      req.reply_to)
+                    break
+                except (TimeoutError, NoStreamResponseError, NatsError) as exc:
+                    if isinstance(exc, ConnectionClosedError) or time.monotonic() > deadline:
+                        raise
+                    log.info("terminal of %s not stored yet (%r): retrying", req.request_id, exc)
+                    await asyncio.sleep(_RETRY_S)
+        finally:
+            self.publishing.discard(req.request_id)
+        key = "finals" if isinstance(msg, Final) else "errors"
+        self.stats[key] += 1
+
+    async def _resend_lost(self, item: WorkItem, stream: ChunkStream) -> None:
+        req = item.request
+        have = await stored_seqs(self.js, self.settings, req.group, req.request_id,
+                                 stream.first_seq)
+        lost = [q for q in range(stream.first_seq, stream.next_seq) if q not in have]
+        if lost:
+            log.info("re-sending %d chunks of %s lost in a reconnect", len(lost),
+                     req.request_id)
+            await stream.resend(lost)
+            await self.nc.flush()
+        stream.epoch = self.epoch
+
+    async def publish_error(
+        self, item: WorkItem, code: ErrorCode, message: str, retryable: bool = False
+    ) -> None:
+        err = error_reply(item.request.request_id, code, message, retryable)
+        await self.publish_terminal(item, err)
+
+    async def publish_work(self, role: Role, item: WorkItem, tag: str = "") -> None:
+        """Store `item` on its model's pool of `role`. The Nats-Msg-Id is fixed by
+        the hand-off (request, role, attempt, next_seq, tag), so a retried publish
+        is stored once."""
+        data = encode(WorkBatch(items=[item]))
+        rid = item.request.request_id
+        msg_id = f"{rid}:{role.value}:{item.attempt}:{item.next_seq}{tag}"
+        subject = self.subjects.work(role, model_target(self.model_of(item)))
+        self.publishing.add(rid)
+        try:
+            await self.store.publish(subject, data, msg_id)
+        finally:
+            self.publishing.discard(rid)
+
+

@@ -1,0 +1,131 @@
+"""Work that may have run before: redelivery checks, migration, dead letters, moves.
+
+JetStream delivers a work message again when its worker died (or went
+silent past ack_wait), and the orchestrator flags items it may have sent
+twice (`WorkItem.redispatched`). Before such an item runs, `prepare` looks
+for its stored terminal (LLM_DONE: nothing to do) and for the chunks already
+streamed (LLM_OUT: continue after them), so the client sees one gap-free,
+duplicate-free sequence whose Final.text is what was streamed.
+
+A message delivered more often than 1 + max_migrations is taken out:
+every item gets ErrorReply `worker_failed` (unless a terminal is already
+stored), the evidence a DeadLetter on `llm.dlq.<stream>.<seq>`, and only
+then is the message acked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+import msgspec
+import nats.errors
+
+from bus.replay import stored_terminal, streamed_chunks
+from schemas.codec import encode, work_decoder
+from schemas.messages import DeadLetter, ErrorCode, WorkItem
+from workers.context import Outcome, ServeContext
+
+log = logging.getLogger("cplane.worker")
+
+
+async def prepare(ctx: ServeContext, item: WorkItem) -> WorkItem | None:
+    """The item to run after an earlier run: None when its terminal is stored,
+    else the item extended with the chunks captured in LLM_OUT from its
+    `next_seq` on (tokens, text, seq and the workers that streamed them)."""
+    req = item.request
+    rid = req.request_id
+    if await stored_terminal(ctx.js, ctx.settings, req.group, rid) is not None:
+        ctx.stats["skipped"] += 1
+        log.info("%s already has its terminal: not run again", rid)
+        return None
+    chunks = await streamed_chunks(ctx.js, ctx.settings, req.group, rid, from_seq=item.next_seq)
+    if not chunks:
+        return item
+    ctx.stats["migrated"] += 1
+    served = list(item.served_by)
+    for c in chunks:
+        if c.worker_id and (not served or served[-1] != c.worker_id):
+            served.append(c.worker_id)
+    ttft = item.ttft_ms
+    t0 = item.enqueued_ms or item.dispatched_ms
+    if ttft is None and item.next_seq == 0 and t0:
+        ttft = max(0.0, chunks[0].ts_ms - t0)
+    log.info("%s continues after seq %d (%d chunks read back)", rid, chunks[-1].seq,
+             len(chunks))
+    return msgspec.structs.replace(
+        item,
+        resume_token_ids=[*item.resume_token_ids, *(t for c in chunks for t in c.token_ids)],
+        resume_text=item.resume_text + "".join(c.text for c in chunks),
+        next_seq=chunks[-1].seq + 1,
+        served_by=served,
+        ttft_ms=ttft,
+    )
+
+
+async def store_dead_letter(
+    ctx: ServeContext, *, seq: int, subject: str, deliveries: int, data: bytes, reason: str,
+    request_id: str = "",
+) -> None:
+    """Store the evidence on `llm.dlq.<stream>.<seq>` (once per message and request)."""
+    stream = ctx.settings.streams.work.name
+    letter = DeadLetter(
+        stream=stream, seq=seq, subject=subject, reason=reason, deliveries=deliveries,
+        request_id=request_id, data=data[: ctx.settings.limits.max_dead_letter_bytes],
+        ts_ms=time.time() * 1000,
+    )
+    await ctx.store.publish(ctx.subjects.dead_letter(stream, seq), encode(letter),
+                            f"dlq:{stream}:{seq}:{request_id}")
+    ctx.stats["dead_letters"] += 1
+
+
+async def dead_letter(
+    ctx: ServeContext, item: WorkItem, *, seq: int, subject: str, deliveries: int, data: bytes
+) -> Outcome:
+    """ErrorReply worker_failed (retryable) unless a terminal is stored, then the
+    DeadLetter. Raises when either could not be stored (the message stays)."""
+    req = item.request
+    limit = ctx.settings.worker.max_migrations
+    reason = f"work delivered {deliveries} times, more than 1 + max_migrations ({limit})"
+    if await stored_terminal(ctx.js, ctx.settings, req.group, req.request_id) is None:
+        await ctx.publish_error(item, ErrorCode.WORKER_FAILED,
+                                f"its workers failed: {reason}", True)
+    await store_dead_letter(ctx, seq=seq, subject=subject, deliveries=deliveries, data=data,
+                            reason=reason, request_id=req.request_id)
+    return Outcome.ERROR
+
+
+async def move_queued(ctx: ServeContext, durable: str) -> int:
+    """Move the messages still queued on `durable` (this worker's own consumer)
+    to their models' pools; each is acked after its items are stored there.
+    Returns how many items moved. Called on drain and when unhealthy, before the
+    consumer is deleted, so nothing sent to this worker is stranded."""
+    stream = ctx.settings.streams.work.name
+    psub = await ctx.js.pull_subscribe_bind(durable, stream=stream)
+    moved = 0
+    try:
+        while True:
+            try:
+                msgs = await psub.fetch(64, timeout=0.3)
+            except (TimeoutError, nats.errors.TimeoutError):
+                break
+            for msg in msgs:
+                try:
+                    batch = work_decoder.decode(msg.data)
+                except msgspec.DecodeError as exc:
+                    await store_dead_letter(ctx, seq=msg.metadata.sequence.stream,
+                                            subject=msg.subject, deliveries=0, data=msg.data,
+                                            reason=f"undecodable work message: {exc}")
+                    await msg.ack()
+                    continue
+                for item in batch.items:
+                    await ctx.publish_work(item.role, item, tag=f":moved-{ctx.worker_id}")
+                await msg.ack()
+                moved += len(batch.items)
+    finally:
+        with contextlib.suppress(Exception):
+            await psub.unsubscribe()
+    if moved:
+        log.info("moved %d queued items from %s to their model pools", moved, durable)
+    return moved
