@@ -2,16 +2,66 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 import nats
 from nats.aio.client import Client as NATS
 
 log = logging.getLogger("cplane.bus")
+OnReconnect = Callable[[], Awaitable[None]]
 
 
-async def connect(url: str, name: str, **options: object) -> NATS:
-    """Connect with settings for a long-lived service: reconnect forever, big buffers."""
+class _ReconnectHook:
+    """Runs `on_reconnect` after each reconnect, in its own task, until it succeeds.
+
+    nats-py awaits `reconnected_cb` inside its reconnect loop; running the
+    hook there would stall the connection while the hook waits on JetStream
+    (which answers 503 for a moment after a broker restart). So the hook
+    runs beside it and is retried with a growing pause (0.2 s up to 3 s)
+    until it succeeds or the connection closes. A newer reconnect replaces a
+    run still retrying.
+    """
+
+    def __init__(self, name: str, hook: OnReconnect) -> None:
+        self.name = name
+        self.hook = hook
+        self.nc: NATS | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def kick(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        self.task = asyncio.create_task(self._run(), name=f"{self.name}-on-reconnect")
+
+    async def _run(self) -> None:
+        pause = 0.2
+        while self.nc is None or not self.nc.is_closed:
+            try:
+                await self.hook()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("%s: after reconnect: %s (retrying in %.1f s)", self.name, exc, pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 3.0)
+
+
+async def connect(
+    url: str, name: str, *, on_reconnect: OnReconnect | None = None, **options: object
+) -> NATS:
+    """Connect with settings for a long-lived service: reconnect forever, big buffers.
+
+    `on_reconnect`, when given, is awaited after every reconnect (not after
+    the first connect) in a task of its own, retried until it succeeds: the
+    place to re-run `ensure_all` and re-create the service's consumers. A
+    `reconnected_cb` in `options` still runs, before it.
+    """
+    hook = _ReconnectHook(name, on_reconnect) if on_reconnect is not None else None
+    user_cb = options.pop("reconnected_cb", None)
 
     async def on_error(exc: Exception) -> None:
         log.warning("%s: nats error: %s", name, exc)
@@ -19,8 +69,18 @@ async def connect(url: str, name: str, **options: object) -> NATS:
     async def on_disconnect() -> None:
         log.info("%s: disconnected from %s", name, url)
 
-    async def on_reconnect() -> None:
+    async def on_reconnected() -> None:
         log.info("%s: reconnected to %s", name, url)
+        if user_cb is not None:
+            await user_cb()  # type: ignore[operator]
+        if hook is not None:
+            hook.kick()
+
+    async def on_closed() -> None:
+        if hook is not None and hook.task is not None:
+            hook.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await hook.task
 
     kwargs: dict[str, object] = {
         "servers": [url],
@@ -30,7 +90,11 @@ async def connect(url: str, name: str, **options: object) -> NATS:
         "pending_size": 64 * 1024 * 1024,
         "error_cb": on_error,
         "disconnected_cb": on_disconnect,
-        "reconnected_cb": on_reconnect,
+        "reconnected_cb": on_reconnected,
+        "closed_cb": on_closed,
     }
     kwargs.update(options)
-    return await nats.connect(**kwargs)  # type: ignore[arg-type]
+    nc = await nats.connect(**kwargs)  # type: ignore[arg-type]
+    if hook is not None:
+        hook.nc = nc
+    return nc

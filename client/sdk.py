@@ -5,10 +5,24 @@
         async for chunk in client.stream(Request(request_id=new_request_id(), prompt="Hi")):
             print(chunk.text, end="")
 
-The client subscribes to the request's output subjects before publishing,
-delivers chunks in `seq` order without repeats, and, when the Final shows
-chunks it never saw (a reconnect, a duplicate publish), replays them from
-the LLM_OUT stream.
+Promises:
+- The client subscribes to the request's output subjects before publishing
+  and delivers chunks in `seq` order without repeats.
+- It takes only messages that belong to the request: a TokenChunk on
+  `<prefix>.out.<group>.<request_id>`, a Final/ErrorReply on
+  `<prefix>.done.<group>.<request_id>`, each carrying that request_id.
+  Anything else is dropped (logged at debug).
+- Nothing is lost across a reconnect: when the connection comes back, every
+  request still open replays its chunks from LLM_OUT and looks up a terminal
+  stored in LLM_DONE while it was away. When the Final shows chunks it never
+  saw, they are replayed from LLM_OUT too.
+- `generate()` and `stream()` never wait forever: without a `timeout` they
+  use the client's `default_timeout_s` (300 s unless given to `Client` /
+  `Client.connect`; None waits without bound). On timeout they cancel the
+  request (it is no longer wanted) and raise TimeoutError.
+- A request is refused before publishing (RejectedAtPublish) when its
+  `reply_to` is outside `settings.limits.reply_to_prefixes` (`_INBOX.` by
+  default), its group is reserved, or its id or group cannot be a subject token.
 """
 
 from __future__ import annotations
@@ -16,9 +30,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from types import TracebackType
+from typing import Any
 
 import msgspec
 import nats
@@ -29,13 +45,21 @@ from nats.errors import MaxPayloadError, NoRespondersError
 from nats.js.api import DeliverPolicy
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
-from schemas.codec import encode, final_decoder, output_decoder
+from schemas.codec import encode, output_decoder
 from schemas.messages import ErrorReply, Final, Priority, Request, TokenChunk
 from schemas.settings import Settings, load_settings
-from schemas.subjects import DEFAULT_SLO_CLASS, Subjects
+from schemas.subjects import (
+    DEFAULT_SLO_CLASS,
+    INTERACTIVE_GROUP,
+    RESERVED_GROUPS,
+    Subjects,
+    valid_token,
+)
 
 log = logging.getLogger("cplane.client")
 _STREAM_FULL_CODES = {10077, 10078, 10047}  # max msgs / max bytes / storage resources
+DEFAULT_TIMEOUT_S = 300.0  # generate()/stream() without a timeout wait at most this long
+_RECOVERY_ATTEMPTS = 12  # JetStream may answer 503 for a moment after a broker restart
 
 
 class RequestFailed(Exception):
@@ -66,6 +90,8 @@ class RequestHandle:
         self.request = request
         self.request_id = request.request_id
         self.duplicate = False  # the server had this request_id already
+        self._out_subject = client.subjects.out(request.group, request.request_id)
+        self._done_subject = client.subjects.done(request.group, request.request_id)
         self._next_seq = 0
         self._pending: dict[int, TokenChunk] = {}
         self._chunks: asyncio.Queue[TokenChunk | None] = asyncio.Queue()
@@ -74,15 +100,33 @@ class RequestHandle:
         )
         self._sub: Subscription | None = None
         self._replaying = False
-        self._bg: asyncio.Future[None] | None = None  # keeps a background step referenced
+        self._bg: set[asyncio.Future[None]] = set()  # keeps background steps referenced
+        self.closed = False  # True once the stream has ended (or `close()`): nothing more is read
 
     # -- input -----------------------------------------------------------------
     async def _on_msg(self, msg: Msg) -> None:
+        self._take_msg(msg.subject, msg.data)
+
+    def _take_msg(self, subject: str, data: bytes | None) -> bool:
+        """Decode and take one message if it belongs to this request; False if dropped."""
         try:
-            out = output_decoder.decode(msg.data)
-        except msgspec.DecodeError:
-            return
+            out = output_decoder.decode(data or b"")
+        except msgspec.DecodeError as exc:
+            log.debug("%s: dropped undecodable message on %s: %s", self.request_id, subject, exc)
+            return False
+        if not self._belongs(subject, out):
+            log.debug("%s: dropped %s for %r on %s", self.request_id, type(out).__name__,
+                      out.request_id, subject)
+            return False
         self._take(out)
+        return True
+
+    def _belongs(self, subject: str, out: TokenChunk | Final | ErrorReply) -> bool:
+        if out.request_id != self.request_id:
+            return False
+        if isinstance(out, TokenChunk):
+            return subject == self._out_subject
+        return subject == self._done_subject
 
     def _take(self, out: TokenChunk | Final | ErrorReply) -> None:
         if isinstance(out, TokenChunk):
@@ -96,52 +140,111 @@ class RequestHandle:
         self._maybe_close()
 
     def _maybe_close(self) -> None:
-        if not self._terminal.done():
+        if not self._terminal.done() or self.closed:
             return
         term = self._terminal.result()
         expected = term.chunks if isinstance(term, Final) else 0
         if self._next_seq >= expected:
             self._chunks.put_nowait(None)
-            self._unsubscribe()
+            self.close()
         elif not self._replaying:
             self._replaying = True
-            self._bg = asyncio.ensure_future(self._replay())
+            self._spawn(self._replay())
+
+    def _spawn(self, coro: Any) -> None:
+        fut = asyncio.ensure_future(coro)
+        self._bg.add(fut)
+        fut.add_done_callback(self._bg.discard)
 
     async def _replay(self) -> None:
-        """Fetch chunks missed on the live subscription from LLM_OUT (or give up after 2 s)."""
+        """The Final shows chunks never seen: read them from LLM_OUT, or end without them."""
         await asyncio.sleep(0.05)  # late live chunks usually arrive by themselves
-        subject = self.client.subjects.out(self.request.group, self.request_id)
-        if self._chunks_missing():
-            with contextlib.suppress(Exception):
-                sub = await self.client.js.subscribe(
-                    subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
-                )
-                try:
-                    async with asyncio.timeout(2.0):
-                        while self._chunks_missing():
-                            self._take(output_decoder.decode((await sub.next_msg(2.0)).data))
-                finally:
-                    await sub.unsubscribe()
+        for attempt in range(3):
+            if not self._chunks_missing():
+                break
+            try:
+                await self._replay_stored()
+            except Exception as exc:
+                log.debug("%s: replay from LLM_OUT failed: %s", self.request_id, exc)
+                await asyncio.sleep(0.25 * (attempt + 1))
         if self._chunks_missing():  # lost for good: end the stream, the Final has the text
+            log.warning("%s: chunks from seq %d were never seen and are not in LLM_OUT",
+                        self.request_id, self._next_seq)
             self._next_seq = 1 << 62
         self._maybe_close()
+
+    async def _replay_stored(self, timeout_s: float = 5.0) -> None:
+        """Take every chunk LLM_OUT holds for this request now (ordered consumer, one pass)."""
+        js, stream = self.client.js, self.client.settings.streams.out.name
+        try:
+            last = await js.get_last_msg(stream, self._out_subject)
+        except NotFoundError:
+            return
+        sub = await js.subscribe(self._out_subject, stream=stream, ordered_consumer=True,
+                                 deliver_policy=DeliverPolicy.ALL)
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    msg = await sub.next_msg(timeout_s)
+                    self._take_msg(msg.subject, msg.data)
+                    if msg.metadata.sequence.stream >= (last.seq or 0):
+                        break
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _lookup_terminal(self) -> None:
+        """Take the Final/ErrorReply stored in LLM_DONE for this request, if any."""
+        try:
+            stored = await self.client.js.get_last_msg(
+                self.client.settings.streams.done.name, self._done_subject)
+        except NotFoundError:
+            return
+        self._take_msg(stored.subject or "", stored.data)
+
+    async def recover(self) -> None:
+        """After a reconnect: replay missed chunks from LLM_OUT, then look up LLM_DONE.
+
+        Retries while JetStream is not answering yet (a broker just restarted);
+        the live subscription, re-established by nats-py, covers what follows.
+        """
+        pause = 0.1
+        for attempt in range(_RECOVERY_ATTEMPTS):
+            if self.closed:
+                return
+            try:
+                await self._replay_stored()
+                await self._lookup_terminal()
+                return
+            except Exception as exc:
+                log.debug("%s: recovery attempt %d: %s", self.request_id, attempt + 1, exc)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 2.0)
+        log.warning("%s: could not recover after a reconnect; waiting on live messages",
+                    self.request_id)
 
     def _chunks_missing(self) -> bool:
         term = self._terminal.result()
         return isinstance(term, Final) and self._next_seq < term.chunks
 
-    def _unsubscribe(self) -> None:
+    def close(self) -> None:
+        """Stop listening (idempotent); chunks already taken can still be iterated."""
+        self.closed = True
+        self.client._open.discard(self)
         if self._sub is not None:
             sub, self._sub = self._sub, None
-            self._bg = asyncio.ensure_future(sub.unsubscribe())
+            self._spawn(sub.unsubscribe())
 
     # -- output ----------------------------------------------------------------
     def __aiter__(self) -> AsyncIterator[TokenChunk]:
-        return self._iter()
+        return self._iter(None)
 
-    async def _iter(self) -> AsyncIterator[TokenChunk]:
+    async def _iter(self, deadline: float | None) -> AsyncIterator[TokenChunk]:
         while True:
-            chunk = await self._chunks.get()
+            if deadline is None:
+                chunk = await self._chunks.get()
+            else:
+                chunk = await asyncio.wait_for(self._chunks.get(), deadline - time.monotonic())
             if chunk is None:
                 term = self._terminal.result()
                 if isinstance(term, ErrorReply):
@@ -150,11 +253,11 @@ class RequestHandle:
             yield chunk
 
     async def terminal(self, timeout: float | None = None) -> Final | ErrorReply:
-        """The Final or ErrorReply, whichever ends this request."""
+        """The Final or ErrorReply, whichever ends this request (TimeoutError after `timeout`)."""
         return await asyncio.wait_for(asyncio.shield(self._terminal), timeout)
 
     async def result(self, timeout: float | None = None) -> Final:
-        """The Final; raises RequestFailed on an ErrorReply."""
+        """The Final; raises RequestFailed on an ErrorReply, TimeoutError after `timeout`."""
         term = await self.terminal(timeout)
         if isinstance(term, ErrorReply):
             raise RequestFailed(term)
@@ -165,11 +268,22 @@ class RequestHandle:
 
 
 class Client:
-    def __init__(self, nc: NATS, settings: Settings) -> None:
+    """Publishes requests and reads their outputs over one NATS connection.
+
+    Built by `Client.connect`, a reconnect triggers `recover()` by itself. A
+    caller that builds it on its own connection calls `await client.recover()`
+    from that connection's reconnected callback.
+    """
+
+    def __init__(self, nc: NATS, settings: Settings, *,
+                 default_timeout_s: float | None = DEFAULT_TIMEOUT_S) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.settings = settings
         self.subjects: Subjects = settings.subjects
+        self.default_timeout_s = default_timeout_s
+        self._open: set[RequestHandle] = set()  # handles still waiting for output
+        self._bg: set[asyncio.Future[None]] = set()
 
     @classmethod
     async def connect(
@@ -177,22 +291,42 @@ class Client:
         url: str | None = None,
         settings: Settings | None = None,
         connect_timeout_s: float = 10.0,
+        default_timeout_s: float | None = DEFAULT_TIMEOUT_S,
     ) -> Client:
         """Connect (reconnecting forever once connected); ConnectionError if unreachable."""
         settings = settings or load_settings()
         url = url or settings.nats.url
+        made: list[Client] = []
+
         async def quiet(exc: Exception) -> None:  # nats-py would log a traceback per retry
             log.debug("nats: %s", exc)
+
+        async def reconnected() -> None:  # nats-py awaits this in its reconnect loop: no waiting
+            if made:
+                made[0]._on_reconnected()
 
         try:
             async with asyncio.timeout(connect_timeout_s):
                 nc = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-                                        error_cb=quiet)
+                                        error_cb=quiet, reconnected_cb=reconnected)
         except TimeoutError:
             raise ConnectionError(f"cannot reach NATS at {url}") from None
-        return cls(nc, settings)
+        made.append(cls(nc, settings, default_timeout_s=default_timeout_s))
+        return made[0]
+
+    def _on_reconnected(self) -> None:
+        log.info("reconnected; recovering %d open request(s)", len(self._open))
+        fut = asyncio.ensure_future(self.recover())
+        self._bg.add(fut)
+        fut.add_done_callback(self._bg.discard)
+
+    async def recover(self) -> None:
+        """Every open request replays missed chunks and looks up a stored terminal."""
+        await asyncio.gather(*(h.recover() for h in list(self._open)))
 
     async def close(self) -> None:
+        for fut in list(self._bg):
+            fut.cancel()
         await self.nc.flush()
         await self.nc.close()
 
@@ -203,6 +337,21 @@ class Client:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
+
+    def check(self, request: Request) -> None:
+        """Raise RejectedAtPublish for a request the system would refuse or misroute."""
+        if not valid_token(request.request_id):
+            raise RejectedAtPublish(f"request_id {request.request_id!r} is not a subject token")
+        if not valid_token(request.group) or request.group in RESERVED_GROUPS:
+            raise RejectedAtPublish(f"group {request.group!r} is reserved or not a subject token")
+        reply_to = request.reply_to
+        if reply_to is not None:
+            prefixes = self.settings.limits.reply_to_prefixes
+            if (not reply_to.startswith(tuple(prefixes)) or self.subjects.is_own(reply_to)
+                    or not all(valid_token(t) for t in reply_to.split("."))):
+                raise RejectedAtPublish(
+                    f"reply_to {reply_to!r} must be a plain subject under one of {list(prefixes)}"
+                )
 
     async def submit(
         self,
@@ -215,8 +364,11 @@ class Client:
         """Publish `request` to `llm.req.<priority>.<slo_class>`; returns once JetStream stored it.
 
         Raises Overloaded when the request stream is full, RejectedAtPublish
-        when the message is too large or its subject matches no stream.
+        when the request fails `check()`, is too large or its subject matches
+        no stream. A duplicate request_id gets a handle on the first request's
+        outputs (with its terminal, when it is already stored).
         """
+        self.check(request)
         prio = Priority(priority) if priority else (request.priority or Priority.NORMAL)
         slo = slo_class or request.slo_class or DEFAULT_SLO_CLASS
         subject = self.subjects.request(prio, slo)
@@ -226,6 +378,7 @@ class Client:
                 f"request is {len(data)} bytes; the server accepts at most {self.nc.max_payload}"
             )
         handle = RequestHandle(self, request)
+        self._open.add(handle)
         # Subscribe first: the SUB reaches the server before the PUB on this connection.
         handle._sub = await self.nc.subscribe(
             self.subjects.outputs_of(request.group, request.request_id), cb=handle._on_msg
@@ -235,36 +388,64 @@ class Client:
                 subject, data, timeout=timeout, headers={"Nats-Msg-Id": request.request_id}
             )
         except Exception as exc:
-            handle._unsubscribe()
+            handle.close()
             mapped = _publish_error(exc, subject)
             if mapped is exc:
                 raise
             raise mapped from exc
         if ack.duplicate:
             handle.duplicate = True
-            await self._load_stored_terminal(handle)
+            await handle._lookup_terminal()
         return handle
 
-    async def _load_stored_terminal(self, handle: RequestHandle) -> None:
-        """A duplicate publish: the first one may have finished already."""
-        subject = self.subjects.done(handle.request.group, handle.request_id)
-        try:
-            stored = await self.js.get_last_msg(self.settings.streams.done.name, subject)
-        except NotFoundError:
-            return
-        if stored.data:
-            handle._take(final_decoder.decode(stored.data))
+    async def attach(self, request_id: str, group: str = INTERACTIVE_GROUP) -> RequestHandle:
+        """A handle on a request submitted earlier (by this process or one before it).
 
-    async def stream(self, request: Request, **kw: object) -> AsyncIterator[TokenChunk]:
+        It listens for what comes next and at once reads what is stored: the
+        chunks in LLM_OUT and the terminal in LLM_DONE. Nothing is published.
+        """
+        request = Request(request_id=request_id, group=group)
+        self.check(request)
+        handle = RequestHandle(self, request)
+        self._open.add(handle)
+        handle._sub = await self.nc.subscribe(
+            self.subjects.outputs_of(group, request_id), cb=handle._on_msg
+        )
+        await handle.recover()
+        return handle
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return timeout if timeout is not None else self.default_timeout_s
+
+    async def stream(
+        self, request: Request, *, timeout: float | None = None, **kw: object
+    ) -> AsyncIterator[TokenChunk]:
+        """Submit and yield the chunks, all within `timeout` (default `default_timeout_s`)."""
         handle = await self.submit(request, **kw)  # type: ignore[arg-type]
-        async for chunk in handle:
-            yield chunk
+        limit = self._timeout(timeout)
+        deadline = None if limit is None else time.monotonic() + limit
+        try:
+            async for chunk in handle._iter(deadline):
+                yield chunk
+        except TimeoutError:
+            await self._give_up(handle)
+            raise
 
     async def generate(
         self, request: Request, *, timeout: float | None = None, **kw: object
     ) -> Final:
+        """Submit and wait for the Final, at most `timeout` s (default `default_timeout_s`)."""
         handle = await self.submit(request, **kw)  # type: ignore[arg-type]
-        return await handle.result(timeout)
+        try:
+            return await handle.result(self._timeout(timeout))
+        except TimeoutError:
+            await self._give_up(handle)
+            raise
+
+    async def _give_up(self, handle: RequestHandle) -> None:
+        handle.close()
+        with contextlib.suppress(Exception):
+            await self.cancel(handle.request_id)
 
     async def cancel(self, request_id: str) -> None:
         await self.nc.publish(self.subjects.cancel(request_id), b"")

@@ -1,0 +1,1 @@
+"""Chaos suite: the whole system as separate processes under faults (marker `chaos`)."""

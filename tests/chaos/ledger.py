@@ -1,0 +1,284 @@
+"""What the chaos run saw: every chunk and terminal, live and stored, and the figures.
+
+Live: core subscriptions on `llm.out.i.>` and `llm.done.i.>` made before the
+first publish. Stored: LLM_OUT and LLM_DONE read back in full at the end. A
+terminal is identified by its whole JSON content, so the same stored message
+seen twice (live and replayed) counts once; two different Finals, or a Final
+and an ErrorReply, are two terminals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
+
+OUT_PREFIX = "llm.out.i."
+DONE_PREFIX = "llm.done.i."
+WORK_PREFIX = "llm.work."
+
+
+def canonical(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+@dataclass
+class Seen:
+    """Everything seen for one request id."""
+
+    # seq -> {token_ids tuple: (text, where)}; more than one key = inconsistent
+    chunks: dict[int, dict[tuple[int, ...], tuple[str, str]]] = field(
+        default_factory=lambda: defaultdict(dict))
+    live_seqs: set[int] = field(default_factory=set)
+    stored_seqs: set[int] = field(default_factory=set)
+    # canonical JSON -> (decoded terminal, where: live / stored / live+stored)
+    terminals: dict[str, tuple[dict[str, Any], str]] = field(default_factory=dict)
+    live_copies: int = 0  # terminal messages received live (repeats included)
+    chunk_workers: set[str] = field(default_factory=set)
+    # work items seen live on llm.work.> (who dispatched it, where, which attempt)
+    work: list[str] = field(default_factory=list)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.by_id: dict[str, Seen] = defaultdict(Seen)
+        self.live_terminal: set[str] = set()
+        self.undecodable: list[str] = []
+        self.notes: list[str] = []
+        self.foreign = 0  # messages on our subjects whose request_id differs from the subject
+        self.last_chunk_at: dict[str, float] = {}  # worker id -> monotonic time of its last chunk
+
+    def _chunk(self, rid: str, obj: dict[str, Any], where: str) -> None:
+        seen = self.by_id[rid]
+        seq = int(obj.get("seq", -1))
+        tids = tuple(obj.get("token_ids") or ())
+        copies = seen.chunks[seq]
+        if tids in copies:
+            text, w = copies[tids]
+            if where not in w:
+                copies[tids] = (text, w + "+" + where)
+        else:
+            copies[tids] = (obj.get("text", ""), where)
+        (seen.live_seqs if where == "live" else seen.stored_seqs).add(seq)
+        if obj.get("worker_id"):
+            seen.chunk_workers.add(obj["worker_id"])
+            if where == "live":
+                self.last_chunk_at[obj["worker_id"]] = time.monotonic()
+
+    def _terminal(self, rid: str, obj: dict[str, Any], where: str) -> None:
+        seen = self.by_id[rid]
+        key = canonical(obj)
+        if where == "live":
+            seen.live_copies += 1
+            self.live_terminal.add(rid)
+        old = seen.terminals.get(key)
+        if old is None:
+            seen.terminals[key] = (obj, where)
+        elif where not in old[1]:
+            seen.terminals[key] = (obj, old[1] + "+" + where)
+
+    def _work(self, subject: str, data: bytes) -> None:
+        try:
+            items = json.loads(data).get("items") or []
+        except (ValueError, AttributeError):
+            return
+        at = time.time()
+        for it in items:
+            if not isinstance(it, dict) or not isinstance(it.get("request"), dict):
+                continue
+            rid = str(it["request"].get("request_id", ""))
+            self.by_id[rid].work.append(
+                f"{at:.3f} {subject} attempt={it.get('attempt', 1)} "
+                f"next_seq={it.get('next_seq', 0)} redispatched={it.get('redispatched', False)} "
+                f"orch={it.get('orchestrator_id', '')} served_by={it.get('served_by', [])}")
+
+    async def on_work(self, msg: Msg) -> None:
+        self._work(msg.subject, msg.data)
+
+    def take(self, subject: str, data: bytes, where: str) -> None:
+        if subject.startswith(OUT_PREFIX):
+            rid, is_chunk = subject[len(OUT_PREFIX):], True
+        elif subject.startswith(DONE_PREFIX):
+            rid, is_chunk = subject[len(DONE_PREFIX):], False
+        else:
+            return
+        try:
+            obj = json.loads(data)
+            if not isinstance(obj, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            self.undecodable.append(f"{where} {subject} {data[:120]!r}")
+            return
+        if obj.get("request_id") != rid:
+            self.foreign += 1
+        if is_chunk:
+            self._chunk(rid, obj, where)
+        else:
+            self._terminal(rid, obj, where)
+
+    async def on_live(self, msg: Msg) -> None:
+        self.take(msg.subject, msg.data, "live")
+
+    async def subscribe(self, nc: NATS) -> None:
+        await nc.subscribe(OUT_PREFIX + ">", cb=self.on_live, pending_msgs_limit=2_000_000,
+                           pending_bytes_limit=1 << 30)
+        await nc.subscribe(DONE_PREFIX + ">", cb=self.on_live, pending_msgs_limit=2_000_000,
+                           pending_bytes_limit=1 << 30)
+        await nc.subscribe(WORK_PREFIX + ">", cb=self.on_work, pending_msgs_limit=2_000_000,
+                           pending_bytes_limit=1 << 30)
+        await nc.flush()
+
+    def has_terminal(self, rid: str) -> bool:
+        seen = self.by_id.get(rid)
+        return bool(seen and seen.terminals)
+
+    async def replay(self, nc: NATS, stream: str, subject: str, timeout_s: float = 120.0) -> int:
+        """Read every message of `subject` stored in `stream` (pull, batches); returns count."""
+        js = nc.jetstream()
+        try:
+            info = await js.stream_info(stream)
+        except Exception as exc:  # e.g. a memory stream gone after a broker restart
+            self.notes.append(f"replay: stream {stream} unreadable: {exc!r}")
+            return -1
+        last = info.state.last_seq
+        if info.state.messages == 0:
+            return 0
+        psub = await js.pull_subscribe(subject, stream=stream,
+                                       config=_replay_config())
+        n = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        try:
+            while loop.time() < deadline:
+                try:
+                    msgs = await psub.fetch(1000, timeout=2.0)
+                except TimeoutError:
+                    break
+                done = False
+                for m in msgs:
+                    self.take(m.subject, m.data, "stored")
+                    n += 1
+                    if m.metadata.sequence.stream >= last or m.metadata.num_pending == 0:
+                        done = True
+                if done:
+                    break
+        finally:
+            await psub.unsubscribe()
+        return n
+
+
+def _replay_config() -> Any:
+    from nats.js.api import AckPolicy, ConsumerConfig
+
+    return ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE,
+                          inactive_threshold=30.0, max_ack_pending=-1)
+
+
+@dataclass
+class Figures:
+    accepted: int = 0
+    refused: int = 0
+    completed: int = 0
+    errored: int = 0
+    lost: int = 0
+    dup_terminals: int = 0
+    gaps: int = 0
+    inconsistent: int = 0
+    stranded: int = 0
+    hung: int = 0
+    max_rss_mb: int = 0
+    codes: Counter[str] = field(default_factory=Counter)
+    samples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+
+    def line(self) -> str:
+        return ("chaos: accepted=%d refused=%d completed=%d errored=%d lost=%d dup_terminals=%d "
+                "gaps=%d inconsistent=%d stranded=%d hung=%d max_rss_mb=%d" % (
+                    self.accepted, self.refused, self.completed, self.errored, self.lost,
+                    self.dup_terminals, self.gaps, self.inconsistent, self.stranded, self.hung,
+                    self.max_rss_mb))
+
+    def sample(self, kind: str, rid: str) -> None:
+        if len(self.samples[kind]) < 8:
+            self.samples[kind].append(rid)
+
+
+def describe(rid: str, seen: Seen | None) -> str:
+    """One request's evidence: seqs live vs stored, conflicting copies, every terminal."""
+    if seen is None:
+        return f"{rid}: nothing seen at all (no chunk, no terminal, live or stored)"
+    lines = [f"{rid}: live seqs {_ranges(seen.live_seqs)} | stored seqs "
+             f"{_ranges(seen.stored_seqs)} | chunk workers {sorted(seen.chunk_workers)} | "
+             f"live terminal copies {seen.live_copies}"]
+    lines.extend(f"    work item seen at {w}" for w in seen.work[:6])
+    for obj, where in seen.terminals.values():
+        brief = {k: obj.get(k) for k in ("type", "finish_reason", "code", "message", "chunks",
+                                         "workers", "ts_ms") if k in obj}
+        if "usage" in obj:
+            brief["completion_tokens"] = obj["usage"].get("completion_tokens")
+        brief["text"] = (obj.get("text") or "")[:80]
+        lines.append(f"    terminal [{where}] {json.dumps(brief)}")
+    conflicts = [seq for seq in sorted(seen.chunks) if len(seen.chunks[seq]) > 1]
+    if conflicts:
+        lines.append(f"    seqs with differing copies: {_ranges(set(conflicts))}; the first ones:")
+    for seq in conflicts[:3]:
+        for tids, (text, where) in seen.chunks[seq].items():
+            lines.append(f"    seq {seq} [{where}] token_ids={list(tids)[:8]} text={text[:60]!r}")
+    return "\n".join(lines)
+
+
+def _ranges(seqs: set[int]) -> str:
+    if not seqs:
+        return "-"
+    out, items = [], sorted(seqs)
+    start = prev = items[0]
+    for s in [*items[1:], None]:
+        if s is not None and s == prev + 1:
+            prev = s
+            continue
+        out.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if s is not None:
+            start = prev = s
+    return ",".join(out)
+
+
+def judge(fig: Figures, rid: str, seen: Seen | None) -> None:
+    """Classify one accepted request into the figures."""
+    if seen is None or not seen.terminals:
+        fig.lost += 1
+        fig.sample("lost", rid)
+        return
+    terms = [obj for obj, _ in seen.terminals.values()]
+    if len(terms) > 1:
+        fig.dup_terminals += 1
+        fig.sample("dup_terminals", rid)
+    finals = [t for t in terms if t.get("type") == "final"]
+    if finals:
+        fig.completed += 1
+    else:
+        fig.errored += 1
+        for t in terms:
+            fig.codes[str(t.get("code", t.get("type")))] += 1
+    bad_tokens = any(len(copies) > 1 for copies in seen.chunks.values())
+    gap = False
+    bad_text = False
+    for f in finals:
+        n = int(f.get("chunks", 0))
+        if any(s not in seen.chunks for s in range(n)):
+            gap = True
+            continue
+        streamed = "".join(next(iter(seen.chunks[s].values()))[0] for s in range(n))
+        if streamed != (f.get("text") or ""):
+            bad_text = True
+    if gap:
+        fig.gaps += 1
+        fig.sample("gaps", rid)
+    if bad_tokens or bad_text:
+        fig.inconsistent += 1
+        fig.sample("inconsistent", rid)

@@ -1,0 +1,169 @@
+"""The load of the chaos run: raw JSON requests published the README's way, and the overload.
+
+Each request is a JetStream publish to `llm.req.<priority>.standard` with header
+`Nats-Msg-Id: <request_id>`. Outcomes of a publish:
+- acked by JetStream (a duplicate ack on a retry counts too): accepted;
+- an explicit error from the server (stream full, `discard=new`): refused,
+  counted by its description;
+- a timeout, a reconnecting connection or no responders (broker restarting):
+  retried with the same Nats-Msg-Id (the server dedups) until `retry_s` runs
+  out; then it is ambiguous (neither accepted nor refused, reported apart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+
+PRIORITY_WEIGHTS = {"critical": 1, "high": 2, "normal": 4, "low": 2, "background": 1}
+WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike "
+         "november oscar papa quebec romeo sierra tango uniform victor whiskey xray").split()
+# JetStream error codes of a stream at its limits (discard=new): an explicit refusal.
+LIMIT_CODES = {10077, 10047, 10054}
+
+
+class Publisher:
+    def __init__(self, nc: NATS, total: int, base_rate: float, rng: random.Random,
+                 tag: str, log: Callable[[str], None], retry_s: float = 45.0) -> None:
+        self.js = nc.jetstream()
+        self.total, self.base_rate, self.rng, self.tag, self.log = total, base_rate, rng, tag, log
+        self.retry_s = retry_s
+        self.accepted: dict[str, float] = {}  # request id -> time of its ack
+        self.refused: Counter[str] = Counter()
+        self.ambiguous: set[str] = set()
+        self.retries = 0
+        self.inflight = 0
+        self.launched = 0
+        self.overload_until = 0.0
+        self.overload_accepted = 0
+        self.overload_refused = 0
+        self.completions: Callable[[], int] = lambda: 0
+        self.gave_up = False
+        self.done = asyncio.Event()
+        self._sem = asyncio.Semaphore(256)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def refused_total(self) -> int:
+        return sum(self.refused.values())
+
+    def progress(self) -> float:
+        return len(self.accepted) / max(1, self.total)
+
+    def overloaded(self) -> bool:
+        return time.monotonic() < self.overload_until
+
+    def body(self, rid: str) -> tuple[str, bytes]:
+        prio = self.rng.choices(list(PRIORITY_WEIGHTS), weights=list(PRIORITY_WEIGHTS.values()))[0]
+        req = {
+            "request_id": rid,
+            "prompt": " ".join(self.rng.choice(WORDS) for _ in range(self.rng.randint(4, 40))),
+            "max_tokens": self.rng.randint(8, 64),
+            "temperature": round(self.rng.uniform(0.5, 1.0), 3),
+            "created_ms": time.time() * 1000,
+        }
+        return f"llm.req.{prio}.standard", json.dumps(req).encode()
+
+    async def publish_one(self, rid: str) -> None:
+        subject, data = self.body(rid)
+        in_overload = self.overloaded()
+        deadline = time.monotonic() + self.retry_s
+        try:
+            while True:
+                try:
+                    await self.js.publish(subject, data, timeout=2.0,
+                                          headers={"Nats-Msg-Id": rid})
+                    self.accepted[rid] = time.monotonic()
+                    self.overload_accepted += in_overload
+                    return
+                except nats.js.errors.APIError as exc:
+                    if exc.err_code in LIMIT_CODES or time.monotonic() > deadline:
+                        self.refused[f"{exc.err_code} {exc.description}"] += 1
+                        self.overload_refused += in_overload
+                        return
+                    self.log(f"publish {rid}: transient API error {exc!r}, retrying")
+                except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError, nats.errors.ConnectionReconnectingError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError, nats.errors.StaleConnectionError, TimeoutError, OSError) as exc:
+                    if time.monotonic() > deadline:
+                        self.ambiguous.add(rid)
+                        self.log(f"publish {rid}: AMBIGUOUS after {self.retry_s}s: {exc!r}")
+                        return
+                self.retries += 1
+                await asyncio.sleep(0.25)
+        finally:
+            self.inflight -= 1
+            self._sem.release()
+
+    async def _launch(self) -> None:
+        await self._sem.acquire()
+        rid = f"cx{self.tag}-{self.launched:06d}"
+        self.launched += 1
+        self.inflight += 1
+        task = asyncio.create_task(self.publish_one(rid))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def start_overload(self, seconds: float) -> None:
+        self.overload_until = time.monotonic() + seconds
+        self.log(f"overload phase: {seconds:.0f}s at 3x the fleet's completion rate")
+
+    async def run(self, limit_s: float) -> None:
+        """Publish until `total` requests are accepted: paced at `base_rate`, or 3x in overload.
+
+        Gives up launching after `limit_s` (a system that accepts nothing must still
+        end in a figures line); publishes in flight then finish within `retry_s`.
+        """
+        give_up = time.monotonic() + limit_s
+        window: deque[tuple[float, int]] = deque(maxlen=200)
+        credit = 0.0
+        last = time.monotonic()
+        burst_done = False
+        phase = (0.0, 0, 0)
+        while len(self.accepted) + self.inflight < self.total or self.inflight:
+            now = time.monotonic()
+            if now > give_up and not self.gave_up:
+                self.gave_up = True
+                self.log(f"LOAD GAVE UP after {limit_s:.0f}s: accepted={len(self.accepted)}")
+            if self.gave_up:
+                if not self.inflight:
+                    break
+                await asyncio.sleep(0.1)
+                continue
+            window.append((now, self.completions()))
+            dt, last = now - last, now
+            if self.overloaded():
+                # what the fleet completes now (over ~3 s), times three; a burst to fill it first
+                old = next((w for w in window if now - w[0] <= 3.0), window[0])
+                rate = (window[-1][1] - old[1]) / max(0.5, now - old[0])
+                credit += dt * 3 * max(rate, self.base_rate)
+                if not burst_done:
+                    credit += 40
+                    burst_done = True
+                    phase = (now, self.completions(), self.launched)
+            else:
+                credit = min(credit + dt * self.base_rate, 5.0)
+                if burst_done:
+                    span = max(0.1, now - phase[0])
+                    self.log("overload phase done: %.1fs, fleet completed %.1f/s, published "
+                             "%.1f/s (accepted %d, refused %d)" % (
+                                 span, (self.completions() - phase[1]) / span,
+                                 (self.launched - phase[2]) / span, self.overload_accepted,
+                                 self.overload_refused))
+                burst_done = False
+            while credit >= 1 and len(self.accepted) + self.inflight < self.total:
+                credit -= 1
+                await self._launch()
+            await asyncio.sleep(0.02)
+        self.done.set()
+
+    async def cancel(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,241 @@
+"""Processes of the chaos run: one nats-server and the cplane services, each its own OS process.
+
+Black box, as an operator sees it: the services are started through the CLI
+(`python -m cplane.cli ...`), configured by `CPLANE__SECTION__KEY` variables,
+and killed with SIGKILL. Every wait is bounded; `Fleet.stop_all` ends every
+process this module started, by pid, whatever happened before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bus.server import free_port, nats_server_binary
+
+ROOT = Path(__file__).resolve().parents[2]
+# Where the services run from (their working directory): this checkout unless
+# CPLANE_CHAOS_ROOT names another tree (e.g. an exported commit, to compare).
+SERVICE_ROOT = Path(os.environ.get("CPLANE_CHAOS_ROOT") or ROOT)
+
+
+# Every process started here, so a fixture can kill survivors whatever happened.
+STARTED: list[Proc] = []
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL it when the test process dies (PR_SET_PDEATHSIG), no orphans."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def kill_survivors() -> list[str]:
+    """SIGKILL every process this module started that still runs; their names."""
+    left = [p for p in STARTED if p.alive()]
+    for p in left:
+        p.kill9()
+    return [p.name for p in left]
+
+
+def vm_hwm_kb(pid: int) -> int:
+    """Peak resident set (VmHWM) of a live process, in KiB; 0 when unreadable."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+class Proc:
+    """One child process with its own log file (appended to across restarts)."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
+        self.name, self.argv, self.env, self.log = name, argv, env, log
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.peak_kb = 0
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid if self.popen else -1
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def start(self) -> Proc:
+        with open(self.log, "ab") as fh:
+            fh.write(f"\n==== chaos: start {self.name} at {time.time():.3f}\n".encode())
+            fh.flush()
+            self.popen = subprocess.Popen(
+                self.argv, stdout=fh, stderr=subprocess.STDOUT, env=self.env, cwd=SERVICE_ROOT,
+                start_new_session=True, preexec_fn=_die_with_parent,
+            )
+        STARTED.append(self)
+        return self
+
+    def sample_rss(self) -> None:
+        if self.alive():
+            self.peak_kb = max(self.peak_kb, vm_hwm_kb(self.pid))
+
+    def tail(self, n: int = 6) -> str:
+        try:
+            lines = self.log.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(f"    {self.log.name}: {x}" for x in lines[-n:])
+
+    def _note(self, what: str) -> None:
+        with open(self.log, "ab") as fh:
+            fh.write(f"\n==== chaos: {what} {self.name} pid={self.pid} at {time.time():.3f}\n"
+                     .encode())
+
+    def kill9(self) -> None:
+        if not self.alive():
+            return
+        assert self.popen is not None
+        self.sample_rss()
+        self._note("SIGKILL")
+        self.popen.send_signal(signal.SIGKILL)
+        try:
+            self.popen.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+
+    async def terminate(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM, wait (bounded, without blocking the loop), then SIGKILL."""
+        if not self.alive():
+            return
+        assert self.popen is not None
+        self.sample_rss()
+        self._note("SIGTERM")
+        self.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while self.popen.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.popen.poll() is None:
+            self.kill9()
+
+
+async def wait_port(port: int, proc: Proc, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited (see {proc.log})")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            await asyncio.sleep(0.05)
+    raise TimeoutError(f"{proc.name} did not listen on {port} within {timeout_s} s")
+
+
+class NatsServer:
+    """nats-server with JetStream file storage; restarts on the same port and store dir.
+
+    Same configuration as bus.server.EmbeddedNats (sync_interval on purpose).
+    """
+
+    def __init__(self, run_dir: Path, sync_interval: str = "100ms") -> None:
+        self.port = free_port()
+        self.store = run_dir / "js"
+        self.conf = run_dir / "nats.conf"
+        self.conf.write_text("\n".join([
+            "listen: 127.0.0.1:%d" % self.port,
+            "max_payload: %d" % (8 << 20),
+            "jetstream {",
+            '  store_dir: "%s"' % self.store,
+            "  sync_interval: %s" % sync_interval,
+            "}",
+            "",
+        ]))
+        self.proc = Proc("nats-server", [nats_server_binary(), "-c", str(self.conf)],
+                         dict(os.environ), run_dir / "nats-server.log")
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self.proc.start()
+        await wait_port(self.port, self.proc)
+
+    async def restart(self, graceful: bool, down_s: float = 1.0) -> None:
+        if graceful:
+            await self.proc.terminate(15.0)
+        else:
+            self.proc.kill9()
+        await asyncio.sleep(down_s)
+        await self.start()
+
+
+class Fleet:
+    """Orchestrator replicas and sim workers, started through the CLI."""
+
+    def __init__(self, run_dir: Path, url: str, env: dict[str, str], capacity: int) -> None:
+        self.dir, self.url, self.env, self.capacity = run_dir, url, env, capacity
+        self.orchestrators: list[Proc] = []
+        self.workers: dict[str, Proc] = {}
+        self.retired: list[Proc] = []
+        self.next_worker = 1
+        self.events: list[str] = []
+
+    def _python(self) -> str:
+        venv = ROOT / ".venv" / "bin" / "python"
+        return str(venv) if venv.exists() else sys.executable
+
+    def start_orchestrator(self) -> Proc:
+        i = len(self.orchestrators)
+        p = Proc(f"orch{i}", [self._python(), "-m", "cplane.cli", "orchestrator",
+                              "--nats-url", self.url], self.env, self.dir / f"orch{i}.log")
+        self.orchestrators.append(p.start())
+        return p
+
+    def start_worker(self, worker_id: str | None = None) -> Proc:
+        if worker_id is None:
+            worker_id = f"w{self.next_worker}"
+            self.next_worker += 1
+        argv = [self._python(), "-m", "cplane.cli", "worker", "--engine", "sim",
+                "--worker-id", worker_id, "--nats-url", self.url,
+                "--capacity", str(self.capacity)]
+        p = Proc(worker_id, argv, self.env, self.dir / f"worker-{worker_id}.log")
+        old = self.workers.get(worker_id)
+        if old is not None:
+            self.retired.append(old)
+        self.workers[worker_id] = p.start()
+        return p
+
+    def live_workers(self) -> list[str]:
+        return [wid for wid, p in self.workers.items() if p.alive()]
+
+    def note(self, what: str) -> None:
+        self.events.append(f"{time.time():.3f} {what}")
+
+    def all_procs(self) -> list[Proc]:
+        return [*self.orchestrators, *self.workers.values(), *self.retired]
+
+    def sample_rss(self) -> None:
+        for p in self.all_procs():
+            p.sample_rss()
+
+    def max_rss_mb(self) -> int:
+        return max((p.peak_kb for p in self.all_procs()), default=0) // 1024
+
+    def dead_unexpectedly(self) -> list[str]:
+        """Processes that exited on their own (not killed by the harness), with exit codes."""
+        return [f"{p.name} rc={p.popen.returncode}" for p in self.all_procs()
+                if p.popen is not None and p.popen.returncode not in (None, -9)
+                and p not in self.retired]
+
+    async def stop_all(self) -> None:
+        procs = [p for p in self.all_procs() if p.alive()]
+        await asyncio.gather(*(p.terminate(10.0) for p in procs), return_exceptions=True)
