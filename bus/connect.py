@@ -51,14 +51,16 @@ class _ReconnectHook:
 
 
 async def connect(
-    url: str, name: str, *, on_reconnect: OnReconnect | None = None, **options: object
+    url: str, name: str, *, on_reconnect: OnReconnect | None = None,
+    on_disconnect: OnReconnect | None = None, **options: object
 ) -> NATS:
     """Connect with settings for a long-lived service: reconnect forever, big buffers.
 
     `on_reconnect`, when given, is awaited after every reconnect (not after
     the first connect) in a task of its own, retried until it succeeds: the
     place to re-run `ensure_all` and re-create the service's consumers. A
-    `reconnected_cb` in `options` still runs, before it.
+    `reconnected_cb` in `options` still runs, before it. `on_disconnect` is
+    awaited when the connection drops (before nats-py starts reconnecting).
     """
     hook = _ReconnectHook(name, on_reconnect) if on_reconnect is not None else None
     user_cb = options.pop("reconnected_cb", None)
@@ -66,8 +68,10 @@ async def connect(
     async def on_error(exc: Exception) -> None:
         log.warning("%s: nats error: %s", name, exc)
 
-    async def on_disconnect() -> None:
+    async def disconnected() -> None:
         log.info("%s: disconnected from %s", name, url)
+        if on_disconnect is not None:
+            await on_disconnect()
 
     async def on_reconnected() -> None:
         log.info("%s: reconnected to %s", name, url)
@@ -89,7 +93,7 @@ async def connect(
         "reconnect_time_wait": 0.5,
         "pending_size": 64 * 1024 * 1024,
         "error_cb": on_error,
-        "disconnected_cb": on_disconnect,
+        "disconnected_cb": disconnected,
         "reconnected_cb": on_reconnected,
         "closed_cb": on_closed,
     }
@@ -98,3 +102,24 @@ async def connect(
     if hook is not None:
         hook.nc = nc
     return nc
+
+
+def drop_pending(nc: NATS, subject_prefix: str) -> int:
+    """Forget publishes to `subject_prefix`* still buffered for a lost connection.
+
+    nats-py keeps what was published while (or just before) the connection
+    dropped and writes it out after the reconnect, before any callback runs.
+    For outputs that is wrong: by then another worker may own the request (a
+    broker killed -9 forgets deliveries), so the worker re-sends what it still
+    owns itself, after checking. Reaches into nats-py's private buffer
+    (`_pending`, one protocol command per entry), pinned by nats-py==2.16.0.
+    Returns how many commands were dropped.
+    """
+    stale = (f"PUB {subject_prefix}".encode(), f"HPUB {subject_prefix}".encode())
+    pending: list[bytes] = nc._pending
+    kept = [cmd for cmd in pending if not cmd.startswith(stale)]
+    dropped = len(pending) - len(kept)
+    if dropped:
+        nc._pending = kept
+        nc._pending_data_size = sum(len(cmd) for cmd in kept)
+    return dropped

@@ -133,7 +133,8 @@ class StoredPublisher:
         data = encode(msg)
         if reply_to:
             await nc.publish(reply_to, data)
-        await self.publish(subjects.done(group, msg.request_id), data, f"{msg.request_id}:done")
+        await self.publish(subjects.done_store(group, msg.request_id), data,
+                           f"{msg.request_id}:done")
 
 
 def cancelled_final(item: WorkItem, worker_id: str | None = None) -> Final:

@@ -32,9 +32,11 @@ from nats.js.api import (
     ConsumerConfig,
     DiscardPolicy,
     KeyValueConfig,
+    RePublish,
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    StreamSource,
 )
 from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
@@ -69,7 +71,8 @@ class StreamWeakeningError(RuntimeError):
 
 # -- stream configurations (pure) -----------------------------------------------
 def _stream_config(
-    s: StreamSettings, subjects: list[str], retention: RetentionPolicy, discard_new: bool
+    s: StreamSettings, subjects: list[str], retention: RetentionPolicy, discard_new: bool,
+    republish: RePublish | None = None, sources: list[StreamSource] | None = None,
 ) -> StreamConfig:
     return StreamConfig(
         name=s.name,
@@ -83,6 +86,8 @@ def _stream_config(
         duplicate_window=s.duplicate_window_s,
         num_replicas=s.replicas,
         discard=DiscardPolicy.NEW if discard_new else DiscardPolicy.OLD,
+        republish=republish,
+        sources=sources,
     )
 
 
@@ -97,8 +102,15 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
         _stream_config(st.req, [subj.requests_of(p) for p in PRIORITIES],
                        RetentionPolicy.WORK_QUEUE, True),
         _stream_config(st.work, [subj.work_all], RetentionPolicy.WORK_QUEUE, True),
-        _stream_config(st.out, [subj.out_all], limits, False),
-        _stream_config(st.done, [subj.done_all], limits, False),
+        # Outputs, chunks and terminals of a request in one stream, so readers get
+        # them in the order the worker published them: stored first, then
+        # republished (llm.s.out -> llm.out, llm.s.done -> llm.done).
+        _stream_config(st.out, [subj.out_store_all, subj.done_store_all], limits, False,
+                       RePublish(src=f"{subj.prefix}.s.*.>",
+                                 dest=f"{subj.prefix}.{{{{wildcard(1)}}}}.>")),
+        # Terminals kept for days: copied by the server from LLM_OUT.
+        _stream_config(st.done, [], limits, False, sources=[
+            StreamSource(name=st.out.name, filter_subject=subj.done_store_all)]),
         _stream_config(st.cancel, [subj.cancel_all], limits, False),
         _stream_config(st.dlq, [subj.dead_letters_all], limits, False),
     ]

@@ -19,16 +19,22 @@ from schemas.settings import Settings
 async def stored_terminal(
     js: JetStreamContext, settings: Settings, group: str, request_id: str
 ) -> Final | ErrorReply | None:
-    """The Final/ErrorReply stored for a request in LLM_DONE, or None."""
-    subject = settings.subjects.done(group, request_id)
-    try:
-        msg = await js.get_last_msg(settings.streams.done.name, subject)
-    except NotFoundError:
-        return None
-    try:
-        return final_decoder.decode(msg.data or b"")
-    except msgspec.DecodeError:
-        return None
+    """The Final/ErrorReply stored for a request, or None.
+
+    Looked up in LLM_OUT first (where it is stored; LLM_DONE copies it a moment
+    later) and then in LLM_DONE (which keeps it for days).
+    """
+    subject = settings.subjects.done_store(group, request_id)
+    for stream in (settings.streams.out.name, settings.streams.done.name):
+        try:
+            msg = await js.get_last_msg(stream, subject)
+        except NotFoundError:
+            continue
+        try:
+            return final_decoder.decode(msg.data or b"")
+        except msgspec.DecodeError:
+            continue
+    return None
 
 
 async def stored_seqs(
@@ -36,14 +42,15 @@ async def stored_seqs(
     limit: int = 100_000,
 ) -> set[int]:
     """The chunk seqs (>= from_seq) of a request that LLM_OUT holds."""
-    return {c.seq for c in await _chunks(js, settings, group, request_id, from_seq, limit)}
+    return {c.seq for c in await stored_chunks(js, settings, group, request_id, from_seq, limit)}
 
 
-async def _chunks(
-    js: JetStreamContext, settings: Settings, group: str, request_id: str, from_seq: int,
-    limit: int,
+async def stored_chunks(
+    js: JetStreamContext, settings: Settings, group: str, request_id: str, from_seq: int = 0,
+    limit: int = 100_000,
 ) -> list[TokenChunk]:
-    subject = settings.subjects.out(group, request_id)
+    """Every chunk (>= from_seq) of a request in LLM_OUT, in stream order, repeats kept."""
+    subject = settings.subjects.out_store(group, request_id)
     stream = settings.streams.out.name
     out: list[TokenChunk] = []
     cursor = 1
@@ -73,7 +80,7 @@ async def streamed_chunks(
     first missing seq; a worker continues after it.
     """
     by_seq: dict[int, TokenChunk] = {}
-    for chunk in await _chunks(js, settings, group, request_id, from_seq, limit):
+    for chunk in await stored_chunks(js, settings, group, request_id, from_seq, limit):
         by_seq.setdefault(chunk.seq, chunk)
     run: list[TokenChunk] = []
     seq = from_seq

@@ -92,6 +92,9 @@ class RequestHandle:
         self.duplicate = False  # the server had this request_id already
         self._out_subject = client.subjects.out(request.group, request.request_id)
         self._done_subject = client.subjects.done(request.group, request.request_id)
+        # Where the streams store them (readers get them republished on the two above).
+        self._out_store = client.subjects.out_store(request.group, request.request_id)
+        self._done_store = client.subjects.done_store(request.group, request.request_id)
         self._next_seq = 0
         self._pending: dict[int, TokenChunk] = {}
         self._chunks: asyncio.Queue[TokenChunk | None] = asyncio.Queue()
@@ -177,16 +180,16 @@ class RequestHandle:
         """Take every chunk LLM_OUT holds for this request now (ordered consumer, one pass)."""
         js, stream = self.client.js, self.client.settings.streams.out.name
         try:
-            last = await js.get_last_msg(stream, self._out_subject)
+            last = await js.get_last_msg(stream, self._out_store)
         except NotFoundError:
             return
-        sub = await js.subscribe(self._out_subject, stream=stream, ordered_consumer=True,
+        sub = await js.subscribe(self._out_store, stream=stream, ordered_consumer=True,
                                  deliver_policy=DeliverPolicy.ALL)
         try:
             async with asyncio.timeout(timeout_s):
                 while True:
                     msg = await sub.next_msg(timeout_s)
-                    self._take_msg(msg.subject, msg.data)
+                    self._take_msg(self._out_subject, msg.data)
                     if msg.metadata.sequence.stream >= (last.seq or 0):
                         break
         finally:
@@ -195,12 +198,14 @@ class RequestHandle:
 
     async def _lookup_terminal(self) -> None:
         """Take the Final/ErrorReply stored in LLM_DONE for this request, if any."""
-        try:
-            stored = await self.client.js.get_last_msg(
-                self.client.settings.streams.done.name, self._done_subject)
-        except NotFoundError:
+        streams = self.client.settings.streams
+        for stream in (streams.out.name, streams.done.name):  # stored, then copied for days
+            try:
+                stored = await self.client.js.get_last_msg(stream, self._done_store)
+            except NotFoundError:
+                continue
+            self._take_msg(self._done_subject, stored.data)
             return
-        self._take_msg(stored.subject or "", stored.data)
 
     async def recover(self) -> None:
         """After a reconnect: replay missed chunks from LLM_OUT, then look up LLM_DONE.

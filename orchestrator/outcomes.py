@@ -41,7 +41,7 @@ async def recheck(js: JetStreamContext, settings: Settings, req: Request) -> Rec
         if await stored_terminal(js, settings, req.group, req.request_id) is not None:
             return Recheck.FINISHED
         await js.get_last_msg(settings.streams.out.name,
-                              settings.subjects.out(req.group, req.request_id))
+                              settings.subjects.out_store(req.group, req.request_id))
         return Recheck.RUNNING
     return Recheck.NOT_FOUND
 

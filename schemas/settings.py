@@ -130,6 +130,11 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     # This many engine errors in a row (or EngineDeadError) make the worker
     # unhealthy: it stops pulling and hands its work back.
     engine_error_limit: int = 3
+    # Runs that may overlap another one claim their request (bus/claims.py):
+    # redelivered or redispatched items, items that waited longer than
+    # `check_after_s` in LLM_WORK, runs that streamed across a reconnect.
+    claim_ttl_s: float = 6.0
+    check_after_s: float = 0.5
     fetch_timeout_s: float = 2.0
     publish_timeout_s: float = 10.0
     drain_timeout_s: float = 30.0

@@ -6,12 +6,21 @@ Subjects (defaults; the prefix is configurable through `Subjects(prefix=...)`):
 | ------------------------------------ | ---------------------------- | -------- |
 | `llm.req.<priority>.<slo_class>`     | Request (JSON)               | LLM_REQ  |
 | `llm.work.<role>.<target>`           | WorkBatch                    | LLM_WORK |
-| `llm.out.<group>.<request_id>`       | TokenChunk                   | LLM_OUT  |
-| `llm.done.<group>.<request_id>`      | Final or ErrorReply          | LLM_DONE |
+| `llm.s.out.<group>.<request_id>`     | TokenChunk (workers publish) | LLM_OUT  |
+| `llm.out.<group>.<request_id>`       | TokenChunk, once stored      | (republished by LLM_OUT)  |
+| `llm.s.done.<group>.<request_id>`    | Final or ErrorReply          | LLM_DONE |
+| `llm.done.<group>.<request_id>`      | the same, once stored        | (republished by LLM_DONE) |
 | `llm.hb.<worker_id>`                 | Heartbeat (core NATS)        | —        |
 | `llm.cancel.<request_id>`            | Cancel (captured)            | LLM_CANCEL |
 | `llm.dlq.<stream>.<seq>`             | DeadLetter                   | LLM_DLQ  |
 | `llm.admin.<verb>`                   | request/reply control        | —        |
+
+Readers see only what is stored: producers publish outputs to the store
+subjects (`llm.s.out`, `llm.s.done`), and the streams republish each message
+once it is stored (and not a duplicate) to `llm.out` / `llm.done`. So a chunk
+or terminal lost in a broker crash reached no reader either, and a repeated
+terminal publish reaches readers once. The store subjects have five tokens,
+so `llm.*.i.<id>` never matches them.
 
 `group` is `i` for interactive requests and the batch job id for batch ones.
 Undecodable requests (no request id recoverable) get their ErrorReply on
@@ -108,6 +117,22 @@ class Subjects:
     @property
     def out_all(self) -> str:
         return f"{self.prefix}.out.>"
+
+    def out_store(self, group: str, request_id: str) -> str:
+        """Where a worker publishes a chunk (LLM_OUT stores it, then republishes it on `out`)."""
+        return f"{self.prefix}.s.out.{group}.{request_id}"
+
+    def done_store(self, group: str, request_id: str) -> str:
+        """Where a terminal is published (LLM_DONE stores it, then republishes it on `done`)."""
+        return f"{self.prefix}.s.done.{group}.{request_id}"
+
+    @property
+    def out_store_all(self) -> str:
+        return f"{self.prefix}.s.out.>"
+
+    @property
+    def done_store_all(self) -> str:
+        return f"{self.prefix}.s.done.>"
 
     @property
     def done_all(self) -> str:

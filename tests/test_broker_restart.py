@@ -140,8 +140,8 @@ async def test_outputs_published_while_the_client_was_away_reach_it(
         js = nc.jetstream()
         for seq in range(4):
             chunk = TokenChunk(request_id="away-1", seq=seq, token_ids=[seq], text=str(seq))
-            await _publish_when_ready(js, s.subjects.out("i", "away-1"), encode(chunk))
-        await _publish_when_ready(js, s.subjects.done("i", "away-1"), encode(
+            await _publish_when_ready(js, s.subjects.out_store("i", "away-1"), encode(chunk))
+        await _publish_when_ready(js, s.subjects.done_store("i", "away-1"), encode(
             Final(request_id="away-1", finish_reason=FinishReason.STOP, chunks=4, text="0123")))
         assert (await handle.result(timeout=30)).text == "0123"
         assert [c.seq async for c in handle] == [0, 1, 2, 3]

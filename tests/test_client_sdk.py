@@ -32,7 +32,7 @@ async def test_missed_chunks_are_replayed_from_the_out_stream(nats_url: str, nc:
     client = Client(nc, s)
     # chunks 0..2 went out before this handle listened; LLM_OUT captured them
     for seq in range(3):
-        await nc.publish(s.subjects.out("i", "r1"), msgspec.json.encode(chunk(seq)))
+        await nc.publish(s.subjects.out_store("i", "r1"), msgspec.json.encode(chunk(seq)))
     await nc.flush()
     h = RequestHandle(client, Request(request_id="r1", prompt="x"))
     h._take(chunk(3))
@@ -114,9 +114,9 @@ async def test_recover_reads_chunks_and_terminal_stored_while_away(
     h = RequestHandle(client, Request(request_id="r1", prompt="x"))
     client._open.add(h)
     for seq in range(3):  # published while the handle heard nothing
-        await js.publish(s.subjects.out("i", "r1"), msgspec.json.encode(chunk(seq)))
-    await js.publish(s.subjects.out("i", "r9"), msgspec.json.encode(chunk(3)))  # another id
-    await js.publish(s.subjects.done("i", "r1"), msgspec.json.encode(
+        await js.publish(s.subjects.out_store("i", "r1"), msgspec.json.encode(chunk(seq)))
+    await js.publish(s.subjects.out_store("i", "r9"), msgspec.json.encode(chunk(3)))  # another id
+    await js.publish(s.subjects.done_store("i", "r1"), msgspec.json.encode(
         Final(request_id="r1", finish_reason=FinishReason.LENGTH, chunks=3)))
     await client.recover()
     assert (await h.result(timeout=5)).chunks == 3

@@ -195,8 +195,9 @@ async def test_duplicate_request_id_is_served_once(nats_url: str, nc: NATS) -> N
         await js.publish(subj.request("normal", "standard"), body)
         await asyncio.sleep(1.5)
         assert len(finals) == 1
-        info = await js.stream_info(s.streams.done.name, subjects_filter=f"{subj.prefix}.done.>")
-        assert info.state.subjects == {subj.done("i", "dup1"): 1, subj.done("i", "dup2"): 1}
+        info = await js.stream_info(s.streams.done.name, subjects_filter=f"{subj.prefix}.s.done.>")
+        assert info.state.subjects == {subj.done_store("i", "dup1"): 1,
+                                       subj.done_store("i", "dup2"): 1}
 
 
 async def test_stream_full_refuses_publish(nats_url: str, nc: NATS) -> None:

@@ -258,7 +258,7 @@ async def test_redelivery_count_triggers_the_check(nats_url: str, nc: NATS) -> N
         durable = await ensure_work_consumer(js, f.s, ROLE, ANY_TARGET)
         await put(js, f.s, item("lost-ack", 5))
         stored = Final(request_id="lost-ack", finish_reason=FinishReason.LENGTH, text=" x")
-        await js.publish(f.s.subjects.done("i", "lost-ack"), encode(stored))
+        await js.publish(f.s.subjects.done_store("i", "lost-ack"), encode(stored))
         psub = await js.pull_subscribe_bind(durable, stream=f.s.streams.work.name)
         (msg,) = await psub.fetch(1, timeout=5)
         await msg.nak()  # delivery 1 went nowhere: the worker gets delivery 2
@@ -280,7 +280,7 @@ async def test_resume_that_reached_max_tokens_publishes_only_the_final(
         for seq, ids, text in ((0, [1], " a"), (1, [2, 3], " b c")):
             chunk = TokenChunk(request_id="full", seq=seq, token_ids=ids, text=text,
                                worker_id="gone")
-            await js.publish(f.s.subjects.out("i", "full"), encode(chunk))  # stored in LLM_OUT
+            await js.publish(f.s.subjects.out_store("i", "full"), encode(chunk))  # stored in LLM_OUT
         watch = await Watch.start(nc, f.s, "full")
         w = await f.start("w")
         await put(js, f.s, msgspec.structs.replace(item("full", 3), redispatched=True))

@@ -30,6 +30,7 @@ class ChunkStream:
         max_tokens: int = 16,
         max_age_s: float = 0.005,
         epoch: int = 0,
+        gate: asyncio.Event | None = None,
     ) -> None:
         self._publish = publish
         self._subjects = subjects  # output subject, plus reply_to when asked for
@@ -41,6 +42,9 @@ class ChunkStream:
         # a chunk may have died in a socket buffer and is re-sent from `sent`.
         self.epoch = epoch
         self.sent: list[bytes] = []  # encoded chunk first_seq + i, exactly as published
+        # Closed while the connection is down and until the worker knows it still
+        # owns the request: chunks wait here instead of in nats-py's reconnect buffer.
+        self._gate = gate
         self._max_tokens = max_tokens
         self._max_age_s = max_age_s
         self._ids: list[int] = []
@@ -86,6 +90,8 @@ class ChunkStream:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._gate is not None and not self._gate.is_set():
+            await self._gate.wait()
         if not self._ids and not self._text:
             return
         ids, self._ids = self._ids, []

@@ -20,6 +20,7 @@ from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.errors import NoStreamResponseError
 
+from bus.claims import Claims
 from bus.outcome import StoredPublisher, error_reply
 from bus.replay import stored_seqs
 from schemas.codec import encode
@@ -61,6 +62,13 @@ class ServeContext:
     # item is handed back: the runtime judges its engine's health here.
     on_engine_fault: Callable[[bool], Awaitable[None]] | None = None
     publishing: set[str] = field(default_factory=set)  # ids storing an outcome: never cancel
+    claims: Claims | None = None  # runs that may overlap another claim their request
+    # Open while connected and sure of what it runs (see ChunkStream): closed on a
+    # disconnect, opened again once every running item is claimed or given up.
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.gate.set()
     stats: dict[str, int] = field(default_factory=lambda: {
         "finals": 0, "errors": 0, "handoffs": 0, "handbacks": 0, "cancelled": 0,
         "skipped": 0, "migrated": 0, "dead_letters": 0, "engine_faults": 0,
@@ -96,12 +104,15 @@ class ServeContext:
         buffer) are re-sent first, so the Final never counts a chunk nobody has.
         """
         req = item.request
-        deadline = time.monotonic() + self.settings.streams.done.duplicate_window_s / 2
+        deadline = time.monotonic() + self.settings.streams.out.duplicate_window_s / 2
+        suspect = False  # a store failed: chunks may have been lost with it
         self.publishing.add(req.request_id)
         try:
             while True:
                 try:
-                    if stream is not None and stream.epoch != self.epoch and stream.sent:
+                    await self._until_connected(deadline)
+                    if stream is not None and stream.sent and (
+                            suspect or stream.epoch != self.epoch):
                         await self._resend_lost(item, stream)
                     await self.store.publish_terminal(self.nc, self.subjects, req.group, msg,
                                                       req.reply_to)
@@ -109,12 +120,20 @@ class ServeContext:
                 except (TimeoutError, NoStreamResponseError, NatsError) as exc:
                     if isinstance(exc, ConnectionClosedError) or time.monotonic() > deadline:
                         raise
+                    suspect = True
                     log.info("terminal of %s not stored yet (%r): retrying", req.request_id, exc)
                     await asyncio.sleep(_RETRY_S)
         finally:
             self.publishing.discard(req.request_id)
         key = "finals" if isinstance(msg, Final) else "errors"
         self.stats[key] += 1
+
+    async def _until_connected(self, deadline: float) -> None:
+        """Publish nothing into nats-py's reconnect buffer: it is dropped (see drop_pending)."""
+        while not self.nc.is_connected or not self.gate.is_set():
+            if self.nc.is_closed or time.monotonic() > deadline:
+                raise TimeoutError("not connected")
+            await asyncio.sleep(0.05)
 
     async def _resend_lost(self, item: WorkItem, stream: ChunkStream) -> None:
         req = item.request

@@ -15,6 +15,7 @@ then is the message acked.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -28,6 +29,7 @@ from schemas.messages import DeadLetter, ErrorCode, WorkItem
 from workers.context import Outcome, ServeContext
 
 log = logging.getLogger("cplane.worker")
+_CLAIM_POLL_S = 0.5
 
 
 async def prepare(ctx: ServeContext, item: WorkItem) -> WorkItem | None:
@@ -36,10 +38,20 @@ async def prepare(ctx: ServeContext, item: WorkItem) -> WorkItem | None:
     `next_seq` on (tokens, text, seq and the workers that streamed them)."""
     req = item.request
     rid = req.request_id
-    if await stored_terminal(ctx.js, ctx.settings, req.group, rid) is not None:
-        ctx.stats["skipped"] += 1
-        log.info("%s already has its terminal: not run again", rid)
-        return None
+    waited = 0
+    while True:
+        if await stored_terminal(ctx.js, ctx.settings, req.group, rid) is not None:
+            ctx.stats["skipped"] += 1
+            log.info("%s already has its terminal: not run again", rid)
+            return None
+        if ctx.claims is None or await ctx.claims.acquire(rid):
+            break
+        # Another worker runs it right now (its claim is live): wait for its
+        # terminal, or for its claim to expire (it died), then continue after it.
+        if waited % 10 == 0:
+            log.info("%s runs on another worker; waiting for its outcome", rid)
+        waited += 1
+        await asyncio.sleep(_CLAIM_POLL_S)
     chunks = await streamed_chunks(ctx.js, ctx.settings, req.group, rid, from_seq=item.next_seq)
     if not chunks:
         return item

@@ -44,11 +44,13 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from bus.cancels import CancelBook
-from bus.connect import connect
+from bus.claims import Claims
+from bus.connect import connect, drop_pending
 from bus.jsmeta import delivered, stored_ms, stream_seq
 from bus.outcome import StoredPublisher
 from bus.provision import delete_work_consumer, ensure_streams, ensure_work_consumer
 from bus.puller import Puller
+from bus.replay import stored_chunks
 from schemas.codec import encode, work_decoder
 from schemas.messages import Heartbeat, Role, WorkerState, WorkItem
 from schemas.settings import Settings
@@ -71,6 +73,7 @@ class _Job:
     item: WorkItem
     task: asyncio.Task[None] | None = None
     started: bool = False  # a task cancelled before it starts never runs its cleanup
+    running: WorkItem | None = None  # the item as it runs (after a redelivery check)
 
 
 def _continues(running: WorkItem, new: WorkItem) -> bool:
@@ -110,7 +113,9 @@ class Worker:
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         """Serve until `stop` is set, then drain. `ready` is set once consuming."""
         ws = self.settings.worker
-        nc = self._nc or await connect(self.settings.nats.url, f"worker-{self.worker_id}")
+        nc = self._nc or await connect(self.settings.nats.url, f"worker-{self.worker_id}",
+                                       on_reconnect=self._on_reconnect,
+                                       on_disconnect=self._on_disconnect)
         self._nc = nc
         js = nc.jetstream(publish_async_max_pending=4000)
         await ensure_streams(js, self.settings)
@@ -119,6 +124,8 @@ class Worker:
             engine=self.engine, worker_id=self.worker_id, role=self.role,
             on_engine_fault=self._on_engine_fault,
         )
+        self.ctx.claims = Claims(js, self.settings, self.worker_id, on_lost=self._on_claim_lost)
+        await self.ctx.claims.start()
         self._cancels = CancelBook(nc, self.settings, on_cancel=self._on_cancel)
         await self._cancels.start()
         hb_sub = await nc.subscribe(self.subjects.heartbeat_request, cb=self._on_hb_request)
@@ -144,6 +151,7 @@ class Worker:
                 t.cancel()
             await asyncio.gather(*tasks, *self._background, return_exceptions=True)
             await self._cancels.stop()
+            await self.ctx.claims.stop()
             await hb_sub.unsubscribe()
             self._state = WorkerState.STOPPED
             await self._publish_heartbeat()
@@ -258,6 +266,9 @@ class Worker:
         letter = {"seq": seq, "subject": msg.subject, "deliveries": deliveries,
                   "data": msg.data} if over else None
         enqueued = stored_ms(msg.reply)
+        # Waited long in LLM_WORK: normal for a busy pool, but also what a message
+        # looks like when a broker killed -9 forgot it was delivered. Check first.
+        stale = time.time() * 1000 - enqueued > self.settings.worker.check_after_s * 1000
         waits: list[int] = []
         starts: list[tuple[_Job, _Job | None, bool]] = []
         for item in batch.items:
@@ -272,7 +283,7 @@ class Worker:
                 item = msgspec.structs.replace(item, enqueued_ms=enqueued)
             job = self._jobs[rid] = _Job(key=next(self._job_keys), item=item)
             waits.append(job.key)
-            starts.append((job, running, deliveries > 1 or item.redispatched))
+            starts.append((job, running, deliveries > 1 or item.redispatched or stale))
         if not self._held.hold(seq, msg, waits):
             await msg.ack()
             return
@@ -289,7 +300,7 @@ class Worker:
         try:
             for n in range(_STORE_TRIES):
                 try:
-                    outcome = await self._attempt(job.item, check, letter, after)
+                    outcome = await self._attempt(job, check, letter, after)
                     break
                 except Exception:
                     log.exception("outcome of %s not stored (try %d)", rid, n + 1)
@@ -299,6 +310,8 @@ class Worker:
         finally:
             if self._jobs.get(rid) is job:
                 del self._jobs[rid]
+            if self.ctx is not None and self.ctx.claims is not None and rid in self.ctx.claims:
+                self._spawn(self.ctx.claims.release(rid))
             # No await between forgetting the job and settling its messages: a
             # duplicate accepted in between would wait for an outcome already past.
             msgs = self._held.drop(job.key) if outcome is None else self._held.done(job.key)
@@ -310,10 +323,11 @@ class Worker:
             with contextlib.suppress(Exception):  # lost: redelivered, then found stored
                 await (msg.ack() if outcome is not None else msg.nak(delay=1.0))
 
-    async def _attempt(self, item: WorkItem, check: bool, letter: dict[str, Any] | None,
+    async def _attempt(self, job: _Job, check: bool, letter: dict[str, Any] | None,
                        after: _Job | None) -> Outcome:
         assert self.ctx is not None and self._cancels is not None
         ctx = self.ctx
+        item = job.item
         try:
             if after is not None and after.task is not None:  # the run it continues ends first
                 await asyncio.wait({after.task})
@@ -324,6 +338,7 @@ class Worker:
                 if prepared is None:
                     return Outcome.SKIPPED
                 item = prepared
+            job.running = item
             if item.request.request_id in self._cancels:
                 return await finish_cancelled(ctx, item)
             return await serve_item(ctx, item)
@@ -334,6 +349,52 @@ class Worker:
             # worker looks for what this one stored before it runs the item.
             await asyncio.shield(hand_back(ctx, item, recheck=True))
             return Outcome.HANDBACK
+
+    # -- connection loss ---------------------------------------------------------
+    async def _on_disconnect(self) -> None:
+        """Hold every chunk from here on: after the reconnect we first make sure
+        no other worker took our requests over (a broker killed -9 may hand a
+        message out again), and send only then."""
+        if self.ctx is not None:
+            self.ctx.gate.clear()
+        if self._nc is not None:  # chunks and terminals go out again only once checked
+            n = drop_pending(self._nc, f"{self.subjects.prefix}.s.")
+            if n:
+                log.info("dropped %d output publishes buffered for the lost connection", n)
+
+    async def _on_reconnect(self) -> None:
+        """Streams and consumers back (a broker that lost its store), then claim
+        every run that crossed the outage or give it up, then open the gate."""
+        assert self.ctx is not None
+        ctx = self.ctx
+        await ensure_streams(ctx.js, self.settings)
+        for target in self._targets():
+            if target != self.worker_id or self._own_durable:
+                await ensure_work_consumer(ctx.js, self.settings, self.role, target)
+        for rid, job in list(self._jobs.items()):
+            # Outputs being stored wait for the gate too (context._until_connected):
+            # a run taken over is stopped before it publishes anything more.
+            if job.running is None or job.task is None:
+                continue
+            if await self._taken_over(job):
+                log.warning("%s was taken over during the outage; giving up this run", rid)
+                job.task.cancel()  # no ack, no nak: the other run owns the message now
+        ctx.gate.set()
+
+    async def _taken_over(self, job: _Job) -> bool:
+        assert self.ctx is not None and self.ctx.claims is not None and job.running is not None
+        req = job.running.request
+        if not await self.ctx.claims.acquire(req.request_id):
+            return True
+        chunks = await stored_chunks(self.ctx.js, self.settings, req.group, req.request_id,
+                                     job.running.next_seq)
+        return any(c.worker_id != self.worker_id for c in chunks)
+
+    async def _on_claim_lost(self, request_id: str) -> None:
+        job = self._jobs.get(request_id)
+        if job is not None and job.task is not None and (
+                self.ctx is None or request_id not in self.ctx.publishing):
+            job.task.cancel()
 
     # -- control ---------------------------------------------------------------
     async def _on_cancel(self, request_id: str) -> None:

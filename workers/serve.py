@@ -103,14 +103,14 @@ def _continued(ctx: ServeContext, item: WorkItem, stream: ChunkStream, **changes
 
 def _stream(ctx: ServeContext, item: WorkItem) -> ChunkStream:
     req = item.request
-    out_subjects = [ctx.subjects.out(req.group, req.request_id)]
+    out_subjects = [ctx.subjects.out_store(req.group, req.request_id)]
     if req.reply_to:
         out_subjects.append(req.reply_to)
     ws = ctx.settings.worker
     return ChunkStream(
         ctx.nc.publish, out_subjects, req.request_id, ctx.worker_id,
         next_seq=item.next_seq, max_tokens=ws.chunk_tokens,
-        max_age_s=ws.chunk_interval_ms / 1000, epoch=ctx.epoch,
+        max_age_s=ws.chunk_interval_ms / 1000, epoch=ctx.epoch, gate=ctx.gate,
     )
 
 

@@ -22,6 +22,9 @@ from nats.js.api import DeliverPolicy
 
 OUT_PREFIX = "llm.out.i."
 DONE_PREFIX = "llm.done.i."
+# Where the streams store outputs (republished to the prefixes above once stored).
+STORE_OUT_PREFIX = "llm.s.out.i."
+STORE_DONE_PREFIX = "llm.s.done.i."
 WORK_PREFIX = "llm.work."
 
 
@@ -163,7 +166,7 @@ class Recorder:
                     break
                 done = False
                 for m in msgs:
-                    self.take(m.subject, m.data, "stored")
+                    self.take(m.subject.replace(".s.", ".", 1), m.data, "stored")
                     n += 1
                     if m.metadata.sequence.stream >= last or m.metadata.num_pending == 0:
                         done = True

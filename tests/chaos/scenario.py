@@ -25,7 +25,8 @@ from nats.aio.client import Client as NATS
 
 from tests.chaos.ledger import (
     DONE_PREFIX,
-    OUT_PREFIX,
+    STORE_DONE_PREFIX,
+    STORE_OUT_PREFIX,
     Figures,
     Recorder,
     Seen,
@@ -237,8 +238,8 @@ class Run:
                 last_look = time.monotonic()
                 for rid in list(missing):
                     try:
-                        m = await js.get_last_msg("LLM_DONE", DONE_PREFIX + rid)
-                        self.rec.take(m.subject, m.data or b"", "stored")
+                        m = await js.get_last_msg("LLM_DONE", STORE_DONE_PREFIX + rid)
+                        self.rec.take(DONE_PREFIX + rid, m.data or b"", "stored")
                     except Exception:
                         pass
                 continue
@@ -291,8 +292,8 @@ class Run:
         fig.stranded = await self.stranded()
         self.fleet.sample_rss()
         fig.max_rss_mb = self.fleet.max_rss_mb()
-        n_done = await self.rec.replay(self.nc_rec, "LLM_DONE", DONE_PREFIX + ">")
-        n_out = await self.rec.replay(self.nc_rec, "LLM_OUT", OUT_PREFIX + ">")
+        n_done = await self.rec.replay(self.nc_rec, "LLM_DONE", STORE_DONE_PREFIX + ">")
+        n_out = await self.rec.replay(self.nc_rec, "LLM_OUT", STORE_OUT_PREFIX + ">")
         for rid in list(pub.ambiguous):
             if rid in self.rec.by_id:
                 pub.accepted[rid] = 0.0

@@ -1,0 +1,119 @@
+"""Who runs a request right now, for the runs that might overlap another one.
+
+Most work runs once and claims nothing. A run that might repeat one still
+going elsewhere claims its request first: an item redelivered or flagged
+`redispatched`, one that waited unusually long in LLM_WORK (after a broker
+killed -9 forgets deliveries, the same message is handed out again as if new),
+and every run that was streaming while this worker's connection dropped.
+A claim is a key in the KV bucket `<prefix>_claims` whose entries live
+`ttl_s` after their last write; the holder renews every `ttl_s / 3`. When the
+holder dies its claim expires and the next claimant continues after the
+chunks it streamed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from schemas.settings import Settings
+
+log = logging.getLogger("cplane.claims")
+OnLost = Callable[[str], Awaitable[None]]
+
+
+def claim_key(request_id: str) -> str:
+    """A KV key for any request id (ids may hold characters keys cannot)."""
+    return "r" + hashlib.blake2b(request_id.encode(), digest_size=16).hexdigest()
+
+
+class Claims:
+    def __init__(self, js: JetStreamContext, settings: Settings, holder: str,
+                 on_lost: OnLost | None = None) -> None:
+        self._js = js
+        self._bucket = f"{settings.subjects.prefix}_claims"
+        self._ttl_s = settings.worker.claim_ttl_s
+        self._replicas = settings.streams.work.replicas
+        self.holder = holder
+        self._on_lost = on_lost
+        self._kv: KeyValue | None = None
+        self._held: dict[str, int] = {}  # request id -> revision we wrote last
+        self._task: asyncio.Task[None] | None = None
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._held
+
+    async def _bucket_kv(self) -> KeyValue:
+        if self._kv is None:
+            try:
+                self._kv = await self._js.key_value(self._bucket)
+            except BucketNotFoundError:
+                self._kv = await self._js.create_key_value(KeyValueConfig(
+                    bucket=self._bucket, history=1, ttl=self._ttl_s,
+                    storage=StorageType.FILE, replicas=self._replicas))
+        return self._kv
+
+    async def start(self) -> None:
+        await self._bucket_kv()
+        self._task = asyncio.create_task(self._renew_loop(), name="claims-renew")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for rid in list(self._held):
+            await self.release(rid)
+
+    async def acquire(self, request_id: str) -> bool:
+        """True when this holder now holds the claim (it may have held it already)."""
+        if request_id in self._held:
+            return True
+        key = claim_key(request_id)
+        try:
+            kv = await self._bucket_kv()
+            self._held[request_id] = await kv.create(key, self.holder.encode())
+            return True
+        except KeyWrongLastSequenceError:
+            try:
+                entry = await kv.get(key)
+            except KeyNotFoundError:
+                return False  # expired just now: the next try wins it
+            if entry.value == self.holder.encode() and entry.revision is not None:
+                self._held[request_id] = entry.revision  # ours from before a reconnect
+                return True
+            return False
+        except BucketNotFoundError:
+            self._kv = None  # the bucket went with a lost store: next call re-creates it
+            raise
+
+    async def release(self, request_id: str) -> None:
+        rev = self._held.pop(request_id, None)
+        if rev is None or self._kv is None:
+            return
+        with contextlib.suppress(Exception):
+            await self._kv.delete(claim_key(request_id), last=rev)
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._ttl_s / 3)
+            for rid, rev in list(self._held.items()):
+                try:
+                    assert self._kv is not None
+                    self._held[rid] = await self._kv.update(
+                        claim_key(rid), self.holder.encode(), last=rev)
+                except KeyWrongLastSequenceError:  # expired and taken: we are not the runner
+                    self._held.pop(rid, None)
+                    log.warning("claim on %s lost", rid)
+                    if self._on_lost is not None:
+                        await self._on_lost(rid)
+                except Exception as exc:  # broker away: try again next round
+                    log.debug("claim renewal of %s failed: %s", rid, exc)
