@@ -43,7 +43,13 @@ from nats.js.kv import KeyValue
 
 from schemas.messages import PRIORITIES, Priority, Role
 from schemas.settings import Settings, StreamSettings
-from schemas.subjects import Subjects, consumer_for_priority, consumer_for_work
+from schemas.subjects import (
+    ANY_TARGET,
+    MODEL_TARGET_PREFIX,
+    Subjects,
+    consumer_for_priority,
+    consumer_for_work,
+)
 
 log = logging.getLogger("cplane.provision")
 _STREAM_EXISTS = 10058  # "stream name already in use with a different configuration"
@@ -273,8 +279,9 @@ def work_consumer_config(settings: Settings, role: Role, target: str) -> Consume
         max_deliver=-1,  # the worker ends a work item after max_migrations itself
         max_ack_pending=100_000,
         max_waiting=512,
-        # A dead worker's own consumer goes away after an hour idle.
-        inactive_threshold=3600.0 if target != "any" else None,
+        # A dead worker's own consumer goes away after an hour idle; pools stay.
+        inactive_threshold=None if target == ANY_TARGET or target.startswith(
+            MODEL_TARGET_PREFIX) else 3600.0,
     )
 
 

@@ -109,10 +109,13 @@ class Registry:
         return prev is None or prev[0].capacity != hb.capacity or prev[0].state != hb.state
 
     def expire(self, now_ms: float) -> list[str]:
+        return [hb.worker_id for hb in self.expire_workers(now_ms)]
+
+    def expire_workers(self, now_ms: float) -> list[Heartbeat]:
+        """Forget workers unseen for `timeout_ms`; their last heartbeats (they died:
+        a worker that stops says so and is forgotten at once)."""
         gone = [w for w, (_, seen) in self._latest.items() if now_ms - seen > self.timeout_ms]
-        for w in gone:
-            del self._latest[w]
-        return gone
+        return [self._latest.pop(w)[0] for w in gone]
 
     def snapshot(self, now_ms: float) -> FleetView:
         workers = []

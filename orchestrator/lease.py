@@ -18,31 +18,25 @@ import time
 from collections.abc import Awaitable, Callable
 
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
+
+from bus.provision import ensure_lease_bucket
+from schemas.settings import Settings
 
 log = logging.getLogger("cplane.lease")
 LEASE_KEY = "orchestrator"
 OnChange = Callable[[bool], Awaitable[None]]
 
 
-async def lease_bucket(js: JetStreamContext, bucket: str, ttl_s: float) -> KeyValue:
-    try:
-        return await js.key_value(bucket)
-    except BucketNotFoundError:
-        return await js.create_key_value(KeyValueConfig(
-            bucket=bucket, history=1, ttl=ttl_s, storage=StorageType.FILE))
-
-
 class LeaderLease:
-    def __init__(self, js: JetStreamContext, bucket: str, holder: str, *, ttl_s: float,
-                 renew_s: float, on_change: OnChange) -> None:
+    def __init__(self, js: JetStreamContext, settings: Settings, holder: str,
+                 on_change: OnChange) -> None:
         self._js = js
-        self._bucket = bucket
+        self._settings = settings
         self.holder = holder
-        self.ttl_s = ttl_s
-        self.renew_s = renew_s
+        self.ttl_s = settings.orchestrator.lease_ttl_s
+        self.renew_s = settings.orchestrator.lease_renew_s
         self._on_change = on_change
         self._kv: KeyValue | None = None
         self._revision = 0
@@ -63,7 +57,7 @@ class LeaderLease:
         started = time.monotonic()
         try:
             if self._kv is None:
-                self._kv = await lease_bucket(self._js, self._bucket, self.ttl_s)
+                self._kv = await ensure_lease_bucket(self._js, self._settings)
             if self.leading:
                 self._revision = await asyncio.wait_for(
                     self._kv.update(LEASE_KEY, self.holder.encode(), last=self._revision),

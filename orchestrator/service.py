@@ -38,7 +38,7 @@ from bus.cancels import CancelBook
 from bus.connect import connect
 from bus.jsmeta import delivered, stored_ms, stream_seq
 from bus.outcome import StoredPublisher, cancelled_final
-from bus.provision import ensure_request_consumers, ensure_streams
+from bus.provision import ensure_all, ensure_request_consumers, ensure_streams
 from bus.puller import Puller
 from bus.recent import RecentIds
 from bus.replay import stored_terminal
@@ -58,9 +58,10 @@ from orchestrator.ledger import Entry, Ledger, RequestState
 from orchestrator.outcomes import Outcomes, Recheck, recheck
 from orchestrator.pd_decision import PdConfig, estimate_prompt_tokens
 from orchestrator.policy import PolicyConfig, get_policy
+from orchestrator.rescue import rescue_queue
 from orchestrator.stats import OrchestratorStats
 from schemas.codec import encode, heartbeat_decoder
-from schemas.messages import PRIORITIES, WorkBatch, WorkItem
+from schemas.messages import PRIORITIES, Role, WorkBatch, WorkItem
 from schemas.settings import Settings
 from schemas.subjects import consumer_for_priority
 
@@ -132,9 +133,7 @@ class Orchestrator:
         ]
         self._cancels = CancelBook(nc, self.settings, on_cancel=self._on_cancel)
         await self._cancels.start()
-        self.lease = LeaderLease(self._js, self.subjects.leases_bucket, self.id,
-                                 ttl_s=o.lease_ttl_s, renew_s=o.lease_renew_s,
-                                 on_change=self._on_leadership)
+        self.lease = LeaderLease(self._js, self.settings, self.id, on_change=self._on_leadership)
         lease_stop = asyncio.Event()
         loops = [asyncio.create_task(self._dispatch_loop(), name="dispatch"),
                  asyncio.create_task(self._ticker(), name="ticker"),
@@ -162,8 +161,7 @@ class Orchestrator:
 
     async def _on_reconnect(self) -> None:
         """After a broker restart: streams and consumers back, cancels sent meanwhile."""
-        await ensure_streams(self._js, self.settings)
-        await ensure_request_consumers(self._js, self.settings)
+        await ensure_all(self._js, self.settings)
         await self._cancels.load()
         self._wake.set()
 
@@ -441,8 +439,11 @@ class Orchestrator:
         while True:
             await asyncio.sleep(0.25)
             t = now_ms()
-            if self.registry.expire(t):
-                log.info("workers expired; %d live", len(self.registry.snapshot(t).workers))
+            for hb in self.registry.expire_workers(t):
+                log.info("worker %s expired; %d live", hb.worker_id,
+                         len(self.registry.snapshot(t).workers))
+                if self.leading:
+                    self._spawn(self._rescue(hb.role, hb.worker_id, list(hb.models)), "rescue")
             self._wake.set()
             mono = time.monotonic()
             if mono - last_progress >= o.in_progress_every_s:
@@ -451,6 +452,12 @@ class Orchestrator:
             if mono - last_reconcile >= 1.0:
                 last_reconcile = mono
                 await self._reconcile(t)
+
+    async def _rescue(self, role: Role, worker_id: str, models: list[str]) -> None:
+        try:
+            await rescue_queue(self._js, self._store, self.settings, role, worker_id, models)
+        except Exception as exc:  # the next expiry (or its drain) tries again
+            log.warning("could not move the work of dead worker %s: %s", worker_id, exc)
 
     async def _keep_alive(self) -> None:
         for e in list(self.ledger.entries()):

@@ -54,7 +54,7 @@ from bus.replay import stored_chunks
 from schemas.codec import encode, work_decoder
 from schemas.messages import Heartbeat, Role, WorkerState, WorkItem
 from schemas.settings import Settings
-from schemas.subjects import ANY_TARGET, model_target
+from schemas.subjects import ANY_TARGET, MODEL_TARGET_PREFIX, model_target, valid_token
 from workers.context import Outcome, ServeContext
 from workers.engines.base import Engine
 from workers.held import HeldMessages
@@ -87,6 +87,10 @@ class Worker:
         self.settings = settings
         ws = settings.worker
         self.worker_id = ws.worker_id or f"w-{uuid.uuid4().hex[:8]}"
+        if not valid_token(self.worker_id) or self.worker_id == ANY_TARGET or (
+                self.worker_id.startswith(MODEL_TARGET_PREFIX)):
+            raise ValueError(f"worker id {self.worker_id!r} must be a subject token, not "
+                             f"{ANY_TARGET!r} nor starting with {MODEL_TARGET_PREFIX!r}")
         self.role = Role(ws.role)
         self.engine = engine
         self.subjects = settings.subjects
