@@ -30,3 +30,9 @@ def delivered(reply: str) -> int:
 
 def stream_seq(reply: str) -> int:
     return int(_tokens(reply)[3])
+
+
+def delivery(reply: str) -> tuple[int, int, float]:
+    """(stream sequence, times delivered, stored ms since the epoch) in one parse."""
+    t = _tokens(reply)
+    return int(t[3]), int(t[2]), int(t[5]) / 1e6

@@ -98,10 +98,13 @@ class Registry:
     def __init__(self, timeout_ms: float) -> None:
         self.timeout_ms = timeout_ms
         self._latest: dict[str, tuple[Heartbeat, float]] = {}
+        self._view: FleetView | None = None  # built once per change, not per decision
+        self._view_until = 0.0  # ...and valid until its oldest worker would go stale
 
     def observe(self, hb: Heartbeat, now_ms: float) -> bool:
         """Record a heartbeat; True when the fleet's shape changed (new, gone, capacity)."""
         prev = self._latest.get(hb.worker_id)
+        self._view = None
         if hb.state == WorkerState.STOPPED:
             self._latest.pop(hb.worker_id, None)
             return prev is not None
@@ -115,10 +118,17 @@ class Registry:
         """Forget workers unseen for `timeout_ms`; their last heartbeats (they died:
         a worker that stops says so and is forgotten at once)."""
         gone = [w for w, (_, seen) in self._latest.items() if now_ms - seen > self.timeout_ms]
+        if gone:
+            self._view = None
         return [self._latest.pop(w)[0] for w in gone]
 
     def snapshot(self, now_ms: float) -> FleetView:
+        """Ready workers seen within `timeout_ms` (cached until a heartbeat or expiry;
+        the service expires workers every quarter second)."""
+        if self._view is not None and now_ms <= self._view_until:
+            return self._view
         workers = []
+        until = float("inf")
         for hb, seen in self._latest.values():
             if now_ms - seen > self.timeout_ms or hb.state != WorkerState.READY:
                 continue
@@ -135,4 +145,6 @@ class Registry:
                     last_seen_ms=seen,
                 )
             )
-        return FleetView(tuple(workers))
+            until = min(until, seen + self.timeout_ms)
+        self._view, self._view_until = FleetView(tuple(workers)), until
+        return self._view

@@ -68,15 +68,17 @@ class Entry:
     checked_ms: float = 0.0  # last reconcile lookup in LLM_DONE
     redispatched: bool = False  # redelivered: an earlier dispatch cannot be ruled out
     terminal_seen: bool = False  # its terminal arrived while its dispatch was being acked
+    pending: Any = None  # the frozen view decisions see (dispatch.Pending), built once
     extra_msgs: list[Any] = field(default_factory=list)  # duplicates acked with it
+    level: int = field(init=False)  # 0 = critical ... 4 = background
+
+    def __post_init__(self) -> None:
+        self.level = self.item.priority.level
 
     @property
     def request_id(self) -> str:
         return self.item.request.request_id
 
-    @property
-    def level(self) -> int:
-        return self.item.priority.level
 
 
 class Ledger:

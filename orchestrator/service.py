@@ -36,7 +36,7 @@ from nats.js.errors import APIError, NoStreamResponseError
 
 from bus.cancels import CancelBook
 from bus.connect import connect
-from bus.jsmeta import delivered, stored_ms, stream_seq
+from bus.jsmeta import delivery
 from bus.outcome import StoredPublisher, cancelled_final
 from bus.provision import ensure_all, ensure_request_consumers, ensure_streams
 from bus.puller import Puller
@@ -98,6 +98,8 @@ class Orchestrator:
         self._seen = RecentIds(o.dedup_cache)  # ids dispatched or finished: served once
         self._pullers: list[Puller] = []
         self._wake = asyncio.Event()
+        # Set by the ticker: plan even without room (model-wait timeouts, aging).
+        self._tick_due = True
         self._publish_slots = asyncio.Semaphore(o.publish_window)
         self._tasks: set[asyncio.Task[None]] = set()
         self._nc = nc
@@ -129,7 +131,11 @@ class Orchestrator:
         await ensure_request_consumers(self._js, self.settings)
         subs = [
             await nc.subscribe(self.subjects.heartbeats_all, cb=self._on_heartbeat),
-            await nc.subscribe(self.subjects.done_all, cb=self._on_done),
+            # Terminals as workers publish them (before the store republishes them
+            # with five more headers to parse): only the slot count needs them, and
+            # a slot freed a moment early by a publish that failed to store is
+            # harmless (the worker retries it).
+            await nc.subscribe(self.subjects.done_store_all, cb=self._on_done),
         ]
         self._cancels = CancelBook(nc, self.settings, on_cancel=self._on_cancel)
         await self._cancels.start()
@@ -217,7 +223,7 @@ class Orchestrator:
         self._wake.set()
 
     async def _intake(self, msg: Msg) -> None:
-        seq, deliveries = stream_seq(msg.reply), delivered(msg.reply)
+        seq, deliveries, stored = delivery(msg.reply)
         if not self.leading:
             await msg.nak()
             return
@@ -227,7 +233,7 @@ class Orchestrator:
                         "dead-letter")
             return
         prio, slo = self.subjects.parse_request(msg.subject)
-        result = admit(msg.data, prio, slo, stored_ms(msg.reply), now_ms(), self.id,
+        result = admit(msg.data, prio, slo, stored, now_ms(), self.id,
                        self.settings.limits)
         if isinstance(result, Rejection):
             self.stats.rejected += 1
@@ -302,11 +308,14 @@ class Orchestrator:
             if not self.leading or not self.ledger.held_count():
                 continue
             try:
-                await self._apply(self._plan())
+                plan = self._plan()
+                if plan is not None:
+                    await self._apply(plan)
             except Exception:
                 log.exception("dispatch step failed")
 
-    def _plan(self) -> DispatchPlan:
+    def _plan(self) -> DispatchPlan | None:
+        """None when no pool has room and nothing is due (most wakes at saturation)."""
         t = now_ms()
         fleet = self.registry.snapshot(t)
         # What each pool holds: our own ledger, or, after a takeover, what the
@@ -314,6 +323,9 @@ class Orchestrator:
         in_flight = {pool: max(self.ledger.in_flight(pool), fleet.pool_held(pool))
                      for pool in free_slots(fleet, {}, 0.0)}
         room = sum(max(0, f) for f in free_slots(fleet, in_flight, self.cfg.headroom).values())
+        if room <= 0 and not self._tick_due:
+            return None
+        self._tick_due = False
         k = room + 16
         levels = tuple(tuple(self._pending(e) for e in self.ledger.held_heads(level, k))
                        for level in range(len(PRIORITIES)))
@@ -321,12 +333,16 @@ class Orchestrator:
 
     @staticmethod
     def _pending(e: Entry) -> Pending:
-        req = e.item.request
-        deadline = e.arrival_ms + req.slo_deadline_ms if req.slo_deadline_ms else None
-        return Pending(request_id=e.request_id, level=e.level, arrival_ms=e.arrival_ms,
-                       held_ms=e.held_ms, model=req.model,
-                       prompt_tokens=estimate_prompt_tokens(req), deadline_ms=deadline,
-                       redispatched=e.redispatched)
+        """The entry as decisions see it; built once per entry (no per-step cost)."""
+        p: Pending | None = e.pending
+        if p is None or p.redispatched != e.redispatched:
+            req = e.item.request
+            deadline = e.arrival_ms + req.slo_deadline_ms if req.slo_deadline_ms else None
+            p = e.pending = Pending(
+                request_id=e.request_id, level=e.level, arrival_ms=e.arrival_ms,
+                held_ms=e.held_ms, model=req.model, prompt_tokens=estimate_prompt_tokens(req),
+                deadline_ms=deadline, redispatched=e.redispatched)
+        return p
 
     async def _apply(self, plan: DispatchPlan) -> None:
         for rej in plan.rejections:
@@ -444,6 +460,7 @@ class Orchestrator:
                          len(self.registry.snapshot(t).workers))
                 if self.leading:
                     self._spawn(self._rescue(hb.role, hb.worker_id, list(hb.models)), "rescue")
+            self._tick_due = True
             self._wake.set()
             mono = time.monotonic()
             if mono - last_progress >= o.in_progress_every_s:

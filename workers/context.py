@@ -67,16 +67,16 @@ class ServeContext:
     # disconnect, opened again once every running item is claimed or given up.
     gate: asyncio.Event = field(default_factory=asyncio.Event)
 
+    subjects: Subjects = field(init=False)
+
     def __post_init__(self) -> None:
         self.gate.set()
+        self.subjects = self.settings.subjects  # built once (Settings builds one per call)
     stats: dict[str, int] = field(default_factory=lambda: {
         "finals": 0, "errors": 0, "handoffs": 0, "handbacks": 0, "cancelled": 0,
         "skipped": 0, "migrated": 0, "dead_letters": 0, "engine_faults": 0,
     })
 
-    @property
-    def subjects(self) -> Subjects:
-        return self.settings.subjects
 
     @property
     def max_attempts(self) -> int:

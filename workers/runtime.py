@@ -46,7 +46,7 @@ from nats.aio.msg import Msg
 from bus.cancels import CancelBook
 from bus.claims import Claims
 from bus.connect import connect, drop_pending
-from bus.jsmeta import delivered, stored_ms, stream_seq
+from bus.jsmeta import delivery
 from bus.outcome import StoredPublisher
 from bus.provision import delete_work_consumer, ensure_streams, ensure_work_consumer
 from bus.puller import Puller
@@ -254,7 +254,7 @@ class Worker:
     async def _accept(self, msg: Msg) -> None:
         """One delivery of a work message: start what is not running here yet."""
         assert self.ctx is not None
-        seq, deliveries = stream_seq(msg.reply), delivered(msg.reply)
+        seq, deliveries, enqueued = delivery(msg.reply)
         if self._held.refresh(seq, msg):
             log.info("work message %d delivered again (%d) while held here", seq, deliveries)
             return
@@ -269,7 +269,6 @@ class Worker:
         over = deliveries > 1 + self.settings.worker.max_migrations
         letter = {"seq": seq, "subject": msg.subject, "deliveries": deliveries,
                   "data": msg.data} if over else None
-        enqueued = stored_ms(msg.reply)
         # Waited long in LLM_WORK: normal for a busy pool, but also what a message
         # looks like when a broker killed -9 forgot it was delivered. Check first.
         stale = time.time() * 1000 - enqueued > self.settings.worker.check_after_s * 1000

@@ -183,18 +183,6 @@ def _refused(ctx: ServeContext, item: WorkItem) -> tuple[ErrorCode, str, bool] |
     return None
 
 
-async def _deltas(gen: AsyncIterator[Delta]) -> AsyncIterator[Delta | BaseException]:
-    """The engine's deltas, with its exception as the last element (so that a
-    failed chunk publish is never mistaken for an engine fault)."""
-    try:
-        async for delta in gen:
-            yield delta
-    except (asyncio.CancelledError, GeneratorExit):
-        raise
-    except Exception as exc:
-        yield exc
-
-
 async def _close(gen: AsyncIterator[Delta]) -> None:
     """Let the engine free the request's slot now, not when the generator is collected."""
     aclose = getattr(gen, "aclose", None)
@@ -219,18 +207,24 @@ async def run_item(ctx: ServeContext, item: WorkItem) -> Outcome:
     last = Delta(token_ids=[])
     model = ctx.model_of(item)
     gen = ctx.engine.generate(engine_request(ctx, item, item.role))
+    deltas = gen.__aiter__()
     try:
-        async for delta in _deltas(gen):
-            if isinstance(delta, EngineInputError):
+        while True:
+            # Only what the engine raises is an engine fault: a failed chunk
+            # publish (below) propagates as the outcome-not-stored error it is.
+            try:
+                delta = await deltas.__anext__()
+            except StopAsyncIteration:
+                break
+            except EngineInputError as exc:
                 await stream.flush()
-                code = ErrorCode(delta.code) if delta.code in _ERROR_CODES else (
+                code = ErrorCode(exc.code) if exc.code in _ERROR_CODES else (
                     ErrorCode.INVALID_REQUEST)
-                await ctx.publish_error(item, code, str(delta))
+                await ctx.publish_error(item, code, str(exc))
                 return Outcome.ERROR
-            if isinstance(delta, Exception):
-                log.error("engine failed on %s: %r", req.request_id, delta)
-                return await _engine_failed(ctx, item, stream, delta)
-            assert isinstance(delta, Delta)
+            except Exception as exc:
+                log.error("engine failed on %s: %r", req.request_id, exc)
+                return await _engine_failed(ctx, item, stream, exc)
             await stream.add(delta.token_ids, delta.text)
             if delta.finish_reason is not None:
                 last = delta

@@ -86,6 +86,7 @@ class SimEngine:
         self._rates = RateWindow()
         self._prefix_hits = 0
         self._prefix_queries = 0
+        self._rng = random.Random()  # sampling at temperature > 0 without a seed
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="sim-step-loop")
@@ -152,7 +153,7 @@ class SimEngine:
             ctx=len(prompt_ids) + resumed,
             to_generate=to_generate,
             key=key,
-            rng=random.Random() if sampled else None,  # seeded from os.urandom
+            rng=self._rng if sampled else None,
             produced=resumed,
             needs_prefill=not transferred,
             cached=len(prompt_ids) if transferred else 0,
