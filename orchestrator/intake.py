@@ -144,10 +144,12 @@ def _admit(
                          f"request_id {req.request_id!r} is not a valid subject token")
     group = (req.group if valid_token(req.group) and req.group not in RESERVED_GROUPS
              else INTERACTIVE_GROUP)
+    # A valid reply_to gets the rejection too (never one aimed at our subjects).
+    reply_to = (req.reply_to if req.reply_to is not None
+                and _reply_to_problem(req.reply_to, limits) is None else None)
     problem = _problem(req, limits)
     if problem is not None:
-        return Rejection(req.request_id, group, ErrorCode.INVALID_REQUEST, problem)
-    reply_to = req.reply_to
+        return Rejection(req.request_id, group, ErrorCode.INVALID_REQUEST, problem, reply_to)
     too_large = _too_large(req, limits)
     if too_large is not None:
         return Rejection(req.request_id, group, ErrorCode.TOO_LARGE, too_large, reply_to)

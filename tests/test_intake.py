@@ -56,3 +56,26 @@ def test_undecodable_requests_go_to_the_invalid_group() -> None:
     assert rej.request_id == "" and rej.group == "invalid"
     rej = rejected(b'{"request_id": "has.dot", "prompt": "x"}')
     assert rej.group == "invalid" and "subject token" in rej.message
+
+
+def test_hostile_bodies_become_rejections_never_exceptions() -> None:
+    for body in (b"[" * 100_000, b'{"request_id":"u1","prompt":"ok \xc3\x28","stop":["\xff"]}',
+                 b'{"request_id":"n1","prompt":"x","temperature":NaN}',
+                 b'{"request_id":"h1","prompt":"x","max_tokens":1e400}',
+                 b'{"request_id":"d1","messages":' + b'{"a":' * 50_000):
+        assert isinstance(rejected(body), Rejection)
+    assert rejected(b'{"request_id":"u1","prompt":"ok \xc3\x28"}').request_id == "u1"
+
+
+def test_reply_to_only_under_inbox_and_reserved_groups_refused() -> None:
+    own = rejected(b'{"request_id":"r1","prompt":"x","reply_to":"llm.done.i.victim"}')
+    assert own.code == "invalid_request" and "reply_to" in own.message and own.reply_to is None
+    assert isinstance(ok(b'{"request_id":"r2","prompt":"x","reply_to":"_INBOX.abc"}'), WorkItem)
+    bad = rejected(b'{"request_id":"r3","prompt":"x","top_p":7,"reply_to":"_INBOX.z"}')
+    assert bad.reply_to == "_INBOX.z"  # a valid reply_to hears about its rejection
+    assert "reserved" in rejected(b'{"request_id":"r4","prompt":"x","group":"invalid"}').message
+
+
+def test_limits_give_too_large() -> None:
+    big = rejected(b'{"request_id":"t1","prompt":"x","max_tokens":100000}')
+    assert big.code == "too_large" and "max_tokens" in big.message
