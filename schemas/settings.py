@@ -133,7 +133,7 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     # Runs that may overlap another one claim their request (bus/claims.py):
     # redelivered or redispatched items, items that waited longer than
     # `check_after_s` in LLM_WORK, runs that streamed across a reconnect.
-    claim_ttl_s: float = 6.0
+    claim_ttl_s: float = 3.0  # renewed every second; a dead holder blocks its request this long
     check_after_s: float = 0.5
     fetch_timeout_s: float = 2.0
     publish_timeout_s: float = 10.0

@@ -131,7 +131,9 @@ class ServeContext:
     async def _until_connected(self, deadline: float) -> None:
         """Publish nothing into nats-py's reconnect buffer: it is dropped (see drop_pending)."""
         while not self.nc.is_connected or not self.gate.is_set():
-            if self.nc.is_closed or time.monotonic() > deadline:
+            if self.nc.is_closed:
+                raise ConnectionClosedError
+            if time.monotonic() > deadline:
                 raise TimeoutError("not connected")
             await asyncio.sleep(0.05)
 

@@ -16,15 +16,15 @@ then is the message acked.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
 import msgspec
-import nats.errors
+from nats.aio.msg import Msg
 
 from bus.replay import stored_terminal, streamed_chunks
-from schemas.codec import encode, work_decoder
+from bus.requeue import requeue
+from schemas.codec import encode
 from schemas.messages import DeadLetter, ErrorCode, WorkItem
 from workers.context import Outcome, ServeContext
 
@@ -110,34 +110,16 @@ async def dead_letter(
 
 async def move_queued(ctx: ServeContext, durable: str) -> int:
     """Move the messages still queued on `durable` (this worker's own consumer)
-    to their models' pools; each is acked after its items are stored there.
-    Returns how many items moved. Called on drain and when unhealthy, before the
-    consumer is deleted, so nothing sent to this worker is stranded."""
-    stream = ctx.settings.streams.work.name
-    psub = await ctx.js.pull_subscribe_bind(durable, stream=stream)
-    moved = 0
-    try:
-        while True:
-            try:
-                msgs = await psub.fetch(64, timeout=0.3)
-            except (TimeoutError, nats.errors.TimeoutError):
-                break
-            for msg in msgs:
-                try:
-                    batch = work_decoder.decode(msg.data)
-                except msgspec.DecodeError as exc:
-                    await store_dead_letter(ctx, seq=msg.metadata.sequence.stream,
-                                            subject=msg.subject, deliveries=0, data=msg.data,
-                                            reason=f"undecodable work message: {exc}")
-                    await msg.ack()
-                    continue
-                for item in batch.items:
-                    await ctx.publish_work(item.role, item, tag=f":moved-{ctx.worker_id}")
-                await msg.ack()
-                moved += len(batch.items)
-    finally:
-        with contextlib.suppress(Exception):
-            await psub.unsubscribe()
+    to their models' pools (bus/requeue.py). Called on drain and when unhealthy,
+    before the consumer is deleted, so nothing sent to this worker is stranded."""
+
+    async def undecodable(msg: Msg, exc: Exception) -> None:
+        await store_dead_letter(ctx, seq=msg.metadata.sequence.stream, subject=msg.subject,
+                                deliveries=0, data=msg.data,
+                                reason=f"undecodable work message: {exc}")
+
+    moved = await requeue(ctx.js, ctx.store, ctx.settings, durable, ctx.worker_id,
+                          model_of=ctx.model_of, undecodable=undecodable)
     if moved:
         log.info("moved %d queued items from %s to their model pools", moved, durable)
     return moved
