@@ -24,7 +24,7 @@ from bus.claims import Claims
 from bus.outcome import StoredPublisher, error_reply
 from bus.replay import stored_seqs
 from schemas.codec import encode
-from schemas.messages import ErrorCode, ErrorReply, Final, Role, WorkBatch, WorkItem
+from schemas.messages import ErrorCode, ErrorReply, Final, Role, TokenChunk, WorkBatch, WorkItem
 from schemas.settings import Settings
 from schemas.subjects import Subjects, model_target
 from workers.chunker import ChunkStream
@@ -68,6 +68,26 @@ class ServeContext:
     gate: asyncio.Event = field(default_factory=asyncio.Event)
 
     subjects: Subjects = field(init=False)
+    # Other workers: (last heartbeat, monotonic s; its process's start, ms since
+    # the epoch), and when this worker last (re)connected.
+    peers: dict[str, tuple[float, float]] = field(default_factory=dict)
+    connected_since: float = field(default_factory=time.monotonic)
+
+    def still_streaming(self, chunk: TokenChunk) -> bool:
+        """Whether the process that streamed `chunk` may still be running its request.
+
+        No, when that worker has been silent for worker_timeout_s (counted from
+        this worker's own last reconnect too: heartbeats pause with the broker),
+        when the process beating under its id started after the chunk (a
+        restart with the same id), or when nothing was streamed for a long while.
+        """
+        timeout = self.settings.orchestrator.worker_timeout_s
+        if time.time() * 1000 - chunk.ts_ms > 3 * timeout * 1000:
+            return False
+        last, started_ms = self.peers.get(chunk.worker_id, (0.0, 0.0))
+        if started_ms > chunk.ts_ms:
+            return False
+        return time.monotonic() - max(last, self.connected_since) < timeout
 
     def __post_init__(self) -> None:
         self.gate.set()

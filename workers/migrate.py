@@ -44,15 +44,22 @@ async def prepare(ctx: ServeContext, item: WorkItem) -> WorkItem | None:
             ctx.stats["skipped"] += 1
             log.info("%s already has its terminal: not run again", rid)
             return None
-        if ctx.claims is None or await ctx.claims.acquire(rid):
+        chunks = await streamed_chunks(ctx.js, ctx.settings, req.group, rid,
+                                       from_seq=item.next_seq)
+        last = chunks[-1] if chunks else None
+        streamer = last.worker_id if last is not None else ""
+        # The worker that streamed last may still run it: after a broker killed -9
+        # forgot the delivery it reconnects and goes on (re-sending what the
+        # broker lost, which readers may have seen). Only once it is gone, or
+        # its claim lapsed, does this worker continue after it.
+        alive = last is not None and streamer != ctx.worker_id and ctx.still_streaming(last)
+        if not alive and (ctx.claims is None or await ctx.claims.acquire(rid)):
             break
-        # Another worker runs it right now (its claim is live): wait for its
-        # terminal, or for its claim to expire (it died), then continue after it.
         if waited % 10 == 0:
-            log.info("%s runs on another worker; waiting for its outcome", rid)
+            log.info("%s runs on another worker (%s); waiting for its outcome", rid,
+                     streamer or "claimed")
         waited += 1
         await asyncio.sleep(_CLAIM_POLL_S)
-    chunks = await streamed_chunks(ctx.js, ctx.settings, req.group, rid, from_seq=item.next_seq)
     if not chunks:
         return item
     ctx.stats["migrated"] += 1

@@ -51,7 +51,7 @@ from bus.outcome import StoredPublisher
 from bus.provision import delete_work_consumer, ensure_streams, ensure_work_consumer
 from bus.puller import Puller
 from bus.replay import stored_chunks
-from schemas.codec import encode, work_decoder
+from schemas.codec import encode, heartbeat_decoder, work_decoder
 from schemas.messages import Heartbeat, Role, WorkerState, WorkItem
 from schemas.settings import Settings
 from schemas.subjects import ANY_TARGET, MODEL_TARGET_PREFIX, model_target, valid_token
@@ -133,6 +133,7 @@ class Worker:
         self._cancels = CancelBook(nc, self.settings, on_cancel=self._on_cancel)
         await self._cancels.start()
         hb_sub = await nc.subscribe(self.subjects.heartbeat_request, cb=self._on_hb_request)
+        peers_sub = await nc.subscribe(self.subjects.heartbeats_all, cb=self._on_peer)
         for target in self._targets():
             durable = await ensure_work_consumer(js, self.settings, self.role, target)
             if target == self.worker_id:
@@ -157,6 +158,7 @@ class Worker:
             await self._cancels.stop()
             await self.ctx.claims.stop()
             await hb_sub.unsubscribe()
+            await peers_sub.unsubscribe()
             self._state = WorkerState.STOPPED
             await self._publish_heartbeat()
             await delete_work_consumer(js, self.settings, self.role, self.worker_id)
@@ -370,6 +372,7 @@ class Worker:
         every run that crossed the outage or give it up, then open the gate."""
         assert self.ctx is not None
         ctx = self.ctx
+        ctx.connected_since = time.monotonic()
         await ensure_streams(ctx.js, self.settings)
         for target in self._targets():
             if target != self.worker_id or self._own_durable:
@@ -403,6 +406,16 @@ class Worker:
     async def _on_cancel(self, request_id: str) -> None:
         if request_id in self._jobs:
             await self.engine.abort(request_id)
+
+    async def _on_peer(self, msg: Msg) -> None:
+        """Another worker's heartbeat: it is alive (see ServeContext.peer_alive)."""
+        if self.ctx is None:
+            return
+        try:
+            hb = heartbeat_decoder.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        self.ctx.peers[hb.worker_id] = (time.monotonic(), hb.started_ms)
 
     async def _on_hb_request(self, msg: Msg) -> None:
         await self._publish_heartbeat()
