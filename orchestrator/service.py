@@ -100,6 +100,7 @@ class Orchestrator:
         self._wake = asyncio.Event()
         # Set by the ticker: plan even without room (model-wait timeouts, aging).
         self._tick_due = True
+        self._takeover_until = 0.0  # until then, heartbeats' held items floor the ledger
         self._publish_slots = asyncio.Semaphore(o.publish_window)
         self._tasks: set[asyncio.Task[None]] = set()
         self._nc = nc
@@ -179,6 +180,8 @@ class Orchestrator:
     # -- leadership ------------------------------------------------------------
     async def _on_leadership(self, leading: bool) -> None:
         if leading:
+            self._takeover_until = (time.monotonic()
+                                    + self.settings.orchestrator.takeover_window_s)
             await self._start_pulling()
             self._wake.set()
         else:
@@ -318,10 +321,15 @@ class Orchestrator:
         """None when no pool has room and nothing is due (most wakes at saturation)."""
         t = now_ms()
         fleet = self.registry.snapshot(t)
-        # What each pool holds: our own ledger, or, after a takeover, what the
-        # workers report holding (work a previous leader dispatched), whichever is more.
-        in_flight = {pool: max(self.ledger.in_flight(pool), fleet.pool_held(pool))
-                     for pool in free_slots(fleet, {}, 0.0)}
+        # What each pool holds: our own ledger. Right after a takeover, also what
+        # the workers report holding (work a previous leader dispatched), whichever
+        # is more; only then, since heartbeats lag by up to a second and would
+        # hold back dispatch that the ledger knows is safe.
+        if time.monotonic() < self._takeover_until:
+            in_flight = {pool: max(self.ledger.in_flight(pool), fleet.pool_held(pool))
+                         for pool in free_slots(fleet, {}, 0.0)}
+        else:
+            in_flight = self.ledger.in_flight_by_pool()
         room = sum(max(0, f) for f in free_slots(fleet, in_flight, self.cfg.headroom).values())
         if room <= 0 and not self._tick_due:
             return None

@@ -1,0 +1,124 @@
+"""CPU per request, by process: what each part of the pipeline costs.
+
+Starts a private nats-server, one orchestrator and two zero-cost sim workers
+(separate processes, from the code in --root, default this checkout), pushes
+N requests through at full speed (JetStream publishes, 256 in flight), waits
+for every terminal, and reads each process's CPU time over exactly that
+window from /proc. Unlike a throughput figure on a shared 2-core machine,
+CPU per request barely moves between runs, so two versions can be compared
+(run both, alternating, several times):
+
+    python bench/cpu_per_request.py --requests 20000
+    python bench/cpu_per_request.py --root /tmp/older-checkout --requests 20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nats
+from nats.aio.msg import Msg
+
+HERE = Path(__file__).resolve().parent.parent
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of a process, in clock ticks."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def start_services(root: Path, url: str) -> list[subprocess.Popen[bytes]]:
+    """One orchestrator and two zero-cost sim workers, as the CLI starts them."""
+    env = dict(os.environ, PYTHONPATH=str(root), CPLANE__SIM__ZERO_COST="true")
+    cli = [sys.executable, "-m", "cplane.cli"]
+    cmds = [[*cli, "orchestrator", "--nats-url", url]] + [
+        [*cli, "worker", "--worker-id", f"w{i}", "--zero-cost", "--capacity", "512",
+         "--nats-url", url] for i in range(2)]
+    return [subprocess.Popen(c, env=env, cwd=root, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL) for c in cmds]
+
+
+async def run(root: Path, n: int) -> dict[str, float]:
+    sys.path.insert(0, str(root))
+    from bus.server import EmbeddedNats
+
+    server = EmbeddedNats().start()
+    procs = start_services(root, server.url)
+    nc = await nats.connect(server.url)
+    try:
+        js = nc.jetstream()
+        seen: set[str] = set()
+        ready = asyncio.Event()
+
+        async def on_hb(msg: Msg) -> None:
+            seen.add(msg.subject)
+            if len(seen) >= 2:
+                ready.set()
+
+        await nc.subscribe("llm.hb.*", cb=on_hb)
+        await asyncio.wait_for(ready.wait(), 120)
+        await asyncio.sleep(2)  # the orchestrator leads and pulls
+        done = 0
+        finished = asyncio.Event()
+
+        async def on_done(msg: Msg) -> None:
+            nonlocal done
+            done += 1
+            if done >= n:
+                finished.set()
+
+        await nc.subscribe("llm.done.i.>", cb=on_done)
+        await nc.flush()
+        assert server.proc is not None
+        pids = {"nats-server": server.proc.pid, "orchestrator": procs[0].pid,
+                "worker-0": procs[1].pid, "worker-1": procs[2].pid}
+        before = {k: cpu_ticks(p) for k, p in pids.items()}
+        mine, t0 = os.times(), time.perf_counter()
+        pending = []
+        for i in range(n):
+            body = json.dumps({"request_id": f"r{i}", "prompt": "hello world hello world",
+                               "max_tokens": 3}).encode()
+            pending.append(js.publish("llm.req.normal.standard", body,
+                                      headers={"Nats-Msg-Id": f"r{i}"}))
+            if len(pending) >= 256:
+                await asyncio.gather(*pending)
+                pending = []
+        await asyncio.gather(*pending)
+        await asyncio.wait_for(finished.wait(), 600)
+        wall = time.perf_counter() - t0
+        tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
+        out = {k: (cpu_ticks(p) - before[k]) * tick_ms * 1000 / n for k, p in pids.items()}
+        now = os.times()
+        out["client"] = ((now.user + now.system) - (mine.user + mine.system)) * 1e6 / n
+        out["total"] = sum(out.values())
+        out["req_per_s"] = n / wall
+        return out
+    finally:
+        await nc.close()
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(15)
+        server.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", type=Path, default=HERE, help="checkout whose code runs")
+    ap.add_argument("--requests", type=int, default=20000)
+    args = ap.parse_args()
+    r = asyncio.run(run(args.root.resolve(), args.requests))
+    parts = " ".join(f"{k}={v:.0f}" for k, v in r.items() if k != "req_per_s")
+    print(f"{args.root.name}: {r['req_per_s']:,.0f} req/s; CPU ms per 1000 requests: {parts}")
+
+
+if __name__ == "__main__":
+    main()
