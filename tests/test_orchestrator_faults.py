@@ -29,15 +29,9 @@ from schemas.messages import (
 from schemas.subjects import consumer_for_priority
 from tests.natsfix import isolated_settings
 from tests.stack import _start, stack
+from tests.waiting import until
 from workers.engines.sim import SimEngine
 from workers.runtime import Worker
-
-
-async def until(cond: object, timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 async def test_a_terminal_missed_live_frees_its_slot_from_llm_done(nats_url: str,

@@ -14,13 +14,7 @@ from orchestrator.service import Orchestrator
 from schemas.messages import Request
 from tests.natsfix import isolated_settings
 from tests.stack import Running, _start, stack
-
-
-async def wait_for(cond: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
+from tests.waiting import until
 
 
 async def test_one_leader_dispatches_and_a_standby_takes_over_after_a_crash(nats_url: str) -> None:
@@ -40,24 +34,24 @@ async def test_one_leader_dispatches_and_a_standby_takes_over_after_a_crash(nats
     async with stack(s, workers=2, orchestrator=False) as run:
         for o in orchs:
             await _start(o, run)
-        await wait_for(lambda: sum(o.leading for o in orchs) == 1, 10, "a leader")
+        await until(lambda: sum(o.leading for o in orchs) == 1, 10, "a leader")
         leader = next(o for o in orchs if o.leading)
         standby = next(o for o in orchs if not o.leading)
         client = Client(await nats.connect(nats_url), s)
         first = [await client.submit(Request(request_id=f"a{i}", prompt="x y z", max_tokens=20))
                  for i in range(40)]
-        await wait_for(lambda: leader.stats.dispatched > 0, 10, "dispatch")
+        await until(lambda: leader.stats.dispatched > 0, 10, "dispatch")
         assert standby.stats.dispatched == 0 and standby.stats.accepted == 0
         # kill -9 of the leader: its connection drops, nothing is nak'ed or released
         await conns[orchs.index(leader)].close()
         t_crash = time.monotonic()
         second = [await client.submit(Request(request_id=f"b{i}", prompt="x", max_tokens=5))
                   for i in range(20)]
-        await wait_for(lambda: standby.leading, 10, "takeover")
+        await until(lambda: standby.leading, 10, "takeover")
         assert time.monotonic() - t_crash < 5.0  # within a few seconds
         finals = await asyncio.gather(*(h.result(timeout=30) for h in first + second))
         assert len(finals) == 60
-        await wait_for(lambda: len(terminals) >= 60, 10, "terminals seen live")
+        await until(lambda: len(terminals) >= 60, 10, "terminals seen live")
         assert set(terminals.values()) == {1}  # exactly one terminal per request
         await client.close()
         await stop_all(run)
@@ -79,12 +73,12 @@ async def test_graceful_stop_hands_over_at_once(nats_url: str) -> None:
     async with stack(s, workers=1, orchestrator=False) as run:
         a, b = Orchestrator(s), Orchestrator(s)
         await _start(a, run)
-        await wait_for(lambda: a.leading, 10, "a leads")
+        await until(lambda: a.leading, 10, "a leads")
         await _start(b, run)
         run.stops[a].set()
         await run.tasks[a]
         t0 = time.monotonic()
-        await wait_for(lambda: b.leading, 5, "b takes over")  # far sooner than the 30 s ttl
+        await until(lambda: b.leading, 5, "b takes over")  # far sooner than the 30 s ttl
         assert time.monotonic() - t0 < 2.0
         client = Client(await nats.connect(nats_url), s)
         final = await client.generate(Request(request_id="after", prompt="x", max_tokens=3),

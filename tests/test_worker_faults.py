@@ -38,6 +38,7 @@ from schemas.messages import (
 from schemas.settings import Settings
 from schemas.subjects import ANY_TARGET, model_target
 from tests.natsfix import isolated_settings
+from tests.waiting import until
 from workers.engines.sim import SimEngine
 from workers.runtime import Worker
 
@@ -62,19 +63,6 @@ async def queued(js: JetStreamContext, s: Settings) -> int:
 
 async def work_empty(js: JetStreamContext, s: Settings) -> bool:
     return await queued(js, s) == 0
-
-
-async def until(cond: object, timeout: float = 15.0) -> None:
-    """Wait for an event we can only observe by asking (stream or consumer state)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        ok = cond() if callable(cond) else cond  # type: ignore[operator]
-        if asyncio.iscoroutine(ok):
-            ok = await ok
-        if ok:
-            return
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
 
 
 @dataclass

@@ -13,7 +13,8 @@ from nats.aio.msg import Msg
 from schemas.codec import heartbeat_decoder
 from schemas.messages import ErrorReply, Final, WorkerState
 from schemas.settings import Settings
-from tests.test_worker_faults import Watch, fleet, item, put, until, work_empty
+from tests.test_worker_faults import Watch, fleet, item, put, work_empty
+from tests.waiting import until
 from workers.engines.base import Delta, EngineDeadError, EngineRequest
 from workers.engines.sim import SimEngine
 
