@@ -1,8 +1,10 @@
 """The dispatch decision on one page: which held requests go where, now. Pure.
 
 `plan_dispatch` reads a frozen `QueueSnapshot` (the heads of the held
-queues, and what each pool has in flight) and a `FleetView`, and returns a
-`DispatchPlan`. It never mutates anything and never performs I/O: the
+queues, and what each pool has in flight), a `FleetView` and a `RouteState`,
+and returns a `DispatchPlan`. The policy orders, the PD decider picks the
+role, the router picks the worker (or the pool subject): three plugins
+chosen by name (orchestrator/plugins.py). It never mutates anything and never performs I/O: the
 orchestrator's shell applies the plan (publish each batch, then ack its
 requests; publish each rejection, then ack), and the fleet simulator can run
 the very same function in virtual time.
@@ -16,45 +18,56 @@ is rejected with the retryable `model_unavailable`.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+from orchestrator import plugins
 from orchestrator.fleet import POOL_PD, POOL_UNIFIED, FleetView
 from orchestrator.ledger import PoolKey
-from orchestrator.pd_decision import PdConfig, choose_role
-from orchestrator.policy import Policy, PolicyConfig, QueueView
+from orchestrator.pd_decision import PdDecider
+from orchestrator.policy import Order
+from orchestrator.routers import RouteContext, Router
+from orchestrator.snapshot import Pending, QueueSnapshot, RouteState
+
+__all__ = ["Batch", "DispatchConfig", "DispatchPlan", "Pending", "QueueSnapshot", "Rejection",
+           "RouteState", "free_slots", "plan_dispatch"]
 from schemas.messages import ErrorCode, Role
+from schemas.settings import OrchestratorSettings
 from schemas.subjects import ANY_TARGET, model_target
 
 
 @dataclass(frozen=True, slots=True)
-class Pending:
-    """One held request as decisions see it."""
-
-    request_id: str
-    level: int  # 0 = critical ... 4 = background
-    arrival_ms: float  # stored in LLM_REQ
-    held_ms: float  # first held by this orchestrator (bounds the wait for a model)
-    model: str  # "" = any model the fleet serves
-    prompt_tokens: int  # estimate, for the PD decision
-    deadline_ms: float | None = None  # absolute end-to-end deadline, if the request set one
-    redispatched: bool = False  # may have been dispatched before: goes out alone
-
-
-@dataclass(frozen=True, slots=True)
-class QueueSnapshot:
-    levels: tuple[tuple[Pending, ...], ...]  # per level, oldest first (a bounded head)
-    in_flight: Mapping[PoolKey, int]  # requests each pool holds now
-
-
-@dataclass(frozen=True, slots=True)
 class DispatchConfig:
-    policy: Policy
-    policy_cfg: PolicyConfig
-    pd: PdConfig
+    order: Order  # policy plugin
+    pd: PdDecider  # PD plugin
+    router: Router  # router plugin
     headroom: float = 0.25  # a pool takes capacity * (1 + headroom) requests
     max_batch: int = 16  # work items per message at most
     model_wait_ms: float = 30_000.0
+
+    @classmethod
+    def named(cls, *, policy: str = "priority", router: str = "pool", pd: str = "auto",
+              policy_params: Mapping[str, Any] | None = None,
+              router_params: Mapping[str, Any] | None = None,
+              pd_params: Mapping[str, Any] | None = None, **kw: Any) -> DispatchConfig:
+        """Plugins by registry name (unknown names and parameters fail here)."""
+        return cls(order=plugins.build("policy", policy, policy_params),
+                   pd=plugins.build("pd", pd, pd_params),
+                   router=plugins.build("router", router, router_params), **kw)
+
+
+def dispatch_config(o: OrchestratorSettings) -> DispatchConfig:
+    """The decision configuration an orchestrator's settings name."""
+    policy_params = dict(o.policy_params)
+    if plugins.spec("policy", o.policy).accepts("aging_s"):
+        policy_params.setdefault("aging_s", o.aging_s)
+    pd_params = {"min_prompt_tokens": o.pd_min_prompt_tokens} if o.pd_mode == "auto" else {}
+    return DispatchConfig.named(
+        policy=o.policy, policy_params=policy_params, router=o.router,
+        router_params=o.router_params, pd=o.pd_mode, pd_params=pd_params,
+        headroom=o.headroom, max_batch=o.max_batch, model_wait_ms=o.model_wait_s * 1000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +96,8 @@ class DispatchPlan:
     batches: tuple[Batch, ...] = ()
     rejections: tuple[Rejection, ...] = ()
     # A held request in neither stays held where it is: nothing is popped and put back.
+    sent: Mapping[str, int] = field(default_factory=dict)  # worker id -> items routed to it
+    route_steps: int = 0  # round-robin steps taken: add to RouteState.step
 
     @property
     def dispatched(self) -> int:
@@ -112,24 +127,16 @@ def _resolve_model(p: Pending, fleet: FleetView, free: Mapping[PoolKey, int]) ->
                + free.get((POOL_PD, m), 0))
 
 
-def _ordered(queue: QueueSnapshot, k: int, cfg: DispatchConfig, now_ms: float) -> list[Pending]:
-    view = QueueView(tuple([p.arrival_ms for p in level] for level in queue.levels))
-    heads = [0] * len(queue.levels)
-    out = []
-    for level in cfg.policy(view, k, now_ms, cfg.policy_cfg):
-        out.append(queue.levels[level][heads[level]])
-        heads[level] += 1
-    return out
-
-
 def _expired(p: Pending, now_ms: float, cfg: DispatchConfig) -> bool:
     return now_ms - p.held_ms >= cfg.model_wait_ms or (
         p.deadline_ms is not None and now_ms >= p.deadline_ms)
 
 
 def plan_dispatch(queue: QueueSnapshot, fleet: FleetView, cfg: DispatchConfig, *,
-                  now_ms: float) -> DispatchPlan:
+                  now_ms: float, route: RouteState | None = None,
+                  rng: random.Random | None = None) -> DispatchPlan:
     """What to publish where and what to reject now; everything else stays held."""
+    ctx = RouteContext(route or RouteState(), rng or random.Random(0))
     free = free_slots(fleet, queue.in_flight, cfg.headroom)
     room = sum(max(0, f) for f in free.values())
     # Look a little past the room: requests that cannot run (full pool, absent
@@ -138,9 +145,9 @@ def plan_dispatch(queue: QueueSnapshot, fleet: FleetView, cfg: DispatchConfig, *
     groups: dict[tuple[Role, str, PoolKey, str], list[str]] = {}
     alone: list[Batch] = []
     rejections: list[Rejection] = []
-    for p in _ordered(queue, k, cfg, now_ms):
+    for p in cfg.order(queue.levels, k, now_ms):
         model = _resolve_model(p, fleet, free)
-        role = None if model is None else choose_role(model, p.prompt_tokens, fleet, cfg.pd)
+        role = None if model is None else cfg.pd(model, p.prompt_tokens, fleet)
         if model is None or role is None:
             if _expired(p, now_ms, cfg):
                 served = sorted(fleet.models)
@@ -153,7 +160,14 @@ def plan_dispatch(queue: QueueSnapshot, fleet: FleetView, cfg: DispatchConfig, *
         if free.get(pool, 0) <= 0:
             continue
         free[pool] -= 1
-        target = ANY_TARGET if fleet.whole_pool_serves(role, model) else model_target(model)
+        worker = cfg.router(fleet.of_role(role, model), p, ctx)
+        if worker is not None:
+            ctx.routed(worker)
+            target = worker.worker_id
+        elif fleet.whole_pool_serves(role, model):
+            target = ANY_TARGET
+        else:
+            target = model_target(model)
         if p.redispatched:
             alone.append(Batch(role, target, pool, model, (p.request_id,)))
         else:
@@ -164,4 +178,4 @@ def plan_dispatch(queue: QueueSnapshot, fleet: FleetView, cfg: DispatchConfig, *
         size = max(1, min(cfg.max_batch, biggest))
         batches.extend(Batch(role, target, pool, model, tuple(ids[i:i + size]))
                        for i in range(0, len(ids), size))
-    return DispatchPlan(tuple(batches), tuple(rejections))
+    return DispatchPlan(tuple(batches), tuple(rejections), ctx.sent, ctx.steps)

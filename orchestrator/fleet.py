@@ -5,6 +5,7 @@ No I/O: the service feeds heartbeats in and asks for a `FleetView`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from schemas.messages import Heartbeat, Role, WorkerState
@@ -100,11 +101,19 @@ class Registry:
         self._latest: dict[str, tuple[Heartbeat, float]] = {}
         self._view: FleetView | None = None  # built once per change, not per decision
         self._view_until = 0.0  # ...and valid until its oldest worker would go stale
+        # Items routed to each worker since its last heartbeat (routers add them
+        # to what the heartbeat said it held).
+        self.sent_since: dict[str, int] = {}
+
+    def routed(self, sent: Mapping[str, int]) -> None:
+        for wid, n in sent.items():
+            self.sent_since[wid] = self.sent_since.get(wid, 0) + n
 
     def observe(self, hb: Heartbeat, now_ms: float) -> bool:
         """Record a heartbeat; True when the fleet's shape changed (new, gone, capacity)."""
         prev = self._latest.get(hb.worker_id)
         self._view = None
+        self.sent_since.pop(hb.worker_id, None)
         if hb.state == WorkerState.STOPPED:
             self._latest.pop(hb.worker_id, None)
             return prev is not None
@@ -120,6 +129,8 @@ class Registry:
         gone = [w for w, (_, seen) in self._latest.items() if now_ms - seen > self.timeout_ms]
         if gone:
             self._view = None
+            for w in gone:
+                self.sent_since.pop(w, None)
         return [self._latest.pop(w)[0] for w in gone]
 
     def snapshot(self, now_ms: float) -> FleetView:

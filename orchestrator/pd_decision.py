@@ -8,9 +8,13 @@ PD is used whatever the mode, and vice versa.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import msgspec
+
 from orchestrator.fleet import FleetView
+from orchestrator.plugins import NoParams, register
 from schemas.messages import Request, Role
 
 
@@ -49,3 +53,35 @@ def choose_role(model: str, prompt_tokens: int, fleet: FleetView, cfg: PdConfig)
     if cfg.mode == "auto" and prompt_tokens >= cfg.min_prompt_tokens:
         return Role.PREFILL
     return Role.UNIFIED
+
+
+PdDecider = Callable[[str, int, FleetView], Role | None]  # (model, prompt tokens, fleet)
+
+
+class LengthParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    min_prompt_tokens: int = 512
+
+
+def decider(cfg: PdConfig) -> PdDecider:
+    def decide_role(model: str, prompt_tokens: int, fleet: FleetView) -> Role | None:
+        return choose_role(model, prompt_tokens, fleet, cfg)
+
+    return decide_role
+
+
+@register("pd", "never")
+def _never(params: NoParams) -> PdDecider:
+    """Unified whenever a unified pool serves the model."""
+    return decider(PdConfig(mode="never"))
+
+
+@register("pd", "always")
+def _always(params: NoParams) -> PdDecider:
+    """Prefill then decode whenever both pools serve the model."""
+    return decider(PdConfig(mode="always"))
+
+
+@register("pd", "auto", LengthParams)
+def _auto(params: LengthParams) -> PdDecider:
+    """Prefill then decode for prompts of at least min_prompt_tokens."""
+    return decider(PdConfig(mode="auto", min_prompt_tokens=params.min_prompt_tokens))

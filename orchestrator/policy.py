@@ -1,9 +1,10 @@
 """Scheduling policies: which held request goes next. Pure functions.
 
-A policy sees a `QueueView` (per priority level, the arrival times of the
-requests held, oldest first) and returns the order in which to take up to
-`k` of them, as a list of levels: the i-th entry says "take the head of this
-level's queue". Within a level, order is always FIFO.
+A policy plugin (registered in `orchestrator.plugins` as kind `policy`) is
+`order(levels, k, now_ms) -> list[Pending]`: from the held requests per
+priority level (each oldest first), the up-to-k to take next, in order.
+fifo and priority merge the levels' heads, so within a level order is FIFO;
+they work on a `QueueView` (the arrival times alone) underneath.
 
 - `fifo`: oldest arrival first, whatever the priority.
 - `priority`: strict priority with aging. A request's rank is its level
@@ -17,6 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+import msgspec
+
+from orchestrator.plugins import NoParams, register
+from orchestrator.snapshot import Pending
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +78,43 @@ def priority(view: QueueView, k: int, now_ms: float, cfg: PolicyConfig) -> list[
 
 POLICIES: dict[str, Policy] = {"fifo": fifo, "priority": priority}
 
+Levels = tuple[tuple[Pending, ...], ...]
+Order = Callable[[Levels, int, float], list[Pending]]
+
 
 def get_policy(name: str) -> Policy:
     try:
         return POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}") from None
+
+
+def by_heads(policy: Policy, cfg: PolicyConfig) -> Order:
+    """A head-merging policy as an `order` over Pending records."""
+
+    def order(levels: Levels, k: int, now_ms: float) -> list[Pending]:
+        view = QueueView(tuple([p.arrival_ms for p in level] for level in levels))
+        heads = [0] * len(levels)
+        out = []
+        for level in policy(view, k, now_ms, cfg):
+            out.append(levels[level][heads[level]])
+            heads[level] += 1
+        return out
+
+    return order
+
+
+class PriorityParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    aging_s: float = 10.0  # waiting this long raises a request one level
+
+
+@register("policy", "fifo")
+def _fifo(params: NoParams) -> Order:
+    """Oldest arrival first, whatever the priority."""
+    return by_heads(fifo, PolicyConfig())
+
+
+@register("policy", "priority", PriorityParams)
+def _priority(params: PriorityParams) -> Order:
+    """Strict priority with aging: nothing starves."""
+    return by_heads(priority, PolicyConfig(aging_s=params.aging_s))

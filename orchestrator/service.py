@@ -22,6 +22,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import random
 import time
 import uuid
 from collections.abc import Coroutine
@@ -44,10 +45,11 @@ from bus.recent import RecentIds
 from bus.replay import stored_terminal
 from orchestrator.dispatch import (
     Batch,
-    DispatchConfig,
     DispatchPlan,
     Pending,
     QueueSnapshot,
+    RouteState,
+    dispatch_config,
     free_slots,
     plan_dispatch,
 )
@@ -56,8 +58,7 @@ from orchestrator.intake import Rejection, admit
 from orchestrator.lease import LeaderLease
 from orchestrator.ledger import Entry, Ledger, RequestState
 from orchestrator.outcomes import Outcomes, Recheck, recheck
-from orchestrator.pd_decision import PdConfig, estimate_prompt_tokens
-from orchestrator.policy import PolicyConfig, get_policy
+from orchestrator.pd_decision import estimate_prompt_tokens
 from orchestrator.rescue import rescue_queue
 from orchestrator.stats import OrchestratorStats
 from schemas.codec import encode, heartbeat_decoder
@@ -88,11 +89,11 @@ class Orchestrator:
         o = settings.orchestrator
         self.id = o.orchestrator_id or f"orch-{uuid.uuid4().hex[:8]}"
         self.subjects = settings.subjects
-        self.cfg = DispatchConfig(
-            policy=get_policy(o.policy), policy_cfg=PolicyConfig(aging_s=o.aging_s),
-            pd=PdConfig(mode=o.pd_mode, min_prompt_tokens=o.pd_min_prompt_tokens),
-            headroom=o.headroom, max_batch=o.max_batch, model_wait_ms=o.model_wait_s * 1000)
+        self.cfg = dispatch_config(o)
         self.registry = Registry(timeout_ms=o.worker_timeout_s * 1000)
+        # Routers read the registry's counts of items routed since each heartbeat.
+        self._route_state = RouteState(0, self.registry.sent_since)
+        self._rng = random.Random(o.route_seed or None)
         self.ledger = Ledger(len(PRIORITIES))
         self.stats = OrchestratorStats()
         self._seen = RecentIds(o.dedup_cache)  # ids dispatched or finished: served once
@@ -337,7 +338,13 @@ class Orchestrator:
         k = room + 16
         levels = tuple(tuple(self._pending(e) for e in self.ledger.held_heads(level, k))
                        for level in range(len(PRIORITIES)))
-        return plan_dispatch(QueueSnapshot(levels, in_flight), fleet, self.cfg, now_ms=t)
+        plan = plan_dispatch(QueueSnapshot(levels, in_flight), fleet, self.cfg, now_ms=t,
+                             route=self._route_state, rng=self._rng)
+        if plan.sent or plan.route_steps:
+            self.registry.routed(plan.sent)
+            self._route_state = RouteState(self._route_state.step + plan.route_steps,
+                                           self._route_state.sent_since)
+        return plan
 
     @staticmethod
     def _pending(e: Entry) -> Pending:
@@ -349,7 +356,9 @@ class Orchestrator:
             p = e.pending = Pending(
                 request_id=e.request_id, level=e.level, arrival_ms=e.arrival_ms,
                 held_ms=e.held_ms, model=req.model, prompt_tokens=estimate_prompt_tokens(req),
-                deadline_ms=deadline, redispatched=e.redispatched)
+                deadline_ms=deadline, redispatched=e.redispatched, output_tokens=req.max_tokens,
+                tenant=req.tenant or "", slo_class=req.slo_class or "standard",
+                session=req.session_id or req.user_id or "")
         return p
 
     async def _apply(self, plan: DispatchPlan) -> None:

@@ -78,8 +78,14 @@ class LimitsSettings(msgspec.Struct, frozen=True, kw_only=True):
 
 class OrchestratorSettings(msgspec.Struct, frozen=True, kw_only=True):
     orchestrator_id: str = ""  # "" = generated at start
+    # Decision plugins by name (orchestrator/plugins.py); their parameters as a
+    # table each, checked at start (an unknown key fails and names itself).
     policy: str = "priority"  # fifo | priority
-    aging_s: float = 10.0  # waiting this long raises a request one priority level
+    policy_params: dict[str, Any] = msgspec.field(default_factory=dict)
+    aging_s: float = 10.0  # priority: waiting this long raises a request one level
+    router: str = "pool"  # pool | round_robin | random | least_loaded
+    router_params: dict[str, Any] = msgspec.field(default_factory=dict)
+    route_seed: int = 0  # seeds random routers (0 = from the OS)
     max_batch: int = 16  # work items per LLM_WORK message at most
     hold_per_priority: int = 512  # request messages held unacked per priority at most
     fetch_batch: int = 128
@@ -164,6 +170,10 @@ class SimSettings(msgspec.Struct, frozen=True, kw_only=True):
     # PD: KV transfer delay before a decode starts = a + b * prompt_tokens
     kv_transfer_a_ms: float = 1.0
     kv_transfer_b_ms: float = 0.002
+    # Prefix cache: prompts are hashed in blocks of this many tokens; a request
+    # prefills only what follows its longest cached run of leading blocks.
+    prefix_block_tokens: int = 512
+    prefix_cache_tokens: int = 420_000  # LRU capacity in tokens (0 = no prefix cache)
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):

@@ -7,8 +7,6 @@ import pytest
 from orchestrator.dispatch import DispatchConfig, Pending, QueueSnapshot, plan_dispatch
 from orchestrator.fleet import FleetView, WorkerView
 from orchestrator.ledger import Entry, IllegalTransition, Ledger, RequestState
-from orchestrator.pd_decision import PdConfig
-from orchestrator.policy import PolicyConfig, get_policy
 from schemas.messages import ErrorCode, Priority, Request, Role, WorkItem
 from schemas.subjects import ANY_TARGET, model_target
 
@@ -53,8 +51,8 @@ def worker(wid: str, role: Role = Role.UNIFIED, models: tuple[str, ...] = ("m",)
     return WorkerView(wid, role, models, cap, held, 0, 0, 0.0, 0.0)
 
 
-CFG = DispatchConfig(policy=get_policy("priority"), policy_cfg=PolicyConfig(aging_s=3600),
-                     pd=PdConfig(mode="never"), headroom=0.0, max_batch=2, model_wait_ms=1000)
+CFG = DispatchConfig.named(policy="priority", policy_params={"aging_s": 3600}, pd="never",
+                           headroom=0.0, max_batch=2, model_wait_ms=1000)
 
 
 def pending(rid: str, level: int = 2, t: float = 0.0, model: str = "m",

@@ -3,10 +3,9 @@
 One step loop per engine, like vLLM's: each step admits waiting sequences
 (within `max_num_seqs`, the token budget and KV capacity), runs their
 prefill together with one decode token for every running sequence, sleeps
-for the modelled step time, then emits one token per sequence.
-
-    prefill_ms = a + b*sum(l) + c*sum(l^2)      (over prompts prefilled this step)
-    decode_ms  = a + b*sum(ctx) + c*batch       (over sequences decoding this step)
+for the modelled step time, then emits one token per sequence. The batch
+model and step-time formula live in `stepcore.StepCore`, which the fleet
+simulator drives in virtual time: one model, two clocks.
 
 Default coefficients approximate Llama-3-8B on one H100 (docs/sim-calibration.md).
 `zero_cost=True` makes every step free: the overhead benchmark's setting.
@@ -23,7 +22,6 @@ import asyncio
 import random
 import time
 import zlib
-from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +30,7 @@ from schemas.messages import FinishReason
 from schemas.settings import SimSettings
 from workers.engines.base import Delta, EngineInputError, EngineRequest, EngineStats
 from workers.engines.rates import RateWindow
+from workers.engines.stepcore import CoreSeq, StepCore, block_hashes
 
 _WORDS = (
     "the of and to in is that it for on was with as be at by this had not are but from or "
@@ -51,21 +50,15 @@ def token_text(token_id: int) -> str:
 
 
 @dataclass(slots=True, eq=False)
-class _Seq:
-    req: EngineRequest
-    prompt_ids: list[int]
-    ctx: int  # tokens in context (prompt + generated so far)
-    to_generate: int  # completion tokens this engine still produces
-    key: int  # seeds the token stream (deterministic sampling)
-    rng: random.Random | None  # sampling at temperature > 0 without a seed
-    produced: int  # completion tokens so far, resumed ones included
-    needs_prefill: bool
-    cached: int = 0
-    kv_reserved: int = 0
-    ready_at: float = 0.0  # KV-transfer delay: not admitted before this (monotonic s)
+class _Seq(CoreSeq):
+    """A sequence plus what the live engine streams: tokens, text, a wake-up."""
+
+    req: EngineRequest = field(default=None)  # type: ignore[assignment]
+    prompt_ids: list[int] = field(default_factory=list)
+    key: int = 0  # seeds the token stream (deterministic sampling)
+    rng: random.Random | None = None  # sampling at temperature > 0 without a seed
     out: list[Delta] = field(default_factory=list)
     event: asyncio.Event = field(default_factory=asyncio.Event)
-    done: bool = False
     text: str = ""
 
 
@@ -77,15 +70,11 @@ class SimEngine:
     def __init__(self, settings: SimSettings, model: str = "sim") -> None:
         self.s = settings
         self.models = [model]
-        self._waiting: deque[_Seq] = deque()
-        self._running: list[_Seq] = []
+        self.core = StepCore(settings)
         self._by_id: dict[str, _Seq] = {}
-        self._kv_used = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._rates = RateWindow()
-        self._prefix_hits = 0
-        self._prefix_queries = 0
         self._rng = random.Random()  # sampling at temperature > 0 without a seed
 
     async def start(self) -> None:
@@ -104,12 +93,13 @@ class SimEngine:
 
     def stats(self) -> EngineStats:
         prompt_rate, gen_rate = self._rates.rates()
-        q = self._prefix_queries
+        core = self.core
+        q = core.prefix_query_tokens
         return EngineStats(
-            running=len(self._running),
-            waiting=len(self._waiting),
-            kv_usage=self._kv_used / self.s.kv_tokens if self.s.kv_tokens else 0.0,
-            prefix_hit_rate=self._prefix_hits / q if q else 0.0,
+            running=len(core.running),
+            waiting=len(core.waiting),
+            kv_usage=core.kv_used / self.s.kv_tokens if self.s.kv_tokens else 0.0,
+            prefix_hit_rate=core.prefix_hit_tokens / q if q else 0.0,
             prompt_tokens_per_s=prompt_rate,
             gen_tokens_per_s=gen_rate,
         )
@@ -144,19 +134,22 @@ class SimEngine:
                 code="prompt_too_long",
             )
         to_generate = 1 if req.prefill_only else max(0, req.max_tokens - resumed)
-        key = hash((zlib.crc32(str(prompt_ids).encode()), req.seed or 0))
         sampled = req.temperature > 0 and req.seed is None
         transferred = req.kv_transfer_params is not None
         seq = _Seq(
-            req=req,
-            prompt_ids=prompt_ids,
+            request_id=req.request_id,
+            prompt_len=len(prompt_ids),
             ctx=len(prompt_ids) + resumed,
             to_generate=to_generate,
-            key=key,
-            rng=self._rng if sampled else None,
-            produced=resumed,
             needs_prefill=not transferred,
+            block_hashes=(() if transferred or self.core.cache.capacity <= 0
+                          else block_hashes(prompt_ids, self.s.prefix_block_tokens)),
+            produced=resumed,
             cached=len(prompt_ids) if transferred else 0,
+            req=req,
+            prompt_ids=prompt_ids,
+            key=hash((zlib.crc32(str(prompt_ids).encode()), req.seed or 0)),
+            rng=self._rng if sampled else None,
         )
         if transferred:
             delay_ms = self.s.kv_transfer_a_ms + self.s.kv_transfer_b_ms * len(prompt_ids)
@@ -171,7 +164,7 @@ class SimEngine:
         if seq.to_generate == 0:
             self._finish(seq, FinishReason.LENGTH)
         else:
-            self._waiting.append(seq)
+            self.core.add(seq)
             self._wake.set()
         try:
             while True:
@@ -187,85 +180,44 @@ class SimEngine:
                 self._finish(seq, FinishReason.CANCELLED)
 
     # -- step loop ----------------------------------------------------------
-    def _admit(self, now: float) -> list[_Seq]:
-        admitted: list[_Seq] = []
-        budget = self.s.max_batched_tokens
-        deferred: list[_Seq] = []
-        while self._waiting and len(self._running) + len(admitted) < self.s.max_num_seqs:
-            seq = self._waiting[0]
-            if seq.ready_at > now:
-                deferred.append(self._waiting.popleft())
-                continue
-            need = seq.ctx + seq.to_generate
-            cost = seq.ctx if seq.needs_prefill else 0
-            if self._kv_used + need > self.s.kv_tokens or (admitted and cost > budget):
-                break
-            self._waiting.popleft()
-            budget -= cost
-            self._kv_used += need
-            seq.kv_reserved = need
-            admitted.append(seq)
-        self._waiting.extendleft(reversed(deferred))
-        return admitted
-
-    def _step_ms(self, prefills: list[_Seq], decodes: list[_Seq]) -> float:
-        s = self.s
-        if s.zero_cost:
-            return 0.0
-        ms = 0.0
-        if prefills:
-            lens = [q.ctx for q in prefills]
-            ms += s.prefill_a_ms + s.prefill_b_ms * sum(lens) + s.prefill_c_ms * sum(
-                n * n for n in lens
-            )
-        if decodes:
-            ms += s.decode_a_ms + s.decode_b_ms * sum(q.ctx for q in decodes) + (
-                s.decode_c_ms * len(decodes)
-            )
-        return ms
-
     async def _loop(self) -> None:
+        core = self.core
         while True:
-            if not self._running and not self._waiting:
+            if core.idle:
                 self._wake.clear()
                 await self._wake.wait()
             now = time.monotonic()
-            admitted = self._admit(now)
-            if not self._running and not admitted:
+            step = core.plan(now)
+            if step is None:
                 # Only KV transfers in flight: wait for the earliest one.
-                soonest = min((q.ready_at for q in self._waiting), default=now)
+                soonest = core.next_ready(now) or now
                 await asyncio.sleep(max(soonest - now, 0.0005))
                 continue
-            prefills = [q for q in admitted if q.needs_prefill]
-            decodes = list(self._running)
-            step_ms = self._step_ms(prefills, decodes)
-            await asyncio.sleep(step_ms / 1000)
-            self._rates.add(prompt=sum(q.ctx for q in prefills), gen=0)
-            for q in admitted:
-                q.needs_prefill = False
-                self._running.append(q)
+            await asyncio.sleep(step.ms / 1000)
+            self._rates.add(prompt=sum(q.ctx - q.cached for q in step.prefills), gen=0)
+            core.begin(step)
             self._emit_tokens()
 
     def _emit_tokens(self) -> None:
+        core = self.core
+        core.advance()
         finished: list[_Seq] = []
-        for q in self._running:
+        for q in core.running:
+            assert isinstance(q, _Seq)
             if q.done:
                 continue
             if q.rng is not None:
                 tid = q.rng.randrange(self.s.vocab_size)
             else:
-                tid = hash((q.key, q.produced)) % self.s.vocab_size
+                tid = hash((q.key, q.produced - 1)) % self.s.vocab_size
             text = token_text(tid)
-            q.produced += 1
-            q.ctx += 1
-            q.to_generate -= 1
             q.text += text
             reason = self._finish_reason(q, tid)
             q.out.append(self._delta(q, [tid], text, reason))
             q.event.set()
             if reason is not None:
                 finished.append(q)
-        self._rates.add(prompt=0, gen=len(self._running))
+        self._rates.add(prompt=0, gen=len(core.running))
         for q in finished:
             self._release(q)
 
@@ -300,21 +252,13 @@ class SimEngine:
         return {"engine": "sim", "prompt_tokens": len(q.prompt_ids)}
 
     def _release(self, q: _Seq) -> None:
-        q.done = True
         self._by_id.pop(q.req.request_id, None)
-        self._kv_used -= q.kv_reserved
-        q.kv_reserved = 0
-        if q in self._running:
-            self._running.remove(q)
+        self.core.release(q)
 
     def _finish(self, q: _Seq, reason: FinishReason) -> None:
         """End a sequence early (abort, cancel, shutdown)."""
         if q.done:
             return
-        try:
-            self._waiting.remove(q)
-        except ValueError:
-            pass
         self._release(q)
         q.out.append(self._delta(q, [], "", reason))
         q.event.set()

@@ -1,0 +1,315 @@
+"""The fleet simulator: a trace through the live decision code, in virtual time.
+
+Events (a heap ordered by virtual ms, ties by insertion, so runs replay):
+arrivals reach the orchestrator `intake_ms` after their trace time; a plan
+runs the live `orchestrator.dispatch.plan_dispatch` with the live plugins
+over the held queue, the ledger's in-flight counts and the fleet as of its
+last heartbeats; work messages land on the pool or a worker's own queue
+`work_ms` later; workers take whole messages while they have a free slot
+(as workers/runtime.py does) and run the live sim engine's `StepCore`; a
+finished request frees its pool's slot at the orchestrator `done_ms` later.
+Heartbeats refresh every worker's view each `heartbeat_ms`. What the client
+sees adds `token_ms` (chunk publish and republish) to each token time.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fleetsim.records import RequestRecord, RunResult, TraceRequest
+from fleetsim.worker import Item, Run, SimSeq, SimWorker
+from orchestrator.dispatch import DispatchConfig, free_slots, plan_dispatch
+from orchestrator.fleet import FleetView, WorkerView
+from orchestrator.snapshot import Pending, QueueSnapshot, RouteState
+from schemas.messages import Role
+from schemas.settings import SimSettings
+from schemas.subjects import ANY_TARGET
+
+_ARRIVE, _PLAN, _WORK, _STEP, _DONE, _BEAT, _WAKE = range(7)
+
+
+@dataclass(frozen=True, slots=True)
+class FleetSpec:
+    """The simulated fleet and the messaging delays around it (ms)."""
+
+    workers: int = 8  # unified workers
+    prefill_workers: int = 0  # PD: a prefill pool ...
+    decode_workers: int = 0  # ... and a decode pool
+    capacity: int = 64  # slots per worker (worker.capacity)
+    model: str = "sim"
+    engine: SimSettings = field(default_factory=SimSettings)
+    heartbeat_ms: float = 1000.0
+    intake_ms: float = 0.6  # publish -> held by the orchestrator
+    work_ms: float = 0.6  # plan -> work message taken by a worker
+    done_ms: float = 0.6  # Final -> the orchestrator frees the slot
+    token_ms: float = 0.6  # token out of the engine -> at the client
+    handoff_ms: float = 1.0  # PD: prefill Final -> decode work stored
+    horizon_ms: float = 3_600_000.0  # stop this long after the last arrival
+
+
+@dataclass(slots=True)
+class _Msg:
+    items: list[Item]
+
+
+@dataclass(slots=True)
+class _Orch:
+    """The orchestrator's state: held requests per level (insertion-ordered) and the ledger."""
+
+    held: list[dict[str, Pending]]
+    in_flight: dict[tuple[str, str], int] = field(default_factory=dict)
+    route: RouteState = field(default_factory=RouteState)
+    sent_since: dict[str, int] = field(default_factory=dict)
+    plan_at: float = -1.0  # a plan is scheduled at this time (coalesces wakes)
+
+
+class Simulation:
+    """One run: `Simulation(reqs, fleet, cfg, seed).run()` -> RunResult."""
+
+    def __init__(self, reqs: Sequence[TraceRequest], fleet: FleetSpec, cfg: DispatchConfig,
+                 *, seed: int = 0, progress: Callable[[int], None] | None = None) -> None:
+        self.fleet = fleet
+        self.cfg = cfg
+        self.rng = random.Random(seed)
+        self.records = [RequestRecord(r) for r in sorted(reqs, key=lambda r: r.arrival_ms)]
+        self.by_id = {rec.req.request_id: rec for rec in self.records}
+        self.progress = progress
+        self.workers: dict[str, SimWorker] = {}
+        roles = ((Role.UNIFIED, fleet.workers, "u"), (Role.PREFILL, fleet.prefill_workers, "p"),
+                 (Role.DECODE, fleet.decode_workers, "d"))
+        for role, n, tag in roles:
+            for i in range(n):
+                wid = f"{tag}{i:03d}"
+                self.workers[wid] = SimWorker(wid, role, fleet.model, fleet.capacity,
+                                              fleet.engine, cfg.max_batch)
+        self._of_role = {r: [w for w in self.workers.values() if w.role is r] for r in Role}
+        self.pools: dict[Role, list[_Msg]] = {r: [] for r in Role}  # the `any` subjects
+        self.own: dict[str, list[_Msg]] = {w: [] for w in self.workers}
+        self.orch = _Orch([{} for _ in range(5)])
+        self.view = FleetView()
+        self._heap: list[tuple[float, int, int, Any]] = []
+        self._tie = itertools.count()
+        self.now = 0.0
+        self.events = 0
+        self.finished = 0
+        self.samples: list[tuple[float, tuple[int, ...]]] = []
+        self.pool_of: dict[str, tuple[str, str]] = {}  # request id -> pool it occupies
+        self._next_puller = 0  # pull requests are served in turn
+
+    # -- event plumbing -------------------------------------------------------
+    def _at(self, t: float, kind: int, data: Any = None) -> None:
+        heapq.heappush(self._heap, (t, next(self._tie), kind, data))
+
+    def run(self) -> RunResult:
+        t0 = time.perf_counter()
+        for rec in self.records:
+            self._at(rec.req.arrival_ms + self.fleet.intake_ms, _ARRIVE, rec)
+        self._heartbeat()
+        last = self.records[-1].req.arrival_ms if self.records else 0.0
+        stop = last + self.fleet.horizon_ms
+        handlers = (self._arrive, self._plan, self._work, self._step, self._done,
+                    self._beat, self._wake)
+        total = len(self.records)
+        heap = self._heap
+        while heap and self.finished < total:
+            t, _, kind, data = heapq.heappop(heap)
+            if t > stop:
+                break
+            self.now = t
+            self.events += 1
+            handlers[kind](data)
+        first = self.records[0].req.arrival_ms if self.records else 0.0
+        ends = [r.finished_ms for r in self.records if r.finished_ms is not None]
+        s = self.fleet.engine
+        return RunResult(
+            records=self.records, workers=len(self.workers),
+            duration_ms=(max(ends) if ends else self.now) - first,
+            load_samples=self.samples,
+            prefix_hit_tokens=sum(w.core.prefix_hit_tokens for w in self.workers.values()),
+            prefix_query_tokens=sum(w.core.prefix_query_tokens for w in self.workers.values()),
+            prefix_block_tokens=s.prefix_block_tokens,
+            prefix_cache_blocks=s.prefix_cache_tokens // max(1, s.prefix_block_tokens),
+            events=self.events, wall_s=time.perf_counter() - t0)
+
+    # -- orchestrator ---------------------------------------------------------
+    def _arrive(self, rec: RequestRecord) -> None:
+        r = rec.req
+        p = Pending(request_id=r.request_id, level=r.level, arrival_ms=r.arrival_ms,
+                    held_ms=self.now, model=r.model or self.fleet.model,
+                    prompt_tokens=r.prompt_tokens, output_tokens=r.output_tokens,
+                    tenant=r.tenant, slo_class=r.slo_class, session=r.session,
+                    block_hashes=r.block_hashes)
+        self.orch.held[r.level][r.request_id] = p
+        self._want_plan()
+
+    def _want_plan(self) -> None:
+        if self.orch.plan_at < self.now:
+            self.orch.plan_at = self.now
+            self._at(self.now, _PLAN)
+
+    def _plan(self, _: Any) -> None:
+        o = self.orch
+        if not any(o.held):
+            return
+        free = free_slots(self.view, o.in_flight, self.cfg.headroom)
+        room = sum(max(0, f) for f in free.values())
+        if room <= 0:
+            return
+        k = room + 16
+        levels = tuple(tuple(itertools.islice(h.values(), k)) for h in o.held)
+        plan = plan_dispatch(QueueSnapshot(levels, dict(o.in_flight)), self.view, self.cfg,
+                             now_ms=self.now, route=o.route, rng=self.rng)
+        for rej in plan.rejections:
+            rec = self.by_id[rej.request_id]
+            self._take_held(rec)
+            rec.rejected = rej.code.value
+            rec.finished_ms = self.now
+            self._finished()
+        for b in plan.batches:
+            items = []
+            for rid in b.request_ids:
+                rec = self.by_id[rid]
+                self._take_held(rec)
+                rec.dispatched_ms = self.now
+                o.in_flight[b.pool] = o.in_flight.get(b.pool, 0) + 1
+                self.pool_of[rid] = b.pool
+                items.append(Item(rec, b.pool, b.role))
+            self._at(self.now + self.fleet.work_ms, _WORK, (b.role, b.target, _Msg(items)))
+        for wid, n in plan.sent.items():
+            o.sent_since[wid] = o.sent_since.get(wid, 0) + n
+        if plan.route_steps:
+            o.route = RouteState(o.route.step + plan.route_steps, o.sent_since)
+
+    def _take_held(self, rec: RequestRecord) -> None:
+        self.orch.held[rec.req.level].pop(rec.req.request_id, None)
+
+    def _done(self, rid: str) -> None:
+        """A Final reached the orchestrator: its pool has room again."""
+        self.orch.in_flight[self.pool_of.pop(rid)] -= 1
+        self._want_plan()
+
+    def _finished(self) -> None:
+        self.finished += 1
+        if self.progress is not None:
+            self.progress(1)
+
+    # -- workers --------------------------------------------------------------
+    def _work(self, data: tuple[Role, str, _Msg]) -> None:
+        role, target, msg = data
+        if target == ANY_TARGET or target not in self.workers:
+            self.pools[role].append(msg)
+            # Pull consumers: a worker of the role with room takes it, in turn.
+            ws = self._of_role[role]
+            for i in range(len(ws)):
+                w = ws[(self._next_puller + i) % len(ws)]
+                if w.room_msgs() > 0:
+                    self._next_puller += i + 1
+                    self._pull(w)
+                    break
+        else:
+            self.own[target].append(msg)
+            self._pull(self.workers[target])
+
+    def _pull(self, w: SimWorker) -> None:
+        took = False
+        own, pool = self.own[w.worker_id], self.pools[w.role]
+        while w.room_msgs() > 0 and (own or pool):
+            msg = own.pop(0) if own else pool.pop(0)
+            for it in msg.items:
+                it.rec.worker = w.worker_id
+            w.take(msg.items, self.now, self._kv_delay(msg.items))
+            took = True
+        if took:
+            self._kick(w)
+
+    def _kv_delay(self, items: list[Item]) -> float:
+        s = self.fleet.engine
+        if not items or not items[0].transferred:
+            return 0.0
+        return s.kv_transfer_a_ms + s.kv_transfer_b_ms * items[0].rec.req.prompt_tokens
+
+    def _kick(self, w: SimWorker) -> None:
+        """New work on w: start stepping if idle, or cut a decode run short."""
+        if w.run is None:
+            self._schedule(w, w.plan(self.now))
+        else:
+            self._schedule(w, w.cut(self.now))
+
+    def _schedule(self, w: SimWorker, run: Run | None) -> None:
+        if run is not None:
+            self._at(run.end_ms, _STEP, (w, run.version))
+            return
+        if w.run is None and w.core.waiting:  # only KV transfers in flight
+            ready = w.core.next_ready(self.now)
+            if ready is not None:
+                self._at(max(ready, self.now), _WAKE, w)
+
+    def _wake(self, w: SimWorker) -> None:
+        if w.run is None:
+            self._schedule(w, w.plan(self.now))
+
+    def _step(self, data: tuple[SimWorker, int]) -> None:
+        w, version = data
+        run = w.run
+        if run is None or run.version != version:
+            return  # superseded by a cut
+        done, _ = w.finish_run(run)
+        for q in done:
+            self._seq_done(w, q)
+        self._pull(w)
+        if w.run is None:
+            self._schedule(w, w.plan(self.now))
+
+    def _seq_done(self, w: SimWorker, q: SimSeq) -> None:
+        rec = q.rec
+        assert rec is not None
+        if q.prefill_only and rec.req.output_tokens > 1:
+            # The prefill side streamed the first token; decode continues elsewhere.
+            item = Item(rec, self.pool_of[rec.req.request_id], Role.DECODE, True)
+            self._at(self.now + self.fleet.handoff_ms, _WORK,
+                     (Role.DECODE, ANY_TARGET, _Msg([item])))
+            return
+        tm = self.fleet.token_ms
+        rec.output_tokens = q.produced
+        rec.first_token_ms = (rec.first_token_ms or self.now) + tm
+        rec.last_token_ms = (rec.last_token_ms or self.now) + tm
+        rec.finished_ms = rec.last_token_ms
+        self._at(self.now + self.fleet.done_ms, _DONE, rec.req.request_id)
+        self._finished()
+
+    # -- heartbeats -------------------------------------------------------------
+    def _heartbeat(self) -> None:
+        views = []
+        for w in self.workers.values():
+            core = w.core
+            s = core.s
+            views.append(WorkerView(
+                worker_id=w.worker_id, role=w.role, models=(w.model,), capacity=w.capacity,
+                held_items=w.held, running=len(core.running), waiting=len(core.waiting),
+                kv_usage=core.kv_used / s.kv_tokens if s.kv_tokens else 0.0,
+                last_seen_ms=self.now))
+        self.view = FleetView(tuple(views))
+        self.orch.sent_since.clear()
+        self.samples.append((self.now, tuple(
+            w.held + sum(len(m.items) for m in self.own[w.worker_id])
+            for w in self.workers.values())))
+        self._at(self.now + self.fleet.heartbeat_ms, _BEAT)
+
+    def _beat(self, _: Any) -> None:
+        self._heartbeat()
+        self._want_plan()
+
+
+def simulate(reqs: Sequence[TraceRequest], fleet: FleetSpec, cfg: DispatchConfig, *,
+             seed: int = 0, progress: Callable[[int], None] | None = None) -> RunResult:
+    """Run `reqs` through the fleet with the decision configuration `cfg`."""
+    return Simulation(reqs, fleet, cfg, seed=seed, progress=progress).run()
+
+
+__all__ = ["FleetSpec", "Simulation", "simulate"]
