@@ -58,6 +58,8 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
     o: dict[str, Any] = {}
     if args.policy:
         o["policy"] = args.policy
+    if args.router:
+        o["router"] = args.router
     if args.pd_mode:
         o["pd_mode"] = args.pd_mode
     settings = _settings(args, orchestrator=o)
@@ -194,6 +196,12 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_policies(args: argparse.Namespace) -> int:
+    from fleetsim import bench
+
+    return bench.main(args, sys.argv[2:] if len(sys.argv) > 2 else None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cplane", description=__doc__.split("\n")[0])
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -213,7 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sp.add_parser("orchestrator", help="run an orchestrator replica")
     _common(p)
-    p.add_argument("--policy", choices=["fifo", "priority"], default=None)
+    p.add_argument("--policy", default=None, help="a policy plugin: " + ", ".join(
+        _plugin_names("policy")))
+    p.add_argument("--router", default=None, help="a router plugin: " + ", ".join(
+        _plugin_names("router")))
     p.add_argument("--pd-mode", choices=["never", "always", "auto"], default=None)
     p.set_defaults(fn=cmd_orchestrator)
 
@@ -253,10 +264,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the Final as JSON")
     p.set_defaults(fn=cmd_generate)
 
+    p = sp.add_parser("bench", help="benchmarks that need no broker")
+    bp = p.add_subparsers(dest="bench", required=True)
+    p = bp.add_parser("policies", help="policies x routers on a trace, in the fleet simulator")
+    _bench_arguments(p)
+    p.set_defaults(fn=cmd_bench_policies)
+
     p = sp.add_parser("schema", help="export the wire types as JSON Schema")
     p.add_argument("--out", default=None, help="directory for one file per type")
     p.set_defaults(fn=cmd_schema)
     return ap
+
+
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
+    from fleetsim.bench import add_arguments
+
+    add_arguments(p)
+
+
+def _plugin_names(kind: str) -> list[str]:
+    from orchestrator.plugins import names
+
+    return names(kind)
 
 
 def _priorities() -> list[Any]:

@@ -51,6 +51,7 @@ class FleetSpec:
     token_ms: float = 0.6  # token out of the engine -> at the client
     handoff_ms: float = 1.0  # PD: prefill Final -> decode work stored
     horizon_ms: float = 3_600_000.0  # stop this long after the last arrival
+    max_run_steps: int = 0  # decode steps priced at once at most (0 = to the next finish)
 
 
 @dataclass(slots=True)
@@ -87,7 +88,7 @@ class Simulation:
             for i in range(n):
                 wid = f"{tag}{i:03d}"
                 self.workers[wid] = SimWorker(wid, role, fleet.model, fleet.capacity,
-                                              fleet.engine, cfg.max_batch)
+                                              fleet.engine, cfg.max_batch, fleet.max_run_steps)
         self._of_role = {r: [w for w in self.workers.values() if w.role is r] for r in Role}
         self.pools: dict[Role, list[_Msg]] = {r: [] for r in Role}  # the `any` subjects
         self.own: dict[str, list[_Msg]] = {w: [] for w in self.workers}

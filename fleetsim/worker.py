@@ -56,12 +56,13 @@ class SimWorker:
     """A worker with `capacity` slots; takes whole work messages while it has a free slot."""
 
     def __init__(self, worker_id: str, role: Role, model: str, capacity: int,
-                 engine: SimSettings, max_batch: int) -> None:
+                 engine: SimSettings, max_batch: int, max_run_steps: int = 0) -> None:
         self.worker_id = worker_id
         self.role = role
         self.model = model
         self.capacity = capacity
         self.max_batch = max_batch
+        self.max_run_steps = max_run_steps
         self.core = StepCore(engine)
         self.held = 0  # items taken, not finished
         self.run: Run | None = None
@@ -103,6 +104,8 @@ class SimWorker:
             return self._set(Run(now_ms, now_ms + step.ms, 1, step, version=self.version))
         # Decode only, nothing waiting: run until the first sequence finishes.
         k = max(1, min(q.to_generate for q in core.running))
+        if self.max_run_steps > 0:
+            k = min(k, self.max_run_steps)
         n = len(core.running)
         ctx0 = sum(q.ctx for q in core.running)
         return self._set(Run(now_ms, now_ms + core.decode_run_ms(k), k, None, n, ctx0,

@@ -1,0 +1,210 @@
+"""`cplane bench policies`: every (policy, router) on the same work, side by side.
+
+For each combination: one run of the whole workload at its own rate (the
+table's latency, throughput and attainment figures, the TTFT CDF), and a rate
+sweep on a slice of it for goodput (DistServe: the highest request rate at
+which at least 90% of requests meet both their TTFT and TPOT targets): the
+rate doubles until attainment falls below 90%, then bisection narrows the
+crossing. Results go to DIR/results.json, DIR/goodput.png, DIR/ttft_cdf.png.
+
+A trace without tenants, priorities or SLO classes gets them by the seeded
+rule of `fleetsim.workload.assign_classes` (per request id, so a slice keeps
+its requests' classes), with the mixes given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fleetsim import metrics, plots, report
+from fleetsim.records import DEFAULT_SLOS, TraceRequest
+from fleetsim.sim import FleetSpec, simulate
+from fleetsim.synthetic import LengthDist, SyntheticSpec, generate
+from fleetsim.workload import assign_classes, load_trace, scale_rate, slice_requests, summary
+from orchestrator import plugins
+from orchestrator.dispatch import DispatchConfig
+
+DEFAULT_LEVELS = "1=0.2,2=0.6,4=0.2"  # high / normal / background
+DEFAULT_CLASSES = "interactive=0.3,standard=0.5,batch=0.2"
+DEFAULT_TENANTS = "a=0.5,b=0.3,c=0.2"
+
+
+def _mix(text: str, key: Callable[[str], Any] = str) -> dict[Any, float]:
+    """`a=1,b=2` -> {a: 1.0, b: 2.0}; a clear error for anything else."""
+    out: dict[Any, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, weight = part.partition("=")
+        try:
+            out[key(name.strip())] = float(weight) if sep else 1.0
+        except ValueError:
+            raise ValueError(f"bad mix entry {part!r} (want NAME=WEIGHT)") from None
+    if not out or any(w < 0 for w in out.values()) or sum(out.values()) <= 0:
+        raise ValueError(f"bad mix {text!r}: weights must be >= 0 and not all zero")
+    return out
+
+
+def _names(kind: str, text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for n in names:
+        plugins.spec(kind, n)  # unknown names fail here, naming the choices
+    return names
+
+
+def workload(args: argparse.Namespace) -> list[TraceRequest]:
+    if args.trace:
+        reqs = load_trace(args.trace)
+    else:
+        reqs = generate(SyntheticSpec(rate_per_s=args.synthetic_rate, count=args.requests or 2000,
+                                      prompt=LengthDist(1000, 1.0, 8192),
+                                      output=LengthDist(200, 0.8, 2048)), seed=args.seed)
+    reqs = slice_requests(reqs, start=args.start, count=args.requests)
+    if args.rate_scale != 1.0:
+        reqs = scale_rate(reqs, args.rate_scale)
+    return assign_classes(reqs, seed=args.seed, tenants=_mix(args.tenants),
+                          levels=_mix(args.levels, int), slo_classes=_mix(args.slo_classes))
+
+
+def _rate(reqs: Sequence[TraceRequest]) -> float:
+    span = (reqs[-1].arrival_ms - reqs[0].arrival_ms) / 1000 if len(reqs) > 1 else 0.0
+    return len(reqs) / span if span > 0 else float(len(reqs))
+
+
+def sweep(reqs: Sequence[TraceRequest], fleet: FleetSpec, cfg: DispatchConfig, *, seed: int,
+          refine: int, max_points: int = 14, threshold: float = 0.9
+          ) -> list[tuple[float, float]]:
+    """(request rate, attainment) points: doubling to the crossing, then bisection."""
+    base = _rate(reqs)
+    points: dict[float, float] = {}
+
+    def at(factor: float) -> float:
+        run = simulate(scale_rate(reqs, factor), fleet, cfg, seed=seed)
+        att = metrics.summarize(run)["attainment"] or 0.0
+        points[base * factor] = att
+        return att
+
+    lo, hi = 0.0, 1.0
+    while len(points) < max_points and at(hi) >= threshold:
+        lo, hi = hi, hi * 2
+    for _ in range(refine if lo > 0 else 0):
+        mid = (lo + hi) / 2
+        if at(mid) >= threshold:
+            lo = mid
+        else:
+            hi = mid
+    return sorted(points.items())
+
+
+def run_all(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    policies = _names("policy", args.policies)
+    routers = _names("router", args.routers)
+    reqs = workload(args)
+    if not reqs:
+        raise ValueError("the workload is empty")
+    fleet = FleetSpec(workers=args.workers, prefill_workers=args.prefill_workers,
+                      decode_workers=args.decode_workers, capacity=args.capacity)
+    swept = slice_requests(reqs, count=args.sweep_requests)
+    refine = 6 if args.sweep else 3
+    combos = [(p, r) for p in policies for r in routers]
+    results: list[dict[str, Any]] = []
+    cdfs: dict[str, list[float]] = {}
+    curves: dict[str, list[tuple[float, float]]] = {}
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("simulating", total=len(combos))
+        for policy, router in combos:
+            label = f"{policy} x {router}"
+            bar.update(task, description=f"{label}: trace")
+            cfg = DispatchConfig.named(policy=policy, router=router, pd=args.pd)
+            run = simulate(reqs, fleet, cfg, seed=args.seed)
+            summ = metrics.summarize(run, DEFAULT_SLOS)
+            bar.update(task, description=f"{label}: goodput sweep")
+            t0 = time.perf_counter()
+            points = sweep(swept, fleet, cfg, seed=args.seed, refine=refine)
+            good = metrics.goodput(points)
+            results.append({"policy": policy, "router": router, "summary": summ,
+                            "goodput": good, "goodput_sweep": points,
+                            "sweep_wall_s": time.perf_counter() - t0,
+                            "speed": {"wall_s": run.wall_s, "events": run.events,
+                                      "events_per_s": summ["events_per_s"]}})
+            cdfs[label] = [t for rec in run.records if (t := rec.ttft_ms) is not None]
+            curves[label] = points
+            bar.advance(task)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "command": "cplane bench " + " ".join(sys.argv[2:] if args.argv is None else args.argv),
+        "trace": str(args.trace) if args.trace else "synthetic",
+        "workload": summary(reqs), "sweep_requests": len(swept),
+        "fleet": msgspec.to_builtins(fleet),
+        "slos": {k: asdict(v) for k, v in DEFAULT_SLOS.items()},
+        "mix": {"levels": args.levels, "slo_classes": args.slo_classes, "tenants": args.tenants},
+        "results": results,
+    }
+    report.write_json(out / "results.json", payload)
+    plots.plot_goodput(curves, out / "goodput.png")
+    plots.plot_ttft_cdf(cdfs, out / "ttft_cdf.png")
+    return payload
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trace", default=None,
+                   help="Azure CSV or Mooncake JSONL (default: a synthetic workload)")
+    p.add_argument("--workers", type=int, default=8, help="unified workers")
+    p.add_argument("--prefill-workers", type=int, default=0)
+    p.add_argument("--decode-workers", type=int, default=0)
+    p.add_argument("--capacity", type=int, default=64, help="slots per worker")
+    p.add_argument("--policies", default="fifo,priority")
+    p.add_argument("--routers", default="round_robin,random,least_loaded")
+    p.add_argument("--pd", default="auto", help="PD decider (with prefill/decode workers)")
+    p.add_argument("--requests", type=int, default=None, help="first N requests of the trace")
+    p.add_argument("--start", type=int, default=0, help="skip this many requests first")
+    p.add_argument("--rate-scale", type=float, default=1.0, help="2 = twice the trace's rate")
+    p.add_argument("--sweep", action="store_true", help="a finer goodput sweep")
+    p.add_argument("--sweep-requests", type=int, default=1000,
+                   help="requests in the goodput sweep's slice")
+    p.add_argument("--levels", default=DEFAULT_LEVELS, help="priority mix, level=weight")
+    p.add_argument("--slo-classes", default=DEFAULT_CLASSES, help="SLO class mix")
+    p.add_argument("--tenants", default=DEFAULT_TENANTS, help="tenant mix")
+    p.add_argument("--synthetic-rate", type=float, default=20.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder for results.json and the plots")
+
+
+def main(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
+    console = Console()
+    if not console.is_terminal:  # logs and CI: room for the whole table
+        console = Console(width=170)
+    if args.workers < 0 or args.workers + args.prefill_workers == 0:
+        raise ValueError("the fleet needs at least one unified or prefill worker")
+    if (args.prefill_workers > 0) != (args.decode_workers > 0):
+        raise ValueError("PD needs both --prefill-workers and --decode-workers")
+    args.argv = list(argv) if argv is not None else None
+    payload = run_all(args, console)
+    console.print(report.table(payload["results"], title=_title(payload)))
+    speeds = [r["speed"] for r in payload["results"]]
+    ev = sum(s["events"] for s in speeds)
+    wall = sum(s["wall_s"] for s in speeds)
+    console.print(f"{len(speeds)} trace runs: {ev:,} events in {wall:.1f} s "
+                  f"({ev / wall if wall else 0:,.0f} events/s); results in {args.out}")
+    return 0
+
+
+def _title(payload: Mapping[str, Any]) -> str:
+    w = payload["workload"]
+    f = payload["fleet"]
+    return (f"{payload['trace']}: {w['count']} requests at {w['rate_per_s']:.2f} req/s, "
+            f"{f['workers']} workers (+{f['prefill_workers']}P/{f['decode_workers']}D)")
+
+
+__all__ = ["add_arguments", "main", "run_all", "sweep", "workload"]
