@@ -1,0 +1,94 @@
+"""The decision registry and the routers: pure functions, plain asserts."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from orchestrator import plugins
+from orchestrator.dispatch import DispatchConfig, dispatch_config, plan_dispatch
+from orchestrator.fleet import FleetView, Registry, WorkerView
+from orchestrator.routers import RouteContext
+from orchestrator.snapshot import Pending, QueueSnapshot, RouteState
+from schemas.messages import Heartbeat, Role
+from schemas.settings import OrchestratorSettings
+
+
+def w(wid: str, held: int = 0, cap: int = 4) -> WorkerView:
+    return WorkerView(wid, Role.UNIFIED, ("m",), cap, held, 0, 0, 0.0, 0.0)
+
+
+def p(rid: str) -> Pending:
+    return Pending(rid, 2, 0.0, 0.0, "m", 10)
+
+
+def test_registry_names_every_builtin_and_refuses_typos() -> None:
+    assert {"fifo", "priority"} <= set(plugins.names("policy"))
+    assert {"pool", "round_robin", "random", "least_loaded"} <= set(plugins.names("router"))
+    assert {"never", "always", "auto"} <= set(plugins.names("pd"))
+    with pytest.raises(ValueError, match="unknown router 'least_laoded'.*least_loaded"):
+        plugins.build("router", "least_laoded")
+    with pytest.raises(ValueError, match="aging_sec"):
+        plugins.build("policy", "priority", {"aging_sec": 3})
+    with pytest.raises(ValueError, match="Expected `float`"):
+        plugins.build("policy", "priority", {"aging_s": "soon"})
+    with pytest.raises(ValueError, match="registered twice"):
+        plugins.register("router", "pool")(lambda params: None)
+
+
+def test_settings_name_the_plugins() -> None:
+    cfg = dispatch_config(OrchestratorSettings(policy="fifo", router="round_robin"))
+    ctx = RouteContext(RouteState(), random.Random(0))
+    fleet = (w("a"), w("b"))
+    assert [cfg.router(fleet, p("x"), ctx).worker_id for _ in range(3)] == ["a", "b", "a"]
+    with pytest.raises(ValueError, match="unknown policy"):
+        dispatch_config(OrchestratorSettings(policy="lottery"))
+
+
+def route_all(router: str, n: int, state: RouteState, fleet: tuple[WorkerView, ...],
+              seed: int = 0) -> list[str]:
+    cfg = DispatchConfig.named(policy="fifo", router=router, pd="never", headroom=10.0)
+    snap = QueueSnapshot(((), (), tuple(p(f"r{i}") for i in range(n)), (), ()), {})
+    plan = plan_dispatch(snap, FleetView(fleet), cfg, now_ms=0.0, route=state,
+                         rng=random.Random(seed))
+    order = {rid: b.target for b in plan.batches for rid in b.request_ids}
+    assert sum(plan.sent.values()) == (n if router != "pool" else 0)
+    return [order[f"r{i}"] for i in range(n)]
+
+
+def test_pool_router_uses_the_pool_subject() -> None:
+    assert set(route_all("pool", 5, RouteState(), (w("a"), w("b")))) == {"any"}
+
+
+def test_round_robin_continues_where_the_last_plan_stopped() -> None:
+    fleet = (w("a"), w("b"), w("c"))
+    assert route_all("round_robin", 4, RouteState(), fleet) == ["a", "b", "c", "a"]
+    assert route_all("round_robin", 2, RouteState(step=4), fleet) == ["b", "c"]
+
+
+def test_random_router_replays_for_a_seed() -> None:
+    fleet = tuple(w(x) for x in "abcdefgh")
+    one = route_all("random", 40, RouteState(), fleet, seed=3)
+    assert one == route_all("random", 40, RouteState(), fleet, seed=3)
+    assert one != route_all("random", 40, RouteState(), fleet, seed=4)
+    assert len(set(one)) > 4
+
+
+def test_least_loaded_counts_heartbeat_load_plus_what_was_routed_since() -> None:
+    fleet = (w("a", held=3), w("b", held=0), w("c", held=1))
+    # a holds 3; b none; c 1 at its heartbeat plus 2 routed since (3): b while it
+    # has the fewest, which it still has after taking two.
+    got = route_all("least_loaded", 3, RouteState(sent_since={"c": 2}), fleet)
+    assert got == ["b", "b", "b"]
+    # capacity matters: per slot, not per worker
+    big = (w("a", held=4, cap=16), w("b", held=2, cap=4))
+    assert route_all("least_loaded", 1, RouteState(), big) == ["a"]
+
+
+def test_registry_forgets_routed_counts_at_each_heartbeat() -> None:
+    reg = Registry(timeout_ms=1000)
+    reg.routed({"a": 2, "b": 1})
+    reg.observe(Heartbeat(worker_id="a", role=Role.UNIFIED, models=["m"], capacity=4,
+                          engine="sim"), 0.0)
+    assert reg.sent_since == {"b": 1}
