@@ -27,7 +27,7 @@ def test_registry_names_every_builtin_and_refuses_typos() -> None:
     assert {"fifo", "priority"} <= set(plugins.names("policy"))
     assert {"pool", "round_robin", "random", "least_loaded"} <= set(plugins.names("router"))
     assert {"never", "always", "auto"} <= set(plugins.names("pd"))
-    with pytest.raises(ValueError, match="unknown router 'least_laoded'.*least_loaded"):
+    with pytest.raises(ValueError, match=r"unknown router 'least_laoded'.*least_loaded"):
         plugins.build("router", "least_laoded")
     with pytest.raises(ValueError, match="aging_sec"):
         plugins.build("policy", "priority", {"aging_sec": 3})
