@@ -112,7 +112,9 @@ def run_all(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         raise ValueError("the workload is empty")
     fleet = FleetSpec(workers=args.workers, prefill_workers=args.prefill_workers,
                       decode_workers=args.decode_workers, capacity=args.capacity)
-    swept = slice_requests(reqs, count=args.sweep_requests)
+    n_sweep = args.sweep_requests if args.sweep_requests is not None else max(
+        1000, 125 * (args.workers + args.decode_workers))
+    swept = slice_requests(reqs, count=n_sweep) if n_sweep > 0 else []
     refine = 6 if args.sweep else 3
     combos = [(p, r) for p in policies for r in routers]
     results: list[dict[str, Any]] = []
@@ -130,8 +132,8 @@ def run_all(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             summ = metrics.summarize(run, DEFAULT_SLOS)
             bar.update(task, description=f"{label}: goodput sweep")
             t0 = time.perf_counter()
-            points = sweep(swept, fleet, cfg, seed=args.seed, refine=refine)
-            good = metrics.goodput(points)
+            points = sweep(swept, fleet, cfg, seed=args.seed, refine=refine) if swept else []
+            good = metrics.goodput(points) if points else None
             results.append({"policy": policy, "router": router, "summary": summ,
                             "goodput": good, "goodput_sweep": points,
                             "sweep_wall_s": time.perf_counter() - t0,
@@ -152,7 +154,8 @@ def run_all(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         "results": results,
     }
     report.write_json(out / "results.json", payload)
-    plots.plot_goodput(curves, out / "goodput.png")
+    if swept:
+        plots.plot_goodput(curves, out / "goodput.png")
     plots.plot_ttft_cdf(cdfs, out / "ttft_cdf.png")
     return payload
 
@@ -171,8 +174,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--start", type=int, default=0, help="skip this many requests first")
     p.add_argument("--rate-scale", type=float, default=1.0, help="2 = twice the trace's rate")
     p.add_argument("--sweep", action="store_true", help="a finer goodput sweep")
-    p.add_argument("--sweep-requests", type=int, default=1000,
-                   help="requests in the goodput sweep's slice")
+    p.add_argument("--sweep-requests", type=int, default=None,
+                   help="requests in the goodput sweep's slice (default: 125 per worker, "
+                        "at least 1000; 0 = no sweep)")
     p.add_argument("--levels", default=DEFAULT_LEVELS, help="priority mix, level=weight")
     p.add_argument("--slo-classes", default=DEFAULT_CLASSES, help="SLO class mix")
     p.add_argument("--tenants", default=DEFAULT_TENANTS, help="tenant mix")
