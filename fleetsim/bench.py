@@ -144,7 +144,13 @@ def run_all(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             bar.advance(task)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    eng = fleet.engine
+    per_worker = eng.prefix_cache_tokens // max(1, eng.prefix_block_tokens)
+    n_cached = fleet.workers + fleet.prefill_workers
     payload = {
+        # What one cache of the whole fleet's size would hit: the ceiling for routing.
+        "prefix_bound": (metrics.shared_cache_bound(reqs, per_worker * n_cached)
+                         if any(r.block_hashes for r in reqs) else None),
         "command": "cplane bench " + " ".join(sys.argv[2:] if args.argv is None else args.argv),
         "trace": str(args.trace) if args.trace else "synthetic",
         "workload": summary(reqs), "sweep_requests": len(swept),
@@ -199,6 +205,9 @@ def main(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     speeds = [r["speed"] for r in payload["results"]]
     ev = sum(s["events"] for s in speeds)
     wall = sum(s["wall_s"] for s in speeds)
+    if payload["prefix_bound"] is not None:
+        console.print(f"prefix cache: one shared cache of the fleet's size would hit "
+                      f"{payload['prefix_bound']:.1%} of blocks")
     console.print(f"{len(speeds)} trace runs: {ev:,} events in {wall:.1f} s "
                   f"({ev / wall if wall else 0:,.0f} events/s); results in {args.out}")
     return 0

@@ -253,6 +253,16 @@ def summarize(run: RunResult, slos: Mapping[str, SloTarget] = DEFAULT_SLOS) -> d
     shares = tenant_service_shares(records)
     out["tenants"] = len(shares)
     out["jain_fairness"] = jain_index(list(shares.values()))
+    # Service shares are all 1 once a run drains; how well each tenant's SLOs
+    # were met is what a policy changes, so fairness is also taken over that.
+    good: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for r in records:
+        g = good[r.req.tenant]
+        g[0] += is_good(r, slos[r.req.slo_class])
+        g[1] += 1
+    by_tenant = {t: n / total for t, (n, total) in sorted(good.items())}
+    out["attainment_by_tenant"] = by_tenant
+    out["jain_fairness_attainment"] = jain_index(list(by_tenant.values()))
 
     out["events"] = run.events
     out["events_per_s"] = run.events / run.wall_s if run.wall_s > 0 else None

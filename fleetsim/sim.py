@@ -44,12 +44,17 @@ class FleetSpec:
     capacity: int = 64  # slots per worker (worker.capacity)
     model: str = "sim"
     engine: SimSettings = field(default_factory=SimSettings)
-    heartbeat_ms: float = 1000.0
-    intake_ms: float = 0.6  # publish -> held by the orchestrator
-    work_ms: float = 0.6  # plan -> work message taken by a worker
-    done_ms: float = 0.6  # Final -> the orchestrator frees the slot
-    token_ms: float = 0.6  # token out of the engine -> at the client
+    # Messaging delays: medians measured on the live stack (bench/fidelity.py: one
+    # nats-server, orchestrator and sim workers as processes on one 2-core host;
+    # 2026-11-29). Under load they are shorter than on an idle stack (token 0.5 vs 1.0).
+    heartbeat_ms: float = 1000.0  # worker.heartbeat_s
+    intake_ms: float = 1.3  # publish -> held by the orchestrator (publish -> dispatched 1.2-1.4)
+    work_ms: float = 0.9  # plan -> work message taken by a worker (0.8-1.2, zero-cost engine)
+    done_ms: float = 1.0  # Final -> the orchestrator frees the slot (as Final -> client: 1.0)
+    token_ms: float = 0.6  # token out of the engine -> at the client (0.4-0.6 under load)
     handoff_ms: float = 1.0  # PD: prefill Final -> decode work stored
+    pull: str = "lru"  # which worker with room takes pool work: lru | random
+    plan_ms: float = 1.0  # a plan and its publishes keep the orchestrator busy this long
     horizon_ms: float = 3_600_000.0  # stop this long after the last arrival
     max_run_steps: int = 0  # decode steps priced at once at most (0 = to the next finish)
 
@@ -68,6 +73,7 @@ class _Orch:
     route: RouteState = field(default_factory=RouteState)
     sent_since: dict[str, int] = field(default_factory=dict)
     plan_at: float = -1.0  # a plan is scheduled at this time (coalesces wakes)
+    busy_until: float = 0.0  # the plan in progress ends then
 
 
 class Simulation:
@@ -101,7 +107,7 @@ class Simulation:
         self.finished = 0
         self.samples: list[tuple[float, tuple[int, ...]]] = []
         self.pool_of: dict[str, tuple[str, str]] = {}  # request id -> pool it occupies
-        self._next_puller = 0  # pull requests are served in turn
+        self._pull_rng = random.Random(seed + 0x5EED)  # which waiting pull gets pool work
 
     # -- event plumbing -------------------------------------------------------
     def _at(self, t: float, kind: int, data: Any = None) -> None:
@@ -150,12 +156,16 @@ class Simulation:
         self._want_plan()
 
     def _want_plan(self) -> None:
-        if self.orch.plan_at < self.now:
-            self.orch.plan_at = self.now
-            self._at(self.now, _PLAN)
+        # One plan at a time: what arrives while the orchestrator plans and
+        # publishes waits for the next plan (and goes out in the same batch).
+        at = max(self.now, self.orch.busy_until)
+        if self.orch.plan_at < at:
+            self.orch.plan_at = at
+            self._at(at, _PLAN)
 
     def _plan(self, _: Any) -> None:
         o = self.orch
+        o.busy_until = self.now + self.fleet.plan_ms
         if not any(o.held):
             return
         free = free_slots(self.view, o.in_flight, self.cfg.headroom)
@@ -205,14 +215,16 @@ class Simulation:
         role, target, msg = data
         if target == ANY_TARGET or target not in self.workers:
             self.pools[role].append(msg)
-            # Pull consumers: a worker of the role with room takes it, in turn.
-            ws = self._of_role[role]
-            for i in range(len(ws)):
-                w = ws[(self._next_puller + i) % len(ws)]
-                if w.room_msgs() > 0:
-                    self._next_puller += i + 1
-                    self._pull(w)
-                    break
+            # Pull consumers: JetStream serves the oldest waiting pull request;
+            # a worker re-issues its pull after taking work, so among workers
+            # with room the one that took work longest ago is served first.
+            ready = [w for w in self._of_role[role] if w.room_msgs() > 0]
+            if ready:
+                if self.fleet.pull == "random":
+                    w = ready[self._pull_rng.randrange(len(ready))]
+                else:
+                    w = min(ready, key=lambda w: w.last_pull)
+                self._pull(w)
         else:
             self.own[target].append(msg)
             self._pull(self.workers[target])
@@ -225,6 +237,7 @@ class Simulation:
             for it in msg.items:
                 it.rec.worker = w.worker_id
             w.take(msg.items, self.now, self._kv_delay(msg.items))
+            w.last_pull = self.now
             took = True
         if took:
             self._kick(w)

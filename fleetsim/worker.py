@@ -66,6 +66,7 @@ class SimWorker:
         self.core = StepCore(engine)
         self.held = 0  # items taken, not finished
         self.run: Run | None = None
+        self.last_pull = -1.0  # when it last took a work message (its pull re-queued then)
         self.version = 0
 
     def room_msgs(self) -> int:
