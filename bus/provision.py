@@ -38,7 +38,7 @@ from nats.js.api import (
     StreamConfig,
     StreamSource,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
 from schemas.messages import PRIORITIES, Priority, Role
@@ -187,10 +187,17 @@ async def ensure_stream(js: JetStreamContext, cfg: StreamConfig, *, update: bool
             await js.add_stream(cfg)
             log.info("created stream %s", cfg.name)
             return
-        except BadRequestError as exc:  # created by another process meanwhile
-            if exc.err_code != _STREAM_EXISTS:
-                raise
-            current = (await js.stream_info(cfg.name)).config
+        except APIError as exc:
+            # Created by another process meanwhile: "already exists", or, when
+            # both creations overlap, the server may count the storage twice
+            # and refuse ours with "insufficient storage" (seen with four
+            # processes starting together). Either way: if it exists, use it.
+            try:
+                current = (await js.stream_info(cfg.name)).config
+            except NotFoundError:
+                raise exc from None
+            if not (isinstance(exc, BadRequestError) and exc.err_code == _STREAM_EXISTS):
+                log.info("stream %s created by another process (%s)", cfg.name, exc)
     diffs = stream_differences(current, cfg)
     if not diffs:
         return

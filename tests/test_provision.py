@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import tempfile
 
 import msgspec
+import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -16,6 +19,7 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 
 from bus.provision import (
     StreamWeakeningError,
+    ensure_all,
     ensure_lease_bucket,
     ensure_request_consumers,
     ensure_streams,
@@ -93,6 +97,27 @@ async def test_ensure_streams_creates_six_streams_idempotently(nats_url: str, nc
     assert dlq.retention == "limits" and dlq.storage == "file"
     consumers = {c.name for c in await js.consumers_info(s.streams.req.name)}
     assert consumers == {f"orch-{p}" for p in PRIORITY_NAMES}
+
+
+async def test_many_processes_provisioning_at_once_all_start(nats_url: str) -> None:
+    # Services start together (cplane up, a fleet rollout): every one runs
+    # ensure_all on fresh streams at the same moment, on its own connection.
+    # A stream whose limit is a large part of the server's storage: while two
+    # creations overlap the server counts it twice and refuses one with
+    # "insufficient storage" (seen with four processes on a tmpfs store).
+    # The server's file store limit is 75 % of the free space where it stores
+    # (a temp dir): take 55 % of that, so one fits and two overlapping do not.
+    limit = shutil.disk_usage(tempfile.gettempdir()).free * 3 // 4
+    s = isolated_settings(nats_url, stream_done={"max_bytes": limit * 55 // 100})
+    conns = [await nats.connect(nats_url) for _ in range(6)]
+    try:
+        await asyncio.gather(*(ensure_all(c.jetstream(), s) for c in conns))
+        js = conns[0].jetstream()
+        for cfg in (s.streams.req, s.streams.work, s.streams.out, s.streams.done):
+            assert (await js.stream_info(cfg.name)).config.name == cfg.name
+    finally:
+        for c in conns:
+            await c.close()
 
 
 async def test_a_differing_stream_is_kept_and_each_field_named(
