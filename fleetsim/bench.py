@@ -82,7 +82,8 @@ def _rate(reqs: Sequence[TraceRequest]) -> float:
 def sweep(reqs: Sequence[TraceRequest], fleet: FleetSpec, cfg: DispatchConfig, *, seed: int,
           refine: int, max_points: int = 14, threshold: float = 0.9
           ) -> list[tuple[float, float]]:
-    """(request rate, attainment) points: doubling to the crossing, then bisection."""
+    """(request rate, attainment) points: doubling (or halving, when the trace's own
+    rate fails) to the crossing, then bisection."""
     base = _rate(reqs)
     points: dict[float, float] = {}
 
@@ -93,8 +94,17 @@ def sweep(reqs: Sequence[TraceRequest], fleet: FleetSpec, cfg: DispatchConfig, *
         return att
 
     lo, hi = 0.0, 1.0
-    while len(points) < max_points and at(hi) >= threshold:
+    if at(hi) >= threshold:  # up: double while it passes
         lo, hi = hi, hi * 2
+        while len(points) < max_points and at(hi) >= threshold:
+            lo, hi = hi, hi * 2
+    else:  # down: the trace's own rate is already too much; halve until it passes
+        lo, passed = hi, False
+        while not passed and len(points) < max_points // 2:
+            lo, hi = lo / 2, lo
+            passed = at(lo) >= threshold
+        if not passed:
+            lo = 0.0
     for _ in range(refine if lo > 0 else 0):
         mid = (lo + hi) / 2
         if at(mid) >= threshold:

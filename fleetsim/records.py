@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from schemas.settings import DEFAULT_SLO_CLASSES
+
 # Priority levels as the live system numbers them: 0 = critical ... 4 = background.
 LEVEL_NAMES = ("critical", "high", "normal", "low", "background")
 
@@ -32,10 +34,10 @@ class SloTarget:
     tpot_ms: float
 
 
+# The orchestrator's configured classes: one source for live and simulated targets.
 DEFAULT_SLOS: dict[str, SloTarget] = {
-    "interactive": SloTarget(ttft_ms=250.0, tpot_ms=100.0),
-    "standard": SloTarget(ttft_ms=1000.0, tpot_ms=100.0),
-    "batch": SloTarget(ttft_ms=30_000.0, tpot_ms=500.0),
+    name: SloTarget(ttft_ms=c.ttft_ms, tpot_ms=c.tpot_ms)
+    for name, c in DEFAULT_SLO_CLASSES.items()
 }
 
 

@@ -76,6 +76,25 @@ class LimitsSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_dead_letter_bytes: int = 65_536  # body kept as evidence in a DeadLetter
 
 
+class SloClass(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What a class of requests is promised, and what happens when it cannot be."""
+
+    ttft_ms: float  # time to first token target
+    tpot_ms: float  # time per output token target
+    deadline_ms: float = 0.0  # default end-to-end budget from publish (0 = none)
+    # When its target can no longer be met: shed at once (ErrorReply overloaded,
+    # retryable, with retry_after_ms) or run late.
+    sheddable: bool = False
+    weight: float = 1.0  # share of the fleet under contention, relative to other classes
+
+
+DEFAULT_SLO_CLASSES: dict[str, SloClass] = {
+    "interactive": SloClass(ttft_ms=250.0, tpot_ms=100.0, sheddable=True, weight=4.0),
+    "standard": SloClass(ttft_ms=1000.0, tpot_ms=100.0, weight=2.0),
+    "batch": SloClass(ttft_ms=30_000.0, tpot_ms=500.0, weight=1.0),
+}
+
+
 class OrchestratorSettings(msgspec.Struct, frozen=True, kw_only=True):
     orchestrator_id: str = ""  # "" = generated at start
     # Decision plugins by name (orchestrator/plugins.py); their parameters as a
@@ -86,6 +105,11 @@ class OrchestratorSettings(msgspec.Struct, frozen=True, kw_only=True):
     router: str = "pool"  # pool | round_robin | random | least_loaded
     router_params: dict[str, Any] = msgspec.field(default_factory=dict)
     route_seed: int = 0  # seeds random routers (0 = from the OS)
+    # SLO classes by name (the subject's `<slo_class>` token); a name not listed
+    # is served as `default_slo_class` (and counted: see the stats).
+    slo_classes: dict[str, SloClass] = msgspec.field(
+        default_factory=lambda: dict(DEFAULT_SLO_CLASSES))
+    default_slo_class: str = "standard"
     max_batch: int = 16  # work items per LLM_WORK message at most
     hold_per_priority: int = 512  # request messages held unacked per priority at most
     fetch_batch: int = 128

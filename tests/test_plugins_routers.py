@@ -92,3 +92,16 @@ def test_registry_forgets_routed_counts_at_each_heartbeat() -> None:
     reg.observe(Heartbeat(worker_id="a", role=Role.UNIFIED, models=["m"], capacity=4,
                           engine="sim"), 0.0)
     assert reg.sent_since == {"b": 1}
+
+
+def test_a_burst_to_the_pool_is_cut_so_every_worker_gets_a_message() -> None:
+    # A pool message goes whole to one worker; 24 requests onto 8 idle workers
+    # as 16 + 8 would leave six of them idle.
+    fleet = tuple(w(f"w{i}", cap=64) for i in range(8))
+    cfg = DispatchConfig.named(policy="fifo", router="pool", pd="never", max_batch=16)
+    snap = QueueSnapshot(((), (), tuple(p(f"r{i}") for i in range(24)), (), ()), {})
+    plan = plan_dispatch(snap, FleetView(fleet), cfg, now_ms=0.0)
+    assert [len(b.request_ids) for b in plan.batches] == [3] * 8
+    deep = QueueSnapshot(((), (), tuple(p(f"r{i}") for i in range(400)), (), ()), {})
+    plan = plan_dispatch(deep, FleetView(fleet), cfg, now_ms=0.0)
+    assert max(len(b.request_ids) for b in plan.batches) == 16  # deep queues still batch
