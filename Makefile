@@ -26,12 +26,12 @@ demo: install
 
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/mypy schemas bus orchestrator workers client cplane
+	$(BIN)/mypy schemas bus orchestrator workers client cplane fleetsim
 	$(BIN)/python -m pytest -q tests
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/mypy schemas bus orchestrator workers client cplane
+	$(BIN)/mypy schemas bus orchestrator workers client cplane fleetsim
 
 schema: install
 	$(BIN)/cplane schema --out schemas/jsonschema
