@@ -68,6 +68,7 @@ import nats  # noqa: E402
 from nats.aio.msg import Msg  # noqa: E402
 
 from bus.server import EmbeddedNats  # noqa: E402
+from cplane.stack import heartbeats_seen, stop_processes  # noqa: E402
 from fleetsim.metrics import percentile  # noqa: E402
 from fleetsim.records import RequestRecord, TraceRequest  # noqa: E402
 from fleetsim.sim import FleetSpec, simulate  # noqa: E402
@@ -182,17 +183,7 @@ class Services:
                                    f"(logs in {self.log_dir})")
 
     def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        for p in self.procs:
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
-        self.procs.clear()
+        stop_processes(self.procs, 20)
 
 
 @dataclass(slots=True)
@@ -301,22 +292,10 @@ class _Collector:
 
 
 async def _wait_workers(nc: Any, settings: Settings, n: int, timeout_s: float) -> None:
-    seen: set[str] = set()
-    done = asyncio.Event()
-
-    async def on_hb(msg: Msg) -> None:
-        seen.add(msg.subject.rpartition(".")[2])
-        if len(seen) >= n:
-            done.set()
-
-    sub = await nc.subscribe(settings.subjects.heartbeats_all, cb=on_hb)
-    try:
-        await asyncio.wait_for(done.wait(), timeout_s)
-    except TimeoutError:
+    seen = await heartbeats_seen(nc, settings.subjects.heartbeats_all, n, timeout_s)
+    if len(seen) < n:
         raise RuntimeError(f"only {len(seen)} of {n} workers sent a heartbeat "
-                           f"within {timeout_s} s") from None
-    finally:
-        await sub.unsubscribe()
+                           f"within {timeout_s} s")
 
 
 def _warmup_reqs(n: int) -> list[TraceRequest]:

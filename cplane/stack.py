@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 import nats
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from bus.server import EmbeddedNats
@@ -35,9 +36,8 @@ class StackSpec:
     extra_worker_args: list[str] = field(default_factory=list)
 
 
-async def wait_for_workers(url: str, n: int, timeout_s: float) -> set[str]:
-    """Block until `n` distinct workers have sent a heartbeat (or the timeout passes)."""
-    nc = await nats.connect(url)
+async def heartbeats_seen(nc: NATS, subject: str, n: int, timeout_s: float) -> set[str]:
+    """Workers heard on `subject` (heartbeats) until `n` are seen or the timeout passes."""
     seen: set[str] = set()
     done = asyncio.Event()
 
@@ -46,14 +46,38 @@ async def wait_for_workers(url: str, n: int, timeout_s: float) -> set[str]:
         if len(seen) >= n:
             done.set()
 
-    await nc.subscribe("llm.hb.*", cb=on_hb)
+    sub = await nc.subscribe(subject, cb=on_hb)
     try:
         await asyncio.wait_for(done.wait(), timeout_s)
     except TimeoutError:
         pass
     finally:
-        await nc.close()
+        await sub.unsubscribe()
     return seen
+
+
+async def wait_for_workers(url: str, n: int, timeout_s: float) -> set[str]:
+    """Block until `n` distinct workers have sent a heartbeat (or the timeout passes)."""
+    nc = await nats.connect(url)
+    try:
+        return await heartbeats_seen(nc, "llm.hb.*", n, timeout_s)
+    finally:
+        await nc.close()
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
+    """SIGTERM every process (a graceful drain), then kill what outlives `timeout_s`."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+    procs.clear()
 
 
 class Stack:
@@ -109,16 +133,7 @@ class Stack:
             raise RuntimeError(f"only {len(seen)} of {len(cmds)} workers came up in {timeout_s} s")
 
     def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 40
-        for p in self.procs:
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-        self.procs.clear()
+        stop_processes(self.procs, 40)
         if self.server:
             self.server.stop()
             self.server = None
