@@ -155,12 +155,14 @@ def cancelled_final(item: WorkItem, worker_id: str | None = None) -> Final:
 
 
 def error_reply(
-    request_id: str, code: ErrorCode, message: str, retryable: bool = False
+    request_id: str, code: ErrorCode, message: str, retryable: bool = False,
+    retry_after_ms: float | None = None,
 ) -> ErrorReply:
     return ErrorReply(
         request_id=request_id,
         code=code,
         message=message,
         retryable=retryable,
+        retry_after_ms=retry_after_ms,
         ts_ms=time.time() * 1000,
     )

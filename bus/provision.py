@@ -1,4 +1,4 @@
-"""Idempotent creation of the six streams, the durable consumers and the lease bucket.
+"""Idempotent creation of the six streams, the durable consumers and the KV buckets.
 
 Every component calls `ensure_all` (or its parts) at start-up and after a
 reconnect, so any one of them can come up first and a stream that vanished
@@ -334,6 +334,27 @@ async def ensure_lease_bucket(js: JetStreamContext, settings: Settings) -> KeyVa
     return kv
 
 
+# -- config bucket ----------------------------------------------------------------
+CONFIG_HISTORY = 5  # past choices kept per key (`nats kv history`): who switched what, when
+
+
+async def ensure_config_bucket(js: JetStreamContext, settings: Settings) -> KeyValue:
+    """The KV bucket of fleet-wide runtime choices (the dispatch policy): no TTL, file storage.
+
+    Idempotent. Its entries outlive every process and a broker restart, so a
+    choice made at run time survives them. An existing bucket is kept as it is.
+    """
+    name = settings.subjects.config_bucket
+    cfg = KeyValueConfig(bucket=name, history=CONFIG_HISTORY, storage=StorageType.FILE,
+                         replicas=settings.streams.req.replicas)
+    try:
+        return await js.create_key_value(cfg)
+    except BadRequestError as exc:
+        if exc.err_code != _STREAM_EXISTS:
+            raise
+    return await js.key_value(name)
+
+
 # -- everything ---------------------------------------------------------------------
 async def ensure_all(js: JetStreamContext, settings: Settings) -> None:
     """Streams, request consumers and the lease bucket: start-up and after a reconnect.
@@ -381,6 +402,7 @@ __all__ = [
     "StreamWeakeningError",
     "delete_work_consumer",
     "ensure_all",
+    "ensure_config_bucket",
     "ensure_consumer",
     "ensure_lease_bucket",
     "ensure_request_consumers",

@@ -184,15 +184,74 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return asyncio.run(main())
 
 
+def _param_value(text: str) -> Any:
+    try:  # numbers, booleans, lists and dicts as JSON; anything else as a string
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    """`policy get` / `policy set NAME [--param k=v ...]`: 0 ok, 1 no answer, 2 refused."""
+    import socket
+
+    from client.admin import Admin, NoOrchestrator
+    from client.sdk import Client
+
+    settings = _settings(args)
+    params: dict[str, Any] = {}
+    for kv in getattr(args, "param", None) or []:
+        key, sep, value = kv.partition("=")
+        if not sep or not key:
+            print(f"cplane policy: --param wants KEY=VALUE, got {kv!r}", file=sys.stderr)
+            return 2
+        params[key.replace("-", "_")] = _param_value(value)
+
+    async def main() -> int:
+        try:
+            client = await Client.connect(settings.nats.url, settings, connect_timeout_s=5.0)
+        except ConnectionError as exc:
+            print(f"cplane policy: {exc}", file=sys.stderr)
+            return 1
+        try:
+            admin = Admin(client.nc, settings, timeout_s=args.timeout)
+            if args.policy_cmd == "set":
+                by = f"{os.environ.get('USER', 'cplane')}@{socket.gethostname()}"
+                reply = await admin.set_policy(args.name, params, by=by)
+            else:
+                reply = await admin.get_policy()
+        except NoOrchestrator as exc:
+            print(f"cplane policy: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await client.close()
+        if not reply.ok or reply.state is None:
+            print(f"cplane policy: refused: {reply.error}", file=sys.stderr)
+            return 2 if reply.choices else 1  # refused with choices, else it failed
+        st = reply.state
+        where = (f"set by {st.by or '?'} at {_iso(st.updated_ms)}" if st.updated_ms
+                 else "from the settings")
+        print(f"policy: {st.name} {json.dumps(st.params, sort_keys=True)} ({where})")
+        return 0
+
+    return asyncio.run(main())
+
+
+def _iso(ms: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).isoformat(
+        timespec="seconds")
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
-    from schemas.export import render, write_all
-    from schemas.messages import WIRE_TYPES
+    from schemas.export import EXPORTED_TYPES, render, write_all
 
     if args.out:
         for path in write_all(Path(args.out)):
             print(path)
     else:
-        print(json.dumps({n: json.loads(render(n)) for n in WIRE_TYPES}, indent=2))
+        print(json.dumps({n: json.loads(render(n)) for n in EXPORTED_TYPES}, indent=2))
     return 0
 
 
@@ -263,6 +322,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--json", action="store_true", help="print the Final as JSON")
     p.set_defaults(fn=cmd_generate)
+
+    p = sp.add_parser("policy", help="get or switch the dispatch policy of every orchestrator")
+    pp = p.add_subparsers(dest="policy_cmd", required=True)
+    g = pp.add_parser("get", help="print the policy in force: name, parameters, who set it")
+    _common(g)
+    g.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+    g.set_defaults(fn=cmd_policy)
+    g = pp.add_parser("set", help="switch every orchestrator replica (kept across restarts)")
+    _common(g)
+    g.add_argument("name", help="a policy plugin: " + ", ".join(_plugin_names("policy")))
+    g.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="a policy parameter (value as JSON when it parses, else a string)")
+    g.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+    g.set_defaults(fn=cmd_policy)
 
     p = sp.add_parser("bench", help="benchmarks that need no broker")
     bp = p.add_subparsers(dest="bench", required=True)

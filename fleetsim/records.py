@@ -24,6 +24,7 @@ class TraceRequest:
     slo_class: str = "standard"
     session: str = ""
     model: str = ""  # "" = the fleet's model
+    cost_budget: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +55,7 @@ class RequestRecord:
     output_tokens: int = 0
     cached_prompt_tokens: int = 0
     rejected: str = ""  # error code when it ended without running
+    cost: float = 0.0  # at the prices of the worker that served it
     itl_ms: list[tuple[float, int]] = field(default_factory=list)  # (gap, how many gaps)
 
     @property

@@ -18,20 +18,22 @@ import heapq
 import itertools
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from fleetsim.records import RequestRecord, RunResult, TraceRequest
 from fleetsim.worker import Item, Run, SimSeq, SimWorker
-from orchestrator.dispatch import DispatchConfig, free_slots, plan_dispatch
+from orchestrator.decision_state import DecisionState
+from orchestrator.dispatch import DispatchConfig, free_slots, headroom, plan_dispatch
 from orchestrator.fleet import FleetView, WorkerView
-from orchestrator.snapshot import Pending, QueueSnapshot, RouteState
+from orchestrator.slo import resolve
+from orchestrator.snapshot import Pending, QueueSnapshot
 from schemas.messages import Role
-from schemas.settings import SimSettings
+from schemas.settings import DEFAULT_SLO_CLASSES, SimSettings, SloClass
 from schemas.subjects import ANY_TARGET
 
-_ARRIVE, _PLAN, _WORK, _STEP, _DONE, _BEAT, _WAKE = range(7)
+_ARRIVE, _PLAN, _WORK, _STEP, _DONE, _BEAT, _WAKE, _TICK = range(8)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +56,11 @@ class FleetSpec:
     token_ms: float = 0.6  # token out of the engine -> at the client (0.4-0.6 under load)
     handoff_ms: float = 1.0  # PD: prefill Final -> decode work stored
     pull: str = "lru"  # which worker with room takes pool work: lru | random
+    slo_classes: Mapping[str, SloClass] = field(default_factory=lambda: dict(DEFAULT_SLO_CLASSES))
+    shed: bool = True  # sheddable classes are shed when late (admission control)
+    tenant_weights: Mapping[str, float] = field(default_factory=dict)
+    # Prices per 1000 tokens (in, out) by worker index: cost_optimized's fleet.
+    prices: tuple[tuple[float, float], ...] = ()
     plan_ms: float = 1.0  # a plan and its publishes keep the orchestrator busy this long
     horizon_ms: float = 3_600_000.0  # stop this long after the last arrival
     max_run_steps: int = 0  # decode steps priced at once at most (0 = to the next finish)
@@ -69,11 +76,12 @@ class _Orch:
     """The orchestrator's state: held requests per level (insertion-ordered) and the ledger."""
 
     held: list[dict[str, Pending]]
+    state: DecisionState
     in_flight: dict[tuple[str, str], int] = field(default_factory=dict)
-    route: RouteState = field(default_factory=RouteState)
     sent_since: dict[str, int] = field(default_factory=dict)
     plan_at: float = -1.0  # a plan is scheduled at this time (coalesces wakes)
     busy_until: float = 0.0  # the plan in progress ends then
+    tick_at: float = 0.0  # the live ticker: plan even without room (shedding, aging)
 
 
 class Simulation:
@@ -98,7 +106,10 @@ class Simulation:
         self._of_role = {r: [w for w in self.workers.values() if w.role is r] for r in Role}
         self.pools: dict[Role, list[_Msg]] = {r: [] for r in Role}  # the `any` subjects
         self.own: dict[str, list[_Msg]] = {w: [] for w in self.workers}
-        self.orch = _Orch([{} for _ in range(5)])
+        sent: dict[str, int] = {}
+        self.orch = _Orch([{} for _ in range(5)], DecisionState(
+            tenant_weights=fleet.tenant_weights, sent_since=sent,
+            prefill_tokens_per_s=1000 / max(1e-9, fleet.engine.prefill_b_ms)), sent_since=sent)
         self.view = FleetView()
         self._heap: list[tuple[float, int, int, Any]] = []
         self._tie = itertools.count()
@@ -107,6 +118,8 @@ class Simulation:
         self.finished = 0
         self.samples: list[tuple[float, tuple[int, ...]]] = []
         self.pool_of: dict[str, tuple[str, str]] = {}  # request id -> pool it occupies
+        self.pending: dict[str, Pending] = {}
+        self._index = {wid: i for i, wid in enumerate(self.workers)}
         self._pull_rng = random.Random(seed + 0x5EED)  # which waiting pull gets pool work
 
     # -- event plumbing -------------------------------------------------------
@@ -121,7 +134,7 @@ class Simulation:
         last = self.records[-1].req.arrival_ms if self.records else 0.0
         stop = last + self.fleet.horizon_ms
         handlers = (self._arrive, self._plan, self._work, self._step, self._done,
-                    self._beat, self._wake)
+                    self._beat, self._wake, self._tick)
         total = len(self.records)
         heap = self._heap
         while heap and self.finished < total:
@@ -147,12 +160,17 @@ class Simulation:
     # -- orchestrator ---------------------------------------------------------
     def _arrive(self, rec: RequestRecord) -> None:
         r = rec.req
+        slo = resolve(r.slo_class, self.fleet.slo_classes, "standard")
         p = Pending(request_id=r.request_id, level=r.level, arrival_ms=r.arrival_ms,
                     held_ms=self.now, model=r.model or self.fleet.model,
                     prompt_tokens=r.prompt_tokens, output_tokens=r.output_tokens,
-                    tenant=r.tenant, slo_class=r.slo_class, session=r.session,
-                    block_hashes=r.block_hashes)
+                    tenant=r.tenant, slo_class=slo.name, session=r.session,
+                    block_hashes=r.block_hashes, ttft_target_ms=slo.ttft_ms,
+                    tpot_target_ms=slo.tpot_ms, sheddable=slo.sheddable and self.fleet.shed,
+                    cost_budget=r.cost_budget)
+        self.pending[r.request_id] = p
         self.orch.held[r.level][r.request_id] = p
+        self.orch.state.held(r.tenant)
         self._want_plan()
 
     def _want_plan(self) -> None:
@@ -168,19 +186,25 @@ class Simulation:
         o.busy_until = self.now + self.fleet.plan_ms
         if not any(o.held):
             return
-        free = free_slots(self.view, o.in_flight, self.cfg.headroom)
+        free = free_slots(self.view, o.in_flight, headroom(self.cfg, o.state.mode))
         room = sum(max(0, f) for f in free.values())
-        if room <= 0:
+        if room <= 0 and self.now < o.tick_at:
             return
-        k = room + 16
+        if self.now >= o.tick_at:
+            o.tick_at = self.now + 250.0
+        k = room + getattr(self.cfg.order, "lookahead", 16)
         levels = tuple(tuple(itertools.islice(h.values(), k)) for h in o.held)
+        st = o.state
         plan = plan_dispatch(QueueSnapshot(levels, dict(o.in_flight)), self.view, self.cfg,
-                             now_ms=self.now, route=o.route, rng=self.rng)
+                             now_ms=self.now, route=st.route, rng=self.rng,
+                             measured=st.measured(self.view, self.now))
+        st.applied(plan)
         for rej in plan.rejections:
             rec = self.by_id[rej.request_id]
             self._take_held(rec)
             rec.rejected = rej.code.value
             rec.finished_ms = self.now
+            st.finished(rec.req.tenant, self.now, ran=False)
             self._finished()
         for b in plan.batches:
             items = []
@@ -191,11 +215,13 @@ class Simulation:
                 o.in_flight[b.pool] = o.in_flight.get(b.pool, 0) + 1
                 self.pool_of[rid] = b.pool
                 items.append(Item(rec, b.pool, b.role))
+            st.dispatched((self.pending[rid] for rid in b.request_ids),
+                          getattr(self.cfg.order, "fair", None))
             self._at(self.now + self.fleet.work_ms, _WORK, (b.role, b.target, _Msg(items)))
         for wid, n in plan.sent.items():
             o.sent_since[wid] = o.sent_since.get(wid, 0) + n
-        if plan.route_steps:
-            o.route = RouteState(o.route.step + plan.route_steps, o.sent_since)
+        if any(o.held):  # the ticker: shedding and aging go on while pools are full
+            self._at(o.tick_at, _TICK)
 
     def _take_held(self, rec: RequestRecord) -> None:
         self.orch.held[rec.req.level].pop(rec.req.request_id, None)
@@ -203,7 +229,15 @@ class Simulation:
     def _done(self, rid: str) -> None:
         """A Final reached the orchestrator: its pool has room again."""
         self.orch.in_flight[self.pool_of.pop(rid)] -= 1
+        rec = self.by_id[rid]
+        ttft, target = rec.ttft_ms, self.pending[rid].ttft_target_ms
+        self.orch.state.finished(rec.req.tenant, self.now, True,
+                                 None if ttft is None else ttft > target)
         self._want_plan()
+
+    def _tick(self, _: Any) -> None:
+        if self.now >= self.orch.tick_at:
+            self._want_plan()
 
     def _finished(self) -> None:
         self.finished += 1
@@ -291,23 +325,33 @@ class Simulation:
             return
         tm = self.fleet.token_ms
         rec.output_tokens = q.produced
+        p_in, p_out = self._price(rec.worker)
+        rec.cost = (rec.req.prompt_tokens * p_in + q.produced * p_out) / 1000
         rec.first_token_ms = (rec.first_token_ms or self.now) + tm
         rec.last_token_ms = (rec.last_token_ms or self.now) + tm
         rec.finished_ms = rec.last_token_ms
         self._at(self.now + self.fleet.done_ms, _DONE, rec.req.request_id)
         self._finished()
 
+    def _price(self, wid: str) -> tuple[float, float]:
+        prices = self.fleet.prices
+        if not prices or wid not in self._index:
+            return 0.0, 0.0
+        return prices[self._index[wid] % len(prices)]
+
     # -- heartbeats -------------------------------------------------------------
     def _heartbeat(self) -> None:
         views = []
-        for w in self.workers.values():
+        prices = self.fleet.prices
+        for i, w in enumerate(self.workers.values()):
             core = w.core
             s = core.s
+            p_in, p_out = prices[i % len(prices)] if prices else (0.0, 0.0)
             views.append(WorkerView(
                 worker_id=w.worker_id, role=w.role, models=(w.model,), capacity=w.capacity,
                 held_items=w.held, running=len(core.running), waiting=len(core.waiting),
                 kv_usage=core.kv_used / s.kv_tokens if s.kv_tokens else 0.0,
-                last_seen_ms=self.now))
+                last_seen_ms=self.now, price_in_per_1k=p_in, price_out_per_1k=p_out))
         self.view = FleetView(tuple(views))
         self.orch.sent_since.clear()
         self.samples.append((self.now, tuple(

@@ -29,10 +29,10 @@ from orchestrator.ledger import PoolKey
 from orchestrator.pd_decision import PdDecider
 from orchestrator.policy import Order
 from orchestrator.routers import RouteContext, Router
-from orchestrator.snapshot import Pending, QueueSnapshot, RouteState
+from orchestrator.snapshot import Measured, Pending, PolicyContext, QueueSnapshot, RouteState
 
 __all__ = ["Batch", "DispatchConfig", "DispatchPlan", "Pending", "QueueSnapshot", "Rejection",
-           "RouteState", "free_slots", "plan_dispatch"]
+           "RouteState", "free_slots", "headroom", "plan_dispatch"]
 from schemas.messages import ErrorCode, Role
 from schemas.settings import OrchestratorSettings
 from schemas.subjects import ANY_TARGET, MODEL_TARGET_PREFIX, model_target
@@ -56,6 +56,15 @@ class DispatchConfig:
         return cls(order=plugins.build("policy", policy, policy_params),
                    pd=plugins.build("pd", pd, pd_params),
                    router=plugins.build("router", router, router_params), **kw)
+
+
+def headroom(cfg: DispatchConfig, mode: str = "") -> float:
+    """The policy's own headroom if it sets one (slo_aware: 0, so that requests
+    wait here in deadline order, not in a worker's FIFO), else the configured.
+    `mode`: adaptive's current choice (its headroom follows it)."""
+    per_mode = getattr(cfg.order, "headroom_for", None)
+    own = per_mode(mode) if per_mode is not None else getattr(cfg.order, "headroom", None)
+    return cfg.headroom if own is None else float(own)
 
 
 def dispatch_config(o: OrchestratorSettings) -> DispatchConfig:
@@ -89,6 +98,7 @@ class Rejection:
     code: ErrorCode
     message: str
     retryable: bool
+    retry_after_ms: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +108,8 @@ class DispatchPlan:
     # A held request in neither stays held where it is: nothing is popped and put back.
     sent: Mapping[str, int] = field(default_factory=dict)  # worker id -> items routed to it
     route_steps: int = 0  # round-robin steps taken: add to RouteState.step
+    mode: str = ""  # adaptive: the policy it runs from now on
+    mode_since_ms: float = -1.0
 
     @property
     def dispatched(self) -> int:
@@ -132,20 +144,58 @@ def _expired(p: Pending, now_ms: float, cfg: DispatchConfig) -> bool:
         p.deadline_ms is not None and now_ms >= p.deadline_ms)
 
 
+def _admission(p: Pending, position: int, ctx: PolicyContext, fleet: FleetView,
+               role: Role, model: str) -> Rejection | None:
+    """Refuse now what cannot be served as asked: over budget, or (sheddable) too late."""
+    if p.cost_budget is not None:
+        cheapest = min((w.cost(p.prompt_tokens, p.output_tokens)
+                        for w in fleet.of_role(role, model)), default=0.0)
+        if cheapest > p.cost_budget:
+            return Rejection(p.request_id, ErrorCode.OVER_BUDGET,
+                             f"the cheapest worker serving {model!r} charges {cheapest:.6g} "
+                             f"for this request; its cost_budget is {p.cost_budget:.6g}", False)
+    if p.sheddable:
+        wait = ctx.wait_ms(position)
+        if ctx.now_ms + wait + ctx.prefill_ms(p) > p.ttft_deadline_ms:
+            return Rejection(p.request_id, ErrorCode.OVERLOADED,
+                             f"cannot start within its TTFT target ({p.ttft_target_ms:.0f} ms; "
+                             f"estimated wait {wait:.0f} ms)", True, max(wait, 100.0))
+    return None
+
+
 def plan_dispatch(queue: QueueSnapshot, fleet: FleetView, cfg: DispatchConfig, *,
                   now_ms: float, route: RouteState | None = None,
-                  rng: random.Random | None = None) -> DispatchPlan:
+                  rng: random.Random | None = None, measured: Measured | None = None
+                  ) -> DispatchPlan:
     """What to publish where and what to reject now; everything else stays held."""
-    ctx = RouteContext(route or RouteState(), rng or random.Random(0))
-    free = free_slots(fleet, queue.in_flight, cfg.headroom)
+    rctx = RouteContext(route or RouteState(), rng or random.Random(0))
+    m = measured or Measured()
+    free = free_slots(fleet, queue.in_flight, headroom(cfg, m.mode))
     room = sum(max(0, f) for f in free.values())
-    # Look a little past the room: requests that cannot run (full pool, absent
-    # model) must not hide the ones behind them, and absent models time out.
-    k = room + 16
+    ctx = PolicyContext(now_ms, fleet, room, m.drain_per_s, m.prefill_tokens_per_s,
+                        m.tenant_work, m.tenant_weights, m.mode, m.prefill_backlog_tokens,
+                        m.miss_rate, sum(queue.in_flight.values()))
+    mode, since = m.mode, m.mode_since_ms
+    next_mode = getattr(cfg.order, "next_mode", None)
+    if next_mode is not None:
+        mode, since = next_mode(queue.levels, ctx, since)
+        ctx = PolicyContext(now_ms, fleet, room, m.drain_per_s, m.prefill_tokens_per_s,
+                            m.tenant_work, m.tenant_weights, mode, m.prefill_backlog_tokens,
+                            m.miss_rate, ctx.in_flight)
+    router: Router = getattr(cfg.order, "router", None) or cfg.router
+    # Look past the room: requests that cannot run (full pool, absent model)
+    # must not hide the ones behind them, absent models time out, and
+    # admission sees who would wait too long.
+    k = room + getattr(cfg.order, "lookahead", 16)
     groups: dict[tuple[Role, str, PoolKey, str], list[str]] = {}
     alone: list[Batch] = []
     rejections: list[Rejection] = []
-    for p in cfg.order(queue.levels, k, now_ms):
+    ordered = cfg.order(queue.levels, k, ctx)
+    # A policy may hold requests back although there is room (slo_aware keeps
+    # the engines' prefill queues short): only the first `limit` may go now.
+    budget = getattr(cfg.order, "budget", None)
+    limit = budget(ordered, ctx) if budget is not None else len(ordered)
+    for position, p in enumerate(ordered):
         model = _resolve_model(p, fleet, free)
         role = None if model is None else cfg.pd(model, p.prompt_tokens, fleet)
         if model is None or role is None:
@@ -157,12 +207,17 @@ def plan_dispatch(queue: QueueSnapshot, fleet: FleetView, cfg: DispatchConfig, *
                     f"{(now_ms - p.held_ms) / 1000:.1f} s); served now: {served}", True))
             continue
         pool = (POOL_PD if role is Role.PREFILL else POOL_UNIFIED, model)
-        if free.get(pool, 0) <= 0:
+        blocked = free.get(pool, 0) <= 0 or position >= limit
+        refused = _admission(p, position if blocked else 0, ctx, fleet, role, model)
+        if refused is not None:
+            rejections.append(refused)
+            continue
+        if blocked:
             continue
         free[pool] -= 1
-        worker = cfg.router(fleet.of_role(role, model), p, ctx)
+        worker = router(fleet.of_role(role, model), p, rctx)
         if worker is not None:
-            ctx.routed(worker)
+            rctx.routed(worker)
             target = worker.worker_id
         elif fleet.whole_pool_serves(role, model):
             target = ANY_TARGET
@@ -183,4 +238,4 @@ def plan_dispatch(queue: QueueSnapshot, fleet: FleetView, cfg: DispatchConfig, *
             size = min(size, max(1, -(-len(ids) // max(1, len(workers)))))
         batches.extend(Batch(role, target, pool, model, tuple(ids[i:i + size]))
                        for i in range(0, len(ids), size))
-    return DispatchPlan(tuple(batches), tuple(rejections), ctx.sent, ctx.steps)
+    return DispatchPlan(tuple(batches), tuple(rejections), rctx.sent, rctx.steps, mode, since)

@@ -25,6 +25,13 @@ class WorkerView:
     waiting: int
     kv_usage: float
     last_seen_ms: float
+    price_in_per_1k: float = 0.0
+    price_out_per_1k: float = 0.0
+    prompt_tokens_per_s: float = 0.0  # measured over its last seconds
+
+    def cost(self, prompt_tokens: int, output_tokens: int) -> float:
+        return (prompt_tokens * self.price_in_per_1k + output_tokens * self.price_out_per_1k
+                ) / 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +161,9 @@ class Registry:
                     waiting=hb.waiting,
                     kv_usage=hb.kv_usage,
                     last_seen_ms=seen,
+                    price_in_per_1k=hb.price_in_per_1k,
+                    price_out_per_1k=hb.price_out_per_1k,
+                    prompt_tokens_per_s=hb.prompt_tokens_per_s,
                 )
             )
             until = min(until, seen + self.timeout_ms)

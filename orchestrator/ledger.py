@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,8 +81,14 @@ class Entry:
 
 
 
+Observer = Callable[["Entry", "RequestState | None", "RequestState | None"], None]
+
+
 class Ledger:
-    def __init__(self, levels: int) -> None:
+    def __init__(self, levels: int, observer: Observer | None = None) -> None:
+        # Told every transition (entry, from, to), after it: decision state
+        # (tenant counters, drain rate) follows the ledger, never a copy of it.
+        self._observer = observer
         self._by_id: dict[str, Entry] = {}
         self._held: list[deque[str]] = [deque() for _ in range(levels)]  # FIFO per level
         self._held_count = [0] * levels
@@ -153,6 +159,8 @@ class Ledger:
             entry.pool = pool
             self._in_flight[pool] = self._in_flight.get(pool, 0) + 1
         entry.state = to
+        if self._observer is not None:
+            self._observer(entry, frm, to)
 
     def _compact(self, level: int) -> None:
         """Drop ids at the front of a level's FIFO that are no longer HELD (amortised O(1))."""

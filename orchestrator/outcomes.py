@@ -54,9 +54,9 @@ class Outcomes:
         self.subjects = settings.subjects
 
     @staticmethod
-    def error(request_id: str, code: ErrorCode, message: str, retryable: bool = False
-              ) -> ErrorReply:
-        return error_reply(request_id, code, message, retryable)
+    def error(request_id: str, code: ErrorCode, message: str, retryable: bool = False,
+              retry_after_ms: float | None = None) -> ErrorReply:
+        return error_reply(request_id, code, message, retryable, retry_after_ms)
 
     async def terminal(self, req: Request, msg: Final | ErrorReply) -> bool:
         """Store a terminal for a held request (and send it to its reply_to). True when stored."""

@@ -62,7 +62,14 @@ def register(kind: str, name: str, params: type[msgspec.Struct] = NoParams
 def _load_builtins() -> None:
     # The modules register themselves on import; imported here so that asking
     # the registry by name never depends on who imported what first.
-    from orchestrator import pd_decision, policy, routers  # noqa: F401
+    from orchestrator import (  # noqa: F401
+        adaptive_policy,
+        cost_policy,
+        pd_decision,
+        policy,
+        routers,
+        slo_policy,
+    )
 
 
 def spec(kind: str, name: str) -> PluginSpec:

@@ -1,10 +1,13 @@
 """Scheduling policies: which held request goes next. Pure functions.
 
 A policy plugin (registered in `orchestrator.plugins` as kind `policy`) is
-`order(levels, k, now_ms) -> list[Pending]`: from the held requests per
-priority level (each oldest first), the up-to-k to take next, in order.
-fifo and priority merge the levels' heads, so within a level order is FIFO;
-they work on a `QueueView` (the arrival times alone) underneath.
+`order(levels, k, ctx) -> list[Pending]`: from the held requests per
+priority level (each oldest first), the up-to-k to take next, in order;
+`ctx` is a `PolicyContext` (the time, the fleet, the shell's measurements).
+fifo and priority merge the levels' heads, so within a level order is FIFO
+(or, with `fair`, tenant-fair: orchestrator/fairness.py); they work on a
+`QueueView` (the arrival times alone) underneath. A policy may carry a
+`lookahead` attribute: how many requests past the free room it wants to see.
 
 - `fifo`: oldest arrival first, whatever the priority.
 - `priority`: strict priority with aging. A request's rank is its level
@@ -19,10 +22,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import msgspec
-
-from orchestrator.plugins import NoParams, register
-from orchestrator.snapshot import Pending
+from orchestrator.fairness import FairParams, fair_levels
+from orchestrator.plugins import register
+from orchestrator.snapshot import Pending, PolicyContext
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +81,7 @@ def priority(view: QueueView, k: int, now_ms: float, cfg: PolicyConfig) -> list[
 POLICIES: dict[str, Policy] = {"fifo": fifo, "priority": priority}
 
 Levels = tuple[tuple[Pending, ...], ...]
-Order = Callable[[Levels, int, float], list[Pending]]
+Order = Callable[[Levels, int, PolicyContext], list[Pending]]
 
 
 def get_policy(name: str) -> Policy:
@@ -89,10 +91,14 @@ def get_policy(name: str) -> Policy:
         raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}") from None
 
 
-def by_heads(policy: Policy, cfg: PolicyConfig) -> Order:
-    """A head-merging policy as an `order` over Pending records."""
+def by_heads(policy: Policy, cfg: PolicyConfig, fair: FairParams | None = None) -> Order:
+    """A head-merging policy as an `order` over Pending records (tenant-fair within
+    each level when `fair` is given)."""
 
-    def order(levels: Levels, k: int, now_ms: float) -> list[Pending]:
+    def order(levels: Levels, k: int, ctx: PolicyContext) -> list[Pending]:
+        if fair is not None and fair.fair:
+            levels = fair_levels(levels, k, ctx, fair)
+        now_ms = ctx.now_ms
         view = QueueView(tuple([p.arrival_ms for p in level] for level in levels))
         heads = [0] * len(levels)
         out = []
@@ -101,20 +107,21 @@ def by_heads(policy: Policy, cfg: PolicyConfig) -> Order:
             heads[level] += 1
         return out
 
+    order.fair = fair  # type: ignore[attr-defined]
     return order
 
 
-class PriorityParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class PriorityParams(FairParams, frozen=True, forbid_unknown_fields=True):
     aging_s: float = 10.0  # waiting this long raises a request one level
 
 
-@register("policy", "fifo")
-def _fifo(params: NoParams) -> Order:
+@register("policy", "fifo", FairParams)
+def _fifo(params: FairParams) -> Order:
     """Oldest arrival first, whatever the priority."""
-    return by_heads(fifo, PolicyConfig())
+    return by_heads(fifo, PolicyConfig(), params)
 
 
 @register("policy", "priority", PriorityParams)
 def _priority(params: PriorityParams) -> Order:
     """Strict priority with aging: nothing starves."""
-    return by_heads(priority, PolicyConfig(aging_s=params.aging_s))
+    return by_heads(priority, PolicyConfig(aging_s=params.aging_s), params)

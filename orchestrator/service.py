@@ -25,8 +25,8 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Coroutine
-from dataclasses import asdict
+from collections.abc import Coroutine, Mapping
+from dataclasses import asdict, replace
 from typing import Any
 
 import msgspec
@@ -43,14 +43,15 @@ from bus.provision import ensure_all, ensure_request_consumers, ensure_streams
 from bus.puller import Puller
 from bus.recent import RecentIds
 from bus.replay import stored_terminal
+from orchestrator.decision_state import DecisionState
 from orchestrator.dispatch import (
     Batch,
     DispatchPlan,
     Pending,
     QueueSnapshot,
-    RouteState,
     dispatch_config,
     free_slots,
+    headroom,
     plan_dispatch,
 )
 from orchestrator.fleet import Registry
@@ -60,6 +61,8 @@ from orchestrator.ledger import Entry, Ledger, RequestState
 from orchestrator.outcomes import Outcomes, Recheck, recheck
 from orchestrator.pd_decision import estimate_prompt_tokens
 from orchestrator.rescue import rescue_queue
+from orchestrator.runtime_config import PolicySwitch, policy_order
+from orchestrator.slo import resolve
 from orchestrator.stats import OrchestratorStats
 from schemas.codec import encode, heartbeat_decoder
 from schemas.messages import PRIORITIES, Role, WorkBatch, WorkItem
@@ -90,11 +93,14 @@ class Orchestrator:
         self.id = o.orchestrator_id or f"orch-{uuid.uuid4().hex[:8]}"
         self.subjects = settings.subjects
         self.cfg = dispatch_config(o)
+        self.policy_name = o.policy  # in force now: `cplane policy set` changes it (use_policy)
         self.registry = Registry(timeout_ms=o.worker_timeout_s * 1000)
         # Routers read the registry's counts of items routed since each heartbeat.
-        self._route_state = RouteState(0, self.registry.sent_since)
+        self.decisions = DecisionState(tenant_weights=o.tenant_weights,
+                                       prefill_tokens_per_s=o.prefill_tokens_per_s,
+                                       sent_since=self.registry.sent_since)
         self._rng = random.Random(o.route_seed or None)
-        self.ledger = Ledger(len(PRIORITIES))
+        self.ledger = Ledger(len(PRIORITIES), observer=self._ledger_changed)
         self.stats = OrchestratorStats()
         self._seen = RecentIds(o.dedup_cache)  # ids dispatched or finished: served once
         self._pullers: list[Puller] = []
@@ -110,6 +116,7 @@ class Orchestrator:
         self._store: StoredPublisher
         self._out: Outcomes
         self._cancels: CancelBook
+        self._policy: PolicySwitch
         self.lease: LeaderLease | None = None
 
     @property
@@ -141,13 +148,16 @@ class Orchestrator:
         ]
         self._cancels = CancelBook(nc, self.settings, on_cancel=self._on_cancel)
         await self._cancels.start()
+        # Before the lease: a replica that leads at once dispatches by the stored choice.
+        self._policy = PolicySwitch(nc, self._js, self.settings, self.id, self.use_policy)
+        await self._policy.start()
         self.lease = LeaderLease(self._js, self.settings, self.id, on_change=self._on_leadership)
         lease_stop = asyncio.Event()
         loops = [asyncio.create_task(self._dispatch_loop(), name="dispatch"),
                  asyncio.create_task(self._ticker(), name="ticker"),
                  asyncio.create_task(self.lease.run(lease_stop), name="lease")]
         await nc.publish(self.subjects.heartbeat_request, b"")  # workers answer at once
-        log.info("orchestrator %s up (policy=%s)", self.id, o.policy)
+        log.info("orchestrator %s up (policy=%s)", self.id, self.policy_name)
         if ready is not None:
             ready.set()
         try:
@@ -159,6 +169,7 @@ class Orchestrator:
                 t.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
             await self._cancels.stop()
+            await self._policy.stop()
             for s in subs:
                 with contextlib.suppress(Exception):
                     await s.unsubscribe()
@@ -171,6 +182,19 @@ class Orchestrator:
         """After a broker restart: streams and consumers back, cancels sent meanwhile."""
         await ensure_all(self._js, self.settings)
         await self._cancels.load()
+        await self._policy.resume()
+        self._wake.set()
+
+    def use_policy(self, name: str, params: Mapping[str, Any]) -> None:
+        """Dispatch by policy `name` from the next step on (called by PolicySwitch).
+
+        Raises (and changes nothing) when the plugin does not build. Steps are
+        synchronous, so no step sees half a switch.
+        """
+        self.cfg = replace(self.cfg, order=policy_order(self.settings.orchestrator, name, params))
+        self.policy_name = name
+        log.info("orchestrator %s: policy %s %s", self.id, name, dict(params))
+        self._tick_due = True  # re-plan what is held under the new order
         self._wake.set()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -318,6 +342,17 @@ class Orchestrator:
             except Exception:
                 log.exception("dispatch step failed")
 
+    def _ledger_changed(self, e: Entry, frm: RequestState | None,
+                        to: RequestState | None) -> None:
+        tenant = e.item.request.tenant or ""
+        if frm is None and to is RequestState.HELD:
+            self.decisions.held(tenant)
+        elif frm is RequestState.HELD and to is RequestState.DISPATCHING:
+            self.decisions.dispatched((self._pending(e),), getattr(self.cfg.order, "fair", None))
+        elif to is None:
+            ran = frm in (RequestState.DISPATCHING, RequestState.DISPATCHED)
+            self.decisions.finished(tenant, now_ms(), ran)
+
     def _plan(self) -> DispatchPlan | None:
         """None when no pool has room and nothing is due (most wakes at saturation)."""
         t = now_ms()
@@ -331,34 +366,39 @@ class Orchestrator:
                          for pool in free_slots(fleet, {}, 0.0)}
         else:
             in_flight = self.ledger.in_flight_by_pool()
-        room = sum(max(0, f) for f in free_slots(fleet, in_flight, self.cfg.headroom).values())
+        spare = free_slots(fleet, in_flight, headroom(self.cfg, self.decisions.mode))
+        room = sum(max(0, f) for f in spare.values())
         if room <= 0 and not self._tick_due:
             return None
         self._tick_due = False
-        k = room + 16
+        k = room + getattr(self.cfg.order, "lookahead", 16)
         levels = tuple(tuple(self._pending(e) for e in self.ledger.held_heads(level, k))
                        for level in range(len(PRIORITIES)))
+        d = self.decisions
         plan = plan_dispatch(QueueSnapshot(levels, in_flight), fleet, self.cfg, now_ms=t,
-                             route=self._route_state, rng=self._rng)
-        if plan.sent or plan.route_steps:
-            self.registry.routed(plan.sent)
-            self._route_state = RouteState(self._route_state.step + plan.route_steps,
-                                           self._route_state.sent_since)
+                             route=d.route, rng=self._rng, measured=d.measured(fleet, t))
+        self.registry.routed(plan.sent)
+        d.applied(plan)
         return plan
 
-    @staticmethod
-    def _pending(e: Entry) -> Pending:
+    def _pending(self, e: Entry) -> Pending:
         """The entry as decisions see it; built once per entry (no per-step cost)."""
         p: Pending | None = e.pending
         if p is None or p.redispatched != e.redispatched:
             req = e.item.request
-            deadline = e.arrival_ms + req.slo_deadline_ms if req.slo_deadline_ms else None
+            o = self.settings.orchestrator
+            slo = resolve(req.slo_class, o.slo_classes, o.default_slo_class,
+                          ttft_ms=req.ttft_target_ms, tpot_ms=req.tpot_target_ms,
+                          deadline_ms=req.slo_deadline_ms)
             p = e.pending = Pending(
                 request_id=e.request_id, level=e.level, arrival_ms=e.arrival_ms,
                 held_ms=e.held_ms, model=req.model, prompt_tokens=estimate_prompt_tokens(req),
-                deadline_ms=deadline, redispatched=e.redispatched, output_tokens=req.max_tokens,
-                tenant=req.tenant or "", slo_class=req.slo_class or "standard",
-                session=req.session_id or req.user_id or "")
+                deadline_ms=e.arrival_ms + slo.deadline_ms if slo.deadline_ms else None,
+                redispatched=e.redispatched, output_tokens=req.max_tokens,
+                tenant=req.tenant or "", slo_class=slo.name,
+                session=req.session_id or req.user_id or "", ttft_target_ms=slo.ttft_ms,
+                tpot_target_ms=slo.tpot_ms, sheddable=slo.sheddable,
+                cost_budget=req.cost_budget)
         return p
 
     async def _apply(self, plan: DispatchPlan) -> None:
@@ -368,7 +408,8 @@ class Orchestrator:
                 continue
             self.ledger.transition(entry, RequestState.FINISHING)
             self.stats.rejected += 1
-            err = self._out.error(rej.request_id, rej.code, rej.message, rej.retryable)
+            err = self._out.error(rej.request_id, rej.code, rej.message, rej.retryable,
+                                  retry_after_ms=rej.retry_after_ms)
             self._spawn(self._finish(entry, err), "reject")
         for batch in plan.batches:
             entries = [e for rid in batch.request_ids if (e := self.ledger.get(rid)) is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from orchestrator.fleet import FleetView
 from orchestrator.ledger import PoolKey
 
 
@@ -30,6 +31,15 @@ class Pending:
     slo_class: str = "standard"
     session: str = ""  # affinity key (session or user id); "" = none
     block_hashes: tuple[int, ...] = ()  # prefix blocks, when known
+    # Its SLO class's targets (or its own, within bounds: see orchestrator/slo.py).
+    ttft_target_ms: float = 1000.0
+    tpot_target_ms: float = 100.0
+    sheddable: bool = False  # shed at once when the target cannot be met
+    cost_budget: float | None = None
+
+    @property
+    def ttft_deadline_ms(self) -> float:
+        return self.arrival_ms + self.ttft_target_ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,3 +56,60 @@ class RouteState:
     # Items routed to each worker since its last heartbeat (which already counts
     # what it held then): load as of the heartbeat plus our own decisions since.
     sent_since: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    """What the shell measured and keeps between plans (orchestrator/decision_state.py)."""
+
+    drain_per_s: float = 0.0
+    prefill_tokens_per_s: float = 40_000.0
+    tenant_work: Mapping[str, float] = field(default_factory=dict)
+    tenant_weights: Mapping[str, float] = field(default_factory=dict)
+    mode: str = ""  # adaptive's current policy
+    mode_since_ms: float = -1.0  # since when its switch condition holds
+    # Prompt tokens dispatched whose prefill has (by estimate) not run yet.
+    prefill_backlog_tokens: float = 0.0
+    # Share of recently finished requests that missed their TTFT target.
+    miss_rate: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyContext:
+    """What a policy may read besides the queue: the fleet and the shell's measurements."""
+
+    now_ms: float
+    fleet: FleetView
+    room: int  # free slots over all pools now
+    # Requests the fleet finishes per second, recently (0 = not known yet): how
+    # fast a queue position turns into a slot.
+    drain_per_s: float = 0.0
+    # Prompt tokens one worker prefills per second (measured, else the model's).
+    prefill_tokens_per_s: float = 40_000.0
+    # Tenant fairness: work served per tenant / its weight (virtual token counters).
+    tenant_work: Mapping[str, float] = field(default_factory=dict)
+    tenant_weights: Mapping[str, float] = field(default_factory=dict)
+    mode: str = ""  # adaptive: the policy it runs now
+    prefill_backlog_tokens: float = 0.0
+    miss_rate: float = 0.0  # recently finished requests over their TTFT target
+    in_flight: int = 0  # requests the fleet holds now (all pools)
+
+    @property
+    def prefill_workers(self) -> int:
+        """Workers that prefill: unified and prefill roles."""
+        return sum(1 for w in self.fleet.workers if w.role.value != "decode") or 1
+
+    def backlog_ms(self, extra_tokens: float = 0.0) -> float:
+        """How long the fleet needs to prefill what it was sent (plus `extra_tokens`)."""
+        rate = max(1.0, self.prefill_tokens_per_s) * self.prefill_workers
+        return (self.prefill_backlog_tokens + extra_tokens) / rate * 1000
+
+    def wait_ms(self, position: int) -> float:
+        """Estimated wait of the request at `position` in dispatch order (0 = first)."""
+        behind = position - self.room + 1
+        if behind <= 0 or self.drain_per_s <= 0:
+            return 0.0
+        return behind / self.drain_per_s * 1000
+
+    def prefill_ms(self, p: Pending) -> float:
+        return p.prompt_tokens / max(1.0, self.prefill_tokens_per_s) * 1000

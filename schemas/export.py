@@ -1,4 +1,4 @@
-"""JSON Schema export of the wire types, for clients in other languages."""
+"""JSON Schema export of the wire types (messages and admin), for clients in other languages."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ from pathlib import Path
 
 import msgspec
 
+from schemas.admin import ADMIN_TYPES
 from schemas.messages import WIRE_TYPES
 
 COMMITTED_DIR = Path(__file__).parent / "jsonschema"
+EXPORTED_TYPES: dict[str, type[object]] = {**WIRE_TYPES, **ADMIN_TYPES}
 
 
 def schema_of(name: str) -> dict[str, object]:
-    return msgspec.json.schema(WIRE_TYPES[name])
+    return msgspec.json.schema(EXPORTED_TYPES[name])
 
 
 def render(name: str) -> str:
@@ -24,7 +26,7 @@ def render(name: str) -> str:
 def write_all(out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name in WIRE_TYPES:
+    for name in EXPORTED_TYPES:
         path = out_dir / f"{name}.json"
         path.write_text(render(name), encoding="utf-8")
         written.append(path)

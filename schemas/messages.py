@@ -67,6 +67,8 @@ class ErrorCode(enum.StrEnum):
     MODEL_UNAVAILABLE = "model_unavailable"
     # max_tokens, prompt size or body size above the configured limits.
     TOO_LARGE = "too_large"
+    # Its cost_budget is below what the cheapest pool that can serve it charges.
+    OVER_BUDGET = "over_budget"
 
 
 class WorkerState(enum.StrEnum):
@@ -167,6 +169,7 @@ class Usage(Base, frozen=True, kw_only=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
+    cost: float = 0.0  # at the serving workers' configured prices (0 = unpriced)
 
 
 class Timings(Base, frozen=True, kw_only=True):
@@ -214,6 +217,7 @@ class ErrorReply(Base, frozen=True, kw_only=True, tag="error", tag_field="type")
     message: str
     retryable: bool = False
     ts_ms: float = 0.0
+    retry_after_ms: float | None = None  # overloaded: when a retry may be served
 
 
 class Heartbeat(Base, frozen=True, kw_only=True):
@@ -232,6 +236,9 @@ class Heartbeat(Base, frozen=True, kw_only=True):
     prompt_tokens_per_s: float = 0.0
     gen_tokens_per_s: float = 0.0
     state: WorkerState = WorkerState.READY
+    # Its configured price per 1000 tokens (cost_optimized routes by these).
+    price_in_per_1k: float = 0.0
+    price_out_per_1k: float = 0.0
     ts_ms: float = 0.0
     started_ms: float = 0.0
 

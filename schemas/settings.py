@@ -110,6 +110,11 @@ class OrchestratorSettings(msgspec.Struct, frozen=True, kw_only=True):
     slo_classes: dict[str, SloClass] = msgspec.field(
         default_factory=lambda: dict(DEFAULT_SLO_CLASSES))
     default_slo_class: str = "standard"
+    # Tenant fairness (policies with fair = true): weight per tenant (default 1).
+    tenant_weights: dict[str, float] = msgspec.field(default_factory=dict)
+    # Prompt tokens one worker prefills per second, until heartbeats show faster
+    # (slo_aware's and admission's TTFT estimates).
+    prefill_tokens_per_s: float = 50_000.0
     max_batch: int = 16  # work items per LLM_WORK message at most
     hold_per_priority: int = 512  # request messages held unacked per priority at most
     fetch_batch: int = 128
@@ -172,6 +177,9 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     publish_timeout_s: float = 10.0
     drain_timeout_s: float = 30.0
     max_prompt_tokens: int = 0  # 0 = the engine's own limit
+    # What this worker charges per 1000 tokens (Final.usage.cost; cost_optimized).
+    price_in_per_1k: float = 0.0
+    price_out_per_1k: float = 0.0
 
 
 class SimSettings(msgspec.Struct, frozen=True, kw_only=True):

@@ -14,6 +14,7 @@ Subjects (defaults; the prefix is configurable through `Subjects(prefix=...)`):
 | `llm.cancel.<request_id>`            | Cancel (captured)            | LLM_CANCEL |
 | `llm.dlq.<stream>.<seq>`             | DeadLetter                   | LLM_DLQ  |
 | `llm.admin.<verb>`                   | request/reply control        | —        |
+| `llm.admin.policy`                   | PolicyCommand -> AdminReply  | —        |
 
 Readers see only what is stored: producers publish outputs to the store
 subjects (`llm.s.out`, `llm.s.done`), and the streams republish each message
@@ -173,6 +174,16 @@ class Subjects:
     def leases_bucket(self) -> str:
         """KV bucket of the orchestrator leader lease."""
         return f"{self.prefix}_leases"
+
+    @property
+    def config_bucket(self) -> str:
+        """KV bucket of fleet-wide runtime choices (key `policy`: the dispatch policy)."""
+        return f"{self.prefix}_config"
+
+    @property
+    def admin_policy(self) -> str:
+        """Request/reply: get or set the dispatch policy (schemas/admin.py)."""
+        return self.admin("policy")
 
     def admin(self, verb: str) -> str:
         return f"{self.prefix}.admin.{verb}"

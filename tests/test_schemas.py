@@ -8,9 +8,8 @@ import msgspec
 import pytest
 
 from schemas.codec import output_decoder, request_decoder, sniff_request_id, work_decoder
-from schemas.export import COMMITTED_DIR, render
+from schemas.export import COMMITTED_DIR, EXPORTED_TYPES, render
 from schemas.messages import (
-    WIRE_TYPES,
     ErrorReply,
     Final,
     FinishReason,
@@ -23,7 +22,7 @@ from schemas.messages import (
 from schemas.subjects import Subjects, valid_token
 
 
-@pytest.mark.parametrize("name", sorted(WIRE_TYPES))
+@pytest.mark.parametrize("name", sorted(EXPORTED_TYPES))
 def test_committed_json_schema_matches_structs(name: str) -> None:
     committed = (COMMITTED_DIR / f"{name}.json").read_text(encoding="utf-8")
     assert committed == render(name), f"run `make schema`: {name}.json drifted from the struct"

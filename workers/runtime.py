@@ -444,6 +444,8 @@ class Worker:
             prompt_tokens_per_s=st.prompt_tokens_per_s,
             gen_tokens_per_s=st.gen_tokens_per_s,
             state=self._state,
+            price_in_per_1k=self.settings.worker.price_in_per_1k,
+            price_out_per_1k=self.settings.worker.price_out_per_1k,
             ts_ms=time.time() * 1000,
             started_ms=self._started_ms,
         )

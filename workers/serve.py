@@ -65,13 +65,17 @@ def _final(
         first_ms = stream.first_token_ms or now
     last_ms = stream.last_token_ms or first_ms
     tpot = (last_ms - first_ms) / (n_tokens - 1) if n_tokens > 1 else 0.0
+    prompt_tokens = last.prompt_tokens or item.prompt_tokens or 0
+    w = ctx.settings.worker
+    cost = (prompt_tokens * w.price_in_per_1k + n_tokens * w.price_out_per_1k) / 1000
     return Final(
         request_id=item.request.request_id,
         finish_reason=last.finish_reason or FinishReason.ABORT,
         usage=Usage(
-            prompt_tokens=last.prompt_tokens or item.prompt_tokens or 0,
+            prompt_tokens=prompt_tokens,
             completion_tokens=n_tokens,
             cached_prompt_tokens=last.cached_prompt_tokens or 0,
+            cost=cost,
         ),
         timings=Timings(
             queue_ms=max(0.0, (item.dispatched_ms or t0) - t0),

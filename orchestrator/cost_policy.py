@@ -1,0 +1,52 @@
+"""`cost_optimized`: the cheapest worker that can still meet the request's SLO. Pure.
+
+Workers carry prices per 1000 input and output tokens (worker settings,
+sent in heartbeats). Order is `priority`'s (bands with aging). Placement:
+among the workers that serve the request's role and model and have a free
+slot (load below capacity: it starts at once, so its TTFT is its prefill),
+the one whose estimated cost (`prompt * in + max_tokens * out`) is lowest,
+ties to the least loaded; when none has a free slot, the least loaded of
+those within budget. Admission (`plan_dispatch`) rejects a request with
+`over_budget` before it runs when even the cheapest worker that serves it
+costs more than its `cost_budget`. The pool subject is never used: any
+worker could pull from it, whatever its price.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from orchestrator.fairness import FairParams
+from orchestrator.fleet import WorkerView
+from orchestrator.plugins import register
+from orchestrator.policy import Order, PolicyConfig, by_heads, priority
+from orchestrator.routers import RouteContext, Router
+from orchestrator.snapshot import Pending
+
+
+class CostParams(FairParams, frozen=True, forbid_unknown_fields=True):
+    aging_s: float = 10.0
+
+
+def cheapest_router() -> Router:
+    def route(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> WorkerView | None:
+        affordable = [w for w in cands if p.cost_budget is None
+                      or w.cost(p.prompt_tokens, p.output_tokens) <= p.cost_budget] or list(cands)
+        free = [w for w in affordable if ctx.load(w) < w.capacity]
+        if free:
+            return min(free, key=lambda w: (w.cost(p.prompt_tokens, p.output_tokens),
+                                            ctx.load(w) / max(1, w.capacity)))
+        return min(affordable, key=lambda w: ctx.load(w) / max(1, w.capacity))
+
+    return route
+
+
+@register("policy", "cost_optimized", CostParams)
+def _cost_optimized(params: CostParams) -> Order:
+    """Priority order; each request to the cheapest worker with a free slot."""
+    order = by_heads(priority, PolicyConfig(aging_s=params.aging_s), params)
+    order.router = cheapest_router()  # type: ignore[attr-defined]
+    return order
+
+
+__all__ = ["CostParams", "cheapest_router"]

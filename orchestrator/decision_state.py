@@ -1,0 +1,105 @@
+"""What decisions need from before the current plan, kept by the shell. No I/O.
+
+The live orchestrator (orchestrator/service.py) and the fleet simulator
+(fleetsim/sim.py) both own one `DecisionState` and tell it the same events
+(a request held, dispatched, finished; a plan applied), so both hand the
+plugins the same `Measured` and `RouteState`:
+
+- the drain rate: requests finished per second over the last `window_s`;
+- the prefill speed per worker: the configured estimate, raised to the
+  fastest a worker has reported (heartbeats carry prompt tokens per second);
+- tenant virtual counters (orchestrator/fairness.py): charged at dispatch;
+  a tenant that comes back from idle is lifted to the smallest active
+  counter, so idling banks no credit;
+- the prefill backlog: prompt tokens dispatched, less what the fleet can
+  have prefilled since at its speed (slo_aware keeps it short);
+- the round-robin position and adaptive's (mode, since).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Mapping
+
+from orchestrator.dispatch import DispatchPlan
+from orchestrator.fairness import FairParams, charge
+from orchestrator.fleet import FleetView
+from orchestrator.snapshot import Measured, Pending, RouteState
+
+
+class DecisionState:
+    def __init__(self, *, tenant_weights: Mapping[str, float] | None = None,
+                 prefill_tokens_per_s: float = 40_000.0, window_s: float = 10.0,
+                 sent_since: dict[str, int] | None = None) -> None:
+        self.weights = dict(tenant_weights or {})
+        self.prefill_tps = prefill_tokens_per_s
+        self.window_ms = window_s * 1000
+        self.route = RouteState(0, sent_since if sent_since is not None else {})
+        self.work: dict[str, float] = {}
+        self.active: dict[str, int] = {}  # tenant -> requests held or running
+        self.mode = ""
+        self.mode_since = -1.0
+        self._done: deque[float] = deque()  # finish times within the window
+        self._missed: deque[tuple[float, bool]] = deque()  # (time, TTFT target missed)
+        self.backlog = 0.0  # prompt tokens sent, not yet prefilled (estimate)
+        self._backlog_ms = 0.0  # when it was last decayed
+
+    # -- events ---------------------------------------------------------------
+    def held(self, tenant: str) -> None:
+        n = self.active.get(tenant, 0)
+        if n == 0:
+            busy = [self.work.get(t, 0.0) for t, c in self.active.items() if c > 0]
+            if busy:
+                self.work[tenant] = max(self.work.get(tenant, 0.0), min(busy))
+        self.active[tenant] = n + 1
+
+    def dispatched(self, pendings: Iterable[Pending], fair: FairParams | None) -> None:
+        params = fair or FairParams()
+        for p in pendings:
+            self.backlog += p.prompt_tokens
+            self.work[p.tenant] = self.work.get(p.tenant, 0.0) + charge(p, params) / max(
+                1e-9, self.weights.get(p.tenant, 1.0))
+
+    def finished(self, tenant: str, now_ms: float, ran: bool = True,
+                 missed: bool | None = None) -> None:
+        """A request left: it ran (counts toward the drain rate) or was refused;
+        `missed`: whether its TTFT was over its target, when the shell knows."""
+        if missed is not None:
+            self._missed.append((now_ms, missed))
+        n = self.active.get(tenant, 0) - 1
+        if n > 0:
+            self.active[tenant] = n
+        else:
+            self.active.pop(tenant, None)
+        if ran:
+            self._done.append(now_ms)
+
+    def applied(self, plan: DispatchPlan) -> None:
+        if plan.route_steps:
+            self.route = RouteState(self.route.step + plan.route_steps, self.route.sent_since)
+        self.mode, self.mode_since = plan.mode, plan.mode_since_ms
+
+    # -- what the next plan reads -----------------------------------------------
+    def measured(self, fleet: FleetView, now_ms: float) -> Measured:
+        done = self._done
+        while done and now_ms - done[0] > self.window_ms:
+            done.popleft()
+        # Over the window, or since the first finish when younger than that.
+        span = min(self.window_ms, now_ms - done[0]) if done else 0.0
+        drain = len(done) / (span / 1000) if span >= 500 else 0.0
+        seen = max((w.prompt_tokens_per_s for w in fleet.workers), default=0.0)
+        self.prefill_tps = max(self.prefill_tps, seen)
+        # The fleet prefills what it was sent at its speed: decay the estimate.
+        prefillers = sum(1 for w in fleet.workers if w.role.value != "decode") or 1
+        elapsed = max(0.0, now_ms - self._backlog_ms) / 1000
+        self.backlog = max(0.0, self.backlog - elapsed * self.prefill_tps * prefillers)
+        self._backlog_ms = now_ms
+        missed = self._missed
+        while missed and now_ms - missed[0][0] > self.window_ms:
+            missed.popleft()
+        miss_rate = sum(m for _, m in missed) / len(missed) if missed else 0.0
+        return Measured(drain, self.prefill_tps, self.work, self.weights, self.mode,
+                        self.mode_since, self.backlog, miss_rate)
+
+
+__all__ = ["DecisionState"]

@@ -1,0 +1,78 @@
+"""Wire types of the admin subjects (request/reply on `<prefix>.admin.<verb>`).
+
+`<prefix>.admin.policy` takes one `PolicyCommand` (tagged by `op`) and
+answers one `AdminReply`:
+
+    {"op": "get"}
+    {"op": "set", "name": "fifo", "params": {}, "by": "ops@host"}
+
+The chosen policy is stored as a `PolicyState` (JSON) under the key
+`policy` of the KV bucket `<prefix>_config`; every orchestrator replica
+watches that key and follows it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from schemas.messages import Base
+
+
+class PolicyGet(Base, frozen=True, kw_only=True, tag="get", tag_field="op"):
+    """Ask for the policy in force."""
+
+
+class PolicySet(Base, frozen=True, kw_only=True, tag="set", tag_field="op"):
+    """Switch every replica to the policy plugin `name` with `params`."""
+
+    name: str
+    params: dict[str, Any] = {}
+    by: str = ""  # who asks (shown by `get`); "" = the answering replica's id
+
+
+PolicyCommand = PolicyGet | PolicySet
+
+
+class PolicyState(Base, frozen=True, kw_only=True):
+    """The policy choice of the whole fleet, as stored in the config bucket."""
+
+    name: str
+    params: dict[str, Any] = {}
+    updated_ms: float = 0.0  # when it was stored; 0 = nothing stored, the settings' choice
+    by: str = ""  # who set it ("settings" when nothing is stored)
+
+
+class AdminReply(Base, frozen=True, kw_only=True):
+    """The answer to one admin command."""
+
+    ok: bool
+    error: str = ""  # why it was refused (one line)
+    state: PolicyState | None = None  # the policy in force (after a successful set)
+    choices: list[str] = []  # on refusal: the valid policy names
+    param_choices: list[str] = []  # on refusal of a known policy: its parameter names
+
+
+policy_command_decoder = msgspec.json.Decoder(PolicyCommand)
+policy_state_decoder = msgspec.json.Decoder(PolicyState)
+admin_reply_decoder = msgspec.json.Decoder(AdminReply)
+
+ADMIN_TYPES: dict[str, type[Any]] = {
+    "PolicyGet": PolicyGet,
+    "PolicySet": PolicySet,
+    "PolicyState": PolicyState,
+    "AdminReply": AdminReply,
+}
+
+__all__ = [
+    "ADMIN_TYPES",
+    "AdminReply",
+    "PolicyCommand",
+    "PolicyGet",
+    "PolicySet",
+    "PolicyState",
+    "admin_reply_decoder",
+    "policy_command_decoder",
+    "policy_state_decoder",
+]
