@@ -31,6 +31,9 @@ class FairParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     fair: bool = False  # tenant-fair order inside each priority level
     in_weight: float = 1.0  # cost of a prompt token
     out_weight: float = 2.0  # cost of an output token (decode steps are dearer)
+    # With fair: held requests past the free room it looks at, per level (a light
+    # tenant's request behind a flood must be seen to be chosen).
+    lookahead: int = 256
 
 
 def charge(p: Pending, params: FairParams) -> float:

@@ -108,6 +108,8 @@ def by_heads(policy: Policy, cfg: PolicyConfig, fair: FairParams | None = None) 
         return out
 
     order.fair = fair  # type: ignore[attr-defined]
+    if fair is not None and fair.fair:
+        order.lookahead = fair.lookahead  # type: ignore[attr-defined]
     return order
 
 

@@ -112,6 +112,7 @@ class PolicySwitch:
         await self.resume()
         self._sub = await self._nc.subscribe(self._settings.subjects.admin_policy,
                                              queue=ADMIN_QUEUE, cb=self._on_admin)
+        await self._nc.flush()  # the server knows the subscription before we say we are up
 
     async def resume(self) -> None:
         """(Re)start the watch: at start and after a reconnect (the broker may have

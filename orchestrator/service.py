@@ -387,7 +387,7 @@ class Orchestrator:
         if p is None or p.redispatched != e.redispatched:
             req = e.item.request
             o = self.settings.orchestrator
-            slo = resolve(req.slo_class, o.slo_classes, o.default_slo_class,
+            slo = resolve(e.item.slo_class, o.slo_classes, o.default_slo_class,
                           ttft_ms=req.ttft_target_ms, tpot_ms=req.tpot_target_ms,
                           deadline_ms=req.slo_deadline_ms)
             p = e.pending = Pending(

@@ -7,11 +7,13 @@ the CLI as a subprocess (asyncio's, so the replicas keep answering meanwhile).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import msgspec
 import nats
@@ -20,6 +22,7 @@ from nats.aio.client import Client as NATS
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
+from bus.server import EmbeddedNats, free_port
 from client.admin import Admin, NoOrchestrator
 from orchestrator import plugins
 from orchestrator.runtime_config import POLICY_KEY
@@ -212,3 +215,37 @@ async def test_cli_round_trip(nats_url: str, conn: NATS) -> None:
     # Every replica stopped: no answer is exit 1, in one line.
     rc, out, err = await _cli(s, "get", "--timeout", "1")
     assert rc == 1 and err.count("\n") == 1 and "no orchestrator" in err
+
+
+async def test_replicas_follow_and_keep_the_choice_across_a_broker_restart(
+        tmp_path: Path) -> None:
+    """kill -9 of the broker: the stored choice survives (file storage), and each replica's
+    watch comes back with its connection, so a switch made afterwards reaches both."""
+    srv = EmbeddedNats(port=free_port(), store_dir=str(tmp_path)).start()
+    nc = None
+    try:
+        s = _settings(srv.url)
+        async with stack(s, workers=0, orchestrator=False) as run:
+            orchs = await _replicas(s, run, 2)
+            nc = await nats.connect(srv.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+            admin = Admin(nc, s, timeout_s=1.0)
+            assert (await admin.set_policy("fifo")).ok
+            await until(lambda: all(o.policy_name == "fifo" for o in orchs), 1.0, "fifo")
+
+            srv.kill()
+            srv.start()
+
+            async def switched() -> bool:
+                with contextlib.suppress(NoOrchestrator):  # until the replicas are back
+                    return (await admin.set_policy("priority", {"aging_s": 3})).ok
+                return False
+
+            await until(switched, 30, "a replica answers after the restart")
+            await until(lambda: all(_in_force(o) == ("priority", {"aging_s": 3}) for o in orchs),
+                        10, "both follow after the restart")
+            got = await admin.get_policy()
+            assert got.state is not None and got.state.name == "priority"
+    finally:
+        if nc is not None:
+            await nc.close()
+        srv.stop()
