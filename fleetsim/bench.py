@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import orjson
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -58,6 +59,33 @@ def _names(kind: str, text: str) -> list[str]:
     for n in names:
         plugins.spec(kind, n)  # unknown names fail here, naming the choices
     return names
+
+
+def _prices(text: str) -> tuple[tuple[float, float], ...]:
+    """`1:2,3:6` -> ((1, 2), (3, 6)): per 1000 input:output tokens, cycled over workers."""
+    out = []
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        a, _, b = part.partition(":")
+        try:
+            out.append((float(a), float(b)))
+        except ValueError:
+            raise ValueError(f"bad price {part!r} (want IN:OUT per 1000 tokens)") from None
+    return tuple(out)
+
+
+def _params_for(policy: str, given: Sequence[str] | None) -> dict[str, Any]:
+    """`KEY=VALUE` parameters, each given to the policies that take it (JSON values)."""
+    out: dict[str, Any] = {}
+    for kv in given or ():
+        key, sep, raw = kv.partition("=")
+        if not sep:
+            raise ValueError(f"bad --policy-param {kv!r} (want KEY=VALUE)")
+        if plugins.spec("policy", policy).accepts(key):
+            try:
+                out[key] = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                out[key] = raw
+    return out
 
 
 def workload(args: argparse.Namespace) -> list[TraceRequest]:
@@ -121,9 +149,13 @@ def run_all(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     if not reqs:
         raise ValueError("the workload is empty")
     fleet = FleetSpec(workers=args.workers, prefill_workers=args.prefill_workers,
-                      decode_workers=args.decode_workers, capacity=args.capacity)
+                      decode_workers=args.decode_workers, capacity=args.capacity,
+                      prices=_prices(args.prices), shed=not args.no_shed)
+    # A sweep point must run long enough for queues to reach steady state: a
+    # fleet absorbs ~capacity * (1 + headroom) requests before anything waits,
+    # so a short slice overstates goodput. ~10 fleets' worth of requests.
     n_sweep = args.sweep_requests if args.sweep_requests is not None else max(
-        1000, 125 * (args.workers + args.decode_workers))
+        2000, 600 * (args.workers + args.decode_workers))
     swept = slice_requests(reqs, count=n_sweep) if n_sweep > 0 else []
     refine = 6 if args.sweep else 3
     combos = [(p, r) for p in policies for r in routers]
@@ -137,7 +169,8 @@ def run_all(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         for policy, router in combos:
             label = f"{policy} x {router}"
             bar.update(task, description=f"{label}: trace")
-            cfg = DispatchConfig.named(policy=policy, router=router, pd=args.pd)
+            cfg = DispatchConfig.named(policy=policy, router=router, pd=args.pd,
+                                       policy_params=_params_for(policy, args.policy_param))
             run = simulate(reqs, fleet, cfg, seed=args.seed)
             summ = metrics.summarize(run, DEFAULT_SLOS)
             bar.update(task, description=f"{label}: goodput sweep")
@@ -186,13 +219,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", default="fifo,priority")
     p.add_argument("--routers", default="round_robin,random,least_loaded")
     p.add_argument("--pd", default="auto", help="PD decider (with prefill/decode workers)")
+    p.add_argument("--policy-param", action="append", metavar="KEY=VALUE",
+                   help="a parameter for every policy that takes it (e.g. fair=true)")
+    p.add_argument("--prices", default="", help="IN:OUT per 1000 tokens, cycled over workers")
+    p.add_argument("--no-shed", action="store_true", help="sheddable classes run late instead")
     p.add_argument("--requests", type=int, default=None, help="first N requests of the trace")
     p.add_argument("--start", type=int, default=0, help="skip this many requests first")
     p.add_argument("--rate-scale", type=float, default=1.0, help="2 = twice the trace's rate")
     p.add_argument("--sweep", action="store_true", help="a finer goodput sweep")
     p.add_argument("--sweep-requests", type=int, default=None,
-                   help="requests in the goodput sweep's slice (default: 125 per worker, "
-                        "at least 1000; 0 = no sweep)")
+                   help="requests in the goodput sweep's slice (default: 600 per worker, "
+                        "at least 2000; 0 = no sweep)")
     p.add_argument("--levels", default=DEFAULT_LEVELS, help="priority mix, level=weight")
     p.add_argument("--slo-classes", default=DEFAULT_CLASSES, help="SLO class mix")
     p.add_argument("--tenants", default=DEFAULT_TENANTS, help="tenant mix")

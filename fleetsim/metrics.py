@@ -135,6 +135,48 @@ def tenant_service_shares(records: Sequence[RequestRecord]) -> dict[str, float]:
     return {t: served[t] / d for t, d in demand.items() if d > 0}
 
 
+def maxmin_shares(records: Sequence[RequestRecord],
+                  weights: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Per tenant: work served while requests arrived / its weighted max-min fair share.
+
+    Over the arrival window (first to last arrival), a tenant's demand is the
+    work (prompt + output tokens) of its requests that arrived, its service the
+    work of its requests dispatched; the fleet's capacity is taken as the
+    total served. The max-min fair split of that capacity (water-filling by
+    weight: nobody gets more than it asked, the rest is shared by weight) is
+    the ideal; 1.0 = exactly the fair share. Jain's index over these ratios is
+    `jain_fairness_maxmin`. A run that kept up with demand has every ratio
+    near 1 whatever the policy; it separates policies under overload."""
+    if not records:
+        return {}
+    t0 = min(r.req.arrival_ms for r in records)
+    t1 = max(r.req.arrival_ms for r in records)
+    w = weights or {}
+    demand: dict[str, float] = {}
+    served: dict[str, float] = {}
+    for r in records:
+        work = float(r.req.prompt_tokens + r.req.output_tokens)
+        demand[r.req.tenant] = demand.get(r.req.tenant, 0.0) + work
+        sent = r.dispatched_ms
+        if sent is not None and t0 <= sent <= t1:
+            served[r.req.tenant] = served.get(r.req.tenant, 0.0) + work
+    capacity = sum(served.values())
+    alloc = dict.fromkeys(demand, 0.0)
+    left = dict(demand)
+    while capacity > 1e-9 and left:
+        total_w = sum(w.get(t, 1.0) for t in left)
+        share = {t: capacity * w.get(t, 1.0) / total_w for t in left}
+        done = [t for t in left if left[t] <= share[t]]
+        if not done:
+            for t in left:
+                alloc[t] += share[t]
+            break
+        for t in done:
+            alloc[t] += left[t]
+            capacity -= left.pop(t)
+    return {t: served.get(t, 0.0) / a for t, a in alloc.items() if a > 0}
+
+
 def load_imbalance_ratios(samples: Sequence[tuple[float, tuple[int, ...]]]) -> list[float]:
     """max/mean outstanding per load sample; samples with an idle fleet are skipped."""
     ratios = []
@@ -263,6 +305,12 @@ def summarize(run: RunResult, slos: Mapping[str, SloTarget] = DEFAULT_SLOS) -> d
     by_tenant = {t: n / total for t, (n, total) in sorted(good.items())}
     out["attainment_by_tenant"] = by_tenant
     out["jain_fairness_attainment"] = jain_index(list(by_tenant.values()))
+    fair = maxmin_shares(records)
+    out["maxmin_shares"] = fair
+    out["jain_fairness_maxmin"] = jain_index(list(fair.values())) if len(fair) > 1 else None
+    cost = sum(r.cost for r in done)
+    out["total_cost"] = cost
+    out["cost_per_1k_tokens"] = cost / (in_tok + out_tok) * 1000 if in_tok + out_tok else None
 
     out["events"] = run.events
     out["events_per_s"] = run.events / run.wall_s if run.wall_s > 0 else None

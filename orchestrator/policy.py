@@ -115,6 +115,9 @@ def by_heads(policy: Policy, cfg: PolicyConfig, fair: FairParams | None = None) 
 
 class PriorityParams(FairParams, frozen=True, forbid_unknown_fields=True):
     aging_s: float = 10.0  # waiting this long raises a request one level
+    # Dispatch up to capacity * (1 + headroom); None = the orchestrator's setting.
+    # 0 keeps a saturated fleet's queue here, in priority order, not in workers.
+    headroom: float | None = None
 
 
 @register("policy", "fifo", FairParams)
@@ -126,4 +129,6 @@ def _fifo(params: FairParams) -> Order:
 @register("policy", "priority", PriorityParams)
 def _priority(params: PriorityParams) -> Order:
     """Strict priority with aging: nothing starves."""
-    return by_heads(priority, PolicyConfig(aging_s=params.aging_s), params)
+    order = by_heads(priority, PolicyConfig(aging_s=params.aging_s), params)
+    order.headroom = params.headroom  # type: ignore[attr-defined]
+    return order

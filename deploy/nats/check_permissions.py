@@ -24,13 +24,14 @@ at the end runs the real services under these users:
                 look up stored terminals (LLM_OUT then LLM_DONE), collect a
                 batch from LLM_DONE with a durable consumer, cancel
   end to end:   Orchestrator + Worker (sim engine) + SDK Client, each on its
-                own user: generate, attach (replay), with no permissions
-                violation anywhere
+                own user: generate, attach (replay), an operator (admin)
+                switching the policy (llm.admin.policy, KV llm_config), with
+                no permissions violation anywhere
 and checks the denials (client: no stream creation, no consumer on LLM_REQ,
-no llm.work / llm.admin publish, no llm.s.> / llm.out.> / llm.done.>
+no llm.work / llm.admin publish (no policy switch), no llm.s.> / llm.out.> / llm.done.>
 publish, no lease or claims KV write, no llm.req subscription, wildcard
 filtered to out/done; worker: no stream deletion or purge, no LLM_REQ
-consumer, no lease KV write, no llm.out / llm.done publish, no reply_to
+consumer, no lease or config KV write, no llm.out / llm.done publish, no reply_to
 outside _INBOX; orchestrator: no stream deletion, no claims KV write, no
 chunk or llm.done publish).
 
@@ -82,6 +83,7 @@ from bus.provision import (  # noqa: E402
     ensure_work_consumer,
 )
 from bus.replay import stored_chunks, stored_terminal  # noqa: E402
+from client.admin import Admin  # noqa: E402
 from client.sdk import Client  # noqa: E402
 from orchestrator.lease import LEASE_KEY, LeaderLease  # noqa: E402
 from orchestrator.rescue import rescue_queue  # noqa: E402
@@ -343,6 +345,8 @@ async def check_denials(c: Checks, orch: Conn, wrk: Conn, cli: Conn) -> None:
     ojs, wjs, cjs = onc.jetstream(), wnc.jetstream(), cnc.jetstream()
     await denied(c, "client cannot send llm.admin.*",
                  cnc.request("llm.admin.status", b"", timeout=1), cerr)
+    await denied(c, "client cannot switch the policy",
+                 Admin(cnc, load_settings(env={}), timeout_s=1).set_policy("fifo"), cerr)
     await denied(c, "client cannot create a stream",
                  cjs.add_stream(StreamConfig(name="X", subjects=["x.>"])), cerr)
     await denied(c, "client cannot consume LLM_REQ",
@@ -396,6 +400,8 @@ async def check_denials(c: Checks, orch: Conn, wrk: Conn, cli: Conn) -> None:
                  wjs.publish("llm.req.high.x", b"x", timeout=1), werr)
     await denied(c, "worker cannot write the lease KV",
                  wjs.publish("$KV.llm_leases.orchestrator", b"w1", timeout=1), werr)
+    await denied(c, "worker cannot write the policy choice (config KV)",
+                 wjs.publish("$KV.llm_config.policy", b"{}", timeout=1), werr)
     await denied(c, "worker cannot delete the lease entry",
                  wjs.delete_msg("KV_llm_leases", 1), werr)
     await pub_denied(c, "worker cannot publish llm.out directly", wrk, "llm.out.i.r1")
@@ -413,6 +419,7 @@ async def check_services(c: Checks, settings: Settings, port: int) -> None:
     orch = await connect(port, "orchestrator")
     wrk = await connect(port, "worker")
     cli = await connect(port, "client")
+    adm = await connect(port, "admin")
     engine = SimEngine(settings.sim, model=settings.worker.model)
     await engine.start()
     worker = Worker(settings, engine, nc=wrk[0])
@@ -436,6 +443,9 @@ async def check_services(c: Checks, settings: Settings, port: int) -> None:
         stream = [ch async for ch in client.stream(
             Request(request_id="e2e-2", prompt="hello again", max_tokens=8), timeout=30)]
         c.ok("end to end: streamed chunks arrive", len(stream) > 0)
+        reply = await Admin(adm[0], settings).set_policy("fifo", by="check")
+        c.ok("admin switches the policy; the orchestrator stores it (KV llm_config)",
+             reply.ok and orchestrator.policy_name == "fifo", repr(reply))
     finally:
         for stop in stops.values():
             stop.set()
@@ -443,7 +453,7 @@ async def check_services(c: Checks, settings: Settings, port: int) -> None:
         await engine.shutdown()
     c.ok("end to end: no permissions violation",
          not (orch[1] + wrk[1] + cli[1]), str(orch[1] + wrk[1] + cli[1]))
-    for nc, _ in (orch, wrk, cli):
+    for nc, _ in (orch, wrk, cli, adm):
         await nc.close()
 
 
