@@ -112,7 +112,11 @@ class PolicySwitch:
         await self.resume()
         self._sub = await self._nc.subscribe(self._settings.subjects.admin_policy,
                                              queue=ADMIN_QUEUE, cb=self._on_admin)
-        await self._nc.flush()  # the server knows the subscription before we say we are up
+        # The server must know the subscription before we say we are up. nats-py writes
+        # a flush's PING ahead of commands still buffered (the SUB), so the first PONG
+        # may come back before the SUB left; the second PING follows it.
+        await self._nc.flush()
+        await self._nc.flush()
 
     async def resume(self) -> None:
         """(Re)start the watch: at start and after a reconnect (the broker may have

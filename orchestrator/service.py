@@ -193,6 +193,7 @@ class Orchestrator:
         """
         self.cfg = replace(self.cfg, order=policy_order(self.settings.orchestrator, name, params))
         self.policy_name = name
+        self.decisions.mode, self.decisions.mode_since = "", -1.0  # adaptive starts afresh
         log.info("orchestrator %s: policy %s %s", self.id, name, dict(params))
         self._tick_due = True  # re-plan what is held under the new order
         self._wake.set()
