@@ -368,3 +368,23 @@ def test_table_renders() -> None:
     assert "3.25" in text and ">=8.00" in text and ">=1.00" in text
     assert "25.0%" in text  # prefix hit 1/4
     assert "1.50" in text  # imbalance 3 / 2
+
+
+def test_maxmin_shares_measure_service_against_the_fair_split() -> None:
+    from fleetsim.metrics import maxmin_shares
+
+    def r(i: int, tenant: str, arrival: float, sent: float | None) -> RequestRecord:
+        x = RequestRecord(TraceRequest(f"{tenant}{i}", arrival, 50, 50, tenant=tenant))
+        x.dispatched_ms = sent
+        return x
+
+    # a asks for 8 units of 100 tokens, b for 2; 6 were served in the window:
+    # the fair split gives b all it asked (2) and a the rest (4).
+    fair = [r(i, "a", i, i) for i in range(4)] + [r(i, "b", i, i) for i in range(2)] + \
+        [r(i, "a", 4 + i, None) for i in range(4)]
+    assert maxmin_shares(fair) == {"a": 1.0, "b": 1.0}
+    # the same 6 all to a: b got nothing of its share
+    unfair = [r(i, "a", i, i) for i in range(6)] + [r(i, "a", 6 + i, None) for i in range(2)] + \
+        [r(i, "b", i, None) for i in range(2)]
+    shares = maxmin_shares(unfair)
+    assert shares["b"] == 0.0 and shares["a"] == pytest.approx(1.5)
