@@ -1,6 +1,8 @@
 """The load of the chaos run: raw JSON requests published the README's way, and the overload.
 
-Each request is a JetStream publish to `llm.req.<priority>.standard` with header
+Each request is a JetStream publish to `llm.req.<priority>.<slo_class>` (a
+quarter interactive: sheddable, so overload is also answered by admission
+control with `overloaded`; the rest standard) with header
 `Nats-Msg-Id: <request_id>`. Outcomes of a publish:
 - acked by JetStream (a duplicate ack on a retry counts too): accepted;
 - an explicit error from the server (stream full, `discard=new`): refused,
@@ -70,7 +72,8 @@ class Publisher:
             "temperature": round(self.rng.uniform(0.5, 1.0), 3),
             "created_ms": time.time() * 1000,
         }
-        return f"llm.req.{prio}.standard", json.dumps(req).encode()
+        slo = "interactive" if self.rng.random() < 0.25 else "standard"
+        return f"llm.req.{prio}.{slo}", json.dumps(req).encode()
 
     async def publish_one(self, rid: str) -> None:
         subject, data = self.body(rid)
