@@ -38,7 +38,7 @@ from nats.js.api import (
     StreamConfig,
     StreamSource,
 )
-from nats.js.errors import APIError, BadRequestError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from schemas.messages import PRIORITIES, Priority, Role
@@ -321,12 +321,9 @@ async def ensure_lease_bucket(js: JetStreamContext, settings: Settings) -> KeyVa
     ttl = settings.orchestrator.lease_ttl_s
     cfg = KeyValueConfig(bucket=name, ttl=ttl, history=1, storage=StorageType.FILE,
                          replicas=settings.streams.req.replicas)
-    try:
-        return await js.create_key_value(cfg)
-    except BadRequestError as exc:
-        if exc.err_code != _STREAM_EXISTS:
-            raise
-    kv = await js.key_value(name)
+    kv, created = await _create_or_open(js, cfg)
+    if created:
+        return kv
     status = await kv.status()
     if abs(float(status.ttl or 0) - ttl) > 1e-6:
         log.warning("lease bucket %s kept with ttl %s s (settings say %s s)", name,
@@ -347,12 +344,19 @@ async def ensure_config_bucket(js: JetStreamContext, settings: Settings) -> KeyV
     name = settings.subjects.config_bucket
     cfg = KeyValueConfig(bucket=name, history=CONFIG_HISTORY, storage=StorageType.FILE,
                          replicas=settings.streams.req.replicas)
+    return (await _create_or_open(js, cfg))[0]
+
+
+async def _create_or_open(js: JetStreamContext, cfg: KeyValueConfig) -> tuple[KeyValue, bool]:
+    """(the bucket, whether we created it). One made by another process meanwhile
+    is opened, whatever error its concurrent creation gave ours (see ensure_stream)."""
     try:
-        return await js.create_key_value(cfg)
-    except BadRequestError as exc:
-        if exc.err_code != _STREAM_EXISTS:
-            raise
-    return await js.key_value(name)
+        return await js.create_key_value(cfg), True
+    except APIError as exc:
+        try:
+            return await js.key_value(cfg.bucket), False
+        except (NotFoundError, BucketNotFoundError):
+            raise exc from None
 
 
 # -- everything ---------------------------------------------------------------------
