@@ -288,6 +288,13 @@ def summarize(run: RunResult, slos: Mapping[str, SloTarget] = DEFAULT_SLOS) -> d
 
     q = run.prefix_query_tokens
     out["prefix_hit_rate"] = run.prefix_hit_tokens / q if q > 0 else 0.0
+    # Work placed per worker over the whole run (prompt + output tokens): the
+    # imbalance a router causes, apart from how busy the fleet was at a moment.
+    placed: dict[str, float] = {}
+    for r in done:
+        placed[r.worker] = placed.get(r.worker, 0.0) + r.req.prompt_tokens + r.output_tokens
+    mean_placed = sum(placed.values()) / run.workers if run.workers else 0.0
+    out["work_max_mean"] = max(placed.values()) / mean_placed if mean_placed > 0 else None
     ratios = load_imbalance_ratios(run.load_samples)
     out["mean_load_imbalance"] = _mean(ratios)
     out["p99_load_imbalance"] = percentile(ratios, 99.0)

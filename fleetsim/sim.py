@@ -32,6 +32,7 @@ from orchestrator.snapshot import Pending, QueueSnapshot
 from schemas.messages import Role
 from schemas.settings import DEFAULT_SLO_CLASSES, SimSettings, SloClass
 from schemas.subjects import ANY_TARGET
+from workers.latency import LatencyAverages
 
 _ARRIVE, _PLAN, _WORK, _STEP, _DONE, _BEAT, _WAKE, _TICK = range(8)
 
@@ -120,6 +121,7 @@ class Simulation:
         self.pool_of: dict[str, tuple[str, str]] = {}  # request id -> pool it occupies
         self.pending: dict[str, Pending] = {}
         self._index = {wid: i for i, wid in enumerate(self.workers)}
+        self._latency: dict[str, LatencyAverages] = {}  # per worker, for heartbeats
         self._pull_rng = random.Random(seed + 0x5EED)  # which waiting pull gets pool work
 
     # -- event plumbing -------------------------------------------------------
@@ -217,6 +219,8 @@ class Simulation:
                 items.append(Item(rec, b.pool, b.role))
             st.dispatched((self.pending[rid] for rid in b.request_ids),
                           getattr(self.cfg.order, "fair", None))
+            if b.target in self.workers:
+                st.sent_to(b.target, (self.pending[rid] for rid in b.request_ids))
             self._at(self.now + self.fleet.work_ms, _WORK, (b.role, b.target, _Msg(items)))
         for wid, n in plan.sent.items():
             o.sent_since[wid] = o.sent_since.get(wid, 0) + n
@@ -325,6 +329,9 @@ class Simulation:
             return
         tm = self.fleet.token_ms
         rec.output_tokens = q.produced
+        avg = self._latency.setdefault(w.worker_id, LatencyAverages())
+        avg.observe(rec.first_token_ms - rec.req.arrival_ms if rec.first_token_ms else 0.0,
+                    rec.tpot_ms or 0.0)
         p_in, p_out = self._price(rec.worker)
         rec.cost = (rec.req.prompt_tokens * p_in + q.produced * p_out) / 1000
         rec.first_token_ms = (rec.first_token_ms or self.now) + tm
@@ -347,11 +354,13 @@ class Simulation:
             core = w.core
             s = core.s
             p_in, p_out = prices[i % len(prices)] if prices else (0.0, 0.0)
+            lat = self._latency.get(w.worker_id)
             views.append(WorkerView(
                 worker_id=w.worker_id, role=w.role, models=(w.model,), capacity=w.capacity,
                 held_items=w.held, running=len(core.running), waiting=len(core.waiting),
                 kv_usage=core.kv_used / s.kv_tokens if s.kv_tokens else 0.0,
-                last_seen_ms=self.now, price_in_per_1k=p_in, price_out_per_1k=p_out))
+                last_seen_ms=self.now, price_in_per_1k=p_in, price_out_per_1k=p_out,
+                ttft_ms_avg=lat.ttft_ms if lat else 0.0, tpot_ms_avg=lat.tpot_ms if lat else 0.0))
         self.view = FleetView(tuple(views))
         self.orch.sent_since.clear()
         self.samples.append((self.now, tuple(

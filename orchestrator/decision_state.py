@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from orchestrator.dispatch import DispatchPlan
 from orchestrator.fairness import FairParams, charge
 from orchestrator.fleet import FleetView
+from orchestrator.prefix_router import PrefixIndex
 from orchestrator.snapshot import Measured, Pending, RouteState
 
 
@@ -34,7 +35,8 @@ class DecisionState:
         self.weights = dict(tenant_weights or {})
         self.prefill_tps = prefill_tokens_per_s
         self.window_ms = window_s * 1000
-        self.route = RouteState(0, sent_since if sent_since is not None else {})
+        self.prefix = PrefixIndex()
+        self.route = RouteState(0, sent_since if sent_since is not None else {}, self.prefix)
         self.work: dict[str, float] = {}
         self.active: dict[str, int] = {}  # tenant -> requests held or running
         self.mode = ""
@@ -60,6 +62,11 @@ class DecisionState:
             self.work[p.tenant] = self.work.get(p.tenant, 0.0) + charge(p, params) / max(
                 1e-9, self.weights.get(p.tenant, 1.0))
 
+    def sent_to(self, worker_id: str, pendings: Iterable[Pending]) -> None:
+        """Work routed to one worker (not a pool): its prefix blocks join the index."""
+        for p in pendings:
+            self.prefix.add(worker_id, p.block_hashes)
+
     def finished(self, tenant: str, now_ms: float, ran: bool = True,
                  missed: bool | None = None) -> None:
         """A request left: it ran (counts toward the drain rate) or was refused;
@@ -76,7 +83,8 @@ class DecisionState:
 
     def applied(self, plan: DispatchPlan) -> None:
         if plan.route_steps:
-            self.route = RouteState(self.route.step + plan.route_steps, self.route.sent_since)
+            self.route = RouteState(self.route.step + plan.route_steps, self.route.sent_since,
+                                    self.prefix)
         self.mode, self.mode_since = plan.mode, plan.mode_since_ms
 
     # -- what the next plan reads -----------------------------------------------

@@ -217,7 +217,7 @@ def plan_dispatch(queue: QueueSnapshot, fleet: FleetView, cfg: DispatchConfig, *
         free[pool] -= 1
         worker = router(fleet.of_role(role, model), p, rctx)
         if worker is not None:
-            rctx.routed(worker)
+            rctx.routed(worker, p)
             target = worker.worker_id
         elif fleet.whole_pool_serves(role, model):
             target = ANY_TARGET

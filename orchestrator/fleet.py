@@ -28,6 +28,8 @@ class WorkerView:
     price_in_per_1k: float = 0.0
     price_out_per_1k: float = 0.0
     prompt_tokens_per_s: float = 0.0  # measured over its last seconds
+    ttft_ms_avg: float = 0.0  # moving averages of its recent requests (0 = none yet)
+    tpot_ms_avg: float = 0.0
 
     def cost(self, prompt_tokens: int, output_tokens: int) -> float:
         return (prompt_tokens * self.price_in_per_1k + output_tokens * self.price_out_per_1k
@@ -164,6 +166,8 @@ class Registry:
                     price_in_per_1k=hb.price_in_per_1k,
                     price_out_per_1k=hb.price_out_per_1k,
                     prompt_tokens_per_s=hb.prompt_tokens_per_s,
+                    ttft_ms_avg=hb.ttft_ms_avg,
+                    tpot_ms_avg=hb.tpot_ms_avg,
                 )
             )
             until = min(until, seen + self.timeout_ms)

@@ -67,6 +67,7 @@ def _load_builtins() -> None:
         cost_policy,
         pd_decision,
         policy,
+        prefix_router,
         routers,
         slo_policy,
     )

@@ -60,6 +60,7 @@ from orchestrator.lease import LeaderLease
 from orchestrator.ledger import Entry, Ledger, RequestState
 from orchestrator.outcomes import Outcomes, Recheck, recheck
 from orchestrator.pd_decision import estimate_prompt_tokens
+from orchestrator.prefix_router import PREFIX_ROUTERS, prompt_blocks
 from orchestrator.rescue import rescue_queue
 from orchestrator.runtime_config import PolicySwitch, policy_order
 from orchestrator.slo import resolve
@@ -399,7 +400,11 @@ class Orchestrator:
                 tenant=req.tenant or "", slo_class=slo.name,
                 session=req.session_id or req.user_id or "", ttft_target_ms=slo.ttft_ms,
                 tpot_target_ms=slo.tpot_ms, sheddable=slo.sheddable,
-                cost_budget=req.cost_budget)
+                cost_budget=req.cost_budget,
+                # Hashed only for routers that read it (a cost per prompt byte).
+                block_hashes=prompt_blocks(req.prompt_token_ids, req.prompt,
+                                           o.prefix_block_tokens)
+                if o.router in PREFIX_ROUTERS else ())
         return p
 
     async def _apply(self, plan: DispatchPlan) -> None:
@@ -419,6 +424,8 @@ class Orchestrator:
                 continue
             for e in entries:
                 self.ledger.transition(e, RequestState.DISPATCHING, batch.pool)
+            if batch.target in plan.sent:  # routed to one worker, not a pool
+                self.decisions.sent_to(batch.target, [self._pending(e) for e in entries])
             await self._publish_slots.acquire()
             self._spawn(self._publish_batch(batch, entries), "publish")
         for puller in self._pullers:

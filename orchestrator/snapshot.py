@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from orchestrator.fleet import FleetView
 from orchestrator.ledger import PoolKey
@@ -56,6 +57,8 @@ class RouteState:
     # Items routed to each worker since its last heartbeat (which already counts
     # what it held then): load as of the heartbeat plus our own decisions since.
     sent_since: Mapping[str, int] = field(default_factory=dict)
+    # Which prefix blocks each worker was sent recently (prefix_aware); None = no index.
+    prefix: Any = None
 
 
 @dataclass(frozen=True, slots=True)

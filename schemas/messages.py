@@ -239,6 +239,9 @@ class Heartbeat(Base, frozen=True, kw_only=True):
     # Its configured price per 1000 tokens (cost_optimized routes by these).
     price_in_per_1k: float = 0.0
     price_out_per_1k: float = 0.0
+    # Moving averages (EWMA) over its recent requests: least_response_time.
+    ttft_ms_avg: float = 0.0
+    tpot_ms_avg: float = 0.0
     ts_ms: float = 0.0
     started_ms: float = 0.0
 

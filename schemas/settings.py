@@ -115,6 +115,8 @@ class OrchestratorSettings(msgspec.Struct, frozen=True, kw_only=True):
     # Prompt tokens one worker prefills per second, until heartbeats show faster
     # (slo_aware's and admission's TTFT estimates).
     prefill_tokens_per_s: float = 50_000.0
+    # prefix_aware: prompts are hashed in blocks of this many tokens at intake.
+    prefix_block_tokens: int = 512
     max_batch: int = 16  # work items per LLM_WORK message at most
     hold_per_priority: int = 512  # request messages held unacked per priority at most
     fetch_batch: int = 128

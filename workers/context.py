@@ -29,6 +29,7 @@ from schemas.settings import Settings
 from schemas.subjects import Subjects, model_target
 from workers.chunker import ChunkStream
 from workers.engines.base import Engine
+from workers.latency import LatencyAverages
 
 log = logging.getLogger("cplane.worker")
 _RETRY_S = 0.5
@@ -72,6 +73,7 @@ class ServeContext:
     # the epoch), and when this worker last (re)connected.
     peers: dict[str, tuple[float, float]] = field(default_factory=dict)
     connected_since: float = field(default_factory=time.monotonic)
+    latency: LatencyAverages = field(default_factory=LatencyAverages)
 
     def still_streaming(self, chunk: TokenChunk) -> bool:
         """Whether the process that streamed `chunk` may still be running its request.

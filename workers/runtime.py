@@ -446,6 +446,8 @@ class Worker:
             state=self._state,
             price_in_per_1k=self.settings.worker.price_in_per_1k,
             price_out_per_1k=self.settings.worker.price_out_per_1k,
+            ttft_ms_avg=self.ctx.latency.ttft_ms if self.ctx else 0.0,
+            tpot_ms_avg=self.ctx.latency.tpot_ms if self.ctx else 0.0,
             ts_ms=time.time() * 1000,
             started_ms=self._started_ms,
         )

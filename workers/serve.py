@@ -65,6 +65,7 @@ def _final(
         first_ms = stream.first_token_ms or now
     last_ms = stream.last_token_ms or first_ms
     tpot = (last_ms - first_ms) / (n_tokens - 1) if n_tokens > 1 else 0.0
+    ctx.latency.observe(max(0.0, first_ms - t0), max(0.0, tpot))
     prompt_tokens = last.prompt_tokens or item.prompt_tokens or 0
     w = ctx.settings.worker
     cost = (prompt_tokens * w.price_in_per_1k + n_tokens * w.price_out_per_1k) / 1000
