@@ -80,6 +80,7 @@ class _Orch:
     state: DecisionState
     in_flight: dict[tuple[str, str], int] = field(default_factory=dict)
     sent_since: dict[str, int] = field(default_factory=dict)
+    done_since: dict[str, int] = field(default_factory=dict)
     plan_at: float = -1.0  # a plan is scheduled at this time (coalesces wakes)
     busy_until: float = 0.0  # the plan in progress ends then
     tick_at: float = 0.0  # the live ticker: plan even without room (shedding, aging)
@@ -108,9 +109,11 @@ class Simulation:
         self.pools: dict[Role, list[_Msg]] = {r: [] for r in Role}  # the `any` subjects
         self.own: dict[str, list[_Msg]] = {w: [] for w in self.workers}
         sent: dict[str, int] = {}
+        done: dict[str, int] = {}
         self.orch = _Orch([{} for _ in range(5)], DecisionState(
-            tenant_weights=fleet.tenant_weights, sent_since=sent,
-            prefill_tokens_per_s=1000 / max(1e-9, fleet.engine.prefill_b_ms)), sent_since=sent)
+            tenant_weights=fleet.tenant_weights, sent_since=sent, done_since=done,
+            prefill_tokens_per_s=1000 / max(1e-9, fleet.engine.prefill_b_ms)),
+            sent_since=sent, done_since=done)
         self.view = FleetView()
         self._heap: list[tuple[float, int, int, Any]] = []
         self._tie = itertools.count()
@@ -120,6 +123,7 @@ class Simulation:
         self.samples: list[tuple[float, tuple[int, ...]]] = []
         self.pool_of: dict[str, tuple[str, str]] = {}  # request id -> pool it occupies
         self.pending: dict[str, Pending] = {}
+        self.target_of: dict[str, str] = {}  # request id -> the worker it was routed to
         self._index = {wid: i for i, wid in enumerate(self.workers)}
         self._latency: dict[str, LatencyAverages] = {}  # per worker, for heartbeats
         self._pull_rng = random.Random(seed + 0x5EED)  # which waiting pull gets pool work
@@ -221,6 +225,8 @@ class Simulation:
                           getattr(self.cfg.order, "fair", None))
             if b.target in self.workers:
                 st.sent_to(b.target, (self.pending[rid] for rid in b.request_ids))
+                for rid in b.request_ids:
+                    self.target_of[rid] = b.target
             self._at(self.now + self.fleet.work_ms, _WORK, (b.role, b.target, _Msg(items)))
         for wid, n in plan.sent.items():
             o.sent_since[wid] = o.sent_since.get(wid, 0) + n
@@ -233,6 +239,9 @@ class Simulation:
     def _done(self, rid: str) -> None:
         """A Final reached the orchestrator: its pool has room again."""
         self.orch.in_flight[self.pool_of.pop(rid)] -= 1
+        worker = self.target_of.pop(rid, "")
+        if worker:
+            self.orch.done_since[worker] = self.orch.done_since.get(worker, 0) + 1
         rec = self.by_id[rid]
         ttft, target = rec.ttft_ms, self.pending[rid].ttft_target_ms
         self.orch.state.finished(rec.req.tenant, self.now, True,
@@ -363,6 +372,7 @@ class Simulation:
                 ttft_ms_avg=lat.ttft_ms if lat else 0.0, tpot_ms_avg=lat.tpot_ms if lat else 0.0))
         self.view = FleetView(tuple(views))
         self.orch.sent_since.clear()
+        self.orch.done_since.clear()
         self.samples.append((self.now, tuple(
             w.held + sum(len(m.items) for m in self.own[w.worker_id])
             for w in self.workers.values())))

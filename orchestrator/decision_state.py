@@ -31,12 +31,14 @@ from orchestrator.snapshot import Measured, Pending, RouteState
 class DecisionState:
     def __init__(self, *, tenant_weights: Mapping[str, float] | None = None,
                  prefill_tokens_per_s: float = 40_000.0, window_s: float = 10.0,
-                 sent_since: dict[str, int] | None = None) -> None:
+                 sent_since: dict[str, int] | None = None,
+                 done_since: dict[str, int] | None = None) -> None:
         self.weights = dict(tenant_weights or {})
         self.prefill_tps = prefill_tokens_per_s
         self.window_ms = window_s * 1000
         self.prefix = PrefixIndex()
-        self.route = RouteState(0, sent_since if sent_since is not None else {}, self.prefix)
+        self.route = RouteState(0, sent_since if sent_since is not None else {},
+                                done_since if done_since is not None else {}, self.prefix)
         self.work: dict[str, float] = {}
         self.active: dict[str, int] = {}  # tenant -> requests held or running
         self.mode = ""
@@ -84,7 +86,7 @@ class DecisionState:
     def applied(self, plan: DispatchPlan) -> None:
         if plan.route_steps:
             self.route = RouteState(self.route.step + plan.route_steps, self.route.sent_since,
-                                    self.prefix)
+                                    self.route.done_since, self.prefix)
         self.mode, self.mode_since = plan.mode, plan.mode_since_ms
 
     # -- what the next plan reads -----------------------------------------------

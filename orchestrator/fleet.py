@@ -113,6 +113,10 @@ class Registry:
         # Items routed to each worker since its last heartbeat (routers add them
         # to what the heartbeat said it held).
         self.sent_since: dict[str, int] = {}
+        self.done_since: dict[str, int] = {}  # ...and finished since (routed by us)
+
+    def finished_on(self, worker_id: str) -> None:
+        self.done_since[worker_id] = self.done_since.get(worker_id, 0) + 1
 
     def routed(self, sent: Mapping[str, int]) -> None:
         for wid, n in sent.items():
@@ -123,6 +127,7 @@ class Registry:
         prev = self._latest.get(hb.worker_id)
         self._view = None
         self.sent_since.pop(hb.worker_id, None)
+        self.done_since.pop(hb.worker_id, None)
         if hb.state == WorkerState.STOPPED:
             self._latest.pop(hb.worker_id, None)
             return prev is not None
@@ -140,6 +145,7 @@ class Registry:
             self._view = None
             for w in gone:
                 self.sent_since.pop(w, None)
+                self.done_since.pop(w, None)
         return [self._latest.pop(w)[0] for w in gone]
 
     def snapshot(self, now_ms: float) -> FleetView:

@@ -64,6 +64,7 @@ class Entry:
     msg: Any = None
     state: RequestState | None = None
     pool: PoolKey | None = None  # set while DISPATCHING / DISPATCHED
+    target: str = ""  # the worker it was routed to ("" = a pool subject)
     dispatched_ms: float = 0.0
     checked_ms: float = 0.0  # last reconcile lookup in LLM_DONE
     redispatched: bool = False  # redelivered: an earlier dispatch cannot be ruled out

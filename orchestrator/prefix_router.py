@@ -23,7 +23,6 @@ from orchestrator.plugins import register
 from orchestrator.routers import RouteContext, Router
 from orchestrator.snapshot import Pending
 
-
 PREFIX_ROUTERS = frozenset({"prefix_aware", "locality"})  # routers that read block hashes
 
 

@@ -39,10 +39,11 @@ from orchestrator.snapshot import Pending, RouteState
 class RouteContext:
     """One plan's routing scratch; the shell folds `sent` and `step` back into its state."""
 
-    __slots__ = ("_overlay", "_prefix", "_since", "rng", "sent", "step", "steps")
+    __slots__ = ("_done", "_overlay", "_prefix", "_since", "rng", "sent", "step", "steps")
 
     def __init__(self, state: RouteState, rng: random.Random) -> None:
         self._since = state.sent_since
+        self._done = state.done_since
         self._prefix = state.prefix  # a PrefixIndex (orchestrator/prefix_router.py) or None
         # Blocks routed by this plan, not yet in the index: (worker, block).
         self._overlay: set[tuple[str, int]] = set()
@@ -52,9 +53,11 @@ class RouteContext:
         self.rng = rng
 
     def load(self, w: WorkerView) -> int:
-        """Items on the worker: held at its last heartbeat, plus routed since."""
+        """Items on the worker: held at its last heartbeat, plus routed since, less
+        what we routed there that finished since."""
         wid = w.worker_id
-        return w.held_items + self._since.get(wid, 0) + self.sent.get(wid, 0)
+        known = w.held_items + self._since.get(wid, 0) - self._done.get(wid, 0)
+        return max(0, known) + self.sent.get(wid, 0)
 
     def prefix_match(self, w: WorkerView, hashes: Sequence[int]) -> int:
         """Leading blocks of `hashes` the worker was sent (index, or earlier this plan)."""

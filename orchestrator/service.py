@@ -99,7 +99,8 @@ class Orchestrator:
         # Routers read the registry's counts of items routed since each heartbeat.
         self.decisions = DecisionState(tenant_weights=o.tenant_weights,
                                        prefill_tokens_per_s=o.prefill_tokens_per_s,
-                                       sent_since=self.registry.sent_since)
+                                       sent_since=self.registry.sent_since,
+                                       done_since=self.registry.done_since)
         self._rng = random.Random(o.route_seed or None)
         self.ledger = Ledger(len(PRIORITIES), observer=self._ledger_changed)
         self.stats = OrchestratorStats()
@@ -354,6 +355,8 @@ class Orchestrator:
         elif to is None:
             ran = frm in (RequestState.DISPATCHING, RequestState.DISPATCHED)
             self.decisions.finished(tenant, now_ms(), ran)
+            if ran and e.target:
+                self.registry.finished_on(e.target)
 
     def _plan(self) -> DispatchPlan | None:
         """None when no pool has room and nothing is due (most wakes at saturation)."""
@@ -426,6 +429,8 @@ class Orchestrator:
                 self.ledger.transition(e, RequestState.DISPATCHING, batch.pool)
             if batch.target in plan.sent:  # routed to one worker, not a pool
                 self.decisions.sent_to(batch.target, [self._pending(e) for e in entries])
+                for e in entries:
+                    e.target = batch.target
             await self._publish_slots.acquire()
             self._spawn(self._publish_batch(batch, entries), "publish")
         for puller in self._pullers:

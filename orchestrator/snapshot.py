@@ -57,6 +57,9 @@ class RouteState:
     # Items routed to each worker since its last heartbeat (which already counts
     # what it held then): load as of the heartbeat plus our own decisions since.
     sent_since: Mapping[str, int] = field(default_factory=dict)
+    # ...and those of them (routed to it by us) that finished since: the heartbeat's
+    # count is stale by them until the next one.
+    done_since: Mapping[str, int] = field(default_factory=dict)
     # Which prefix blocks each worker was sent recently (prefix_aware); None = no index.
     prefix: Any = None
 
