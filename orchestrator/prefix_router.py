@@ -62,8 +62,9 @@ class PrefixIndex:
 
 class PrefixParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Items per slot above the least loaded a worker may carry. On the Mooncake
-    # trace, 8 workers (docs/simulator.md): 0.05 -> 0.96 of the shared-cache
-    # bound at 1.11 max/mean work; 0.1 -> 0.91 at 1.20; 0.3 -> 0.59 at 1.64.
+    # trace, 8 workers, no classes (docs/simulator.md): 0.02 -> 0.87 of the
+    # shared-cache bound at 1.08 max/mean work; 0.05 -> 0.96 at 1.12;
+    # 0.1 -> 0.92 at 1.17; 0.3 -> 0.58 at 1.65.
     slack: float = 0.05
 
 
