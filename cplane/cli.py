@@ -237,6 +237,13 @@ def cmd_policy(args: argparse.Namespace) -> int:
     return asyncio.run(main())
 
 
+def cmd_workers(args: argparse.Namespace) -> int:
+    """`workers`: every live worker from its heartbeats (see cplane/workers_cmd.py)."""
+    from cplane.workers_cmd import run_workers
+
+    return run_workers(_settings(args), args.wait, args.json)
+
+
 def _iso(ms: float) -> str:
     import datetime
 
@@ -336,6 +343,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a policy parameter (value as JSON when it parses, else a string)")
     g.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
     g.set_defaults(fn=cmd_policy)
+
+    p = sp.add_parser("workers", help="list live workers from their heartbeats, with health")
+    _common(p)
+    p.add_argument("--wait", type=float, default=None, metavar="S",
+                   help="seconds to collect heartbeats (default: worker.heartbeat_s + 0.5); "
+                        "returns earlier once every worker that answered the request is in")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    p.set_defaults(fn=cmd_workers)
 
     p = sp.add_parser("bench", help="benchmarks that need no broker")
     bp = p.add_subparsers(dest="bench", required=True)

@@ -1,0 +1,224 @@
+"""`cplane workers`: every live worker, from its heartbeats, as a table or JSON.
+
+It subscribes to `llm.hb.*`, asks every worker for a heartbeat at once
+(`<prefix>.admin.heartbeat`, as an orchestrator does when it starts), and
+collects until `--wait` seconds pass or, earlier, until no new worker has
+answered for `SETTLE_S`. A worker is healthy when its state is READY and its
+last heartbeat is younger than `orchestrator.worker_timeout_s` (what the
+orchestrator allows before it forgets a worker).
+
+Exit codes: 0 listed (healthy or not: see the health column / `healthy`),
+1 no worker answered or NATS unreachable (one line on stderr), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from typing import NamedTuple
+
+import msgspec
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from schemas.codec import heartbeat_decoder
+from schemas.messages import Heartbeat, WorkerState
+from schemas.settings import Settings
+from schemas.subjects import Subjects
+
+SETTLE_S = 0.3  # return once the set of workers has not grown for this long
+CONNECT_TIMEOUT_S = 5.0
+WIDE = 200  # console width when stdout is not a terminal: never cut a column
+
+
+class Seen(NamedTuple):
+    """A worker's latest heartbeat and when it arrived (local monotonic clock)."""
+
+    hb: Heartbeat
+    at: float
+
+
+class WorkerRow(msgspec.Struct, kw_only=True):
+    """One worker as `--json` prints it."""
+
+    worker_id: str
+    role: str
+    models: list[str]
+    engine: str
+    state: str
+    healthy: bool
+    health: str  # "healthy" or "unhealthy"
+    reason: str  # why unhealthy ("" when healthy)
+    held_items: int
+    capacity: int
+    running: int
+    waiting: int
+    kv_usage: float  # 0..1
+    prefix_hit_rate: float  # 0..1
+    prompt_tokens_per_s: float
+    gen_tokens_per_s: float
+    heartbeat_age_s: float
+    started_ms: float
+    ts_ms: float
+
+
+class HeartbeatCollector:
+    """Collects the latest heartbeat of each worker on one connection."""
+
+    def __init__(self, nc: NATS, subjects: Subjects) -> None:
+        self.nc = nc
+        self.subjects = subjects
+        self.seen: dict[str, Seen] = {}
+        self._new = asyncio.Event()
+        self._last_new = time.monotonic()
+        self._sub: Subscription | None = None
+
+    async def start(self) -> None:
+        """Subscribe, then ask every worker for a heartbeat now."""
+        self._sub = await self.nc.subscribe(self.subjects.heartbeats_all, cb=self._on_heartbeat)
+        await self.nc.flush()  # the subscription is in place before anyone answers
+        self._last_new = time.monotonic()
+        await self.nc.publish(self.subjects.heartbeat_request, b"")
+        await self.nc.flush()
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        try:
+            hb = heartbeat_decoder.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        now = time.monotonic()
+        if hb.worker_id not in self.seen:
+            self._last_new = now
+            self._new.set()
+        self.seen[hb.worker_id] = Seen(hb, now)
+
+    async def settle(self, wait_s: float, settle_s: float = SETTLE_S) -> None:
+        """Return after `wait_s`, or once some worker answered and none new for `settle_s`."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            end = min(deadline, self._last_new + settle_s) if self.seen else deadline
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            self._new.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._new.wait(), left)
+
+    def rows(self, timeout_s: float, now: float | None = None) -> list[WorkerRow]:
+        """Every worker seen, by id."""
+        now = time.monotonic() if now is None else now
+        return [row(s.hb, max(0.0, now - s.at), timeout_s)
+                for _, s in sorted(self.seen.items())]
+
+
+def health(hb: Heartbeat, age_s: float, timeout_s: float) -> tuple[bool, str]:
+    """(healthy, reason): READY with a heartbeat younger than `timeout_s`."""
+    if hb.state is not WorkerState.READY:
+        return False, str(hb.state)
+    if age_s > timeout_s:
+        return False, f"no heartbeat for {age_s:.0f} s"
+    return True, ""
+
+
+def row(hb: Heartbeat, age_s: float, timeout_s: float) -> WorkerRow:
+    ok, reason = health(hb, age_s, timeout_s)
+    return WorkerRow(
+        worker_id=hb.worker_id, role=str(hb.role), models=list(hb.models), engine=hb.engine,
+        state=str(hb.state), healthy=ok, health="healthy" if ok else "unhealthy",
+        reason=reason, held_items=hb.held_items, capacity=hb.capacity, running=hb.running,
+        waiting=hb.waiting, kv_usage=hb.kv_usage, prefix_hit_rate=hb.prefix_hit_rate,
+        prompt_tokens_per_s=hb.prompt_tokens_per_s, gen_tokens_per_s=hb.gen_tokens_per_s,
+        heartbeat_age_s=round(age_s, 3), started_ms=hb.started_ms, ts_ms=hb.ts_ms,
+    )
+
+
+def render(rows: list[WorkerRow], width: int | None = None) -> None:
+    """Print `rows` as a rich table on stdout (wide and plain when not a terminal)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=width or (None if sys.stdout.isatty() else WIDE))
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for name, justify in (("worker", "left"), ("role", "left"), ("models", "left"),
+                          ("engine", "left"), ("state", "left"), ("health", "left"),
+                          ("held/cap", "right"), ("running", "right"), ("waiting", "right"),
+                          ("kv %", "right"), ("prefix %", "right"), ("prompt tok/s", "right"),
+                          ("gen tok/s", "right"), ("last hb", "right")):
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for r in rows:
+        verdict = ("[green]healthy[/]" if r.healthy
+                   else f"[red]unhealthy[/] ({r.reason})")
+        table.add_row(
+            r.worker_id, r.role, ",".join(r.models) or "-", r.engine, r.state, verdict,
+            f"{r.held_items}/{r.capacity}", str(r.running), str(r.waiting),
+            f"{100 * r.kv_usage:.1f}", f"{100 * r.prefix_hit_rate:.1f}",
+            f"{r.prompt_tokens_per_s:.0f}", f"{r.gen_tokens_per_s:.0f}",
+            f"{r.heartbeat_age_s:.1f} s",
+        )
+    console.print(table)
+    healthy = sum(r.healthy for r in rows)
+    console.print(f"{len(rows)} worker(s), {healthy} healthy", highlight=False)
+
+
+async def _connect(url: str) -> NATS:
+    """One connection, no reconnects; ConnectionError with a one-line reason."""
+    async def quiet(exc: Exception) -> None:  # nats-py would log each failed attempt
+        return None
+
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            return await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=1,
+                                      reconnect_time_wait=0.1, connect_timeout=2,
+                                      error_cb=quiet)
+    except (TimeoutError, OSError, nats.errors.Error) as exc:
+        raise ConnectionError(f"cannot reach NATS at {url} ({type(exc).__name__})") from None
+
+
+async def collect(settings: Settings, wait_s: float) -> list[WorkerRow]:
+    """Connect, ask for heartbeats, collect them, return one row per worker."""
+    nc = await _connect(settings.nats.url)
+    try:
+        collector = HeartbeatCollector(nc, settings.subjects)
+        await collector.start()
+        await collector.settle(wait_s)
+        await collector.stop()
+        return collector.rows(settings.orchestrator.worker_timeout_s)
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+
+def default_wait_s(settings: Settings) -> float:
+    """A little over one heartbeat period: even a worker that missed the request shows."""
+    return settings.worker.heartbeat_s + 0.5
+
+
+def run_workers(settings: Settings, wait_s: float | None, as_json: bool) -> int:
+    """The `cplane workers` command; returns its exit code."""
+    wait = default_wait_s(settings) if wait_s is None else wait_s
+    if wait <= 0:
+        print("cplane workers: --wait must be above 0", file=sys.stderr)
+        return 2
+    try:
+        rows = asyncio.run(collect(settings, wait))
+    except ConnectionError as exc:
+        print(f"cplane workers: {exc}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(msgspec.json.encode(rows).decode())
+    elif rows:
+        render(rows)
+    if not rows:
+        print(f"cplane workers: no workers answered within {wait:g} s", file=sys.stderr)
+        return 1
+    return 0
