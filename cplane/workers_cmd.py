@@ -124,7 +124,7 @@ class HeartbeatCollector:
 def health(hb: Heartbeat, age_s: float, timeout_s: float) -> tuple[bool, str]:
     """(healthy, reason): READY with a heartbeat younger than `timeout_s`."""
     if hb.state is not WorkerState.READY:
-        return False, str(hb.state)
+        return False, f"state {hb.state}"
     if age_s > timeout_s:
         return False, f"no heartbeat for {age_s:.0f} s"
     return True, ""
@@ -144,17 +144,18 @@ def row(hb: Heartbeat, age_s: float, timeout_s: float) -> WorkerRow:
 
 def render(rows: list[WorkerRow], width: int | None = None) -> None:
     """Print `rows` as a rich table on stdout (wide and plain when not a terminal)."""
-    from rich.console import Console
+    from rich.console import Console, JustifyMethod
     from rich.table import Table
 
     console = Console(width=width or (None if sys.stdout.isatty() else WIDE))
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for name, justify in (("worker", "left"), ("role", "left"), ("models", "left"),
-                          ("engine", "left"), ("state", "left"), ("health", "left"),
-                          ("held/cap", "right"), ("running", "right"), ("waiting", "right"),
-                          ("kv %", "right"), ("prefix %", "right"), ("prompt tok/s", "right"),
-                          ("gen tok/s", "right"), ("last hb", "right")):
-        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    columns: list[tuple[str, JustifyMethod]] = [
+        *((name, "left") for name in ("worker", "role", "models", "engine", "state", "health")),
+        *((name, "right") for name in ("held/cap", "running", "waiting", "kv %", "prefix %",
+                                       "prompt tok/s", "gen tok/s", "last hb")),
+    ]
+    for name, justify in columns:
+        table.add_column(name, justify=justify, no_wrap=True)
     for r in rows:
         verdict = ("[green]healthy[/]" if r.healthy
                    else f"[red]unhealthy[/] ({r.reason})")

@@ -42,7 +42,7 @@ async def test_workers_table_and_json_show_each_worker_and_its_health(nats_url: 
     async with stack(s, workers=[{"worker_id": i} for i in IDS], orchestrator=False) as run:
         t0 = time.monotonic()
         (rc, out, err), (jrc, jout, jerr) = await asyncio.gather(
-            _cli(s), _cli(s, "--json", "--wait", "5"))
+            _cli(s), _cli(s, "--json", "--wait", "10"))
         assert rc == 0, err
         header = out.splitlines()[0].split()
         assert "health" in header and "state" in header and "held/cap" in header
@@ -51,8 +51,8 @@ async def test_workers_table_and_json_show_each_worker_and_its_health(nats_url: 
             assert " ready " in line and " healthy " in line and "unhealthy" not in line
             assert "sim" in line and "0/" in line
         assert "2 worker(s), 2 healthy" in out
-        # Every worker answers the request at once: well under the 5 s --wait.
-        assert time.monotonic() - t0 < 4.5
+        # Every worker answers the request at once: well under the 10 s --wait.
+        assert time.monotonic() - t0 < 8
 
         assert jrc == 0, jerr
         rows = json.loads(jout)
@@ -60,7 +60,7 @@ async def test_workers_table_and_json_show_each_worker_and_its_health(nats_url: 
         for r in rows:
             assert r["healthy"] is True and r["health"] == "healthy" and r["reason"] == ""
             assert r["state"] == "ready" and r["role"] == "unified" and r["engine"] == "sim"
-            assert r["capacity"] == s.worker.capacity and r["heartbeat_age_s"] < 5
+            assert r["capacity"] == s.worker.capacity and r["heartbeat_age_s"] < 8
 
         # Unhealthy: still listed, with the reason; a stopped worker is gone.
         await run.workers[1]._become_unhealthy("test")
@@ -69,7 +69,7 @@ async def test_workers_table_and_json_show_each_worker_and_its_health(nats_url: 
         assert rc == 0, err
         assert IDS[0] not in out
         line = _line(out, IDS[1])
-        assert "unhealthy (unhealthy)" in line and " healthy " not in line
+        assert "unhealthy (state unhealthy)" in line and " healthy " not in line
         assert "1 worker(s), 0 healthy" in out
 
 
@@ -87,7 +87,7 @@ async def test_a_worker_stopping_while_listed_shows_stopped(nats_url: str) -> No
                         "the stopped heartbeat")
             await collector.stop()
             rows = {r.worker_id: r for r in collector.rows(s.orchestrator.worker_timeout_s)}
-            assert rows[IDS[0]].healthy is False and rows[IDS[0]].reason == "stopped"
+            assert rows[IDS[0]].healthy is False and rows[IDS[0]].reason == "state stopped"
             assert rows[IDS[1]].healthy is True
     finally:
         await nc.close()
@@ -100,7 +100,7 @@ def test_health_needs_ready_and_a_fresh_heartbeat() -> None:
     for state in (WorkerState.DRAINING, WorkerState.UNHEALTHY, WorkerState.STOPPED):
         draining = Heartbeat(worker_id="w", role=Role.UNIFIED, models=[], engine="sim",
                              capacity=4, state=state)
-        assert health(draining, 0.0, 3.5) == (False, state.value)
+        assert health(draining, 0.0, 3.5) == (False, f"state {state.value}")
 
 
 async def test_no_workers_or_no_broker_is_exit_1_in_one_line(nats_url: str) -> None:
