@@ -94,7 +94,11 @@ def workload(args: argparse.Namespace) -> list[TraceRequest]:
     else:
         reqs = generate(SyntheticSpec(rate_per_s=args.synthetic_rate, count=args.requests or 2000,
                                       prompt=LengthDist(1000, 1.0, 8192),
-                                      output=LengthDist(200, 0.8, 2048)), seed=args.seed)
+                                      output=LengthDist(200, 0.8, 2048),
+                                      prefix_groups=args.prefix_groups,
+                                      prefix_tokens=args.prefix_tokens,
+                                      prefix_share=args.prefix_share if args.prefix_groups else 0),
+                        seed=args.seed)
     reqs = slice_requests(reqs, start=args.start, count=args.requests)
     if args.rate_scale != 1.0:
         reqs = scale_rate(reqs, args.rate_scale)
@@ -234,6 +238,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-classes", default=DEFAULT_CLASSES, help="SLO class mix")
     p.add_argument("--tenants", default=DEFAULT_TENANTS, help="tenant mix")
     p.add_argument("--synthetic-rate", type=float, default=20.0)
+    p.add_argument("--prefix-groups", type=int, default=0,
+                   help="synthetic: groups sharing a long system prompt (prefix-heavy)")
+    p.add_argument("--prefix-tokens", type=int, default=4096, help="synthetic: its length")
+    p.add_argument("--prefix-share", type=float, default=0.9,
+                   help="synthetic: share of requests that start with a group's prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder for results.json and the plots")
 
