@@ -61,6 +61,8 @@ class WorkerRow(msgspec.Struct, kw_only=True):
     prefix_hit_rate: float  # 0..1
     prompt_tokens_per_s: float
     gen_tokens_per_s: float
+    ttft_ms_avg: float  # moving averages of its recent requests (least_response_time)
+    tpot_ms_avg: float
     heartbeat_age_s: float
     started_ms: float
     ts_ms: float
@@ -138,6 +140,7 @@ def row(hb: Heartbeat, age_s: float, timeout_s: float) -> WorkerRow:
         reason=reason, held_items=hb.held_items, capacity=hb.capacity, running=hb.running,
         waiting=hb.waiting, kv_usage=hb.kv_usage, prefix_hit_rate=hb.prefix_hit_rate,
         prompt_tokens_per_s=hb.prompt_tokens_per_s, gen_tokens_per_s=hb.gen_tokens_per_s,
+        ttft_ms_avg=hb.ttft_ms_avg, tpot_ms_avg=hb.tpot_ms_avg,
         heartbeat_age_s=round(age_s, 3), started_ms=hb.started_ms, ts_ms=hb.ts_ms,
     )
 
@@ -152,7 +155,8 @@ def render(rows: list[WorkerRow], width: int | None = None) -> None:
     columns: list[tuple[str, JustifyMethod]] = [
         *((name, "left") for name in ("worker", "role", "models", "engine", "state", "health")),
         *((name, "right") for name in ("held/cap", "running", "waiting", "kv %", "prefix %",
-                                       "prompt tok/s", "gen tok/s", "last hb")),
+                                       "prompt tok/s", "gen tok/s", "ttft ms", "tpot ms",
+                                       "last hb")),
     ]
     for name, justify in columns:
         table.add_column(name, justify=justify, no_wrap=True)
@@ -164,7 +168,7 @@ def render(rows: list[WorkerRow], width: int | None = None) -> None:
             f"{r.held_items}/{r.capacity}", str(r.running), str(r.waiting),
             f"{100 * r.kv_usage:.1f}", f"{100 * r.prefix_hit_rate:.1f}",
             f"{r.prompt_tokens_per_s:.0f}", f"{r.gen_tokens_per_s:.0f}",
-            f"{r.heartbeat_age_s:.1f} s",
+            f"{r.ttft_ms_avg:.1f}", f"{r.tpot_ms_avg:.2f}", f"{r.heartbeat_age_s:.1f} s",
         )
     console.print(table)
     healthy = sum(r.healthy for r in rows)
