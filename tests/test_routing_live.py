@@ -4,6 +4,8 @@ chosen worker's own subject, and that worker serves it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import nats
 
@@ -19,16 +21,26 @@ async def served_by(client: Client, rid: str, max_tokens: int = 4) -> Final:
     return await handle.result(timeout=30)
 
 
-async def test_round_robin_sends_each_worker_its_turn(nats_url: str) -> None:
+@contextlib.asynccontextmanager
+async def three_workers(nats_url: str, router: str) -> AsyncIterator[Client]:
+    """A client onto an orchestrator routing with `router` over three zero-cost
+    workers, once it has heard all three."""
     s = isolated_settings(nats_url, sim={"zero_cost": True},
-                          orchestrator={"router": "round_robin", "policy": "fifo"})
+                          orchestrator={"router": router, "policy": "fifo"})
     async with stack(s, workers=3) as run:
         orch = run.orchestrator
         assert orch is not None
         await until(lambda: len(orch.registry._latest) == 3)
         client = Client(await nats.connect(nats_url), s)
+        try:
+            yield client
+        finally:
+            await client.close()
+
+
+async def test_round_robin_sends_each_worker_its_turn(nats_url: str) -> None:
+    async with three_workers(nats_url, "round_robin") as client:
         order = [(await served_by(client, f"rr{i}")).workers[0] for i in range(9)]
-        await client.close()
     # one request at a time: every window of three covers the three workers
     for i in range(0, 9, 3):
         assert sorted(order[i:i + 3]) == ["w0", "w1", "w2"], order
@@ -57,14 +69,8 @@ async def test_least_loaded_spreads_a_burst_by_what_it_routed(nats_url: str) -> 
 async def test_prefix_aware_sends_a_shared_prefix_where_it_is_cached(nats_url: str) -> None:
     # Requests sharing a 1,024-token prefix: the first lands anywhere, the rest
     # follow it, and the (sim) engine there reports the prefix as cached.
-    s = isolated_settings(nats_url, sim={"zero_cost": True},
-                          orchestrator={"router": "prefix_aware", "policy": "fifo"})
     prefix = list(range(1000, 2024))
-    async with stack(s, workers=3) as run:
-        orch = run.orchestrator
-        assert orch is not None
-        await until(lambda: len(orch.registry._latest) == 3)
-        client = Client(await nats.connect(nats_url), s)
+    async with three_workers(nats_url, "prefix_aware") as client:
         finals = []
         for i in range(6):
             h = await client.submit(Request(request_id=f"px{i}", max_tokens=2,
@@ -73,26 +79,18 @@ async def test_prefix_aware_sends_a_shared_prefix_where_it_is_cached(nats_url: s
         other = await client.submit(Request(request_id="other", max_tokens=2,
                                             prompt_token_ids=list(range(5000, 6100))))
         await other.result(timeout=30)
-        await client.close()
     assert len({f.workers[0] for f in finals}) == 1, [(f.workers, f.usage) for f in finals]
     assert finals[0].usage.cached_prompt_tokens == 0
     assert all(f.usage.cached_prompt_tokens == 1024 for f in finals[1:])
 
 
 async def test_affinity_keeps_a_session_on_one_worker(nats_url: str) -> None:
-    s = isolated_settings(nats_url, sim={"zero_cost": True},
-                          orchestrator={"router": "affinity", "policy": "fifo"})
-    async with stack(s, workers=3) as run:
-        orch = run.orchestrator
-        assert orch is not None
-        await until(lambda: len(orch.registry._latest) == 3)
-        client = Client(await nats.connect(nats_url), s)
+    async with three_workers(nats_url, "affinity") as client:
         homes: dict[str, set[str]] = {}
         for i in range(12):
             session = f"s{i % 4}"
             h = await client.submit(Request(request_id=f"af{i}", prompt="a b", max_tokens=2,
                                             session_id=session))
             homes.setdefault(session, set()).add((await h.result(timeout=30)).workers[0])
-        await client.close()
     assert all(len(ws) == 1 for ws in homes.values()), homes
     assert len({next(iter(ws)) for ws in homes.values()}) > 1  # sessions spread
