@@ -27,6 +27,8 @@ from orchestrator.fleet import FleetView
 from orchestrator.prefix_router import PrefixIndex
 from orchestrator.snapshot import Measured, Pending, RouteState
 
+MAX_IDLE_TENANTS = 10_000  # counters kept for tenants with nothing held or running
+
 
 class DecisionState:
     def __init__(self, *, tenant_weights: Mapping[str, float] | None = None,
@@ -61,7 +63,7 @@ class DecisionState:
         params = fair or FairParams()
         for p in pendings:
             self.backlog += p.prompt_tokens
-            self.work[p.tenant] = self.work.get(p.tenant, 0.0) + charge(p, params) / max(
+            self.work[p.tenant] = self.work.pop(p.tenant, 0.0) + charge(p, params) / max(
                 1e-9, self.weights.get(p.tenant, 1.0))
 
     def sent_to(self, worker_id: str, pendings: Iterable[Pending]) -> None:
@@ -80,8 +82,24 @@ class DecisionState:
             self.active[tenant] = n
         else:
             self.active.pop(tenant, None)
+            self._forget_idle_tenants()
         if ran:
             self._done.append(now_ms)
+
+    def _forget_idle_tenants(self) -> None:
+        """Tenant names come from requests: keep the counters of idle ones bounded
+        (the oldest idle go first; one that returns is lifted to the active minimum)."""
+        extra = len(self.work) - len(self.active) - MAX_IDLE_TENANTS
+        if extra <= 0:
+            return
+        idle = []
+        for t in self.work:  # least recently charged first (charging re-inserts)
+            if t not in self.active:
+                idle.append(t)
+                if len(idle) == extra:
+                    break
+        for t in idle:
+            del self.work[t]
 
     def applied(self, plan: DispatchPlan) -> None:
         if plan.route_steps:

@@ -529,6 +529,7 @@ class Orchestrator:
             for hb in self.registry.expire_workers(t):
                 log.info("worker %s expired; %d live", hb.worker_id,
                          len(self.registry.snapshot(t).workers))
+                self.decisions.prefix.forget(hb.worker_id)
                 if self.leading:
                     self._spawn(self._rescue(hb.role, hb.worker_id, list(hb.models)), "rescue")
             self._tick_due = True

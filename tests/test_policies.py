@@ -218,3 +218,18 @@ def test_slo_classes_resolve_with_a_documented_answer_for_unknown_names() -> Non
     assert resolve("standard", c, "standard", ttft_ms=1).ttft_ms == 250
     assert resolve("standard", c, "standard", tpot_ms=10_000).tpot_ms == 400
     assert resolve("standard", c, "standard", deadline_ms=9000).deadline_ms == 9000
+
+
+def test_tenant_counters_stay_bounded_whatever_names_requests_carry(monkeypatch: object) -> None:
+    import orchestrator.decision_state as ds
+
+    monkeypatch.setattr(ds, "MAX_IDLE_TENANTS", 100)  # type: ignore[attr-defined]
+    d = DecisionState()
+    d.held("steady")
+    for i in range(1000):  # a client inventing a tenant per request
+        t = f"t{i}"
+        d.held(t)
+        d.dispatched([p(f"r{i}", tenant=t)], FairParams())
+        d.finished(t, float(i))
+    d.dispatched([p("s", tenant="steady")], FairParams())
+    assert len(d.work) <= 101 and "steady" in d.work and "t999" in d.work
