@@ -89,6 +89,8 @@ class DecisionState:
     def _forget_idle_tenants(self) -> None:
         """Tenant names come from requests: keep the counters of idle ones bounded
         (the oldest idle go first; one that returns is lifted to the active minimum)."""
+        if len(self.work) <= MAX_IDLE_TENANTS:
+            return
         busy = sum(1 for t in self.active if t in self.work)
         extra = len(self.work) - busy - MAX_IDLE_TENANTS
         if extra <= 0:
