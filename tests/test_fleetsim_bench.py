@@ -7,8 +7,11 @@ import pathlib
 import subprocess
 import sys
 
-TRACES = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "traces"
-AZURE = TRACES / "AzureLLMInferenceTrace_conv.csv"
+from tests import traces
+
+AZURE = traces.find(traces.AZURE)
+# The Azure trace when it is there, else the built-in synthetic workload.
+SOURCE = ["--trace", str(AZURE)] if AZURE is not None else []
 
 
 def cplane(*args: str) -> subprocess.CompletedProcess[str]:
@@ -17,9 +20,8 @@ def cplane(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_bench_policies_writes_table_json_and_plots(tmp_path: pathlib.Path) -> None:
-    assert AZURE.exists(), AZURE
     out = tmp_path / "out"
-    r = cplane("bench", "policies", "--trace", str(AZURE), "--requests", "400", "--workers", "2",
+    r = cplane("bench", "policies", *SOURCE, "--requests", "400", "--workers", "2",
                "--policies", "fifo,priority", "--routers", "round_robin,random,least_loaded",
                "--sweep-requests", "200", "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -39,7 +41,7 @@ def test_bench_policies_writes_table_json_and_plots(tmp_path: pathlib.Path) -> N
 
 
 def test_bench_policies_refuses_unknown_names_in_one_line(tmp_path: pathlib.Path) -> None:
-    r = cplane("bench", "policies", "--trace", str(AZURE), "--routers", "least_laoded",
+    r = cplane("bench", "policies", *SOURCE, "--routers", "least_laoded",
                "--out", str(tmp_path))
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "least_loaded" in r.stderr

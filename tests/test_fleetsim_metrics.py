@@ -22,8 +22,7 @@ from fleetsim.metrics import (
 from fleetsim.plots import plot_goodput, plot_ttft_cdf
 from fleetsim.records import RequestRecord, RunResult, TraceRequest
 from fleetsim.report import jsonable, table, write_json
-
-TRACES = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "traces"
+from tests import traces
 
 _ids = iter(range(1_000_000))
 
@@ -286,8 +285,7 @@ def test_shared_cache_bound_hand_example() -> None:
 
 
 def _mooncake() -> list[TraceRequest]:
-    path = TRACES / "mooncake_conversation_trace.jsonl"
-    assert path.is_file(), f"missing trace {path} (shared data; this test must not skip)"
+    path = traces.need(traces.MOONCAKE)
     reqs = []
     for i, line in enumerate(path.read_bytes().splitlines()):
         if line.strip():

@@ -3,8 +3,6 @@ prefix caching, routing under heartbeat lag. Virtual time only; fast."""
 
 from __future__ import annotations
 
-import pathlib
-
 import msgspec
 import pytest
 
@@ -15,9 +13,8 @@ from fleetsim.synthetic import LengthDist, SyntheticSpec, generate
 from fleetsim.workload import load_mooncake, scale_rate
 from orchestrator.dispatch import DispatchConfig
 from schemas.settings import SimSettings
+from tests import traces
 from workers.engines.stepcore import CoreSeq, StepCore
-
-TRACES = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "traces"
 
 
 def cfg(router: str = "pool", policy: str = "fifo", pd: str = "never") -> DispatchConfig:
@@ -102,7 +99,7 @@ def test_pd_runs_prefill_then_decode_with_the_kv_transfer() -> None:
 
 def test_prefix_cache_hits_on_the_mooncake_trace_and_saves_prefill() -> None:
     # A quarter of the trace's rate: one worker keeps up (12k-token prompts).
-    reqs = scale_rate(load_mooncake(TRACES / "mooncake_conversation_trace.jsonl", limit=400), 0.25)
+    reqs = scale_rate(load_mooncake(traces.need(traces.MOONCAKE), limit=400), 0.25)
     big = msgspec.structs.replace(SimSettings(), prefix_cache_tokens=10**9,
                                   kv_tokens=10**7)
     off = msgspec.structs.replace(big, prefix_cache_tokens=0)

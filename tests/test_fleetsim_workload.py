@@ -22,21 +22,19 @@ from fleetsim.workload import (
     slice_requests,
     summary,
 )
+from tests import traces
 
-# The real traces live beside the repository (../shared/traces); missing files must fail.
-TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
-AZURE = TRACES / "AzureLLMInferenceTrace_conv.csv"
-MOONCAKE = TRACES / "mooncake_conversation_trace.jsonl"
+# The real traces live beside the repository (tests/traces.py finds them).
 
 
 @pytest.fixture(scope="module")
 def azure() -> list[TraceRequest]:
-    return load_trace(AZURE)
+    return load_trace(traces.need(traces.AZURE))
 
 
 @pytest.fixture(scope="module")
 def mooncake() -> list[TraceRequest]:
-    return load_trace(MOONCAKE)
+    return load_trace(traces.need(traces.MOONCAKE))
 
 
 def test_azure_trace(azure: list[TraceRequest]) -> None:
@@ -63,8 +61,8 @@ def test_mooncake_trace(mooncake: list[TraceRequest]) -> None:
 
 
 def test_limit() -> None:
-    assert len(load_azure(AZURE, limit=10)) == 10
-    assert len(load_mooncake(MOONCAKE, limit=7)) == 7
+    assert len(load_azure(traces.need(traces.AZURE), limit=10)) == 10
+    assert len(load_mooncake(traces.need(traces.MOONCAKE), limit=7)) == 7
 
 
 def test_malformed_files(tmp_path: Path) -> None:
