@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
         _plugin_names("policy")))
     p.add_argument("--router", default=None, help="a router plugin: " + ", ".join(
         _plugin_names("router")))
-    p.add_argument("--pd-mode", choices=["never", "always", "auto"], default=None)
+    p.add_argument("--pd-mode", choices=["never", "always", "auto", "adaptive"], default=None)
     p.set_defaults(fn=cmd_orchestrator)
 
     p = sp.add_parser("worker", help="run a worker hosting one engine")

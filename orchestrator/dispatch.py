@@ -72,7 +72,8 @@ def dispatch_config(o: OrchestratorSettings) -> DispatchConfig:
     policy_params = dict(o.policy_params)
     if plugins.spec("policy", o.policy).accepts("aging_s"):
         policy_params.setdefault("aging_s", o.aging_s)
-    pd_params = {"min_prompt_tokens": o.pd_min_prompt_tokens} if o.pd_mode == "auto" else {}
+    pd_params = ({"min_prompt_tokens": o.pd_min_prompt_tokens}
+                 if o.pd_mode in ("auto", "adaptive") else {})
     return DispatchConfig.named(
         policy=o.policy, policy_params=policy_params, router=o.router,
         router_params=o.router_params, pd=o.pd_mode, pd_params=pd_params,

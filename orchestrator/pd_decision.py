@@ -1,9 +1,11 @@
 """Prefill/decode disaggregation: per request, unified or prefill-then-decode. Pure.
 
 Modes: `never`, `always` (whenever a prefill and a decode pool serve the
-model), `auto` (when the prompt is at least `min_prompt_tokens` long; the
-prefill pool's queue is weighed in a later issue). Without a unified pool,
-PD is used whatever the mode, and vice versa.
+model), `auto` (when the prompt is at least `min_prompt_tokens` long) and
+`adaptive` (a long prompt goes to PD only while the prefill pool has room
+and the decode pool has KV headroom, as of the last heartbeats; otherwise
+unified, so a saturated side never queues what the other could serve).
+Without a unified pool, PD is used whatever the mode, and vice versa.
 """
 
 from __future__ import annotations
@@ -85,3 +87,33 @@ def _always(params: NoParams) -> PdDecider:
 def _auto(params: LengthParams) -> PdDecider:
     """Prefill then decode for prompts of at least min_prompt_tokens."""
     return decider(PdConfig(mode="auto", min_prompt_tokens=params.min_prompt_tokens))
+
+
+class AdaptiveParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    min_prompt_tokens: int = 512
+    max_prefill_load: float = 0.9  # held items per slot of the prefill pool
+    max_decode_kv: float = 0.8  # mean KV usage of the decode pool
+
+
+def adaptive_role(model: str, prompt_tokens: int, fleet: FleetView, prm: AdaptiveParams
+                  ) -> Role | None:
+    role = choose_role(model, prompt_tokens, fleet, PdConfig("auto", prm.min_prompt_tokens))
+    if role is not Role.PREFILL or not fleet.of_role(Role.UNIFIED, model):
+        return role
+    prefill = fleet.of_role(Role.PREFILL, model)
+    decode = fleet.of_role(Role.DECODE, model)
+    load = sum(w.held_items for w in prefill) / max(1, sum(w.capacity for w in prefill))
+    kv = sum(w.kv_usage for w in decode) / max(1, len(decode))
+    if load >= prm.max_prefill_load or kv >= prm.max_decode_kv:
+        return Role.UNIFIED
+    return Role.PREFILL
+
+
+@register("pd", "adaptive", AdaptiveParams)
+def _adaptive(params: AdaptiveParams) -> PdDecider:
+    """PD for long prompts while the prefill pool has room and decode has KV headroom."""
+
+    def decide_role(model: str, prompt_tokens: int, fleet: FleetView) -> Role | None:
+        return adaptive_role(model, prompt_tokens, fleet, params)
+
+    return decide_role

@@ -146,7 +146,9 @@ class OrchestratorSettings(msgspec.Struct, frozen=True, kw_only=True):
     publish_timeout_s: float = 10.0
     # Dispatch up to capacity * (1 + headroom) so workers never idle between batches.
     headroom: float = 0.25
-    pd_mode: str = "auto"  # never | always | auto (prompt >= pd_min_prompt_tokens)
+    # never | always | auto (prompt >= pd_min_prompt_tokens) | adaptive (auto, while
+    # the prefill pool has room and the decode pool KV headroom)
+    pd_mode: str = "auto"
     pd_min_prompt_tokens: int = 512
     worker_timeout_s: float = 3.5  # no heartbeat this long: the worker is gone
     dedup_cache: int = 200_000  # request ids remembered for dedup without Nats-Msg-Id

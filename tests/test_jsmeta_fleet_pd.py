@@ -85,3 +85,21 @@ def test_pool_subject_unless_models_are_mixed() -> None:
     for name in ("meta-llama/Llama-3.1-8B", "a.b", "x" * 300):
         t = model_target(name)
         assert valid_token(t) and t.startswith("m-") and t != model_target(name + "!")
+
+
+def test_adaptive_pd_disaggregates_only_while_both_sides_have_room() -> None:
+    from orchestrator import plugins
+    from orchestrator.fleet import FleetView, WorkerView
+
+    def fleet(prefill_held: int, decode_kv: float) -> FleetView:
+        return FleetView((
+            WorkerView("u", Role.UNIFIED, ("m",), 8, 0, 0, 0, 0.0, 0.0),
+            WorkerView("p", Role.PREFILL, ("m",), 4, prefill_held, 0, 0, 0.0, 0.0),
+            WorkerView("d", Role.DECODE, ("m",), 8, 0, 0, 0, decode_kv, 0.0),
+        ))
+
+    decide = plugins.build("pd", "adaptive", {"min_prompt_tokens": 512})
+    assert decide("m", 100, fleet(0, 0.1)) is Role.UNIFIED  # short: unified
+    assert decide("m", 2000, fleet(0, 0.1)) is Role.PREFILL  # long, room on both sides
+    assert decide("m", 2000, fleet(4, 0.1)) is Role.UNIFIED  # prefill pool full
+    assert decide("m", 2000, fleet(0, 0.9)) is Role.UNIFIED  # decode KV nearly full
