@@ -26,7 +26,7 @@ from fleetsim.records import RequestRecord, RunResult, TraceRequest
 from fleetsim.worker import Item, Run, SimSeq, SimWorker
 from orchestrator.decision_state import DecisionState
 from orchestrator.dispatch import DispatchConfig, free_slots, headroom, plan_dispatch
-from orchestrator.fleet import FleetView, WorkerView
+from orchestrator.fleet import FleetView, RoutedSince, WorkerView
 from orchestrator.slo import resolve
 from orchestrator.snapshot import Pending, QueueSnapshot
 from schemas.messages import Role
@@ -79,8 +79,7 @@ class _Orch:
     held: list[dict[str, Pending]]
     state: DecisionState
     in_flight: dict[tuple[str, str], int] = field(default_factory=dict)
-    sent_since: dict[str, int] = field(default_factory=dict)
-    done_since: dict[str, int] = field(default_factory=dict)
+    since: RoutedSince = field(default_factory=RoutedSince)
     plan_at: float = -1.0  # a plan is scheduled at this time (coalesces wakes)
     busy_until: float = 0.0  # the plan in progress ends then
     tick_at: float = 0.0  # the live ticker: plan even without room (shedding, aging)
@@ -108,12 +107,10 @@ class Simulation:
         self._of_role = {r: [w for w in self.workers.values() if w.role is r] for r in Role}
         self.pools: dict[Role, list[_Msg]] = {r: [] for r in Role}  # the `any` subjects
         self.own: dict[str, list[_Msg]] = {w: [] for w in self.workers}
-        sent: dict[str, int] = {}
-        done: dict[str, int] = {}
+        since = RoutedSince()
         self.orch = _Orch([{} for _ in range(5)], DecisionState(
-            tenant_weights=fleet.tenant_weights, sent_since=sent, done_since=done,
-            prefill_tokens_per_s=1000 / max(1e-9, fleet.engine.prefill_b_ms)),
-            sent_since=sent, done_since=done)
+            tenant_weights=fleet.tenant_weights, routed_since=since,
+            prefill_tokens_per_s=1000 / max(1e-9, fleet.engine.prefill_b_ms)), since=since)
         self.view = FleetView()
         self._heap: list[tuple[float, int, int, Any]] = []
         self._tie = itertools.count()
@@ -228,8 +225,7 @@ class Simulation:
                 for rid in b.request_ids:
                     self.target_of[rid] = b.target
             self._at(self.now + self.fleet.work_ms, _WORK, (b.role, b.target, _Msg(items)))
-        for wid, n in plan.sent.items():
-            o.sent_since[wid] = o.sent_since.get(wid, 0) + n
+        o.since.routed(plan.sent)
         if any(o.held):  # the ticker: shedding and aging go on while pools are full
             self._at(o.tick_at, _TICK)
 
@@ -241,7 +237,7 @@ class Simulation:
         self.orch.in_flight[self.pool_of.pop(rid)] -= 1
         worker = self.target_of.pop(rid, "")
         if worker:
-            self.orch.done_since[worker] = self.orch.done_since.get(worker, 0) + 1
+            self.orch.since.finished_on(worker)
         rec = self.by_id[rid]
         ttft, target = rec.ttft_ms, self.pending[rid].ttft_target_ms
         self.orch.state.finished(rec.req.tenant, self.now, True,
@@ -371,8 +367,7 @@ class Simulation:
                 last_seen_ms=self.now, price_in_per_1k=p_in, price_out_per_1k=p_out,
                 ttft_ms_avg=lat.ttft_ms if lat else 0.0, tpot_ms_avg=lat.tpot_ms if lat else 0.0))
         self.view = FleetView(tuple(views))
-        self.orch.sent_since.clear()
-        self.orch.done_since.clear()
+        self.orch.since.heard_all()
         self.samples.append((self.now, tuple(
             w.held + sum(len(m.items) for m in self.own[w.worker_id])
             for w in self.workers.values())))

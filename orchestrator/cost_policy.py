@@ -35,8 +35,8 @@ def cheapest_router() -> Router:
         free = [w for w in affordable if ctx.load(w) < w.capacity]
         if free:
             return min(free, key=lambda w: (w.cost(p.prompt_tokens, p.output_tokens),
-                                            ctx.load(w) / max(1, w.capacity)))
-        return min(affordable, key=lambda w: ctx.load(w) / max(1, w.capacity))
+                                            ctx.per_slot(w)))
+        return min(affordable, key=ctx.per_slot)
 
     return route
 

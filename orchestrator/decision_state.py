@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 
 from orchestrator.dispatch import DispatchPlan
 from orchestrator.fairness import FairParams, charge
-from orchestrator.fleet import FleetView
+from orchestrator.fleet import FleetView, RoutedSince
 from orchestrator.prefix_router import PrefixIndex
 from orchestrator.snapshot import Measured, Pending, RouteState
 
@@ -33,14 +33,13 @@ MAX_IDLE_TENANTS = 10_000  # counters kept for tenants with nothing held or runn
 class DecisionState:
     def __init__(self, *, tenant_weights: Mapping[str, float] | None = None,
                  prefill_tokens_per_s: float = 40_000.0, window_s: float = 10.0,
-                 sent_since: dict[str, int] | None = None,
-                 done_since: dict[str, int] | None = None) -> None:
+                 routed_since: RoutedSince | None = None) -> None:
         self.weights = dict(tenant_weights or {})
         self.prefill_tps = prefill_tokens_per_s
         self.window_ms = window_s * 1000
         self.prefix = PrefixIndex()
-        self.route = RouteState(0, sent_since if sent_since is not None else {},
-                                done_since if done_since is not None else {}, self.prefix)
+        since = routed_since or RoutedSince()
+        self.route = RouteState(0, since.sent, since.done, self.prefix)
         self.work: dict[str, float] = {}
         self.active: dict[str, int] = {}  # tenant -> requests held or running
         self.mode = ""

@@ -4,10 +4,10 @@
 queues, and what each pool has in flight), a `FleetView` and a `RouteState`,
 and returns a `DispatchPlan`. The policy orders, the PD decider picks the
 role, the router picks the worker (or the pool subject): three plugins
-chosen by name (orchestrator/plugins.py). It never mutates anything and never performs I/O: the
-orchestrator's shell applies the plan (publish each batch, then ack its
-requests; publish each rejection, then ack), and the fleet simulator can run
-the very same function in virtual time.
+chosen by name (orchestrator/plugins.py). It never mutates anything and
+never performs I/O: the orchestrator's shell applies the plan (publish each
+batch, then ack its requests; publish each rejection, then ack), and the
+fleet simulator runs the very same function in virtual time.
 
 Capacity is per pool (role class x model): a pool may hold up to
 `capacity * (1 + headroom)` requests; a request whose pool is full waits
@@ -18,6 +18,7 @@ is rejected with the retryable `model_unavailable`.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,9 +31,6 @@ from orchestrator.pd_decision import PdDecider
 from orchestrator.policy import Order
 from orchestrator.routers import RouteContext, Router
 from orchestrator.snapshot import Measured, Pending, PolicyContext, QueueSnapshot, RouteState
-
-__all__ = ["Batch", "DispatchConfig", "DispatchPlan", "Pending", "QueueSnapshot", "Rejection",
-           "RouteState", "free_slots", "headroom", "plan_dispatch"]
 from schemas.messages import ErrorCode, Role
 from schemas.settings import OrchestratorSettings
 from schemas.subjects import ANY_TARGET, MODEL_TARGET_PREFIX, model_target
@@ -180,9 +178,7 @@ def plan_dispatch(queue: QueueSnapshot, fleet: FleetView, cfg: DispatchConfig, *
     next_mode = getattr(cfg.order, "next_mode", None)
     if next_mode is not None:
         mode, since = next_mode(queue.levels, ctx, since)
-        ctx = PolicyContext(now_ms, fleet, room, m.drain_per_s, m.prefill_tokens_per_s,
-                            m.tenant_work, m.tenant_weights, mode, m.prefill_backlog_tokens,
-                            m.miss_rate, ctx.in_flight)
+        ctx = dataclasses.replace(ctx, mode=mode)
     router: Router = getattr(cfg.order, "router", None) or cfg.router
     # Look past the room: requests that cannot run (full pool, absent model)
     # must not hide the ones behind them, absent models time out, and
@@ -240,3 +236,7 @@ def plan_dispatch(queue: QueueSnapshot, fleet: FleetView, cfg: DispatchConfig, *
         batches.extend(Batch(role, target, pool, model, tuple(ids[i:i + size]))
                        for i in range(0, len(ids), size))
     return DispatchPlan(tuple(batches), tuple(rejections), rctx.sent, rctx.steps, mode, since)
+
+
+__all__ = ["Batch", "DispatchConfig", "DispatchPlan", "Pending", "QueueSnapshot", "Rejection",
+           "RouteState", "free_slots", "headroom", "plan_dispatch"]

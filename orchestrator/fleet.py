@@ -102,6 +102,33 @@ class FleetView:
         return self.capacity(Role.DECODE, model)
 
 
+class RoutedSince:
+    """Per worker, what this orchestrator routed to it since its last heartbeat, and
+    what of that finished since: routers add the difference to the heartbeat's
+    count (orchestrator/routers.py `RouteContext.load`). The live registry and
+    the fleet simulator both keep one."""
+
+    def __init__(self) -> None:
+        self.sent: dict[str, int] = {}
+        self.done: dict[str, int] = {}
+
+    def routed(self, sent: Mapping[str, int]) -> None:
+        for wid, n in sent.items():
+            self.sent[wid] = self.sent.get(wid, 0) + n
+
+    def finished_on(self, worker_id: str) -> None:
+        self.done[worker_id] = self.done.get(worker_id, 0) + 1
+
+    def heard(self, worker_id: str) -> None:
+        """A heartbeat from the worker (or its end): its own count is current again."""
+        self.sent.pop(worker_id, None)
+        self.done.pop(worker_id, None)
+
+    def heard_all(self) -> None:
+        self.sent.clear()
+        self.done.clear()
+
+
 class Registry:
     """Latest heartbeat per worker; a worker unseen for `timeout_ms` is gone."""
 
@@ -110,24 +137,13 @@ class Registry:
         self._latest: dict[str, tuple[Heartbeat, float]] = {}
         self._view: FleetView | None = None  # built once per change, not per decision
         self._view_until = 0.0  # ...and valid until its oldest worker would go stale
-        # Items routed to each worker since its last heartbeat (routers add them
-        # to what the heartbeat said it held).
-        self.sent_since: dict[str, int] = {}
-        self.done_since: dict[str, int] = {}  # ...and finished since (routed by us)
-
-    def finished_on(self, worker_id: str) -> None:
-        self.done_since[worker_id] = self.done_since.get(worker_id, 0) + 1
-
-    def routed(self, sent: Mapping[str, int]) -> None:
-        for wid, n in sent.items():
-            self.sent_since[wid] = self.sent_since.get(wid, 0) + n
+        self.since = RoutedSince()
 
     def observe(self, hb: Heartbeat, now_ms: float) -> bool:
         """Record a heartbeat; True when the fleet's shape changed (new, gone, capacity)."""
         prev = self._latest.get(hb.worker_id)
         self._view = None
-        self.sent_since.pop(hb.worker_id, None)
-        self.done_since.pop(hb.worker_id, None)
+        self.since.heard(hb.worker_id)
         if hb.state == WorkerState.STOPPED:
             self._latest.pop(hb.worker_id, None)
             return prev is not None
@@ -144,8 +160,7 @@ class Registry:
         if gone:
             self._view = None
             for w in gone:
-                self.sent_since.pop(w, None)
-                self.done_since.pop(w, None)
+                self.since.heard(w)
         return [self._latest.pop(w)[0] for w in gone]
 
     def snapshot(self, now_ms: float) -> FleetView:

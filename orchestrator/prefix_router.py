@@ -92,7 +92,7 @@ def _prefix_aware(params: PrefixParams) -> Router:
     """The longest cached prefix among workers within `slack` of the least loaded."""
 
     def route(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> WorkerView | None:
-        ratio = {w.worker_id: ctx.load(w) / max(1, w.capacity) for w in cands}
+        ratio = {w.worker_id: ctx.per_slot(w) for w in cands}
         floor = min(ratio.values())
         near = [w for w in cands if ratio[w.worker_id] <= floor + params.slack]
         if not p.block_hashes:

@@ -59,6 +59,10 @@ class RouteContext:
         known = w.held_items + self._since.get(wid, 0) - self._done.get(wid, 0)
         return max(0, known) + self.sent.get(wid, 0)
 
+    def per_slot(self, w: WorkerView) -> float:
+        """`load` per slot of the worker: what least-loaded choices compare."""
+        return self.load(w) / max(1, w.capacity)
+
     def prefix_match(self, w: WorkerView, hashes: Sequence[int]) -> int:
         """Leading blocks of `hashes` the worker was sent (index, or earlier this plan)."""
         wid = w.worker_id
@@ -112,33 +116,29 @@ def _random(params: NoParams) -> Router:
     return route
 
 
-@register("router", "least_loaded")
-def _least_loaded(params: NoParams) -> Router:
-    """The fewest items per slot (ties: in turn, so equal workers share)."""
-
-    def route(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> WorkerView | None:
-        n = len(cands)
-        start = ctx.next_step() % n
-        return min((cands[(start + i) % n] for i in range(n)),
-                   key=lambda w: ctx.load(w) / max(1, w.capacity))
-
-    return route
-
-
-__all__ = ["RouteContext", "Router"]
-
-
-# -- load-balancing algorithms -------------------------------------------------------
-def _ratio(ctx: RouteContext, w: WorkerView) -> float:
-    return ctx.load(w) / max(1, w.capacity)
-
-
 def _rotated(cands: Sequence[WorkerView], ctx: RouteContext) -> list[WorkerView]:
     """Candidates starting at the round-robin position: ties go round in turn."""
     n = len(cands)
     start = ctx.next_step() % n
     return [cands[(start + i) % n] for i in range(n)]
 
+
+def least_loaded(cands: Sequence[WorkerView], ctx: RouteContext) -> WorkerView:
+    """The fewest items per slot; ties in turn, so equal workers share."""
+    return min(_rotated(cands, ctx), key=ctx.per_slot)
+
+
+@register("router", "least_loaded")
+def _least_loaded(params: NoParams) -> Router:
+    """The fewest items per slot (ties: in turn, so equal workers share)."""
+
+    def route(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> WorkerView | None:
+        return least_loaded(cands, ctx)
+
+    return route
+
+
+# -- load-balancing algorithms -------------------------------------------------------
 
 class LoadBalancedParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     load_weight: float = 0.7  # items per slot
@@ -151,7 +151,7 @@ def _load_balanced(params: LoadBalancedParams) -> Router:
 
     def route(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> WorkerView | None:
         return min(_rotated(cands, ctx), key=lambda w: params.load_weight * min(
-            1.0, _ratio(ctx, w)) + params.kv_weight * min(1.0, max(0.0, w.kv_usage)))
+            1.0, ctx.per_slot(w)) + params.kv_weight * min(1.0, max(0.0, w.kv_usage)))
 
     return route
 
@@ -194,7 +194,7 @@ def _least_response_time(params: NoParams) -> Router:
         known = [w.ttft_ms_avg for w in cands if w.ttft_ms_avg > 0]
         mean = sum(known) / len(known) if known else 1.0
         return min(_rotated(cands, ctx), key=lambda w: (w.ttft_ms_avg or mean) * (
-            1.0 + _ratio(ctx, w)))
+            1.0 + ctx.per_slot(w)))
 
     return route
 
@@ -207,7 +207,7 @@ def _power_of_two(params: NoParams) -> Router:
         if len(cands) == 1:
             return cands[0]
         a, b = ctx.rng.sample(range(len(cands)), 2)
-        return min(cands[a], cands[b], key=lambda w: _ratio(ctx, w))
+        return min(cands[a], cands[b], key=ctx.per_slot)
 
     return route
 
@@ -226,7 +226,7 @@ def _affinity(params: NoParams) -> Router:
 
     def route(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> WorkerView | None:
         if not p.session:
-            return min(_rotated(cands, ctx), key=lambda w: _ratio(ctx, w))
+            return least_loaded(cands, ctx)
         return rendezvous(p.session, cands)
 
     return route
@@ -242,3 +242,6 @@ def _locality(params: NoParams) -> Router:
         return rendezvous(key, cands)
 
     return route
+
+
+__all__ = ["RouteContext", "Router", "least_loaded", "rendezvous"]

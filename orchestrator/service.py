@@ -99,8 +99,7 @@ class Orchestrator:
         # Routers read the registry's counts of items routed since each heartbeat.
         self.decisions = DecisionState(tenant_weights=o.tenant_weights,
                                        prefill_tokens_per_s=o.prefill_tokens_per_s,
-                                       sent_since=self.registry.sent_since,
-                                       done_since=self.registry.done_since)
+                                       routed_since=self.registry.since)
         self._rng = random.Random(o.route_seed or None)
         self.ledger = Ledger(len(PRIORITIES), observer=self._ledger_changed)
         self.stats = OrchestratorStats()
@@ -356,7 +355,7 @@ class Orchestrator:
             ran = frm in (RequestState.DISPATCHING, RequestState.DISPATCHED)
             self.decisions.finished(tenant, now_ms(), ran)
             if ran and e.target:
-                self.registry.finished_on(e.target)
+                self.registry.since.finished_on(e.target)
 
     def _plan(self) -> DispatchPlan | None:
         """None when no pool has room and nothing is due (most wakes at saturation)."""
@@ -382,7 +381,7 @@ class Orchestrator:
         d = self.decisions
         plan = plan_dispatch(QueueSnapshot(levels, in_flight), fleet, self.cfg, now_ms=t,
                              route=d.route, rng=self._rng, measured=d.measured(fleet, t))
-        self.registry.routed(plan.sent)
+        self.registry.since.routed(plan.sent)
         d.applied(plan)
         return plan
 

@@ -88,10 +88,10 @@ def test_least_loaded_counts_heartbeat_load_plus_what_was_routed_since() -> None
 
 def test_registry_forgets_routed_counts_at_each_heartbeat() -> None:
     reg = Registry(timeout_ms=1000)
-    reg.routed({"a": 2, "b": 1})
+    reg.since.routed({"a": 2, "b": 1})
     reg.observe(Heartbeat(worker_id="a", role=Role.UNIFIED, models=["m"], capacity=4,
                           engine="sim"), 0.0)
-    assert reg.sent_since == {"b": 1}
+    assert reg.since.sent == {"b": 1}
 
 
 def test_a_burst_to_the_pool_is_cut_so_every_worker_gets_a_message() -> None:
