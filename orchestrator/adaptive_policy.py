@@ -53,10 +53,10 @@ class Signals:
 def signals(levels: Levels, ctx: PolicyContext) -> Signals:
     cands = [p for level in levels for p in level]
     if not cands:
-        return Signals(ctx.in_flight / _slots(ctx), ctx.miss_rate)
+        return Signals(ctx.in_flight / _slots(ctx), ctx.measured.miss_rate)
     _, late = split_feasible(cands, ctx)
     return Signals((ctx.in_flight + max(0, len(cands) - ctx.room)) / _slots(ctx),
-                   max(ctx.miss_rate, len(late) / len(cands)))
+                   max(ctx.measured.miss_rate, len(late) / len(cands)))
 
 
 def _slots(ctx: PolicyContext) -> int:

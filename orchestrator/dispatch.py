@@ -171,9 +171,7 @@ def plan_dispatch(queue: QueueSnapshot, fleet: FleetView, cfg: DispatchConfig, *
     m = measured or Measured()
     free = free_slots(fleet, queue.in_flight, headroom(cfg, m.mode))
     room = sum(max(0, f) for f in free.values())
-    ctx = PolicyContext(now_ms, fleet, room, m.drain_per_s, m.prefill_tokens_per_s,
-                        m.tenant_work, m.tenant_weights, m.mode, m.prefill_backlog_tokens,
-                        m.miss_rate, sum(queue.in_flight.values()))
+    ctx = PolicyContext(now_ms, fleet, room, sum(queue.in_flight.values()), m, m.mode)
     mode, since = m.mode, m.mode_since_ms
     next_mode = getattr(cfg.order, "next_mode", None)
     if next_mode is not None:

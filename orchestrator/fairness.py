@@ -68,7 +68,8 @@ def fair_merge(cands: Sequence[Pending], k: int, work: Mapping[str, float],
 def fair_levels(levels: tuple[tuple[Pending, ...], ...], k: int, ctx: PolicyContext,
                 params: FairParams) -> tuple[tuple[Pending, ...], ...]:
     """Each level reordered tenant-fairly (levels stay strict bands)."""
-    return tuple(tuple(fair_merge(level, k, ctx.tenant_work, ctx.tenant_weights, params))
+    return tuple(tuple(fair_merge(level, k, ctx.measured.tenant_work,
+                                  ctx.measured.tenant_weights, params))
                  if level else level for level in levels)
 
 

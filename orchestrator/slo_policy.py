@@ -69,7 +69,7 @@ def _slo_aware(params: SloParams) -> Order:
         cands = [p for level in levels for p in level]
         if params.fair:
             cands = fair_merge(sorted(cands, key=lambda p: p.arrival_ms), len(cands),
-                               ctx.tenant_work, ctx.tenant_weights, params)
+                               ctx.measured.tenant_work, ctx.measured.tenant_weights, params)
         return edf_feasible(cands, k, ctx)
 
     def budget(ordered: list[Pending], ctx: PolicyContext) -> int:

@@ -87,18 +87,9 @@ class PolicyContext:
     now_ms: float
     fleet: FleetView
     room: int  # free slots over all pools now
-    # Requests the fleet finishes per second, recently (0 = not known yet): how
-    # fast a queue position turns into a slot.
-    drain_per_s: float = 0.0
-    # Prompt tokens one worker prefills per second (measured, else the model's).
-    prefill_tokens_per_s: float = 40_000.0
-    # Tenant fairness: work served per tenant / its weight (virtual token counters).
-    tenant_work: Mapping[str, float] = field(default_factory=dict)
-    tenant_weights: Mapping[str, float] = field(default_factory=dict)
-    mode: str = ""  # adaptive: the policy it runs now
-    prefill_backlog_tokens: float = 0.0
-    miss_rate: float = 0.0  # recently finished requests over their TTFT target
     in_flight: int = 0  # requests the fleet holds now (all pools)
+    measured: Measured = field(default_factory=Measured)
+    mode: str = ""  # adaptive: the policy this plan runs (measured.mode, or a switch)
 
     @property
     def prefill_workers(self) -> int:
@@ -107,15 +98,17 @@ class PolicyContext:
 
     def backlog_ms(self, extra_tokens: float = 0.0) -> float:
         """How long the fleet needs to prefill what it was sent (plus `extra_tokens`)."""
-        rate = max(1.0, self.prefill_tokens_per_s) * self.prefill_workers
-        return (self.prefill_backlog_tokens + extra_tokens) / rate * 1000
+        m = self.measured
+        rate = max(1.0, m.prefill_tokens_per_s) * self.prefill_workers
+        return (m.prefill_backlog_tokens + extra_tokens) / rate * 1000
 
     def wait_ms(self, position: int) -> float:
         """Estimated wait of the request at `position` in dispatch order (0 = first)."""
         behind = position - self.room + 1
-        if behind <= 0 or self.drain_per_s <= 0:
+        drain = self.measured.drain_per_s
+        if behind <= 0 or drain <= 0:
             return 0.0
-        return behind / self.drain_per_s * 1000
+        return behind / drain * 1000
 
     def prefill_ms(self, p: Pending) -> float:
-        return p.prompt_tokens / max(1.0, self.prefill_tokens_per_s) * 1000
+        return p.prompt_tokens / max(1.0, self.measured.prefill_tokens_per_s) * 1000

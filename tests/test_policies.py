@@ -37,7 +37,8 @@ def p(rid: str, t: float = 0.0, level: int = 2, ttft: float = 1000.0, tenant: st
 
 def ctx(now: float = 0.0, room: int = 100, drain: float = 0.0, fleet: FleetView | None = None,
         **kw: object) -> PolicyContext:
-    return PolicyContext(now, fleet or FleetView((w("a"),)), room, drain, 50_000.0, **kw)  # type: ignore[arg-type]
+    return PolicyContext(now, fleet or FleetView((w("a"),)), room,
+                         measured=Measured(drain, 50_000.0, **kw))  # type: ignore[arg-type]
 
 
 def levels_of(ps: list[Pending]) -> tuple[tuple[Pending, ...], ...]:
