@@ -117,12 +117,10 @@ class DecisionState:
         # Over the window, or since the first finish when younger than that.
         span = min(self.window_ms, now_ms - done[0]) if done else 0.0
         drain = len(done) / (span / 1000) if span >= 500 else 0.0
-        seen = max((w.prompt_tokens_per_s for w in fleet.workers), default=0.0)
-        self.prefill_tps = max(self.prefill_tps, seen)
+        self.prefill_tps = max(self.prefill_tps, fleet.max_prompt_tokens_per_s)
         # The fleet prefills what it was sent at its speed: decay the estimate.
-        prefillers = sum(1 for w in fleet.workers if w.role.value != "decode") or 1
         elapsed = max(0.0, now_ms - self._backlog_ms) / 1000
-        self.backlog = max(0.0, self.backlog - elapsed * self.prefill_tps * prefillers)
+        self.backlog = max(0.0, self.backlog - elapsed * self.prefill_tps * fleet.prefill_workers)
         self._backlog_ms = now_ms
         missed = self._missed
         while missed and now_ms - missed[0][0] > self.window_ms:

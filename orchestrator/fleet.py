@@ -46,6 +46,9 @@ class FleetView:
     _by_role_model: dict[tuple[Role, str], tuple[WorkerView, ...]] = field(
         default_factory=dict, init=False, repr=False, compare=False)
     _models: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
+    # Counted once per snapshot (decisions read them per plan, some per request).
+    prefill_workers: int = field(default=1, init=False, repr=False, compare=False)
+    max_prompt_tokens_per_s: float = field(default=0.0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         by_role: dict[Role, list[WorkerView]] = {}
@@ -57,6 +60,11 @@ class FleetView:
         object.__setattr__(self, "_by_role", {k: tuple(v) for k, v in by_role.items()})
         object.__setattr__(self, "_by_role_model", {k: tuple(v) for k, v in by_rm.items()})
         object.__setattr__(self, "_models", frozenset(m for w in self.workers for m in w.models))
+        # Workers that prefill (unified and prefill roles); at least 1 for rates.
+        object.__setattr__(self, "prefill_workers", max(1, len(self.workers) - len(
+            by_role.get(Role.DECODE, ()))))
+        object.__setattr__(self, "max_prompt_tokens_per_s", max(
+            (w.prompt_tokens_per_s for w in self.workers), default=0.0))
 
     def of_role(self, role: Role, model: str = "") -> tuple[WorkerView, ...]:
         if not model:

@@ -91,15 +91,10 @@ class PolicyContext:
     measured: Measured = field(default_factory=Measured)
     mode: str = ""  # adaptive: the policy this plan runs (measured.mode, or a switch)
 
-    @property
-    def prefill_workers(self) -> int:
-        """Workers that prefill: unified and prefill roles."""
-        return sum(1 for w in self.fleet.workers if w.role.value != "decode") or 1
-
     def backlog_ms(self, extra_tokens: float = 0.0) -> float:
         """How long the fleet needs to prefill what it was sent (plus `extra_tokens`)."""
         m = self.measured
-        rate = max(1.0, m.prefill_tokens_per_s) * self.prefill_workers
+        rate = max(1.0, m.prefill_tokens_per_s) * self.fleet.prefill_workers
         return (m.prefill_backlog_tokens + extra_tokens) / rate * 1000
 
     def wait_ms(self, position: int) -> float:
