@@ -8,9 +8,11 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
+from nats.aio.client import Client as NATS
 
 from orchestrator.service import Orchestrator
 from schemas.settings import Settings
+from tests.waiting import until
 from workers.engines.base import Engine
 from workers.engines.sim import SimEngine
 from workers.runtime import Worker
@@ -49,6 +51,17 @@ async def start_worker(settings: Settings, run: Running, engine: Engine | None =
     run.workers.append(w)
     await _start(w, run)
     return w
+
+
+async def start_replicas(settings: Settings, run: Running, conns: Sequence[NATS]
+                         ) -> list[Orchestrator]:
+    """One orchestrator replica per connection (a test closes one to kill it), started
+    in `run`; returns once exactly one of them leads."""
+    orchs = [Orchestrator(settings, nc=c) for c in conns]
+    for o in orchs:
+        await _start(o, run)
+    await until(lambda: sum(o.leading for o in orchs) == 1, 10, "a leader")
+    return orchs
 
 
 @contextlib.asynccontextmanager

@@ -8,10 +8,9 @@ import asyncio
 import nats
 
 from client.sdk import Client, RequestFailed
-from orchestrator.service import Orchestrator
 from schemas.messages import ErrorCode, Final, Request
 from tests.natsfix import isolated_settings
-from tests.stack import _start, stack, start_worker
+from tests.stack import stack, start_replicas, start_worker
 from tests.test_replicas import stop_all
 from tests.waiting import until
 
@@ -74,11 +73,8 @@ async def test_tenant_fairness_holds_with_two_orchestrator_replicas(nats_url: st
                           orchestrator={"policy": "fifo", "policy_params": {"fair": True},
                                         "headroom": 0.0})
     conns = [await nats.connect(nats_url), await nats.connect(nats_url)]
-    orchs = [Orchestrator(s, nc=c) for c in conns]
     async with stack(s, workers=0, orchestrator=False) as run:
-        for o in orchs:
-            await _start(o, run)
-        await until(lambda: sum(o.leading for o in orchs) == 1, 10, "a leader")
+        orchs = await start_replicas(s, run, conns)
         client = Client(await nats.connect(nats_url), s)
         hs = []
         for i in range(30):

@@ -13,7 +13,7 @@ from client.sdk import Client
 from orchestrator.service import Orchestrator
 from schemas.messages import Request
 from tests.natsfix import isolated_settings
-from tests.stack import Running, _start, stack
+from tests.stack import Running, _start, stack, start_replicas
 from tests.waiting import until
 
 
@@ -30,11 +30,8 @@ async def test_one_leader_dispatches_and_a_standby_takes_over_after_a_crash(nats
 
     await watch.subscribe(s.subjects.done_all, cb=on_done)
     conns = [await nats.connect(nats_url), await nats.connect(nats_url)]
-    orchs = [Orchestrator(s, nc=c) for c in conns]
     async with stack(s, workers=2, orchestrator=False) as run:
-        for o in orchs:
-            await _start(o, run)
-        await until(lambda: sum(o.leading for o in orchs) == 1, 10, "a leader")
+        orchs = await start_replicas(s, run, conns)
         leader = next(o for o in orchs if o.leading)
         standby = next(o for o in orchs if not o.leading)
         client = Client(await nats.connect(nats_url), s)
