@@ -316,7 +316,7 @@ class Simulation:
         run = w.run
         if run is None or run.version != version:
             return  # superseded by a cut
-        done, _ = w.finish_run(run)
+        done = w.finish_run(run)
         for q in done:
             self._seq_done(w, q)
         self._pull(w)

@@ -140,43 +140,33 @@ class SimWorker:
         self.version += 1
         return self._set(Run(run.start_ms, at(lo), lo, None, run.n, run.ctx0, self.version))
 
-    def finish_run(self, run: Run) -> tuple[list[SimSeq], int]:
-        """Apply a finished run: token times into records; the sequences that ended and
-        how many new tokens came out."""
+    def finish_run(self, run: Run) -> list[SimSeq]:
+        """Apply a finished run: token times into records; the sequences that ended."""
         core = self.core
         self.run = None
         end = run.end_ms
         gap = (end - run.start_ms) / run.k
         if run.step is not None:
             core.begin(run.step)
-        tokens = 0
         for q in core.running:
             assert isinstance(q, SimSeq) and q.rec is not None
             rec = q.rec
-            if not q.started:
+            if not q.started:  # its first token (the decode side of PD starts started)
                 q.started = True
                 rec.cached_prompt_tokens = q.cached
-                if rec.first_token_ms is None:
-                    rec.first_token_ms = end - (run.k - 1) * gap
-                    n_later = run.k - 1
-                else:  # should not happen: a fresh sequence starts in a single step
-                    n_later = run.k
+                rec.first_token_ms = end - (run.k - 1) * gap
+                n_later = run.k - 1
             else:
                 n_later = run.k
             if n_later:
                 rec.itl_ms.append((gap, n_later))
             rec.last_token_ms = end
-            tokens += run.k
         core.advance(run.k)
         done = [q for q in core.running if q.to_generate <= 0]
         for q in done:
             core.release(q)
             self.held -= 1
-        return done, tokens  # type: ignore[return-value]
-
-    @property
-    def load(self) -> int:
-        return self.held
+        return done  # type: ignore[return-value]
 
 
 __all__ = ["Item", "Run", "SimSeq", "SimWorker"]
