@@ -25,10 +25,10 @@ from typing import Any
 from fleetsim.records import RequestRecord, RunResult, TraceRequest
 from fleetsim.worker import Item, Run, SimSeq, SimWorker
 from orchestrator.decision_state import DecisionState
-from orchestrator.dispatch import DispatchConfig, free_slots, headroom, plan_dispatch
+from orchestrator.dispatch import DispatchConfig
 from orchestrator.fleet import FleetView, RoutedSince, WorkerView
 from orchestrator.slo import resolve
-from orchestrator.snapshot import Pending, QueueSnapshot
+from orchestrator.snapshot import Pending
 from schemas.messages import Role
 from schemas.settings import DEFAULT_SLO_CLASSES, SimSettings, SloClass
 from schemas.subjects import ANY_TARGET
@@ -189,19 +189,14 @@ class Simulation:
         o.busy_until = self.now + self.fleet.plan_ms
         if not any(o.held):
             return
-        free = free_slots(self.view, o.in_flight, headroom(self.cfg, o.state.mode))
-        room = sum(max(0, f) for f in free.values())
-        if room <= 0 and self.now < o.tick_at:
+        st = o.state
+        plan = st.plan(self.cfg, self.view, dict(o.in_flight),
+                       lambda k: tuple(tuple(itertools.islice(h.values(), k)) for h in o.held),
+                       now_ms=self.now, rng=self.rng, due=self.now >= o.tick_at)
+        if plan is None:
             return
         if self.now >= o.tick_at:
             o.tick_at = self.now + 250.0
-        k = room + getattr(self.cfg.order, "lookahead", 16)
-        levels = tuple(tuple(itertools.islice(h.values(), k)) for h in o.held)
-        st = o.state
-        plan = plan_dispatch(QueueSnapshot(levels, dict(o.in_flight)), self.view, self.cfg,
-                             now_ms=self.now, route=st.route, rng=self.rng,
-                             measured=st.measured(self.view, self.now))
-        st.applied(plan)
         for rej in plan.rejections:
             rec = self.by_id[rej.request_id]
             self._take_held(rec)
@@ -225,7 +220,6 @@ class Simulation:
                 for rid in b.request_ids:
                     self.target_of[rid] = b.target
             self._at(self.now + self.fleet.work_ms, _WORK, (b.role, b.target, _Msg(items)))
-        o.since.routed(plan.sent)
         if any(o.held):  # the ticker: shedding and aging go on while pools are full
             self._at(o.tick_at, _TICK)
 

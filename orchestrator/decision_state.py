@@ -18,12 +18,21 @@ plugins the same `Measured` and `RouteState`:
 
 from __future__ import annotations
 
+import random
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
-from orchestrator.dispatch import DispatchPlan
+from orchestrator.dispatch import (
+    DispatchConfig,
+    DispatchPlan,
+    QueueSnapshot,
+    free_slots,
+    headroom,
+    plan_dispatch,
+)
 from orchestrator.fairness import FairParams, charge
 from orchestrator.fleet import FleetView, RoutedSince
+from orchestrator.ledger import PoolKey
 from orchestrator.prefix_router import PrefixIndex
 from orchestrator.snapshot import Measured, Pending, RouteState
 
@@ -38,8 +47,8 @@ class DecisionState:
         self.prefill_tps = prefill_tokens_per_s
         self.window_ms = window_s * 1000
         self.prefix = PrefixIndex()
-        since = routed_since or RoutedSince()
-        self.route = RouteState(0, since.sent, since.done, self.prefix)
+        self.since = routed_since or RoutedSince()
+        self.route = RouteState(0, self.since.sent, self.since.done, self.prefix)
         self.work: dict[str, float] = {}
         self.active: dict[str, int] = {}  # tenant -> requests held or running
         self.mode = ""
@@ -108,6 +117,24 @@ class DecisionState:
             self.route = RouteState(self.route.step + plan.route_steps, self.route.sent_since,
                                     self.route.done_since, self.prefix)
         self.mode, self.mode_since = plan.mode, plan.mode_since_ms
+
+    # -- one dispatch step, as both shells take it --------------------------------
+    def plan(self, cfg: DispatchConfig, fleet: FleetView, in_flight: Mapping[PoolKey, int],
+             held: Callable[[int], tuple[tuple[Pending, ...], ...]], *, now_ms: float,
+             rng: random.Random, due: bool) -> DispatchPlan | None:
+        """`plan_dispatch` over the heads `held(k)` gives, with this state, folded back
+        into it. None when no pool has room and nothing is `due` (the shell's ticker:
+        shedding, aging, model waits go on while pools are full)."""
+        spare = free_slots(fleet, in_flight, headroom(cfg, self.mode))
+        room = sum(max(0, f) for f in spare.values())
+        if room <= 0 and not due:
+            return None
+        levels = held(room + getattr(cfg.order, "lookahead", 16))
+        plan = plan_dispatch(QueueSnapshot(levels, in_flight), fleet, cfg, now_ms=now_ms,
+                             route=self.route, rng=rng, measured=self.measured(fleet, now_ms))
+        self.since.routed(plan.sent)
+        self.applied(plan)
+        return plan
 
     # -- what the next plan reads -----------------------------------------------
     def measured(self, fleet: FleetView, now_ms: float) -> Measured:

@@ -48,11 +48,8 @@ from orchestrator.dispatch import (
     Batch,
     DispatchPlan,
     Pending,
-    QueueSnapshot,
     dispatch_config,
     free_slots,
-    headroom,
-    plan_dispatch,
 )
 from orchestrator.fleet import Registry
 from orchestrator.intake import Rejection, admit
@@ -370,19 +367,15 @@ class Orchestrator:
                          for pool in free_slots(fleet, {}, 0.0)}
         else:
             in_flight = self.ledger.in_flight_by_pool()
-        spare = free_slots(fleet, in_flight, headroom(self.cfg, self.decisions.mode))
-        room = sum(max(0, f) for f in spare.values())
-        if room <= 0 and not self._tick_due:
-            return None
-        self._tick_due = False
-        k = room + getattr(self.cfg.order, "lookahead", 16)
-        levels = tuple(tuple(self._pending(e) for e in self.ledger.held_heads(level, k))
-                       for level in range(len(PRIORITIES)))
-        d = self.decisions
-        plan = plan_dispatch(QueueSnapshot(levels, in_flight), fleet, self.cfg, now_ms=t,
-                             route=d.route, rng=self._rng, measured=d.measured(fleet, t))
-        self.registry.since.routed(plan.sent)
-        d.applied(plan)
+
+        def held(k: int) -> tuple[tuple[Pending, ...], ...]:
+            return tuple(tuple(self._pending(e) for e in self.ledger.held_heads(level, k))
+                         for level in range(len(PRIORITIES)))
+
+        plan = self.decisions.plan(self.cfg, fleet, in_flight, held, now_ms=t, rng=self._rng,
+                                   due=self._tick_due)
+        if plan is not None:
+            self._tick_due = False
         return plan
 
     def _pending(self, e: Entry) -> Pending:
