@@ -32,6 +32,7 @@ from nats.js.api import (
     ConsumerConfig,
     DiscardPolicy,
     KeyValueConfig,
+    ObjectStoreConfig,
     RePublish,
     RetentionPolicy,
     StorageType,
@@ -40,6 +41,7 @@ from nats.js.api import (
 )
 from nats.js.errors import APIError, BadRequestError, BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
 
 from schemas.messages import PRIORITIES, Priority, Role
 from schemas.settings import Settings, StreamSettings
@@ -359,6 +361,31 @@ async def _create_or_open(js: JetStreamContext, cfg: KeyValueConfig) -> tuple[Ke
             raise exc from None
 
 
+# -- batch jobs -----------------------------------------------------------------------
+async def ensure_batch_stores(js: JetStreamContext, settings: Settings
+                              ) -> tuple[KeyValue, ObjectStore]:
+    """The KV bucket of batch job records and the object store of their files.
+
+    Both keep what they hold as long as LLM_DONE keeps terminals
+    (`streams.done.max_age_s`, 7 days): a job outlives no result it points to.
+    Idempotent; existing ones are kept as they are.
+    """
+    subj, done = settings.subjects, settings.streams.done
+    ttl = done.max_age_s or None
+    kv = (await _create_or_open(js, KeyValueConfig(
+        bucket=subj.batch_jobs_bucket, history=1, ttl=ttl, storage=StorageType.FILE,
+        replicas=done.replicas)))[0]
+    try:
+        obs = await js.object_store(subj.batch_files_bucket)
+    except (NotFoundError, BucketNotFoundError):
+        try:
+            obs = await js.create_object_store(subj.batch_files_bucket, ObjectStoreConfig(
+                ttl=ttl, storage=StorageType.FILE, replicas=done.replicas))
+        except APIError:  # created by another process meanwhile
+            obs = await js.object_store(subj.batch_files_bucket)
+    return kv, obs
+
+
 # -- everything ---------------------------------------------------------------------
 async def ensure_all(js: JetStreamContext, settings: Settings) -> None:
     """Streams, request consumers and the lease bucket: start-up and after a reconnect.
@@ -406,6 +433,7 @@ __all__ = [
     "StreamWeakeningError",
     "delete_work_consumer",
     "ensure_all",
+    "ensure_batch_stores",
     "ensure_config_bucket",
     "ensure_consumer",
     "ensure_lease_bucket",

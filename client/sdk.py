@@ -45,6 +45,7 @@ from nats.errors import MaxPayloadError, NoRespondersError
 from nats.js.api import DeliverPolicy
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
+from client.results import Start, StoredResult, stored_results
 from schemas.codec import encode, output_decoder
 from schemas.messages import ErrorReply, Final, Priority, Request, TokenChunk
 from schemas.settings import Settings, load_settings
@@ -455,6 +456,13 @@ class Client:
     async def cancel(self, request_id: str) -> None:
         await self.nc.publish(self.subjects.cancel(request_id), b"")
         await self.nc.flush()
+
+    def results(self, *, durable: str | None = None, start: Start = None, group: str = "*",
+                **kw: Any) -> AsyncIterator[StoredResult]:
+        """Every terminal stored in LLM_DONE, live or replayed from `start`; with
+        `durable`, at least once across restarts (client/results.py)."""
+        return stored_results(self.js, self.settings, durable=durable, start=start,
+                              group=group, **kw)
 
 
 def _publish_error(exc: Exception, subject: str) -> Exception:

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from cplane.status_cmd import add_parsers as add_status_parsers
 from schemas.settings import DEFAULT_NATS_URL, Settings, load_settings
 
 
@@ -352,6 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.set_defaults(fn=cmd_workers)
 
+    _gateway_parser(sp)
+    add_status_parsers(sp, _common)  # status, metrics, request ID, cancel ID
+    from cplane.batch_cmd import add_batch_parser  # batch jobs and streaming consumers
+    from cplane.tail_cmd import add_tail_parser
+    add_batch_parser(sp, _common, _settings)
+    add_tail_parser(sp, _common, _settings)
+
     p = sp.add_parser("bench", help="benchmarks that need no broker")
     bp = p.add_subparsers(dest="bench", required=True)
     p = bp.add_parser("policies", help="policies x routers on a trace, in the fleet simulator")
@@ -362,6 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="directory for one file per type")
     p.set_defaults(fn=cmd_schema)
     return ap
+
+
+def _gateway_parser(sp: Any) -> None:
+    from cplane.gateway_cmd import add_parser
+
+    add_parser(sp, _common)
 
 
 def _bench_arguments(p: argparse.ArgumentParser) -> None:

@@ -20,7 +20,7 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from bus.server import EmbeddedNats
+from bus.server import EmbeddedNats, free_port
 
 
 @dataclass(slots=True)
@@ -34,6 +34,7 @@ class StackSpec:
     zero_cost: bool = False
     pd: bool = False  # one prefill + one decode worker instead of unified ones
     extra_worker_args: list[str] = field(default_factory=list)
+    gateway: bool = True  # also start `cplane gateway` (OpenAI HTTP API)
 
 
 async def heartbeats_seen(nc: NATS, subject: str, n: int, timeout_s: float) -> set[str]:
@@ -65,6 +66,23 @@ async def wait_for_workers(url: str, n: int, timeout_s: float) -> set[str]:
         await nc.close()
 
 
+def gateway_ready(url: str, workers: int, timeout_s: float) -> bool:
+    """Poll `url`/health until it answers 200 and sees `workers` workers (or time runs out)."""
+    import json
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                if json.loads(resp.read()).get("workers", 0) >= workers:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
 def stop_processes(procs: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
     """SIGTERM every process (a graceful drain), then kill what outlives `timeout_s`."""
     for p in procs:
@@ -87,6 +105,8 @@ class Stack:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.url = spec.nats_url or ""
         self.kv_dir: str | None = None
+        self.gateway_url: str | None = None
+        self.metrics_ports: list[int] = []  # orchestrator, then each worker
 
     def _cli(self, *args: str) -> list[str]:
         base = [sys.executable, "-m", "cplane.cli", *args, "--nats-url", self.url]
@@ -123,14 +143,43 @@ class Stack:
             self.server = EmbeddedNats().start()
             self.url = self.server.url
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.procs.append(subprocess.Popen(self._cli("orchestrator"), env=env))
+        # Each process its own /metrics port (orchestrator first), free when picked.
         cmds = self._worker_cmds()
-        for cmd in cmds:
-            self.procs.append(subprocess.Popen(cmd, env=env))
+        self.metrics_ports = [free_port() for _ in range(1 + len(cmds))]
+        self.procs.append(subprocess.Popen(self._cli("orchestrator"), env={
+            **env, "CPLANE__METRICS__ORCHESTRATOR_PORT": str(self.metrics_ports[0])}))
+        for cmd, port in zip(cmds, self.metrics_ports[1:], strict=True):
+            self.procs.append(subprocess.Popen(cmd, env={
+                **env, "CPLANE__METRICS__WORKER_PORT": str(port)}))
+        if self.spec.gateway:
+            try:
+                self._start_gateway(env)
+            except BaseException:
+                self.stop()
+                raise
         seen = asyncio.run(wait_for_workers(self.url, len(cmds), timeout_s))
         if len(seen) < len(cmds):
             self.stop()
             raise RuntimeError(f"only {len(seen)} of {len(cmds)} workers came up in {timeout_s} s")
+        if self.gateway_url and not gateway_ready(self.gateway_url, len(cmds), 30.0):
+            self.stop()
+            raise RuntimeError(f"the gateway at {self.gateway_url} did not become ready")
+
+    def _start_gateway(self, env: dict[str, str]) -> None:
+        """`cplane gateway` on a socket bound here (gateway.port, or a free one) and inherited."""
+        from cplane.gateway_cmd import url_of
+        from gateway.app import listen
+        from schemas.settings import load_settings
+
+        cfg = load_settings(self.spec.config).gateway
+        sock = listen(cfg.host, cfg.port)
+        try:
+            fd = sock.fileno()
+            self.procs.append(subprocess.Popen(self._cli("gateway", "--fd", str(fd)), env=env,
+                                               pass_fds=(fd,), stdout=subprocess.DEVNULL))
+            self.gateway_url = url_of(sock)
+        finally:
+            sock.close()  # the gateway holds its own copy
 
     def stop(self) -> None:
         stop_processes(self.procs, 40)
@@ -152,6 +201,11 @@ class Stack:
         roles = "prefill+decode" if s.pd else f"{s.workers} unified"
         print(f"cplane is up: NATS at {self.url} | orchestrator + {roles} {s.engine} worker(s), "
               f"model {s.model!r}", flush=True)
+        if self.gateway_url:
+            print(f"  gateway: {self.gateway_url}  (OpenAI API at {self.gateway_url}/v1)",
+                  flush=True)
+        print(f"  metrics: http://127.0.0.1:{self.metrics_ports[0]}/metrics (orchestrator), "
+              f"workers on ports {', '.join(map(str, self.metrics_ports[1:]))}", flush=True)
         print(f"  try: cplane generate 'Hello' --nats-url {self.url}", flush=True)
         print("  or publish JSON to llm.req.normal.standard, read llm.out.i.<id> / llm.done.i.<id>",
               flush=True)

@@ -125,6 +125,7 @@ class DecisionState:
         """`plan_dispatch` over the heads `held(k)` gives, with this state, folded back
         into it. None when no pool has room and nothing is `due` (the shell's ticker:
         shedding, aging, model waits go on while pools are full)."""
+        self.prefix.now_ms = now_ms  # sent blocks count as held for a while (pending_ms)
         spare = free_slots(fleet, in_flight, headroom(cfg, self.mode))
         room = sum(max(0, f) for f in spare.values())
         if room <= 0 and not due:

@@ -158,6 +158,9 @@ class Registry:
         self._latest[hb.worker_id] = (hb, now_ms)
         return prev is None or prev[0].capacity != hb.capacity or prev[0].state != hb.state
 
+    def knows(self, worker_id: str) -> bool:
+        return worker_id in self._latest
+
     def expire(self, now_ms: float) -> list[str]:
         return [hb.worker_id for hb in self.expire_workers(now_ms)]
 

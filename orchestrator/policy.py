@@ -15,6 +15,11 @@ fifo and priority merge the levels' heads, so within a level order is FIFO
   waited; lowest rank first, ties to the older request. So a BACKGROUND
   request outranks any newly arrived CRITICAL one after 4 * aging_s of waiting:
   nothing starves.
+- Spare capacity: a request of the lowest band (background) whose SLO class
+  is in `PolicyConfig.spare_classes` (`batch`: what `cplane batch submit`
+  sends) never ages and counts as just arrived, so under both policies it
+  takes only the room the other requests leave. A large batch job fills an
+  idle fleet without delaying interactive traffic, however long it waits.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ class QueueView:
 @dataclass(frozen=True, slots=True)
 class PolicyConfig:
     aging_s: float = 10.0
+    # Background requests of these SLO classes fill spare capacity only (see above).
+    spare_classes: frozenset[str] = frozenset({"batch"})
 
 
 Policy = Callable[[QueueView, int, float, PolicyConfig], list[int]]
@@ -79,6 +86,7 @@ def priority(view: QueueView, k: int, now_ms: float, cfg: PolicyConfig) -> list[
 
 
 POLICIES: dict[str, Policy] = {"fifo": fifo, "priority": priority}
+_LOWEST = 4  # the background band
 
 Levels = tuple[tuple[Pending, ...], ...]
 Order = Callable[[Levels, int, PolicyContext], list[Pending]]
@@ -99,7 +107,9 @@ def by_heads(policy: Policy, cfg: PolicyConfig, fair: FairParams | None = None) 
         if fair is not None and fair.fair:
             levels = fair_levels(levels, k, ctx, fair)
         now_ms = ctx.now_ms
-        view = QueueView(tuple([p.arrival_ms for p in level] for level in levels))
+        spare = cfg.spare_classes
+        view = QueueView(tuple([now_ms if p.level == _LOWEST and p.slo_class in spare
+                                else p.arrival_ms for p in level] for level in levels))
         heads = [0] * len(levels)
         out = []
         for level in policy(view, k, now_ms, cfg):

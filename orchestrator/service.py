@@ -43,6 +43,7 @@ from bus.provision import ensure_all, ensure_request_consumers, ensure_streams
 from bus.puller import Puller
 from bus.recent import RecentIds
 from bus.replay import stored_terminal
+from orchestrator.control import start_control
 from orchestrator.decision_state import DecisionState
 from orchestrator.dispatch import (
     Batch,
@@ -53,17 +54,19 @@ from orchestrator.dispatch import (
 )
 from orchestrator.fleet import Registry
 from orchestrator.intake import Rejection, admit
+from orchestrator.kv_feed import KvFeed
 from orchestrator.lease import LeaderLease
 from orchestrator.ledger import Entry, Ledger, RequestState
 from orchestrator.outcomes import Outcomes, Recheck, recheck
 from orchestrator.pd_decision import estimate_prompt_tokens
-from orchestrator.prefix_router import PREFIX_ROUTERS, prompt_blocks
+from orchestrator.prefix_router import PREFIX_ROUTERS
+from orchestrator.prompt_hash import PromptHasher
 from orchestrator.rescue import rescue_queue
 from orchestrator.runtime_config import PolicySwitch, policy_order
 from orchestrator.slo import resolve
 from orchestrator.stats import OrchestratorStats
 from schemas.codec import encode, heartbeat_decoder
-from schemas.messages import PRIORITIES, Role, WorkBatch, WorkItem
+from schemas.messages import PRIORITIES, Role, WorkBatch, WorkerState, WorkItem
 from schemas.settings import Settings
 from schemas.subjects import consumer_for_priority
 
@@ -116,6 +119,10 @@ class Orchestrator:
         self._cancels: CancelBook
         self._policy: PolicySwitch
         self.lease: LeaderLease | None = None
+        self._hasher = (PromptHasher(o.prefix_tokenizer, o.prefix_block_tokens,
+                                     settings.sim.vocab_size)
+                        if o.router in PREFIX_ROUTERS else None)
+        self._kv: KvFeed | None = None
 
     @property
     def leading(self) -> bool:
@@ -146,9 +153,14 @@ class Orchestrator:
         ]
         self._cancels = CancelBook(nc, self.settings, on_cancel=self._on_cancel)
         await self._cancels.start()
+        if self._hasher is not None:  # a prefix router: workers' KV events feed its index
+            self._kv = KvFeed(nc, self.subjects, self.decisions.prefix, o.prefix_block_tokens,
+                              known=self.registry.knows)
+            await self._kv.start()
         # Before the lease: a replica that leads at once dispatches by the stored choice.
         self._policy = PolicySwitch(nc, self._js, self.settings, self.id, self.use_policy)
         await self._policy.start()
+        self.control = await start_control(self)  # admin.status/metrics/request, /metrics
         self.lease = LeaderLease(self._js, self.settings, self.id, on_change=self._on_leadership)
         lease_stop = asyncio.Event()
         loops = [asyncio.create_task(self._dispatch_loop(), name="dispatch"),
@@ -168,6 +180,9 @@ class Orchestrator:
             await asyncio.gather(*loops, return_exceptions=True)
             await self._cancels.stop()
             await self._policy.stop()
+            await self.control.stop()
+            if self._kv is not None:
+                await self._kv.stop()
             for s in subs:
                 with contextlib.suppress(Exception):
                     await s.unsubscribe()
@@ -263,7 +278,7 @@ class Orchestrator:
         result = admit(msg.data, prio, slo, stored, now_ms(), self.id,
                        self.settings.limits)
         if isinstance(result, Rejection):
-            self.stats.rejected += 1
+            self.stats.reject(result.code)
             self._spawn(self._out.reject(msg, seq, result, self._known), "reject")
             return
         rid = result.request.request_id
@@ -308,7 +323,7 @@ class Orchestrator:
 
     async def _hold(self, entry: Entry) -> None:
         self.ledger.transition(entry, RequestState.HELD)
-        self.stats.accepted += 1
+        self.stats.accept(entry.item.priority.value, entry.item.slo_class)
         if entry.request_id in self._cancels:
             await self._finish_cancelled(entry)
 
@@ -397,9 +412,7 @@ class Orchestrator:
                 tpot_target_ms=slo.tpot_ms, sheddable=slo.sheddable,
                 cost_budget=req.cost_budget,
                 # Hashed only for routers that read it (a cost per prompt byte).
-                block_hashes=prompt_blocks(req.prompt_token_ids, req.prompt,
-                                           o.prefix_block_tokens)
-                if o.router in PREFIX_ROUTERS else ())
+                block_hashes=self._hasher.blocks(req) if self._hasher is not None else ())
         return p
 
     async def _apply(self, plan: DispatchPlan) -> None:
@@ -408,7 +421,7 @@ class Orchestrator:
             if entry is None or entry.state is not RequestState.HELD:
                 continue
             self.ledger.transition(entry, RequestState.FINISHING)
-            self.stats.rejected += 1
+            self.stats.reject(rej.code)
             err = self._out.error(rej.request_id, rej.code, rej.message, rej.retryable,
                                   retry_after_ms=rej.retry_after_ms)
             self._spawn(self._finish(entry, err), "reject")
@@ -419,6 +432,7 @@ class Orchestrator:
                 continue
             for e in entries:
                 self.ledger.transition(e, RequestState.DISPATCHING, batch.pool)
+            self.stats.route(batch.role.value, batch.target in plan.sent, len(entries))
             if batch.target in plan.sent:  # routed to one worker, not a pool
                 self.decisions.sent_to(batch.target, [self._pending(e) for e in entries])
                 for e in entries:
@@ -494,6 +508,8 @@ class Orchestrator:
         except (msgspec.DecodeError, msgspec.ValidationError):
             return
         if self.registry.observe(hb, now_ms()):
+            if hb.state == WorkerState.STOPPED:
+                self.decisions.prefix.forget(hb.worker_id)
             self._wake.set()
 
     async def _on_done(self, msg: Msg) -> None:

@@ -11,6 +11,7 @@ from schemas.messages import (
     ErrorReply,
     Final,
     Heartbeat,
+    KvEvents,
     Output,
     Request,
     TokenChunk,
@@ -27,6 +28,7 @@ chunk_decoder = msgspec.json.Decoder(TokenChunk)
 final_decoder = msgspec.json.Decoder(Final | ErrorReply)
 heartbeat_decoder = msgspec.json.Decoder(Heartbeat)
 cancel_decoder = msgspec.json.Decoder(Cancel)
+kv_events_decoder = msgspec.json.Decoder(KvEvents)
 _loose = msgspec.json.Decoder()
 
 

@@ -246,6 +246,24 @@ class Heartbeat(Base, frozen=True, kw_only=True):
     started_ms: float = 0.0
 
 
+class KvEvents(Base, frozen=True, kw_only=True):
+    """A worker's prefix-cache changes, on `llm.kv.<worker_id>` (core NATS).
+
+    Block hashes are schemas/blocks.py's over the model's tokens, so a router
+    that hashes a prompt alike finds where it is cached (precise prefix
+    routing). `seq` counts from 1 within `epoch` (one engine's life); a reader
+    that sees a gap asks `llm.admin.kv.<worker_id>` and gets every block held,
+    as a KvEvents with `cleared` set and the current `seq`."""
+
+    worker_id: str
+    epoch: str
+    seq: int
+    block_tokens: int
+    stored: list[int] = []
+    removed: list[int] = []
+    cleared: bool = False  # forget this worker's blocks before applying `stored`
+
+
 class Cancel(Base, frozen=True, kw_only=True):
     """Optional body of `llm.cancel.<request_id>` (an empty body works too)."""
 
@@ -279,6 +297,7 @@ WIRE_TYPES: dict[str, type[Any]] = {
     "Final": Final,
     "ErrorReply": ErrorReply,
     "Heartbeat": Heartbeat,
+    "KvEvents": KvEvents,
     "Cancel": Cancel,
     "DeadLetter": DeadLetter,
 }

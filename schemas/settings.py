@@ -115,8 +115,15 @@ class OrchestratorSettings(msgspec.Struct, frozen=True, kw_only=True):
     # Prompt tokens one worker prefills per second, until heartbeats show faster
     # (slo_aware's and admission's TTFT estimates).
     prefill_tokens_per_s: float = 50_000.0
-    # prefix_aware: prompts are hashed in blocks of this many tokens at intake.
+    # prefix_aware: prompts are hashed in blocks of this many tokens at intake
+    # (the engines' cache block size, for workers' KV events to match).
     prefix_block_tokens: int = 512
+    # How prompts are tokenized for those hashes: "" = about 4 characters a
+    # token (approximate: matches only what this orchestrator sent), "words" =
+    # the sim engine's tokenizer, or the path of a Hugging Face tokenizer
+    # (directory or tokenizer.json) = the model's own, so blocks the engines
+    # report in their KV events (precise prefix routing) are found.
+    prefix_tokenizer: str = ""
     max_batch: int = 16  # work items per LLM_WORK message at most
     hold_per_priority: int = 512  # request messages held unacked per priority at most
     fetch_batch: int = 128
@@ -184,6 +191,9 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     # What this worker charges per 1000 tokens (Final.usage.cost; cost_optimized).
     price_in_per_1k: float = 0.0
     price_out_per_1k: float = 0.0
+    # Forward the engine's prefix-cache events (blocks stored / removed) to the
+    # routers at most this often, on `<prefix>.kv.<worker_id>` (0 = never).
+    kv_events_ms: float = 20.0
 
 
 class SimSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -210,6 +220,32 @@ class SimSettings(msgspec.Struct, frozen=True, kw_only=True):
     # prefills only what follows its longest cached run of leading blocks.
     prefix_block_tokens: int = 512
     prefix_cache_tokens: int = 420_000  # LRU capacity in tokens (0 = no prefix cache)
+    kv_events: bool = True  # report cache changes (workers forward them to routers)
+
+
+class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
+    """`cplane gateway`: the OpenAI-compatible HTTP front door (gateway/)."""
+
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 = a free port chosen at start (printed as `gateway: http://...`)
+    # API key -> tenant (Request.tenant). Empty = open, as vLLM without --api-key.
+    api_keys: dict[str, str] = msgspec.field(default_factory=dict)
+    request_timeout_s: float = 600.0  # no terminal this long: cancel, answer 504
+    max_body_bytes: int = 8 << 20  # a larger body gets 413
+    retry_after_s: float = 1.0  # Retry-After when the request stream refuses (no hint)
+
+
+class MetricsSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """Prometheus `/metrics` per process (orchestrator/metrics.py, workers/metrics.py)."""
+
+    host: str = "127.0.0.1"  # 0.0.0.0 in a pod, so Prometheus can scrape it
+    # 0 = no metrics server (the default, so tests and several processes on one
+    # host never collide); -1 = any free port (the process logs which).
+    orchestrator_port: int = 0
+    worker_port: int = 0
+    recent_samples: int = 1000  # latencies per worker kept for percentiles (get_metrics)
+    max_tenants: int = 100  # tenant label values per process; the rest count as "other"
+    max_slo_classes: int = 32  # same for SLO class names taken from subjects
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -219,6 +255,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     orchestrator: OrchestratorSettings = OrchestratorSettings()
     worker: WorkerSettings = WorkerSettings()
     sim: SimSettings = SimSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    gateway: GatewaySettings = GatewaySettings()
 
     @property
     def subjects(self) -> Subjects:

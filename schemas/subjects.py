@@ -152,6 +152,18 @@ class Subjects:
         """Core subject: every worker answers with a heartbeat at once (orchestrator start)."""
         return f"{self.prefix}.admin.heartbeat"
 
+    def kv_events(self, worker_id: str) -> str:
+        """Core subject: the worker's prefix-cache events (schemas/messages.py KvEvents)."""
+        return f"{self.prefix}.kv.{worker_id}"
+
+    @property
+    def kv_events_all(self) -> str:
+        return f"{self.prefix}.kv.*"
+
+    def kv_snapshot(self, worker_id: str) -> str:
+        """Core request/reply: every block the worker holds now, as one KvEvents."""
+        return f"{self.prefix}.admin.kv.{worker_id}"
+
     def cancel(self, request_id: str) -> str:
         return f"{self.prefix}.cancel.{request_id}"
 
@@ -191,6 +203,34 @@ class Subjects:
     @staticmethod
     def last_token(subject: str) -> str:
         return subject.rpartition(".")[2]
+
+    # -- batch jobs and streaming consumers (client/batch*.py, client/results.py) --
+    def done_of(self, group: str = "*") -> str:
+        """Live terminals of one output group (`*`: every group), once stored."""
+        return f"{self.prefix}.done.{group}.*"
+
+    def out_of(self, group: str = "*") -> str:
+        """Live token chunks of one output group (`*`: every group), once stored."""
+        return f"{self.prefix}.out.{group}.*"
+
+    def done_store_of(self, group: str = "*") -> str:
+        """Filter of one group's terminals in LLM_DONE (durable consumers: batch collectors)."""
+        return f"{self.prefix}.s.done.{group}.*"
+
+    @staticmethod
+    def group_of(subject: str) -> str:
+        """`llm.done.<group>.<id>` / `llm.s.done.<group>.<id>` -> group."""
+        return subject.rsplit(".", 2)[-2]
+
+    @property
+    def batch_jobs_bucket(self) -> str:
+        """KV bucket of batch job records (schemas/batch.py BatchJob), key = job id."""
+        return f"{self.prefix}_batches"
+
+    @property
+    def batch_files_bucket(self) -> str:
+        """Object store of batch inputs and collected results (`<job>/input.jsonl`, ...)."""
+        return f"{self.prefix}_batch_files"
 
 
 def consumer_for_priority(priority: Priority) -> str:

@@ -30,6 +30,7 @@ from schemas.subjects import Subjects, model_target
 from workers.chunker import ChunkStream
 from workers.engines.base import Engine
 from workers.latency import LatencyAverages
+from workers.stats import WorkerStats
 
 log = logging.getLogger("cplane.worker")
 _RETRY_S = 0.5
@@ -74,6 +75,7 @@ class ServeContext:
     peers: dict[str, tuple[float, float]] = field(default_factory=dict)
     connected_since: float = field(default_factory=time.monotonic)
     latency: LatencyAverages = field(default_factory=LatencyAverages)
+    metrics: WorkerStats = field(init=False)  # what workers/metrics.py exports
 
     def still_streaming(self, chunk: TokenChunk) -> bool:
         """Whether the process that streamed `chunk` may still be running its request.
@@ -94,6 +96,7 @@ class ServeContext:
     def __post_init__(self) -> None:
         self.gate.set()
         self.subjects = self.settings.subjects  # built once (Settings builds one per call)
+        self.metrics = WorkerStats(self.worker_id, self.settings)
     stats: dict[str, int] = field(default_factory=lambda: {
         "finals": 0, "errors": 0, "handoffs": 0, "handbacks": 0, "cancelled": 0,
         "skipped": 0, "migrated": 0, "dead_letters": 0, "engine_faults": 0,
@@ -149,6 +152,10 @@ class ServeContext:
             self.publishing.discard(req.request_id)
         key = "finals" if isinstance(msg, Final) else "errors"
         self.stats[key] += 1
+        if isinstance(msg, Final):
+            self.metrics.finished(item, msg)
+        else:
+            self.metrics.failed(item, msg.code)
 
     async def _until_connected(self, deadline: float) -> None:
         """Publish nothing into nats-py's reconnect buffer: it is dropped (see drop_pending)."""

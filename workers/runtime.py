@@ -56,8 +56,10 @@ from schemas.messages import Heartbeat, Role, WorkerState, WorkItem
 from schemas.settings import Settings
 from schemas.subjects import ANY_TARGET, MODEL_TARGET_PREFIX, model_target, valid_token
 from workers.context import Outcome, ServeContext
-from workers.engines.base import Engine
+from workers.control import start_control
+from workers.engines.base import Engine, KvEventSource
 from workers.held import HeldMessages
+from workers.kv_events import KvEventPump
 from workers.migrate import dead_letter, move_queued, prepare, store_dead_letter
 from workers.serve import finish_cancelled, hand_back, serve_item
 
@@ -101,6 +103,7 @@ class Worker:
         self._job_keys = itertools.count()
         self._cancels: CancelBook | None = None
         self._pullers: list[Puller] = []
+        self.kv_pump: KvEventPump | None = None
         self._own_durable = ""
         self._engine_errors = 0  # in a row
         self._background: set[asyncio.Task[Any]] = set()
@@ -132,6 +135,7 @@ class Worker:
         await self.ctx.claims.start()
         self._cancels = CancelBook(nc, self.settings, on_cancel=self._on_cancel)
         await self._cancels.start()
+        self.control = await start_control(self)  # admin.metrics/request, /metrics
         hb_sub = await nc.subscribe(self.subjects.heartbeat_request, cb=self._on_hb_request)
         peers_sub = await nc.subscribe(self.subjects.heartbeats_all, cb=self._on_peer)
         for target in self._targets():
@@ -144,6 +148,10 @@ class Worker:
             self._pullers.append(puller)
         tasks = [asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
                  asyncio.create_task(self._in_progress_loop(), name="in-progress")]
+        if ws.kv_events_ms > 0 and isinstance(self.engine, KvEventSource):
+            self.kv_pump = KvEventPump(nc, self.subjects, self.worker_id, self.engine,
+                                       ws.kv_events_ms)
+            tasks.append(asyncio.create_task(self.kv_pump.run(stop), name="kv-events"))
         await self._publish_heartbeat()
         log.info("worker %s (%s, %s) consuming", self.worker_id, self.role, self.engine.name)
         if ready is not None:
@@ -156,6 +164,7 @@ class Worker:
                 t.cancel()
             await asyncio.gather(*tasks, *self._background, return_exceptions=True)
             await self._cancels.stop()
+            await self.control.stop()
             await self.ctx.claims.stop()
             await hb_sub.unsubscribe()
             await peers_sub.unsubscribe()

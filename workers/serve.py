@@ -213,6 +213,7 @@ async def run_item(ctx: ServeContext, item: WorkItem) -> Outcome:
     model = ctx.model_of(item)
     gen = ctx.engine.generate(engine_request(ctx, item, item.role))
     deltas = gen.__aiter__()
+    live = ctx.metrics.begin(item)  # `cplane request ID` sees it run; inter-token gaps
     try:
         while True:
             # Only what the engine raises is an engine fault: a failed chunk
@@ -231,6 +232,7 @@ async def run_item(ctx: ServeContext, item: WorkItem) -> Outcome:
                 log.error("engine failed on %s: %r", req.request_id, exc)
                 return await _engine_failed(ctx, item, stream, exc)
             await stream.add(delta.token_ids, delta.text)
+            ctx.metrics.tokens(live, len(delta.token_ids))
             if delta.finish_reason is not None:
                 last = delta
     except asyncio.CancelledError:
@@ -241,6 +243,7 @@ async def run_item(ctx: ServeContext, item: WorkItem) -> Outcome:
         return Outcome.HANDBACK
     finally:
         stream.close()
+        ctx.metrics.end(live)
         await _close(gen)
     await stream.flush()
     if last.finish_reason is FinishReason.ABORT and ctx.handing_back:

@@ -77,6 +77,30 @@ class EngineStats:
     gen_tokens_per_s: float = 0.0
 
 
+@dataclass(slots=True)
+class KvDelta:
+    """Prefix-cache changes since the last look, as hashes of schemas/blocks.py."""
+
+    stored: list[int]
+    removed: list[int]
+    cleared: bool = False  # everything before `stored` is gone
+
+
+@runtime_checkable
+class KvEventSource(Protocol):
+    """An engine that reports its prefix cache (optional: precise prefix routing)."""
+
+    block_tokens: int  # tokens per block of its cache (hashes are over these)
+
+    def kv_events(self) -> KvDelta | None:
+        """What changed since the last call; None if nothing did."""
+        ...
+
+    def kv_blocks(self) -> list[int]:
+        """Every block it holds now (a router that lost events starts over from it)."""
+        ...
+
+
 @runtime_checkable
 class Engine(Protocol):
     name: str  # "sim" | "vllm"

@@ -26,9 +26,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from schemas.blocks import chat_text, word_token_ids
 from schemas.messages import FinishReason
 from schemas.settings import SimSettings
-from workers.engines.base import Delta, EngineInputError, EngineRequest, EngineStats
+from workers.engines.base import Delta, EngineInputError, EngineRequest, EngineStats, KvDelta
 from workers.engines.rates import RateWindow
 from workers.engines.stepcore import CoreSeq, StepCore, block_hashes
 
@@ -40,9 +41,7 @@ _WORDS = (
 MAX_MODEL_LEN = 131_072
 
 
-def tokenize(text: str, vocab_size: int) -> list[int]:
-    """Deterministic word-level token ids (about one per word)."""
-    return [zlib.crc32(w.encode()) % vocab_size for w in text.split()] or [1]
+tokenize = word_token_ids  # deterministic word-level ids (schemas/blocks.py: routers share it)
 
 
 def token_text(token_id: int) -> str:
@@ -70,7 +69,8 @@ class SimEngine:
     def __init__(self, settings: SimSettings, model: str = "sim") -> None:
         self.s = settings
         self.models = [model]
-        self.core = StepCore(settings)
+        self.core = StepCore(settings, record_cache=settings.kv_events)
+        self.block_tokens = settings.prefix_block_tokens
         self._by_id: dict[str, _Seq] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -104,6 +104,15 @@ class SimEngine:
             gen_tokens_per_s=gen_rate,
         )
 
+    def kv_events(self) -> KvDelta | None:
+        if not self.s.kv_events:
+            return None
+        stored, removed = self.core.cache.drain()
+        return KvDelta(stored, removed) if stored or removed else None
+
+    def kv_blocks(self) -> list[int]:
+        return self.core.cache.blocks()
+
     async def abort(self, request_id: str) -> None:
         seq = self._by_id.get(request_id)
         if seq is not None:
@@ -116,8 +125,7 @@ class SimEngine:
         if req.prompt is not None:
             return tokenize(req.prompt, self.s.vocab_size)
         if req.messages is not None:
-            text = "\n".join(f"{m.role}: {m.content}" for m in req.messages)
-            return tokenize(text, self.s.vocab_size)
+            return tokenize(chat_text(req.messages), self.s.vocab_size)
         raise EngineInputError("request has no prompt, prompt_token_ids or messages")
 
     def _new_seq(self, req: EngineRequest) -> _Seq:

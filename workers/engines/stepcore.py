@@ -21,6 +21,7 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from schemas.blocks import chain_hashes
 from schemas.settings import SimSettings
 
 
@@ -52,11 +53,17 @@ class Step:
 
 
 class PrefixCache:
-    """LRU of prefix block hashes; a request hits its longest cached leading run."""
+    """LRU of prefix block hashes; a request hits its longest cached leading run.
 
-    def __init__(self, capacity_blocks: int) -> None:
+    With `record` set, what enters and leaves is kept for `drain()`: the cache
+    events a worker forwards to routers (BlockStored / BlockRemoved, as vLLM's).
+    """
+
+    def __init__(self, capacity_blocks: int, record: bool = False) -> None:
         self.capacity = capacity_blocks
         self._blocks: OrderedDict[int, None] = OrderedDict()
+        self.record = record
+        self._changes: dict[int, bool] = {}  # block -> held now; net since the last drain
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -76,32 +83,43 @@ class PrefixCache:
         for h in hashes:
             if h in blocks:
                 blocks.move_to_end(h)
-            else:
-                blocks[h] = None
-                if len(blocks) > self.capacity:
-                    blocks.popitem(last=False)
+                continue
+            blocks[h] = None
+            if self.record:
+                self._changes[h] = True
+            if len(blocks) > self.capacity:
+                gone, _ = blocks.popitem(last=False)
+                if self.record:
+                    self._changes[gone] = False
+
+    def drain(self) -> tuple[list[int], list[int]]:
+        """Blocks stored and removed since the last drain, netted: each block
+        appears once, as what it is now (so order between the lists is moot)."""
+        changes, self._changes = self._changes, {}
+        return ([h for h, held in changes.items() if held],
+                [h for h, held in changes.items() if not held])
+
+    def blocks(self) -> list[int]:
+        """Every cached block, least recently used first."""
+        return list(self._blocks)
 
 
 def block_hashes(token_ids: Sequence[int], block_tokens: int) -> tuple[int, ...]:
-    """Chained hashes of the prompt's full blocks: equal hash = equal whole prefix."""
-    out: list[int] = []
-    h = 0
-    for i in range(0, len(token_ids) - block_tokens + 1, block_tokens):
-        h = hash((h, tuple(token_ids[i:i + block_tokens])))
-        out.append(h)
-    return tuple(out)
+    """Chained hashes of the prompt's full blocks: equal hash = equal whole prefix
+    (schemas/blocks.py: the same hashes routers look up)."""
+    return chain_hashes(token_ids, block_tokens)
 
 
 class StepCore:
     """Waiting queue, running batch, KV accounting and prefix cache of one engine."""
 
-    def __init__(self, settings: SimSettings) -> None:
+    def __init__(self, settings: SimSettings, record_cache: bool = False) -> None:
         self.s = settings
         self.waiting: deque[CoreSeq] = deque()
         self.running: list[CoreSeq] = []
         self.kv_used = 0
         blocks = settings.prefix_cache_tokens // max(1, settings.prefix_block_tokens)
-        self.cache = PrefixCache(blocks)
+        self.cache = PrefixCache(blocks, record_cache)
         self.prefix_hit_tokens = 0
         self.prefix_query_tokens = 0
 

@@ -39,6 +39,9 @@ class VllmSettings:
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     enable_prefix_caching: bool = True
+    # Forward the prefix cache's events (blocks stored / removed) to routers:
+    # vLLM publishes them on a ZMQ socket this process reads (precise routing).
+    kv_events: bool = True
     scheduling_policy: SchedulingPolicy = "fcfs"
     seed: int = 0
     # PD disaggregation; None = unified only.
@@ -89,9 +92,11 @@ def kv_transfer_config(settings: VllmSettings) -> dict[str, Any] | None:
     return config
 
 
-def build_engine_args(settings: VllmSettings) -> AsyncEngineArgs:
-    """Translate settings into vLLM's `AsyncEngineArgs` (imports vLLM)."""
-    from vllm.config import KVTransferConfig
+def build_engine_args(settings: VllmSettings, kv_events_endpoint: str | None = None
+                      ) -> AsyncEngineArgs:
+    """Translate settings into vLLM's `AsyncEngineArgs` (imports vLLM);
+    `kv_events_endpoint`: where vLLM publishes its KV-cache events (ZMQ)."""
+    from vllm.config import KVEventsConfig, KVTransferConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     kwargs: dict[str, Any] = {
@@ -116,5 +121,8 @@ def build_engine_args(settings: VllmSettings) -> AsyncEngineArgs:
     kv = kv_transfer_config(settings)
     if kv is not None:
         kwargs["kv_transfer_config"] = KVTransferConfig(**kv)
+    if kv_events_endpoint is not None:
+        kwargs["kv_events_config"] = KVEventsConfig(
+            enable_kv_cache_events=True, publisher="zmq", endpoint=kv_events_endpoint)
     kwargs.update(settings.extra_engine_args)
     return AsyncEngineArgs(**kwargs)

@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tempfile
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from schemas.blocks import hf_prompt_ids
 from schemas.messages import ErrorCode, FinishReason
 from workers.engines.base import (
     Delta,
@@ -28,8 +32,10 @@ from workers.engines.base import (
     EngineInputError,
     EngineRequest,
     EngineStats,
+    KvDelta,
 )
 from workers.engines.vllm.config import VllmSettings, build_engine_args
+from workers.engines.vllm.kv_events import KvTranslator, ZmqKvEvents
 from workers.engines.vllm.stats import StatsRecorder, stat_logger_factory
 
 if TYPE_CHECKING:
@@ -78,6 +84,9 @@ class VllmEngine:
         )
         # request_id -> True once abort() was asked for it.
         self._active: dict[str, bool] = {}
+        self.block_tokens = settings.block_size or 16  # the engine's, once started
+        self._kv = KvTranslator()
+        self._kv_reader: ZmqKvEvents | None = None
 
     @property
     def llm(self) -> AsyncLLM:
@@ -113,7 +122,11 @@ class VllmEngine:
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = build_engine_args(self.settings)
+        endpoint = None
+        if self.settings.kv_events and self.settings.enable_prefix_caching:
+            sock = Path(tempfile.gettempdir()) / f"cplane-kv-{uuid.uuid4().hex[:12]}.sock"
+            endpoint = f"ipc://{sock}"
+        args = build_engine_args(self.settings, endpoint)
         logger_cls = stat_logger_factory(
             self._recorder, replace_prometheus=not self.settings.vllm_prometheus
         )
@@ -134,6 +147,10 @@ class VllmEngine:
         # able to drop the last reference.
         self._llm = await asyncio.to_thread(build)
         self._tokenizer = self._llm.get_tokenizer()
+        self.block_tokens = self._llm.vllm_config.cache_config.block_size
+        if endpoint is not None:
+            self._kv_reader = ZmqKvEvents(endpoint, self._kv)
+            self._kv_reader.start()
         self._max_model_len = self._llm.model_config.max_model_len
         self._max_token_chars = _max_token_chars(self._tokenizer)
         self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="vllm-tokenize")
@@ -141,11 +158,24 @@ class VllmEngine:
         # vLLM registers it (see generate: abort must never miss a request).
         await self._llm.get_supported_tasks()
 
+    def kv_events(self) -> KvDelta | None:
+        return self._kv.drain()
+
+    def kv_blocks(self) -> list[int]:
+        return self._kv.blocks()
+
+    def prefix_counts(self) -> tuple[int, int]:
+        """vLLM's own prefix-cache counters since start: (tokens queried, hit)."""
+        return self._recorder.prefix_queries_total, self._recorder.prefix_hits_total
+
     async def shutdown(self) -> None:
         """Stop the engine core process; idempotent."""
         llm, self._llm = self._llm, None
         if llm is None:
             return
+        reader, self._kv_reader = self._kv_reader, None
+        if reader is not None:
+            await reader.stop()
         if self._active:
             # Requests still running end with ABORT (not ours to hand back):
             # vLLM queues their final outputs synchronously, handler or not.
@@ -357,29 +387,15 @@ class VllmEngine:
         return await loop.run_in_executor(self._tokenize_pool, self._text_ids, req)
 
     def _text_ids(self, req: EngineRequest) -> list[int]:
-        """Tokenize a text or chat prompt (runs on the loop or the tokenizer thread)."""
-        if req.prompt is not None:
-            ids = list(self._tokenizer.encode(req.prompt))
-        else:
-            ids = self._chat_ids(req)
+        """Tokenize a text or chat prompt (runs on the loop or the tokenizer thread),
+        exactly as precise prefix routers hash it (schemas/blocks.py)."""
+        try:
+            ids = hf_prompt_ids(self._tokenizer, req.prompt, req.messages)
+        except ValueError as e:
+            raise EngineInputError(str(e)) from e
         if not ids:
             raise EngineInputError("empty prompt")
         return ids
-
-    def _chat_ids(self, req: EngineRequest) -> list[int]:
-        tok = self._tokenizer
-        msgs = [{"role": m.role, "content": m.content} for m in req.messages or []]
-        if not msgs:
-            raise EngineInputError("messages is empty")
-        if getattr(tok, "chat_template", None):
-            try:
-                text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            except Exception as e:  # template errors are the caller's input
-                raise EngineInputError(f"chat template failed: {e}") from e
-            # The template writes its own BOS and friends.
-            return list(tok.encode(text, add_special_tokens=False))
-        plain = "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
-        return list(tok.encode(plain))
 
     def _sampling_params(self, req: EngineRequest, max_tokens: int) -> SamplingParams:
         from vllm.exceptions import VLLMClientError

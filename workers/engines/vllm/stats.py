@@ -55,6 +55,9 @@ class StatsRecorder:
         self.running = 0
         self.waiting = 0
         self.kv_usage = 0.0
+        # vLLM's own prefix-cache counters since start (tokens looked up / found).
+        self.prefix_queries_total = 0
+        self.prefix_hits_total = 0
 
     def record(self, scheduler_stats: Any | None, iteration_stats: Any | None) -> None:
         now = self._clock()
@@ -70,6 +73,8 @@ class StatsRecorder:
                     for s in self._samples:
                         s.prefix_queries = s.prefix_hits = 0
                 queries, hits = prefix.queries, prefix.hits
+                self.prefix_queries_total += queries
+                self.prefix_hits_total += hits
         prompt = gen = 0
         if iteration_stats is not None:
             prompt = iteration_stats.num_prompt_tokens

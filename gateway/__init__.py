@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP gateway onto the request queues (`cplane gateway`)."""

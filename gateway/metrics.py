@@ -1,0 +1,54 @@
+"""The gateway's Prometheus metrics (the only gateway module importing prometheus_client).
+
+Served at `/metrics` from a registry of its own, so two gateways in one
+process (tests) never collide.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    120.0, 300.0)
+
+
+class GatewayMetrics:
+    """Counters and histograms of one gateway process."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "cplane_gateway_requests", "HTTP requests answered, by endpoint and status code",
+            ["endpoint", "status"], registry=r)
+        self.open_streams = Gauge(
+            "cplane_gateway_open_streams", "SSE streams open now", registry=r)
+        self.in_flight = Gauge(
+            "cplane_gateway_in_flight", "completion requests published and not yet answered",
+            registry=r)
+        self.latency = Histogram(
+            "cplane_gateway_request_seconds",
+            "HTTP request received -> last byte sent, by endpoint and stream",
+            ["endpoint", "stream"],
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "cplane_gateway_ttft_seconds", "HTTP request received -> first token event sent",
+            ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.cancelled = Counter(
+            "cplane_gateway_client_cancels",
+            "requests cancelled in the engine because their client went away", registry=r)
+        self.refused = Counter(
+            "cplane_gateway_overloaded",
+            "429 answers: the request stream refused or the orchestrator shed", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
