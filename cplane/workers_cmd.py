@@ -25,6 +25,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from schemas.admin import breakers_decoder
 from schemas.codec import heartbeat_decoder
 from schemas.messages import Heartbeat, WorkerState
 from schemas.settings import Settings
@@ -66,6 +67,12 @@ class WorkerRow(msgspec.Struct, kw_only=True):
     heartbeat_age_s: float
     started_ms: float
     ts_ms: float
+    # The leading orchestrator's circuit breaker: closed | open | half_open, or
+    # "?" when no orchestrator answered.
+    breaker: str = "?"
+    breaker_reason: str = ""
+    served: int = 0  # since it started: served to the end / failed by its engine
+    faults: int = 0
 
 
 class HeartbeatCollector:
@@ -142,6 +149,7 @@ def row(hb: Heartbeat, age_s: float, timeout_s: float) -> WorkerRow:
         prompt_tokens_per_s=hb.prompt_tokens_per_s, gen_tokens_per_s=hb.gen_tokens_per_s,
         ttft_ms_avg=hb.ttft_ms_avg, tpot_ms_avg=hb.tpot_ms_avg,
         heartbeat_age_s=round(age_s, 3), started_ms=hb.started_ms, ts_ms=hb.ts_ms,
+        served=hb.served, faults=hb.faults,
     )
 
 
@@ -153,7 +161,8 @@ def render(rows: list[WorkerRow], width: int | None = None) -> None:
     console = Console(width=width or (None if sys.stdout.isatty() else WIDE))
     table = Table(box=None, header_style="bold", pad_edge=False)
     columns: list[tuple[str, JustifyMethod]] = [
-        *((name, "left") for name in ("worker", "role", "models", "engine", "state", "health")),
+        *((name, "left") for name in ("worker", "role", "models", "engine", "state", "health",
+                                      "breaker")),
         *((name, "right") for name in ("held/cap", "running", "waiting", "kv %", "prefix %",
                                        "prompt tok/s", "gen tok/s", "ttft ms", "tpot ms",
                                        "last hb")),
@@ -163,8 +172,11 @@ def render(rows: list[WorkerRow], width: int | None = None) -> None:
     for r in rows:
         verdict = ("[green]healthy[/]" if r.healthy
                    else f"[red]unhealthy[/] ({r.reason})")
+        breaker = {"closed": "[green]closed[/]", "open": f"[red]open[/] ({r.breaker_reason})",
+                   "half_open": f"[yellow]half-open[/] ({r.breaker_reason})"
+                   }.get(r.breaker, r.breaker)
         table.add_row(
-            r.worker_id, r.role, ",".join(r.models) or "-", r.engine, r.state, verdict,
+            r.worker_id, r.role, ",".join(r.models) or "-", r.engine, r.state, verdict, breaker,
             f"{r.held_items}/{r.capacity}", str(r.running), str(r.waiting),
             f"{100 * r.kv_usage:.1f}", f"{100 * r.prefix_hit_rate:.1f}",
             f"{r.prompt_tokens_per_s:.0f}", f"{r.gen_tokens_per_s:.0f}",
@@ -195,12 +207,29 @@ async def collect(settings: Settings, wait_s: float) -> list[WorkerRow]:
     try:
         collector = HeartbeatCollector(nc, settings.subjects)
         await collector.start()
+        breakers = asyncio.create_task(_breakers(nc, settings, wait_s))
         await collector.settle(wait_s)
         await collector.stop()
-        return collector.rows(settings.orchestrator.worker_timeout_s)
+        rows = collector.rows(settings.orchestrator.worker_timeout_s)
+        states = await breakers
+        if states is not None:
+            for r in rows:
+                r.breaker, r.breaker_reason = states.get(r.worker_id, ("closed", ""))
+        return rows
     finally:
         with contextlib.suppress(Exception):
             await nc.close()
+
+
+async def _breakers(nc: NATS, settings: Settings, wait_s: float
+                    ) -> dict[str, tuple[str, str]] | None:
+    """The leading orchestrator's breakers by worker; None when none answers."""
+    try:
+        reply = await nc.request(settings.subjects.admin("breakers"), b"", timeout=wait_s)
+        infos = breakers_decoder.decode(reply.data)
+    except Exception:  # no orchestrator (or no leader yet): the column says "?"
+        return None
+    return {i.worker_id: (i.state, i.reason) for i in infos}
 
 
 def default_wait_s(settings: Settings) -> float:

@@ -133,7 +133,7 @@ class DecisionState:
         levels = held(room + getattr(cfg.order, "lookahead", 16))
         plan = plan_dispatch(QueueSnapshot(levels, in_flight), fleet, cfg, now_ms=now_ms,
                              route=self.route, rng=rng, measured=self.measured(fleet, now_ms))
-        self.since.routed(plan.sent)
+        self.since.routed(plan.sent, now_ms)
         self.applied(plan)
         return plan
 

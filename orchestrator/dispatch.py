@@ -162,6 +162,30 @@ def _admission(p: Pending, position: int, ctx: PolicyContext, fleet: FleetView,
     return None
 
 
+def _place(router: Router, fleet: FleetView, role: Role, model: str, p: Pending,
+           rctx: RouteContext) -> str:
+    """The work subject's target for one request: a worker, or a pool."""
+    cands = fleet.of_role(role, model)
+    worker = None
+    if fleet.probes:  # a half-open breaker's one probe goes first
+        worker = next((w for w in cands if w.worker_id in fleet.probes
+                       and not rctx.sent.get(w.worker_id)), None)
+        if worker is None:
+            cands = tuple(w for w in cands if w.worker_id not in fleet.probes)
+    if worker is None:
+        worker = router(cands, p, rctx)
+    if worker is None and role in fleet.fenced_roles and cands:
+        # A worker whose breaker is not closed pulls from the pool subjects
+        # too: address a healthy one instead.
+        worker = min(cands, key=rctx.per_slot)
+    if worker is not None:
+        rctx.routed(worker, p)
+        return worker.worker_id
+    if fleet.whole_pool_serves(role, model):
+        return ANY_TARGET
+    return model_target(model)
+
+
 def plan_dispatch(queue: QueueSnapshot, fleet: FleetView, cfg: DispatchConfig, *,
                   now_ms: float, route: RouteState | None = None,
                   rng: random.Random | None = None, measured: Measured | None = None
@@ -210,14 +234,7 @@ def plan_dispatch(queue: QueueSnapshot, fleet: FleetView, cfg: DispatchConfig, *
         if blocked:
             continue
         free[pool] -= 1
-        worker = router(fleet.of_role(role, model), p, rctx)
-        if worker is not None:
-            rctx.routed(worker, p)
-            target = worker.worker_id
-        elif fleet.whole_pool_serves(role, model):
-            target = ANY_TARGET
-        else:
-            target = model_target(model)
+        target = _place(router, fleet, role, model, p, rctx)
         if p.redispatched:
             alone.append(Batch(role, target, pool, model, (p.request_id,)))
         else:

@@ -5,9 +5,10 @@ No I/O: the service feeds heartbeats in and asks for a `FleetView`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from orchestrator.breaker import Breakers, BreakerState, peer_median
 from schemas.messages import Heartbeat, Role, WorkerState
 
 POOL_UNIFIED = "unified"  # pool kinds: what a request occupies while it runs
@@ -47,6 +48,10 @@ class FleetView:
         default_factory=dict, init=False, repr=False, compare=False)
     _models: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
     # Counted once per snapshot (decisions read them per plan, some per request).
+    # Roles with workers left out by their circuit breaker: those still pull from
+    # the pool subjects, so work for these roles goes to chosen workers.
+    fenced_roles: frozenset[Role] = frozenset()
+    probes: frozenset[str] = frozenset()  # half-open workers owed one probe request
     prefill_workers: int = field(default=1, init=False, repr=False, compare=False)
     max_prompt_tokens_per_s: float = field(default=0.0, init=False, repr=False, compare=False)
 
@@ -119,10 +124,13 @@ class RoutedSince:
     def __init__(self) -> None:
         self.sent: dict[str, int] = {}
         self.done: dict[str, int] = {}
+        self.watch: Callable[[Mapping[str, int], float], None] | None = None
 
-    def routed(self, sent: Mapping[str, int]) -> None:
+    def routed(self, sent: Mapping[str, int], now_ms: float = 0.0) -> None:
         for wid, n in sent.items():
             self.sent[wid] = self.sent.get(wid, 0) + n
+        if self.watch is not None and sent:
+            self.watch(sent, now_ms)
 
     def finished_on(self, worker_id: str) -> None:
         self.done[worker_id] = self.done.get(worker_id, 0) + 1
@@ -140,12 +148,34 @@ class RoutedSince:
 class Registry:
     """Latest heartbeat per worker; a worker unseen for `timeout_ms` is gone."""
 
-    def __init__(self, timeout_ms: float) -> None:
+    def __init__(self, timeout_ms: float, breakers: Breakers | None = None) -> None:
         self.timeout_ms = timeout_ms
         self._latest: dict[str, tuple[Heartbeat, float]] = {}
         self._view: FleetView | None = None  # built once per change, not per decision
         self._view_until = 0.0  # ...and valid until its oldest worker would go stale
         self.since = RoutedSince()
+        self.breakers = breakers
+        # TTFT averages per role at the last view (breakers compare a worker to them).
+        self._ttfts: dict[Role, list[float]] = {}
+        if breakers is not None:
+            self.since.watch = self._routed
+
+    def _routed(self, sent: Mapping[str, int], now_ms: float) -> None:
+        if self.breakers is not None and self.breakers.routed(sent, now_ms):
+            self._view = None  # a half-open worker's probe is out: no more until it ends
+
+    def tick_breakers(self, now_ms: float) -> bool:
+        """Breakers whose time is up move on (the service calls it every tick)."""
+        if self.breakers is not None and self.breakers.tick(now_ms):
+            self._view = None
+            return True
+        return False
+
+    def _peer_ttft(self, hb: Heartbeat, prev: Heartbeat | None) -> float:
+        peers = self._ttfts.get(hb.role, [])
+        if len(peers) > 16:  # its own value moves the median of many little
+            return peer_median(peers)
+        return peer_median(peers, own=prev.ttft_ms_avg if prev is not None else 0.0)
 
     def observe(self, hb: Heartbeat, now_ms: float) -> bool:
         """Record a heartbeat; True when the fleet's shape changed (new, gone, capacity)."""
@@ -156,7 +186,10 @@ class Registry:
             self._latest.pop(hb.worker_id, None)
             return prev is not None
         self._latest[hb.worker_id] = (hb, now_ms)
-        return prev is None or prev[0].capacity != hb.capacity or prev[0].state != hb.state
+        tripped = self.breakers is not None and self.breakers.observe(
+            hb, now_ms, self._peer_ttft(hb, prev[0] if prev is not None else None))
+        return (tripped or prev is None or prev[0].capacity != hb.capacity
+                or prev[0].state != hb.state)
 
     def knows(self, worker_id: str) -> bool:
         return worker_id in self._latest
@@ -172,6 +205,8 @@ class Registry:
             self._view = None
             for w in gone:
                 self.since.heard(w)
+                if self.breakers is not None:
+                    self.breakers.forget(w)
         return [self._latest.pop(w)[0] for w in gone]
 
     def snapshot(self, now_ms: float) -> FleetView:
@@ -181,9 +216,19 @@ class Registry:
             return self._view
         workers = []
         until = float("inf")
+        fenced: set[Role] = set()
+        probes: set[str] = set()
+        ttfts: dict[Role, list[float]] = {}
+        b = self.breakers
         for hb, seen in self._latest.values():
             if now_ms - seen > self.timeout_ms or hb.state != WorkerState.READY:
                 continue
+            ttfts.setdefault(hb.role, []).append(hb.ttft_ms_avg)
+            if b is not None and b.state(hb.worker_id)[0] is not BreakerState.CLOSED:
+                fenced.add(hb.role)
+                if not b.allows(hb.worker_id):
+                    continue
+                probes.add(hb.worker_id)
             workers.append(
                 WorkerView(
                     worker_id=hb.worker_id,
@@ -203,5 +248,7 @@ class Registry:
                 )
             )
             until = min(until, seen + self.timeout_ms)
-        self._view, self._view_until = FleetView(tuple(workers)), until
+        self._ttfts = ttfts
+        self._view, self._view_until = FleetView(tuple(workers), frozenset(fenced),
+                                                 frozenset(probes)), until
         return self._view

@@ -52,7 +52,7 @@ from orchestrator.dispatch import (
     dispatch_config,
     free_slots,
 )
-from orchestrator.fleet import Registry
+from orchestrator.health_admin import build_registry, serve_breakers
 from orchestrator.intake import Rejection, admit
 from orchestrator.kv_feed import KvFeed
 from orchestrator.lease import LeaderLease
@@ -65,6 +65,7 @@ from orchestrator.rescue import rescue_queue
 from orchestrator.runtime_config import PolicySwitch, policy_order
 from orchestrator.slo import resolve
 from orchestrator.stats import OrchestratorStats
+from schemas import trace
 from schemas.codec import encode, heartbeat_decoder
 from schemas.messages import PRIORITIES, Role, WorkBatch, WorkerState, WorkItem
 from schemas.settings import Settings
@@ -95,7 +96,7 @@ class Orchestrator:
         self.subjects = settings.subjects
         self.cfg = dispatch_config(o)
         self.policy_name = o.policy  # in force now: `cplane policy set` changes it (use_policy)
-        self.registry = Registry(timeout_ms=o.worker_timeout_s * 1000)
+        self.registry = build_registry(settings)
         # Routers read the registry's counts of items routed since each heartbeat.
         self.decisions = DecisionState(tenant_weights=o.tenant_weights,
                                        prefill_tokens_per_s=o.prefill_tokens_per_s,
@@ -150,6 +151,7 @@ class Orchestrator:
             # a slot freed a moment early by a publish that failed to store is
             # harmless (the worker retries it).
             await nc.subscribe(self.subjects.done_store_all, cb=self._on_done),
+            await serve_breakers(nc, self.settings, self.registry, lambda: self.leading),
         ]
         self._cancels = CancelBook(nc, self.settings, on_cancel=self._on_cancel)
         await self._cancels.start()
@@ -281,6 +283,8 @@ class Orchestrator:
             self.stats.reject(result.code)
             self._spawn(self._out.reject(msg, seq, result, self._known), "reject")
             return
+        if msg.headers and trace.parse(tp := msg.headers.get(trace.HEADER)):  # W3C, per item
+            result = msgspec.structs.replace(result, traceparent=tp)
         rid = result.request.request_id
         entry = self.ledger.get(rid)
         if entry is not None:
@@ -534,6 +538,7 @@ class Orchestrator:
         while True:
             await asyncio.sleep(0.25)
             t = now_ms()
+            self.registry.tick_breakers(t)
             for hb in self.registry.expire_workers(t):
                 log.info("worker %s expired; %d live", hb.worker_id,
                          len(self.registry.snapshot(t).workers))

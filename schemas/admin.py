@@ -54,25 +54,38 @@ class AdminReply(Base, frozen=True, kw_only=True):
     param_choices: list[str] = []  # on refusal of a known policy: its parameter names
 
 
+class BreakerInfo(Base, frozen=True, kw_only=True):
+    """One worker's circuit breaker, as the leading orchestrator holds it
+    (`<prefix>.admin.breakers` answers a list of these)."""
+
+    worker_id: str
+    state: str  # closed | open | half_open
+    reason: str = ""  # why it opened
+
+
 policy_command_decoder = msgspec.json.Decoder(PolicyCommand)
 policy_state_decoder = msgspec.json.Decoder(PolicyState)
 admin_reply_decoder = msgspec.json.Decoder(AdminReply)
+breakers_decoder = msgspec.json.Decoder(list[BreakerInfo])
 
 ADMIN_TYPES: dict[str, type[Any]] = {
     "PolicyGet": PolicyGet,
     "PolicySet": PolicySet,
     "PolicyState": PolicyState,
     "AdminReply": AdminReply,
+    "BreakerInfo": BreakerInfo,
 }
 
 __all__ = [
     "ADMIN_TYPES",
     "AdminReply",
+    "BreakerInfo",
     "PolicyCommand",
     "PolicyGet",
     "PolicySet",
     "PolicyState",
     "admin_reply_decoder",
+    "breakers_decoder",
     "policy_command_decoder",
     "policy_state_decoder",
 ]

@@ -153,6 +153,9 @@ class WorkItem(Base, frozen=True, kw_only=True):
     # (its message was redelivered): the worker looks for a stored terminal and
     # streamed chunks (LLM_DONE, LLM_OUT) before it runs it.
     redispatched: bool = False
+    # W3C traceparent of the request's publish (header `traceparent`), carried per
+    # item because one work message may hold many requests (schemas/trace.py).
+    traceparent: str = ""
 
 
 class WorkBatch(Base, frozen=True, kw_only=True):
@@ -242,6 +245,10 @@ class Heartbeat(Base, frozen=True, kw_only=True):
     # Moving averages (EWMA) over its recent requests: least_response_time.
     ttft_ms_avg: float = 0.0
     tpot_ms_avg: float = 0.0
+    # Since it started: items served to the end (or handed to a decode), and
+    # items its engine failed on (circuit breakers read their growth).
+    served: int = 0
+    faults: int = 0
     ts_ms: float = 0.0
     started_ms: float = 0.0
 

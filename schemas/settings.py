@@ -155,6 +155,10 @@ class OrchestratorSettings(msgspec.Struct, frozen=True, kw_only=True):
     headroom: float = 0.25
     # never | always | auto (prompt >= pd_min_prompt_tokens) | adaptive (auto, while
     # the prefill pool has room and the decode pool KV headroom)
+    # Circuit breakers per worker (orchestrator/breaker.py BreakerParams as a
+    # table: error_rate, min_requests, slow_factor, slow_min_ms, open_s, ...).
+    breakers: bool = True
+    breaker_params: dict[str, Any] = msgspec.field(default_factory=dict)
     pd_mode: str = "auto"
     pd_min_prompt_tokens: int = 512
     worker_timeout_s: float = 3.5  # no heartbeat this long: the worker is gone

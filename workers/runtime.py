@@ -106,6 +106,8 @@ class Worker:
         self.kv_pump: KvEventPump | None = None
         self._own_durable = ""
         self._engine_errors = 0  # in a row
+        self.served = 0  # items served / failed by the engine, since start (heartbeats)
+        self.faults = 0
         self._background: set[asyncio.Task[Any]] = set()
         self._moving: asyncio.Task[int] | None = None
         self._started_ms = time.time() * 1000
@@ -333,6 +335,9 @@ class Worker:
                 puller.poke()
         if outcome in (Outcome.FINAL, Outcome.HANDOFF):
             self._engine_errors = 0  # the engine works
+            self.served += 1
+        elif outcome in (Outcome.ENGINE_FAULT, Outcome.ENGINE_DEAD):
+            self.faults += 1
         for msg in msgs:
             with contextlib.suppress(Exception):  # lost: redelivered, then found stored
                 await (msg.ack() if outcome is not None else msg.nak(delay=1.0))
@@ -457,6 +462,8 @@ class Worker:
             price_out_per_1k=self.settings.worker.price_out_per_1k,
             ttft_ms_avg=self.ctx.latency.ttft_ms if self.ctx else 0.0,
             tpot_ms_avg=self.ctx.latency.tpot_ms if self.ctx else 0.0,
+            served=self.served,
+            faults=self.faults,
             ts_ms=time.time() * 1000,
             started_ms=self._started_ms,
         )
