@@ -73,14 +73,15 @@ def _prices(text: str) -> tuple[tuple[float, float], ...]:
     return tuple(out)
 
 
-def _params_for(policy: str, given: Sequence[str] | None) -> dict[str, Any]:
-    """`KEY=VALUE` parameters, each given to the policies that take it (JSON values)."""
+def _params_for(policy: str, given: Sequence[str] | None, kind: str = "policy"
+                ) -> dict[str, Any]:
+    """`KEY=VALUE` parameters, each given to the plugins that take it (JSON values)."""
     out: dict[str, Any] = {}
     for kv in given or ():
         key, sep, raw = kv.partition("=")
         if not sep:
-            raise ValueError(f"bad --policy-param {kv!r} (want KEY=VALUE)")
-        if plugins.spec("policy", policy).accepts(key):
+            raise ValueError(f"bad --{kind}-param {kv!r} (want KEY=VALUE)")
+        if plugins.spec(kind, policy).accepts(key):
             try:
                 out[key] = orjson.loads(raw)
             except orjson.JSONDecodeError:
@@ -154,7 +155,8 @@ def run_all(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         raise ValueError("the workload is empty")
     fleet = FleetSpec(workers=args.workers, prefill_workers=args.prefill_workers,
                       decode_workers=args.decode_workers, capacity=args.capacity,
-                      prices=_prices(args.prices), shed=not args.no_shed)
+                      prices=_prices(args.prices), shed=not args.no_shed,
+                      kv_events_ms=args.kv_events_ms)
     # A sweep point must run long enough for queues to reach steady state: a
     # fleet absorbs ~capacity * (1 + headroom) requests before anything waits,
     # so a short slice overstates goodput. ~10 fleets' worth of requests.
@@ -173,8 +175,10 @@ def run_all(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         for policy, router in combos:
             label = f"{policy} x {router}"
             bar.update(task, description=f"{label}: trace")
-            cfg = DispatchConfig.named(policy=policy, router=router, pd=args.pd,
-                                       policy_params=_params_for(policy, args.policy_param))
+            cfg = DispatchConfig.named(
+                policy=policy, router=router, pd=args.pd,
+                policy_params=_params_for(policy, args.policy_param),
+                router_params=_params_for(router, args.router_param, "router"))
             run = simulate(reqs, fleet, cfg, seed=args.seed)
             summ = metrics.summarize(run, DEFAULT_SLOS)
             bar.update(task, description=f"{label}: goodput sweep")
@@ -225,6 +229,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pd", default="auto", help="PD decider (with prefill/decode workers)")
     p.add_argument("--policy-param", action="append", metavar="KEY=VALUE",
                    help="a parameter for every policy that takes it (e.g. fair=true)")
+    p.add_argument("--router-param", action="append", metavar="KEY=VALUE",
+                   help="a parameter for every router that takes it (e.g. slack=0.03)")
+    p.add_argument("--kv-events-ms", type=float, default=0.0,
+                   help="workers forward their KV-cache events this often (precise prefix "
+                        "routing; 0 = routers know only what they sent)")
     p.add_argument("--prices", default="", help="IN:OUT per 1000 tokens, cycled over workers")
     p.add_argument("--no-shed", action="store_true", help="sheddable classes run late instead")
     p.add_argument("--requests", type=int, default=None, help="first N requests of the trace")

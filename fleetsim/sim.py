@@ -34,7 +34,7 @@ from schemas.settings import DEFAULT_SLO_CLASSES, SimSettings, SloClass
 from schemas.subjects import ANY_TARGET
 from workers.latency import LatencyAverages
 
-_ARRIVE, _PLAN, _WORK, _STEP, _DONE, _BEAT, _WAKE, _TICK = range(8)
+_ARRIVE, _PLAN, _WORK, _STEP, _DONE, _BEAT, _WAKE, _TICK, _KV = range(9)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +65,10 @@ class FleetSpec:
     plan_ms: float = 1.0  # a plan and its publishes keep the orchestrator busy this long
     horizon_ms: float = 3_600_000.0  # stop this long after the last arrival
     max_run_steps: int = 0  # decode steps priced at once at most (0 = to the next finish)
+    # Workers forward their engine's prefix-cache events this often (worker.kv_events_ms;
+    # 0 = none: prefix routers know only what they sent). Arrive `kv_ms` later.
+    kv_events_ms: float = 0.0
+    kv_ms: float = 0.5
 
 
 @dataclass(slots=True)
@@ -137,7 +141,11 @@ class Simulation:
         last = self.records[-1].req.arrival_ms if self.records else 0.0
         stop = last + self.fleet.horizon_ms
         handlers = (self._arrive, self._plan, self._work, self._step, self._done,
-                    self._beat, self._wake, self._tick)
+                    self._beat, self._wake, self._tick, self._kv)
+        if self.fleet.kv_events_ms > 0:
+            for w in self.workers.values():
+                w.core.cache.record = True
+            self._at(self.fleet.kv_events_ms, _KV)
         total = len(self.records)
         heap = self._heap
         while heap and self.finished < total:
@@ -370,6 +378,25 @@ class Simulation:
     def _beat(self, _: Any) -> None:
         self._heartbeat()
         self._want_plan()
+
+    def _kv(self, data: Any) -> None:
+        """Every `kv_events_ms` each worker drains its cache changes; they reach the
+        orchestrator's index `kv_ms` later (data: the changes in flight)."""
+        if data is not None:
+            index = self.orch.state.prefix
+            for wid, seq, stored, removed in data:
+                index.apply(wid, "sim", seq, stored, removed, False)
+            return
+        batch = []
+        for w in self.workers.values():
+            stored, removed = w.core.cache.drain()
+            if stored or removed:
+                w.kv_seq += 1
+                batch.append((w.worker_id, w.kv_seq, stored, removed))
+        if batch:
+            self._at(self.now + self.fleet.kv_ms, _KV, batch)
+        if self.finished < len(self.records):
+            self._at(self.now + self.fleet.kv_events_ms, _KV)
 
 
 def simulate(reqs: Sequence[TraceRequest], fleet: FleetSpec, cfg: DispatchConfig, *,

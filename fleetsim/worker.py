@@ -68,6 +68,7 @@ class SimWorker:
         self.run: Run | None = None
         self.last_pull = -1.0  # when it last took a work message (its pull re-queued then)
         self.version = 0
+        self.kv_seq = 0  # KV events sent (FleetSpec.kv_events_ms)
 
     def room_msgs(self) -> int:
         """Work messages it would fetch now (as workers/runtime.py counts them)."""

@@ -39,6 +39,9 @@ from orchestrator.snapshot import Measured, Pending, RouteState
 MAX_IDLE_TENANTS = 10_000  # counters kept for tenants with nothing held or running
 
 
+PLACED_HALF_LIFE_MS = 60_000.0
+
+
 class DecisionState:
     def __init__(self, *, tenant_weights: Mapping[str, float] | None = None,
                  prefill_tokens_per_s: float = 40_000.0, window_s: float = 10.0,
@@ -48,7 +51,9 @@ class DecisionState:
         self.window_ms = window_s * 1000
         self.prefix = PrefixIndex()
         self.since = routed_since or RoutedSince()
-        self.route = RouteState(0, self.since.sent, self.since.done, self.prefix)
+        self.placed: dict[str, float] = {}  # decaying tokens routed per worker
+        self._placed_ms = 0.0
+        self.route = RouteState(0, self.since.sent, self.since.done, self.prefix, self.placed)
         self.work: dict[str, float] = {}
         self.active: dict[str, int] = {}  # tenant -> requests held or running
         self.mode = ""
@@ -75,9 +80,30 @@ class DecisionState:
                 1e-9, self.weights.get(p.tenant, 1.0))
 
     def sent_to(self, worker_id: str, pendings: Iterable[Pending]) -> None:
-        """Work routed to one worker (not a pool): its prefix blocks join the index."""
+        """Work routed to one worker (not a pool): its prefix blocks join the index,
+        its tokens the worker's placed work."""
+        tokens = 0.0
         for p in pendings:
             self.prefix.add(worker_id, p.block_hashes)
+            tokens += p.prompt_tokens + p.output_tokens
+        if worker_id not in self.placed and self.placed:
+            # A newcomer starts level with the least placed, not at 0 (which
+            # would draw every request until it caught up).
+            self.placed[worker_id] = min(self.placed.values())
+        self.placed[worker_id] = self.placed.get(worker_id, 0.0) + tokens
+
+    def _decay_placed(self, now_ms: float) -> None:
+        dt = now_ms - self._placed_ms
+        if dt < 100.0:
+            return
+        self._placed_ms = now_ms
+        factor = 0.5 ** (dt / PLACED_HALF_LIFE_MS)
+        for wid in self.placed:
+            self.placed[wid] *= factor
+
+    def forget_worker(self, worker_id: str) -> None:
+        self.prefix.forget(worker_id)
+        self.placed.pop(worker_id, None)
 
     def finished(self, tenant: str, now_ms: float, ran: bool = True,
                  missed: bool | None = None) -> None:
@@ -115,7 +141,7 @@ class DecisionState:
     def applied(self, plan: DispatchPlan) -> None:
         if plan.route_steps:
             self.route = RouteState(self.route.step + plan.route_steps, self.route.sent_since,
-                                    self.route.done_since, self.prefix)
+                                    self.route.done_since, self.prefix, self.placed)
         self.mode, self.mode_since = plan.mode, plan.mode_since_ms
 
     # -- one dispatch step, as both shells take it --------------------------------
@@ -126,6 +152,7 @@ class DecisionState:
         into it. None when no pool has room and nothing is `due` (the shell's ticker:
         shedding, aging, model waits go on while pools are full)."""
         self.prefix.now_ms = now_ms  # sent blocks count as held for a while (pending_ms)
+        self._decay_placed(now_ms)
         spare = free_slots(fleet, in_flight, headroom(cfg, self.mode))
         room = sum(max(0, f) for f in spare.values())
         if room <= 0 and not due:

@@ -121,11 +121,16 @@ class PrefixIndex:
 
 
 class PrefixParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    # Items per slot above the least loaded a worker may carry. On the Mooncake
-    # trace, 8 workers, no classes (docs/simulator.md): 0.02 -> 0.87 of the
-    # shared-cache bound at 1.08 max/mean work; 0.05 -> 0.96 at 1.12;
-    # 0.1 -> 0.92 at 1.17; 0.3 -> 0.58 at 1.65.
+    # Items per slot above the least loaded a worker may carry...
     slack: float = 0.05
+    # ...and tokens placed on it lately (decaying, half-life 1 min) at most this
+    # fraction above the candidates' mean, plus a floor (a cold fleet is level):
+    # items alone let long conversations pile up on the worker caching them.
+    # Mooncake trace, 8 workers, KV events every 20 ms: work_slack 0 -> 1.02 of
+    # the shared-cache bound at 1.16 max/mean work; 0.1 -> 0.98 at 1.09;
+    # 0.05 -> 0.88 at 1.05 (0 disables it).
+    work_slack: float = 0.1
+    work_floor_tokens: float = 16_384.0
 
 
 def prompt_blocks(token_ids: Sequence[int] | None, text: str | None, block_tokens: int
@@ -154,6 +159,11 @@ def _prefix_aware(params: PrefixParams) -> Router:
         ratio = {w.worker_id: ctx.per_slot(w) for w in cands}
         floor = min(ratio.values())
         near = [w for w in cands if ratio[w.worker_id] <= floor + params.slack]
+        if params.work_slack > 0 and len(near) > 1:
+            placed = {w.worker_id: ctx.placed(w) for w in cands}
+            cap = ((1 + params.work_slack) * sum(placed.values()) / len(cands)
+                   + params.work_floor_tokens)
+            near = [w for w in near if placed[w.worker_id] <= cap] or near
         if not p.block_hashes:
             return min(near, key=lambda w: ratio[w.worker_id])
         return max(near, key=lambda w: (ctx.prefix_match(w, p.block_hashes),

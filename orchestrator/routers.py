@@ -39,7 +39,8 @@ from orchestrator.snapshot import Pending, RouteState
 class RouteContext:
     """One plan's routing scratch; the shell folds `sent` and `step` back into its state."""
 
-    __slots__ = ("_done", "_overlay", "_prefix", "_since", "rng", "sent", "step", "steps")
+    __slots__ = ("_done", "_overlay", "_placed", "_placed_now", "_prefix", "_since", "rng",
+                 "sent", "step", "steps")
 
     def __init__(self, state: RouteState, rng: random.Random) -> None:
         self._since = state.sent_since
@@ -47,6 +48,8 @@ class RouteContext:
         self._prefix = state.prefix  # a PrefixIndex (orchestrator/prefix_router.py) or None
         # Blocks routed by this plan, not yet in the index: (worker, block).
         self._overlay: set[tuple[str, int]] = set()
+        self._placed = state.placed
+        self._placed_now: dict[str, float] = {}  # tokens routed by this plan
         self.step = state.step
         self.steps = 0  # round-robin steps taken by this plan
         self.sent: dict[str, int] = {}
@@ -77,8 +80,16 @@ class RouteContext:
         self.steps += 1
         return self.step + self.steps - 1
 
+    def placed(self, w: WorkerView) -> float:
+        """Tokens routed to the worker lately (decaying), this plan's included."""
+        wid = w.worker_id
+        return self._placed.get(wid, 0.0) + self._placed_now.get(wid, 0.0)
+
     def routed(self, w: WorkerView, p: Pending | None = None) -> None:
         self.sent[w.worker_id] = self.sent.get(w.worker_id, 0) + 1
+        if p is not None:
+            self._placed_now[w.worker_id] = (self._placed_now.get(w.worker_id, 0.0)
+                                             + p.prompt_tokens + p.output_tokens)
         if p is not None and p.block_hashes and self._prefix is not None:
             self._overlay.update((w.worker_id, h) for h in p.block_hashes)
 

@@ -62,6 +62,9 @@ class RouteState:
     done_since: Mapping[str, int] = field(default_factory=dict)
     # Which prefix blocks each worker was sent recently (prefix_aware); None = no index.
     prefix: Any = None
+    # Tokens (prompt + output) routed to each worker, decaying (half-life ~1 min):
+    # a work measure for routers that must not pile long requests on one worker.
+    placed: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

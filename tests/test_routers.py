@@ -109,6 +109,25 @@ def test_prefix_aware_follows_the_cached_prefix_within_the_load_slack() -> None:
     assert got[0] == got[1]
 
 
+def test_prefix_aware_leaves_a_worker_with_too_much_placed_work() -> None:
+    index = PrefixIndex()
+    index.add("a", (1, 2, 3))
+    cands = (w("a"), w("b"), w("c"))
+    req = p(blocks=(1, 2, 3))
+    # a caches the prefix, but lately took far more tokens than the others
+    heavy = RouteState(prefix=index, placed={"a": 300e3, "b": 100e3, "c": 100e3})
+    assert pick("prefix_aware", cands, state=heavy, req=req) == ["b"]
+    level = RouteState(prefix=index, placed={"a": 110e3, "b": 100e3, "c": 100e3})
+    assert pick("prefix_aware", cands, state=level, req=req) == ["a"]
+    off = {"work_slack": 0.0}
+    assert pick("prefix_aware", cands, state=heavy, req=req, params=off) == ["a"]
+    # this plan's own routing counts too: a burst of long prompts moves on once
+    # a is over the cap
+    big = Pending("r", 2, 0.0, 0.0, "m", 20_000, block_hashes=(1, 2, 3))
+    got = pick("prefix_aware", cands, n=12, state=level, req=big)
+    assert 1 < got.count("a") < 12
+
+
 def test_prefix_index_is_bounded_per_worker() -> None:
     index = PrefixIndex(blocks_per_worker=3)
     index.add("a", (1, 2, 3, 4, 5))
