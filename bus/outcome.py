@@ -59,7 +59,8 @@ class StoredPublisher:
         self._sweeper: asyncio.Task[None] | None = None
 
     async def publish(
-        self, subject: str, data: bytes, msg_id: str | None = None
+        self, subject: str, data: bytes, msg_id: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """Store `data` on `subject`; returns the ack (`seq`, `duplicate`...).
 
@@ -78,7 +79,8 @@ class StoredPublisher:
         self._deadlines.append((time.monotonic() + self.timeout_s, n))
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.create_task(self._sweep(), name="ack-deadlines")
-        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+        if msg_id:
+            headers = {**(headers or {}), "Nats-Msg-Id": msg_id}
         try:
             await self.nc.publish(subject, data, reply=f"{self._inbox}.{n}", headers=headers)
         except BaseException:
@@ -128,13 +130,15 @@ class StoredPublisher:
         group: str,
         msg: Final | ErrorReply,
         reply_to: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
-        """Final/ErrorReply to `llm.done.<group>.<id>` (stored), and to reply_to if asked."""
+        """Final/ErrorReply to `llm.done.<group>.<id>` (stored), and to reply_to if asked;
+        `headers` (a traceparent) go with both."""
         data = encode(msg)
         if reply_to:
-            await nc.publish(reply_to, data)
+            await nc.publish(reply_to, data, headers=headers)
         await self.publish(subjects.done_store(group, msg.request_id), data,
-                           f"{msg.request_id}:done")
+                           f"{msg.request_id}:done", headers)
 
 
 def cancelled_final(item: WorkItem, worker_id: str | None = None) -> Final:

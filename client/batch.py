@@ -48,10 +48,9 @@ from schemas.messages import Priority
 from schemas.settings import Settings
 from schemas.subjects import RESERVED_GROUPS, valid_token
 
-CHECKPOINT_LINES = 2048  # published counts are recorded (and a cancel noticed) this often
+CHECKPOINT_LINES = 256  # published counts are recorded (and a cancel noticed) this often
 WINDOW = 256  # publishes awaited together
 MAX_REPORTED = 50  # invalid lines listed one by one at most
-_PLACEHOLDER_JOB = "batch_" + "0" * 20  # same length as a real id: same encoded sizes
 _FULL_BACKOFF_S = (0.2, 0.5, 1.0, 2.0)
 
 
@@ -167,14 +166,18 @@ async def _publish(js: JetStreamContext, subject: str, data: bytes, rid: str) ->
 
 async def publish_lines(js: JetStreamContext, store: JobStore, settings: Settings,
                         job_id: str, path: Path,
-                        progress: Callable[[BatchJob], None] | None = None) -> BatchJob:
+                        progress: Callable[[BatchJob], None] | None = None,
+                        checkpoint_lines: int = CHECKPOINT_LINES) -> BatchJob:
     """Publish the job's lines after those already recorded as published; see the promises."""
     job = await store.require(job_id)
+    if job.state is not JobState.IN_PROGRESS:  # cancelled (or failed) before anything went out
+        return await store.update(job_id, lambda j: j if j.publishing_done else
+                                  msgspec.structs.replace(j, publishing_done=True))
     checker = checker_for(job, settings)
     subject = settings.subjects.request(job.priority, job.slo_class)
     prio = Priority(job.priority)
     start = job.published  # lines out before (a resumed submit)
-    published, seen, stopped = start, 0, False
+    published, seen, stopped, last_checkpoint = start, 0, False, start
     window: list[tuple[bytes, str]] = []
 
     def record(j: BatchJob) -> BatchJob:
@@ -207,14 +210,13 @@ async def publish_lines(js: JetStreamContext, store: JobStore, settings: Setting
         req = msgspec.structs.replace(v.request, priority=prio, slo_class=job.slo_class,
                                       created_ms=now_ms())
         window.append((encode(req), req.request_id))
-        if len(window) < WINDOW:
-            continue
-        if (seen - start) % CHECKPOINT_LINES:
+        if len(window) >= min(WINDOW, checkpoint_lines):
             await send()
-            continue
-        job = await checkpoint()
-        if stopped:
-            return job
+        if published - last_checkpoint >= checkpoint_lines:
+            last_checkpoint = published
+            job = await checkpoint()
+            if stopped:
+                return job
     return await checkpoint()
 
 

@@ -101,8 +101,9 @@ async def job_request_ids(store: JobStore, job: BatchJob, settings: Settings) ->
 
 class Collector:
     def __init__(self, js: JetStreamContext, store: JobStore, settings: Settings, job_id: str,
-                 *, progress: Progress | None = None) -> None:
+                 *, progress: Progress | None = None, ack_wait_s: float = ACK_WAIT_S) -> None:
         self.js = js
+        self.ack_wait_s = ack_wait_s
         self.store = store
         self.settings = settings
         self.job_id = job_id
@@ -146,7 +147,7 @@ class Collector:
             durable_name=consumer_name(self.job_id),
             filter_subject=self.settings.subjects.done_store_of(self.job_id),
             deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=ACK_WAIT_S, max_ack_pending=4 * PART_LINES, max_deliver=-1,
+            ack_wait=self.ack_wait_s, max_ack_pending=4 * PART_LINES, max_deliver=-1,
             inactive_threshold=CONSUMER_IDLE_S)
         with contextlib.suppress(Exception):  # exists already (another collector): bind to it
             await self.js.add_consumer(stream, cfg)

@@ -45,7 +45,9 @@ from nats.errors import MaxPayloadError, NoRespondersError
 from nats.js.api import DeliverPolicy
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
+from bus import tracing
 from client.results import Start, StoredResult, stored_results
+from schemas import trace
 from schemas.codec import encode, output_decoder
 from schemas.messages import ErrorReply, Final, Priority, Request, TokenChunk
 from schemas.settings import Settings, load_settings
@@ -106,9 +108,13 @@ class RequestHandle:
         self._replaying = False
         self._bg: set[asyncio.Future[None]] = set()  # keeps background steps referenced
         self.closed = False  # True once the stream has ended (or `close()`): nothing more is read
+        self.traceparent = ""  # sent with the request (W3C trace context)
+        self.worker_traceparent = ""  # on its terminal: the serving worker's span, same trace
 
     # -- input -----------------------------------------------------------------
     async def _on_msg(self, msg: Msg) -> None:
+        if msg.headers and trace.HEADER in msg.headers:  # the worker's span, on its terminal
+            self.worker_traceparent = msg.headers[trace.HEADER]
         self._take_msg(msg.subject, msg.data)
 
     def _take_msg(self, subject: str, data: bytes | None) -> bool:
@@ -366,6 +372,7 @@ class Client:
         priority: Priority | str | None = None,
         slo_class: str | None = None,
         timeout: float = 5.0,
+        traceparent: str | None = None,
     ) -> RequestHandle:
         """Publish `request` to `llm.req.<priority>.<slo_class>`; returns once JetStream stored it.
 
@@ -390,9 +397,10 @@ class Client:
             self.subjects.outputs_of(request.group, request.request_id), cb=handle._on_msg
         )
         try:
-            ack = await self.js.publish(
-                subject, data, timeout=timeout, headers={"Nats-Msg-Id": request.request_id}
-            )
+            # W3C trace context: the caller's, its OpenTelemetry span's, or a new trace.
+            handle.traceparent = traceparent or tracing.current() or trace.new()
+            ack = await self.js.publish(subject, data, timeout=timeout, headers={
+                "Nats-Msg-Id": request.request_id, trace.HEADER: handle.traceparent})
         except Exception as exc:
             handle.close()
             mapped = _publish_error(exc, subject)

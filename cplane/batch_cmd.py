@@ -38,6 +38,7 @@ from client.batch import (
 )
 from client.batch_collect import Collected, Collector, write_results
 from client.batch_lines import LineChecker
+from client.batch_run import PLACEHOLDER_JOB
 from client.batch_state import Resubmit
 from client.batch_store import JobStore, UnknownJob
 from schemas.batch import BatchJob, JobState
@@ -120,7 +121,7 @@ async def submit(args: argparse.Namespace, settings: Settings) -> int:
                                                 + ".output.jsonl"))
     errors = Path(args.errors) if args.errors else _errors_path(output)
     async with _connected(settings) as (nc, store):
-        checker = LineChecker("batch_" + "0" * 20, model=opts.model, limits=settings.limits,
+        checker = LineChecker(PLACEHOLDER_JOB, model=opts.model, limits=settings.limits,
                               max_bytes=nc.max_payload)
         t0 = time.monotonic()
         checked = await asyncio.to_thread(validate_file, path, checker)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -106,6 +107,7 @@ class Stack:
         self.url = spec.nats_url or ""
         self.kv_dir: str | None = None
         self.gateway_url: str | None = None
+        self._gateway_sock: socket.socket | None = None
         self.metrics_ports: list[int] = []  # orchestrator, then each worker
 
     def _cli(self, *args: str) -> list[str]:
@@ -165,19 +167,31 @@ class Stack:
             self.stop()
             raise RuntimeError(f"the gateway at {self.gateway_url} did not become ready")
 
-    def _start_gateway(self, env: dict[str, str]) -> None:
-        """`cplane gateway` on a socket bound here (gateway.port, or a free one) and inherited."""
+    def bind_gateway(self) -> str:
+        """Bind the gateway's socket (gateway.port, or a free one) now; returns its URL.
+
+        `cplane up` prints it before any service starts, so it is the first
+        http URL in the output whatever the services log.
+        """
         from cplane.gateway_cmd import url_of
         from gateway.app import listen
         from schemas.settings import load_settings
 
-        cfg = load_settings(self.spec.config).gateway
-        sock = listen(cfg.host, cfg.port)
+        if self._gateway_sock is None:
+            cfg = load_settings(self.spec.config).gateway
+            self._gateway_sock = listen(cfg.host, cfg.port)
+            self.gateway_url = url_of(self._gateway_sock)
+        return self.gateway_url or ""
+
+    def _start_gateway(self, env: dict[str, str]) -> None:
+        """`cplane gateway` on the socket bound here, inherited."""
+        self.bind_gateway()
+        sock, self._gateway_sock = self._gateway_sock, None
+        assert sock is not None
         try:
             fd = sock.fileno()
             self.procs.append(subprocess.Popen(self._cli("gateway", "--fd", str(fd)), env=env,
                                                pass_fds=(fd,), stdout=subprocess.DEVNULL))
-            self.gateway_url = url_of(sock)
         finally:
             sock.close()  # the gateway holds its own copy
 
@@ -196,6 +210,8 @@ class Stack:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        if self.spec.gateway:
+            print(f"gateway: {self.bind_gateway()} (starting)", flush=True)
         self.start()
         s = self.spec
         roles = "prefill+decode" if s.pd else f"{s.workers} unified"

@@ -192,7 +192,9 @@ def cmd_request(args: argparse.Namespace) -> int:
         rows.append(["finish reason", st.finish_reason])
     if st.error_code:
         rows.append(["error", f"{st.error_code}: {st.message}"])
-    _console().print(_table(f"request {st.request_id}", ["", ""], rows))
+    con = _console()
+    con.print(f"request {st.request_id}", highlight=False)
+    con.print(_table("", ["", ""], rows))
     return 0
 
 

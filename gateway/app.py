@@ -1,7 +1,8 @@
 """The OpenAI-compatible gateway: HTTP in, published Requests out, one NATS connection.
 
 Routes: POST `/v1/chat/completions`, `/v1/completions` (JSON or SSE);
-GET `/v1/models` (live, from heartbeats), `/health`, `/metrics`.
+GET `/v1/models` (live, from heartbeats), `/health`, `/metrics`; `/v1/files`
+and `/v1/batches` onto batch jobs (gateway/batches.py).
 
 One completion request: API key -> tenant (gateway/auth.py), body -> Request
 (gateway/openai_map.py), a 404 for a model the fleet does not serve, then
@@ -24,7 +25,7 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -47,6 +48,7 @@ from client.sdk import (
 from gateway import openai_map as om
 from gateway import sse
 from gateway.auth import tenant_for
+from gateway.batches import BatchApi
 from gateway.metrics import GatewayMetrics
 from gateway.models import LiveModels, model_list
 from schemas.messages import ErrorReply, Final
@@ -79,20 +81,37 @@ class Gateway:
         self.models = models
         self.metrics = metrics
         self._bg: set[asyncio.Future[None]] = set()  # cancels in flight
+        self.batches = BatchApi(client, settings)
 
     def routes(self) -> list[Route]:
+        guarded = [Route(r.path, self._guard(r.endpoint), methods=r.methods)
+                   for r in self.batches.routes()]
         return [
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
-            Route("/v1/models", self.list_models, methods=["GET"]),
+            Route("/v1/models", self._guard(self.list_models), methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.prometheus, methods=["GET"]),
+            *guarded,
         ]
+
+    def _guard(self, endpoint: Callable[[HttpRequest], Awaitable[Response]]
+               ) -> Callable[[HttpRequest], Awaitable[Response]]:
+        """The endpoint, behind the API key check (a 401 when keys are configured)."""
+
+        async def guarded(request: HttpRequest) -> Response:
+            tenant = tenant_for(request.headers.get("authorization"), self.cfg.api_keys)
+            if isinstance(tenant, om.ApiError):
+                return self._refuse(request.url.path, tenant)
+            return await endpoint(request)
+
+        return guarded
 
     def app(self) -> Starlette:
         return Starlette(routes=self.routes(), exception_handlers={HTTPException: _http_error})
 
     async def close(self) -> None:
+        await self.batches.close()
         if self._bg:
             await asyncio.wait(self._bg, timeout=5)
 
@@ -168,6 +187,13 @@ class Gateway:
         except RejectedAtPublish as exc:
             await self._answer_error(out, om.ApiError(400, str(exc)), endpoint)
             return
+        except Exception as exc:  # NATS down or JetStream not answering: retry later
+            log.warning("%s: publish failed: %r", rid, exc)
+            e = om.ApiError(503, f"the request queue did not take the request: {exc!r}",
+                            type="service_unavailable", code="unavailable",
+                            retry_after_s=om.retry_after_s(None, self.cfg.retry_after_s))
+            await self._answer_error(out, e, endpoint)
+            return
         finished = False
         self.metrics.in_flight.inc()
         try:
@@ -184,7 +210,7 @@ class Gateway:
             self.metrics.in_flight.dec()
             handle.close()
             if not finished:
-                pass  # self._cancel(rid)
+                self._cancel(rid)
             status = str(out.status if out.status is not None else CLIENT_GONE)
             self.metrics.requests.labels(endpoint, status).inc()
             self.metrics.latency.labels(endpoint, str(m.stream).lower()).observe(

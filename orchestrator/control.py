@@ -30,6 +30,7 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from bus import tracing
 from bus.replay import stored_terminal
 from orchestrator.ledger import RequestState
 from orchestrator.metrics import start_metrics_server
@@ -240,6 +241,7 @@ class OrchestratorControl:
 
 
 async def start_control(orch: Orchestrator) -> OrchestratorControl:
+    tracing.setup("cplane-orchestrator")  # OTLP export when OTEL_EXPORTER_OTLP_ENDPOINT is set
     control = OrchestratorControl(orch)
     await control.start()
     return control

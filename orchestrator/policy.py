@@ -20,6 +20,9 @@ fifo and priority merge the levels' heads, so within a level order is FIFO
   sends) never ages and counts as just arrived, so under both policies it
   takes only the room the other requests leave. A large batch job fills an
   idle fleet without delaying interactive traffic, however long it waits.
+  And it fills only `spare_fill` (90 %) of the fleet's slots (`spare_budget`):
+  without preemption, a request arriving while a batch runs would otherwise
+  wait for a batch line to finish before a worker takes it.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class PolicyConfig:
     aging_s: float = 10.0
     # Background requests of these SLO classes fill spare capacity only (see above).
     spare_classes: frozenset[str] = frozenset({"batch"})
+    spare_fill: float = 0.9  # ...and take at most this share of the fleet's slots
 
 
 Policy = Callable[[QueueView, int, float, PolicyConfig], list[int]]
@@ -92,6 +96,29 @@ Levels = tuple[tuple[Pending, ...], ...]
 Order = Callable[[Levels, int, PolicyContext], list[Pending]]
 
 
+def is_spare(p: Pending, cfg: PolicyConfig) -> bool:
+    """A request that only fills spare capacity (background band, a spare class)."""
+    return p.level == _LOWEST and p.slo_class in cfg.spare_classes
+
+
+def spare_budget(cfg: PolicyConfig) -> Callable[[list[Pending], PolicyContext], int]:
+    """How many of an order may go now: spare requests only while the fleet holds
+    less than `spare_fill` of its slots (they come last in the order, so nothing
+    else waits)."""
+
+    def budget(ordered: list[Pending], ctx: PolicyContext) -> int:
+        slots = sum(w.capacity for w in ctx.fleet.workers)
+        allowed = int(slots * cfg.spare_fill) - ctx.in_flight
+        for i, p in enumerate(ordered):
+            if is_spare(p, cfg):
+                if allowed <= 0:
+                    return i
+                allowed -= 1
+        return len(ordered)
+
+    return budget
+
+
 def get_policy(name: str) -> Policy:
     try:
         return POLICIES[name]
@@ -107,9 +134,8 @@ def by_heads(policy: Policy, cfg: PolicyConfig, fair: FairParams | None = None) 
         if fair is not None and fair.fair:
             levels = fair_levels(levels, k, ctx, fair)
         now_ms = ctx.now_ms
-        spare = cfg.spare_classes
-        view = QueueView(tuple([now_ms if p.level == _LOWEST and p.slo_class in spare
-                                else p.arrival_ms for p in level] for level in levels))
+        view = QueueView(tuple([now_ms if is_spare(p, cfg) else p.arrival_ms for p in level]
+                               for level in levels))
         heads = [0] * len(levels)
         out = []
         for level in policy(view, k, now_ms, cfg):
@@ -118,6 +144,7 @@ def by_heads(policy: Policy, cfg: PolicyConfig, fair: FairParams | None = None) 
         return out
 
     order.fair = fair  # type: ignore[attr-defined]
+    order.budget = spare_budget(cfg)  # type: ignore[attr-defined]
     if fair is not None and fair.fair:
         order.lookahead = fair.lookahead  # type: ignore[attr-defined]
     return order
@@ -125,6 +152,7 @@ def by_heads(policy: Policy, cfg: PolicyConfig, fair: FairParams | None = None) 
 
 class PriorityParams(FairParams, frozen=True, forbid_unknown_fields=True):
     aging_s: float = 10.0  # waiting this long raises a request one level
+    spare_fill: float = 0.9  # background batch lines take at most this share of the slots
     # Dispatch up to capacity * (1 + headroom); None = the orchestrator's setting.
     # 0 keeps a saturated fleet's queue here, in priority order, not in workers.
     headroom: float | None = None
@@ -139,6 +167,7 @@ def _fifo(params: FairParams) -> Order:
 @register("policy", "priority", PriorityParams)
 def _priority(params: PriorityParams) -> Order:
     """Strict priority with aging: nothing starves."""
-    order = by_heads(priority, PolicyConfig(aging_s=params.aging_s), params)
+    order = by_heads(priority, PolicyConfig(aging_s=params.aging_s,
+                                            spare_fill=params.spare_fill), params)
     order.headroom = params.headroom  # type: ignore[attr-defined]
     return order

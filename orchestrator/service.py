@@ -513,7 +513,7 @@ class Orchestrator:
             return
         if self.registry.observe(hb, now_ms()):
             if hb.state == WorkerState.STOPPED:
-                self.decisions.prefix.forget(hb.worker_id)
+                self.decisions.forget_worker(hb.worker_id)
             self._wake.set()
 
     async def _on_done(self, msg: Msg) -> None:
@@ -542,7 +542,7 @@ class Orchestrator:
             for hb in self.registry.expire_workers(t):
                 log.info("worker %s expired; %d live", hb.worker_id,
                          len(self.registry.snapshot(t).workers))
-                self.decisions.prefix.forget(hb.worker_id)
+                self.decisions.forget_worker(hb.worker_id)
                 if self.leading:
                     self._spawn(self._rescue(hb.role, hb.worker_id, list(hb.models)), "rescue")
             self._tick_due = True

@@ -8,10 +8,13 @@ from pathlib import Path
 import msgspec
 
 from schemas.admin import ADMIN_TYPES
+from schemas.batch import BATCH_TYPES
+from schemas.control import CONTROL_TYPES
 from schemas.messages import WIRE_TYPES
 
 COMMITTED_DIR = Path(__file__).parent / "jsonschema"
-EXPORTED_TYPES: dict[str, type[object]] = {**WIRE_TYPES, **ADMIN_TYPES}
+EXPORTED_TYPES: dict[str, type[object]] = {**WIRE_TYPES, **ADMIN_TYPES, **CONTROL_TYPES,
+                                           **BATCH_TYPES}
 
 
 def schema_of(name: str) -> dict[str, object]:

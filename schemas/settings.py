@@ -236,6 +236,7 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
     api_keys: dict[str, str] = msgspec.field(default_factory=dict)
     request_timeout_s: float = 600.0  # no terminal this long: cancel, answer 504
     max_body_bytes: int = 8 << 20  # a larger body gets 413
+    max_file_bytes: int = 256 << 20  # /v1/files: a larger upload gets 413
     retry_after_s: float = 1.0  # Retry-After when the request stream refuses (no hint)
 
 

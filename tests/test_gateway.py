@@ -17,6 +17,7 @@ from nats.aio.msg import Msg
 from openai import AsyncOpenAI, BadRequestError, NotFoundError, RateLimitError
 
 from bus.provision import ensure_streams
+from bus.server import EmbeddedNats
 from client.sdk import Client
 from gateway import sse
 from schemas.messages import Final, FinishReason
@@ -251,6 +252,9 @@ async def test_full_request_stream_gets_429_and_keys_name_tenants(nats_url: str)
             async with httpx.AsyncClient(base_url=url, timeout=30) as http:
                 r = await http.post("/v1/completions", json={"prompt": "x"})
                 assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+                assert (await http.get("/v1/models")).status_code == 401
+                assert (await http.get("/v1/batches")).status_code == 401
+                assert (await http.get("/health")).status_code == 200  # probes need no key
                 auth = {"authorization": "Bearer k1"}
                 first = asyncio.create_task(http.post(
                     "/v1/completions", json={"prompt": "x", "max_tokens": 2}, headers=auth))
@@ -272,3 +276,69 @@ async def test_full_request_stream_gets_429_and_keys_name_tenants(nats_url: str)
                     await first
     finally:
         await nc.close()
+
+
+async def test_files_and_batches_through_the_openai_sdk(up: str) -> None:
+    """An OpenAI batch: upload the JSONL, create the batch, wait, read the output file."""
+    sdk = _sdk(up)
+    lines = [{"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "sim", "messages": CHAT, "max_tokens": 3 + i}} for i in range(5)]
+    data = "".join(json.dumps(x) + "\n" for x in lines).encode()
+    f = await sdk.files.create(file=("in.jsonl", data), purpose="batch")
+    assert f.bytes == len(data) and f.filename == "in.jsonl" and f.purpose == "batch"
+    assert (await sdk.files.retrieve(f.id)).id == f.id
+    assert (await sdk.files.content(f.id)).content == data
+    b = await sdk.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                 completion_window="24h", metadata={"who": "test"})
+    assert b.status in ("validating", "in_progress") and b.input_file_id == f.id
+
+    async def finished() -> bool:
+        nonlocal b
+        b = await sdk.batches.retrieve(b.id)
+        return b.status == "completed" and b.output_file_id is not None
+    await until(finished, 60, "the batch to complete")
+    assert b.request_counts is not None and b.request_counts.completed == 5
+    assert b.metadata == {"who": "test"} and b.endpoint == "/v1/chat/completions"
+    out = [json.loads(x) for x in (await sdk.files.content(b.output_file_id or "")).text.splitlines()]
+    assert sorted(o["custom_id"] for o in out) == [f"q{i}" for i in range(5)]
+    for o in out:
+        n = 3 + int(o["custom_id"][1:])
+        assert o["response"]["status_code"] == 200
+        assert o["response"]["body"]["usage"]["completion_tokens"] == n
+    assert b.id in [x.id async for x in sdk.batches.list()]
+    # Bad input: an unknown file is 404, a file with a bad line is 400 naming the line.
+    with pytest.raises(NotFoundError):
+        await sdk.batches.create(input_file_id="file-nope", endpoint="/v1/completions",
+                                 completion_window="24h")
+    bad = await sdk.files.create(file=("bad.jsonl", data + b"{oops\n"), purpose="batch")
+    with pytest.raises(BadRequestError) as info:
+        await sdk.batches.create(input_file_id=bad.id, endpoint="/v1/chat/completions",
+                                 completion_window="24h")
+    assert "line 6" in str(info.value.message)
+    with pytest.raises(NotFoundError):
+        await sdk.batches.retrieve("batch_nope")
+
+
+async def test_broker_down_is_503_with_retry_after_and_health_follows() -> None:
+    """A private nats-server goes away: publishes get 503 + Retry-After, /health 503; back: 200."""
+    server = EmbeddedNats().start()
+    try:
+        s = isolated_settings(server.url)
+        nc = await nats.connect(server.url)
+        await ensure_streams(nc.jetstream(), s)
+        await nc.close()
+        async with gateway(s, workers=0) as url, httpx.AsyncClient(base_url=url,
+                                                                  timeout=60) as http:
+            server.terminate()
+            await until(lambda: _status(http, "/health", 503), 15, "/health to say 503")
+            r = await http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+            assert r.status_code == 503, r.text
+            assert int(r.headers["retry-after"]) >= 1 and r.json()["error"]["message"]
+            server.restart()
+            await until(lambda: _status(http, "/health", 200), 30, "/health to say 200 again")
+    finally:
+        server.stop()
+
+
+async def _status(http: httpx.AsyncClient, path: str, want: int) -> bool:
+    return (await http.get(path)).status_code == want

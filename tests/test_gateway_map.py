@@ -224,3 +224,27 @@ def test_models_from_fresh_ready_heartbeats() -> None:
     assert [d["id"] for d in body["data"]] == ["m1", "m2"] and body["object"] == "list"
     assert body["data"][0]["workers"] == 2 and body["data"][0]["created"] == 5
     msgspec.json.encode(body)  # JSON-serialisable as it is
+
+
+def test_batch_jobs_as_openai_batch_and_file_objects() -> None:
+    from gateway import batch_map as bm
+    from schemas.batch import BatchJob, JobState
+
+    meta = bm.BatchMeta(endpoint="/v1/completions", input_file_id="file-1", metadata={"a": "b"})
+    job = BatchJob(id="batch_x", state=JobState.IN_PROGRESS, total=4, invalid=1, completed=2,
+                   failed=1, created_ms=2000.0)
+    o = bm.batch_object(job, meta, output_ready=False, errors_ready=False)
+    assert (o["id"], o["object"], o["status"], o["endpoint"]) == (
+        "batch_x", "batch", "in_progress", "/v1/completions")
+    assert o["request_counts"] == {"total": 5, "completed": 2, "failed": 2}
+    assert o["output_file_id"] is None and o["completed_at"] is None and o["created_at"] == 2
+    assert o["metadata"] == {"a": "b"} and o["input_file_id"] == "file-1" and o["errors"] is None
+    done = msgspec.structs.replace(job, state=JobState.FAILED, finished_ms=9000.0, error="boom")
+    o = bm.batch_object(done, None, output_ready=True, errors_ready=True)
+    assert o["failed_at"] == 9 and o["output_file_id"] == "file-batch_x-output"
+    assert o["error_file_id"] == "file-batch_x-errors"
+    assert o["errors"]["data"][0]["message"] == "boom" and o["endpoint"] == ""
+    f = bm.file_object("file-1", 10, bm.FileMeta(filename="a.jsonl", purpose="batch",
+                                                   created_at=5))
+    assert f == {"id": "file-1", "object": "file", "bytes": 10, "created_at": 5,
+                 "filename": "a.jsonl", "purpose": "batch"}

@@ -26,6 +26,7 @@ from client.aggregate import (
 )
 from client.control import ControlPlane, NotFound
 from client.sdk import Client, new_request_id
+from schemas import trace
 from schemas.control import RequestPhase, RequestStatus
 from schemas.messages import (
     ErrorCode,
@@ -418,3 +419,95 @@ async def test_two_replicas_answer_and_aggregate(nats_url: str) -> None:
             await w.engine.shutdown()  # type: ignore[attr-defined]
         for c in conns:
             await c.close()
+
+
+def test_traceparent_format() -> None:
+    tp = trace.new()
+    parts = trace.parse(tp)
+    assert parts is not None and len(parts[0]) == 32 and parts[2] == "01"
+    kid = trace.child(tp)
+    assert trace.trace_id(kid) == parts[0] and kid != tp
+    assert trace.parse("00-" + "0" * 32 + "-" + "1" * 16 + "-01") is None
+    assert trace.parse("garbage") is None and trace.trace_id(trace.child("garbage"))
+
+
+async def test_traceparent_travels_to_the_worker_and_back(nats_url: str) -> None:
+    """Client header -> orchestrator -> WorkItem -> worker span (OpenTelemetry) -> the
+    terminal's header: one trace id end to end, the worker's span a child of ours."""
+    from opentelemetry import trace as otel
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = otel.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        otel.set_tracer_provider(provider)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    settings = isolated_settings(nats_url)
+    async with stack(settings, workers=1):
+        client = await Client.connect(nats_url, settings)
+        try:
+            sent = trace.new()
+            handle = await client.submit(Request(request_id=new_request_id(), prompt="trace me",
+                                                 max_tokens=3), traceparent=sent)
+            await handle.result(30)
+            auto = await client.submit(Request(request_id=new_request_id(), prompt="no trace",
+                                               max_tokens=3))
+            await auto.result(30)
+        finally:
+            await client.close()
+    assert handle.traceparent == sent
+    back = trace.parse(handle.worker_traceparent)
+    assert back is not None and back[0] == trace.trace_id(sent)
+    spans = [s for s in exporter.get_finished_spans()
+             if s.attributes and s.attributes.get("request_id") == handle.request_id]
+    assert len(spans) == 1 and spans[0].name == "cplane.worker.generate"
+    ctx, parent = spans[0].get_span_context(), spans[0].parent
+    assert parent is not None and f"{parent.span_id:016x}" == trace.parse(sent)[1]  # type: ignore[index]
+    assert f"{ctx.span_id:016x}" == back[1]  # the terminal names the worker's span
+    assert trace.parse(auto.traceparent) and (
+        trace.trace_id(auto.worker_traceparent) == trace.trace_id(auto.traceparent))
+
+
+def _dashboard() -> object:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "deploy" / "grafana" / "dashboard.py"
+    spec = importlib.util.spec_from_file_location("cplane_dashboard", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["cplane_dashboard"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dashboard_is_committed() -> None:
+    import json
+
+    dash = _dashboard()
+    committed = json.loads(dash.OUT.read_text())  # type: ignore[attr-defined]
+    assert committed == json.loads(json.dumps(dash.build())), (  # type: ignore[attr-defined]
+        "deploy/grafana/cplane.json is stale: run python deploy/grafana/dashboard.py")
+    assert "panels" in committed and len(committed["panels"]) >= 20
+
+
+async def test_dashboard_families_are_exported(nats_url: str) -> None:
+    """Both ways: every family the services export is on the dashboard, and every
+    family the dashboard reads is exported."""
+    dash = _dashboard()
+    settings = _metered(nats_url)
+    async with stack(settings, workers=1) as run:
+        await _workload(settings, 2)
+        orch_port, (worker_port,) = _ports(run)
+        exported: set[str] = set()
+        for port in (orch_port, worker_port):
+            text = await asyncio.to_thread(lambda p=port: urllib.request.urlopen(
+                f"http://127.0.0.1:{p}/metrics", timeout=10).read().decode())
+            exported |= {f.name + ("_total" if f.type == "counter" else "")
+                         for f in text_string_to_metric_families(text)}
+    shown = dash.families()  # type: ignore[attr-defined]
+    assert exported - shown == set(), "not on the dashboard"
+    assert shown - exported == set(), "on the dashboard, not exported"

@@ -23,6 +23,7 @@ from nats.js.errors import NoStreamResponseError
 from bus.claims import Claims
 from bus.outcome import StoredPublisher, error_reply
 from bus.replay import stored_seqs
+from schemas import trace
 from schemas.codec import encode
 from schemas.messages import ErrorCode, ErrorReply, Final, Role, TokenChunk, WorkBatch, WorkItem
 from schemas.settings import Settings
@@ -139,8 +140,9 @@ class ServeContext:
                     if stream is not None and stream.sent and (
                             suspect or stream.epoch != self.epoch):
                         await self._resend_lost(item, stream)
-                    await self.store.publish_terminal(self.nc, self.subjects, req.group, msg,
-                                                      req.reply_to)
+                    await self.store.publish_terminal(
+                        self.nc, self.subjects, req.group, msg, req.reply_to,
+                        {trace.HEADER: item.traceparent} if item.traceparent else None)
                     break
                 except (TimeoutError, NoStreamResponseError, NatsError) as exc:
                     if isinstance(exc, ConnectionClosedError) or time.monotonic() > deadline:

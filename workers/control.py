@@ -22,6 +22,7 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from bus import tracing
 from schemas.codec import encode
 from schemas.control import (
     INSTANCE_VERB,
@@ -101,6 +102,7 @@ class WorkerControl:
 
 
 async def start_control(worker: Worker) -> WorkerControl:
+    tracing.setup("cplane-worker")  # OTLP export when OTEL_EXPORTER_OTLP_ENDPOINT is set
     control = WorkerControl(worker)
     await control.start()
     return control

@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from bus import tracing
 from bus.outcome import cancelled_final
 from schemas.messages import ErrorCode, Final, FinishReason, Role, Timings, Usage, WorkItem
 from workers.chunker import ChunkStream
@@ -214,6 +215,11 @@ async def run_item(ctx: ServeContext, item: WorkItem) -> Outcome:
     gen = ctx.engine.generate(engine_request(ctx, item, item.role))
     deltas = gen.__aiter__()
     live = ctx.metrics.begin(item)  # `cplane request ID` sees it run; inter-token gaps
+    span = tracing.start("cplane.worker.generate", item.traceparent,
+                         {"request_id": req.request_id, "worker": ctx.worker_id, "model": model})
+    if item.traceparent:  # what follows (terminal, hand-off) is a child of this run
+        item = msgspec.structs.replace(item, traceparent=tracing.span_traceparent(
+            span, item.traceparent))
     try:
         while True:
             # Only what the engine raises is an engine fault: a failed chunk
@@ -244,6 +250,7 @@ async def run_item(ctx: ServeContext, item: WorkItem) -> Outcome:
     finally:
         stream.close()
         ctx.metrics.end(live)
+        span.end()
         await _close(gen)
     await stream.flush()
     if last.finish_reason is FinishReason.ABORT and ctx.handing_back:

@@ -1,0 +1,256 @@
+"""`/v1/files` and `/v1/batches` onto cplane's batch jobs (client/batch*.py).
+
+Files live in the batch object store (`<prefix>_batch_files`) as `files/<id>`,
+their name and purpose in the object's description. POST /v1/batches checks
+the whole input file at once (an invalid line is a 400 naming every bad line,
+as `cplane batch submit` without --skip-invalid), creates the job record
+(client/batch.py start_job), answers, and then, in this gateway process,
+publishes the lines, collects the results and stores the output and error
+files as `file-<batch>-output` / `file-<batch>-errors`. Status, counts and
+cancel read and write the job record, so `cplane batch` sees the same jobs.
+
+A gateway that stops mid-job leaves it `in_progress`: its lines already
+published still run and their results stay in LLM_DONE; submitting the same
+file again with `cplane batch submit --job-id <batch id>` goes on from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import msgspec
+from nats.js.api import ObjectMeta
+from nats.js.errors import NotFoundError
+from starlette.datastructures import UploadFile
+from starlette.requests import Request as HttpRequest
+from starlette.responses import Response
+from starlette.routing import Route
+
+from client.batch import (
+    InvalidFile,
+    SubmitOptions,
+    cancel_job,
+    publish_lines,
+    start_job,
+    validate_file,
+)
+from client.batch_collect import Collector, write_results
+from client.batch_lines import LineChecker
+from client.batch_run import PLACEHOLDER_JOB
+from client.batch_store import JobStore
+from client.sdk import Client
+from gateway import batch_map as bm
+from gateway.openai_map import ApiError
+from schemas.batch import BATCH_URLS, BatchJob
+from schemas.settings import Settings
+
+log = logging.getLogger("cplane.gateway")
+_encode = msgspec.json.Encoder().encode
+_meta_decoder = msgspec.json.Decoder(bm.BatchMeta)
+_file_decoder = msgspec.json.Decoder(bm.FileMeta)
+_create_decoder = msgspec.json.Decoder(bm.CreateBatch)
+
+
+def _json(obj: object, status: int = 200) -> Response:
+    return Response(_encode(obj), status_code=status, media_type="application/json")
+
+
+def _error(e: ApiError) -> Response:
+    return _json(e.body(), e.status)
+
+
+def _not_found(what: str, param: str) -> Response:
+    return _error(ApiError(404, f"no {what}", type="NotFoundError", param=param,
+                           code="not_found"))
+
+
+class BatchApi:
+    """The files and batches endpoints over the gateway's shared connection."""
+
+    def __init__(self, client: Client, settings: Settings) -> None:
+        self.client = client
+        self.settings = settings
+        self._store: JobStore | None = None
+        self._jobs: set[asyncio.Task[None]] = set()  # jobs this process publishes and collects
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/files", self.upload, methods=["POST"]),
+            Route("/v1/files", self.list_files, methods=["GET"]),
+            Route("/v1/files/{file_id}", self.file_info, methods=["GET"]),
+            Route("/v1/files/{file_id}/content", self.file_content, methods=["GET"]),
+            Route("/v1/batches", self.create, methods=["POST"]),
+            Route("/v1/batches", self.list_batches, methods=["GET"]),
+            Route("/v1/batches/{batch_id}", self.get, methods=["GET"]),
+            Route("/v1/batches/{batch_id}/cancel", self.cancel, methods=["POST"]),
+        ]
+
+    async def store(self) -> JobStore:
+        if self._store is None:
+            self._store = await JobStore.open(self.client.js, self.settings)
+        return self._store
+
+    async def close(self) -> None:
+        for task in list(self._jobs):
+            task.cancel()
+        await asyncio.gather(*self._jobs, return_exceptions=True)
+
+    # -- files ---------------------------------------------------------------------
+    async def upload(self, request: HttpRequest) -> Response:
+        limit = self.settings.gateway.max_file_bytes
+        async with request.form(max_part_size=limit) as form:
+            file, purpose = form.get("file"), form.get("purpose")
+            if not isinstance(file, UploadFile):
+                return _error(ApiError(400, "a multipart field 'file' is required", param="file"))
+            if not isinstance(purpose, str) or not purpose:
+                return _error(ApiError(400, "a field 'purpose' is required", param="purpose"))
+            data = await file.read()
+            name = file.filename or "upload.jsonl"
+        if len(data) > limit:
+            return _error(ApiError(413, f"the file exceeds {limit} bytes", code="too_large"))
+        file_id = f"file-{uuid.uuid4().hex}"
+        meta = bm.FileMeta(filename=name, purpose=purpose, created_at=int(time.time()))
+        await self._put_file(file_id, data, meta)
+        return _json(bm.file_object(file_id, len(data), meta))
+
+    async def _put_file(self, file_id: str, data: bytes, meta: bm.FileMeta) -> None:
+        store = await self.store()
+        await store.obs.put(bm.FILES_PREFIX + file_id, data,
+                            meta=ObjectMeta(description=_encode(meta).decode()))
+
+    async def _file_meta(self, file_id: str) -> tuple[int, bm.FileMeta] | None:
+        store = await self.store()
+        try:
+            info = await store.obs.get_info(bm.FILES_PREFIX + file_id)
+        except NotFoundError:
+            return None
+        if info.deleted:
+            return None
+        return info.size or 0, _file_decoder.decode(info.description or "{}")
+
+    async def file_info(self, request: HttpRequest) -> Response:
+        file_id = request.path_params["file_id"]
+        found = await self._file_meta(file_id)
+        if found is None:
+            return _not_found(f"file {file_id!r}", "file_id")
+        return _json(bm.file_object(file_id, *found))
+
+    async def file_content(self, request: HttpRequest) -> Response:
+        file_id = request.path_params["file_id"]
+        store = await self.store()
+        try:
+            obj = await store.obs.get(bm.FILES_PREFIX + file_id)
+        except NotFoundError:
+            return _not_found(f"file {file_id!r}", "file_id")
+        return Response(obj.data or b"", media_type="application/jsonl")
+
+    async def list_files(self, request: HttpRequest) -> Response:
+        store = await self.store()
+        try:
+            infos = await store.obs.list(ignore_deletes=True)
+        except NotFoundError:
+            infos = []
+        data = [bm.file_object(i.name.removeprefix(bm.FILES_PREFIX), i.size or 0,
+                               _file_decoder.decode(i.description or "{}"))
+                for i in infos if i.name.startswith(bm.FILES_PREFIX) and i.description]
+        return _json({"object": "list", "data": data})
+
+    # -- batches -------------------------------------------------------------------
+    async def create(self, request: HttpRequest) -> Response:
+        try:
+            body = _create_decoder.decode(await request.body())
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return _error(ApiError(400, f"invalid body: {exc}"))
+        if body.endpoint not in BATCH_URLS:
+            return _error(ApiError(400, f"endpoint must be one of {list(BATCH_URLS)}",
+                                   param="endpoint"))
+        store = await self.store()
+        tmp = Path(tempfile.mkdtemp(prefix="cplane-gw-batch-"))
+        try:
+            path = tmp / "input.jsonl"
+            with path.open("wb") as fh:
+                try:
+                    await store.obs.get(bm.FILES_PREFIX + body.input_file_id, writeinto=fh)
+                except NotFoundError:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return _not_found(f"file {body.input_file_id!r}", "input_file_id")
+            job = await self._start(store, path, body)
+        except InvalidFile as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return _error(ApiError(400, str(exc), param="input_file_id"))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        meta = bm.BatchMeta(endpoint=body.endpoint, input_file_id=body.input_file_id,
+                            completion_window=body.completion_window, metadata=body.metadata)
+        await store.obs.put(bm.META_PREFIX + job.id, _encode(meta))
+        task = asyncio.create_task(self._run(store, job.id, tmp))
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+        return _json(bm.batch_object(job, meta, output_ready=False, errors_ready=False))
+
+    async def _start(self, store: JobStore, path: Path, body: bm.CreateBatch) -> BatchJob:
+        nc = self.client.nc
+        checker = LineChecker(PLACEHOLDER_JOB, limits=self.settings.limits,
+                              max_bytes=nc.max_payload)
+        checked = await asyncio.to_thread(validate_file, path, checker)
+        opts = SubmitOptions(job_id=f"batch_{uuid.uuid4().hex}")
+        job, _ = await start_job(store, path, checked, opts, nc.max_payload)
+        return job
+
+    async def _run(self, store: JobStore, job_id: str, tmp: Path) -> None:
+        """Publish and collect the job, then store its output and error files."""
+        js, s = self.client.js, self.settings
+        try:
+            input_path = tmp / "input.jsonl"
+            await asyncio.gather(Collector(js, store, s, job_id).run(),
+                                 publish_lines(js, store, s, job_id, input_path))
+            out, err = tmp / "output.jsonl", tmp / "errors.jsonl"
+            await write_results(store, s, job_id, out, err)
+            now = int(time.time())
+            for file_id, path in ((bm.output_file_id(job_id), out),
+                                  (bm.error_file_id(job_id), err)):
+                await self._put_file(file_id, path.read_bytes(), bm.FileMeta(
+                    filename=path.name, purpose="batch_output", created_at=now))
+        except Exception:
+            log.exception("batch %s: the gateway could not finish it", job_id)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    async def _object(self, job: BatchJob) -> dict[str, object]:
+        store = await self.store()
+        try:
+            meta: bm.BatchMeta | None = _meta_decoder.decode(
+                (await store.obs.get(bm.META_PREFIX + job.id)).data or b"")
+        except (NotFoundError, msgspec.DecodeError, msgspec.ValidationError):
+            meta = None
+        ready = [await self._file_meta(f(job.id)) is not None
+                 for f in (bm.output_file_id, bm.error_file_id)] if job.state.terminal else [
+            False, False]
+        return bm.batch_object(job, meta, output_ready=ready[0], errors_ready=ready[1])
+
+    async def get(self, request: HttpRequest) -> Response:
+        batch_id = request.path_params["batch_id"]
+        job = await (await self.store()).get(batch_id)
+        if job is None:
+            return _not_found(f"batch {batch_id!r}", "batch_id")
+        return _json(await self._object(job))
+
+    async def list_batches(self, request: HttpRequest) -> Response:
+        jobs = await (await self.store()).list()
+        data = [await self._object(j) for j in reversed(jobs)]  # newest first, as OpenAI
+        return _json({"object": "list", "data": data, "has_more": False})
+
+    async def cancel(self, request: HttpRequest) -> Response:
+        batch_id = request.path_params["batch_id"]
+        store = await self.store()
+        if await store.get(batch_id) is None:
+            return _not_found(f"batch {batch_id!r}", "batch_id")
+        job, _ = await cancel_job(self.client.nc, store, self.settings, batch_id)
+        return _json(await self._object(job))
