@@ -10,8 +10,9 @@ files as `file-<batch>-output` / `file-<batch>-errors`. Status, counts and
 cancel read and write the job record, so `cplane batch` sees the same jobs.
 
 A gateway that stops mid-job leaves it `in_progress`: its lines already
-published still run and their results stay in LLM_DONE; submitting the same
-file again with `cplane batch submit --job-id <batch id>` goes on from there.
+published still run and their results stay in LLM_DONE; the batch tool's way
+to go on is `cplane batch submit FILE --job-id <batch id>` with the same file
+(not tested through the gateway).
 """
 
 from __future__ import annotations

@@ -119,6 +119,13 @@ class _Body(msgspec.Struct, kw_only=True):
     best_of: int | None = None
     echo: bool | None = False
     cost_budget: float | None = None  # cplane extension: Request.cost_budget
+    # Not supported: refused unless absent or neutral (never silently dropped).
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
 
 
 class ChatBody(_Body, kw_only=True):
@@ -184,8 +191,25 @@ def _check_common(b: _Body) -> ApiError | None:
         return _invalid("top_p must be in (0, 1]", "top_p")
     if b.slo_class is not None and not valid_token(b.slo_class):
         return _invalid(f"slo_class {b.slo_class!r} cannot be a subject token", "slo_class")
+    unsupported = _unsupported(b)
+    if unsupported:
+        return _invalid(f"{unsupported} is not supported by this gateway", unsupported)
     if b.stream_options is not None and not b.stream:
         return _invalid("stream_options is only allowed with stream=true", "stream_options")
+    return None
+
+
+def _unsupported(b: _Body) -> str | None:
+    """The first field asking for what cplane's engines do not do, if any."""
+    neutral = {"frequency_penalty": (None, 0), "presence_penalty": (None, 0),
+               "repetition_penalty": (None, 1)}
+    for name, ok in neutral.items():
+        if getattr(b, name) not in ok:
+            return name
+    if b.logit_bias or b.tools:
+        return "logit_bias" if b.logit_bias else "tools"
+    if b.response_format and b.response_format.get("type", "text") != "text":
+        return "response_format"
     return None
 
 

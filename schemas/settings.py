@@ -170,8 +170,11 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     role: str = "unified"
     model: str = "sim"
     capacity: int = 64  # sequences it takes at once
-    chunk_tokens: int = 16  # flush a chunk after this many tokens...
-    chunk_interval_ms: float = 5.0  # ...or this long after its first token
+    # Token chunks: what one engine step produced for a request goes out at the
+    # end of that step. With chunk_interval_ms > 0, tokens gather for at least
+    # that long after a chunk (fewer messages), or until chunk_tokens wait.
+    chunk_tokens: int = 16
+    chunk_interval_ms: float = 0.0
     heartbeat_s: float = 1.0
     # A killed worker's work comes back to the pool after `ack_wait_s`; live
     # workers renew every `in_progress_every_s`.

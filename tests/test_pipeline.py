@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import msgspec
@@ -53,7 +54,7 @@ async def test_many_concurrent_requests_stream_tokens_and_final(nats_url: str) -
 
 
 async def test_first_token_then_batched_chunks(nats_url: str) -> None:
-    # 40 tokens with a 200 ms flush age and zero-cost steps: the first token
+    # 40 tokens, zero-cost steps, chunks at least 200 ms apart: the first token
     # goes alone, the rest in chunks of at most 16 (count), never one per token.
     s = isolated_settings(
         nats_url, sim={"zero_cost": True}, worker={"chunk_tokens": 16, "chunk_interval_ms": 200}
@@ -66,6 +67,21 @@ async def test_first_token_then_batched_chunks(nats_url: str) -> None:
     assert all(len(c.token_ids) <= 16 for c in chunks)
     assert len(chunks) <= 5
     assert final.usage.completion_tokens == 40
+
+
+async def test_one_chunk_per_engine_step_by_default(nats_url: str) -> None:
+    # Steps of ~6.5 ms (the sim's default cost): every step's token goes out at
+    # the end of its step, none waits for a timer; seqs have no gaps.
+    s = isolated_settings(nats_url)
+    async with stack(s, workers=1):
+        client = Client(await nats.connect(nats_url), s)
+        chunks, final = await collect(client, req("stepped", max_tokens=30))
+        await client.close()
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
+    assert sum(len(c.token_ids) for c in chunks) == 30 == final.usage.completion_tokens
+    assert len(chunks) >= 25  # about one a step (a late reader may merge a few)
+    gaps = [b.ts_ms - a.ts_ms for a, b in itertools.pairwise(chunks)]
+    assert sorted(gaps)[len(gaps) // 2] >= 5.0  # paced by the engine's steps
 
 
 async def test_priority_order_under_contention(nats_url: str) -> None:

@@ -1,9 +1,13 @@
 """Streams one request's tokens as TokenChunks on core NATS.
 
-The first token goes out at once (TTFT); later tokens are batched until
-`max_tokens` accumulate or `max_age_s` passes since the oldest unsent one.
-Never one JetStream ack per token: chunks are plain core publishes that the
-LLM_OUT stream captures server-side.
+What one engine step produced for the request (one `add`) goes out at once:
+at most one message per request per step, and no token waits for a timer.
+An engine that falls behind hands over several steps' tokens at a time (the
+sim engine and vLLM merge them), so the message count drops under load by
+itself. Operators who want fewer messages set `min_interval_s`: after a
+chunk, tokens gather until it has passed (or `max_tokens` are waiting); the
+first token always goes alone and at once (TTFT). Never one JetStream ack per
+token: chunks are plain core publishes that the LLM_OUT stream captures.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ class ChunkStream:
         *,
         next_seq: int = 0,
         max_tokens: int = 16,
-        max_age_s: float = 0.005,
+        min_interval_s: float = 0.0,
         epoch: int = 0,
         gate: asyncio.Event | None = None,
     ) -> None:
@@ -46,10 +50,10 @@ class ChunkStream:
         # owns the request: chunks wait here instead of in nats-py's reconnect buffer.
         self._gate = gate
         self._max_tokens = max_tokens
-        self._max_age_s = max_age_s
+        self._min_interval_s = min_interval_s
         self._ids: list[int] = []
         self._text: list[str] = []
-        self._oldest = 0.0
+        self._last_flush = 0.0  # monotonic time of the last chunk
         self._timer: asyncio.TimerHandle | None = None
         self._flushing: asyncio.Future[None] | None = None  # a timer's flush, kept referenced
         self._sent_any = False
@@ -66,20 +70,16 @@ class ChunkStream:
         if self.first_token_ms is None:
             self.first_token_ms = now
         self.last_token_ms = now
-        if not self._ids and not self._text:
-            self._oldest = time.monotonic()
         self._ids.extend(token_ids)
         self._text.append(text)
-        if (
-            not self._sent_any
-            or len(self._ids) >= self._max_tokens
-            or time.monotonic() - self._oldest >= self._max_age_s
-        ):
+        if self._min_interval_s <= 0 or not self._sent_any or len(self._ids) >= self._max_tokens:
+            await self.flush()
+            return
+        wait = self._last_flush + self._min_interval_s - time.monotonic()
+        if wait <= 0:
             await self.flush()
         elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(
-                self._max_age_s, self._on_timer
-            )
+            self._timer = asyncio.get_running_loop().call_later(wait, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -109,6 +109,7 @@ class ChunkStream:
         # so concurrent flushes (timer vs. add) still go out in seq order.
         self.next_seq += 1
         self._sent_any = True
+        self._last_flush = time.monotonic()
         self.tokens_sent += len(ids)
         self.token_ids.extend(ids)
         self.text_parts.append(text)

@@ -116,7 +116,7 @@ def _stream(ctx: ServeContext, item: WorkItem) -> ChunkStream:
     return ChunkStream(
         ctx.nc.publish, out_subjects, req.request_id, ctx.worker_id,
         next_seq=item.next_seq, max_tokens=ws.chunk_tokens,
-        max_age_s=ws.chunk_interval_ms / 1000, epoch=ctx.epoch, gate=ctx.gate,
+        min_interval_s=ws.chunk_interval_ms / 1000, epoch=ctx.epoch, gate=ctx.gate,
     )
 
 

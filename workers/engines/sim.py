@@ -61,6 +61,18 @@ class _Seq(CoreSeq):
     text: str = ""
 
 
+def _merged(out: list[Delta]) -> Delta:
+    last = out[-1]
+    return Delta(token_ids=[t for d in out for t in d.token_ids],
+                 text="".join(d.text for d in out), finish_reason=last.finish_reason,
+                 prompt_tokens=next((d.prompt_tokens for d in reversed(out)
+                                     if d.prompt_tokens is not None), None),
+                 cached_prompt_tokens=next((d.cached_prompt_tokens for d in reversed(out)
+                                            if d.cached_prompt_tokens is not None), None),
+                 kv_transfer_params=next((d.kv_transfer_params for d in reversed(out)
+                                          if d.kv_transfer_params is not None), None))
+
+
 class SimEngine:
     """Simulated GPU engine; implements workers.engines.base.Engine."""
 
@@ -179,10 +191,14 @@ class SimEngine:
                 await seq.event.wait()
                 seq.event.clear()
                 out, seq.out = seq.out, []
-                for delta in out:
-                    yield delta
-                    if delta.finish_reason is not None:
-                        return
+                if not out:
+                    continue
+                # Steps the caller fell behind on go out as one delta, as vLLM's
+                # output collector merges them: one chunk, not one per step.
+                delta = out[0] if len(out) == 1 else _merged(out)
+                yield delta
+                if delta.finish_reason is not None:
+                    return
         finally:
             if not seq.done:  # the caller went away: free the slot
                 self._finish(seq, FinishReason.CANCELLED)
