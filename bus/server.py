@@ -66,12 +66,17 @@ class EmbeddedNats:
         store_dir: str | None = None,
         sync_interval: str = "100ms",
         max_payload: int = 8 << 20,
+        max_file_store: str | None = None,
     ) -> None:
         self.port = port or free_port()
         self._own_dir = store_dir is None
         self.store_dir = store_dir or tempfile.mkdtemp(prefix="cplane-js-")
         self.sync_interval = sync_interval
         self.max_payload = max_payload
+        # JetStream reserves each stream's max_bytes up front against this
+        # (default: 75 % of the free disk); a test server holding hundreds of
+        # small private streams raises it ("1T"): reservations, not usage.
+        self.max_file_store = max_file_store
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -87,6 +92,7 @@ class EmbeddedNats:
                 "jetstream {",
                 '  store_dir: "%s"' % Path(self.store_dir, "js"),
                 "  sync_interval: %s" % self.sync_interval,
+                *(["  max_file_store: %s" % self.max_file_store] if self.max_file_store else []),
                 "}",
                 "",
             ]),

@@ -42,9 +42,12 @@ class BreakerParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 @dataclass(slots=True)
 class _Track:
+    worker_id: str = ""
     served: int = 0  # cumulative counts at the last heartbeat
     faults: int = 0
     recent: deque[tuple[int, int]] = field(default_factory=deque)  # (served, faults) growth
+    recent_served: int = 0  # sums over `recent`
+    recent_faults: int = 0
     state: BreakerState = BreakerState.CLOSED
     reason: str = ""
     opened_ms: float = 0.0
@@ -58,6 +61,7 @@ class Breakers:
     def __init__(self, params: BreakerParams | None = None) -> None:
         self.p = params or BreakerParams()
         self._t: dict[str, _Track] = {}
+        self._not_closed: set[str] = set()  # few: what per-decision reads walk
         self.opened = 0  # times any breaker opened (stats)
 
     def state(self, worker_id: str) -> tuple[BreakerState, str]:
@@ -69,30 +73,41 @@ class Breakers:
 
     def forget(self, worker_id: str) -> None:
         self._t.pop(worker_id, None)
+        self._not_closed.discard(worker_id)
 
     def _open(self, t: _Track, now_ms: float, reason: str, backoff: bool) -> None:
         base = self.p.open_s * 1000
         t.open_ms = min(self.p.max_open_s * 1000, t.open_ms * 2) if backoff else base
         t.state, t.reason, t.opened_ms, t.probe_at = BreakerState.OPEN, reason, now_ms, None
+        self._not_closed.add(t.worker_id)
         self.opened += 1
 
     def _close(self, t: _Track) -> None:
         t.state, t.reason, t.open_ms, t.probe_at = BreakerState.CLOSED, "", 0.0, None
+        self._not_closed.discard(t.worker_id)
         t.recent.clear()
+        t.recent_served = t.recent_faults = 0
         t.served_since_close = 0
 
     def observe(self, hb: Heartbeat, now_ms: float, peer_ttft_ms: float) -> bool:
         """Fold one heartbeat in; `peer_ttft_ms`: the median TTFT average of the
         worker's peers (0 = none). True when the breaker changed state."""
-        t = self._t.setdefault(hb.worker_id, _Track(served=hb.served, faults=hb.faults))
+        t = self._t.get(hb.worker_id)
+        if t is None:
+            t = self._t[hb.worker_id] = _Track(hb.worker_id, hb.served, hb.faults)
         if hb.served < t.served or hb.faults < t.faults:  # a new process under the same id
             t.served, t.faults = hb.served, hb.faults
             t.recent.clear()
+            t.recent_served = t.recent_faults = 0
         ds, df = hb.served - t.served, hb.faults - t.faults
         t.served, t.faults = hb.served, hb.faults
         t.recent.append((ds, df))
+        t.recent_served += ds
+        t.recent_faults += df
         while len(t.recent) > self.p.window:
-            t.recent.popleft()
+            old_s, old_f = t.recent.popleft()
+            t.recent_served -= old_s
+            t.recent_faults -= old_f
         t.served_since_close += ds
         before = t.state
         if t.state is BreakerState.HALF_OPEN and t.probe_at is not None:
@@ -101,8 +116,7 @@ class Breakers:
             elif hb.served > t.probe_at[0]:
                 self._close(t)
         elif t.state is BreakerState.CLOSED:
-            served = sum(s for s, _ in t.recent)
-            faults = sum(f for _, f in t.recent)
+            served, faults = t.recent_served, t.recent_faults
             ended = served + faults
             if ended >= self.p.min_requests and faults >= self.p.error_rate * ended:
                 self._open(t, now_ms, f"{faults}/{ended} requests failed", backoff=False)
@@ -117,7 +131,8 @@ class Breakers:
         """Open breakers whose time is up go half-open; probes out too long fail.
         True if any changed."""
         changed = False
-        for t in self._t.values():
+        for wid in list(self._not_closed):
+            t = self._t[wid]
             if t.state is BreakerState.OPEN and now_ms - t.opened_ms >= t.open_ms:
                 t.state = BreakerState.HALF_OPEN
                 changed = True
@@ -129,14 +144,16 @@ class Breakers:
 
     def allows(self, worker_id: str) -> bool:
         """May new work go to it? Half-open: until its probe is routed."""
-        t = self._t.get(worker_id)
-        if t is None or t.state is BreakerState.CLOSED:
+        if worker_id not in self._not_closed:
             return True
+        t = self._t[worker_id]
         return t.state is BreakerState.HALF_OPEN and t.probe_at is None
 
     def routed(self, worker_ids: Iterable[str], now_ms: float) -> bool:
         """Work went to these workers: a half-open one's probe is out. True if any was."""
         probed = False
+        if not self._half_open():
+            return False
         for wid in worker_ids:
             t = self._t.get(wid)
             if t is not None and t.state is BreakerState.HALF_OPEN and t.probe_at is None:
@@ -144,8 +161,15 @@ class Breakers:
                 probed = True
         return probed
 
+    def _half_open(self) -> bool:
+        return any(self._t[w].state is BreakerState.HALF_OPEN for w in self._not_closed)
+
     def any_fenced(self) -> bool:
-        return any(t.state is not BreakerState.CLOSED for t in self._t.values())
+        return bool(self.fenced())
+
+    def fenced(self) -> dict[str, BreakerState]:
+        """Workers whose breaker is not closed (few: read per snapshot)."""
+        return {w: self._t[w].state for w in self._not_closed}
 
 
 def peer_median(values: Iterable[float], own: float = 0.0) -> float:

@@ -241,13 +241,13 @@ def plan_dispatch(queue: QueueSnapshot, fleet: FleetView, cfg: DispatchConfig, *
             groups.setdefault((role, target, pool, model), []).append(p.request_id)
     batches = list(alone)
     for (role, target, pool, model), ids in groups.items():
-        workers = fleet.of_role(role, model)
-        size = max(1, min(cfg.max_batch, max((w.capacity for w in workers), default=1)))
+        size = max(1, min(cfg.max_batch, fleet.max_capacity(role, model)))
         if target == ANY_TARGET or target.startswith(MODEL_TARGET_PREFIX):
             # A pool message goes whole to one worker: a burst cut into
             # max_batch pieces would land on one or two workers while the
             # rest idle. At least one message per worker, then max_batch.
-            size = min(size, max(1, -(-len(ids) // max(1, len(workers)))))
+            n_workers = len(fleet.of_role(role, model))
+            size = min(size, max(1, -(-len(ids) // max(1, n_workers))))
         batches.extend(Batch(role, target, pool, model, tuple(ids[i:i + size]))
                        for i in range(0, len(ids), size))
     return DispatchPlan(tuple(batches), tuple(rejections), rctx.sent, rctx.steps, mode, since)

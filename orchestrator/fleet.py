@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from orchestrator.breaker import Breakers, BreakerState, peer_median
+from orchestrator.breaker import Breakers, peer_median
 from schemas.messages import Heartbeat, Role, WorkerState
 
 POOL_UNIFIED = "unified"  # pool kinds: what a request occupies while it runs
@@ -52,6 +52,10 @@ class FleetView:
     # the pool subjects, so work for these roles goes to chosen workers.
     fenced_roles: frozenset[Role] = frozenset()
     probes: frozenset[str] = frozenset()  # half-open workers owed one probe request
+    _cap: dict[tuple[Role, str], int] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
+    _max_cap: dict[tuple[Role, str], int] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
     prefill_workers: int = field(default=1, init=False, repr=False, compare=False)
     max_prompt_tokens_per_s: float = field(default=0.0, init=False, repr=False, compare=False)
 
@@ -65,6 +69,15 @@ class FleetView:
         object.__setattr__(self, "_by_role", {k: tuple(v) for k, v in by_role.items()})
         object.__setattr__(self, "_by_role_model", {k: tuple(v) for k, v in by_rm.items()})
         object.__setattr__(self, "_models", frozenset(m for w in self.workers for m in w.models))
+        # Slot counts per (role, model) and per role ("" model): read per plan
+        # and per work message, so summed here, once per snapshot.
+        cap: dict[tuple[Role, str], int] = {}
+        max_cap: dict[tuple[Role, str], int] = {}
+        for key, ws in [*(((r, ""), v) for r, v in by_role.items()), *by_rm.items()]:
+            cap[key] = sum(w.capacity for w in ws)
+            max_cap[key] = max(w.capacity for w in ws)
+        object.__setattr__(self, "_cap", cap)
+        object.__setattr__(self, "_max_cap", max_cap)
         # Workers that prefill (unified and prefill roles); at least 1 for rates.
         object.__setattr__(self, "prefill_workers", max(1, len(self.workers) - len(
             by_role.get(Role.DECODE, ()))))
@@ -96,7 +109,16 @@ class FleetView:
         return sum(w.held_items for w in self.pool_workers(pool))
 
     def capacity(self, role: Role, model: str = "") -> int:
-        return sum(w.capacity for w in self.of_role(role, model))
+        return self._cap.get((role, model), 0)
+
+    def max_capacity(self, role: Role, model: str = "") -> int:
+        """The most slots one worker of `role` (serving `model`) has."""
+        return self._max_cap.get((role, model), 0)
+
+    @property
+    def total_capacity(self) -> int:
+        """Slots of every worker, all roles."""
+        return sum(c for (_, model), c in self._cap.items() if not model)
 
     def max_worker_capacity(self) -> int:
         return max((w.capacity for w in self.workers), default=0)
@@ -145,14 +167,32 @@ class RoutedSince:
         self.done.clear()
 
 
+def _view_of(hb: Heartbeat, seen: float) -> WorkerView:
+    return WorkerView(
+        worker_id=hb.worker_id, role=hb.role, models=tuple(hb.models), capacity=hb.capacity,
+        held_items=hb.held_items, running=hb.running, waiting=hb.waiting,
+        kv_usage=hb.kv_usage, last_seen_ms=seen, price_in_per_1k=hb.price_in_per_1k,
+        price_out_per_1k=hb.price_out_per_1k, prompt_tokens_per_s=hb.prompt_tokens_per_s,
+        ttft_ms_avg=hb.ttft_ms_avg, tpot_ms_avg=hb.tpot_ms_avg)
+
+
 class Registry:
     """Latest heartbeat per worker; a worker unseen for `timeout_ms` is gone."""
 
-    def __init__(self, timeout_ms: float, breakers: Breakers | None = None) -> None:
+    def __init__(self, timeout_ms: float, breakers: Breakers | None = None,
+                 refresh_ms: float = 500.0) -> None:
         self.timeout_ms = timeout_ms
         self._latest: dict[str, tuple[Heartbeat, float]] = {}
         self._view: FleetView | None = None  # built once per change, not per decision
         self._view_until = 0.0  # ...and valid until its oldest worker would go stale
+        # Heartbeats that only move loads are folded in at most every `refresh_ms`:
+        # 500 workers send 500 a second, and a view per heartbeat would make every
+        # decision pay for the whole fleet. (Routers add what was routed since.)
+        self.refresh_ms = refresh_ms
+        self._built_ms = 0.0
+        self._dirty: set[str] = set()
+        self._views: dict[str, tuple[Heartbeat, WorkerView]] = {}
+        self.rebuilds = 0
         self.since = RoutedSince()
         self.breakers = breakers
         # TTFT averages per role at the last view (breakers compare a worker to them).
@@ -173,23 +213,32 @@ class Registry:
 
     def _peer_ttft(self, hb: Heartbeat, prev: Heartbeat | None) -> float:
         peers = self._ttfts.get(hb.role, [])
-        if len(peers) > 16:  # its own value moves the median of many little
-            return peer_median(peers)
+        if len(peers) == 1:  # a large role: its median, taken once per view
+            return peers[0]
         return peer_median(peers, own=prev.ttft_ms_avg if prev is not None else 0.0)
 
     def observe(self, hb: Heartbeat, now_ms: float) -> bool:
-        """Record a heartbeat; True when the fleet's shape changed (new, gone, capacity)."""
-        prev = self._latest.get(hb.worker_id)
-        self._view = None
-        self.since.heard(hb.worker_id)
+        """Record a heartbeat; True when the fleet's shape changed (new, gone,
+        capacity, state, breaker): the next view has it at once. Otherwise its
+        loads join the view within `refresh_ms`."""
+        wid = hb.worker_id
+        prev = self._latest.get(wid)
         if hb.state == WorkerState.STOPPED:
-            self._latest.pop(hb.worker_id, None)
+            self._latest.pop(wid, None)
+            self._view = None
+            self.since.heard(wid)
             return prev is not None
-        self._latest[hb.worker_id] = (hb, now_ms)
+        self._latest[wid] = (hb, now_ms)
         tripped = self.breakers is not None and self.breakers.observe(
             hb, now_ms, self._peer_ttft(hb, prev[0] if prev is not None else None))
-        return (tripped or prev is None or prev[0].capacity != hb.capacity
-                or prev[0].state != hb.state)
+        shaped = (tripped or prev is None or prev[0].capacity != hb.capacity
+                  or prev[0].state != hb.state)
+        if shaped:
+            self._view = None
+            self.since.heard(wid)
+        else:
+            self._dirty.add(wid)  # `heard` when the view takes this heartbeat in
+        return shaped
 
     def knows(self, worker_id: str) -> bool:
         return worker_id in self._latest
@@ -212,43 +261,38 @@ class Registry:
     def snapshot(self, now_ms: float) -> FleetView:
         """Ready workers seen within `timeout_ms` (cached until a heartbeat or expiry;
         the service expires workers every quarter second)."""
-        if self._view is not None and now_ms <= self._view_until:
+        if self._view is not None and now_ms <= self._view_until and (
+                not self._dirty or now_ms - self._built_ms < self.refresh_ms):
             return self._view
+        for wid in self._dirty:
+            self.since.heard(wid)
+        self._dirty.clear()
+        self._built_ms = now_ms
+        self.rebuilds += 1
         workers = []
         until = float("inf")
         fenced: set[Role] = set()
         probes: set[str] = set()
         ttfts: dict[Role, list[float]] = {}
-        b = self.breakers
+        not_closed = self.breakers.fenced() if self.breakers is not None else {}
+        views = self._views
         for hb, seen in self._latest.values():
             if now_ms - seen > self.timeout_ms or hb.state != WorkerState.READY:
                 continue
             ttfts.setdefault(hb.role, []).append(hb.ttft_ms_avg)
-            if b is not None and b.state(hb.worker_id)[0] is not BreakerState.CLOSED:
+            if not_closed and hb.worker_id in not_closed:
                 fenced.add(hb.role)
-                if not b.allows(hb.worker_id):
+                if self.breakers is not None and not self.breakers.allows(hb.worker_id):
                     continue
                 probes.add(hb.worker_id)
-            workers.append(
-                WorkerView(
-                    worker_id=hb.worker_id,
-                    role=hb.role,
-                    models=tuple(hb.models),
-                    capacity=hb.capacity,
-                    held_items=hb.held_items,
-                    running=hb.running,
-                    waiting=hb.waiting,
-                    kv_usage=hb.kv_usage,
-                    last_seen_ms=seen,
-                    price_in_per_1k=hb.price_in_per_1k,
-                    price_out_per_1k=hb.price_out_per_1k,
-                    prompt_tokens_per_s=hb.prompt_tokens_per_s,
-                    ttft_ms_avg=hb.ttft_ms_avg,
-                    tpot_ms_avg=hb.tpot_ms_avg,
-                )
-            )
+            view = views.get(hb.worker_id)
+            if view is None or view[0] is not hb:  # a heartbeat's view is made once
+                view = views[hb.worker_id] = (hb, _view_of(hb, seen))
+            workers.append(view[1])
             until = min(until, seen + self.timeout_ms)
-        self._ttfts = ttfts
+        if len(views) > 2 * len(self._latest) + 16:  # gone workers' views
+            self._views = {w: v for w, v in views.items() if w in self._latest}
+        self._ttfts = {r: [peer_median(v)] if len(v) > 16 else v for r, v in ttfts.items()}
         self._view, self._view_until = FleetView(tuple(workers), frozenset(fenced),
                                                  frozenset(probes)), until
         return self._view

@@ -107,7 +107,7 @@ def spare_budget(cfg: PolicyConfig) -> Callable[[list[Pending], PolicyContext], 
     else waits)."""
 
     def budget(ordered: list[Pending], ctx: PolicyContext) -> int:
-        slots = sum(w.capacity for w in ctx.fleet.workers)
+        slots = ctx.fleet.total_capacity
         allowed = int(slots * cfg.spare_fill) - ctx.in_flight
         for i, p in enumerate(ordered):
             if is_spare(p, cfg):

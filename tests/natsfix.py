@@ -40,7 +40,9 @@ def nats_server() -> Iterator[str]:
         with NatsContainer(jetstream=True) as c:
             yield c.nats_uri()
         return
-    with EmbeddedNats() as server:
+    # Every test provisions private streams; their limits are reserved for the
+    # whole session, so the server's store limit must exceed their sum.
+    with EmbeddedNats(max_file_store="64T") as server:
         yield server.url
 
 

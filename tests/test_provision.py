@@ -27,6 +27,7 @@ from bus.provision import (
     stream_differences,
     weakening,
 )
+from bus.server import EmbeddedNats
 from client.sdk import Client
 from schemas.messages import Request
 from schemas.settings import Settings
@@ -100,7 +101,7 @@ async def test_ensure_streams_creates_six_streams_idempotently(nats_url: str, nc
     assert consumers == {f"orch-{p}" for p in PRIORITY_NAMES}
 
 
-async def test_many_processes_provisioning_at_once_all_start(nats_url: str) -> None:
+async def test_many_processes_provisioning_at_once_all_start() -> None:
     # Services start together (cplane up, a fleet rollout): every one runs
     # ensure_all on fresh streams at the same moment, on its own connection.
     # A stream whose limit is a large part of the server's storage: while two
@@ -108,6 +109,9 @@ async def test_many_processes_provisioning_at_once_all_start(nats_url: str) -> N
     # "insufficient storage" (seen with four processes on a tmpfs store).
     # The server's file store limit is 75 % of the free space where it stores
     # (a temp dir): take 55 % of that, so one fits and two overlapping do not.
+    # A private server: the session's holds other tests' reservations.
+    server = EmbeddedNats().start()
+    nats_url = server.url
     limit = shutil.disk_usage(tempfile.gettempdir()).free * 3 // 4
     s = isolated_settings(nats_url, stream_done={"max_bytes": limit * 55 // 100})
     conns = [await nats.connect(nats_url) for _ in range(6)]
@@ -124,6 +128,7 @@ async def test_many_processes_provisioning_at_once_all_start(nats_url: str) -> N
                 await js.delete_stream(cfg.name)
         for c in conns:
             await c.close()
+        server.stop()
 
 
 async def test_a_differing_stream_is_kept_and_each_field_named(
