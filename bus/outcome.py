@@ -11,6 +11,7 @@ cancels). The dedup id `<request_id>:done` makes a repeated terminal publish
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from typing import Any
@@ -139,6 +140,10 @@ class StoredPublisher:
             await nc.publish(reply_to, data, headers=headers)
         await self.publish(subjects.done_store(group, msg.request_id), data,
                            f"{msg.request_id}:done", headers)
+        # Stored: tell the orchestrators, without the payload. Best effort: one
+        # lost here is found by their LLM_DONE lookup (reconcile_after_s).
+        with contextlib.suppress(Exception):
+            await nc.publish(subjects.fin(msg.request_id), b"")
 
 
 def cancelled_final(item: WorkItem, worker_id: str | None = None) -> Final:

@@ -2,7 +2,9 @@
 
 A worker that answers its heartbeats can still be bad at its work: an engine
 that fails one request in two (never the three in a row that make the worker
-take itself out), or one whose TTFT has grown far beyond its peers'. Its
+take itself out), or one whose time per output token has grown far beyond
+its peers' (TPOT is the engine's own speed; TTFT also holds the time a
+request queued or waited out a dead worker elsewhere). Its
 breaker opens: it gets no new work. After `open_s` it goes half-open and gets
 one probe request; served without a fault, the breaker closes; a fault opens
 it again for twice as long (up to `max_open_s`).
@@ -32,8 +34,8 @@ class BreakerState(enum.StrEnum):
 class BreakerParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     error_rate: float = 0.5  # faults / requests ended over the window that open it...
     min_requests: int = 4  # ...once at least this many ended there
-    slow_factor: float = 4.0  # TTFT average this many times the median of its peers...
-    slow_min_ms: float = 2_000.0  # ...and above this, opens it too
+    slow_factor: float = 4.0  # TPOT average this many times the median of its peers...
+    slow_min_ms: float = 250.0  # ...and above this, opens it too
     window: int = 30  # heartbeats looked at
     open_s: float = 10.0  # open this long before a probe
     max_open_s: float = 160.0  # doubling stops here
@@ -89,8 +91,8 @@ class Breakers:
         t.recent_served = t.recent_faults = 0
         t.served_since_close = 0
 
-    def observe(self, hb: Heartbeat, now_ms: float, peer_ttft_ms: float) -> bool:
-        """Fold one heartbeat in; `peer_ttft_ms`: the median TTFT average of the
+    def observe(self, hb: Heartbeat, now_ms: float, peer_tpot_ms: float) -> bool:
+        """Fold one heartbeat in; `peer_tpot_ms`: the median TPOT average of the
         worker's peers (0 = none). True when the breaker changed state."""
         t = self._t.get(hb.worker_id)
         if t is None:
@@ -120,11 +122,11 @@ class Breakers:
             ended = served + faults
             if ended >= self.p.min_requests and faults >= self.p.error_rate * ended:
                 self._open(t, now_ms, f"{faults}/{ended} requests failed", backoff=False)
-            elif (peer_ttft_ms > 0 and t.served_since_close >= self.p.min_requests
-                  and hb.ttft_ms_avg > max(self.p.slow_min_ms,
-                                           self.p.slow_factor * peer_ttft_ms)):
-                self._open(t, now_ms, f"TTFT {hb.ttft_ms_avg:.0f} ms, peers "
-                           f"{peer_ttft_ms:.0f} ms", backoff=False)
+            elif (peer_tpot_ms > 0 and t.served_since_close >= self.p.min_requests
+                  and hb.tpot_ms_avg > max(self.p.slow_min_ms,
+                                           self.p.slow_factor * peer_tpot_ms)):
+                self._open(t, now_ms, f"TPOT {hb.tpot_ms_avg:.0f} ms, peers "
+                           f"{peer_tpot_ms:.0f} ms", backoff=False)
         return t.state is not before
 
     def tick(self, now_ms: float) -> bool:

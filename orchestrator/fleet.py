@@ -195,8 +195,8 @@ class Registry:
         self.rebuilds = 0
         self.since = RoutedSince()
         self.breakers = breakers
-        # TTFT averages per role at the last view (breakers compare a worker to them).
-        self._ttfts: dict[Role, list[float]] = {}
+        # TPOT averages per role at the last view (breakers compare a worker to them).
+        self._tpots: dict[Role, list[float]] = {}
         if breakers is not None:
             self.since.watch = self._routed
 
@@ -211,11 +211,11 @@ class Registry:
             return True
         return False
 
-    def _peer_ttft(self, hb: Heartbeat, prev: Heartbeat | None) -> float:
-        peers = self._ttfts.get(hb.role, [])
+    def _peer_tpot(self, hb: Heartbeat, prev: Heartbeat | None) -> float:
+        peers = self._tpots.get(hb.role, [])
         if len(peers) == 1:  # a large role: its median, taken once per view
             return peers[0]
-        return peer_median(peers, own=prev.ttft_ms_avg if prev is not None else 0.0)
+        return peer_median(peers, own=prev.tpot_ms_avg if prev is not None else 0.0)
 
     def observe(self, hb: Heartbeat, now_ms: float) -> bool:
         """Record a heartbeat; True when the fleet's shape changed (new, gone,
@@ -230,7 +230,7 @@ class Registry:
             return prev is not None
         self._latest[wid] = (hb, now_ms)
         tripped = self.breakers is not None and self.breakers.observe(
-            hb, now_ms, self._peer_ttft(hb, prev[0] if prev is not None else None))
+            hb, now_ms, self._peer_tpot(hb, prev[0] if prev is not None else None))
         shaped = (tripped or prev is None or prev[0].capacity != hb.capacity
                   or prev[0].state != hb.state)
         if shaped:
@@ -273,13 +273,13 @@ class Registry:
         until = float("inf")
         fenced: set[Role] = set()
         probes: set[str] = set()
-        ttfts: dict[Role, list[float]] = {}
+        tpots: dict[Role, list[float]] = {}
         not_closed = self.breakers.fenced() if self.breakers is not None else {}
         views = self._views
         for hb, seen in self._latest.values():
             if now_ms - seen > self.timeout_ms or hb.state != WorkerState.READY:
                 continue
-            ttfts.setdefault(hb.role, []).append(hb.ttft_ms_avg)
+            tpots.setdefault(hb.role, []).append(hb.tpot_ms_avg)
             if not_closed and hb.worker_id in not_closed:
                 fenced.add(hb.role)
                 if self.breakers is not None and not self.breakers.allows(hb.worker_id):
@@ -292,7 +292,7 @@ class Registry:
             until = min(until, seen + self.timeout_ms)
         if len(views) > 2 * len(self._latest) + 16:  # gone workers' views
             self._views = {w: v for w, v in views.items() if w in self._latest}
-        self._ttfts = {r: [peer_median(v)] if len(v) > 16 else v for r, v in ttfts.items()}
+        self._tpots = {r: [peer_median(v)] if len(v) > 16 else v for r, v in tpots.items()}
         self._view, self._view_until = FleetView(tuple(workers), frozenset(fenced),
                                                  frozenset(probes)), until
         return self._view

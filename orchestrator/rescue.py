@@ -11,8 +11,10 @@ only after that store. Then the consumer is deleted.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -22,9 +24,11 @@ from bus.outcome import StoredPublisher
 from bus.requeue import requeue
 from schemas.messages import Role
 from schemas.settings import Settings
-from schemas.subjects import consumer_for_work
+from schemas.subjects import ANY_TARGET, MODEL_TARGET_PREFIX, consumer_for_work
 
 log = logging.getLogger("cplane.orchestrator")
+ORPHAN_SWEEP_S = 5.0  # how often the leader looks for own queues of unknown workers
+_sweeping = asyncio.Lock()
 
 
 async def rescue_queue(js: JetStreamContext, store: StoredPublisher, settings: Settings,
@@ -51,3 +55,42 @@ async def rescue_queue(js: JetStreamContext, store: StoredPublisher, settings: S
     if moved:
         log.info("moved %d work items of dead worker %s to their pools", moved, worker_id)
     return moved
+
+
+async def orphaned_queues(js: JetStreamContext, settings: Settings,
+                          alive: Callable[[str], bool]) -> list[tuple[Role, str]]:
+    """Own queues (`work-<role>-<worker_id>`) of workers not alive that still hold
+    work: a worker that died while no orchestrator led (or before this one heard
+    of it) was never rescued at its expiry. Workers that exit delete theirs."""
+    out = []
+    roles = {r.value: r for r in Role}
+    for info in await js.consumers_info(settings.streams.work.name):
+        name = info.name or ""
+        head, _, rest = name.partition("-")
+        role_name, _, target = rest.partition("-")
+        if head != "work" or role_name not in roles or not target:
+            continue
+        if target == ANY_TARGET or target.startswith(MODEL_TARGET_PREFIX) or alive(target):
+            continue
+        if (info.num_pending or 0) + (info.num_ack_pending or 0) > 0:
+            out.append((roles[role_name], target))
+    return out
+
+
+async def rescue_orphans(js: JetStreamContext, store: StoredPublisher, settings: Settings,
+                         alive: Callable[[str], bool]) -> None:
+    """Rescue every orphaned own queue (see `orphaned_queues`); errors wait for the
+    next sweep. One sweep at a time (a rescue waits out held items' ack_wait)."""
+    if _sweeping.locked():
+        return
+    async with _sweeping:
+        await _rescue_orphans(js, store, settings, alive)
+
+
+async def _rescue_orphans(js: JetStreamContext, store: StoredPublisher, settings: Settings,
+                          alive: Callable[[str], bool]) -> None:
+    try:
+        for role, wid in await orphaned_queues(js, settings, alive):
+            await rescue_queue(js, store, settings, role, wid, [])
+    except Exception as exc:
+        log.warning("sweep of orphaned work queues failed: %s", exc)

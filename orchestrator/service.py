@@ -61,7 +61,7 @@ from orchestrator.outcomes import Outcomes, Recheck, recheck
 from orchestrator.pd_decision import estimate_prompt_tokens
 from orchestrator.prefix_router import PREFIX_ROUTERS
 from orchestrator.prompt_hash import PromptHasher
-from orchestrator.rescue import rescue_queue
+from orchestrator.rescue import ORPHAN_SWEEP_S, rescue_orphans, rescue_queue
 from orchestrator.runtime_config import PolicySwitch, policy_order
 from orchestrator.slo import resolve
 from orchestrator.stats import OrchestratorStats
@@ -112,6 +112,7 @@ class Orchestrator:
         self._takeover_until = 0.0  # until then, heartbeats' held items floor the ledger
         self._publish_slots = asyncio.Semaphore(o.publish_window)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._started = time.monotonic()
         self._nc = nc
         self._own_nc = nc is None
         self._js: JetStreamContext
@@ -146,11 +147,9 @@ class Orchestrator:
         await ensure_request_consumers(self._js, self.settings)
         subs = [
             await nc.subscribe(self.subjects.heartbeats_all, cb=self._on_heartbeat),
-            # Terminals as workers publish them (before the store republishes them
-            # with five more headers to parse): only the slot count needs them, and
-            # a slot freed a moment early by a publish that failed to store is
-            # harmless (the worker retries it).
-            await nc.subscribe(self.subjects.done_store_all, cb=self._on_done),
+            # A terminal was stored (empty body, the request id is the subject's
+            # last token): frees its slot. One lost is reconciled from LLM_DONE.
+            await nc.subscribe(self.subjects.fin_all, cb=self._on_done),
             await serve_breakers(nc, self.settings, self.registry, lambda: self.leading),
         ]
         self._cancels = CancelBook(nc, self.settings, on_cancel=self._on_cancel)
@@ -534,7 +533,7 @@ class Orchestrator:
     # -- housekeeping ----------------------------------------------------------
     async def _ticker(self) -> None:
         o = self.settings.orchestrator
-        last_progress = last_reconcile = time.monotonic()
+        last_progress = last_reconcile = last_sweep = time.monotonic()
         while True:
             await asyncio.sleep(0.25)
             t = now_ms()
@@ -554,6 +553,13 @@ class Orchestrator:
             if mono - last_reconcile >= 1.0:
                 last_reconcile = mono
                 await self._reconcile(t)
+            # Own queues of dead workers no leader saw expire; once this process
+            # has heard heartbeats for a worker timeout (every live one is known).
+            if (self.leading and mono - last_sweep >= ORPHAN_SWEEP_S
+                    and mono - self._started >= o.worker_timeout_s):
+                last_sweep = mono
+                self._spawn(rescue_orphans(self._js, self._store, self.settings,
+                                           self.registry.knows), "orphans")
 
     async def _rescue(self, role: Role, worker_id: str, models: list[str]) -> None:
         try:

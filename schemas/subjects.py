@@ -152,6 +152,15 @@ class Subjects:
         """Core subject: every worker answers with a heartbeat at once (orchestrator start)."""
         return f"{self.prefix}.admin.heartbeat"
 
+    def fin(self, request_id: str) -> str:
+        """Core subject, empty body: the request's terminal is stored. Orchestrators
+        count in-flight work by it (not by the terminals, which carry the text)."""
+        return f"{self.prefix}.fin.{request_id}"
+
+    @property
+    def fin_all(self) -> str:
+        return f"{self.prefix}.fin.*"
+
     def kv_events(self, worker_id: str) -> str:
         """Core subject: the worker's prefix-cache events (schemas/messages.py KvEvents)."""
         return f"{self.prefix}.kv.{worker_id}"

@@ -23,13 +23,13 @@ from tests.waiting import until
 from workers.engines.base import Delta, EngineRequest
 from workers.engines.sim import SimEngine
 
-P = BreakerParams(error_rate=0.5, min_requests=4, slow_factor=4.0, slow_min_ms=1000,
+P = BreakerParams(error_rate=0.5, min_requests=4, slow_factor=4.0, slow_min_ms=250,
                   window=10, open_s=1.0, max_open_s=4.0, probe_timeout_s=5.0)
 
 
-def hb(wid: str = "w", served: int = 0, faults: int = 0, ttft: float = 0.0) -> Heartbeat:
+def hb(wid: str = "w", served: int = 0, faults: int = 0, tpot: float = 0.0) -> Heartbeat:
     return Heartbeat(worker_id=wid, role=Role.UNIFIED, models=["m"], engine="sim",
-                     capacity=4, served=served, faults=faults, ttft_ms_avg=ttft)
+                     capacity=4, served=served, faults=faults, tpot_ms_avg=tpot)
 
 
 def test_error_rate_opens_then_a_probe_closes() -> None:
@@ -80,11 +80,11 @@ def test_probe_that_never_ends_fails() -> None:
 
 def test_slow_worker_opens_against_its_peers() -> None:
     b = Breakers(P)
-    b.observe(hb(ttft=900), 0, 100)
-    assert not b.observe(hb(served=10, ttft=900), 0, 100)  # under slow_min_ms
-    assert not b.observe(hb(served=12, ttft=1500), 0, 1000)  # not 4x its peers
-    assert b.observe(hb(served=14, ttft=5000), 0, 1000)
-    assert b.state("w")[1].startswith("TTFT 5000 ms")
+    b.observe(hb(tpot=900), 0, 100)
+    assert not b.observe(hb(served=10, tpot=900), 0, 300)  # not 4x its peers
+    assert not b.observe(hb(served=12, tpot=200), 0, 40)  # 5x, but under slow_min_ms
+    assert b.observe(hb(served=14, tpot=1500), 0, 100)
+    assert b.state("w")[1].startswith("TPOT 1500 ms")
     assert peer_median([100, 300, 5000], own=5000) == 200
     assert peer_median([0, 0]) == 0.0
 

@@ -12,6 +12,7 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from bus.provision import ensure_streams, ensure_work_consumer
 from client.sdk import Client
 from orchestrator.ledger import Entry, RequestState
 from schemas.codec import encode, output_decoder
@@ -157,3 +158,38 @@ async def test_a_bad_copy_cannot_end_a_live_request(nats_url: str, nc: NATS) -> 
         assert isinstance(err, ErrorReply) and err.request_id.startswith("seq")
         final = await handle.result(timeout=20)
         assert final.usage.completion_tokens == 40
+
+
+async def test_work_of_a_worker_that_died_before_any_leader_saw_it_is_rescued(
+        nats_url: str) -> None:
+    # The worker died (its own queue left behind, items in it) while no
+    # orchestrator ran, so no leader saw its heartbeats stop: the leader's sweep
+    # of own queues of unknown workers moves them once it has listened to
+    # heartbeats for a worker timeout.
+    s = isolated_settings(nats_url, sim={"zero_cost": True},
+                          orchestrator={"worker_timeout_s": 1.0})
+    watcher = await nats.connect(nats_url)
+    js = watcher.jetstream()
+    await ensure_streams(js, s)
+    await ensure_work_consumer(js, s, Role.UNIFIED, "ghost-w")
+    items = [WorkItem(request=Request(request_id=f"stray{i}", prompt="x", max_tokens=3),
+                      priority=Priority.NORMAL, slo_class="standard") for i in range(3)]
+    finals: list[Final] = []
+
+    async def on(msg: Msg) -> None:
+        out = output_decoder.decode(msg.data)
+        if isinstance(out, Final):
+            finals.append(out)
+
+    await watcher.subscribe(s.subjects.done_all, cb=on)
+    await js.publish(s.subjects.work(Role.UNIFIED, "ghost-w"), encode(WorkBatch(items=items)))
+    async with stack(s, workers=[{"worker_id": "heir"}]):
+        await until(lambda: len(finals) == 3, 30, "the stray items' Finals")
+        assert {f.workers[-1] for f in finals} == {"heir"}
+
+        async def queue_gone() -> bool:
+            names = {c.name for c in await js.consumers_info(s.streams.work.name)}
+            return "work-unified-ghost-w" not in names
+
+        await until(queue_gone, 30, "the dead worker's queue deleted")
+    await watcher.close()

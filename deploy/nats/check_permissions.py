@@ -60,6 +60,13 @@ import nats  # noqa: E402
 from nats.aio.msg import Msg  # noqa: E402
 from nats.js.api import DeliverPolicy, StreamConfig  # noqa: E402
 from nats.js.errors import NotFoundError  # noqa: E402
+from perm_flows import (  # noqa: E402
+    check_batch_stores,
+    check_client_tools,
+    check_kv_wire,
+    check_new_denials,
+    check_operators,
+)
 from perm_harness import (  # noqa: E402
     MODEL,
     VIOLATION,
@@ -85,6 +92,7 @@ from bus.provision import (  # noqa: E402
 from bus.replay import stored_chunks, stored_terminal  # noqa: E402
 from client.admin import Admin  # noqa: E402
 from client.sdk import Client  # noqa: E402
+from gateway.models import LiveModels  # noqa: E402
 from orchestrator.lease import LEASE_KEY, LeaderLease  # noqa: E402
 from orchestrator.rescue import rescue_queue  # noqa: E402
 from orchestrator.service import Orchestrator  # noqa: E402
@@ -207,7 +215,7 @@ async def check_flow(c: Checks, settings: Settings, port: int, adm: nats.NATS,
 
     await wnc.subscribe(subj.heartbeat_request, cb=on_hb_request)
     await onc.subscribe(subj.heartbeats_all, cb=on_hb)
-    await onc.subscribe(subj.done_store_all, cb=on_terminal)
+    await onc.subscribe(subj.fin_all, cb=on_terminal)
     await cnc.subscribe(subj.outputs_of("i", "r1"), cb=on_output)
     for nc in (onc, wnc, cnc):
         await nc.flush()
@@ -251,8 +259,8 @@ async def check_flow(c: Checks, settings: Settings, port: int, adm: nats.NATS,
          str(werr))
     c.ok("client receives chunk then Final, as republished by LLM_OUT",
          outputs == [subj.out("i", "r1"), subj.done("i", "r1")], str(outputs))
-    c.ok("orchestrator sees the stored terminal on llm.s.done.>",
-         terminals == [subj.done_store("i", "r1")], str(terminals))
+    c.ok("worker signals the stored terminal; orchestrator follows llm.fin.*",
+         terminals == [subj.fin("r1")], str(terminals))
     c.ok("worker copies outputs to an _INBOX reply_to", len(copies) == 2, str(copies))
     n = len(werr)
     await wnc.publish("elsewhere.results", chunk)  # any other reply_to: refused
@@ -426,14 +434,22 @@ async def check_services(c: Checks, settings: Settings, port: int) -> None:
     orchestrator = Orchestrator(settings, nc=orch[0])
     stops = {worker: asyncio.Event(), orchestrator: asyncio.Event()}
     tasks = {}
+    fins: list[str] = []
+
+    async def on_fin(msg: Msg) -> None:
+        fins.append(msg.subject)
+
+    await adm[0].subscribe(settings.subjects.fin_all, cb=on_fin)
+    models = LiveModels(cli[0], settings)  # the gateway's, on the client user
     try:
         for svc in (worker, orchestrator):
             ready = asyncio.Event()
             tasks[svc] = asyncio.create_task(svc.run(stops[svc], ready))
             await asyncio.wait_for(ready.wait(), 20)
+        await models.start()
         client = Client(cli[0], settings)
-        final = await client.generate(Request(request_id="e2e-1", prompt="hello", max_tokens=8),
-                                      timeout=30)
+        final = await client.generate(Request(request_id="e2e-1", prompt="hello there " * 8,
+                                              max_tokens=8), timeout=30)
         c.ok("end to end: SDK -> orchestrator -> worker -> Final",
              final.finish_reason is not None and final.chunks > 0, repr(final))
         handle = await client.attach("e2e-1")
@@ -446,7 +462,11 @@ async def check_services(c: Checks, settings: Settings, port: int) -> None:
         reply = await Admin(adm[0], settings).set_policy("fifo", by="check")
         c.ok("admin switches the policy; the orchestrator stores it (KV llm_config)",
              reply.ok and orchestrator.policy_name == "fifo", repr(reply))
+        await section(c, "operators", check_operators(c, settings, port, orchestrator, worker,
+                                                      adm, cli, fins))
+        await section(c, "client tools", check_client_tools(c, settings, client, models))
     finally:
+        await models.stop()
         for stop in stops.values():
             stop.set()
         await asyncio.gather(*tasks.values(), return_exceptions=True)
@@ -478,10 +498,16 @@ async def run(port: int) -> Checks:
     await section(c, "lease", check_lease(c, settings, port, adm, orch))
     await section(c, "claims", check_claims(c, settings, adm, wrk))
     await section(c, "request flow", check_flow(c, settings, port, adm, orch, wrk, cli))
+    await section(c, "KV events", check_kv_wire(c, settings, orch, wrk))
+    await section(c, "batch stores", check_batch_stores(c, settings, adm, cli))
     await section(c, "denials", check_denials(c, orch, wrk, cli))
+    await section(c, "new denials", check_new_denials(c, orch, wrk, cli))
     for nc in (orch[0], wrk[0], cli[0]):
         await nc.close()
-    await section(c, "end to end", check_services(c, settings, port))
+    # A prefix router (KV events are followed) with blocks small enough for short prompts.
+    e2e = load_settings(env={}, sim={"zero_cost": True, "prefix_block_tokens": 4},
+                        orchestrator={"router": "prefix_aware", "prefix_block_tokens": 4})
+    await section(c, "end to end", check_services(c, e2e, port), 240)
     await adm.close()
     return c
 

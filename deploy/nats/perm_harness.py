@@ -4,13 +4,14 @@ connection per user, and checks that a call is refused with a permissions violat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import nats
@@ -125,3 +126,23 @@ async def kv_value(adm: nats.NATS, bucket: str, key: str) -> bytes | None:
         return (await kv.get(key)).value
     except KeyNotFoundError:  # also a deleted key (KeyDeletedError)
         return None
+
+
+async def sub_denied(c: Checks, name: str, conn: Conn, subject: str) -> None:
+    """A subscription to `subject` must be refused (the server says so; nothing raises)."""
+    nc, errs = conn
+    n = len(errs)
+    sub = await nc.subscribe(subject)
+    await nc.flush()
+    await asyncio.sleep(0.2)
+    c.ok(name, any(VIOLATION in e and subject.lower() in e for e in errs[n:]), str(errs[n:]))
+    with contextlib.suppress(Exception):
+        await sub.unsubscribe()
+
+
+async def until(cond: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    """Wait for `cond` (polled every 50 ms); its last value."""
+    deadline = time.monotonic() + timeout_s
+    while not cond() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return cond()
