@@ -233,17 +233,27 @@ def main() -> None:
     script = Path(args.ceiling_script)
     if script.exists():
         res["ceiling"] = run_ceiling(script, args.requests)
+    res["settings"] = {"workers": args.workers, "capacity": args.capacity,
+                       "max_tokens": args.max_tokens, "requests": args.requests,
+                       "rounds": args.rounds, "latency_s": args.latency_s,
+                       "cores": os.cpu_count(), "line": settings_line(args)}
     show(res, args)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+
+
+def settings_line(args: argparse.Namespace) -> str:
+    """What the run was: printed with the figures and stored in the JSON."""
+    return (f"{args.workers} zero-cost sim workers x capacity {args.capacity}, "
+            f"{args.max_tokens} tokens/request, {args.requests} requests x {args.rounds} "
+            f"rounds, latency at 50 % for {args.latency_s:g} s, {os.cpu_count()} cores")
 
 
 def show(res: dict[str, object], args: argparse.Namespace) -> None:
     lat = res["latency"]
     assert isinstance(lat, dict)
     raw, sat = float(res["raw_publish"]), float(res["saturation"])  # type: ignore[arg-type]
-    t = Table(title=f"cplane overhead ({args.workers} zero-cost sim workers, "
-                    f"{args.max_tokens} tokens/request, {os.cpu_count()} cores)")
+    t = Table(title=f"cplane overhead: {settings_line(args)}")
     t.add_column("measure")
     t.add_column("value", justify="right")
     t.add_row("(a) raw JetStream publish_async", f"{raw:,.0f} msg/s")
