@@ -56,6 +56,8 @@ class FleetView:
         default_factory=dict, init=False, repr=False, compare=False)
     _max_cap: dict[tuple[Role, str], int] = field(
         default_factory=dict, init=False, repr=False, compare=False)
+    _held: dict[tuple[Role, str], tuple[int, float]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
     prefill_workers: int = field(default=1, init=False, repr=False, compare=False)
     max_prompt_tokens_per_s: float = field(default=0.0, init=False, repr=False, compare=False)
 
@@ -73,11 +75,14 @@ class FleetView:
         # and per work message, so summed here, once per snapshot.
         cap: dict[tuple[Role, str], int] = {}
         max_cap: dict[tuple[Role, str], int] = {}
+        held: dict[tuple[Role, str], tuple[int, float]] = {}
         for key, ws in [*(((r, ""), v) for r, v in by_role.items()), *by_rm.items()]:
             cap[key] = sum(w.capacity for w in ws)
             max_cap[key] = max(w.capacity for w in ws)
+            held[key] = (sum(w.held_items for w in ws), sum(w.kv_usage for w in ws) / len(ws))
         object.__setattr__(self, "_cap", cap)
         object.__setattr__(self, "_max_cap", max_cap)
+        object.__setattr__(self, "_held", held)
         # Workers that prefill (unified and prefill roles); at least 1 for rates.
         object.__setattr__(self, "prefill_workers", max(1, len(self.workers) - len(
             by_role.get(Role.DECODE, ()))))
@@ -106,10 +111,19 @@ class FleetView:
 
     def pool_held(self, pool: tuple[str, str]) -> int:
         """Items the pool's workers said they hold at their last heartbeat."""
-        return sum(w.held_items for w in self.pool_workers(pool))
+        kind, model = pool
+        return self.held(Role.UNIFIED if kind == POOL_UNIFIED else Role.DECODE, model)
 
     def capacity(self, role: Role, model: str = "") -> int:
         return self._cap.get((role, model), 0)
+
+    def held(self, role: Role, model: str = "") -> int:
+        """Items the workers of `role` (serving `model`) held at their heartbeats."""
+        return self._held.get((role, model), (0, 0.0))[0]
+
+    def kv_mean(self, role: Role, model: str = "") -> float:
+        """Mean KV usage of those workers (0 when none)."""
+        return self._held.get((role, model), (0, 0.0))[1]
 
     def max_capacity(self, role: Role, model: str = "") -> int:
         """The most slots one worker of `role` (serving `model`) has."""

@@ -100,10 +100,9 @@ def adaptive_role(model: str, prompt_tokens: int, fleet: FleetView, prm: Adaptiv
     role = choose_role(model, prompt_tokens, fleet, PdConfig("auto", prm.min_prompt_tokens))
     if role is not Role.PREFILL or not fleet.of_role(Role.UNIFIED, model):
         return role
-    prefill = fleet.of_role(Role.PREFILL, model)
-    decode = fleet.of_role(Role.DECODE, model)
-    load = sum(w.held_items for w in prefill) / max(1, sum(w.capacity for w in prefill))
-    kv = sum(w.kv_usage for w in decode) / max(1, len(decode))
+    # Pool sums are taken once per fleet snapshot, not per request.
+    load = fleet.held(Role.PREFILL, model) / max(1, fleet.capacity(Role.PREFILL, model))
+    kv = fleet.kv_mean(Role.DECODE, model)
     if load >= prm.max_prefill_load or kv >= prm.max_decode_kv:
         return Role.UNIFIED
     return Role.PREFILL
