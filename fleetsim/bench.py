@@ -18,7 +18,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +103,21 @@ def workload(args: argparse.Namespace) -> list[TraceRequest]:
     reqs = slice_requests(reqs, start=args.start, count=args.requests)
     if args.rate_scale != 1.0:
         reqs = scale_rate(reqs, args.rate_scale)
-    return assign_classes(reqs, seed=args.seed, tenants=_mix(args.tenants),
+    reqs = assign_classes(reqs, seed=args.seed, tenants=_mix(args.tenants),
                           levels=_mix(args.levels, int), slo_classes=_mix(args.slo_classes))
+    return with_batch_job(reqs, args.batch_requests, args.batch_at_s * 1000)
+
+
+def with_batch_job(reqs: list[TraceRequest], n: int, at_ms: float) -> list[TraceRequest]:
+    """A batch job of `n` lines submitted at once at `at_ms` on top of the trace
+    (shapes cycled from it; background band, `batch` class: `cplane batch submit`'s
+    defaults), tenant `batch`."""
+    if n <= 0 or not reqs:
+        return reqs
+    job = [replace(reqs[i % len(reqs)], request_id=f"batch-{i}", arrival_ms=at_ms, level=4,
+                   slo_class="batch", tenant="batch", session="", block_hashes=())
+           for i in range(n)]
+    return sorted([*reqs, *job], key=lambda r: r.arrival_ms)
 
 
 def _rate(reqs: Sequence[TraceRequest]) -> float:
@@ -252,6 +265,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix-tokens", type=int, default=4096, help="synthetic: its length")
     p.add_argument("--prefix-share", type=float, default=0.9,
                    help="synthetic: share of requests that start with a group's prompt")
+    p.add_argument("--batch-requests", type=int, default=0,
+                   help="a batch job of this many lines submitted at once on top")
+    p.add_argument("--batch-at-s", type=float, default=0.0, help="when it is submitted")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder for results.json and the plots")
 

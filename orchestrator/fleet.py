@@ -194,7 +194,7 @@ class Registry:
     """Latest heartbeat per worker; a worker unseen for `timeout_ms` is gone."""
 
     def __init__(self, timeout_ms: float, breakers: Breakers | None = None,
-                 refresh_ms: float = 500.0) -> None:
+                 refresh_ms: float = 1000.0) -> None:
         self.timeout_ms = timeout_ms
         self._latest: dict[str, tuple[Heartbeat, float]] = {}
         self._view: FleetView | None = None  # built once per change, not per decision
