@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -18,7 +20,18 @@ EXPORTED_TYPES: dict[str, type[object]] = {**WIRE_TYPES, **ADMIN_TYPES, **CONTRO
 
 
 def schema_of(name: str) -> dict[str, object]:
-    return msgspec.json.schema(EXPORTED_TYPES[name])
+    return _clean(msgspec.json.schema(EXPORTED_TYPES[name]))
+
+
+def _clean(node: Any) -> Any:
+    """Descriptions as `inspect.cleandoc` gives them: msgspec releases differ in how
+    much of a docstring's indentation they keep, and the committed files must not."""
+    if isinstance(node, dict):
+        return {k: inspect.cleandoc(v) if k == "description" and isinstance(v, str)
+                else _clean(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_clean(v) for v in node]
+    return node
 
 
 def render(name: str) -> str:
