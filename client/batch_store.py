@@ -22,7 +22,6 @@ from nats.js import JetStreamContext
 from nats.js.errors import (
     KeyNotFoundError,
     KeyWrongLastSequenceError,
-    NoKeysError,
     NotFoundError,
 )
 from nats.js.kv import KeyValue
@@ -61,14 +60,17 @@ def part_object(job_id: str, n: int) -> str:
 
 
 class JobStore:
-    def __init__(self, kv: KeyValue, obs: ObjectStore) -> None:
+    def __init__(self, kv: KeyValue, obs: ObjectStore, js: JetStreamContext,
+                 bucket: str) -> None:
         self.kv = kv
         self.obs = obs
+        self._js = js
+        self._bucket = bucket
 
     @classmethod
     async def open(cls, js: JetStreamContext, settings: Settings) -> JobStore:
         kv, obs = await ensure_batch_stores(js, settings)
-        return cls(kv, obs)
+        return cls(kv, obs, js, settings.subjects.batch_jobs_bucket)
 
     # -- records ------------------------------------------------------------------
     async def get(self, job_id: str) -> BatchJob | None:
@@ -109,11 +111,14 @@ class JobStore:
         raise RuntimeError(f"job {job_id}: {_CAS_ATTEMPTS} concurrent writers in a row")
 
     async def list(self) -> list[BatchJob]:
-        """Every job record, oldest first."""
-        try:
-            keys = await self.kv.keys()
-        except NoKeysError:
-            return []
+        """Every job record, oldest first.
+
+        Keys from the bucket stream's subject counts, not `kv.keys()`: nats-py's
+        watcher can signal "no more" before it has handed over what the server
+        already delivered, and returns no keys under load."""
+        pre = f"$KV.{self._bucket}."
+        info = await self._js.stream_info(f"KV_{self._bucket}", subjects_filter=f"{pre}>")
+        keys = [subj[len(pre):] for subj in (info.state.subjects or {})]
         jobs = [job for k in keys if (job := await self.get(k)) is not None]
         return sorted(jobs, key=lambda j: j.created_ms)
 

@@ -10,19 +10,14 @@ the orchestrator does not decode Finals.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import Awaitable, Callable, Iterator
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector, CollectorRegistry
 
+from bus.prom import serve_metrics
 from schemas.control import OrchestratorReport
 
-log = logging.getLogger("cplane.orchestrator")
-SCRAPE_TIMEOUT_S = 5.0
 SHED_CODE = "overloaded"
 
 
@@ -98,34 +93,10 @@ def families(r: OrchestratorReport) -> Iterator[Metric]:
                  [([oid, "known"], r.workers_known), ([oid, "ready"], r.workers_ready)])
 
 
-class ReportCollector(Collector):
-    """Asks the orchestrator's event loop for a fresh report at each scrape."""
-
-    def __init__(self, snapshot: Callable[[], Awaitable[OrchestratorReport]],
-                 loop: asyncio.AbstractEventLoop) -> None:
-        self._snapshot = snapshot
-        self._loop = loop
-
-    def collect(self) -> Iterator[Metric]:
-        async def take() -> OrchestratorReport:
-            return await self._snapshot()
-
-        try:
-            report = asyncio.run_coroutine_threadsafe(take(), self._loop).result(
-                SCRAPE_TIMEOUT_S)
-        except Exception as exc:  # the loop is busy or gone: an empty scrape, not a crash
-            log.warning("metrics scrape failed: %r", exc)
-            return
-        yield from families(report)
-
-
 def start_metrics_server(host: str, port: int,
                          snapshot: Callable[[], Awaitable[OrchestratorReport]]) -> WSGIServer:
     """Serve `/metrics` on `host:port` (-1: any free port) in a daemon thread."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(ReportCollector(snapshot, asyncio.get_running_loop()))
-    server, _ = start_http_server(max(0, port), addr=host, registry=registry)
-    return server
+    return serve_metrics(host, port, snapshot, families)
 
 
-__all__ = ["ReportCollector", "families", "start_metrics_server"]
+__all__ = ["families", "start_metrics_server"]
