@@ -47,10 +47,20 @@ class ReportCollector(Collector, Generic[R]):
 
 def serve_metrics(host: str, port: int, snapshot: Callable[[], Awaitable[R]],
                   families: Callable[[R], Iterator[Metric]]) -> WSGIServer:
-    """Serve `/metrics` on `host:port` (-1: any free port) in a daemon thread."""
+    """Serve `/metrics` on `host:port` (-1: any free port) in a daemon thread.
+
+    A port taken meanwhile (chosen free by `cplane up`, then grabbed by another
+    process, e.g. an engine's own sockets) falls back to any free one, logged:
+    a service never dies for its metrics port (`server.server_port` says which)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ReportCollector(snapshot, families, asyncio.get_running_loop()))
-    server, _ = start_http_server(max(0, port), addr=host, registry=registry)
+    try:
+        server, _ = start_http_server(max(0, port), addr=host, registry=registry)
+    except OSError as exc:
+        if port <= 0:
+            raise
+        log.warning("metrics port %d unavailable (%s): using a free one", port, exc)
+        server, _ = start_http_server(0, addr=host, registry=registry)
     return server
 
 
