@@ -23,9 +23,11 @@ async def served_by(client: Client, rid: str, max_tokens: int = 4) -> Final:
 
 
 @contextlib.asynccontextmanager
-async def three_workers(nats_url: str, router: str) -> AsyncIterator[Client]:
+async def three_workers(nats_url: str, router: str,
+                        stats: dict[str, int] | None = None) -> AsyncIterator[Client]:
     """A client onto an orchestrator routing with `router` over three zero-cost
-    workers, once it has heard all three."""
+    workers, once it has heard all three; `stats` gets the orchestrator's routing
+    counts at the end."""
     s = isolated_settings(nats_url, sim={"zero_cost": True},
                           orchestrator={"router": router, "policy": "fifo"})
     async with stack(s, workers=3) as run:
@@ -37,6 +39,8 @@ async def three_workers(nats_url: str, router: str) -> AsyncIterator[Client]:
             yield client
         finally:
             await client.close()
+            if stats is not None:
+                stats.update(orch.stats.routed)
 
 
 async def test_round_robin_sends_each_worker_its_turn(nats_url: str) -> None:
@@ -107,17 +111,9 @@ async def test_every_router_serves_through_the_live_stack(nats_url: str, router:
     # Each strategy, selected by configuration, in a live orchestrator: every
     # request is served, and it went where the router sent it (a named worker;
     # `pool` alone leaves the choice to the first worker that pulls).
-    s = isolated_settings(nats_url, sim={"zero_cost": True},
-                          orchestrator={"router": router, "policy": "fifo"})
-    async with stack(s, workers=3) as run:
-        orch = run.orchestrator
-        assert orch is not None
-        await until(lambda: len(orch.registry._latest) == 3)
-        client = Client(await nats.connect(nats_url), s)
-        try:
-            finals = [await served_by(client, f"{router}-{i}") for i in range(6)]
-        finally:
-            await client.close()
-        assert all(f.workers and f.workers[0] in {"w0", "w1", "w2"} for f in finals)
-        kind = "pool" if router == "pool" else "worker"
-        assert orch.stats.routed == {f"unified/{kind}": 6}, orch.stats.routed
+    routed: dict[str, int] = {}
+    async with three_workers(nats_url, router, routed) as client:
+        finals = [await served_by(client, f"{router}-{i}") for i in range(6)]
+    assert all(f.workers and f.workers[0] in {"w0", "w1", "w2"} for f in finals)
+    kind = "pool" if router == "pool" else "worker"
+    assert routed == {f"unified/{kind}": 6}, routed
