@@ -77,6 +77,7 @@ from perm_harness import (  # noqa: E402
     kv_value,
     pub_denied,
     start_server,
+    until,
     work_batch,
 )
 
@@ -194,7 +195,7 @@ async def check_flow(c: Checks, settings: Settings, port: int, adm: nats.NATS,
          "r0" in wbook and "r0" in obook, f"{live} {werr} {oerr}")
     await cnc.publish(subj.cancel("r9"))
     await cnc.flush()
-    await asyncio.sleep(0.3)
+    await until(lambda: "r9" in wbook and "r9" in obook, 5)
     c.ok("worker and orchestrator see live cancels", "r9" in wbook and "r9" in obook, str(live))
 
     heartbeats: list[str] = []
@@ -220,7 +221,7 @@ async def check_flow(c: Checks, settings: Settings, port: int, adm: nats.NATS,
     for nc in (onc, wnc, cnc):
         await nc.flush()
     await onc.publish(subj.heartbeat_request, b"")
-    await asyncio.sleep(0.3)
+    await until(lambda: len(heartbeats) >= 1, 5)
     c.ok("orchestrator asks for heartbeats, worker answers",
          heartbeats == [subj.heartbeat("w1")], str(heartbeats))
     c.ok("client may subscribe llm.*.i.<id>", not cerr, str(cerr))
@@ -254,7 +255,7 @@ async def check_flow(c: Checks, settings: Settings, port: int, adm: nats.NATS,
     final = Final(request_id="r1", finish_reason=FinishReason.STOP, text="a", chunks=1)
     await wstore.publish_terminal(wnc, subj, "i", final, reply_to)
     await wm.ack_sync()
-    await asyncio.sleep(0.3)
+    await until(lambda: len(outputs) >= 2 and len(copies) >= 2 and len(terminals) >= 1, 5)
     c.ok("worker streams a chunk and stores Final (llm.s.*, in LLM_OUT), acks", not werr,
          str(werr))
     c.ok("client receives chunk then Final, as republished by LLM_OUT",
@@ -265,7 +266,7 @@ async def check_flow(c: Checks, settings: Settings, port: int, adm: nats.NATS,
     n = len(werr)
     await wnc.publish("elsewhere.results", chunk)  # any other reply_to: refused
     await wnc.flush()
-    await asyncio.sleep(0.2)
+    await until(lambda: len(werr) > n, 5)
     c.ok("worker cannot publish to another reply_to", len(werr) > n, str(werr[n:]))
 
     # Reading back what was stored (re-checks, migration, SDK recovery).
@@ -374,7 +375,7 @@ async def check_denials(c: Checks, orch: Conn, wrk: Conn, cli: Conn) -> None:
     n = len(cerr)
     await cnc.subscribe("llm.req.>")
     await cnc.flush()
-    await asyncio.sleep(0.2)
+    await until(lambda: any(VIOLATION in e for e in cerr[n:]), 5)
     c.ok("client cannot subscribe llm.req.>", any(VIOLATION in e for e in cerr[n:]))
     seen: list[str] = []
 
@@ -389,7 +390,8 @@ async def check_denials(c: Checks, orch: Conn, wrk: Conn, cli: Conn) -> None:
     await wnc.publish("llm.s.out.i.zz", b"{}")  # stored, then republished to llm.out.i.zz
     for nc in (onc, wnc):
         await nc.flush()
-    await asyncio.sleep(0.3)
+    await until(lambda: bool(seen), 5)
+    await asyncio.sleep(0.2)  # and nothing else arrives
     c.ok("client llm.*.*.* sees only out/done", seen == ["llm.out.i.zz"], str(seen))
 
     await denied(c, "worker cannot delete a stream", wjs.delete_stream("LLM_OUT"), werr)
