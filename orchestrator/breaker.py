@@ -166,9 +166,6 @@ class Breakers:
     def _half_open(self) -> bool:
         return any(self._t[w].state is BreakerState.HALF_OPEN for w in self._not_closed)
 
-    def any_fenced(self) -> bool:
-        return bool(self.fenced())
-
     def fenced(self) -> dict[str, BreakerState]:
         """Workers whose breaker is not closed (few: read per snapshot)."""
         return {w: self._t[w].state for w in self._not_closed}

@@ -98,11 +98,6 @@ class FleetView:
         """Every live worker of `role` serves `model` (so the `any` subject is exact)."""
         return not model or len(self.of_role(role, model)) == len(self.of_role(role))
 
-    def pool_workers(self, pool: tuple[str, str]) -> tuple[WorkerView, ...]:
-        """Workers whose slots a pool's requests occupy: unified, or the decode side of PD."""
-        kind, model = pool
-        return self.of_role(Role.UNIFIED if kind == POOL_UNIFIED else Role.DECODE, model)
-
     def pool_capacity(self, pool: tuple[str, str]) -> int:
         kind, model = pool
         if kind == POOL_PD:
@@ -133,9 +128,6 @@ class FleetView:
     def total_capacity(self) -> int:
         """Slots of every worker, all roles."""
         return sum(c for (_, model), c in self._cap.items() if not model)
-
-    def max_worker_capacity(self) -> int:
-        return max((w.capacity for w in self.workers), default=0)
 
     @property
     def models(self) -> frozenset[str]:
@@ -241,6 +233,8 @@ class Registry:
             self._latest.pop(wid, None)
             self._view = None
             self.since.heard(wid)
+            if self.breakers is not None:
+                self.breakers.forget(wid)
             return prev is not None
         self._latest[wid] = (hb, now_ms)
         tripped = self.breakers is not None and self.breakers.observe(

@@ -27,6 +27,7 @@ from schemas.messages import (
     WorkBatch,
     WorkItem,
 )
+from schemas.settings import Settings
 from schemas.subjects import consumer_for_priority
 from tests.natsfix import isolated_settings
 from tests.stack import _start, stack
@@ -110,6 +111,19 @@ async def test_a_cancel_sent_before_the_orchestrator_started_is_honoured(
         assert run.orchestrator is not None and run.orchestrator.stats.dispatched == 0
 
 
+async def collect_finals(nc: NATS, s: Settings) -> list[Final]:
+    """Every Final published from now on (a list that fills as they come)."""
+    finals: list[Final] = []
+
+    async def on(msg: Msg) -> None:
+        out = output_decoder.decode(msg.data)
+        if isinstance(out, Final):
+            finals.append(out)
+
+    await nc.subscribe(s.subjects.done_all, cb=on)
+    return finals
+
+
 async def test_work_queued_for_a_dead_worker_moves_to_a_live_one(nats_url: str) -> None:
     s = isolated_settings(nats_url, sim={"zero_cost": True},
                           orchestrator={"worker_timeout_s": 1.0},
@@ -129,14 +143,7 @@ async def test_work_queued_for_a_dead_worker_moves_to_a_live_one(nats_url: str) 
         # work a router sent to it by name before it learned of the death
         items = [WorkItem(request=Request(request_id=f"orphan{i}", prompt="x", max_tokens=3),
                           priority=Priority.NORMAL, slo_class="standard") for i in range(3)]
-        finals: list[Final] = []
-
-        async def on(msg: Msg) -> None:
-            out = output_decoder.decode(msg.data)
-            if isinstance(out, Final):
-                finals.append(out)
-
-        await watcher.subscribe(s.subjects.done_all, cb=on)
+        finals = await collect_finals(watcher, s)
         await watcher.jetstream().publish(s.subjects.work(Role.UNIFIED, "victim"),
                                           encode(WorkBatch(items=items)))
         await until(lambda: len(finals) == 3, 20, "the orphans' Finals")
@@ -174,14 +181,7 @@ async def test_work_of_a_worker_that_died_before_any_leader_saw_it_is_rescued(
     await ensure_work_consumer(js, s, Role.UNIFIED, "ghost-w")
     items = [WorkItem(request=Request(request_id=f"stray{i}", prompt="x", max_tokens=3),
                       priority=Priority.NORMAL, slo_class="standard") for i in range(3)]
-    finals: list[Final] = []
-
-    async def on(msg: Msg) -> None:
-        out = output_decoder.decode(msg.data)
-        if isinstance(out, Final):
-            finals.append(out)
-
-    await watcher.subscribe(s.subjects.done_all, cb=on)
+    finals = await collect_finals(watcher, s)
     await js.publish(s.subjects.work(Role.UNIFIED, "ghost-w"), encode(WorkBatch(items=items)))
     async with stack(s, workers=[{"worker_id": "heir"}]):
         await until(lambda: len(finals) == 3, 30, "the stray items' Finals")
