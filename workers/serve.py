@@ -25,6 +25,7 @@ from schemas.messages import ErrorCode, Final, FinishReason, Role, Timings, Usag
 from workers.chunker import ChunkStream
 from workers.context import Outcome, ServeContext
 from workers.engines.base import Delta, EngineDeadError, EngineInputError, EngineRequest
+from workers.stats import Live
 
 __all__ = ["Outcome", "ServeContext", "engine_request", "finish_cancelled", "finish_resumed",
            "hand_back", "run_item", "serve_item"]
@@ -201,7 +202,6 @@ async def run_item(ctx: ServeContext, item: WorkItem) -> Outcome:
     """Serve one item to its outcome; raises only when the outcome could not be
     stored (the caller leaves the message unacked), or CancelledError when
     cancelled outside a hand-back."""
-    req = item.request
     refused = _refused(ctx, item)
     if refused is not None:
         await ctx.publish_error(item, *refused)
@@ -210,11 +210,22 @@ async def run_item(ctx: ServeContext, item: WorkItem) -> Outcome:
     if ctx.handing_back:
         await hand_back(ctx, item, stream)
         return Outcome.HANDBACK
+    live = ctx.metrics.begin(item)  # `cplane request ID` sees it run; inter-token gaps
+    try:
+        return await _generate(ctx, item, stream, live)
+    finally:
+        # Only once the terminal is stored (or the item handed back): a status query
+        # in between would find neither this worker nor LLM_DONE and go backwards.
+        ctx.metrics.end(live)
+
+
+async def _generate(ctx: ServeContext, item: WorkItem, stream: ChunkStream,
+                    live: Live) -> Outcome:
+    req = item.request
     last = Delta(token_ids=[])
     model = ctx.model_of(item)
     gen = ctx.engine.generate(engine_request(ctx, item, item.role))
     deltas = gen.__aiter__()
-    live = ctx.metrics.begin(item)  # `cplane request ID` sees it run; inter-token gaps
     span = tracing.start("cplane.worker.generate", item.traceparent,
                          {"request_id": req.request_id, "worker": ctx.worker_id, "model": model})
     if item.traceparent:  # what follows (terminal, hand-off) is a child of this run
@@ -249,7 +260,6 @@ async def run_item(ctx: ServeContext, item: WorkItem) -> Outcome:
         return Outcome.HANDBACK
     finally:
         stream.close()
-        ctx.metrics.end(live)
         span.end()
         await _close(gen)
     await stream.flush()
