@@ -11,7 +11,6 @@ cancels). The dedup id `<request_id>:done` makes a repeated terminal publish
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import deque
 from typing import Any
@@ -22,6 +21,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.errors import APIError, NoStreamResponseError
 
+from bus.fins import FinSignals
 from schemas.codec import encode
 from schemas.messages import (
     ErrorCode,
@@ -46,8 +46,11 @@ class StoredPublisher:
     never leave a publisher waiting forever).
     """
 
-    def __init__(self, nc: NATS, timeout_s: float, max_pending: int = 4000) -> None:
+    def __init__(self, nc: NATS, timeout_s: float, max_pending: int = 4000,
+                 signer: str = "") -> None:
         self.nc = nc
+        self.signer = signer  # names this publisher's in-flight signals (llm.fin.<signer>)
+        self.fins = FinSignals(nc)
         self.timeout_s = timeout_s
         self.max_pending = max_pending
         self._inbox = nc.new_inbox()
@@ -140,10 +143,8 @@ class StoredPublisher:
             await nc.publish(reply_to, data, headers=headers)
         await self.publish(subjects.done_store(group, msg.request_id), data,
                            f"{msg.request_id}:done", headers)
-        # Stored: tell the orchestrators, without the payload. Best effort: one
-        # lost here is found by their LLM_DONE lookup (reconcile_after_s).
-        with contextlib.suppress(Exception):
-            await nc.publish(subjects.fin(msg.request_id), b"")
+        # Stored: tell the orchestrators, without the payload (batched, best effort).
+        self.fins.add(subjects.fin(self.signer or msg.request_id), msg.request_id)
 
 
 def cancelled_final(item: WorkItem, worker_id: str | None = None) -> Final:

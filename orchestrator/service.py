@@ -37,6 +37,7 @@ from nats.js.errors import APIError, NoStreamResponseError
 
 from bus.cancels import CancelBook
 from bus.connect import connect
+from bus.fins import fin_ids
 from bus.jsmeta import delivery
 from bus.outcome import StoredPublisher, cancelled_final
 from bus.provision import ensure_all, ensure_request_consumers, ensure_streams
@@ -69,7 +70,7 @@ from schemas import trace
 from schemas.codec import encode, heartbeat_decoder
 from schemas.messages import PRIORITIES, Role, WorkBatch, WorkerState, WorkItem
 from schemas.settings import Settings
-from schemas.subjects import consumer_for_priority
+from schemas.subjects import consumer_for_priority, valid_token
 
 log = logging.getLogger("cplane.orchestrator")
 _PUBLISH_RETRY_S = 0.5
@@ -93,6 +94,8 @@ class Orchestrator:
         self.settings = settings
         o = settings.orchestrator
         self.id = o.orchestrator_id or f"orch-{uuid.uuid4().hex[:8]}"
+        if not valid_token(self.id):  # it names subjects (llm.fin.<id>, llm.admin...)
+            raise ValueError(f"orchestrator id {self.id!r} must be a subject token")
         self.subjects = settings.subjects
         self.cfg = dispatch_config(o)
         self.policy_name = o.policy  # in force now: `cplane policy set` changes it (use_policy)
@@ -141,7 +144,7 @@ class Orchestrator:
                                        on_reconnect=self._on_reconnect)
         self._nc = nc
         self._js = nc.jetstream(publish_async_max_pending=8000)
-        self._store = StoredPublisher(nc, o.publish_timeout_s)
+        self._store = StoredPublisher(nc, o.publish_timeout_s, signer=self.id)
         self._out = Outcomes(nc, self._store, self.settings)
         await ensure_streams(self._js, self.settings)
         await ensure_request_consumers(self._js, self.settings)
@@ -516,14 +519,15 @@ class Orchestrator:
             self._wake.set()
 
     async def _on_done(self, msg: Msg) -> None:
-        entry = self.ledger.get(self.subjects.last_token(msg.subject))
-        if entry is None:
-            return
-        if entry.state is RequestState.DISPATCHED:
-            self.ledger.transition(entry, None)
-            self._wake.set()
-        elif entry.state is RequestState.DISPATCHING:
-            entry.terminal_seen = True
+        for rid in fin_ids(self.subjects.last_token(msg.subject), msg.data):
+            entry = self.ledger.get(rid)
+            if entry is None:
+                continue
+            if entry.state is RequestState.DISPATCHED:
+                self.ledger.transition(entry, None)
+                self._wake.set()
+            elif entry.state is RequestState.DISPATCHING:
+                entry.terminal_seen = True
 
     async def _on_cancel(self, request_id: str) -> None:
         entry = self.ledger.get(request_id)

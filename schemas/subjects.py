@@ -152,10 +152,11 @@ class Subjects:
         """Core subject: every worker answers with a heartbeat at once (orchestrator start)."""
         return f"{self.prefix}.admin.heartbeat"
 
-    def fin(self, request_id: str) -> str:
-        """Core subject, empty body: the request's terminal is stored. Orchestrators
-        count in-flight work by it (not by the terminals, which carry the text)."""
-        return f"{self.prefix}.fin.{request_id}"
+    def fin(self, publisher: str) -> str:
+        """Core subject: the terminals of the requests its body names (space-separated
+        ids) are stored. Orchestrators count in-flight work by it (not by the
+        terminals, which carry the text). An empty body names the last token."""
+        return f"{self.prefix}.fin.{publisher}"
 
     @property
     def fin_all(self) -> str:

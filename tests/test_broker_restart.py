@@ -105,7 +105,8 @@ async def test_finished_request_replays_from_out_after_a_restart(
     server: EmbeddedNats, how: str
 ) -> None:
     """A client attaching after the restart gets every chunk and the stored Final."""
-    s = isolated_settings(server.url, sim={"zero_cost": True})
+    # 1 ms steps: one chunk per token (zero-cost steps would hand over all 50 at once).
+    s = isolated_settings(server.url, sim={"prefill_a_ms": 1.0, "decode_a_ms": 1.0})
     client = await Client.connect(server.url, s)
     try:
         async with stack(s, workers=1):

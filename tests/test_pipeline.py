@@ -54,10 +54,11 @@ async def test_many_concurrent_requests_stream_tokens_and_final(nats_url: str) -
 
 
 async def test_first_token_then_batched_chunks(nats_url: str) -> None:
-    # 40 tokens, zero-cost steps, chunks at least 200 ms apart: the first token
+    # 40 tokens, 1 ms steps, chunks at least 200 ms apart: the first token
     # goes alone, the rest in chunks of at most 16 (count), never one per token.
     s = isolated_settings(
-        nats_url, sim={"zero_cost": True}, worker={"chunk_tokens": 16, "chunk_interval_ms": 200}
+        nats_url, sim={"prefill_a_ms": 1.0, "decode_a_ms": 1.0},
+        worker={"chunk_tokens": 16, "chunk_interval_ms": 200}
     )
     async with stack(s, workers=1):
         client = Client(await nats.connect(nats_url), s)

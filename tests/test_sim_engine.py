@@ -137,3 +137,32 @@ async def test_stop_strings_and_stats(engine: SimEngine) -> None:
     ids2, last = await run(engine, greedy("s2", prompt="x", max_tokens=50, stop=[word]))
     assert last.finish_reason is FinishReason.STOP and len(ids2) < 50
     assert engine.stats().gen_tokens_per_s > 0
+
+
+async def test_zero_cost_hands_over_a_whole_output_at_once() -> None:
+    """No time passes between free steps: a short output is one delta, the same
+    tokens as a paced engine's; a long one still comes in several (the loop turns)."""
+    free = SimEngine(SimSettings(zero_cost=True), model="m")
+    paced = SimEngine(SimSettings(decode_a_ms=0.5, prefill_a_ms=0.5), model="m")
+    for eng in (free, paced):
+        await eng.start()
+    try:
+        deltas = [d async for d in free.generate(greedy("z", prompt="hi there", max_tokens=30))]
+        assert len(deltas) == 1 and len(deltas[0].token_ids) == 30
+        assert deltas[0].finish_reason is FinishReason.LENGTH and deltas[0].prompt_tokens == 2
+        same, _ = await run(paced, greedy("p", prompt="hi there", max_tokens=30))
+        assert same == deltas[0].token_ids
+        # 8 x 1000 tokens exceed one turn's bound (4096): more than one delta each,
+        # yet every token arrives, in order.
+        many = await asyncio.gather(*(collect_deltas(free, greedy(f"l{i}", prompt="x",
+                                                                  max_tokens=1000))
+                                      for i in range(8)))
+        assert all(sum(len(d.token_ids) for d in ds) == 1000 for ds in many)
+        assert all(1 < len(ds) < 1000 for ds in many)
+    finally:
+        for eng in (free, paced):
+            await eng.shutdown()
+
+
+async def collect_deltas(eng: SimEngine, req: EngineRequest) -> list[Delta]:
+    return [d async for d in eng.generate(req)]

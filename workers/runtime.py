@@ -129,7 +129,8 @@ class Worker:
         js = nc.jetstream(publish_async_max_pending=4000)
         await ensure_streams(js, self.settings)
         self.ctx = ServeContext(
-            nc=nc, js=js, settings=self.settings, store=StoredPublisher(nc, ws.publish_timeout_s),
+            nc=nc, js=js, settings=self.settings, store=StoredPublisher(
+                nc, ws.publish_timeout_s, signer=self.worker_id),
             engine=self.engine, worker_id=self.worker_id, role=self.role,
             on_engine_fault=self._on_engine_fault,
         )

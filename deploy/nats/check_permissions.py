@@ -83,6 +83,7 @@ from perm_harness import (  # noqa: E402
 
 from bus.cancels import CancelBook  # noqa: E402
 from bus.claims import Claims, claim_key  # noqa: E402
+from bus.fins import fin_ids  # noqa: E402
 from bus.outcome import StoredPublisher, error_reply  # noqa: E402
 from bus.provision import (  # noqa: E402
     delete_work_consumer,
@@ -439,7 +440,7 @@ async def check_services(c: Checks, settings: Settings, port: int) -> None:
     fins: list[str] = []
 
     async def on_fin(msg: Msg) -> None:
-        fins.append(msg.subject)
+        fins.extend(fin_ids(msg.subject.rpartition(".")[2], msg.data))
 
     await adm[0].subscribe(settings.subjects.fin_all, cb=on_fin)
     models = LiveModels(cli[0], settings)  # the gateway's, on the client user

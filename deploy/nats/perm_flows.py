@@ -193,7 +193,7 @@ async def check_operators(c: Checks, settings: Settings, port: int, orchestrator
     c.ok("admin: `cplane workers` (heartbeats, the leader's breakers)",
          states is not None and [r.worker_id for r in rows] == [worker.worker_id], str(states))
     c.ok("workers and orchestrators signal stored terminals (llm.fin)",
-         "llm.fin.e2e-1" in fins and "llm.fin.e2e-2" in fins, str(fins))
+         "e2e-1" in fins and "e2e-2" in fins, str(fins))
     feed = orchestrator._kv
     assert feed is not None
     c.ok("prefix router folds the worker's KV events",

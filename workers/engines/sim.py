@@ -8,7 +8,9 @@ model and step-time formula live in `stepcore.StepCore`, which the fleet
 simulator drives in virtual time: one model, two clocks.
 
 Default coefficients approximate Llama-3-8B on one H100 (docs/sim-calibration.md).
-`zero_cost=True` makes every step free: the overhead benchmark's setting.
+`zero_cost=True` makes every step free: the overhead benchmark's setting. No time
+passes between free steps, so a request's whole output (up to a bound) comes as one
+delta, as from an infinitely fast engine; per-token pacing needs a step cost.
 Sampling: with `temperature == 0` or a `seed`, tokens are deterministic
 functions of (prompt, seed, position), so a resumed or repeated request
 produces the same tokens. With `temperature > 0` and no seed they are drawn
@@ -31,7 +33,10 @@ from schemas.messages import FinishReason
 from schemas.settings import SimSettings
 from workers.engines.base import Delta, EngineInputError, EngineRequest, EngineStats, KvDelta
 from workers.engines.rates import RateWindow
-from workers.engines.stepcore import CoreSeq, StepCore, block_hashes
+from workers.engines.stepcore import CoreSeq, Step, StepCore, block_hashes
+
+# Free (zero-cost) steps run back to back for at most this many tokens per loop turn.
+_FREE_STEP_TOKENS = 4096
 
 _WORDS = (
     "the of and to in is that it for on was with as be at by this had not are but from or "
@@ -224,9 +229,27 @@ class SimEngine:
             # Continue the clock unless the engine idled or fell far behind.
             t_next = (t_next if 0 <= now - t_next < 0.05 else now) + step.ms / 1000
             await asyncio.sleep(max(0.0, t_next - time.monotonic()))
-            self._rates.add(prompt=sum(q.ctx - q.cached for q in step.prefills), gen=0)
-            core.begin(step)
-            self._emit_tokens()
+            self._run(step)
+            if self.s.zero_cost:
+                self._free_steps()
+
+    def _run(self, step: Step) -> None:
+        self._rates.add(prompt=sum(q.ctx - q.cached for q in step.prefills), gen=0)
+        self.core.begin(step)
+        self._emit_tokens()
+
+    def _free_steps(self) -> None:
+        """Zero cost: no time passes between steps, so the ones that follow run at
+        once and each request gets their tokens together (one delta), as from an
+        infinitely fast engine, not one loop turn per token. Bounded in tokens so
+        the loop still turns (heartbeats, new requests) under long outputs."""
+        budget = _FREE_STEP_TOKENS
+        while budget > 0 and not self.core.idle:
+            step = self.core.plan(time.monotonic())
+            if step is None:
+                return
+            budget -= len(self.core.running) + len(step.prefills)
+            self._run(step)
 
     def _emit_tokens(self) -> None:
         core = self.core
