@@ -162,7 +162,7 @@ class OrchestratorSettings(msgspec.Struct, frozen=True, kw_only=True):
     pd_mode: str = "auto"
     pd_min_prompt_tokens: int = 512
     worker_timeout_s: float = 3.5  # no heartbeat this long: the worker is gone
-    dedup_cache: int = 200_000  # request ids remembered for dedup without Nats-Msg-Id
+    dedup_cache: int = 200_000  # request ids remembered for dedup (at least, at most 2x)
 
 
 class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):

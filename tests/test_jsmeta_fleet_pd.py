@@ -22,6 +22,13 @@ def test_recent_ids_forgets_oldest() -> None:
     assert r.add("a") and r.add("b") and not r.add("a")
     r.add("c")
     assert "a" in r and "b" not in r and len(r) == 2
+    big = RecentIds(1000)
+    for i in range(10_500):
+        big.add(f"r{i}")
+    assert all(f"r{i}" in big for i in range(9_500, 10_500))  # the last `limit`, always
+    assert "r0" not in big and 1000 <= len(big) <= 2000
+    big.discard("r10499")
+    assert "r10499" not in big and big.add("r10499")
 
 
 def hb(wid: str, role: Role, cap: int = 4, state: str = "ready", models: list[str] | None = None

@@ -61,21 +61,9 @@ class _Seq(CoreSeq):
     prompt_ids: list[int] = field(default_factory=list)
     key: int = 0  # seeds the token stream (deterministic sampling)
     rng: random.Random | None = None  # sampling at temperature > 0 without a seed
-    out: list[Delta] = field(default_factory=list)
+    out: Delta | None = None  # output its reader has not taken yet
     event: asyncio.Event = field(default_factory=asyncio.Event)
     text: str = ""
-
-
-def _merged(out: list[Delta]) -> Delta:
-    last = out[-1]
-    return Delta(token_ids=[t for d in out for t in d.token_ids],
-                 text="".join(d.text for d in out), finish_reason=last.finish_reason,
-                 prompt_tokens=next((d.prompt_tokens for d in reversed(out)
-                                     if d.prompt_tokens is not None), None),
-                 cached_prompt_tokens=next((d.cached_prompt_tokens for d in reversed(out)
-                                            if d.cached_prompt_tokens is not None), None),
-                 kv_transfer_params=next((d.kv_transfer_params for d in reversed(out)
-                                          if d.kv_transfer_params is not None), None))
 
 
 class SimEngine:
@@ -195,12 +183,9 @@ class SimEngine:
             while True:
                 await seq.event.wait()
                 seq.event.clear()
-                out, seq.out = seq.out, []
-                if not out:
+                delta, seq.out = seq.out, None
+                if delta is None:
                     continue
-                # Steps the caller fell behind on go out as one delta, as vLLM's
-                # output collector merges them: one chunk, not one per step.
-                delta = out[0] if len(out) == 1 else _merged(out)
                 yield delta
                 if delta.finish_reason is not None:
                     return
@@ -266,8 +251,7 @@ class SimEngine:
             text = token_text(tid)
             q.text += text
             reason = self._finish_reason(q, tid)
-            q.out.append(self._delta(q, [tid], text, reason))
-            q.event.set()
+            self._emit(q, [tid], text, reason)
             if reason is not None:
                 finished.append(q)
         self._rates.add(prompt=0, gen=len(core.running))
@@ -288,6 +272,24 @@ class SimEngine:
         if q.to_generate <= 0:
             return FinishReason.LENGTH
         return None
+
+    def _emit(self, q: _Seq, ids: list[int], text: str, reason: FinishReason | None) -> None:
+        """Hand output to q's reader, merged into what it has not taken yet: steps
+        the reader fell behind on go out as one delta (one chunk), as vLLM's output
+        collector merges them."""
+        last = q.out
+        if last is None:
+            q.out = self._delta(q, ids, text, reason)
+        else:
+            last.token_ids.extend(ids)
+            last.text += text
+            if reason is not None:
+                end = self._delta(q, [], "", reason)
+                last.finish_reason = reason
+                last.prompt_tokens = end.prompt_tokens
+                last.cached_prompt_tokens = end.cached_prompt_tokens
+                last.kv_transfer_params = end.kv_transfer_params
+        q.event.set()
 
     def _delta(
         self, q: _Seq, ids: list[int], text: str, reason: FinishReason | None
@@ -313,5 +315,4 @@ class SimEngine:
         if q.done:
             return
         self._release(q)
-        q.out.append(self._delta(q, [], "", reason))
-        q.event.set()
+        self._emit(q, [], "", reason)
