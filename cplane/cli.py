@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -38,16 +39,31 @@ def _settings(args: argparse.Namespace, **sections: dict[str, Any]) -> Settings:
     return load_settings(getattr(args, "config", None), **sections)
 
 
-def run_service(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run a service under uvloop until SIGINT/SIGTERM; the signal only sets a stop event."""
+async def freeze_heap_when(ready: asyncio.Event) -> None:
+    """Once the service is up, move everything alive (imported libraries, the engine,
+    settings) to the permanent generation: a full collection then walks only what
+    was made since. Measured on a sim worker: gen-2 pauses of 40-60 ms every few
+    seconds under load, each one a p99 latency spike, without it."""
+    await ready.wait()
+    gc.collect()
+    gc.freeze()
+
+
+def run_service(main: Callable[[asyncio.Event, asyncio.Event], Awaitable[None]]) -> None:
+    """Run a service under uvloop until SIGINT/SIGTERM; the signal only sets a stop
+    event. `main` sets its ready event once started (then the heap is frozen)."""
     import uvloop
 
     async def runner() -> None:
-        stop = asyncio.Event()
+        stop, ready = asyncio.Event(), asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await main(stop)
+        freezer = asyncio.create_task(freeze_heap_when(ready))
+        try:
+            await main(stop, ready)
+        finally:
+            freezer.cancel()
 
     uvloop.run(runner())
 
@@ -104,10 +120,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings(args, worker=w, sim=sim)
     engine = build_engine(args.engine, settings, _vllm_options(args))
 
-    async def main(stop: asyncio.Event) -> None:
+    async def main(stop: asyncio.Event, ready: asyncio.Event) -> None:
         await engine.start()
         try:
-            await Worker(settings, engine).run(stop)
+            await Worker(settings, engine).run(stop, ready)
         finally:
             await engine.shutdown()
 

@@ -60,7 +60,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         sock = listen(settings.gateway.host, settings.gateway.port)
     print(f"gateway: {url_of(sock)}", flush=True)
 
-    async def main(stop: asyncio.Event) -> None:
+    async def main(stop: asyncio.Event, ready: asyncio.Event) -> None:
+        ready.set()  # what the gateway builds at start is small; freeze the imports
         await serve(settings, sock, stop)
 
     run_service(main)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
@@ -71,3 +72,22 @@ def test_client_errors_are_one_line(up: str) -> None:
     res = subprocess.run([*CPLANE, "generate", "hi", "--nats-url", "nats://127.0.0.1:1"],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode != 0 and "Traceback" not in res.stderr
+
+
+async def test_a_service_freezes_its_heap_once_ready() -> None:
+    """Full collections then skip what existed at start (40-60 ms pauses otherwise)."""
+    import gc
+
+    from cplane.cli import freeze_heap_when
+
+    gc.unfreeze()
+    ready = asyncio.Event()
+    task = asyncio.create_task(freeze_heap_when(ready))
+    await asyncio.sleep(0)
+    assert gc.get_freeze_count() == 0 and not task.done()  # nothing before ready
+    ready.set()
+    await asyncio.wait_for(task, 10)
+    try:
+        assert gc.get_freeze_count() > 1000
+    finally:
+        gc.unfreeze()
