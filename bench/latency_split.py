@@ -24,14 +24,14 @@ import time
 import nats
 import uvloop
 from nats.aio.msg import Msg
+from overhead import pct, send_open_loop
 
 from schemas.codec import final_decoder
 from schemas.messages import Final
 
 
-def pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(len(s) * p / 100))] if s else float("nan")
+def _body(rid: str) -> bytes:
+    return json.dumps({"request_id": rid, "prompt": "hello world", "max_tokens": 3}).encode()
 
 
 async def one_rate(url: str, rate: float, seconds: float) -> str:
@@ -59,25 +59,8 @@ async def one_rate(url: str, rate: float, seconds: float) -> str:
     await nc.subscribe("llm.out.i.>", cb=on_out)
     await nc.subscribe("llm.done.i.>", cb=on_done)
     await nc.flush()
-    rng = random.Random(1)
     tag = f"ls{int(time.time() * 1000) % 10**7}-{int(rate)}-"
-    next_t = time.perf_counter()
-    checks: list[asyncio.Future[list[object]]] = []
-    futs = []
-    for i in range(n):
-        next_t += rng.expovariate(rate)
-        delay = next_t - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        rid = f"{tag}{i}"
-        sent[rid] = time.perf_counter()
-        body = json.dumps({"request_id": rid, "prompt": "hello world", "max_tokens": 3})
-        futs.append(await js.publish_async("llm.req.normal.standard", body.encode(),
-                                           headers={"Nats-Msg-Id": rid}))
-        if len(futs) >= 1000:  # checked beside the loop: an open-loop sender never waits
-            checks.append(asyncio.gather(*futs))
-            futs = []
-    await asyncio.wait_for(asyncio.gather(*checks, *futs), 30)
+    await send_open_loop(js, rate, n, _body, sent, tag=tag, rng=random.Random(1))
     await asyncio.wait_for(done.wait(), 120)
     await nc.close()
     client = [(first[r] - t) * 1000 for r, t in sent.items() if r in first]

@@ -110,12 +110,17 @@ async def until(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
         await asyncio.sleep(0.2)
 
 
+async def provisioned(url: str) -> nats.NATS:
+    """A connection to the private server, its streams created as the services expect."""
+    nc = await nats.connect(url, pending_size=64 * 1024 * 1024)
+    await ensure_streams(nc.jetstream(), load_settings(env={}, nats={"url": url}))
+    return nc
+
+
 async def held(args: argparse.Namespace) -> None:
     with EmbeddedNats() as server:
         url = server.url
-        settings = load_settings(env={}, nats={"url": url})
-        nc = await nats.connect(url, pending_size=64 * 1024 * 1024)
-        await ensure_streams(nc.jetstream(), settings)
+        nc = await provisioned(url)
         # Each worker takes half of everything, plus room so none waits in LLM_WORK.
         procs = start_slow(url, (args.requests + args.streams) // 2 + 500)
         try:
@@ -215,9 +220,7 @@ def slope_mb_per_min(samples: list[tuple[float, int]]) -> float:
 async def soak(args: argparse.Namespace) -> None:
     with EmbeddedNats() as server:
         url = server.url
-        settings = load_settings(env={}, nats={"url": url})
-        nc = await nats.connect(url, pending_size=64 * 1024 * 1024)
-        await ensure_streams(nc.jetstream(), settings)
+        nc = await provisioned(url)
         procs = overhead.start_services(url, 2, 512)
         try:
             from cplane.stack import wait_for_workers

@@ -30,11 +30,13 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import nats
 import uvloop
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from rich.console import Console
 from rich.table import Table
 
@@ -115,6 +117,36 @@ async def saturation(url: str, n: int, max_tokens: int, tag: str) -> float:
     return n / dt
 
 
+async def send_open_loop(js: JetStreamContext, rate: float, n: int,
+                         make_body: Callable[[str], bytes], sent: dict[str, float], *,
+                         tag: str, rng: random.Random) -> float:
+    """Publish n requests `<tag><i>` at Poisson arrivals of `rate` (sent[id] = when,
+    one Nats-Msg-Id each); returns the seconds spent sending, once every ack is in.
+
+    Acks are checked beside the sending loop, never by stopping it: an open-loop
+    generator that waits for 1,000 acks falls behind, then sends a burst."""
+    start = next_t = time.perf_counter()
+    checks: list[asyncio.Future[list[object]]] = []
+    futs = []
+    for i in range(n):
+        next_t += rng.expovariate(rate)
+        delay = next_t - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        rid = f"{tag}{i}"
+        data = make_body(rid)
+        sent[rid] = time.perf_counter()
+        futs.append(await js.publish_async(
+            "llm.req.normal.standard", data, headers={"Nats-Msg-Id": rid}
+        ))
+        if len(futs) >= 1000:
+            checks.append(asyncio.gather(*futs))
+            futs = []
+    sent_s = time.perf_counter() - start
+    await asyncio.wait_for(asyncio.gather(*checks, *futs), 30)
+    return sent_s
+
+
 async def latency(url: str, rate: float, duration_s: float, max_tokens: int, tag: str,
                   seed: int = 0) -> dict[str, float]:
     """(c): Poisson arrivals at `rate`; publish -> first chunk and -> Final, ms."""
@@ -144,28 +176,8 @@ async def latency(url: str, rate: float, duration_s: float, max_tokens: int, tag
     await nc.subscribe("llm.out.i.>", cb=on_out)
     await nc.subscribe("llm.done.i.>", cb=on_done)
     await nc.flush()
-    start = time.perf_counter()
-    next_t = start
-    futs = []
-    # Acks are checked beside the sending loop, never by stopping it: an open-loop
-    # generator that waits for 1,000 acks falls behind, then sends a burst.
-    checks: list[asyncio.Future[list[object]]] = []
-    for i in range(n):
-        next_t += rng.expovariate(rate)
-        delay = next_t - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        rid = f"{tag}{i}"
-        data = body(rid, max_tokens)
-        sent[rid] = time.perf_counter()
-        futs.append(await js.publish_async(
-            "llm.req.normal.standard", data, headers={"Nats-Msg-Id": rid}
-        ))
-        if len(futs) >= 1000:
-            checks.append(asyncio.gather(*futs))
-            futs = []
-    sent_s = time.perf_counter() - start
-    await asyncio.wait_for(asyncio.gather(*checks, *futs), 30)
+    sent_s = await send_open_loop(js, rate, n, lambda rid: body(rid, max_tokens), sent,
+                                  tag=tag, rng=rng)
     await asyncio.wait_for(all_done.wait(), 120)
     achieved = n / sent_s
     await nc.close()

@@ -182,10 +182,10 @@ class OrchestratorControl:
             dispatched = entry.state is not None and entry.state >= RequestState.DISPATCHING
             # The worker may have stored the terminal and forgotten the request before
             # its fin reaches this ledger: the stored answer wins, never "dispatched".
-            term = await stored_terminal(o._js, o.settings, query.group, rid) if (
-                dispatched) else None
-            if term is not None:
-                return terminal_status(rid, term)
+            if dispatched:
+                term = await stored_terminal(o._js, o.settings, query.group, rid)
+                if term is not None:
+                    return terminal_status(rid, term)
             return RequestStatus(
                 request_id=rid,
                 phase=RequestPhase.DISPATCHED if dispatched else RequestPhase.QUEUED,
