@@ -10,6 +10,13 @@ CPU per request barely moves between runs, so two versions can be compared
 
     python bench/cpu_per_request.py --requests 20000
     python bench/cpu_per_request.py --root /tmp/older-checkout --requests 20000
+
+`--ceiling DIR` measures the raw-nats-py pipeline ceiling the same way
+(`DIR/pipeline_ceiling.py`, its setup/orch/worker/client roles as
+processes, 16 requests per work message): what the same hops cost with no
+logic, process by process.
+
+    python bench/cpu_per_request.py --ceiling ../shared/bench --requests 20000
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import argparse
 import asyncio
 import json
 import os
+import re
+import resource
 import subprocess
 import sys
 import time
@@ -110,14 +119,67 @@ async def run(root: Path, n: int) -> dict[str, float]:
         server.stop()
 
 
+def _children_cpu_s() -> float:
+    """CPU seconds of every child reaped so far (counted when waited for)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _startup_cpu_s() -> float:
+    """What an interpreter with the ceiling's imports costs before its first message."""
+    before = _children_cpu_s()
+    subprocess.run([sys.executable, "-c", "import asyncio, nats, orjson, uvloop"], check=True)
+    return _children_cpu_s() - before
+
+
+def ceiling(script_dir: Path, n: int, batch: int = 16) -> dict[str, float]:
+    """The raw pipeline's roles as processes: CPU us per request of each, and req/s."""
+    from bus.server import EmbeddedNats
+
+    script = str(script_dir / "pipeline_ceiling.py")
+    env = dict(os.environ, BATCH=str(batch))
+    startup = _startup_cpu_s()
+    with EmbeddedNats() as server:
+        url = server.url
+        subprocess.run([sys.executable, script, "setup", url, "0"], env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+        assert server.proc is not None
+        srv0 = cpu_ticks(server.proc.pid)
+        procs = {}
+        for role in ("orch", "worker", "client"):
+            procs[role] = subprocess.Popen([sys.executable, script, role, url, str(n)], env=env,
+                                           stdout=subprocess.PIPE, text=True)
+            if role != "client":
+                time.sleep(1.0)  # consumers in place before the client publishes
+        out: dict[str, float] = {}
+        text = ""
+        for role in ("client", "orch", "worker"):
+            before = _children_cpu_s()
+            stdout, _ = procs[role].communicate(timeout=600)
+            text += stdout
+            out[role] = (_children_cpu_s() - before - startup) * 1e6 / n
+        tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
+        out["nats-server"] = (cpu_ticks(server.proc.pid) - srv0) * tick_ms * 1000 / n
+    out["total"] = sum(out.values())
+    match = re.search(r"end-to-end (\d+) req/s", text)
+    out["req_per_s"] = float(match.group(1)) if match else float("nan")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, default=HERE, help="checkout whose code runs")
     ap.add_argument("--requests", type=int, default=20000)
+    ap.add_argument("--ceiling", type=Path, default=None,
+                    help="measure the raw pipeline ceiling of DIR/pipeline_ceiling.py instead")
     args = ap.parse_args()
-    r = asyncio.run(run(args.root.resolve(), args.requests))
+    if args.ceiling is not None:
+        sys.path.insert(0, str(HERE))
+        r, name = ceiling(args.ceiling.resolve(), args.requests), "ceiling (batch 16)"
+    else:
+        r, name = asyncio.run(run(args.root.resolve(), args.requests)), args.root.name
     parts = " ".join(f"{k}={v:.0f}" for k, v in r.items() if k != "req_per_s")
-    print(f"{args.root.name}: {r['req_per_s']:,.0f} req/s; CPU ms per 1000 requests: {parts}")
+    print(f"{name}: {r['req_per_s']:,.0f} req/s; CPU ms per 1000 requests: {parts}")
 
 
 if __name__ == "__main__":

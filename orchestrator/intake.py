@@ -59,7 +59,8 @@ def _reply_to_problem(reply_to: str, lim: LimitsSettings) -> str | None:
 
 
 def _problem(req: Request, lim: LimitsSettings) -> str | None:
-    forms = sum(x is not None for x in (req.prompt, req.prompt_token_ids, req.messages))
+    forms = ((req.prompt is not None) + (req.prompt_token_ids is not None)
+             + (req.messages is not None))
     if forms != 1:
         return "give exactly one of prompt, prompt_token_ids or messages"
     if (req.prompt is not None and not req.prompt) or (

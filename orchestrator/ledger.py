@@ -72,13 +72,11 @@ class Entry:
     pending: Any = None  # the frozen view decisions see (dispatch.Pending), built once
     extra_msgs: list[Any] = field(default_factory=list)  # duplicates acked with it
     level: int = field(init=False)  # 0 = critical ... 4 = background
+    request_id: str = field(init=False)  # the item's, read on every transition
 
     def __post_init__(self) -> None:
         self.level = self.item.priority.level
-
-    @property
-    def request_id(self) -> str:
-        return self.item.request.request_id
+        self.request_id = self.item.request.request_id
 
 
 
@@ -135,24 +133,26 @@ class Ledger:
                    ) -> None:
         """Move `entry` to `to` (None = leave the ledger); refuses illegal moves."""
         frm = entry.state
+        rid = entry.request_id
         if to not in _ALLOWED[frm]:
-            raise IllegalTransition(f"{entry.request_id}: {frm!r} -> {to!r}")
-        if frm is None and entry.request_id in self._by_id:
-            raise IllegalTransition(f"{entry.request_id} is already in the ledger")
+            raise IllegalTransition(f"{rid}: {frm!r} -> {to!r}")
         # leave the old state
-        if frm is RequestState.HELD:
+        if frm is None:
+            if rid in self._by_id:
+                raise IllegalTransition(f"{rid} is already in the ledger")
+        elif frm is RequestState.HELD:
             self._held_count[entry.level] -= 1
             self._compact(entry.level)
-        elif frm in (RequestState.DISPATCHING, RequestState.DISPATCHED) and entry.pool:
+        elif entry.pool and frm is not RequestState.FINISHING:  # DISPATCHING / DISPATCHED
             if to is not RequestState.DISPATCHED:
                 self._in_flight[entry.pool] -= 1
                 entry.pool = None
         # enter the new one
         if to is None:
-            self._by_id.pop(entry.request_id, None)
+            self._by_id.pop(rid, None)
         elif to is RequestState.HELD:
-            self._by_id[entry.request_id] = entry
-            self._held[entry.level].append(entry.request_id)
+            self._by_id[rid] = entry
+            self._held[entry.level].append(rid)
             self._held_count[entry.level] += 1
         elif to is RequestState.DISPATCHING:
             if pool is None:

@@ -92,8 +92,11 @@ async def test_good_and_bad_lines_give_output_and_error_files(nats_url: str, nc:
 
 async def test_collector_killed_mid_job_then_results_has_every_line_once(
         nats_url: str, nc: NATS, tmp_path: Path) -> None:
-    s = isolated_settings(nats_url)
-    n = 300
+    # 8 slots, 16 decode steps of 25 ms per line: the job takes at least
+    # 200 / 8 * 0.4 = 10 s, so the collector is surely killed mid-job (at the
+    # sim's default 6.5 ms steps a slow publish let it finish first).
+    s = isolated_settings(nats_url, sim={"decode_a_ms": 25.0})
+    n = 200
     src = write_jsonl(tmp_path / "in.jsonl",
                       [chat(f"c{i}", f"q {i}", max_tokens=16) for i in range(n)])
     store, job = await start(nc, s, src)
@@ -101,11 +104,12 @@ async def test_collector_killed_mid_job_then_results_has_every_line_once(
     async with stack(s, workers=[{"capacity": 4}, {"capacity": 4}]):
         first = Collector(js, store, s, job.id, ack_wait_s=1.0)
         task = asyncio.create_task(first.run())
-        await publish_lines(js, store, s, job.id, src)
+        publishing = asyncio.create_task(publish_lines(js, store, s, job.id, src))
         await until(lambda: _collected(store, job.id, 40), 30, "some results stored")
         task.cancel()  # killed: whatever it fetched and did not store comes again
         await asyncio.gather(task, return_exceptions=True)
         assert 40 <= (await store.require(job.id)).completed < n
+        await publishing
         # later, another process (`cplane batch results`) takes over
         done = await asyncio.wait_for(Collector(js, store, s, job.id, ack_wait_s=1.0).run(), 60)
     assert done.state is JobState.COMPLETED and done.completed == n

@@ -226,9 +226,10 @@ async def _generate(ctx: ServeContext, item: WorkItem, stream: ChunkStream,
     model = ctx.model_of(item)
     gen = ctx.engine.generate(engine_request(ctx, item, item.role))
     deltas = gen.__aiter__()
-    span = tracing.start("cplane.worker.generate", item.traceparent,
-                         {"request_id": req.request_id, "worker": ctx.worker_id, "model": model})
+    span = tracing.Span()
     if item.traceparent:  # what follows (terminal, hand-off) is a child of this run
+        span = tracing.start("cplane.worker.generate", item.traceparent, {
+            "request_id": req.request_id, "worker": ctx.worker_id, "model": model})
         item = msgspec.structs.replace(item, traceparent=tracing.span_traceparent(
             span, item.traceparent))
     try:

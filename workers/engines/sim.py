@@ -62,7 +62,7 @@ class _Seq(CoreSeq):
     key: int = 0  # seeds the token stream (deterministic sampling)
     rng: random.Random | None = None  # sampling at temperature > 0 without a seed
     out: Delta | None = None  # output its reader has not taken yet
-    event: asyncio.Event = field(default_factory=asyncio.Event)
+    waiter: asyncio.Future[None] | None = None  # the reader, waiting for `out`
     text: str = ""
 
 
@@ -179,10 +179,12 @@ class SimEngine:
         else:
             self.core.add(seq)
             self._wake.set()
+        loop = asyncio.get_running_loop()
         try:
             while True:
-                await seq.event.wait()
-                seq.event.clear()
+                if seq.out is None:  # one bare future per wait: cheaper than an Event
+                    seq.waiter = loop.create_future()
+                    await seq.waiter
                 delta, seq.out = seq.out, None
                 if delta is None:
                     continue
@@ -289,7 +291,8 @@ class SimEngine:
                 last.prompt_tokens = end.prompt_tokens
                 last.cached_prompt_tokens = end.cached_prompt_tokens
                 last.kv_transfer_params = end.kv_transfer_params
-        q.event.set()
+        if q.waiter is not None and not q.waiter.done():
+            q.waiter.set_result(None)
 
     def _delta(
         self, q: _Seq, ids: list[int], text: str, reason: FinishReason | None
