@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -124,9 +125,14 @@ async def send_open_loop(js: JetStreamContext, rate: float, n: int,
     one Nats-Msg-Id each); returns the seconds spent sending, once every ack is in.
 
     Acks are checked beside the sending loop, never by stopping it: an open-loop
-    generator that waits for 1,000 acks falls behind, then sends a burst."""
+    generator that waits for 1,000 acks falls behind, then sends a burst. Checked
+    groups are let go at once: a generator holding every ack future until the end
+    (tens of thousands of tracked objects) spends tens of milliseconds in each of
+    its own full garbage collections, which the receiving side of the same
+    process then counts as latency (measured: p99 33 ms against 5.6 ms at
+    1,000 req/s)."""
     start = next_t = time.perf_counter()
-    checks: list[asyncio.Future[list[object]]] = []
+    checks: deque[asyncio.Future[list[object]]] = deque()
     futs = []
     for i in range(n):
         next_t += rng.expovariate(rate)
@@ -142,6 +148,8 @@ async def send_open_loop(js: JetStreamContext, rate: float, n: int,
         if len(futs) >= 1000:
             checks.append(asyncio.gather(*futs))
             futs = []
+            while checks and checks[0].done():
+                checks.popleft().result()  # raises a publish that failed
     sent_s = time.perf_counter() - start
     await asyncio.wait_for(asyncio.gather(*checks, *futs), 30)
     return sent_s

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import multiprocessing as mp
 import random
 import sys
@@ -81,6 +82,8 @@ def run_role(url: str, role: str, ready: mp.synchronize.Event) -> None:
 
 
 async def one_rate(url: str, rate: float, seconds: float, tag: str) -> tuple[float, float]:
+    gc.collect()
+    gc.freeze()  # the generator's own collections would read as latency (as in overhead.py)
     nc = await nats.connect(url, pending_size=64 * 1024 * 1024)
     js = nc.jetstream(publish_async_max_pending=8000)
     n = max(1, int(rate * seconds))
