@@ -38,10 +38,10 @@ from nats.aio.msg import Msg
 HERE = Path(__file__).resolve().parent.parent
 
 
-def cpu_ticks(pid: int) -> int:
-    """utime + stime of a process, in clock ticks."""
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process so far, in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_services(root: Path, url: str) -> list[subprocess.Popen[bytes]]:
@@ -89,7 +89,7 @@ async def run(root: Path, n: int) -> dict[str, float]:
         assert server.proc is not None
         pids = {"nats-server": server.proc.pid, "orchestrator": procs[0].pid,
                 "worker-0": procs[1].pid, "worker-1": procs[2].pid}
-        before = {k: cpu_ticks(p) for k, p in pids.items()}
+        before = {k: cpu_seconds(p) for k, p in pids.items()}
         mine, t0 = os.times(), time.perf_counter()
         pending = []
         for i in range(n):
@@ -103,8 +103,7 @@ async def run(root: Path, n: int) -> dict[str, float]:
         await asyncio.gather(*pending)
         await asyncio.wait_for(finished.wait(), 600)
         wall = time.perf_counter() - t0
-        tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
-        out = {k: (cpu_ticks(p) - before[k]) * tick_ms * 1000 / n for k, p in pids.items()}
+        out = {k: (cpu_seconds(p) - before[k]) * 1e6 / n for k, p in pids.items()}
         now = os.times()
         out["client"] = ((now.user + now.system) - (mine.user + mine.system)) * 1e6 / n
         out["total"] = sum(out.values())
@@ -144,7 +143,7 @@ def ceiling(script_dir: Path, n: int, batch: int = 16) -> dict[str, float]:
         subprocess.run([sys.executable, script, "setup", url, "0"], env=env, check=True,
                        stdout=subprocess.DEVNULL)
         assert server.proc is not None
-        srv0 = cpu_ticks(server.proc.pid)
+        srv0 = cpu_seconds(server.proc.pid)
         procs = {}
         for role in ("orch", "worker", "client"):
             procs[role] = subprocess.Popen([sys.executable, script, role, url, str(n)], env=env,
@@ -158,8 +157,7 @@ def ceiling(script_dir: Path, n: int, batch: int = 16) -> dict[str, float]:
             stdout, _ = procs[role].communicate(timeout=600)
             text += stdout
             out[role] = (_children_cpu_s() - before - startup) * 1e6 / n
-        tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
-        out["nats-server"] = (cpu_ticks(server.proc.pid) - srv0) * tick_ms * 1000 / n
+        out["nats-server"] = (cpu_seconds(server.proc.pid) - srv0) * 1e6 / n
     out["total"] = sum(out.values())
     match = re.search(r"end-to-end (\d+) req/s", text)
     out["req_per_s"] = float(match.group(1)) if match else float("nan")

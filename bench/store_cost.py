@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from cpu_per_request import cpu_ticks  # noqa: E402
+from cpu_per_request import cpu_seconds  # noqa: E402
 
 from bus.server import EmbeddedNats  # noqa: E402
 
@@ -69,7 +68,7 @@ async def one(url: str, pid: int, shape: str, n: int) -> float:
 
     await nc.subscribe(await streams(js, shape), cb=on_msg)
     await nc.flush()
-    t0 = cpu_ticks(pid)
+    t0 = cpu_seconds(pid)
     futs = []
     for i in range(n):
         futs.append(await js.publish_async(f"t.s.done.i.r{i}", b"x" * 300,
@@ -85,9 +84,9 @@ async def one(url: str, pid: int, shape: str, n: int) -> float:
             if time.monotonic() > deadline:
                 raise SystemExit("the second stream did not get every message")
             await asyncio.sleep(0.1)
-    ticks = cpu_ticks(pid) - t0
+    used_s = cpu_seconds(pid) - t0
     await nc.close()
-    return ticks * 1e6 / os.sysconf("SC_CLK_TCK") / n
+    return used_s * 1e6 / n
 
 
 def main() -> None:

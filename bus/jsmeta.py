@@ -4,12 +4,9 @@ nats-py's `msg.metadata` builds datetimes; on the hot path we only need the
 store timestamp and the delivery count, so we read the tokens directly.
 Formats: `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts_ns>.<pending>`
 and the v2 form with `<domain>.<account_hash>` after `ACK` (and a random tail).
-Also the hot path's ack.
 """
 
 from __future__ import annotations
-
-from nats.aio.msg import Msg
 
 
 def _tokens(reply: str) -> list[str]:
@@ -40,11 +37,3 @@ def delivery(reply: str) -> tuple[int, int, float]:
     t = _tokens(reply)
     return int(t[3]), int(t[2]), int(t[5]) / 1e6
 
-
-async def ack_quietly(msg: Msg) -> None:
-    """Ack; a failed ack (disconnected, acked already) only means a redelivery,
-    which its consumer's dedup settles. No context manager per message."""
-    try:
-        await msg.ack()
-    except Exception:
-        pass

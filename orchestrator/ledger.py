@@ -143,7 +143,7 @@ class Ledger:
         elif frm is RequestState.HELD:
             self._held_count[entry.level] -= 1
             self._compact(entry.level)
-        elif entry.pool and frm is not RequestState.FINISHING:  # DISPATCHING / DISPATCHED
+        elif frm in (RequestState.DISPATCHING, RequestState.DISPATCHED) and entry.pool:
             if to is not RequestState.DISPATCHED:
                 self._in_flight[entry.pool] -= 1
                 entry.pool = None

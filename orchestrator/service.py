@@ -38,7 +38,7 @@ from nats.js.errors import APIError, NoStreamResponseError
 from bus.cancels import CancelBook
 from bus.connect import connect
 from bus.fins import fin_ids
-from bus.jsmeta import ack_quietly, delivery
+from bus.jsmeta import delivery
 from bus.outcome import StoredPublisher, cancelled_final
 from bus.provision import ensure_all, ensure_request_consumers, ensure_streams
 from bus.puller import Puller
@@ -364,13 +364,14 @@ class Orchestrator:
 
     def _ledger_changed(self, e: Entry, frm: RequestState | None,
                         to: RequestState | None) -> None:
+        tenant = e.item.request.tenant or ""
         if frm is None and to is RequestState.HELD:
-            self.decisions.held(e.item.request.tenant or "")
+            self.decisions.held(tenant)
         elif frm is RequestState.HELD and to is RequestState.DISPATCHING:
             self.decisions.dispatched((self._pending(e),), getattr(self.cfg.order, "fair", None))
         elif to is None:
-            ran = frm is RequestState.DISPATCHED or frm is RequestState.DISPATCHING
-            self.decisions.finished(e.item.request.tenant or "", now_ms(), ran)
+            ran = frm in (RequestState.DISPATCHING, RequestState.DISPATCHED)
+            self.decisions.finished(tenant, now_ms(), ran)
             if ran and e.target:
                 self.registry.since.finished_on(e.target)
 
@@ -459,9 +460,9 @@ class Orchestrator:
             return
         t = now_ms()
         for e in entries:
-            await ack_quietly(e.msg)
-            for m in e.extra_msgs:
-                await ack_quietly(m)
+            for m in (e.msg, *e.extra_msgs):
+                with contextlib.suppress(Exception):
+                    await m.ack()
             self._seen.add(e.request_id)
             self.ledger.transition(e, RequestState.DISPATCHED)
             e.dispatched_ms = t
