@@ -26,12 +26,12 @@ demo: install
 
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/mypy schemas bus orchestrator workers client cplane fleetsim gateway
+	$(BIN)/mypy -p cplane
 	$(BIN)/python -m pytest -q tests
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/mypy schemas bus orchestrator workers client cplane fleetsim gateway
+	$(BIN)/mypy -p cplane
 
 schema: install
 	$(BIN)/cplane schema --out schemas/jsonschema

@@ -57,7 +57,7 @@ def start_services(root: Path, url: str) -> list[subprocess.Popen[bytes]]:
 
 async def run(root: Path, n: int) -> dict[str, float]:
     sys.path.insert(0, str(root))
-    from bus.server import EmbeddedNats
+    from cplane.bus.server import EmbeddedNats
 
     server = EmbeddedNats().start()
     procs = start_services(root, server.url)
@@ -133,7 +133,7 @@ def _startup_cpu_s() -> float:
 
 def ceiling(script_dir: Path, n: int, batch: int = 16) -> dict[str, float]:
     """The raw pipeline's roles as processes: CPU us per request of each, and req/s."""
-    from bus.server import EmbeddedNats
+    from cplane.bus.server import EmbeddedNats
 
     script = str(script_dir / "pipeline_ceiling.py")
     env = dict(os.environ, BATCH=str(batch))

@@ -25,11 +25,11 @@ if str(ROOT) not in sys.path:
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from orchestrator.dispatch import DispatchConfig, plan_dispatch  # noqa: E402
-from orchestrator.fleet import FleetView, WorkerView  # noqa: E402
-from orchestrator.prefix_router import PrefixIndex  # noqa: E402
-from orchestrator.snapshot import Pending, QueueSnapshot, RouteState  # noqa: E402
-from schemas.messages import Role  # noqa: E402
+from cplane.orchestrator.dispatch import DispatchConfig, plan_dispatch  # noqa: E402
+from cplane.orchestrator.fleet import FleetView, WorkerView  # noqa: E402
+from cplane.orchestrator.prefix_router import PrefixIndex  # noqa: E402
+from cplane.orchestrator.snapshot import DecisionTables, Pending, QueueSnapshot  # noqa: E402
+from cplane.schemas.messages import Role  # noqa: E402
 
 
 def fleet(n: int) -> FleetView:
@@ -55,13 +55,13 @@ def measure(router: str, workers: int, requests: int, rounds: int, min_s: float)
     index = PrefixIndex()
     for w in view.workers[: max(1, workers // 4)]:
         index.add(w.worker_id, tuple(range(16)))
-    state = RouteState(prefix=index)
+    state = DecisionTables(prefix=index)
     samples = []
     for _ in range(rounds):
         n = 0
         t0 = time.perf_counter()
         while True:
-            plan = plan_dispatch(snap, view, cfg, now_ms=0.0, route=state, rng=rng)
+            plan = plan_dispatch(snap, view, cfg, now_ms=0.0, tables=state, rng=rng)
             n += plan.dispatched
             if time.perf_counter() - t0 >= min_s:
                 break

@@ -67,16 +67,16 @@ import msgspec  # noqa: E402
 import nats  # noqa: E402
 from nats.aio.msg import Msg  # noqa: E402
 
-from bus.server import EmbeddedNats  # noqa: E402
+from cplane.bus.server import EmbeddedNats  # noqa: E402
+from cplane.fleetsim.metrics import percentile  # noqa: E402
+from cplane.fleetsim.records import RequestRecord, TraceRequest  # noqa: E402
+from cplane.fleetsim.sim import FleetSpec, simulate  # noqa: E402
+from cplane.fleetsim.workload import load_trace, scale_rate, slice_requests  # noqa: E402
+from cplane.orchestrator.dispatch import dispatch_config  # noqa: E402
+from cplane.schemas.codec import encode, output_decoder  # noqa: E402
+from cplane.schemas.messages import ErrorReply, Final, Priority, Request  # noqa: E402
+from cplane.schemas.settings import Settings, SimSettings, load_settings  # noqa: E402
 from cplane.stack import heartbeats_seen, stop_processes  # noqa: E402
-from fleetsim.metrics import percentile  # noqa: E402
-from fleetsim.records import RequestRecord, TraceRequest  # noqa: E402
-from fleetsim.sim import FleetSpec, simulate  # noqa: E402
-from fleetsim.workload import load_trace, scale_rate, slice_requests  # noqa: E402
-from orchestrator.dispatch import dispatch_config  # noqa: E402
-from schemas.codec import encode, output_decoder  # noqa: E402
-from schemas.messages import ErrorReply, Final, Priority, Request  # noqa: E402
-from schemas.settings import Settings, SimSettings, load_settings  # noqa: E402
 
 DEFAULT_TRACE = ROOT.parent / "shared/traces/AzureLLMInferenceTrace_conv.csv"
 # The JetStream store goes to tmpfs where there is one: the simulator has no disk, and a

@@ -4,8 +4,8 @@ heartbeats from N simulated workers, microseconds of CPU per dispatched request.
 Pure CPU, no broker, in virtual time: every millisecond, requests arrive (at
 `--rate` a second), every worker's heartbeat arrives once a second (encoded
 bytes, decoded and folded into the live `Registry`, breakers included), and
-the live `DecisionState.plan` dispatches onto the registry's snapshot, as the
-orchestrator's loop does; dispatched requests finish `--service-ms` later.
+the live decision core's `step` dispatches onto the registry's snapshot, as
+the orchestrator's loop does; dispatched requests finish `--service-ms` later.
 What it times: heartbeat decoding and registry work, snapshots, planning.
 
     python bench/fleet_cost.py [--workers 2,8,64,512] [--rate 2000] [--seconds 3]
@@ -29,13 +29,14 @@ if str(ROOT) not in sys.path:
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from orchestrator.breaker import Breakers  # noqa: E402
-from orchestrator.decision_state import DecisionState  # noqa: E402
-from orchestrator.dispatch import DispatchConfig  # noqa: E402
-from orchestrator.fleet import POOL_UNIFIED, Registry  # noqa: E402
-from orchestrator.snapshot import Pending  # noqa: E402
-from schemas.codec import encode, heartbeat_decoder  # noqa: E402
-from schemas.messages import Heartbeat, Role  # noqa: E402
+from cplane.orchestrator.breaker import Breakers  # noqa: E402
+from cplane.orchestrator.core import DecisionCore  # noqa: E402
+from cplane.orchestrator.dispatch import DispatchConfig  # noqa: E402
+from cplane.orchestrator.fleet import Registry  # noqa: E402
+from cplane.orchestrator.ledger import Entry  # noqa: E402
+from cplane.orchestrator.snapshot import Pending  # noqa: E402
+from cplane.schemas.codec import encode, heartbeat_decoder  # noqa: E402
+from cplane.schemas.messages import Heartbeat, Role  # noqa: E402
 
 CAPACITY = 64
 
@@ -48,17 +49,16 @@ class FleetLoop:
         self.rng = random.Random(seed)
         self.rate, self.service_ms = rate, service_ms
         self.registry = Registry(timeout_ms=3500.0, breakers=Breakers())
-        self.state = DecisionState(routed_since=self.registry.since)
-        self.cfg = DispatchConfig.named(policy="fifo", router=router, pd="never")
+        self.core: DecisionCore[None] = DecisionCore(
+            DispatchConfig.named(policy="fifo", router=router, pd="never"),
+            routed_since=self.registry.since)
         self.ids = [f"w{i:04d}" for i in range(workers)]
         self.held_by: dict[str, int] = dict.fromkeys(self.ids, 0)
         self.due: dict[int, list[str]] = collections.defaultdict(list)  # ms in the second
         for w in self.ids:
             self.due[int(self.rng.uniform(0, 1000))].append(w)
             self.registry.observe(heartbeat_decoder.decode(self.beat(w, 0.0)), 0.0)
-        self.queue: collections.deque[Pending] = collections.deque()
-        self.done_at: collections.deque[tuple[float, list[str]]] = collections.deque()
-        self.in_flight = 0
+        self.done_at: collections.deque[tuple[float, list[tuple[str, str]]]] = collections.deque()
         self.dispatched = 0
         self.carry = 0.0
         self.n = 0
@@ -72,40 +72,31 @@ class FleetLoop:
         self.carry += self.rate / 1000
         while self.carry >= 1:
             self.carry -= 1
-            self.queue.append(Pending(f"r{self.n}", 2, now, now, "m",
-                                      self.rng.randint(100, 2000), output_tokens=200))
+            self.core.hold(Entry(Pending(f"r{self.n}", 2, now, now, "m",
+                                         self.rng.randint(100, 2000), output_tokens=200), None))
             self.n += 1
 
     def finish(self, now: float) -> None:
         while self.done_at and self.done_at[0][0] <= now:
-            _, targets = self.done_at.popleft()
-            self.in_flight -= len(targets)
-            for w in targets:
+            _, done = self.done_at.popleft()
+            for rid, w in done:
+                self.core.terminal(rid, now)
                 if w in self.held_by:
                     self.held_by[w] -= 1
 
     def plan(self, now: float) -> None:
-        heads = tuple(self.queue)
-
-        def held(k: int) -> tuple[tuple[Pending, ...], ...]:
-            return ((), (), heads[:k], (), ())
-
-        plan = self.state.plan(self.cfg, self.registry.snapshot(now),
-                               {(POOL_UNIFIED, "m"): self.in_flight}, held, now_ms=now,
-                               rng=self.rng, due=False)
-        if plan is None:
+        step = self.core.step(self.registry.snapshot(now), now_ms=now, rng=self.rng, due=False)
+        if step is None or not step.publish:
             return
-        targets = [b.target for b in plan.batches for _ in b.request_ids]
-        if not targets:
-            return
-        gone = {rid for b in plan.batches for rid in b.request_ids}
-        self.queue = collections.deque(p for p in self.queue if p.request_id not in gone)
-        self.in_flight += len(targets)
-        self.dispatched += len(targets)
-        for w in targets:
+        done = []
+        for out in step.publish:
+            self.core.stored(out.entries, now)
+            done.extend((e.request_id, out.batch.target) for e in out.entries)
+        self.dispatched += len(done)
+        for _, w in done:
             if w in self.held_by:
                 self.held_by[w] += 1
-        self.done_at.append((now + self.service_ms, targets))
+        self.done_at.append((now + self.service_ms, done))
 
     def run(self, seconds: float) -> float:
         """CPU microseconds per dispatched request over `seconds` of virtual time:
@@ -121,7 +112,7 @@ class FleetLoop:
             t0 = clock()
             for data in beats:
                 self.registry.observe(heartbeat_decoder.decode(data), now)
-            if self.queue:
+            if self.core.ledger.held_count():
                 self.plan(now)
             spent += clock() - t0
         return spent / max(1, self.dispatched) * 1e6

@@ -36,10 +36,10 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from client.sdk import Client, new_request_id  # noqa: E402
+from cplane.client.sdk import Client, new_request_id  # noqa: E402
+from cplane.schemas.messages import Request  # noqa: E402
+from cplane.schemas.settings import load_settings  # noqa: E402
 from cplane.stack import Stack, StackSpec  # noqa: E402
-from schemas.messages import Request  # noqa: E402
-from schemas.settings import load_settings  # noqa: E402
 
 console = Console()
 

@@ -26,8 +26,8 @@ import uvloop
 from nats.aio.msg import Msg
 from overhead import pct, send_open_loop
 
-from schemas.codec import final_decoder
-from schemas.messages import Final
+from cplane.schemas.codec import final_decoder
+from cplane.schemas.messages import Final
 
 
 def _body(rid: str) -> bytes:

@@ -45,11 +45,11 @@ for p in (str(ROOT), str(BENCH)):
 
 import overhead  # noqa: E402
 
-from bus.provision import ensure_streams  # noqa: E402
-from bus.server import EmbeddedNats  # noqa: E402
-from client.sdk import Client  # noqa: E402
-from schemas.messages import Request  # noqa: E402
-from schemas.settings import load_settings  # noqa: E402
+from cplane.bus.provision import ensure_streams  # noqa: E402
+from cplane.bus.server import EmbeddedNats  # noqa: E402
+from cplane.client.sdk import Client  # noqa: E402
+from cplane.schemas.messages import Request  # noqa: E402
+from cplane.schemas.settings import load_settings  # noqa: E402
 
 SAMPLE_S = 10.0
 

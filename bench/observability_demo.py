@@ -31,11 +31,11 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from client.control import ControlPlane  # noqa: E402
-from client.sdk import Client, Overloaded, RequestFailed, new_request_id  # noqa: E402
+from cplane.client.control import ControlPlane  # noqa: E402
+from cplane.client.sdk import Client, Overloaded, RequestFailed, new_request_id  # noqa: E402
+from cplane.schemas.messages import Priority, Request  # noqa: E402
+from cplane.schemas.settings import load_settings  # noqa: E402
 from cplane.stack import Stack, StackSpec  # noqa: E402
-from schemas.messages import Priority, Request  # noqa: E402
-from schemas.settings import load_settings  # noqa: E402
 
 Sample = tuple[str, dict[str, str], float]
 Scrape = tuple[float, list[Sample]]

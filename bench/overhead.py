@@ -44,11 +44,11 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bus.provision import ensure_streams  # noqa: E402
-from bus.server import EmbeddedNats  # noqa: E402
-from schemas.codec import encode  # noqa: E402
-from schemas.messages import Request  # noqa: E402
-from schemas.settings import load_settings  # noqa: E402
+from cplane.bus.provision import ensure_streams  # noqa: E402
+from cplane.bus.server import EmbeddedNats  # noqa: E402
+from cplane.schemas.codec import encode  # noqa: E402
+from cplane.schemas.messages import Request  # noqa: E402
+from cplane.schemas.settings import load_settings  # noqa: E402
 
 console = Console()
 PROMPT = "hello world " * 4

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from overhead import pct, send_open_loop  # noqa: E402
 
-from bus.server import EmbeddedNats  # noqa: E402
+from cplane.bus.server import EmbeddedNats  # noqa: E402
 
 STREAMS = [("LLM_REQ", "llm.req.>", RetentionPolicy.WORK_QUEUE, StorageType.FILE),
            ("LLM_WORK", "llm.work.>", RetentionPolicy.WORK_QUEUE, StorageType.FILE),

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from cpu_per_request import cpu_seconds  # noqa: E402
 
-from bus.server import EmbeddedNats  # noqa: E402
+from cplane.bus.server import EmbeddedNats  # noqa: E402
 
 SHAPES = ("plain", "republish", "source", "capture")
 

@@ -34,14 +34,14 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bus.server import EmbeddedNats  # noqa: E402
-from client.sdk import Client  # noqa: E402
-from orchestrator.service import Orchestrator  # noqa: E402
-from schemas.messages import FinishReason, Request  # noqa: E402
-from schemas.settings import Settings, load_settings  # noqa: E402
-from workers.engines.base import Delta  # noqa: E402
-from workers.engines.sim import SimEngine  # noqa: E402
-from workers.runtime import Worker  # noqa: E402
+from cplane.bus.server import EmbeddedNats  # noqa: E402
+from cplane.client.sdk import Client  # noqa: E402
+from cplane.orchestrator.service import Orchestrator  # noqa: E402
+from cplane.schemas.messages import FinishReason, Request  # noqa: E402
+from cplane.schemas.settings import Settings, load_settings  # noqa: E402
+from cplane.workers.engines.base import Delta  # noqa: E402
+from cplane.workers.engines.sim import SimEngine  # noqa: E402
+from cplane.workers.runtime import Worker  # noqa: E402
 
 PROMPT = "the quick brown fox jumps over the lazy dog " * 8
 

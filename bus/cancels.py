@@ -19,8 +19,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import DeliverPolicy
 
-from bus.recent import RecentIds
-from schemas.settings import Settings
+from cplane.bus.recent import RecentIds
+from cplane.schemas.settings import Settings
 
 log = logging.getLogger("cplane.cancels")
 OnCancel = Callable[[str], Awaitable[None]]

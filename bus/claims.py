@@ -24,7 +24,7 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from schemas.settings import Settings
+from cplane.schemas.settings import Settings
 
 log = logging.getLogger("cplane.claims")
 OnLost = Callable[[str], Awaitable[None]]

@@ -21,9 +21,9 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.errors import APIError, NoStreamResponseError
 
-from bus.fins import FinSignals
-from schemas.codec import encode
-from schemas.messages import (
+from cplane.bus.fins import FinSignals
+from cplane.schemas.codec import encode
+from cplane.schemas.messages import (
     ErrorCode,
     ErrorReply,
     Final,
@@ -32,7 +32,7 @@ from schemas.messages import (
     Usage,
     WorkItem,
 )
-from schemas.subjects import Subjects
+from cplane.schemas.subjects import Subjects
 
 
 class StoredPublisher:
@@ -142,9 +142,20 @@ class StoredPublisher:
         if reply_to:
             await nc.publish(reply_to, data, headers=headers)
         await self.publish(subjects.done_store(group, msg.request_id), data,
-                           f"{msg.request_id}:done", headers)
-        # Stored: tell the orchestrators, without the payload (batched, best effort).
-        self.fins.add(subjects.fin(self.signer or msg.request_id), msg.request_id)
+                           terminal_msg_id(msg.request_id), headers)
+        self.terminal_stored(subjects, msg)
+
+    def terminal_stored(self, subjects: Subjects, msg: Final | ErrorReply) -> None:
+        """Tell the orchestrators that `msg` is stored, without the payload (batched,
+        best effort). Called after the store, never before."""
+        ttft = (msg.timings.ttft_ms if isinstance(msg, Final) and msg.usage.completion_tokens
+                else -1.0)
+        self.fins.add(subjects.fin(self.signer or msg.request_id), msg.request_id, ttft)
+
+
+def terminal_msg_id(request_id: str) -> str:
+    """The Nats-Msg-Id of a request's terminal: a repeat within the window is a no-op."""
+    return f"{request_id}:done"
 
 
 def cancelled_final(item: WorkItem, worker_id: str | None = None) -> Final:

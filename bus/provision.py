@@ -43,9 +43,9 @@ from nats.js.errors import APIError, BadRequestError, BucketNotFoundError, NotFo
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
-from schemas.messages import PRIORITIES, Priority, Role
-from schemas.settings import Settings, StreamSettings
-from schemas.subjects import (
+from cplane.schemas.messages import PRIORITIES, Priority, Role
+from cplane.schemas.settings import Settings, StreamSettings
+from cplane.schemas.subjects import (
     ANY_TARGET,
     MODEL_TARGET_PREFIX,
     Subjects,

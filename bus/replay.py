@@ -11,9 +11,9 @@ import msgspec
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from schemas.codec import chunk_decoder, final_decoder
-from schemas.messages import ErrorReply, Final, TokenChunk
-from schemas.settings import Settings
+from cplane.schemas.codec import chunk_decoder, final_decoder
+from cplane.schemas.messages import ErrorReply, Final, TokenChunk
+from cplane.schemas.settings import Settings
 
 
 async def stored_terminal(

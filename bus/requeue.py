@@ -18,11 +18,11 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from bus.outcome import StoredPublisher
-from schemas.codec import encode, work_decoder
-from schemas.messages import WorkBatch, WorkItem
-from schemas.settings import Settings
-from schemas.subjects import model_target
+from cplane.bus.outcome import StoredPublisher
+from cplane.schemas.codec import encode, work_decoder
+from cplane.schemas.messages import WorkBatch, WorkItem
+from cplane.schemas.settings import Settings
+from cplane.schemas.subjects import model_target
 
 Undecodable = Callable[[Msg, Exception], Awaitable[None]]
 

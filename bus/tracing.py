@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from schemas import trace
+from cplane.schemas import trace
 
 log = logging.getLogger("cplane.tracing")
 _configured = False

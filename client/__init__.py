@@ -1,6 +1,6 @@
 """Python client SDK of cplane."""
 
-from client.sdk import (
+from cplane.client.sdk import (
     Client,
     Overloaded,
     RejectedAtPublish,

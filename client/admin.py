@@ -15,9 +15,15 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 
-from schemas.admin import AdminReply, PolicyCommand, PolicyGet, PolicySet, admin_reply_decoder
-from schemas.codec import encode
-from schemas.settings import Settings
+from cplane.schemas.admin import (
+    AdminReply,
+    PolicyCommand,
+    PolicyGet,
+    PolicySet,
+    admin_reply_decoder,
+)
+from cplane.schemas.codec import encode
+from cplane.schemas.settings import Settings
 
 DEFAULT_ADMIN_TIMEOUT_S = 5.0
 

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 
 import msgspec
 
-from schemas.control import (
+from cplane.schemas.control import (
     HistogramData,
     OrchestratorReport,
     QueueDepth,
@@ -27,7 +27,7 @@ from schemas.control import (
     RequestStatus,
     WorkerReport,
 )
-from schemas.messages import Heartbeat
+from cplane.schemas.messages import Heartbeat
 
 NORMAL_ENDS = ("stop", "length")  # finish reasons of a completed request
 SHED_CODE = "overloaded"

@@ -37,16 +37,16 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import APIError
 
-from client.batch_collect import checker_for
-from client.batch_lines import LineChecker, LineError
-from client.batch_state import Resubmit, job_id_for, on_resubmit, transition
-from client.batch_store import JobStore, file_lines
-from client.sdk import _STREAM_FULL_CODES
-from schemas.batch import BatchJob, JobState
-from schemas.codec import encode
-from schemas.messages import Priority
-from schemas.settings import Settings
-from schemas.subjects import RESERVED_GROUPS, valid_token
+from cplane.client.batch_collect import checker_for
+from cplane.client.batch_lines import LineChecker, LineError
+from cplane.client.batch_state import Resubmit, job_id_for, on_resubmit, transition
+from cplane.client.batch_store import JobStore, file_lines
+from cplane.client.sdk import _STREAM_FULL_CODES
+from cplane.schemas.batch import BatchJob, JobState
+from cplane.schemas.codec import encode
+from cplane.schemas.messages import Priority
+from cplane.schemas.settings import Settings
+from cplane.schemas.subjects import RESERVED_GROUPS, valid_token
 
 CHECKPOINT_LINES = 256  # published counts are recorded (and a cancel noticed) this often
 WINDOW = 256  # publishes awaited together

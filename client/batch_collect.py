@@ -38,7 +38,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from client.batch_lines import (
+from cplane.client.batch_lines import (
     LineChecker,
     LineError,
     invalid_line,
@@ -46,12 +46,12 @@ from client.batch_lines import (
     output_line,
     succeeded,
 )
-from client.batch_state import all_in, finished_state, transition
-from client.batch_store import JobStore, file_lines
-from schemas.batch import BatchJob, JobState
-from schemas.codec import final_decoder
-from schemas.messages import ErrorReply, Final
-from schemas.settings import Settings
+from cplane.client.batch_state import all_in, finished_state, transition
+from cplane.client.batch_store import JobStore, file_lines
+from cplane.schemas.batch import BatchJob, JobState
+from cplane.schemas.codec import final_decoder
+from cplane.schemas.messages import ErrorReply, Final
+from cplane.schemas.settings import Settings
 
 log = logging.getLogger("cplane.batch")
 ACK_WAIT_S = 5.0  # a dead collector's unacked terminals come back after this

@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from schemas.batch import (
+from cplane.schemas.batch import (
     BATCH_URLS,
     CHAT_URL,
     BatchError,
@@ -27,8 +27,8 @@ from schemas.batch import (
     BatchOutputLine,
     BatchResponse,
 )
-from schemas.messages import ChatMessage, ErrorCode, ErrorReply, Final, FinishReason, Request
-from schemas.settings import LimitsSettings
+from cplane.schemas.messages import ChatMessage, ErrorCode, ErrorReply, Final, FinishReason, Request
+from cplane.schemas.settings import LimitsSettings
 
 MAX_CUSTOM_ID = 512
 _line_decoder = msgspec.json.Decoder(BatchInputLine)

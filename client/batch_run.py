@@ -18,13 +18,19 @@ from pathlib import Path
 
 from nats.aio.client import Client as NATS
 
-from client.batch import SubmitOptions, check_options, publish_lines, start_job, validate_file
-from client.batch_collect import Collector, Progress, Written, write_results
-from client.batch_lines import LineChecker
-from client.batch_state import Resubmit
-from client.batch_store import JobStore
-from schemas.batch import BatchJob
-from schemas.settings import Settings
+from cplane.client.batch import (
+    SubmitOptions,
+    check_options,
+    publish_lines,
+    start_job,
+    validate_file,
+)
+from cplane.client.batch_collect import Collector, Progress, Written, write_results
+from cplane.client.batch_lines import LineChecker
+from cplane.client.batch_state import Resubmit
+from cplane.client.batch_store import JobStore
+from cplane.schemas.batch import BatchJob
+from cplane.schemas.settings import Settings
 
 PLACEHOLDER_JOB = "batch_" + "0" * 20  # a real id's length: the same encoded sizes
 

@@ -17,7 +17,7 @@ import hashlib
 
 import msgspec
 
-from schemas.batch import BatchJob, JobState
+from cplane.schemas.batch import BatchJob, JobState
 
 _NEXT: dict[JobState, frozenset[JobState]] = {
     JobState.VALIDATING: frozenset({JobState.IN_PROGRESS, JobState.FAILED,

@@ -27,9 +27,9 @@ from nats.js.errors import (
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
-from bus.provision import ensure_batch_stores
-from schemas.batch import BatchJob
-from schemas.settings import Settings
+from cplane.bus.provision import ensure_batch_stores
+from cplane.schemas.batch import BatchJob
+from cplane.schemas.settings import Settings
 
 _job_decoder = msgspec.json.Decoder(BatchJob)
 _CAS_ATTEMPTS = 50

@@ -30,11 +30,17 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from client.admin import Admin, NoOrchestrator
-from client.aggregate import MetricsSummary, SystemStatus, merge_status, summarize, system_status
-from schemas.admin import AdminReply
-from schemas.codec import encode
-from schemas.control import (
+from cplane.client.admin import Admin, NoOrchestrator
+from cplane.client.aggregate import (
+    MetricsSummary,
+    SystemStatus,
+    merge_status,
+    summarize,
+    system_status,
+)
+from cplane.schemas.admin import AdminReply
+from cplane.schemas.codec import encode
+from cplane.schemas.control import (
     INSTANCE_VERB,
     INSTANCES_VERB,
     METRICS_VERB,
@@ -50,9 +56,9 @@ from schemas.control import (
     request_status_decoder,
     worker_report_decoder,
 )
-from schemas.messages import Heartbeat
-from schemas.settings import Settings, load_settings
-from schemas.subjects import INTERACTIVE_GROUP, valid_token
+from cplane.schemas.messages import Heartbeat
+from cplane.schemas.settings import Settings, load_settings
+from cplane.schemas.subjects import INTERACTIVE_GROUP, valid_token
 
 _NO_RESPONDERS = "503"
 

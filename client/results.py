@@ -32,9 +32,9 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from schemas.codec import final_decoder
-from schemas.messages import ErrorReply, Final
-from schemas.settings import Settings
+from cplane.schemas.codec import final_decoder
+from cplane.schemas.messages import ErrorReply, Final
+from cplane.schemas.settings import Settings
 
 Start = datetime.datetime | datetime.timedelta | None
 

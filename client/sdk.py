@@ -45,13 +45,13 @@ from nats.errors import MaxPayloadError, NoRespondersError
 from nats.js.api import DeliverPolicy
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
-from bus import tracing
-from client.results import Start, StoredResult, stored_results
-from schemas import trace
-from schemas.codec import encode, output_decoder
-from schemas.messages import ErrorReply, Final, Priority, Request, TokenChunk
-from schemas.settings import Settings, load_settings
-from schemas.subjects import (
+from cplane.bus import tracing
+from cplane.client.results import Start, StoredResult, stored_results
+from cplane.schemas import trace
+from cplane.schemas.codec import encode, output_decoder
+from cplane.schemas.messages import ErrorReply, Final, Priority, Request, TokenChunk
+from cplane.schemas.settings import Settings, load_settings
+from cplane.schemas.subjects import (
     DEFAULT_SLO_CLASS,
     INTERACTIVE_GROUP,
     RESERVED_GROUPS,

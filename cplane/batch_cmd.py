@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from client.batch import (
+from cplane.client.batch import (
     InvalidFile,
     SubmitOptions,
     cancel_job,
@@ -36,14 +36,14 @@ from client.batch import (
     start_job,
     validate_file,
 )
-from client.batch_collect import Collected, Collector, write_results
-from client.batch_lines import LineChecker
-from client.batch_run import PLACEHOLDER_JOB
-from client.batch_state import Resubmit
-from client.batch_store import JobStore, UnknownJob
-from schemas.batch import BatchJob, JobState
-from schemas.messages import PRIORITIES
-from schemas.settings import Settings
+from cplane.client.batch_collect import Collected, Collector, write_results
+from cplane.client.batch_lines import LineChecker
+from cplane.client.batch_run import PLACEHOLDER_JOB
+from cplane.client.batch_state import Resubmit
+from cplane.client.batch_store import JobStore, UnknownJob
+from cplane.schemas.batch import BatchJob, JobState
+from cplane.schemas.messages import PRIORITIES
+from cplane.schemas.settings import Settings
 
 Run = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
 err = Console(stderr=True)

@@ -6,71 +6,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import logging
 import os
-import signal
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from cplane.service_run import run_service
+from cplane.settings_args import add_common, settings_from_args
 from cplane.status_cmd import add_parsers as add_status_parsers
-from schemas.settings import DEFAULT_NATS_URL, Settings, load_settings
-
-
-def _url_default() -> str:
-    return os.environ.get("NATS_URL", DEFAULT_NATS_URL)
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nats-url", default=None, help="NATS server (default: $NATS_URL, then %s)"
-                   % DEFAULT_NATS_URL)
-    p.add_argument("--config", default=None, help="TOML settings file (or $CPLANE_CONFIG)")
-
-
-def _settings(args: argparse.Namespace, **sections: dict[str, Any]) -> Settings:
-    nats: dict[str, Any] = {}
-    if getattr(args, "nats_url", None):
-        nats["url"] = args.nats_url
-    if nats:
-        sections["nats"] = {**sections.get("nats", {}), **nats}
-    return load_settings(getattr(args, "config", None), **sections)
-
-
-async def freeze_heap_when(ready: asyncio.Event) -> None:
-    """Once the service is up, move everything alive (imported libraries, the engine,
-    settings) to the permanent generation: a full collection then walks only what
-    was made since. Measured on a sim worker: gen-2 pauses of 40-60 ms every few
-    seconds under load, each one a p99 latency spike, without it."""
-    await ready.wait()
-    gc.collect()
-    gc.freeze()
-
-
-def run_service(main: Callable[[asyncio.Event, asyncio.Event], Awaitable[None]]) -> None:
-    """Run a service under uvloop until SIGINT/SIGTERM; the signal only sets a stop
-    event. `main` sets its ready event once started (then the heap is frozen)."""
-    import uvloop
-
-    async def runner() -> None:
-        stop, ready = asyncio.Event(), asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        freezer = asyncio.create_task(freeze_heap_when(ready))
-        try:
-            await main(stop, ready)
-        finally:
-            freezer.cancel()
-
-    uvloop.run(runner())
 
 
 # -- services ---------------------------------------------------------------
 def cmd_orchestrator(args: argparse.Namespace) -> int:
-    from orchestrator.service import Orchestrator
+    from cplane.orchestrator.service import Orchestrator
 
     o: dict[str, Any] = {}
     if args.policy:
@@ -79,7 +29,7 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
         o["router"] = args.router
     if args.pd_mode:
         o["pd_mode"] = args.pd_mode
-    settings = _settings(args, orchestrator=o)
+    settings = settings_from_args(args, orchestrator=o)
     run_service(Orchestrator(settings).run)
     return 0
 
@@ -109,15 +59,15 @@ def _vllm_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from workers.factory import build_engine
-    from workers.runtime import Worker
+    from cplane.workers.factory import build_engine
+    from cplane.workers.runtime import Worker
 
     w: dict[str, Any] = {"role": args.role}
     for key in ("worker_id", "model", "capacity"):
         if getattr(args, key) is not None:
             w[key] = getattr(args, key)
     sim: dict[str, Any] = {"zero_cost": True} if args.zero_cost else {}
-    settings = _settings(args, worker=w, sim=sim)
+    settings = settings_from_args(args, worker=w, sim=sim)
     engine = build_engine(args.engine, settings, _vllm_options(args))
 
     async def main(stop: asyncio.Event, ready: asyncio.Event) -> None:
@@ -153,10 +103,16 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 # -- client commands --------------------------------------------------------
 def cmd_generate(args: argparse.Namespace) -> int:
-    from client.sdk import Client, Overloaded, RejectedAtPublish, RequestFailed, new_request_id
-    from schemas.messages import Priority, Request
+    from cplane.client.sdk import (
+        Client,
+        Overloaded,
+        RejectedAtPublish,
+        RequestFailed,
+        new_request_id,
+    )
+    from cplane.schemas.messages import Priority, Request
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     req = Request(
         request_id=args.request_id or new_request_id(),
         prompt=args.prompt,
@@ -212,10 +168,10 @@ def cmd_policy(args: argparse.Namespace) -> int:
     """`policy get` / `policy set NAME [--param k=v ...]`: 0 ok, 1 no answer, 2 refused."""
     import socket
 
-    from client.admin import Admin, NoOrchestrator
-    from client.sdk import Client
+    from cplane.client.admin import Admin, NoOrchestrator
+    from cplane.client.sdk import Client
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     params: dict[str, Any] = {}
     for kv in getattr(args, "param", None) or []:
         key, sep, value = kv.partition("=")
@@ -258,7 +214,7 @@ def cmd_workers(args: argparse.Namespace) -> int:
     """`workers`: every live worker from its heartbeats (see cplane/workers_cmd.py)."""
     from cplane.workers_cmd import run_workers
 
-    return run_workers(_settings(args), args.wait, args.json)
+    return run_workers(settings_from_args(args), args.wait, args.json)
 
 
 def _iso(ms: float) -> str:
@@ -269,7 +225,7 @@ def _iso(ms: float) -> str:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from schemas.export import EXPORTED_TYPES, render, write_all
+    from cplane.schemas.export import EXPORTED_TYPES, render, write_all
 
     if args.out:
         for path in write_all(Path(args.out)):
@@ -280,7 +236,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_policies(args: argparse.Namespace) -> int:
-    from fleetsim import bench
+    from cplane.fleetsim import bench
 
     return bench.main(args, sys.argv[2:] if len(sys.argv) > 2 else None)
 
@@ -291,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = ap.add_subparsers(dest="cmd", required=True)
 
     p = sp.add_parser("up", help="start nats-server (embedded), the orchestrator and workers")
-    _common(p)
+    add_common(p)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--engine", choices=["sim", "vllm"], default="sim")
     p.add_argument("--model", default=None)
@@ -303,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_up)
 
     p = sp.add_parser("orchestrator", help="run an orchestrator replica")
-    _common(p)
+    add_common(p)
     p.add_argument("--policy", default=None, help="a policy plugin: " + ", ".join(
         _plugin_names("policy")))
     p.add_argument("--router", default=None, help="a router plugin: " + ", ".join(
@@ -312,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_orchestrator)
 
     p = sp.add_parser("worker", help="run a worker hosting one engine")
-    _common(p)
+    add_common(p)
     p.add_argument("--engine", choices=["sim", "vllm"], default="sim")
     p.add_argument("--role", choices=["unified", "prefill", "decode"], default="unified")
     p.add_argument("--model", default=None, help="model name (sim) or path (vllm)")
@@ -334,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_worker)
 
     p = sp.add_parser("generate", help="send one request and stream its text")
-    _common(p)
+    add_common(p)
     p.add_argument("prompt")
     p.add_argument("--priority", choices=[p.value for p in _priorities()], default="normal")
     p.add_argument("--slo-class", default="standard")
@@ -350,11 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sp.add_parser("policy", help="get or switch the dispatch policy of every orchestrator")
     pp = p.add_subparsers(dest="policy_cmd", required=True)
     g = pp.add_parser("get", help="print the policy in force: name, parameters, who set it")
-    _common(g)
+    add_common(g)
     g.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
     g.set_defaults(fn=cmd_policy)
     g = pp.add_parser("set", help="switch every orchestrator replica (kept across restarts)")
-    _common(g)
+    add_common(g)
     g.add_argument("name", help="a policy plugin: " + ", ".join(_plugin_names("policy")))
     g.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="a policy parameter (value as JSON when it parses, else a string)")
@@ -362,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=cmd_policy)
 
     p = sp.add_parser("workers", help="list live workers from their heartbeats, with health")
-    _common(p)
+    add_common(p)
     p.add_argument("--wait", type=float, default=None, metavar="S",
                    help="seconds to collect heartbeats (default: worker.heartbeat_s + 0.5); "
                         "returns earlier once every worker that answered the request is in")
@@ -370,11 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_workers)
 
     _gateway_parser(sp)
-    add_status_parsers(sp, _common)  # status, metrics, request ID, cancel ID
+    add_status_parsers(sp, add_common)  # status, metrics, request ID, cancel ID
     from cplane.batch_cmd import add_batch_parser  # batch jobs and streaming consumers
     from cplane.tail_cmd import add_tail_parser
-    add_batch_parser(sp, _common, _settings)
-    add_tail_parser(sp, _common, _settings)
+    add_batch_parser(sp, add_common, settings_from_args)
+    add_tail_parser(sp, add_common, settings_from_args)
 
     p = sp.add_parser("bench", help="benchmarks that need no broker")
     bp = p.add_subparsers(dest="bench", required=True)
@@ -391,23 +347,23 @@ def build_parser() -> argparse.ArgumentParser:
 def _gateway_parser(sp: Any) -> None:
     from cplane.gateway_cmd import add_parser
 
-    add_parser(sp, _common)
+    add_parser(sp, add_common)
 
 
 def _bench_arguments(p: argparse.ArgumentParser) -> None:
-    from fleetsim.bench import add_arguments
+    from cplane.fleetsim.bench import add_arguments
 
     add_arguments(p)
 
 
-def _plugin_names(kind: str) -> list[str]:
-    from orchestrator.plugins import names
+def _plugin_names(kind: Literal["policy", "router"]) -> list[str]:
+    from cplane.orchestrator.plugins import names
 
     return names(kind)
 
 
 def _priorities() -> list[Any]:
-    from schemas.messages import PRIORITIES
+    from cplane.schemas.messages import PRIORITIES
 
     return list(PRIORITIES)
 

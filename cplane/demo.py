@@ -18,10 +18,10 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from client.sdk import Client, new_request_id
+from cplane.client.sdk import Client, new_request_id
+from cplane.schemas.messages import Final, Priority, Request
+from cplane.schemas.settings import load_settings
 from cplane.stack import Stack, StackSpec
-from schemas.messages import Final, Priority, Request
-from schemas.settings import load_settings
 
 console = Console()
 

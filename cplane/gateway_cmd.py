@@ -14,7 +14,9 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from schemas.settings import Settings
+from cplane.schemas.settings import Settings
+from cplane.service_run import run_service
+from cplane.settings_args import settings_from_args
 
 
 def url_of(sock: socket.socket) -> str:
@@ -37,8 +39,7 @@ def add_parser(sp: Any, common: Callable[[argparse.ArgumentParser], None]) -> No
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    from cplane.cli import _settings, run_service
-    from gateway.app import listen, serve
+    from cplane.gateway.app import listen, serve
 
     g: dict[str, Any] = {}
     if args.host is not None:
@@ -51,7 +52,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         if not sep or not key or not tenant:
             raise ValueError(f"--api-key wants KEY=TENANT, got {kv!r}")
         keys[key] = tenant
-    settings: Settings = _settings(args, gateway=g)
+    settings: Settings = settings_from_args(args, gateway=g)
     if keys:
         settings = _with_keys(settings, keys)
     if args.fd is not None:

@@ -19,9 +19,12 @@ from dataclasses import dataclass, field
 
 import nats
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
-from bus.server import EmbeddedNats, free_port
+from cplane.bus.heartbeats import HeartbeatWatcher, Seen
+from cplane.bus.server import EmbeddedNats, free_port
+from cplane.schemas.messages import Heartbeat
+from cplane.schemas.settings import load_settings
+from cplane.schemas.subjects import Subjects
 
 
 @dataclass(slots=True)
@@ -38,31 +41,34 @@ class StackSpec:
     gateway: bool = True  # also start `cplane gateway` (OpenAI HTTP API)
 
 
-async def heartbeats_seen(nc: NATS, subject: str, n: int, timeout_s: float) -> set[str]:
-    """Workers heard on `subject` (heartbeats) until `n` are seen or the timeout passes."""
+async def heartbeats_seen(nc: NATS, subjects: Subjects, n: int, timeout_s: float) -> set[str]:
+    """Workers heard (heartbeats; each asked for one at once) until `n` are seen or the
+    timeout passes."""
     seen: set[str] = set()
     done = asyncio.Event()
 
-    async def on_hb(msg: Msg) -> None:
-        seen.add(msg.subject.rpartition(".")[2])
+    def heard(hb: Heartbeat, prev: Seen | None) -> None:
+        seen.add(hb.worker_id)
         if len(seen) >= n:
             done.set()
 
-    sub = await nc.subscribe(subject, cb=on_hb)
+    watcher = HeartbeatWatcher(nc, subjects, timeout_s, keep_stopped=True, on_heartbeat=heard)
+    await watcher.start(ask=True)  # a worker up before the watcher answers now
     try:
         await asyncio.wait_for(done.wait(), timeout_s)
     except TimeoutError:
         pass
     finally:
-        await sub.unsubscribe()
+        await watcher.stop()
     return seen
 
 
-async def wait_for_workers(url: str, n: int, timeout_s: float) -> set[str]:
+async def wait_for_workers(url: str, n: int, timeout_s: float,
+                           subjects: Subjects | None = None) -> set[str]:
     """Block until `n` distinct workers have sent a heartbeat (or the timeout passes)."""
     nc = await nats.connect(url)
     try:
-        return await heartbeats_seen(nc, "llm.hb.*", n, timeout_s)
+        return await heartbeats_seen(nc, subjects or Subjects(), n, timeout_s)
     finally:
         await nc.close()
 
@@ -159,7 +165,8 @@ class Stack:
             except BaseException:
                 self.stop()
                 raise
-        seen = asyncio.run(wait_for_workers(self.url, len(cmds), timeout_s))
+        subjects = load_settings(self.spec.config).subjects
+        seen = asyncio.run(wait_for_workers(self.url, len(cmds), timeout_s, subjects))
         if len(seen) < len(cmds):
             self.stop()
             raise RuntimeError(f"only {len(seen)} of {len(cmds)} workers came up in {timeout_s} s")
@@ -173,9 +180,8 @@ class Stack:
         `cplane up` prints it before any service starts, so it is the first
         http URL in the output whatever the services log.
         """
+        from cplane.gateway.app import listen
         from cplane.gateway_cmd import url_of
-        from gateway.app import listen
-        from schemas.settings import load_settings
 
         if self._gateway_sock is None:
             cfg = load_settings(self.spec.config).gateway

@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from cplane.settings_args import settings_from_args
+
 T = TypeVar("T")
 WIDE = 200  # console width when stdout is not a terminal: never cut a column
 
@@ -49,11 +51,10 @@ def add_parsers(sp: Any, common: Callable[[argparse.ArgumentParser], None]) -> N
 
 def _run(args: argparse.Namespace, call: Callable[[Any], Awaitable[T]]) -> T | None:
     """Connect, run `call(control_plane)`; None (reason on stderr) when nobody answers."""
-    from client.admin import NoOrchestrator
-    from client.control import ControlPlane
-    from cplane.cli import _settings
+    from cplane.client.admin import NoOrchestrator
+    from cplane.client.control import ControlPlane
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
 
     async def main() -> T:
         cp = await ControlPlane.connect(settings.nats.url, settings, timeout_s=args.timeout)
@@ -168,7 +169,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
 # -- one request -------------------------------------------------------------------------
 def cmd_request(args: argparse.Namespace) -> int:
-    from schemas.control import RequestPhase
+    from cplane.schemas.control import RequestPhase
 
     st = _run(args, lambda cp: cp.get_request_status(args.request_id, args.group))
     if st is None:

@@ -24,10 +24,10 @@ import nats
 from nats.aio.msg import Msg
 from nats.errors import NoServersError
 
-from client.results import StoredResult, stored_results
-from schemas.codec import chunk_decoder
-from schemas.messages import ErrorReply, Final, TokenChunk
-from schemas.settings import Settings
+from cplane.client.results import StoredResult, stored_results
+from cplane.schemas.codec import chunk_decoder
+from cplane.schemas.messages import ErrorReply, Final, TokenChunk
+from cplane.schemas.settings import Settings
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 

@@ -17,30 +17,21 @@ import asyncio
 import contextlib
 import sys
 import time
-from typing import NamedTuple
+from collections.abc import Mapping
 
 import msgspec
 import nats
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 
-from schemas.admin import breakers_decoder
-from schemas.codec import heartbeat_decoder
-from schemas.messages import Heartbeat, WorkerState
-from schemas.settings import Settings
-from schemas.subjects import Subjects
+from cplane.bus.heartbeats import HeartbeatWatcher, Seen
+from cplane.schemas.admin import BREAKERS_VERB, breakers_decoder
+from cplane.schemas.messages import Heartbeat, WorkerState
+from cplane.schemas.settings import Settings
+from cplane.schemas.subjects import Subjects
 
 SETTLE_S = 0.3  # return once the set of workers has not grown for this long
 CONNECT_TIMEOUT_S = 5.0
 WIDE = 200  # console width when stdout is not a terminal: never cut a column
-
-
-class Seen(NamedTuple):
-    """A worker's latest heartbeat and when it arrived (local monotonic clock)."""
-
-    hb: Heartbeat
-    at: float
 
 
 class WorkerRow(msgspec.Struct, kw_only=True):
@@ -76,40 +67,32 @@ class WorkerRow(msgspec.Struct, kw_only=True):
 
 
 class HeartbeatCollector:
-    """Collects the latest heartbeat of each worker on one connection."""
+    """Collects the latest heartbeat of each worker on one connection (a stopping
+    worker stays, shown as stopped; none is expired: the rows say how old)."""
 
     def __init__(self, nc: NATS, subjects: Subjects) -> None:
-        self.nc = nc
-        self.subjects = subjects
-        self.seen: dict[str, Seen] = {}
+        # No timeout of its own: `rows` judges each heartbeat's age.
+        self.watcher = HeartbeatWatcher(nc, subjects, float("inf"), keep_stopped=True,
+                                        on_heartbeat=self._heard)
         self._new = asyncio.Event()
         self._last_new = time.monotonic()
-        self._sub: Subscription | None = None
+
+    @property
+    def seen(self) -> Mapping[str, Seen]:
+        return self.watcher.book.seen
 
     async def start(self) -> None:
         """Subscribe, then ask every worker for a heartbeat now."""
-        self._sub = await self.nc.subscribe(self.subjects.heartbeats_all, cb=self._on_heartbeat)
-        await self.nc.flush()  # the subscription is in place before anyone answers
         self._last_new = time.monotonic()
-        await self.nc.publish(self.subjects.heartbeat_request, b"")
-        await self.nc.flush()
+        await self.watcher.start(ask=True)
 
     async def stop(self) -> None:
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
+        await self.watcher.stop()
 
-    async def _on_heartbeat(self, msg: Msg) -> None:
-        try:
-            hb = heartbeat_decoder.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            return
-        now = time.monotonic()
-        if hb.worker_id not in self.seen:
-            self._last_new = now
+    def _heard(self, hb: Heartbeat, prev: Seen | None) -> None:
+        if prev is None:
+            self._last_new = time.monotonic()
             self._new.set()
-        self.seen[hb.worker_id] = Seen(hb, now)
 
     async def settle(self, wait_s: float, settle_s: float = SETTLE_S) -> None:
         """Return after `wait_s`, or once some worker answered and none new for `settle_s`."""
@@ -225,7 +208,7 @@ async def _breakers(nc: NATS, settings: Settings, wait_s: float
                     ) -> dict[str, tuple[str, str]] | None:
     """The leading orchestrator's breakers by worker; None when none answers."""
     try:
-        reply = await nc.request(settings.subjects.admin("breakers"), b"", timeout=wait_s)
+        reply = await nc.request(settings.subjects.admin(BREAKERS_VERB), b"", timeout=wait_s)
         infos = breakers_decoder.decode(reply.data)
     except Exception:  # no orchestrator (or no leader yet): the column says "?"
         return None

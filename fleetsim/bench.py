@@ -27,13 +27,13 @@ import orjson
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fleetsim import metrics, plots, report
-from fleetsim.records import DEFAULT_SLOS, TraceRequest
-from fleetsim.sim import FleetSpec, simulate
-from fleetsim.synthetic import LengthDist, SyntheticSpec, generate
-from fleetsim.workload import assign_classes, load_trace, scale_rate, slice_requests, summary
-from orchestrator import plugins
-from orchestrator.dispatch import DispatchConfig
+from cplane.fleetsim import metrics, plots, report
+from cplane.fleetsim.records import DEFAULT_SLOS, TraceRequest
+from cplane.fleetsim.sim import FleetSpec, simulate
+from cplane.fleetsim.synthetic import LengthDist, SyntheticSpec, generate
+from cplane.fleetsim.workload import assign_classes, load_trace, scale_rate, slice_requests, summary
+from cplane.orchestrator import plugins
+from cplane.orchestrator.dispatch import DispatchConfig
 
 DEFAULT_LEVELS = "1=0.2,2=0.6,4=0.2"  # high / normal / background
 DEFAULT_CLASSES = "interactive=0.3,standard=0.5,batch=0.2"

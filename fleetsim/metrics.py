@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fleetsim.records import (
+from cplane.fleetsim.records import (
     DEFAULT_SLOS,
     LEVEL_NAMES,
     RequestRecord,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from schemas.settings import DEFAULT_SLO_CLASSES
+from cplane.schemas.settings import DEFAULT_SLO_CLASSES
 
 # Priority levels as the live system numbers them: 0 = critical ... 4 = background.
 LEVEL_NAMES = ("critical", "high", "normal", "low", "background")

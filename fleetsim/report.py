@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from rich.table import Table
 
-from fleetsim.metrics import Goodput
+from cplane.fleetsim.metrics import Goodput
 
 _DASH = "-"
 

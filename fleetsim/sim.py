@@ -1,13 +1,14 @@
 """The fleet simulator: a trace through the live decision code, in virtual time.
 
 Events (a heap ordered by virtual ms, ties by insertion, so runs replay):
-arrivals reach the orchestrator `intake_ms` after their trace time; a plan
-runs the live `orchestrator.dispatch.plan_dispatch` with the live plugins
-over the held queue, the ledger's in-flight counts and the fleet as of its
-last heartbeats; work messages land on the pool or a worker's own queue
+arrivals reach the orchestrator `intake_ms` after their trace time and are
+held by the live decision core (orchestrator/core.py: the live ledger,
+decision state and plugins); a plan is the core's `step` over the fleet as
+of its last heartbeats, applied by the core as the live orchestrator's is;
+work messages land on the pool or a worker's own queue
 `work_ms` later; workers take whole messages while they have a free slot
 (as workers/runtime.py does) and run the live sim engine's `StepCore`; a
-finished request frees its pool's slot at the orchestrator `done_ms` later.
+finished request reaches the core (`terminal`, with its TTFT) `done_ms` later.
 Heartbeats refresh every worker's view each `heartbeat_ms`. What the client
 sees adds `token_ms` (chunk publish and republish) to each token time.
 """
@@ -22,17 +23,18 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleetsim.records import RequestRecord, RunResult, TraceRequest
-from fleetsim.worker import Item, Run, SimSeq, SimWorker
-from orchestrator.decision_state import DecisionState
-from orchestrator.dispatch import DispatchConfig
-from orchestrator.fleet import FleetView, RoutedSince, WorkerView
-from orchestrator.slo import resolve
-from orchestrator.snapshot import Pending
-from schemas.messages import Role
-from schemas.settings import DEFAULT_SLO_CLASSES, SimSettings, SloClass
-from schemas.subjects import ANY_TARGET
-from workers.latency import LatencyAverages
+from cplane.fleetsim.records import RequestRecord, RunResult, TraceRequest
+from cplane.fleetsim.worker import Item, Run, SimSeq, SimWorker
+from cplane.orchestrator.core import DecisionCore, Journal
+from cplane.orchestrator.dispatch import DispatchConfig
+from cplane.orchestrator.fleet import FleetView, WorkerView
+from cplane.orchestrator.ledger import Entry
+from cplane.orchestrator.slo import resolve
+from cplane.orchestrator.snapshot import Pending
+from cplane.schemas.messages import Role
+from cplane.schemas.settings import DEFAULT_SLO_CLASSES, SimSettings, SloClass
+from cplane.schemas.subjects import ANY_TARGET
+from cplane.workers.latency import LatencyAverages
 
 _ARRIVE, _PLAN, _WORK, _STEP, _DONE, _BEAT, _WAKE, _TICK, _KV = range(9)
 
@@ -78,12 +80,9 @@ class _Msg:
 
 @dataclass(slots=True)
 class _Orch:
-    """The orchestrator's state: held requests per level (insertion-ordered) and the ledger."""
+    """The orchestrator: the live decision core, and when it plans (virtual ms)."""
 
-    held: list[dict[str, Pending]]
-    state: DecisionState
-    in_flight: dict[tuple[str, str], int] = field(default_factory=dict)
-    since: RoutedSince = field(default_factory=RoutedSince)
+    core: DecisionCore[RequestRecord]
     plan_at: float = -1.0  # a plan is scheduled at this time (coalesces wakes)
     busy_until: float = 0.0  # the plan in progress ends then
     tick_at: float = 0.0  # the live ticker: plan even without room (shedding, aging)
@@ -93,7 +92,8 @@ class Simulation:
     """One run: `Simulation(reqs, fleet, cfg, seed).run()` -> RunResult."""
 
     def __init__(self, reqs: Sequence[TraceRequest], fleet: FleetSpec, cfg: DispatchConfig,
-                 *, seed: int = 0, progress: Callable[[int], None] | None = None) -> None:
+                 *, seed: int = 0, progress: Callable[[int], None] | None = None,
+                 journal: Journal | None = None) -> None:
         self.fleet = fleet
         self.cfg = cfg
         self.rng = random.Random(seed)
@@ -111,10 +111,9 @@ class Simulation:
         self._of_role = {r: [w for w in self.workers.values() if w.role is r] for r in Role}
         self.pools: dict[Role, list[_Msg]] = {r: [] for r in Role}  # the `any` subjects
         self.own: dict[str, list[_Msg]] = {w: [] for w in self.workers}
-        since = RoutedSince()
-        self.orch = _Orch([{} for _ in range(5)], DecisionState(
-            tenant_weights=fleet.tenant_weights, routed_since=since,
-            prefill_tokens_per_s=1000 / max(1e-9, fleet.engine.prefill_b_ms)), since=since)
+        self.orch = _Orch(DecisionCore(
+            cfg, tenant_weights=fleet.tenant_weights, journal=journal,
+            prefill_tokens_per_s=1000 / max(1e-9, fleet.engine.prefill_b_ms)))
         self.view = FleetView()
         self._heap: list[tuple[float, int, int, Any]] = []
         self._tie = itertools.count()
@@ -122,9 +121,6 @@ class Simulation:
         self.events = 0
         self.finished = 0
         self.samples: list[tuple[float, tuple[int, ...]]] = []
-        self.pool_of: dict[str, tuple[str, str]] = {}  # request id -> pool it occupies
-        self.pending: dict[str, Pending] = {}
-        self.target_of: dict[str, str] = {}  # request id -> the worker it was routed to
         self._index = {wid: i for i, wid in enumerate(self.workers)}
         self._latency: dict[str, LatencyAverages] = {}  # per worker, for heartbeats
         self._pull_rng = random.Random(seed + 0x5EED)  # which waiting pull gets pool work
@@ -179,9 +175,7 @@ class Simulation:
                     block_hashes=r.block_hashes, ttft_target_ms=slo.ttft_ms,
                     tpot_target_ms=slo.tpot_ms, sheddable=slo.sheddable and self.fleet.shed,
                     cost_budget=r.cost_budget)
-        self.pending[r.request_id] = p
-        self.orch.held[r.level][r.request_id] = p
-        self.orch.state.held(r.tenant)
+        self.orch.core.hold(Entry(p, rec))
         self._want_plan()
 
     def _want_plan(self) -> None:
@@ -195,55 +189,36 @@ class Simulation:
     def _plan(self, _: Any) -> None:
         o = self.orch
         o.busy_until = self.now + self.fleet.plan_ms
-        if not any(o.held):
+        core = o.core
+        if not core.ledger.held_count():
             return
-        st = o.state
-        plan = st.plan(self.cfg, self.view, dict(o.in_flight),
-                       lambda k: tuple(tuple(itertools.islice(h.values(), k)) for h in o.held),
-                       now_ms=self.now, rng=self.rng, due=self.now >= o.tick_at)
-        if plan is None:
+        due = self.now >= o.tick_at
+        step = core.step(self.view, now_ms=self.now, rng=self.rng, due=due)
+        if step is None:
             return
-        if self.now >= o.tick_at:
+        if due:
             o.tick_at = self.now + 250.0
-        for rej in plan.rejections:
-            rec = self.by_id[rej.request_id]
-            self._take_held(rec)
+        for rej, entry in step.rejected:  # its ErrorReply is at the client at once
+            rec = entry.item
             rec.rejected = rej.code.value
             rec.finished_ms = self.now
-            st.finished(rec.req.tenant, self.now, ran=False)
+            core.finished_own(entry, self.now)
             self._finished()
-        for b in plan.batches:
+        for out in step.publish:
             items = []
-            for rid in b.request_ids:
-                rec = self.by_id[rid]
-                self._take_held(rec)
-                rec.dispatched_ms = self.now
-                o.in_flight[b.pool] = o.in_flight.get(b.pool, 0) + 1
-                self.pool_of[rid] = b.pool
-                items.append(Item(rec, b.pool, b.role))
-            st.dispatched((self.pending[rid] for rid in b.request_ids),
-                          getattr(self.cfg.order, "fair", None))
-            if b.target in self.workers:
-                st.sent_to(b.target, (self.pending[rid] for rid in b.request_ids))
-                for rid in b.request_ids:
-                    self.target_of[rid] = b.target
-            self._at(self.now + self.fleet.work_ms, _WORK, (b.role, b.target, _Msg(items)))
-        if any(o.held):  # the ticker: shedding and aging go on while pools are full
+            for e in out.entries:
+                e.item.dispatched_ms = self.now
+                items.append(Item(e.item, out.batch.pool, out.batch.role))
+            core.stored(out.entries, self.now)  # the publish is acked at once here
+            self._at(self.now + self.fleet.work_ms, _WORK,
+                     (out.batch.role, out.batch.target, _Msg(items)))
+        if core.ledger.held_count():  # the ticker: shedding and aging go on while pools are full
             self._at(o.tick_at, _TICK)
 
-    def _take_held(self, rec: RequestRecord) -> None:
-        self.orch.held[rec.req.level].pop(rec.req.request_id, None)
-
     def _done(self, rid: str) -> None:
-        """A Final reached the orchestrator: its pool has room again."""
-        self.orch.in_flight[self.pool_of.pop(rid)] -= 1
-        worker = self.target_of.pop(rid, "")
-        if worker:
-            self.orch.since.finished_on(worker)
-        rec = self.by_id[rid]
-        ttft, target = rec.ttft_ms, self.pending[rid].ttft_target_ms
-        self.orch.state.finished(rec.req.tenant, self.now, True,
-                                 None if ttft is None else ttft > target)
+        """A Final reached the orchestrator: its pool has room again, its TTFT counts."""
+        ttft = self.by_id[rid].ttft_ms
+        self.orch.core.terminal(rid, self.now, -1.0 if ttft is None else ttft)
         self._want_plan()
 
     def _tick(self, _: Any) -> None:
@@ -330,7 +305,9 @@ class Simulation:
         assert rec is not None
         if q.prefill_only and rec.req.output_tokens > 1:
             # The prefill side streamed the first token; decode continues elsewhere.
-            item = Item(rec, self.pool_of[rec.req.request_id], Role.DECODE, True)
+            entry = self.orch.core.ledger.get(rec.req.request_id)
+            assert entry is not None and entry.pool is not None
+            item = Item(rec, entry.pool, Role.DECODE, True)
             self._at(self.now + self.fleet.handoff_ms, _WORK,
                      (Role.DECODE, ANY_TARGET, _Msg([item])))
             return
@@ -369,7 +346,7 @@ class Simulation:
                 last_seen_ms=self.now, price_in_per_1k=p_in, price_out_per_1k=p_out,
                 ttft_ms_avg=lat.ttft_ms if lat else 0.0, tpot_ms_avg=lat.tpot_ms if lat else 0.0))
         self.view = FleetView(tuple(views))
-        self.orch.since.heard_all()
+        self.orch.core.state.since.heard_all()
         self.samples.append((self.now, tuple(
             w.held + sum(len(m.items) for m in self.own[w.worker_id])
             for w in self.workers.values())))
@@ -383,7 +360,7 @@ class Simulation:
         """Every `kv_events_ms` each worker drains its cache changes; they reach the
         orchestrator's index `kv_ms` later (data: the changes in flight)."""
         if data is not None:
-            index = self.orch.state.prefix
+            index = self.orch.core.state.prefix
             for wid, seq, stored, removed in data:
                 index.apply(wid, "sim", seq, stored, removed, False)
             return
@@ -400,9 +377,10 @@ class Simulation:
 
 
 def simulate(reqs: Sequence[TraceRequest], fleet: FleetSpec, cfg: DispatchConfig, *,
-             seed: int = 0, progress: Callable[[int], None] | None = None) -> RunResult:
+             seed: int = 0, progress: Callable[[int], None] | None = None,
+             journal: Journal | None = None) -> RunResult:
     """Run `reqs` through the fleet with the decision configuration `cfg`."""
-    return Simulation(reqs, fleet, cfg, seed=seed, progress=progress).run()
+    return Simulation(reqs, fleet, cfg, seed=seed, progress=progress, journal=journal).run()
 
 
 __all__ = ["FleetSpec", "Simulation", "simulate"]

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
-from fleetsim.records import TraceRequest
+from cplane.fleetsim.records import TraceRequest
 
 K = TypeVar("K", str, int)
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fleetsim.records import RequestRecord
-from schemas.messages import Role
-from schemas.settings import SimSettings
-from workers.engines.stepcore import CoreSeq, Step, StepCore
+from cplane.fleetsim.records import RequestRecord
+from cplane.schemas.messages import Role
+from cplane.schemas.settings import SimSettings
+from cplane.workers.engines.stepcore import CoreSeq, Step, StepCore
 
 
 @dataclass(slots=True, eq=False)

@@ -35,8 +35,8 @@ from typing import Any
 
 import orjson
 
-from fleetsim.records import TraceRequest
-from fleetsim.synthetic import LengthDist, SyntheticSpec, generate, pick_weighted
+from cplane.fleetsim.records import TraceRequest
+from cplane.fleetsim.synthetic import LengthDist, SyntheticSpec, generate, pick_weighted
 
 __all__ = [
     "LengthDist",

@@ -37,7 +37,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import Response
 from starlette.routing import Route
 
-from client.sdk import (
+from cplane.client.sdk import (
     Client,
     Overloaded,
     RejectedAtPublish,
@@ -45,14 +45,14 @@ from client.sdk import (
     RequestHandle,
     new_request_id,
 )
-from gateway import openai_map as om
-from gateway import sse
-from gateway.auth import tenant_for
-from gateway.batches import BatchApi
-from gateway.metrics import GatewayMetrics
-from gateway.models import LiveModels, model_list
-from schemas.messages import ErrorReply, Final
-from schemas.settings import Settings
+from cplane.gateway import openai_map as om
+from cplane.gateway import sse
+from cplane.gateway.auth import tenant_for
+from cplane.gateway.batches import BatchApi
+from cplane.gateway.metrics import GatewayMetrics
+from cplane.gateway.models import LiveModels, model_list
+from cplane.schemas.messages import ErrorReply, Final
+from cplane.schemas.settings import Settings
 
 log = logging.getLogger("cplane.gateway")
 _encode = msgspec.json.Encoder().encode

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Mapping
 
-from gateway.openai_map import ApiError
+from cplane.gateway.openai_map import ApiError
 
 _UNAUTHORIZED = ApiError(401, "a valid API key is required: Authorization: Bearer <key>",
                          type="authentication_error", code="invalid_api_key")

@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from schemas.batch import BatchJob, JobState
+from cplane.schemas.batch import BatchJob, JobState
 
 FILES_PREFIX = "files/"  # object names of uploaded and result files in `<prefix>_batch_files`
 META_PREFIX = "batches/"  # object names of BatchMeta records

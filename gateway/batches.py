@@ -33,7 +33,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import Response
 from starlette.routing import Route
 
-from client.batch import (
+from cplane.client.batch import (
     InvalidFile,
     SubmitOptions,
     cancel_job,
@@ -41,15 +41,15 @@ from client.batch import (
     start_job,
     validate_file,
 )
-from client.batch_collect import Collector, write_results
-from client.batch_lines import LineChecker
-from client.batch_run import PLACEHOLDER_JOB
-from client.batch_store import JobStore
-from client.sdk import Client
-from gateway import batch_map as bm
-from gateway.openai_map import ApiError
-from schemas.batch import BATCH_URLS, BatchJob
-from schemas.settings import Settings
+from cplane.client.batch_collect import Collector, write_results
+from cplane.client.batch_lines import LineChecker
+from cplane.client.batch_run import PLACEHOLDER_JOB
+from cplane.client.batch_store import JobStore
+from cplane.client.sdk import Client
+from cplane.gateway import batch_map as bm
+from cplane.gateway.openai_map import ApiError
+from cplane.schemas.batch import BATCH_URLS, BatchJob
+from cplane.schemas.settings import Settings
 
 log = logging.getLogger("cplane.gateway")
 _encode = msgspec.json.Encoder().encode

@@ -8,24 +8,15 @@ as `cplane workers` does), so `/v1/models` is right within a round trip.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
-import msgspec
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 
-from schemas.codec import heartbeat_decoder
-from schemas.messages import Heartbeat, WorkerState
-from schemas.settings import Settings
-
-
-class Seen(NamedTuple):
-    hb: Heartbeat
-    at: float  # local monotonic clock when it arrived
+from cplane.bus.heartbeats import HeartbeatWatcher, Seen
+from cplane.schemas.messages import Heartbeat, WorkerState
+from cplane.schemas.settings import Settings
 
 
 def live_models(seen: Mapping[str, Seen], now: float, timeout_s: float) -> dict[str, list[Seen]]:
@@ -51,47 +42,35 @@ def model_list(live: Mapping[str, list[Seen]]) -> dict[str, Any]:
 
 
 class LiveModels:
-    """Keeps the latest heartbeat of every worker on the gateway's connection."""
+    """The latest heartbeat of every worker on the gateway's connection
+    (bus/heartbeats.py), read as the models served now."""
 
     def __init__(self, nc: NATS, settings: Settings) -> None:
-        self.nc = nc
-        self.subjects = settings.subjects
         self.timeout_s = settings.orchestrator.worker_timeout_s
-        self.seen: dict[str, Seen] = {}
         self.ever: set[str] = set()  # every model served since the gateway started
-        self._sub: Subscription | None = None
+        self.watcher = HeartbeatWatcher(nc, settings.subjects, self.timeout_s,
+                                        on_heartbeat=self._heard)
+
+    @property
+    def seen(self) -> Mapping[str, Seen]:
+        return self.watcher.book.seen
 
     async def start(self) -> None:
-        self._sub = await self.nc.subscribe(self.subjects.heartbeats_all, cb=self._on_hb)
-        await self.nc.flush()  # subscribed before anyone answers
-        await self.nc.publish(self.subjects.heartbeat_request, b"")
-        await self.nc.flush()
+        await self.watcher.start(ask=True)
 
     async def stop(self) -> None:
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
+        await self.watcher.stop()
 
-    async def _on_hb(self, msg: Msg) -> None:
-        try:
-            hb = heartbeat_decoder.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            return
-        if hb.state is WorkerState.STOPPED:
-            self.seen.pop(hb.worker_id, None)
-            return
-        self.seen[hb.worker_id] = Seen(hb, time.monotonic())
-        self.ever.update(hb.models)
-        if len(self.seen) > 4096:  # bounded against invented worker ids: drop the stalest
-            now = time.monotonic()
-            for wid in [w for w, s in self.seen.items() if now - s.at > self.timeout_s]:
-                del self.seen[wid]
+    def _heard(self, hb: Heartbeat, prev: Seen | None) -> None:
+        if hb.state is not WorkerState.STOPPED:
+            self.ever.update(hb.models)
 
     def live(self) -> dict[str, list[Seen]]:
         return live_models(self.seen, time.monotonic(), self.timeout_s)
 
     def workers(self) -> int:
-        now = time.monotonic()
-        return sum(1 for s in self.seen.values()
-                   if s.hb.state is WorkerState.READY and now - s.at <= self.timeout_s)
+        """READY workers heard within the timeout."""
+        return sum(1 for s in self.watcher.live() if s.hb.state is WorkerState.READY)
+
+
+__all__ = ["LiveModels", "Seen", "live_models", "model_list"]

@@ -31,7 +31,7 @@ from typing import Any
 
 import msgspec
 
-from schemas.messages import (
+from cplane.schemas.messages import (
     PRIORITIES,
     ChatMessage,
     ErrorCode,
@@ -42,7 +42,7 @@ from schemas.messages import (
     Request,
     TokenChunk,
 )
-from schemas.subjects import valid_token
+from cplane.schemas.subjects import valid_token
 
 SSE_DONE = "[DONE]"
 

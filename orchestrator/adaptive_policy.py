@@ -24,11 +24,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from orchestrator.fairness import FairParams
-from orchestrator.plugins import register
-from orchestrator.policy import Levels, Order, PolicyConfig, by_heads, fifo, priority
-from orchestrator.slo_policy import edf_feasible, split_feasible
-from orchestrator.snapshot import Pending, PolicyContext
+from cplane.orchestrator.fairness import FairParams
+from cplane.orchestrator.plugin_types import Levels, PluginSpec, Policy
+from cplane.orchestrator.policy import PolicyConfig, by_heads, fifo, priority
+from cplane.orchestrator.slo_policy import edf_feasible, split_feasible
+from cplane.orchestrator.snapshot import Pending, PolicyContext
 
 FIFO, SLO, PRIORITY = "fifo", "slo_aware", "priority"
 
@@ -88,11 +88,11 @@ def adapt(mode: str, since_ms: float, sig: Signals, now_ms: float, prm: Adaptive
     return mode, since_ms
 
 
-@register("policy", "adaptive", AdaptiveParams)
-def _adaptive(params: AdaptiveParams) -> Order:
+def _adaptive(params: AdaptiveParams) -> Policy:
     """fifo when idle, slo_aware under contention, priority when SLOs are lost."""
-    by_mode = {FIFO: by_heads(fifo, PolicyConfig(), params),
-               PRIORITY: by_heads(priority, PolicyConfig(aging_s=params.aging_s), params)}
+    by_mode = {FIFO: by_heads(FIFO, fifo, PolicyConfig(), params),
+               PRIORITY: by_heads(PRIORITY, priority, PolicyConfig(aging_s=params.aging_s),
+                                  params)}
 
     def order(levels: Levels, k: int, ctx: PolicyContext) -> list[Pending]:
         if ctx.mode == SLO or ctx.mode not in by_mode:
@@ -107,11 +107,12 @@ def _adaptive(params: AdaptiveParams) -> Order:
         # load fifo keeps the configured headroom so workers never idle.
         return None if mode in ("", FIFO) else 0.0
 
-    order.lookahead = params.lookahead  # type: ignore[attr-defined]
-    order.headroom_for = headroom_for  # type: ignore[attr-defined]
-    order.next_mode = next_mode  # type: ignore[attr-defined]
-    order.fair = params  # type: ignore[attr-defined]
-    return order
+    return Policy("adaptive", order, fair=params, lookahead=params.lookahead,
+                  headroom_of_mode=headroom_for, next_mode=next_mode)
 
 
-__all__ = ["AdaptiveParams", "Signals", "adapt", "signals"]
+ADAPTIVE_POLICIES: tuple[PluginSpec[Policy], ...] = (
+    PluginSpec("adaptive", _adaptive, AdaptiveParams),
+)
+
+__all__ = ["ADAPTIVE_POLICIES", "AdaptiveParams", "Signals", "adapt", "signals"]

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from schemas.messages import Heartbeat
+from cplane.schemas.messages import Heartbeat
 
 
 class BreakerState(enum.StrEnum):

@@ -7,35 +7,43 @@ aggregates the replicas' answers, client/control.py):
   policy, router, counters, its ledger, and the queue depth per priority and
   SLO class read from JetStream at that moment (consumer num_pending /
   num_ack_pending, stream subject counts);
-- `<prefix>.admin.instances`: the workers it hears heartbeats from;
+- `<prefix>.admin.instances`: the workers its registry hears heartbeats from;
 - `<prefix>.admin.request`: a request's phase: from its ledger when it holds
   the request, else from the terminal stored in LLM_OUT / LLM_DONE (with the
-  timeline the Final's timings give), else `not_found`.
+  timeline the Final's timings give), else `not_found`;
+- `<prefix>.admin.breakers`: the leader only, each worker's circuit breaker
+  (`cplane workers` shows them).
 
-Nothing here runs on the dispatch path: each answer costs a few JetStream
-API calls at the moment it is asked for, and the only state kept is the
-latest heartbeat per live worker.
+Nothing here runs on the dispatch path and nothing is kept: each answer reads
+the replica (through `ReplicaState`, read-only), its worker registry, or
+JetStream at the moment it is asked for. The subscriptions and the metrics
+server are bus/control.py's `ControlEndpoint`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
 import time
 from dataclasses import asdict
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import msgspec
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 
-from bus import tracing
-from bus.replay import stored_terminal
-from orchestrator.ledger import RequestState
-from orchestrator.metrics import start_metrics_server
-from schemas.codec import encode, heartbeat_decoder
-from schemas.control import (
+from cplane.bus import tracing
+from cplane.bus.control import Answer, ControlEndpoint
+from cplane.bus.replay import stored_terminal
+from cplane.orchestrator.fleet import Registry
+from cplane.orchestrator.health_admin import breaker_infos
+from cplane.orchestrator.ledger import Ledger, RequestState
+from cplane.orchestrator.metrics import start_metrics_server
+from cplane.orchestrator.stats import OrchestratorStats
+from cplane.schemas.admin import BREAKERS_VERB
+from cplane.schemas.codec import encode
+from cplane.schemas.control import (
     INSTANCES_VERB,
     METRICS_VERB,
     REQUEST_VERB,
@@ -48,16 +56,39 @@ from schemas.control import (
     RequestStatus,
     request_query_decoder,
 )
-from schemas.messages import PRIORITIES, ErrorReply, Final, FinishReason, Heartbeat, WorkerState
-from schemas.subjects import consumer_for_priority
-
-if TYPE_CHECKING:
-    from wsgiref.simple_server import WSGIServer
-
-    from orchestrator.service import Orchestrator
+from cplane.schemas.messages import (
+    PRIORITIES,
+    ErrorReply,
+    Final,
+    FinishReason,
+    Heartbeat,
+    WorkerState,
+)
+from cplane.schemas.settings import Settings
+from cplane.schemas.subjects import consumer_for_priority
 
 log = logging.getLogger("cplane.orchestrator")
 JS_TIMEOUT_S = 2.0
+
+
+class ReplicaState(Protocol):
+    """What the control subjects read of a replica, never change (the
+    Orchestrator is one; read at the moment a question arrives)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def leading(self) -> bool: ...
+
+    @property
+    def policy_name(self) -> str: ...
+
+    @property
+    def stats(self) -> OrchestratorStats: ...
+
+    @property
+    def ledger(self) -> Ledger: ...
 
 
 def terminal_status(request_id: str, term: Final | ErrorReply) -> RequestStatus:
@@ -81,69 +112,56 @@ def terminal_status(request_id: str, term: Final | ErrorReply) -> RequestStatus:
 
 
 class OrchestratorControl:
-    def __init__(self, orch: Orchestrator) -> None:
-        self.orch = orch
+    """Answers the control subjects for one replica, from what it is given."""
+
+    def __init__(self, nc: NATS, js: JetStreamContext, settings: Settings,
+                 registry: Registry, replica: ReplicaState) -> None:
+        self.js = js
+        self.settings = settings
+        self.registry = registry
+        self.replica = replica
         self.started_ms = time.time() * 1000
-        self._subs: list[Subscription] = []
-        self._server: WSGIServer | None = None
-        self._instances: dict[str, tuple[Heartbeat, float]] = {}  # id -> (hb, monotonic)
-        self._pruned = 0.0
-        self.metrics_port = 0  # where /metrics listens (0 = not served)
+        a = settings.subjects.admin
+        answers: dict[str, Answer] = {
+            a(STATUS_VERB): self._on_status, a(METRICS_VERB): self._on_metrics,
+            a(INSTANCES_VERB): self._on_instances, a(REQUEST_VERB): self._on_request,
+            a(BREAKERS_VERB): self._on_breakers}
+        m = settings.metrics
+        serve = (functools.partial(start_metrics_server, m.host, m.orchestrator_port, self.report)
+                 if m.orchestrator_port else None)
+        self.endpoint = ControlEndpoint(nc, answers, serve, name=f"orchestrator {replica.id}")
+
+    @property
+    def metrics_port(self) -> int:
+        """Where /metrics listens (0 = not served)."""
+        return self.endpoint.metrics_port
 
     async def start(self) -> None:
-        o = self.orch
-        nc = o._nc
-        assert nc is not None
-        s = o.subjects
-        self._subs = [
-            await nc.subscribe(s.admin(STATUS_VERB), cb=self._on_status),
-            await nc.subscribe(s.admin(METRICS_VERB), cb=self._on_metrics),
-            await nc.subscribe(s.admin(INSTANCES_VERB), cb=self._on_instances),
-            await nc.subscribe(s.admin(REQUEST_VERB), cb=self._on_request),
-            await nc.subscribe(s.heartbeats_all, cb=self._on_heartbeat),
-        ]
-        m = o.settings.metrics
-        if m.orchestrator_port:
-            self._server = start_metrics_server(m.host, m.orchestrator_port, self.report)
-            self.metrics_port = self._server.server_port
-            log.info("orchestrator %s: metrics on http://%s:%d/metrics", o.id, m.host,
-                     self.metrics_port)
+        await self.endpoint.start()
 
     async def stop(self) -> None:
-        for sub in self._subs:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        self._subs = []
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        await self.endpoint.stop()
 
     # -- what it knows ------------------------------------------------------------
     def instances(self) -> list[Heartbeat]:
-        """Workers heard within worker_timeout_s, by id."""
-        limit = self.orch.settings.orchestrator.worker_timeout_s
-        now = time.monotonic()
-        for wid in [w for w, (_, seen) in self._instances.items() if now - seen > limit]:
-            del self._instances[wid]
-        return [hb for _, (hb, _) in sorted(self._instances.items())]
+        """Workers heard within worker_timeout_s, by id (the registry's clock: wall ms)."""
+        return self.registry.heartbeats(time.time() * 1000)
 
     async def queue_depth(self) -> list[QueueDepth]:
         """LLM_REQ per priority, as JetStream reports it now ([] when it does not answer)."""
-        o = self.orch
-        js, stream = o._js, o.settings.streams.req.name
+        js, stream, subjects = self.js, self.settings.streams.req.name, self.settings.subjects
         try:
             async with asyncio.timeout(JS_TIMEOUT_S):
                 infos = await asyncio.gather(
                     *(js.consumer_info(stream, consumer_for_priority(p)) for p in PRIORITIES),
                     return_exceptions=True)
-                sinfo = await js.stream_info(stream, subjects_filter=o.subjects.requests_all)
+                sinfo = await js.stream_info(stream, subjects_filter=subjects.requests_all)
         except Exception as exc:  # the broker is away: say nothing rather than guess
             log.debug("queue depth unavailable: %r", exc)
             return []
         by_prio: dict[str, dict[str, int]] = {p.value: {} for p in PRIORITIES}
         for subject, n in (sinfo.state.subjects or {}).items():
-            prio, slo = o.subjects.parse_request(subject)
+            prio, slo = subjects.parse_request(subject)
             if prio in by_prio:
                 by_prio[prio][slo] = n
         out = []
@@ -156,17 +174,17 @@ class OrchestratorControl:
         return out
 
     async def report(self, with_instances: bool = False) -> OrchestratorReport:
-        o = self.orch
-        st = o.stats
+        r, o = self.replica, self.settings.orchestrator
+        st, ledger = r.stats, r.ledger
         instances = self.instances()
         return OrchestratorReport(
-            orchestrator_id=o.id, leading=o.leading, policy=o.policy_name,
-            router=o.settings.orchestrator.router, pd_mode=o.settings.orchestrator.pd_mode,
+            orchestrator_id=r.id, leading=r.leading, policy=r.policy_name,
+            router=o.router, pd_mode=o.pd_mode,
             counters={k: v for k, v in asdict(st).items() if isinstance(v, int)},
             rejections={str(k): v for k, v in st.rejections.items()},
             accepted=dict(st.accepted_by), routed=dict(st.routed),
-            held={p.value: o.ledger.held_count(i) for i, p in enumerate(PRIORITIES)},
-            in_flight=sum(o.ledger.in_flight_by_pool().values()),
+            held={p.value: ledger.held_count(i) for i, p in enumerate(PRIORITIES)},
+            in_flight=sum(ledger.in_flight_by_pool().values()),
             queue=await self.queue_depth(),
             workers_known=len(instances),
             workers_ready=sum(hb.state is WorkerState.READY for hb in instances),
@@ -174,83 +192,69 @@ class OrchestratorControl:
             started_ms=self.started_ms, ts_ms=time.time() * 1000)
 
     async def request_status(self, query: RequestQuery) -> RequestStatus:
-        o = self.orch
-        rid = query.request_id
-        entry = o.ledger.get(rid)
+        rid, oid = query.request_id, self.replica.id
+        entry = self.replica.ledger.get(rid)
         if entry is not None and entry.state is not RequestState.FINISHING:
             item = entry.item
             dispatched = entry.state is not None and entry.state >= RequestState.DISPATCHING
             # The worker may have stored the terminal and forgotten the request before
             # its fin reaches this ledger: the stored answer wins, never "dispatched".
             if dispatched:
-                term = await stored_terminal(o._js, o.settings, query.group, rid)
+                term = await stored_terminal(self.js, self.settings, query.group, rid)
                 if term is not None:
                     return terminal_status(rid, term)
             return RequestStatus(
                 request_id=rid,
                 phase=RequestPhase.DISPATCHED if dispatched else RequestPhase.QUEUED,
-                source=f"orchestrator:{o.id}", orchestrator_id=o.id,
+                source=f"orchestrator:{oid}", orchestrator_id=oid,
                 worker_id=entry.target, priority=item.priority.value,
                 slo_class=item.slo_class, queued_ms=entry.arrival_ms,
                 dispatched_ms=entry.dispatched_ms)
-        term = await stored_terminal(o._js, o.settings, query.group, rid)
+        term = await stored_terminal(self.js, self.settings, query.group, rid)
         if term is not None:
             return terminal_status(rid, term)
         return RequestStatus(request_id=rid, phase=RequestPhase.NOT_FOUND,
-                             source=f"orchestrator:{o.id}", orchestrator_id=o.id)
+                             source=f"orchestrator:{oid}", orchestrator_id=oid)
 
-    # -- subscriptions --------------------------------------------------------------
-    async def _reply(self, msg: Msg, data: bytes) -> None:
-        if msg.reply and self.orch._nc is not None:
-            with contextlib.suppress(Exception):
-                await self.orch._nc.publish(msg.reply, data)
+    # -- answers ------------------------------------------------------------------
+    async def _on_status(self, data: bytes) -> bytes:
+        return encode(await self.report(with_instances=True))
 
-    async def _on_status(self, msg: Msg) -> None:
-        await self._reply(msg, encode(await self.report(with_instances=True)))
+    async def _on_metrics(self, data: bytes) -> bytes:
+        return encode(await self.report())
 
-    async def _on_metrics(self, msg: Msg) -> None:
-        await self._reply(msg, encode(await self.report()))
+    async def _on_instances(self, data: bytes) -> bytes:
+        return encode(InstancesReply(orchestrator_id=self.replica.id,
+                                     instances=self.instances(), ts_ms=time.time() * 1000))
 
-    async def _on_instances(self, msg: Msg) -> None:
-        await self._reply(msg, encode(InstancesReply(
-            orchestrator_id=self.orch.id, instances=self.instances(),
-            ts_ms=time.time() * 1000)))
-
-    async def _on_request(self, msg: Msg) -> None:
+    async def _on_request(self, data: bytes) -> bytes:
+        source = f"orchestrator:{self.replica.id}"
         try:
-            query = request_query_decoder.decode(msg.data)
+            query = request_query_decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            await self._reply(msg, encode(RequestStatus(
-                request_id="", phase=RequestPhase.NOT_FOUND, source=f"orchestrator:"
-                f"{self.orch.id}", message=f"bad request query: {exc}")))
-            return
+            return encode(RequestStatus(request_id="", phase=RequestPhase.NOT_FOUND,
+                                        source=source, message=f"bad request query: {exc}"))
         try:
             status = await self.request_status(query)
         except Exception as exc:  # the lookup failed: say so, the asker may retry
             status = RequestStatus(request_id=query.request_id, phase=RequestPhase.NOT_FOUND,
-                                   source=f"orchestrator:{self.orch.id}",
-                                   message=f"lookup failed: {exc!r}")
-        await self._reply(msg, encode(status))
+                                   source=source, message=f"lookup failed: {exc!r}")
+        return encode(status)
 
-    async def _on_heartbeat(self, msg: Msg) -> None:
-        try:
-            hb = heartbeat_decoder.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            return
-        if hb.state is WorkerState.STOPPED:
-            self._instances.pop(hb.worker_id, None)
-        else:
-            self._instances[hb.worker_id] = (hb, time.monotonic())
-        if time.monotonic() - self._pruned > 1.0:  # the dead go even if nobody asks
-            self._pruned = time.monotonic()
-            self.instances()
+    async def _on_breakers(self, data: bytes) -> bytes | None:
+        if not self.replica.leading or self.registry.breakers is None:
+            return None  # the leader's breakers are the ones that route
+        return encode(breaker_infos(self.registry.breakers))
 
 
-async def start_control(orch: Orchestrator) -> OrchestratorControl:
+async def start_control(nc: NATS, js: JetStreamContext, settings: Settings, registry: Registry,
+                        replica: ReplicaState) -> OrchestratorControl:
+    """Answer the control subjects and serve /metrics until `stop()`; called once the
+    replica's connection, JetStream context and registry exist."""
     tracing.setup("cplane-orchestrator")  # OTLP export when OTEL_EXPORTER_OTLP_ENDPOINT is set
-    control = OrchestratorControl(orch)
+    control = OrchestratorControl(nc, js, settings, registry, replica)
     await control.start()
     return control
 
 
-__all__ = ["OrchestratorControl", "start_control", "terminal_status"]
+__all__ = ["OrchestratorControl", "ReplicaState", "start_control", "terminal_status"]

@@ -14,14 +14,15 @@ worker could pull from it, whatever its price.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
-from orchestrator.fairness import FairParams
-from orchestrator.fleet import WorkerView
-from orchestrator.plugins import register
-from orchestrator.policy import Order, PolicyConfig, by_heads, priority
-from orchestrator.routers import RouteContext, Router
-from orchestrator.snapshot import Pending
+from cplane.orchestrator.fairness import FairParams
+from cplane.orchestrator.fleet import WorkerView
+from cplane.orchestrator.plugin_types import PluginSpec, Policy, Router
+from cplane.orchestrator.policy import PolicyConfig, by_heads, priority
+from cplane.orchestrator.route_context import RouteContext
+from cplane.orchestrator.snapshot import Pending
 
 
 class CostParams(FairParams, frozen=True, forbid_unknown_fields=True):
@@ -38,15 +39,17 @@ def cheapest_router() -> Router:
                                             ctx.per_slot(w)))
         return min(affordable, key=ctx.per_slot)
 
-    return route
+    return Router("cheapest", route)
 
 
-@register("policy", "cost_optimized", CostParams)
-def _cost_optimized(params: CostParams) -> Order:
+def _cost_optimized(params: CostParams) -> Policy:
     """Priority order; each request to the cheapest worker with a free slot."""
-    order = by_heads(priority, PolicyConfig(aging_s=params.aging_s), params)
-    order.router = cheapest_router()  # type: ignore[attr-defined]
-    return order
+    ordered = by_heads("cost_optimized", priority, PolicyConfig(aging_s=params.aging_s), params)
+    return dataclasses.replace(ordered, router=cheapest_router())
 
 
-__all__ = ["CostParams", "cheapest_router"]
+COST_POLICIES: tuple[PluginSpec[Policy], ...] = (
+    PluginSpec("cost_optimized", _cost_optimized, CostParams),
+)
+
+__all__ = ["COST_POLICIES", "CostParams", "cheapest_router"]

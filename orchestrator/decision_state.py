@@ -1,9 +1,9 @@
-"""What decisions need from before the current plan, kept by the shell. No I/O.
+"""What decisions need from before the current plan. Pure state, no I/O.
 
-The live orchestrator (orchestrator/service.py) and the fleet simulator
-(fleetsim/sim.py) both own one `DecisionState` and tell it the same events
-(a request held, dispatched, finished; a plan applied), so both hand the
-plugins the same `Measured` and `RouteState`:
+The decision core (orchestrator/core.py) owns one `DecisionState` and tells
+it every event (a request held, dispatched, finished; a plan applied) in the
+same call that changes the ledger, so the live orchestrator and the fleet
+simulator hand the plugins the same `Measured` and `DecisionTables`:
 
 - the drain rate: requests finished per second over the last `window_s`;
 - the prefill speed per worker: the configured estimate, raised to the
@@ -18,23 +18,14 @@ plugins the same `Measured` and `RouteState`:
 
 from __future__ import annotations
 
-import random
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
-from orchestrator.dispatch import (
-    DispatchConfig,
-    DispatchPlan,
-    QueueSnapshot,
-    free_slots,
-    headroom,
-    plan_dispatch,
-)
-from orchestrator.fairness import FairParams, charge
-from orchestrator.fleet import FleetView, RoutedSince
-from orchestrator.ledger import PoolKey
-from orchestrator.prefix_router import PrefixIndex
-from orchestrator.snapshot import Measured, Pending, RouteState
+from cplane.orchestrator.dispatch import DispatchPlan
+from cplane.orchestrator.fairness import FairParams, charge
+from cplane.orchestrator.fleet import FleetView, RoutedSince
+from cplane.orchestrator.prefix_index import PrefixIndex
+from cplane.orchestrator.snapshot import DecisionTables, Measured, Pending
 
 MAX_IDLE_TENANTS = 10_000  # counters kept for tenants with nothing held or running
 
@@ -53,7 +44,6 @@ class DecisionState:
         self.since = routed_since or RoutedSince()
         self.placed: dict[str, float] = {}  # decaying tokens routed per worker
         self._placed_ms = 0.0
-        self.route = RouteState(0, self.since.sent, self.since.done, self.prefix, self.placed)
         self.work: dict[str, float] = {}
         self.active: dict[str, int] = {}  # tenant -> requests held or running
         self.mode = ""
@@ -62,6 +52,9 @@ class DecisionState:
         self._missed: deque[tuple[float, bool]] = deque()  # (time, TTFT target missed)
         self.backlog = 0.0  # prompt tokens sent, not yet prefilled (estimate)
         self._backlog_ms = 0.0  # when it was last decayed
+        # The live tables every plan reads (the dicts above, by reference).
+        self.tables = DecisionTables(0, self.since.sent, self.since.done, self.placed,
+                                     self.prefix, self.work, self.weights)
 
     # -- events ---------------------------------------------------------------
     def held(self, tenant: str) -> None:
@@ -72,8 +65,7 @@ class DecisionState:
                 self.work[tenant] = max(self.work.get(tenant, 0.0), min(busy))
         self.active[tenant] = n + 1
 
-    def dispatched(self, pendings: Iterable[Pending], fair: FairParams | None) -> None:
-        params = fair or FairParams()
+    def dispatched(self, pendings: Iterable[Pending], params: FairParams) -> None:
         for p in pendings:
             self.backlog += p.prompt_tokens
             self.work[p.tenant] = self.work.pop(p.tenant, 0.0) + charge(p, params) / max(
@@ -92,7 +84,7 @@ class DecisionState:
             self.placed[worker_id] = min(self.placed.values())
         self.placed[worker_id] = self.placed.get(worker_id, 0.0) + tokens
 
-    def _decay_placed(self, now_ms: float) -> None:
+    def decay_placed(self, now_ms: float) -> None:
         dt = now_ms - self._placed_ms
         if dt < 100.0:
             return
@@ -138,31 +130,11 @@ class DecisionState:
         for t in idle:
             del self.work[t]
 
-    def applied(self, plan: DispatchPlan) -> None:
-        if plan.route_steps:
-            self.route = RouteState(self.route.step + plan.route_steps, self.route.sent_since,
-                                    self.route.done_since, self.prefix, self.placed)
-        self.mode, self.mode_since = plan.mode, plan.mode_since_ms
-
-    # -- one dispatch step, as both shells take it --------------------------------
-    def plan(self, cfg: DispatchConfig, fleet: FleetView, in_flight: Mapping[PoolKey, int],
-             held: Callable[[int], tuple[tuple[Pending, ...], ...]], *, now_ms: float,
-             rng: random.Random, due: bool) -> DispatchPlan | None:
-        """`plan_dispatch` over the heads `held(k)` gives, with this state, folded back
-        into it. None when no pool has room and nothing is `due` (the shell's ticker:
-        shedding, aging, model waits go on while pools are full)."""
-        self.prefix.now_ms = now_ms  # sent blocks count as held for a while (pending_ms)
-        self._decay_placed(now_ms)
-        spare = free_slots(fleet, in_flight, headroom(cfg, self.mode))
-        room = sum(max(0, f) for f in spare.values())
-        if room <= 0 and not due:
-            return None
-        levels = held(room + getattr(cfg.order, "lookahead", 16))
-        plan = plan_dispatch(QueueSnapshot(levels, in_flight), fleet, cfg, now_ms=now_ms,
-                             route=self.route, rng=rng, measured=self.measured(fleet, now_ms))
+    def applied(self, plan: DispatchPlan, now_ms: float) -> None:
+        """Fold a plan's routing back: items sent per worker, round-robin steps, mode."""
         self.since.routed(plan.sent, now_ms)
-        self.applied(plan)
-        return plan
+        self.tables.step += plan.route_steps
+        self.mode, self.mode_since = plan.mode, plan.mode_since_ms
 
     # -- what the next plan reads -----------------------------------------------
     def measured(self, fleet: FleetView, now_ms: float) -> Measured:
@@ -181,8 +153,8 @@ class DecisionState:
         while missed and now_ms - missed[0][0] > self.window_ms:
             missed.popleft()
         miss_rate = sum(m for _, m in missed) / len(missed) if missed else 0.0
-        return Measured(drain, self.prefill_tps, self.work, self.weights, self.mode,
-                        self.mode_since, self.backlog, miss_rate)
+        return Measured(drain, self.prefill_tps, self.mode, self.mode_since, self.backlog,
+                        miss_rate)
 
 
 __all__ = ["DecisionState"]

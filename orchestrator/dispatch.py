@@ -24,23 +24,28 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator import plugins
-from orchestrator.fleet import POOL_PD, POOL_UNIFIED, FleetView
-from orchestrator.ledger import PoolKey
-from orchestrator.pd_decision import PdDecider
-from orchestrator.policy import Order
-from orchestrator.routers import RouteContext, Router
-from orchestrator.snapshot import Measured, Pending, PolicyContext, QueueSnapshot, RouteState
-from schemas.messages import ErrorCode, Role
-from schemas.settings import OrchestratorSettings
-from schemas.subjects import ANY_TARGET, MODEL_TARGET_PREFIX, model_target
+from cplane.orchestrator import plugins
+from cplane.orchestrator.fleet import POOL_PD, POOL_UNIFIED, FleetView
+from cplane.orchestrator.ledger import PoolKey
+from cplane.orchestrator.plugin_types import PdDecider, Policy, Router
+from cplane.orchestrator.route_context import RouteContext
+from cplane.orchestrator.snapshot import (
+    DecisionTables,
+    Measured,
+    Pending,
+    PolicyContext,
+    QueueSnapshot,
+)
+from cplane.schemas.messages import ErrorCode, Role
+from cplane.schemas.settings import OrchestratorSettings
+from cplane.schemas.subjects import ANY_TARGET, MODEL_TARGET_PREFIX, model_target
 
 
 @dataclass(frozen=True, slots=True)
 class DispatchConfig:
-    order: Order  # policy plugin
-    pd: PdDecider  # PD plugin
-    router: Router  # router plugin
+    policy: Policy  # which held requests next
+    pd: PdDecider  # unified or prefill-then-decode
+    router: Router  # which worker (unless the policy brings its own)
     headroom: float = 0.25  # a pool takes capacity * (1 + headroom) requests
     max_batch: int = 16  # work items per message at most
     model_wait_ms: float = 30_000.0
@@ -51,18 +56,21 @@ class DispatchConfig:
               router_params: Mapping[str, Any] | None = None,
               pd_params: Mapping[str, Any] | None = None, **kw: Any) -> DispatchConfig:
         """Plugins by registry name (unknown names and parameters fail here)."""
-        return cls(order=plugins.build("policy", policy, policy_params),
-                   pd=plugins.build("pd", pd, pd_params),
-                   router=plugins.build("router", router, router_params), **kw)
+        return cls(policy=plugins.build_policy(policy, policy_params),
+                   pd=plugins.build_pd(pd, pd_params),
+                   router=plugins.build_router(router, router_params), **kw)
+
+    @property
+    def router_in_use(self) -> Router:
+        """The policy's own router (cost_optimized) wins over the configured one."""
+        return self.policy.router or self.router
 
 
 def headroom(cfg: DispatchConfig, mode: str = "") -> float:
     """The policy's own headroom if it sets one (slo_aware: 0, so that requests
     wait here in deadline order, not in a worker's FIFO), else the configured.
     `mode`: adaptive's current choice (its headroom follows it)."""
-    per_mode = getattr(cfg.order, "headroom_for", None)
-    own = per_mode(mode) if per_mode is not None else getattr(cfg.order, "headroom", None)
-    return cfg.headroom if own is None else float(own)
+    return cfg.policy.headroom_in(mode, cfg.headroom)
 
 
 def dispatch_config(o: OrchestratorSettings) -> DispatchConfig:
@@ -106,7 +114,7 @@ class DispatchPlan:
     rejections: tuple[Rejection, ...] = ()
     # A held request in neither stays held where it is: nothing is popped and put back.
     sent: Mapping[str, int] = field(default_factory=dict)  # worker id -> items routed to it
-    route_steps: int = 0  # round-robin steps taken: add to RouteState.step
+    route_steps: int = 0  # round-robin steps taken: add to DecisionTables.step
     mode: str = ""  # adaptive: the policy it runs from now on
     mode_since_ms: float = -1.0
 
@@ -187,33 +195,33 @@ def _place(router: Router, fleet: FleetView, role: Role, model: str, p: Pending,
 
 
 def plan_dispatch(queue: QueueSnapshot, fleet: FleetView, cfg: DispatchConfig, *,
-                  now_ms: float, route: RouteState | None = None,
+                  now_ms: float, tables: DecisionTables | None = None,
                   rng: random.Random | None = None, measured: Measured | None = None
                   ) -> DispatchPlan:
     """What to publish where and what to reject now; everything else stays held."""
-    rctx = RouteContext(route or RouteState(), rng or random.Random(0))
+    tables = tables or DecisionTables()
+    rctx = RouteContext(tables, rng or random.Random(0))
     m = measured or Measured()
+    policy = cfg.policy
     free = free_slots(fleet, queue.in_flight, headroom(cfg, m.mode))
     room = sum(max(0, f) for f in free.values())
-    ctx = PolicyContext(now_ms, fleet, room, sum(queue.in_flight.values()), m, m.mode)
+    ctx = PolicyContext(now_ms, fleet, room, sum(queue.in_flight.values()), m, m.mode, tables)
     mode, since = m.mode, m.mode_since_ms
-    next_mode = getattr(cfg.order, "next_mode", None)
-    if next_mode is not None:
-        mode, since = next_mode(queue.levels, ctx, since)
+    if policy.next_mode is not None:
+        mode, since = policy.next_mode(queue.levels, ctx, since)
         ctx = dataclasses.replace(ctx, mode=mode)
-    router: Router = getattr(cfg.order, "router", None) or cfg.router
+    router = cfg.router_in_use
     # Look past the room: requests that cannot run (full pool, absent model)
     # must not hide the ones behind them, absent models time out, and
     # admission sees who would wait too long.
-    k = room + getattr(cfg.order, "lookahead", 16)
+    k = room + policy.lookahead
     groups: dict[tuple[Role, str, PoolKey, str], list[str]] = {}
     alone: list[Batch] = []
     rejections: list[Rejection] = []
-    ordered = cfg.order(queue.levels, k, ctx)
+    ordered = policy(queue.levels, k, ctx)
     # A policy may hold requests back although there is room (slo_aware keeps
     # the engines' prefill queues short): only the first `limit` may go now.
-    budget = getattr(cfg.order, "budget", None)
-    limit = budget(ordered, ctx) if budget is not None else len(ordered)
+    limit = policy.budget(ordered, ctx) if policy.budget is not None else len(ordered)
     for position, p in enumerate(ordered):
         model = _resolve_model(p, fleet, free)
         role = None if model is None else cfg.pd(model, p.prompt_tokens, fleet)
@@ -254,4 +262,4 @@ def plan_dispatch(queue: QueueSnapshot, fleet: FleetView, cfg: DispatchConfig, *
 
 
 __all__ = ["Batch", "DispatchConfig", "DispatchPlan", "Pending", "QueueSnapshot", "Rejection",
-           "RouteState", "free_slots", "headroom", "plan_dispatch"]
+           "free_slots", "headroom", "plan_dispatch"]

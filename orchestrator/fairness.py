@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 
 import msgspec
 
-from orchestrator.snapshot import Pending, PolicyContext
+from cplane.orchestrator.snapshot import Pending, PolicyContext
 
 DEFAULT_TENANT = ""  # requests without a tenant share one counter
 
@@ -68,8 +68,8 @@ def fair_merge(cands: Sequence[Pending], k: int, work: Mapping[str, float],
 def fair_levels(levels: tuple[tuple[Pending, ...], ...], k: int, ctx: PolicyContext,
                 params: FairParams) -> tuple[tuple[Pending, ...], ...]:
     """Each level reordered tenant-fairly (levels stay strict bands)."""
-    return tuple(tuple(fair_merge(level, k, ctx.measured.tenant_work,
-                                  ctx.measured.tenant_weights, params))
+    return tuple(tuple(fair_merge(level, k, ctx.tables.tenant_work,
+                                  ctx.tables.tenant_weights, params))
                  if level else level for level in levels)
 
 

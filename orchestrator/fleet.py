@@ -1,6 +1,10 @@
 """Worker registry from heartbeats, and the fleet snapshot decisions read.
 
-No I/O: the service feeds heartbeats in and asks for a `FleetView`.
+No I/O: the service feeds heartbeats in (bus/heartbeats.py
+`subscribe_heartbeats`) and asks for a `FleetView`. The latest heartbeat per
+worker lives in one `HeartbeatBook`, the same reader the gateway and the CLI
+use; the registry adds breakers and cached views on top, and the control
+subjects (orchestrator/control.py) read their worker list from it.
 """
 
 from __future__ import annotations
@@ -8,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from orchestrator.breaker import Breakers, peer_median
-from schemas.messages import Heartbeat, Role, WorkerState
+from cplane.bus.heartbeats import HeartbeatBook
+from cplane.orchestrator.breaker import Breakers, peer_median
+from cplane.schemas.messages import Heartbeat, Role, WorkerState
 
 POOL_UNIFIED = "unified"  # pool kinds: what a request occupies while it runs
 POOL_PD = "pd"  # prefill then decode: counted against the decode side
@@ -188,7 +193,8 @@ class Registry:
     def __init__(self, timeout_ms: float, breakers: Breakers | None = None,
                  refresh_ms: float = 1000.0) -> None:
         self.timeout_ms = timeout_ms
-        self._latest: dict[str, tuple[Heartbeat, float]] = {}
+        # The latest heartbeat per worker, on the service's clock (wall ms).
+        self.book = HeartbeatBook(timeout_ms)
         self._view: FleetView | None = None  # built once per change, not per decision
         self._view_until = 0.0  # ...and valid until its oldest worker would go stale
         # Heartbeats that only move loads are folded in at most every `refresh_ms`:
@@ -228,19 +234,18 @@ class Registry:
         capacity, state, breaker): the next view has it at once. Otherwise its
         loads join the view within `refresh_ms`."""
         wid = hb.worker_id
-        prev = self._latest.get(wid)
+        seen = self.book.observe(hb, now_ms)
         if hb.state == WorkerState.STOPPED:
-            self._latest.pop(wid, None)
             self._view = None
             self.since.heard(wid)
             if self.breakers is not None:
                 self.breakers.forget(wid)
-            return prev is not None
-        self._latest[wid] = (hb, now_ms)
+            return seen is not None
+        prev = seen.hb if seen is not None else None
         tripped = self.breakers is not None and self.breakers.observe(
-            hb, now_ms, self._peer_tpot(hb, prev[0] if prev is not None else None))
-        shaped = (tripped or prev is None or prev[0].capacity != hb.capacity
-                  or prev[0].state != hb.state)
+            hb, now_ms, self._peer_tpot(hb, prev))
+        shaped = (tripped or prev is None or prev.capacity != hb.capacity
+                  or prev.state != hb.state)
         if shaped:
             self._view = None
             self.since.heard(wid)
@@ -249,7 +254,12 @@ class Registry:
         return shaped
 
     def knows(self, worker_id: str) -> bool:
-        return worker_id in self._latest
+        return worker_id in self.book
+
+    def heartbeats(self, now_ms: float) -> list[Heartbeat]:
+        """Every worker heard within `timeout_ms`, whatever its state or breaker, by id
+        (`<prefix>.admin.instances`, `cplane status`)."""
+        return [s.hb for s in self.book.live(now_ms)]
 
     def expire(self, now_ms: float) -> list[str]:
         return [hb.worker_id for hb in self.expire_workers(now_ms)]
@@ -257,14 +267,14 @@ class Registry:
     def expire_workers(self, now_ms: float) -> list[Heartbeat]:
         """Forget workers unseen for `timeout_ms`; their last heartbeats (they died:
         a worker that stops says so and is forgotten at once)."""
-        gone = [w for w, (_, seen) in self._latest.items() if now_ms - seen > self.timeout_ms]
+        gone = self.book.expire(now_ms)
         if gone:
             self._view = None
-            for w in gone:
-                self.since.heard(w)
+            for hb in gone:
+                self.since.heard(hb.worker_id)
                 if self.breakers is not None:
-                    self.breakers.forget(w)
-        return [self._latest.pop(w)[0] for w in gone]
+                    self.breakers.forget(hb.worker_id)
+        return gone
 
     def snapshot(self, now_ms: float) -> FleetView:
         """Ready workers seen within `timeout_ms` (cached until a heartbeat or expiry;
@@ -284,7 +294,7 @@ class Registry:
         tpots: dict[Role, list[float]] = {}
         not_closed = self.breakers.fenced() if self.breakers is not None else {}
         views = self._views
-        for hb, seen in self._latest.values():
+        for hb, seen in self.book:
             if now_ms - seen > self.timeout_ms or hb.state != WorkerState.READY:
                 continue
             tpots.setdefault(hb.role, []).append(hb.tpot_ms_avg)
@@ -298,8 +308,8 @@ class Registry:
                 view = views[hb.worker_id] = (hb, _view_of(hb, seen))
             workers.append(view[1])
             until = min(until, seen + self.timeout_ms)
-        if len(views) > 2 * len(self._latest) + 16:  # gone workers' views
-            self._views = {w: v for w, v in views.items() if w in self._latest}
+        if len(views) > 2 * len(self.book) + 16:  # gone workers' views
+            self._views = {w: v for w, v in views.items() if w in self.book}
         self._tpots = {r: [peer_median(v)] if len(v) > 16 else v for r, v in tpots.items()}
         self._view, self._view_until = FleetView(tuple(workers), frozenset(fenced),
                                                  frozenset(probes)), until

@@ -1,21 +1,15 @@
 """Worker health as the orchestrator sees it: the registry with its breakers, and
-`<prefix>.admin.breakers` (request/reply), answered by the leader with each
-worker's breaker state (`cplane workers` shows it)."""
+what `<prefix>.admin.breakers` answers (the leader's breaker per worker, served
+by orchestrator/control.py; `cplane workers` shows it)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import msgspec
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 
-from orchestrator.breaker import BreakerParams, Breakers
-from orchestrator.fleet import Registry
-from schemas.admin import BreakerInfo
-from schemas.codec import encode
-from schemas.settings import Settings
+from cplane.orchestrator.breaker import BreakerParams, Breakers
+from cplane.orchestrator.fleet import Registry
+from cplane.schemas.admin import BreakerInfo
+from cplane.schemas.settings import Settings
 
 
 def build_registry(settings: Settings) -> Registry:
@@ -26,16 +20,10 @@ def build_registry(settings: Settings) -> Registry:
     return Registry(timeout_ms=o.worker_timeout_s * 1000, breakers=breakers)
 
 
-async def serve_breakers(nc: NATS, settings: Settings, registry: Registry,
-                         leading: Callable[[], bool]) -> Subscription:
-    async def on_request(msg: Msg) -> None:
-        if not msg.reply or not leading() or registry.breakers is None:
-            return  # the leader's breakers are the ones that route
-        infos = [BreakerInfo(worker_id=w, state=str(st), reason=why)
-                 for w, (st, why) in sorted(registry.breakers.states().items())]
-        await nc.publish(msg.reply, encode(infos))
-
-    return await nc.subscribe(settings.subjects.admin("breakers"), cb=on_request)
+def breaker_infos(breakers: Breakers) -> list[BreakerInfo]:
+    """Each worker's breaker the leader tracks, by worker id (`<prefix>.admin.breakers`)."""
+    return [BreakerInfo(worker_id=w, state=str(st), reason=why)
+            for w, (st, why) in sorted(breakers.states().items())]
 
 
-__all__ = ["build_registry", "serve_breakers"]
+__all__ = ["breaker_infos", "build_registry"]

@@ -1,19 +1,22 @@
-"""Turning a request message into a WorkItem, or a clear rejection. Pure.
+"""Intake: what to do with one LLM_REQ delivery. Pure.
 
-`admit` never raises, whatever the bytes (deep nesting, invalid UTF-8, huge
-numbers, NaN, wrong shapes): every stored request message ends in a
-WorkItem or a Rejection that the shell publishes as an ErrorReply.
+`classify` names the action from the delivery's facts and the ledger;
+`admit` turns the bytes into a WorkItem or a clear rejection. `admit` never
+raises, whatever the bytes (deep nesting, invalid UTF-8, huge numbers, NaN,
+wrong shapes): every stored request message ends in a WorkItem or a
+Rejection that the shell publishes as an ErrorReply.
 """
 
 from __future__ import annotations
 
+import enum
 import re
 from dataclasses import dataclass
 
-from schemas.codec import request_decoder, sniff_request_id
-from schemas.messages import PRIORITIES, ErrorCode, Priority, Request, WorkItem
-from schemas.settings import LimitsSettings
-from schemas.subjects import INTERACTIVE_GROUP, INVALID_GROUP, RESERVED_GROUPS, valid_token
+from cplane.schemas.codec import request_decoder, sniff_request_id
+from cplane.schemas.messages import PRIORITIES, ErrorCode, Priority, Request, WorkItem
+from cplane.schemas.settings import LimitsSettings
+from cplane.schemas.subjects import INTERACTIVE_GROUP, INVALID_GROUP, RESERVED_GROUPS, valid_token
 
 _DEFAULT_LIMITS = LimitsSettings()
 
@@ -163,3 +166,38 @@ def _admit(
         dispatched_ms=now_ms,
         orchestrator_id=orchestrator_id,
     )
+
+
+class Intake(enum.Enum):
+    """What the shell does with one LLM_REQ delivery (orchestrator/service.py `_intake`)."""
+
+    NAK = "nak"  # not leading: hand it to the leader at once
+    DEAD_LETTER = "dead_letter"  # delivered too often: ErrorReply + evidence in LLM_DLQ
+    REJECT = "reject"  # not a valid request: ErrorReply, then ack
+    SAME_MESSAGE = "same_message"  # a redelivery of the message we hold: keep the new handle
+    DUPLICATE_HELD = "duplicate_held"  # the same id again while held: acked with the first
+    DUPLICATE_DONE = "duplicate_done"  # the same id again after dispatch or finish: ack
+    RECHECK = "recheck"  # redelivered: an earlier delivery may have run; look first
+    HOLD = "hold"  # new: into the ledger, HELD
+
+
+def classify(*, leading: bool, deliveries: int, max_deliveries: int,
+             admitted: WorkItem | Rejection | None, seq: int, held_seq: int | None,
+             held_waiting: bool, seen: bool) -> Intake:
+    """The action for a delivery. `admitted`: `admit`'s answer (None when not asked:
+    not leading, or too many deliveries); `held_seq`: the stream sequence of the
+    ledger's entry for its id (None: none), `held_waiting` whether that entry is not
+    yet dispatched; `seen`: its id was dispatched or finished recently."""
+    if not leading:
+        return Intake.NAK
+    if deliveries > max_deliveries:
+        return Intake.DEAD_LETTER
+    if admitted is None or isinstance(admitted, Rejection):
+        return Intake.REJECT
+    if held_seq is not None:
+        if held_seq == seq:
+            return Intake.SAME_MESSAGE
+        return Intake.DUPLICATE_HELD if held_waiting else Intake.DUPLICATE_DONE
+    if seen:
+        return Intake.DUPLICATE_DONE
+    return Intake.RECHECK if deliveries > 1 else Intake.HOLD

@@ -19,10 +19,10 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from orchestrator.prefix_router import PrefixIndex
-from schemas.codec import kv_events_decoder
-from schemas.messages import KvEvents
-from schemas.subjects import Subjects
+from cplane.orchestrator.prefix_router import PrefixIndex
+from cplane.schemas.codec import kv_events_decoder
+from cplane.schemas.messages import KvEvents
+from cplane.schemas.subjects import Subjects
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from bus.provision import ensure_lease_bucket
-from schemas.settings import Settings
+from cplane.bus.provision import ensure_lease_bucket
+from cplane.schemas.settings import Settings
 
 log = logging.getLogger("cplane.lease")
 LEASE_KEY = "orchestrator"

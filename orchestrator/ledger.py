@@ -14,18 +14,20 @@ shell's business; the ledger only knows what each request is waiting for.
                  +-> (removed)              handed back to JetStream (nak on step-down)
 
 Capacity: every DISPATCHING or DISPATCHED entry counts against its pool
-(role class x model); `in_flight(pool)` is O(1).
+(role class x model); `in_flight(pool)` is O(1). The ledger tells nobody
+about a transition: the decision core (orchestrator/core.py) makes every
+transition and updates the decision state beside it, in the same call.
 """
 
 from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-from schemas.messages import WorkItem
+from cplane.orchestrator.snapshot import Pending, PoolKey
 
 
 class RequestState(enum.IntEnum):
@@ -50,51 +52,56 @@ class IllegalTransition(RuntimeError):
     pass
 
 
-PoolKey = tuple[str, str]  # (role class: "unified" | "pd", model)
+T = TypeVar("T")
 
 
 @dataclass(slots=True, eq=False)
-class Entry:
-    """One request. `msg` is the shell's handle of its LLM_REQ message (opaque here)."""
+class Entry(Generic[T]):
+    """One request: what decisions see of it (`pending`) and the shell's own payload
+    (`item`: the WorkItem live, the trace record in the simulator; opaque here)."""
 
-    item: WorkItem
-    seq: int  # LLM_REQ stream sequence
-    arrival_ms: float  # when JetStream stored it
-    held_ms: float  # when this orchestrator first held it (model-wait bound)
-    msg: Any = None
+    pending: Pending  # the frozen view decisions see (redispatched kept in step)
+    item: T
+    seq: int = 0  # LLM_REQ stream sequence
+    msg: Any = None  # the shell's handle of its LLM_REQ message
     state: RequestState | None = None
     pool: PoolKey | None = None  # set while DISPATCHING / DISPATCHED
     target: str = ""  # the worker it was routed to ("" = a pool subject)
     dispatched_ms: float = 0.0
     checked_ms: float = 0.0  # last reconcile lookup in LLM_DONE
-    redispatched: bool = False  # redelivered: an earlier dispatch cannot be ruled out
-    terminal_seen: bool = False  # its terminal arrived while its dispatch was being acked
-    pending: Any = None  # the frozen view decisions see (dispatch.Pending), built once
+    # Its terminal arrived while its dispatch was being acked: (TTFT ms, -1 = none).
+    terminal_seen: float | None = None
     extra_msgs: list[Any] = field(default_factory=list)  # duplicates acked with it
     level: int = field(init=False)  # 0 = critical ... 4 = background
-    request_id: str = field(init=False)  # the item's, read on every transition
+    request_id: str = field(init=False)  # read on every transition
 
     def __post_init__(self) -> None:
-        self.level = self.item.priority.level
-        self.request_id = self.item.request.request_id
+        self.level = self.pending.level
+        self.request_id = self.pending.request_id
+
+    @property
+    def redispatched(self) -> bool:
+        """Redelivered: an earlier dispatch cannot be ruled out (goes out alone)."""
+        return self.pending.redispatched
+
+    @property
+    def arrival_ms(self) -> float:
+        return self.pending.arrival_ms
+
+    @property
+    def held_ms(self) -> float:
+        return self.pending.held_ms
 
 
-
-Observer = Callable[["Entry", "RequestState | None", "RequestState | None"], None]
-
-
-class Ledger:
-    def __init__(self, levels: int, observer: Observer | None = None) -> None:
-        # Told every transition (entry, from, to), after it: decision state
-        # (tenant counters, drain rate) follows the ledger, never a copy of it.
-        self._observer = observer
-        self._by_id: dict[str, Entry] = {}
+class Ledger(Generic[T]):
+    def __init__(self, levels: int) -> None:
+        self._by_id: dict[str, Entry[T]] = {}
         self._held: list[deque[str]] = [deque() for _ in range(levels)]  # FIFO per level
         self._held_count = [0] * levels
         self._in_flight: dict[PoolKey, int] = {}
 
     # -- reads ------------------------------------------------------------------
-    def get(self, request_id: str) -> Entry | None:
+    def get(self, request_id: str) -> Entry[T] | None:
         return self._by_id.get(request_id)
 
     def __contains__(self, request_id: object) -> bool:
@@ -112,9 +119,9 @@ class Ledger:
     def in_flight_by_pool(self) -> dict[PoolKey, int]:
         return dict(self._in_flight)
 
-    def held_heads(self, level: int, k: int) -> list[Entry]:
+    def held_heads(self, level: int, k: int) -> list[Entry[T]]:
         """Up to k HELD entries of one level, oldest first (skipping stale ids)."""
-        out: list[Entry] = []
+        out: list[Entry[T]] = []
         seen: set[str] = set()  # a request planned back to HELD appears twice
         for rid in self._held[level]:
             if len(out) >= k:
@@ -125,11 +132,11 @@ class Ledger:
                 out.append(e)
         return out
 
-    def entries(self, state: RequestState | None = None) -> Iterator[Entry]:
+    def entries(self, state: RequestState | None = None) -> Iterator[Entry[T]]:
         return (e for e in list(self._by_id.values()) if state is None or e.state is state)
 
     # -- the one transition function -----------------------------------------------
-    def transition(self, entry: Entry, to: RequestState | None, pool: PoolKey | None = None
+    def transition(self, entry: Entry[T], to: RequestState | None, pool: PoolKey | None = None
                    ) -> None:
         """Move `entry` to `to` (None = leave the ledger); refuses illegal moves."""
         frm = entry.state
@@ -160,8 +167,6 @@ class Ledger:
             entry.pool = pool
             self._in_flight[pool] = self._in_flight.get(pool, 0) + 1
         entry.state = to
-        if self._observer is not None:
-            self._observer(entry, frm, to)
 
     def _compact(self, level: int) -> None:
         """Drop ids at the front of a level's FIFO that are no longer HELD (amortised O(1))."""

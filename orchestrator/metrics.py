@@ -15,8 +15,8 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from bus.prom import serve_metrics
-from schemas.control import OrchestratorReport
+from cplane.bus.prom import serve_metrics
+from cplane.schemas.control import OrchestratorReport
 
 SHED_CODE = "overloaded"
 

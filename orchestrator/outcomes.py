@@ -17,13 +17,13 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from bus.outcome import StoredPublisher, error_reply
-from bus.replay import stored_terminal
-from orchestrator.intake import Rejection, sniff_group, sniff_id
-from schemas.codec import encode
-from schemas.messages import DeadLetter, ErrorCode, ErrorReply, Final, Request
-from schemas.settings import Settings
-from schemas.subjects import INVALID_GROUP, valid_token
+from cplane.bus.outcome import StoredPublisher, error_reply
+from cplane.bus.replay import stored_terminal
+from cplane.orchestrator.intake import Rejection, sniff_group, sniff_id
+from cplane.schemas.codec import encode
+from cplane.schemas.messages import DeadLetter, ErrorCode, ErrorReply, Final, Request
+from cplane.schemas.settings import Settings
+from cplane.schemas.subjects import INVALID_GROUP, valid_token
 
 log = logging.getLogger("cplane.orchestrator")
 _RETRY_DELAY_S = 1.0

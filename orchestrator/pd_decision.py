@@ -10,14 +10,13 @@ Without a unified pool, PD is used whatever the mode, and vice versa.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
 
-from orchestrator.fleet import FleetView
-from orchestrator.plugins import NoParams, register
-from schemas.messages import Request, Role
+from cplane.orchestrator.fleet import FleetView
+from cplane.orchestrator.plugin_types import NoParams, PdDecider, PluginSpec
+from cplane.schemas.messages import Request, Role
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,13 +36,8 @@ def estimate_prompt_tokens(req: Request) -> int:
     return 0
 
 
-def decide(req: Request, fleet: FleetView, cfg: PdConfig) -> Role | None:
-    """The role to dispatch to, or None when no live pool serves the request now."""
-    return choose_role(req.model, estimate_prompt_tokens(req), fleet, cfg)
-
-
 def choose_role(model: str, prompt_tokens: int, fleet: FleetView, cfg: PdConfig) -> Role | None:
-    """`decide` over what the snapshot carries: the model and the prompt's length."""
+    """The role to dispatch to, or None when no live pool serves the model now."""
     has_unified = bool(fleet.of_role(Role.UNIFIED, model))
     has_pd = bool(fleet.of_role(Role.PREFILL, model)) and bool(fleet.of_role(Role.DECODE, model))
     if not has_pd:
@@ -57,9 +51,6 @@ def choose_role(model: str, prompt_tokens: int, fleet: FleetView, cfg: PdConfig)
     return Role.UNIFIED
 
 
-PdDecider = Callable[[str, int, FleetView], Role | None]  # (model, prompt tokens, fleet)
-
-
 class LengthParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     min_prompt_tokens: int = 512
 
@@ -68,22 +59,19 @@ def decider(cfg: PdConfig) -> PdDecider:
     def decide_role(model: str, prompt_tokens: int, fleet: FleetView) -> Role | None:
         return choose_role(model, prompt_tokens, fleet, cfg)
 
-    return decide_role
+    return PdDecider(cfg.mode, decide_role)
 
 
-@register("pd", "never")
 def _never(params: NoParams) -> PdDecider:
     """Unified whenever a unified pool serves the model."""
     return decider(PdConfig(mode="never"))
 
 
-@register("pd", "always")
 def _always(params: NoParams) -> PdDecider:
     """Prefill then decode whenever both pools serve the model."""
     return decider(PdConfig(mode="always"))
 
 
-@register("pd", "auto", LengthParams)
 def _auto(params: LengthParams) -> PdDecider:
     """Prefill then decode for prompts of at least min_prompt_tokens."""
     return decider(PdConfig(mode="auto", min_prompt_tokens=params.min_prompt_tokens))
@@ -108,11 +96,18 @@ def adaptive_role(model: str, prompt_tokens: int, fleet: FleetView, prm: Adaptiv
     return Role.PREFILL
 
 
-@register("pd", "adaptive", AdaptiveParams)
 def _adaptive(params: AdaptiveParams) -> PdDecider:
     """PD for long prompts while the prefill pool has room and decode has KV headroom."""
 
     def decide_role(model: str, prompt_tokens: int, fleet: FleetView) -> Role | None:
         return adaptive_role(model, prompt_tokens, fleet, params)
 
-    return decide_role
+    return PdDecider("adaptive", decide_role)
+
+
+PD_DECIDERS: tuple[PluginSpec[PdDecider], ...] = (
+    PluginSpec("never", _never),
+    PluginSpec("always", _always),
+    PluginSpec("auto", _auto, LengthParams),
+    PluginSpec("adaptive", _adaptive, AdaptiveParams),
+)

@@ -1,13 +1,12 @@
 """Scheduling policies: which held request goes next. Pure functions.
 
-A policy plugin (registered in `orchestrator.plugins` as kind `policy`) is
-`order(levels, k, ctx) -> list[Pending]`: from the held requests per
-priority level (each oldest first), the up-to-k to take next, in order;
-`ctx` is a `PolicyContext` (the time, the fleet, the shell's measurements).
-fifo and priority merge the levels' heads, so within a level order is FIFO
-(or, with `fair`, tenant-fair: orchestrator/fairness.py); they work on a
-`QueueView` (the arrival times alone) underneath. A policy may carry a
-`lookahead` attribute: how many requests past the free room it wants to see.
+A policy plugin is a `plugin_types.Policy` whose `order(levels, k, ctx)`
+returns, from the held requests per priority level (each oldest first), the
+up-to-k to take next, in order; `ctx` is a `PolicyContext` (the time, the
+fleet, the core's measurements). fifo and priority merge the levels' heads,
+so within a level order is FIFO (or, with `fair`, tenant-fair:
+orchestrator/fairness.py); they work on a `QueueView` (the arrival times
+alone) underneath.
 
 - `fifo`: oldest arrival first, whatever the priority.
 - `priority`: strict priority with aging. A request's rank is its level
@@ -30,9 +29,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from orchestrator.fairness import FairParams, fair_levels
-from orchestrator.plugins import register
-from orchestrator.snapshot import Pending, PolicyContext
+from cplane.orchestrator.fairness import FairParams, fair_levels
+from cplane.orchestrator.plugin_types import DEFAULT_LOOKAHEAD, Levels, PluginSpec, Policy
+from cplane.orchestrator.snapshot import Pending, PolicyContext
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +53,8 @@ class PolicyConfig:
     spare_fill: float = 0.9  # ...and take at most this share of the fleet's slots
 
 
-Policy = Callable[[QueueView, int, float, PolicyConfig], list[int]]
+# (arrivals, k, now_ms, config) -> the level of each of the next k requests.
+HeadMerge = Callable[[QueueView, int, float, PolicyConfig], list[int]]
 
 
 def _merge(view: QueueView, k: int, key: Callable[[int, float], tuple[float, float]]) -> list[int]:
@@ -89,11 +89,7 @@ def priority(view: QueueView, k: int, now_ms: float, cfg: PolicyConfig) -> list[
     return _merge(view, k, rank)
 
 
-POLICIES: dict[str, Policy] = {"fifo": fifo, "priority": priority}
 _LOWEST = 4  # the background band
-
-Levels = tuple[tuple[Pending, ...], ...]
-Order = Callable[[Levels, int, PolicyContext], list[Pending]]
 
 
 def is_spare(p: Pending, cfg: PolicyConfig) -> bool:
@@ -119,35 +115,27 @@ def spare_budget(cfg: PolicyConfig) -> Callable[[list[Pending], PolicyContext], 
     return budget
 
 
-def get_policy(name: str) -> Policy:
-    try:
-        return POLICIES[name]
-    except KeyError:
-        raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}") from None
-
-
-def by_heads(policy: Policy, cfg: PolicyConfig, fair: FairParams | None = None) -> Order:
-    """A head-merging policy as an `order` over Pending records (tenant-fair within
-    each level when `fair` is given)."""
+def by_heads(name: str, merge: HeadMerge, cfg: PolicyConfig, fair: FairParams,
+             headroom: float | None = None) -> Policy:
+    """A head-merging policy over Pending records (tenant-fair within each level
+    when `fair.fair`), spare-capacity requests held to their budget."""
 
     def order(levels: Levels, k: int, ctx: PolicyContext) -> list[Pending]:
-        if fair is not None and fair.fair:
+        if fair.fair:
             levels = fair_levels(levels, k, ctx, fair)
         now_ms = ctx.now_ms
         view = QueueView(tuple([now_ms if is_spare(p, cfg) else p.arrival_ms for p in level]
                                for level in levels))
         heads = [0] * len(levels)
         out = []
-        for level in policy(view, k, now_ms, cfg):
+        for level in merge(view, k, now_ms, cfg):
             out.append(levels[level][heads[level]])
             heads[level] += 1
         return out
 
-    order.fair = fair  # type: ignore[attr-defined]
-    order.budget = spare_budget(cfg)  # type: ignore[attr-defined]
-    if fair is not None and fair.fair:
-        order.lookahead = fair.lookahead  # type: ignore[attr-defined]
-    return order
+    return Policy(name, order, fair=fair, budget=spare_budget(cfg),
+                  lookahead=fair.lookahead if fair.fair else DEFAULT_LOOKAHEAD,
+                  headroom=headroom)
 
 
 class PriorityParams(FairParams, frozen=True, forbid_unknown_fields=True):
@@ -158,16 +146,22 @@ class PriorityParams(FairParams, frozen=True, forbid_unknown_fields=True):
     headroom: float | None = None
 
 
-@register("policy", "fifo", FairParams)
-def _fifo(params: FairParams) -> Order:
+def _fifo(params: FairParams) -> Policy:
     """Oldest arrival first, whatever the priority."""
-    return by_heads(fifo, PolicyConfig(), params)
+    return by_heads("fifo", fifo, PolicyConfig(), params)
 
 
-@register("policy", "priority", PriorityParams)
-def _priority(params: PriorityParams) -> Order:
+def _priority(params: PriorityParams) -> Policy:
     """Strict priority with aging: nothing starves."""
-    order = by_heads(priority, PolicyConfig(aging_s=params.aging_s,
-                                            spare_fill=params.spare_fill), params)
-    order.headroom = params.headroom  # type: ignore[attr-defined]
-    return order
+    return by_heads("priority", priority, PolicyConfig(aging_s=params.aging_s,
+                                                       spare_fill=params.spare_fill),
+                    params, params.headroom)
+
+
+POLICIES: tuple[PluginSpec[Policy], ...] = (
+    PluginSpec("fifo", _fifo, FairParams),
+    PluginSpec("priority", _priority, PriorityParams),
+)
+
+__all__ = ["POLICIES", "HeadMerge", "PolicyConfig", "PriorityParams", "QueueView", "by_heads",
+           "fifo", "is_spare", "priority", "spare_budget"]

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator.prefix_router import prompt_blocks
-from schemas.blocks import chain_hashes, chat_text, hf_prompt_ids, word_token_ids
-from schemas.messages import Request
+from cplane.orchestrator.prefix_router import prompt_blocks
+from cplane.schemas.blocks import chain_hashes, chat_text, hf_prompt_ids, word_token_ids
+from cplane.schemas.messages import Request
 
 
 def load_tokenizer(spec: str) -> Any:

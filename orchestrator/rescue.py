@@ -20,11 +20,11 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from bus.outcome import StoredPublisher
-from bus.requeue import requeue
-from schemas.messages import Role
-from schemas.settings import Settings
-from schemas.subjects import ANY_TARGET, MODEL_TARGET_PREFIX, consumer_for_work
+from cplane.bus.outcome import StoredPublisher
+from cplane.bus.requeue import requeue
+from cplane.schemas.messages import Role
+from cplane.schemas.settings import Settings
+from cplane.schemas.subjects import ANY_TARGET, MODEL_TARGET_PREFIX, consumer_for_work
 
 log = logging.getLogger("cplane.orchestrator")
 ORPHAN_SWEEP_S = 5.0  # how often the leader looks for own queues of unknown workers

@@ -1,4 +1,4 @@
-"""Routers: which worker runs a request. Pure plugins (kind `router`).
+"""Routers: which worker runs a request. Pure plugins (`plugin_types.Router`).
 
 A router is `route(candidates, pending, ctx) -> WorkerView | None`: the
 candidates are the live, ready workers of the request's role that serve its
@@ -7,17 +7,23 @@ the model's pool), where whichever worker has a free slot pulls it first.
 `ctx` carries what a plan learns as it goes (round-robin position, items
 routed so far) and the random generator, so a seeded run replays.
 
+Routers that score follow llm-d's profile shape: scorers, each giving every
+candidate a score clamped to [0, 1] (lower is better), weighted and summed,
+then a picker: the lowest, ties in turn (lowest-index ties would pile every
+light load onto one worker). A scorer over an unbounded figure (items,
+TTFT) divides by the candidates' largest, which keeps its order.
+
 - `pool`: always the pool subject. JetStream's pull consumers make it "join
   the first free worker"; the cheapest choice when workers are alike.
 - `round_robin`: the next worker in turn, by a step counter kept between plans.
 - `random`: uniform, from the generator passed in.
-- `least_loaded`: the fewest items per slot: held at the last heartbeat plus
-  what this orchestrator routed to the worker since; ties go round in turn
-  (lowest-index ties would pile every light load onto one worker).
-- `load_balanced`: weighted scorers in [0, 1] (items per slot, KV usage).
-- `least_connections`, `weighted_round_robin` (by capacity),
-  `least_response_time` (TTFT moving averages from heartbeats, scaled by
-  load), `power_of_two` (two at random, the less loaded).
+- `least_loaded`: scorer items per slot: held at the last heartbeat plus what
+  this orchestrator routed to the worker since.
+- `load_balanced`: scorers items per slot (absolute, capped at 1) and KV usage.
+- `least_connections` (scorer: items, whatever the worker's size),
+  `weighted_round_robin` (by capacity), `least_response_time` (scorer: the
+  TTFT moving average from heartbeats scaled by load), `power_of_two` (two
+  at random, the less loaded).
 - `affinity` (session sticky by rendezvous hashing), `locality` (consistent
   hashing of the prompt's first block); `prefix_aware` is in
   orchestrator/prefix_router.py.
@@ -25,128 +31,113 @@ routed so far) and the random generator, so a seeded run replays.
 
 from __future__ import annotations
 
-import random
 import zlib
 from collections.abc import Callable, Sequence
 
 import msgspec
 
-from orchestrator.fleet import WorkerView
-from orchestrator.plugins import NoParams, register
-from orchestrator.snapshot import Pending, RouteState
+from cplane.orchestrator.fleet import WorkerView
+from cplane.orchestrator.plugin_types import NoParams, PluginSpec, Router
+from cplane.orchestrator.route_context import RouteContext
+from cplane.orchestrator.snapshot import Pending
+
+# (candidates, request, ctx) -> one score per candidate; clamped to [0, 1], lower wins.
+Scorer = Callable[[Sequence[WorkerView], Pending, RouteContext], list[float]]
 
 
-class RouteContext:
-    """One plan's routing scratch; the shell folds `sent` and `step` back into its state."""
-
-    __slots__ = ("_done", "_overlay", "_placed", "_placed_now", "_prefix", "_since", "rng",
-                 "sent", "step", "steps")
-
-    def __init__(self, state: RouteState, rng: random.Random) -> None:
-        self._since = state.sent_since
-        self._done = state.done_since
-        self._prefix = state.prefix  # a PrefixIndex (orchestrator/prefix_router.py) or None
-        # Blocks routed by this plan, not yet in the index: (worker, block).
-        self._overlay: set[tuple[str, int]] = set()
-        self._placed = state.placed
-        self._placed_now: dict[str, float] = {}  # tokens routed by this plan
-        self.step = state.step
-        self.steps = 0  # round-robin steps taken by this plan
-        self.sent: dict[str, int] = {}
-        self.rng = rng
-
-    def load(self, w: WorkerView) -> int:
-        """Items on the worker: held at its last heartbeat, plus routed since, less
-        what we routed there that finished since."""
-        wid = w.worker_id
-        known = w.held_items + self._since.get(wid, 0) - self._done.get(wid, 0)
-        return max(0, known) + self.sent.get(wid, 0)
-
-    def per_slot(self, w: WorkerView) -> float:
-        """`load` per slot of the worker: what least-loaded choices compare."""
-        return self.load(w) / max(1, w.capacity)
-
-    def prefix_match(self, w: WorkerView, hashes: Sequence[int]) -> int:
-        """Leading blocks of `hashes` the worker was sent (index, or earlier this plan)."""
-        wid = w.worker_id
-        n = self._prefix.match(wid, hashes) if self._prefix is not None else 0
-        for h in hashes[n:]:
-            if (wid, h) not in self._overlay:
-                break
-            n += 1
-        return n
-
-    def next_step(self) -> int:
-        self.steps += 1
-        return self.step + self.steps - 1
-
-    def placed(self, w: WorkerView) -> float:
-        """Tokens routed to the worker lately (decaying), this plan's included."""
-        wid = w.worker_id
-        return self._placed.get(wid, 0.0) + self._placed_now.get(wid, 0.0)
-
-    def routed(self, w: WorkerView, p: Pending | None = None) -> None:
-        self.sent[w.worker_id] = self.sent.get(w.worker_id, 0) + 1
-        if p is not None:
-            self._placed_now[w.worker_id] = (self._placed_now.get(w.worker_id, 0.0)
-                                             + p.prompt_tokens + p.output_tokens)
-        if p is not None and p.block_hashes and self._prefix is not None:
-            self._overlay.update((w.worker_id, h) for h in p.block_hashes)
+def _rotated(cands: Sequence[WorkerView], ctx: RouteContext) -> list[int]:
+    """Candidate indexes starting at the round-robin position: ties go round in turn."""
+    n = len(cands)
+    start = ctx.next_step() % n
+    return [(start + i) % n for i in range(n)]
 
 
-Router = Callable[[Sequence[WorkerView], Pending, RouteContext], WorkerView | None]
+def relative(raw: list[float]) -> list[float]:
+    """Scores over an unbounded figure, in [0, 1] with their order kept."""
+    top = max(raw, default=0.0)
+    return [x / top for x in raw] if top > 0 else [0.0] * len(raw)
 
 
-@register("router", "pool")
+def pick_lowest(cands: Sequence[WorkerView], ctx: RouteContext,
+                scores: Sequence[float]) -> WorkerView:
+    """The picker: the lowest score; ties in turn."""
+    return cands[min(_rotated(cands, ctx), key=scores.__getitem__)]
+
+
+def scored(name: str, weighted: Sequence[tuple[float, Scorer]]) -> Router:
+    """A router from weighted scorers and the lowest-score picker."""
+
+    def route(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> WorkerView | None:
+        total = [0.0] * len(cands)
+        for weight, scorer in weighted:
+            for i, s in enumerate(scorer(cands, p, ctx)):
+                total[i] += weight * min(1.0, max(0.0, s))
+        return pick_lowest(cands, ctx, total)
+
+    return Router(name, route)
+
+
+# -- scorers -----------------------------------------------------------------------
+def per_slot_score(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> list[float]:
+    return relative([ctx.per_slot(w) for w in cands])
+
+
+def per_slot_capped(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> list[float]:
+    return [ctx.per_slot(w) for w in cands]  # 1 = full; clamped there
+
+
+def kv_score(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> list[float]:
+    return [w.kv_usage for w in cands]
+
+
+def items_score(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> list[float]:
+    return relative([float(ctx.load(w)) for w in cands])
+
+
+def response_score(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> list[float]:
+    """Expected response: the TTFT moving average (a worker without figures yet
+    counts as the mean) scaled by how full the worker is."""
+    known = [w.ttft_ms_avg for w in cands if w.ttft_ms_avg > 0]
+    mean = sum(known) / len(known) if known else 1.0
+    return relative([(w.ttft_ms_avg or mean) * (1.0 + ctx.per_slot(w)) for w in cands])
+
+
+def least_loaded(cands: Sequence[WorkerView], ctx: RouteContext) -> WorkerView:
+    """The fewest items per slot; ties in turn, so equal workers share."""
+    return cands[min(_rotated(cands, ctx), key=lambda i: ctx.per_slot(cands[i]))]
+
+
+# -- the plugins ---------------------------------------------------------------------
 def _pool(params: NoParams) -> Router:
     """The pool subject: the first worker with a free slot pulls the request."""
 
     def route(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> WorkerView | None:
         return None
 
-    return route
+    return Router("pool", route)
 
 
-@register("router", "round_robin")
 def _round_robin(params: NoParams) -> Router:
     """Each worker in turn."""
 
     def route(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> WorkerView | None:
         return cands[ctx.next_step() % len(cands)]
 
-    return route
+    return Router("round_robin", route)
 
 
-@register("router", "random")
 def _random(params: NoParams) -> Router:
     """A uniformly random worker (seeded generator)."""
 
     def route(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> WorkerView | None:
         return cands[ctx.rng.randrange(len(cands))]
 
-    return route
+    return Router("random", route)
 
 
-def _rotated(cands: Sequence[WorkerView], ctx: RouteContext) -> list[WorkerView]:
-    """Candidates starting at the round-robin position: ties go round in turn."""
-    n = len(cands)
-    start = ctx.next_step() % n
-    return [cands[(start + i) % n] for i in range(n)]
-
-
-def least_loaded(cands: Sequence[WorkerView], ctx: RouteContext) -> WorkerView:
-    """The fewest items per slot; ties in turn, so equal workers share."""
-    return min(_rotated(cands, ctx), key=ctx.per_slot)
-
-
-@register("router", "least_loaded")
 def _least_loaded(params: NoParams) -> Router:
     """The fewest items per slot (ties: in turn, so equal workers share)."""
-
-    def route(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> WorkerView | None:
-        return least_loaded(cands, ctx)
-
-    return route
+    return scored("least_loaded", [(1.0, per_slot_score)])
 
 
 # -- load-balancing algorithms -------------------------------------------------------
@@ -156,28 +147,17 @@ class LoadBalancedParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     kv_weight: float = 0.3  # KV-cache usage at the last heartbeat
 
 
-@register("router", "load_balanced", LoadBalancedParams)
 def _load_balanced(params: LoadBalancedParams) -> Router:
     """Weighted scorers, each in [0, 1]: items per slot and KV usage; lowest wins."""
-
-    def route(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> WorkerView | None:
-        return min(_rotated(cands, ctx), key=lambda w: params.load_weight * min(
-            1.0, ctx.per_slot(w)) + params.kv_weight * min(1.0, max(0.0, w.kv_usage)))
-
-    return route
+    return scored("load_balanced", [(params.load_weight, per_slot_capped),
+                                     (params.kv_weight, kv_score)])
 
 
-@register("router", "least_connections")
 def _least_connections(params: NoParams) -> Router:
     """The fewest items, whatever the worker's size (ties in turn)."""
-
-    def route(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> WorkerView | None:
-        return min(_rotated(cands, ctx), key=ctx.load)
-
-    return route
+    return scored("least_connections", [(1.0, items_score)])
 
 
-@register("router", "weighted_round_robin")
 def _weighted_round_robin(params: NoParams) -> Router:
     """In turn, each worker as often as its capacity: a 64-slot worker gets 4 of
     every 5 requests next to a 16-slot one."""
@@ -193,24 +173,15 @@ def _weighted_round_robin(params: NoParams) -> Router:
                 return w
         return cands[-1]
 
-    return route
+    return Router("weighted_round_robin", route)
 
 
-@register("router", "least_response_time")
 def _least_response_time(params: NoParams) -> Router:
     """The lowest expected response: the worker's TTFT moving average (heartbeats)
     scaled by how full it is; a worker without figures yet counts as the mean."""
-
-    def route(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> WorkerView | None:
-        known = [w.ttft_ms_avg for w in cands if w.ttft_ms_avg > 0]
-        mean = sum(known) / len(known) if known else 1.0
-        return min(_rotated(cands, ctx), key=lambda w: (w.ttft_ms_avg or mean) * (
-            1.0 + ctx.per_slot(w)))
-
-    return route
+    return scored("least_response_time", [(1.0, response_score)])
 
 
-@register("router", "power_of_two")
 def _power_of_two(params: NoParams) -> Router:
     """Two workers at random, the less loaded of them (seeded generator)."""
 
@@ -220,7 +191,7 @@ def _power_of_two(params: NoParams) -> Router:
         a, b = ctx.rng.sample(range(len(cands)), 2)
         return min(cands[a], cands[b], key=ctx.per_slot)
 
-    return route
+    return Router("power_of_two", route)
 
 
 # -- placement by key -----------------------------------------------------------------
@@ -230,7 +201,6 @@ def rendezvous(key: str, cands: Sequence[WorkerView]) -> WorkerView:
     return max(cands, key=lambda w: zlib.crc32(f"{key}|{w.worker_id}".encode()))
 
 
-@register("router", "affinity")
 def _affinity(params: NoParams) -> Router:
     """Session (or user) sticky: a session's requests go to one worker while it is
     alive, then to another (rendezvous hashing); without a session, least loaded."""
@@ -240,10 +210,9 @@ def _affinity(params: NoParams) -> Router:
             return least_loaded(cands, ctx)
         return rendezvous(p.session, cands)
 
-    return route
+    return Router("affinity", route)
 
 
-@register("router", "locality")
 def _locality(params: NoParams) -> Router:
     """Consistent hashing of the prompt's first block (requests that start alike
     meet on one worker), else of the tenant; ignores load."""
@@ -252,7 +221,22 @@ def _locality(params: NoParams) -> Router:
         key = str(p.block_hashes[0]) if p.block_hashes else (p.tenant or p.request_id)
         return rendezvous(key, cands)
 
-    return route
+    return Router("locality", route, reads_prefix=True)
 
 
-__all__ = ["RouteContext", "Router", "least_loaded", "rendezvous"]
+ROUTERS: tuple[PluginSpec[Router], ...] = (
+    PluginSpec("pool", _pool),
+    PluginSpec("round_robin", _round_robin),
+    PluginSpec("random", _random),
+    PluginSpec("least_loaded", _least_loaded),
+    PluginSpec("load_balanced", _load_balanced, LoadBalancedParams),
+    PluginSpec("least_connections", _least_connections),
+    PluginSpec("weighted_round_robin", _weighted_round_robin),
+    PluginSpec("least_response_time", _least_response_time),
+    PluginSpec("power_of_two", _power_of_two),
+    PluginSpec("affinity", _affinity),
+    PluginSpec("locality", _locality),
+)
+
+__all__ = ["ROUTERS", "Scorer", "least_loaded", "pick_lowest", "relative", "rendezvous",
+           "scored"]

@@ -38,9 +38,10 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from bus.provision import ensure_config_bucket
-from orchestrator import plugins
-from schemas.admin import (
+from cplane.bus.provision import ensure_config_bucket
+from cplane.orchestrator import plugins
+from cplane.orchestrator.plugin_types import Policy
+from cplane.schemas.admin import (
     AdminReply,
     PolicyGet,
     PolicySet,
@@ -48,8 +49,8 @@ from schemas.admin import (
     policy_command_decoder,
     policy_state_decoder,
 )
-from schemas.codec import encode
-from schemas.settings import OrchestratorSettings, Settings
+from cplane.schemas.codec import encode
+from cplane.schemas.settings import OrchestratorSettings, Settings
 
 log = logging.getLogger("cplane.policy_switch")
 POLICY_KEY = "policy"
@@ -60,7 +61,7 @@ _WATCH_TIMEOUT_S = 5.0
 Apply = Callable[[str, Mapping[str, Any]], None]
 
 
-def policy_order(o: OrchestratorSettings, name: str, params: Mapping[str, Any]) -> Any:
+def policy_order(o: OrchestratorSettings, name: str, params: Mapping[str, Any]) -> Policy:
     """The policy plugin `name` built as the orchestrator runs it; ValueError if it cannot be.
 
     As at start (dispatch_config): a policy that takes `aging_s` and is not
@@ -69,7 +70,7 @@ def policy_order(o: OrchestratorSettings, name: str, params: Mapping[str, Any]) 
     full = dict(params)
     if plugins.spec("policy", name).accepts("aging_s"):
         full.setdefault("aging_s", o.aging_s)
-    return plugins.build("policy", name, full)
+    return plugins.build_policy(name, full)
 
 
 def refusal(o: OrchestratorSettings, name: str, params: Mapping[str, Any]) -> AdminReply | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import functools
 import hashlib
 import logging
@@ -26,7 +27,7 @@ import random
 import time
 import uuid
 from collections.abc import Coroutine, Mapping
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Any
 
 import msgspec
@@ -35,42 +36,43 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NoStreamResponseError
 
-from bus.cancels import CancelBook
-from bus.connect import connect
-from bus.fins import fin_ids
-from bus.jsmeta import delivery
-from bus.outcome import StoredPublisher, cancelled_final
-from bus.provision import ensure_all, ensure_request_consumers, ensure_streams
-from bus.puller import Puller
-from bus.recent import RecentIds
-from bus.replay import stored_terminal
-from orchestrator.control import start_control
-from orchestrator.decision_state import DecisionState
-from orchestrator.dispatch import (
-    Batch,
-    DispatchPlan,
-    Pending,
-    dispatch_config,
-    free_slots,
+from cplane.bus.cancels import CancelBook
+from cplane.bus.connect import connect
+from cplane.bus.fins import read_fin
+from cplane.bus.heartbeats import subscribe_heartbeats
+from cplane.bus.jsmeta import delivery
+from cplane.bus.outcome import StoredPublisher, cancelled_final
+from cplane.bus.provision import ensure_all, ensure_request_consumers, ensure_streams
+from cplane.bus.puller import Puller
+from cplane.bus.recent import RecentIds
+from cplane.bus.replay import stored_terminal
+from cplane.orchestrator.control import start_control
+from cplane.orchestrator.core import DecisionCore, Journal
+from cplane.orchestrator.dispatch import Batch, DispatchConfig, dispatch_config, free_slots
+from cplane.orchestrator.health_admin import build_registry
+from cplane.orchestrator.intake import Intake, Rejection, admit, classify
+from cplane.orchestrator.kv_feed import KvFeed
+from cplane.orchestrator.lease import LeaderLease
+from cplane.orchestrator.ledger import Entry, Ledger, RequestState
+from cplane.orchestrator.outcomes import Outcomes, Recheck, recheck
+from cplane.orchestrator.pending import pending_of
+from cplane.orchestrator.prompt_hash import PromptHasher
+from cplane.orchestrator.rescue import ORPHAN_SWEEP_S, rescue_orphans, rescue_queue
+from cplane.orchestrator.runtime_config import PolicySwitch, policy_order
+from cplane.orchestrator.stats import OrchestratorStats
+from cplane.schemas import trace
+from cplane.schemas.codec import encode
+from cplane.schemas.messages import (
+    PRIORITIES,
+    Final,
+    Heartbeat,
+    Role,
+    WorkBatch,
+    WorkerState,
+    WorkItem,
 )
-from orchestrator.health_admin import build_registry, serve_breakers
-from orchestrator.intake import Rejection, admit
-from orchestrator.kv_feed import KvFeed
-from orchestrator.lease import LeaderLease
-from orchestrator.ledger import Entry, Ledger, RequestState
-from orchestrator.outcomes import Outcomes, Recheck, recheck
-from orchestrator.pd_decision import estimate_prompt_tokens
-from orchestrator.prefix_router import PREFIX_ROUTERS
-from orchestrator.prompt_hash import PromptHasher
-from orchestrator.rescue import ORPHAN_SWEEP_S, rescue_orphans, rescue_queue
-from orchestrator.runtime_config import PolicySwitch, policy_order
-from orchestrator.slo import resolve
-from orchestrator.stats import OrchestratorStats
-from schemas import trace
-from schemas.codec import encode, heartbeat_decoder
-from schemas.messages import PRIORITIES, Role, WorkBatch, WorkerState, WorkItem
-from schemas.settings import Settings
-from schemas.subjects import consumer_for_priority, valid_token
+from cplane.schemas.settings import Settings
+from cplane.schemas.subjects import consumer_for_priority, valid_token
 
 log = logging.getLogger("cplane.orchestrator")
 _PUBLISH_RETRY_S = 0.5
@@ -78,6 +80,14 @@ _PUBLISH_RETRY_S = 0.5
 
 def now_ms() -> float:
     return time.time() * 1000
+
+
+class Stored(enum.Enum):
+    """What became of a work publish."""
+
+    STORED = "stored"  # JetStream acked it
+    REFUSED = "refused"  # JetStream refused it (stream full...): not stored
+    UNKNOWN = "unknown"  # no answer within half the duplicate window: maybe stored
 
 
 def batch_msg_id(batch: Batch) -> str:
@@ -90,22 +100,23 @@ def batch_msg_id(batch: Batch) -> str:
 
 
 class Orchestrator:
-    def __init__(self, settings: Settings, nc: NATS | None = None) -> None:
+    def __init__(self, settings: Settings, nc: NATS | None = None, *,
+                 journal: Journal | None = None) -> None:
         self.settings = settings
         o = settings.orchestrator
         self.id = o.orchestrator_id or f"orch-{uuid.uuid4().hex[:8]}"
         if not valid_token(self.id):  # it names subjects (llm.fin.<id>, llm.admin...)
             raise ValueError(f"orchestrator id {self.id!r} must be a subject token")
         self.subjects = settings.subjects
-        self.cfg = dispatch_config(o)
         self.policy_name = o.policy  # in force now: `cplane policy set` changes it (use_policy)
         self.registry = build_registry(settings)
+        # Every decision: the ledger, the decision state, plan and apply (no I/O).
         # Routers read the registry's counts of items routed since each heartbeat.
-        self.decisions = DecisionState(tenant_weights=o.tenant_weights,
-                                       prefill_tokens_per_s=o.prefill_tokens_per_s,
-                                       routed_since=self.registry.since)
+        self.core: DecisionCore[WorkItem] = DecisionCore(
+            dispatch_config(o), tenant_weights=o.tenant_weights,
+            prefill_tokens_per_s=o.prefill_tokens_per_s, routed_since=self.registry.since,
+            journal=journal)
         self._rng = random.Random(o.route_seed or None)
-        self.ledger = Ledger(len(PRIORITIES), observer=self._ledger_changed)
         self.stats = OrchestratorStats()
         self._seen = RecentIds(o.dedup_cache)  # ids dispatched or finished: served once
         self._pullers: list[Puller] = []
@@ -126,8 +137,16 @@ class Orchestrator:
         self.lease: LeaderLease | None = None
         self._hasher = (PromptHasher(o.prefix_tokenizer, o.prefix_block_tokens,
                                      settings.sim.vocab_size)
-                        if o.router in PREFIX_ROUTERS else None)
+                        if self.core.cfg.router_in_use.reads_prefix else None)
         self._kv: KvFeed | None = None
+
+    @property
+    def ledger(self) -> Ledger[WorkItem]:
+        return self.core.ledger
+
+    @property
+    def cfg(self) -> DispatchConfig:
+        return self.core.cfg
 
     @property
     def leading(self) -> bool:
@@ -149,22 +168,22 @@ class Orchestrator:
         await ensure_streams(self._js, self.settings)
         await ensure_request_consumers(self._js, self.settings)
         subs = [
-            await nc.subscribe(self.subjects.heartbeats_all, cb=self._on_heartbeat),
+            await subscribe_heartbeats(nc, self.subjects, self._on_heartbeat),
             # A terminal was stored (empty body, the request id is the subject's
             # last token): frees its slot. One lost is reconciled from LLM_DONE.
             await nc.subscribe(self.subjects.fin_all, cb=self._on_done),
-            await serve_breakers(nc, self.settings, self.registry, lambda: self.leading),
         ]
         self._cancels = CancelBook(nc, self.settings, on_cancel=self._on_cancel)
         await self._cancels.start()
         if self._hasher is not None:  # a prefix router: workers' KV events feed its index
-            self._kv = KvFeed(nc, self.subjects, self.decisions.prefix, o.prefix_block_tokens,
+            self._kv = KvFeed(nc, self.subjects, self.core.state.prefix, o.prefix_block_tokens,
                               known=self.registry.knows)
             await self._kv.start()
         # Before the lease: a replica that leads at once dispatches by the stored choice.
         self._policy = PolicySwitch(nc, self._js, self.settings, self.id, self.use_policy)
         await self._policy.start()
-        self.control = await start_control(self)  # admin.status/metrics/request, /metrics
+        # admin.status/metrics/instances/request/breakers, and /metrics
+        self.control = await start_control(nc, self._js, self.settings, self.registry, self)
         self.lease = LeaderLease(self._js, self.settings, self.id, on_change=self._on_leadership)
         lease_stop = asyncio.Event()
         loops = [asyncio.create_task(self._dispatch_loop(), name="dispatch"),
@@ -208,9 +227,8 @@ class Orchestrator:
         Raises (and changes nothing) when the plugin does not build. Steps are
         synchronous, so no step sees half a switch.
         """
-        self.cfg = replace(self.cfg, order=policy_order(self.settings.orchestrator, name, params))
+        self.core.use_policy(policy_order(self.settings.orchestrator, name, params))
         self.policy_name = name
-        self.decisions.mode, self.decisions.mode_since = "", -1.0  # adaptive starts afresh
         log.info("orchestrator %s: policy %s %s", self.id, name, dict(params))
         self._tick_due = True  # re-plan what is held under the new order
         self._wake.set()
@@ -252,7 +270,7 @@ class Orchestrator:
             timeout = self.settings.orchestrator.publish_timeout_s
             await asyncio.wait(set(self._tasks), timeout=timeout)
         for e in list(self.ledger.entries(RequestState.HELD)):
-            self.ledger.transition(e, None)
+            self.core.release(e)
             for m in (e.msg, *e.extra_msgs):
                 with contextlib.suppress(Exception):
                     await m.nak()  # the next leader gets it without waiting for ack_wait
@@ -270,54 +288,63 @@ class Orchestrator:
 
     async def _intake(self, msg: Msg) -> None:
         seq, deliveries, stored = delivery(msg.reply)
-        if not self.leading:
-            await msg.nak()
-            return
-        if deliveries > self.settings.orchestrator.max_deliveries:
-            self.stats.dead_letters += 1
-            self._spawn(self._out.dead_letter_request(msg, seq, deliveries, self._known),
-                        "dead-letter")
-            return
-        prio, slo = self.subjects.parse_request(msg.subject)
-        result = admit(msg.data, prio, slo, stored, now_ms(), self.id,
-                       self.settings.limits)
-        if isinstance(result, Rejection):
-            self.stats.reject(result.code)
-            self._spawn(self._out.reject(msg, seq, result, self._known), "reject")
-            return
-        if msg.headers and trace.parse(tp := msg.headers.get(trace.HEADER)):  # W3C, per item
-            result = msgspec.structs.replace(result, traceparent=tp)
-        rid = result.request.request_id
-        entry = self.ledger.get(rid)
-        if entry is not None:
-            if entry.seq == seq:  # a redelivery of a message we hold: keep the newest handle
-                entry.msg = msg
-            elif entry.state in (RequestState.HELD, RequestState.DISPATCHING):
-                entry.extra_msgs.append(msg)  # the same id published twice: acked with it
+        o = self.settings.orchestrator
+        admitted: WorkItem | Rejection | None = None
+        if self.leading and deliveries <= o.max_deliveries:
+            prio, slo = self.subjects.parse_request(msg.subject)
+            admitted = admit(msg.data, prio, slo, stored, now_ms(), self.id, self.settings.limits)
+        held = (self.ledger.get(admitted.request.request_id)
+                if isinstance(admitted, WorkItem) else None)
+        action = classify(
+            leading=self.leading, deliveries=deliveries, max_deliveries=o.max_deliveries,
+            admitted=admitted, seq=seq, held_seq=held.seq if held is not None else None,
+            held_waiting=held is not None and held.state in (RequestState.HELD,
+                                                             RequestState.DISPATCHING),
+            seen=isinstance(admitted, WorkItem) and admitted.request.request_id in self._seen)
+        match action:
+            case Intake.NAK:
+                await msg.nak()
+            case Intake.DEAD_LETTER:
+                self.stats.dead_letters += 1
+                self._spawn(self._out.dead_letter_request(msg, seq, deliveries, self._known),
+                            "dead-letter")
+            case Intake.REJECT:
+                assert isinstance(admitted, Rejection)
+                self.stats.reject(admitted.code)
+                self._spawn(self._out.reject(msg, seq, admitted, self._known), "reject")
+            case Intake.SAME_MESSAGE:  # a redelivery of a message we hold: the newest handle
+                assert held is not None
+                held.msg = msg
+            case Intake.DUPLICATE_HELD:  # the same id published twice: acked with it
+                assert held is not None
+                held.extra_msgs.append(msg)
                 self.stats.duplicates += 1
-            else:
+            case Intake.DUPLICATE_DONE:
                 self.stats.duplicates += 1
                 await msg.ack()
-            return
-        if rid in self._seen:
-            self.stats.duplicates += 1
-            await msg.ack()
-            return
-        entry = Entry(item=result, seq=seq, arrival_ms=result.enqueued_ms, held_ms=now_ms(),
-                      msg=msg)
-        if deliveries > 1:  # an earlier delivery may have been dispatched: look first
-            self._spawn(self._recheck(entry), "recheck")
-            return
-        await self._hold(entry)
+            case Intake.RECHECK | Intake.HOLD:
+                assert isinstance(admitted, WorkItem)
+                entry = self._entry(admitted, msg, seq)
+                if action is Intake.RECHECK:
+                    self._spawn(self._recheck(entry), "recheck")
+                else:
+                    await self._hold(entry)
+
+    def _entry(self, item: WorkItem, msg: Msg, seq: int) -> Entry[WorkItem]:
+        if msg.headers and trace.parse(tp := msg.headers.get(trace.HEADER)):  # W3C, per item
+            item = msgspec.structs.replace(item, traceparent=tp)
+        blocks = self._hasher.blocks if self._hasher is not None else None
+        return Entry(pending_of(item, now_ms(), self.settings.orchestrator, blocks), item,
+                     seq=seq, msg=msg)
 
     def _known(self, request_id: str) -> bool:
         """A live or recently finished request: a rejection must not become its terminal."""
         return request_id in self.ledger or request_id in self._seen
 
-    async def _recheck(self, entry: Entry) -> None:
+    async def _recheck(self, entry: Entry[WorkItem]) -> None:
         found = await recheck(self._js, self.settings, entry.item.request)
         if found is Recheck.NOT_FOUND:
-            entry.redispatched = True
+            self.core.mark_redispatched(entry)
             if entry.request_id not in self.ledger:
                 await self._hold(entry)
             return
@@ -327,18 +354,18 @@ class Orchestrator:
         self._seen.add(entry.request_id)
         await entry.msg.ack()
 
-    async def _hold(self, entry: Entry) -> None:
-        self.ledger.transition(entry, RequestState.HELD)
+    async def _hold(self, entry: Entry[WorkItem]) -> None:
+        self.core.hold(entry)
         self.stats.accept(entry.item.priority.value, entry.item.slo_class)
         if entry.request_id in self._cancels:
             await self._finish_cancelled(entry)
 
-    async def _finish_cancelled(self, entry: Entry) -> None:
-        self.ledger.transition(entry, RequestState.FINISHING)
+    async def _finish_cancelled(self, entry: Entry[WorkItem]) -> None:
+        self.core.finish_own(entry)
         self.stats.cancelled += 1
         self._spawn(self._finish(entry, cancelled_final(entry.item)), "cancel")
 
-    async def _finish(self, entry: Entry, terminal: Any) -> None:
+    async def _finish(self, entry: Entry[WorkItem], terminal: Any) -> None:
         """Publish our own terminal for a held request, then ack; on failure JetStream retries."""
         ok = await self._out.terminal(entry.item.request, terminal)
         if ok:
@@ -346,7 +373,7 @@ class Orchestrator:
         for m in (entry.msg, *entry.extra_msgs):
             with contextlib.suppress(Exception):
                 await (m.ack() if ok else m.nak(delay=1.0))
-        self.ledger.transition(entry, None)
+        self.core.finished_own(entry, now_ms())
 
     # -- dispatch --------------------------------------------------------------
     async def _dispatch_loop(self) -> None:
@@ -356,125 +383,62 @@ class Orchestrator:
             if not self.leading or not self.ledger.held_count():
                 continue
             try:
-                plan = self._plan()
-                if plan is not None:
-                    await self._apply(plan)
+                await self._dispatch_step()
             except Exception:
                 log.exception("dispatch step failed")
 
-    def _ledger_changed(self, e: Entry, frm: RequestState | None,
-                        to: RequestState | None) -> None:
-        tenant = e.item.request.tenant or ""
-        if frm is None and to is RequestState.HELD:
-            self.decisions.held(tenant)
-        elif frm is RequestState.HELD and to is RequestState.DISPATCHING:
-            self.decisions.dispatched((self._pending(e),), getattr(self.cfg.order, "fair", None))
-        elif to is None:
-            ran = frm in (RequestState.DISPATCHING, RequestState.DISPATCHED)
-            self.decisions.finished(tenant, now_ms(), ran)
-            if ran and e.target:
-                self.registry.since.finished_on(e.target)
-
-    def _plan(self) -> DispatchPlan | None:
-        """None when no pool has room and nothing is due (most wakes at saturation)."""
+    async def _dispatch_step(self) -> None:
+        """One decision (the core plans and applies it), then its effects: each
+        rejection published, each batch published (then acked), pullers poked."""
         t = now_ms()
         fleet = self.registry.snapshot(t)
-        # What each pool holds: our own ledger. Right after a takeover, also what
-        # the workers report holding (work a previous leader dispatched), whichever
-        # is more; only then, since heartbeats lag by up to a second and would
-        # hold back dispatch that the ledger knows is safe.
+        # What each pool holds: the ledger's count. Right after a takeover, also
+        # what the workers report holding (work a previous leader dispatched),
+        # whichever is more; only then, since heartbeats lag by up to a second
+        # and would hold back dispatch that the ledger knows is safe.
+        floor = None
         if time.monotonic() < self._takeover_until:
-            in_flight = {pool: max(self.ledger.in_flight(pool), fleet.pool_held(pool))
-                         for pool in free_slots(fleet, {}, 0.0)}
-        else:
-            in_flight = self.ledger.in_flight_by_pool()
-
-        def held(k: int) -> tuple[tuple[Pending, ...], ...]:
-            return tuple(tuple(self._pending(e) for e in self.ledger.held_heads(level, k))
-                         for level in range(len(PRIORITIES)))
-
-        plan = self.decisions.plan(self.cfg, fleet, in_flight, held, now_ms=t, rng=self._rng,
-                                   due=self._tick_due)
-        if plan is not None:
-            self._tick_due = False
-        return plan
-
-    def _pending(self, e: Entry) -> Pending:
-        """The entry as decisions see it; built once per entry (no per-step cost)."""
-        p: Pending | None = e.pending
-        if p is None or p.redispatched != e.redispatched:
-            req = e.item.request
-            o = self.settings.orchestrator
-            slo = resolve(e.item.slo_class, o.slo_classes, o.default_slo_class,
-                          ttft_ms=req.ttft_target_ms, tpot_ms=req.tpot_target_ms,
-                          deadline_ms=req.slo_deadline_ms)
-            p = e.pending = Pending(
-                request_id=e.request_id, level=e.level, arrival_ms=e.arrival_ms,
-                held_ms=e.held_ms, model=req.model, prompt_tokens=estimate_prompt_tokens(req),
-                deadline_ms=e.arrival_ms + slo.deadline_ms if slo.deadline_ms else None,
-                redispatched=e.redispatched, output_tokens=req.max_tokens,
-                tenant=req.tenant or "", slo_class=slo.name,
-                session=req.session_id or req.user_id or "", ttft_target_ms=slo.ttft_ms,
-                tpot_target_ms=slo.tpot_ms, sheddable=slo.sheddable,
-                cost_budget=req.cost_budget,
-                # Hashed only for routers that read it (a cost per prompt byte).
-                block_hashes=self._hasher.blocks(req) if self._hasher is not None else ())
-        return p
-
-    async def _apply(self, plan: DispatchPlan) -> None:
-        for rej in plan.rejections:
-            entry = self.ledger.get(rej.request_id)
-            if entry is None or entry.state is not RequestState.HELD:
-                continue
-            self.ledger.transition(entry, RequestState.FINISHING)
+            floor = {pool: fleet.pool_held(pool) for pool in free_slots(fleet, {}, 0.0)}
+        step = self.core.step(fleet, now_ms=t, rng=self._rng, due=self._tick_due, floor=floor)
+        if step is None:  # no room and nothing due (most wakes at saturation)
+            return
+        self._tick_due = False
+        for rej, entry in step.rejected:
             self.stats.reject(rej.code)
             err = self._out.error(rej.request_id, rej.code, rej.message, rej.retryable,
                                   retry_after_ms=rej.retry_after_ms)
             self._spawn(self._finish(entry, err), "reject")
-        for batch in plan.batches:
-            entries = [e for rid in batch.request_ids if (e := self.ledger.get(rid)) is not None
-                       and e.state is RequestState.HELD]
-            if not entries:
-                continue
-            for e in entries:
-                self.ledger.transition(e, RequestState.DISPATCHING, batch.pool)
-            self.stats.route(batch.role.value, batch.target in plan.sent, len(entries))
-            if batch.target in plan.sent:  # routed to one worker, not a pool
-                self.decisions.sent_to(batch.target, [self._pending(e) for e in entries])
-                for e in entries:
-                    e.target = batch.target
+        for out in step.publish:
+            self.stats.route(out.batch.role.value, out.routed, len(out.entries))
             await self._publish_slots.acquire()
-            self._spawn(self._publish_batch(batch, entries), "publish")
+            self._spawn(self._publish_batch(out.batch, out.entries), "publish")
         for puller in self._pullers:
             puller.poke()
 
-    async def _publish_batch(self, batch: Batch, entries: list[Entry]) -> None:
+    async def _publish_batch(self, batch: Batch, entries: tuple[Entry[WorkItem], ...]) -> None:
         try:
-            stored = await self._store_batch(batch, entries)
+            result = await self._store_batch(batch, entries)
         finally:
             self._publish_slots.release()
-        if not stored:  # refused, so not stored: plan them again
-            for e in entries:
-                self.ledger.transition(e, RequestState.HELD)
+        if result is not Stored.STORED:  # not stored (or not known to be): plan them again
+            self.core.refused(entries, redispatch=result is Stored.UNKNOWN)
             self._wake.set()
             return
-        t = now_ms()
         for e in entries:
             for m in (e.msg, *e.extra_msgs):
                 with contextlib.suppress(Exception):
                     await m.ack()
             self._seen.add(e.request_id)
-            self.ledger.transition(e, RequestState.DISPATCHED)
-            e.dispatched_ms = t
-            if e.terminal_seen:  # its Final raced our ack (zero-cost engines)
-                self.ledger.transition(e, None)
+        if self.core.stored(entries, now_ms()):
+            self._wake.set()  # terminals that raced the acks freed slots
         self.stats.dispatched += len(entries)
         self.stats.batches += 1
         if batch.role.value == "prefill":
             self.stats.pd += len(entries)
 
-    async def _store_batch(self, batch: Batch, entries: list[Entry]) -> bool:
-        """True once JetStream stored the batch; False when it refused it (not stored).
+    async def _store_batch(self, batch: Batch, entries: tuple[Entry[WorkItem], ...]) -> Stored:
+        """STORED once JetStream stored the batch; REFUSED when it refused it; UNKNOWN
+        when it gave no answer within half the duplicate window.
 
         A timeout is no answer: the batch may be stored. Retry with the same
         Nats-Msg-Id (JetStream keeps one copy) while we lead, within the
@@ -491,44 +455,36 @@ class Orchestrator:
         while True:
             try:
                 await self._store.publish(subject, data, msg_id)
-                return True
+                return Stored.STORED
             except NoStreamResponseError:  # the stream vanished with the broker's store
                 with contextlib.suppress(Exception):
                     await ensure_streams(self._js, self.settings)
             except APIError as exc:  # refused (stream full...): not stored
                 log.warning("work publish refused (%d requests stay held): %s", len(entries), exc)
                 self.stats.publish_failures += 1
-                return False
+                return Stored.REFUSED
             except Exception as exc:  # timeout / disconnected: unknown, retry the same id
                 self.stats.publish_retries += 1
                 log.debug("work publish unanswered, retrying: %s", exc)
-            if time.monotonic() > deadline:
-                for e in entries:  # past half the dedup window: redispatch alone, checked
-                    e.redispatched = True
-                return False
+            if time.monotonic() > deadline:  # past half the dedup window: alone, checked
+                return Stored.UNKNOWN
             await asyncio.sleep(_PUBLISH_RETRY_S)
 
     # -- subscriptions ---------------------------------------------------------
-    async def _on_heartbeat(self, msg: Msg) -> None:
-        try:
-            hb = heartbeat_decoder.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            return
+    def _on_heartbeat(self, hb: Heartbeat) -> None:
         if self.registry.observe(hb, now_ms()):
             if hb.state == WorkerState.STOPPED:
-                self.decisions.forget_worker(hb.worker_id)
+                self.core.forget_worker(hb.worker_id)
             self._wake.set()
 
     async def _on_done(self, msg: Msg) -> None:
-        for rid in fin_ids(self.subjects.last_token(msg.subject), msg.data):
-            entry = self.ledger.get(rid)
-            if entry is None:
-                continue
-            if entry.state is RequestState.DISPATCHED:
-                self.ledger.transition(entry, None)
-                self._wake.set()
-            elif entry.state is RequestState.DISPATCHING:
-                entry.terminal_seen = True
+        """The in-flight signal: terminals stored (their slots free, their TTFTs count)."""
+        t = now_ms()
+        freed = False
+        for fin in read_fin(msg.data):
+            freed |= self.core.terminal(fin.request_id, t, fin.ttft_ms)
+        if freed:
+            self._wake.set()
 
     async def _on_cancel(self, request_id: str) -> None:
         entry = self.ledger.get(request_id)
@@ -546,7 +502,7 @@ class Orchestrator:
             for hb in self.registry.expire_workers(t):
                 log.info("worker %s expired; %d live", hb.worker_id,
                          len(self.registry.snapshot(t).workers))
-                self.decisions.forget_worker(hb.worker_id)
+                self.core.forget_worker(hb.worker_id)
                 if self.leading:
                     self._spawn(self._rescue(hb.role, hb.worker_id, list(hb.models)), "rescue")
             self._tick_due = True
@@ -593,7 +549,9 @@ class Orchestrator:
                 return
             if term is not None and e.state is RequestState.DISPATCHED:
                 self.stats.reconciled += 1
-                self.ledger.transition(e, None)
+                ttft = (term.timings.ttft_ms if isinstance(term, Final)
+                        and term.usage.completion_tokens else -1.0)
+                self.core.terminal(e.request_id, now_ms(), ttft)
                 self._wake.set()
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from schemas.settings import SloClass
+from cplane.schemas.settings import SloClass
 
 BOUND = 4.0  # a request's own target stays within [class / BOUND, class * BOUND]
 

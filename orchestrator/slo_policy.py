@@ -15,10 +15,9 @@ which then breaks ties between equal deadlines.
 
 from __future__ import annotations
 
-from orchestrator.fairness import FairParams, fair_merge
-from orchestrator.plugins import register
-from orchestrator.policy import Levels, Order
-from orchestrator.snapshot import Pending, PolicyContext
+from cplane.orchestrator.fairness import FairParams, fair_merge
+from cplane.orchestrator.plugin_types import Levels, PluginSpec, Policy
+from cplane.orchestrator.snapshot import Pending, PolicyContext
 
 
 class SloParams(FairParams, frozen=True, forbid_unknown_fields=True):
@@ -61,25 +60,23 @@ def edf_feasible(cands: list[Pending], k: int, ctx: PolicyContext) -> list[Pendi
     return (feasible + late)[:k]
 
 
-@register("policy", "slo_aware", SloParams)
-def _slo_aware(params: SloParams) -> Order:
+def _slo_aware(params: SloParams) -> Policy:
     """Earliest TTFT deadline first among requests that can still meet theirs."""
 
     def order(levels: Levels, k: int, ctx: PolicyContext) -> list[Pending]:
         cands = [p for level in levels for p in level]
         if params.fair:
             cands = fair_merge(sorted(cands, key=lambda p: p.arrival_ms), len(cands),
-                               ctx.measured.tenant_work, ctx.measured.tenant_weights, params)
+                               ctx.tables.tenant_work, ctx.tables.tenant_weights, params)
         return edf_feasible(cands, k, ctx)
 
     def budget(ordered: list[Pending], ctx: PolicyContext) -> int:
         return prefill_budget(ordered, ctx, params.max_backlog_ms)
 
-    order.lookahead = params.lookahead  # type: ignore[attr-defined]
-    order.fair = params  # type: ignore[attr-defined]
-    order.budget = budget  # type: ignore[attr-defined]
-    order.headroom = params.headroom  # type: ignore[attr-defined]
-    return order
+    return Policy("slo_aware", order, fair=params, budget=budget, lookahead=params.lookahead,
+                  headroom=params.headroom)
 
 
-__all__ = ["SloParams", "edf_feasible", "prefill_budget", "split_feasible"]
+SLO_POLICIES: tuple[PluginSpec[Policy], ...] = (PluginSpec("slo_aware", _slo_aware, SloParams),)
+
+__all__ = ["SLO_POLICIES", "SloParams", "edf_feasible", "prefill_budget", "split_feasible"]

@@ -3,16 +3,18 @@
 Policies, routers and the PD decider read these and nothing else (the fleet
 as of its last heartbeats is `fleet.FleetView`), so the live orchestrator and
 the fleet simulator (fleetsim/) hand the same shapes to the same functions.
+The one mutable input, `DecisionTables`, is named as such and passed explicitly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
-from orchestrator.fleet import FleetView
-from orchestrator.ledger import PoolKey
+from cplane.orchestrator.fleet import FleetView
+from cplane.orchestrator.prefix_index import PrefixIndex
+
+PoolKey = tuple[str, str]  # (role class: "unified" | "pd", model)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,9 +51,14 @@ class QueueSnapshot:
     in_flight: Mapping[PoolKey, int]  # requests each pool holds now
 
 
-@dataclass(frozen=True, slots=True)
-class RouteState:
-    """What routers need from before this plan; the shell keeps it between plans."""
+@dataclass(slots=True)
+class DecisionTables:
+    """The decision core's live tables, kept between plans (orchestrator/core.py).
+
+    Not a snapshot: the core updates them as requests are dispatched and
+    finish, and hands them to every plan explicitly. Plugins read them and
+    never write them (a plan's own routing goes into its RouteContext).
+    """
 
     step: int = 0  # round-robin position
     # Items routed to each worker since its last heartbeat (which already counts
@@ -60,21 +67,22 @@ class RouteState:
     # ...and those of them (routed to it by us) that finished since: the heartbeat's
     # count is stale by them until the next one.
     done_since: Mapping[str, int] = field(default_factory=dict)
-    # Which prefix blocks each worker was sent recently (prefix_aware); None = no index.
-    prefix: Any = None
     # Tokens (prompt + output) routed to each worker, decaying (half-life ~1 min):
     # a work measure for routers that must not pile long requests on one worker.
     placed: Mapping[str, float] = field(default_factory=dict)
+    # Which prefix blocks each worker holds (prefix routers); None = no index.
+    prefix: PrefixIndex | None = None
+    # Tenant fairness: virtual work counters (orchestrator/fairness.py) and weights.
+    tenant_work: Mapping[str, float] = field(default_factory=dict)
+    tenant_weights: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
 class Measured:
-    """What the shell measured and keeps between plans (orchestrator/decision_state.py)."""
+    """What the core measured, as of this plan (orchestrator/decision_state.py)."""
 
     drain_per_s: float = 0.0
     prefill_tokens_per_s: float = 40_000.0
-    tenant_work: Mapping[str, float] = field(default_factory=dict)
-    tenant_weights: Mapping[str, float] = field(default_factory=dict)
     mode: str = ""  # adaptive's current policy
     mode_since_ms: float = -1.0  # since when its switch condition holds
     # Prompt tokens dispatched whose prefill has (by estimate) not run yet.
@@ -93,6 +101,7 @@ class PolicyContext:
     in_flight: int = 0  # requests the fleet holds now (all pools)
     measured: Measured = field(default_factory=Measured)
     mode: str = ""  # adaptive: the policy this plan runs (measured.mode, or a switch)
+    tables: DecisionTables = field(default_factory=DecisionTables)  # read only
 
     def backlog_ms(self, extra_tokens: float = 0.0) -> float:
         """How long the fleet needs to prefill what it was sent (plus `extra_tokens`)."""

@@ -1,6 +1,6 @@
 """Wire types and subject names of cplane. Depends on msgspec only."""
 
-from schemas.messages import (
+from cplane.schemas.messages import (
     PRIORITIES,
     SCHEMA_VERSION,
     WIRE_TYPES,
@@ -24,7 +24,7 @@ from schemas.messages import (
     WorkerState,
     WorkItem,
 )
-from schemas.subjects import Subjects
+from cplane.schemas.subjects import Subjects
 
 __all__ = [
     "PRIORITIES",

@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from schemas.messages import Base
+from cplane.schemas.messages import Base
 
 
 class PolicyGet(Base, frozen=True, kw_only=True, tag="get", tag_field="op"):
@@ -54,6 +54,9 @@ class AdminReply(Base, frozen=True, kw_only=True):
     param_choices: list[str] = []  # on refusal of a known policy: its parameter names
 
 
+BREAKERS_VERB = "breakers"  # `<prefix>.admin.breakers`: the leader's, a list of BreakerInfo
+
+
 class BreakerInfo(Base, frozen=True, kw_only=True):
     """One worker's circuit breaker, as the leading orchestrator holds it
     (`<prefix>.admin.breakers` answers a list of these)."""
@@ -78,6 +81,7 @@ ADMIN_TYPES: dict[str, type[Any]] = {
 
 __all__ = [
     "ADMIN_TYPES",
+    "BREAKERS_VERB",
     "AdminReply",
     "BreakerInfo",
     "PolicyCommand",

@@ -25,7 +25,7 @@ from typing import Any
 
 import msgspec
 
-from schemas.messages import Base
+from cplane.schemas.messages import Base
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"

@@ -17,7 +17,7 @@ from array import array
 from collections.abc import Sequence
 from typing import Any
 
-from schemas.messages import ChatMessage
+from cplane.schemas.messages import ChatMessage
 
 _MASK = (1 << 63) - 1  # JSON-safe for every msgspec/orjson reader
 

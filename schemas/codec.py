@@ -6,9 +6,10 @@ from typing import Any
 
 import msgspec
 
-from schemas.messages import (
+from cplane.schemas.messages import (
     Cancel,
     ErrorReply,
+    Fin,
     Final,
     Heartbeat,
     KvEvents,
@@ -29,6 +30,7 @@ final_decoder = msgspec.json.Decoder(Final | ErrorReply)
 heartbeat_decoder = msgspec.json.Decoder(Heartbeat)
 cancel_decoder = msgspec.json.Decoder(Cancel)
 kv_events_decoder = msgspec.json.Decoder(KvEvents)
+fin_decoder = msgspec.json.Decoder(Fin)
 _loose = msgspec.json.Decoder()
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import msgspec
 
-from schemas.messages import Base, Heartbeat
+from cplane.schemas.messages import Base, Heartbeat
 
 STATUS_VERB = "status"
 METRICS_VERB = "metrics"

@@ -9,10 +9,10 @@ from typing import Any
 
 import msgspec
 
-from schemas.admin import ADMIN_TYPES
-from schemas.batch import BATCH_TYPES
-from schemas.control import CONTROL_TYPES
-from schemas.messages import WIRE_TYPES
+from cplane.schemas.admin import ADMIN_TYPES
+from cplane.schemas.batch import BATCH_TYPES
+from cplane.schemas.control import CONTROL_TYPES
+from cplane.schemas.messages import WIRE_TYPES
 
 COMMITTED_DIR = Path(__file__).parent / "jsonschema"
 EXPORTED_TYPES: dict[str, type[object]] = {**WIRE_TYPES, **ADMIN_TYPES, **CONTROL_TYPES,

@@ -271,6 +271,26 @@ class KvEvents(Base, frozen=True, kw_only=True):
     cleared: bool = False  # forget this worker's blocks before applying `stored`
 
 
+class Finished(msgspec.Struct, frozen=True, array_like=True):
+    """One stored terminal in a `Fin`: `[request_id, ttft_ms]` on the wire."""
+
+    request_id: str
+    # Stored in LLM_REQ -> first token stored, as the publisher measured it
+    # (Final.timings.ttft_ms); -1 when no token was produced (error, early cancel).
+    ttft_ms: float = -1.0
+
+
+class Fin(Base, frozen=True, kw_only=True):
+    """The in-flight signal on `llm.fin.<publisher>` (core NATS, best effort).
+
+    Every publisher of terminals (worker, orchestrator) sends one per loop
+    turn, naming each terminal it stored since its last: the orchestrators
+    free those requests' slots and count TTFT misses. A lost signal is healed
+    by the orchestrators' LLM_DONE lookup (`reconcile_after_s`)."""
+
+    done: list[Finished]
+
+
 class Cancel(Base, frozen=True, kw_only=True):
     """Optional body of `llm.cancel.<request_id>` (an empty body works too)."""
 
@@ -305,6 +325,7 @@ WIRE_TYPES: dict[str, type[Any]] = {
     "ErrorReply": ErrorReply,
     "Heartbeat": Heartbeat,
     "KvEvents": KvEvents,
+    "Fin": Fin,
     "Cancel": Cancel,
     "DeadLetter": DeadLetter,
 }

@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from schemas.subjects import Subjects
+from cplane.schemas.subjects import Subjects
 
 ENV_PREFIX = "CPLANE__"
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"

@@ -38,7 +38,7 @@ import re
 import zlib
 from dataclasses import dataclass
 
-from schemas.messages import PRIORITIES, Priority, Role
+from cplane.schemas.messages import PRIORITIES, Priority, Role
 
 INTERACTIVE_GROUP = "i"
 INVALID_GROUP = "invalid"

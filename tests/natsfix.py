@@ -14,8 +14,8 @@ from collections.abc import Iterator
 
 import msgspec
 
-from bus.server import EmbeddedNats
-from schemas.settings import Settings, load_settings
+from cplane.bus.server import EmbeddedNats
+from cplane.schemas.settings import Settings, load_settings
 
 
 def _docker_answers() -> bool:

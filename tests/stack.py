@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 import msgspec
 from nats.aio.client import Client as NATS
 
-from orchestrator.service import Orchestrator
-from schemas.settings import Settings
+from cplane.orchestrator.service import Orchestrator
+from cplane.schemas.settings import Settings
+from cplane.workers.engines.base import Engine
+from cplane.workers.engines.sim import SimEngine
+from cplane.workers.runtime import Worker
 from tests.waiting import until
-from workers.engines.base import Engine
-from workers.engines.sim import SimEngine
-from workers.runtime import Worker
 
 
 @dataclass

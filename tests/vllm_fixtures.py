@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from cplane.workers.engines.vllm import VllmEngine, VllmSettings
 from tests.vllm_model import MODEL_NAME, build_tiny_llama
-from workers.engines.vllm import VllmEngine, VllmSettings
 
 __all__ = [
     "vllm_decode_engine",

@@ -16,8 +16,8 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from schemas.codec import encode
-from schemas.messages import TokenChunk
+from cplane.schemas.codec import encode
+from cplane.schemas.messages import TokenChunk
 
 Publish = Callable[[str, bytes], Awaitable[None]]
 

@@ -2,7 +2,8 @@
 
 One `ServeContext` per worker; `serve.py` (running an item) and `migrate.py`
 (work that may have run before) use it. Publishing helpers here store before
-they return: the caller acks a work message only after they did.
+they return, or raise `NotStored`: the caller acks a work message only after
+they did. Which state each run is in is the run ledger's (`runs`).
 """
 
 from __future__ import annotations
@@ -11,42 +12,58 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Container
 from dataclasses import dataclass, field
 
 from nats.aio.client import Client as NATS
 from nats.errors import ConnectionClosedError
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.errors import NoStreamResponseError
 
-from bus.claims import Claims
-from bus.outcome import StoredPublisher, error_reply
-from bus.replay import stored_seqs
-from schemas import trace
-from schemas.codec import encode
-from schemas.messages import ErrorCode, ErrorReply, Final, Role, TokenChunk, WorkBatch, WorkItem
-from schemas.settings import Settings
-from schemas.subjects import Subjects, model_target
-from workers.chunker import ChunkStream
-from workers.engines.base import Engine
-from workers.latency import LatencyAverages
-from workers.stats import WorkerStats
+from cplane.bus.claims import Claims
+from cplane.bus.outcome import StoredPublisher, error_reply, terminal_msg_id
+from cplane.bus.replay import stored_seqs
+from cplane.bus.stored_retry import StoreResult, publish_until_stored
+from cplane.schemas import trace
+from cplane.schemas.codec import encode
+from cplane.schemas.messages import (
+    ErrorCode,
+    ErrorReply,
+    Final,
+    Role,
+    TokenChunk,
+    WorkBatch,
+    WorkItem,
+)
+from cplane.schemas.settings import Settings
+from cplane.schemas.subjects import Subjects, model_target
+from cplane.workers.chunker import ChunkStream
+from cplane.workers.engines.base import Engine
+from cplane.workers.latency import LatencyAverages
+from cplane.workers.runs import RunLedger
+from cplane.workers.stats import WorkerStats
 
 log = logging.getLogger("cplane.worker")
 _RETRY_S = 0.5
 
 
 class Outcome(enum.StrEnum):
-    """What became of one item (each is stored before the message is acked)."""
+    """What became of one run: stored before the message is acked, except the
+    two engine faults (nothing stored yet: the runtime judges its engine, then
+    serves the run again and it leaves, handed back or with its error)."""
 
     FINAL = "final"  # Final published (cancelled ones included)
     ERROR = "error"  # ErrorReply published (the request's fault, or bounds reached)
     HANDOFF = "handoff"  # decode item published (prefill role)
-    HANDBACK = "handback"  # back to its model's pool (drain, unhealthy)
+    HANDBACK = "handback"  # back to its model's pool (drain, unhealthy, engine fault)
     SKIPPED = "skipped"  # its terminal was already stored: nothing to do
-    ENGINE_FAULT = "engine_fault"  # the engine failed on it: handed back or errored
-    ENGINE_DEAD = "engine_dead"  # EngineDeadError: handed back or errored
+    ENGINE_FAULT = "engine_fault"  # the engine failed on it: not stored yet
+    ENGINE_DEAD = "engine_dead"  # EngineDeadError: not stored yet
+
+
+class NotStored(Exception):
+    """An outcome JetStream did not store (refused, or unanswered for half the
+    duplicate window): the message that carries the item stays unacked."""
 
 
 @dataclass(slots=True)
@@ -60,12 +77,9 @@ class ServeContext:
     engine: Engine
     worker_id: str
     role: Role
-    handing_back: bool = False  # draining or unhealthy: items go back to their pool
-    # Called when the engine fails on an item (True: EngineDeadError), before the
-    # item is handed back: the runtime judges its engine's health here.
-    on_engine_fault: Callable[[bool], Awaitable[None]] | None = None
-    publishing: set[str] = field(default_factory=set)  # ids storing an outcome: never cancel
+    runs: RunLedger = field(default_factory=RunLedger)  # every run here, by state
     claims: Claims | None = None  # runs that may overlap another claim their request
+    cancelled: Container[str] = frozenset()  # request ids cancelled (bus/cancels.py)
     # Open while connected and sure of what it runs (see ChunkStream): closed on a
     # disconnect, opened again once every running item is claimed or given up.
     gate: asyncio.Event = field(default_factory=asyncio.Event)
@@ -97,7 +111,7 @@ class ServeContext:
     def __post_init__(self) -> None:
         self.gate.set()
         self.subjects = self.settings.subjects  # built once (Settings builds one per call)
-        self.metrics = WorkerStats(self.worker_id, self.settings)
+        self.metrics = WorkerStats(self.worker_id, self.settings, self.runs)
     stats: dict[str, int] = field(default_factory=lambda: {
         "finals": 0, "errors": 0, "handoffs": 0, "handbacks": 0, "cancelled": 0,
         "skipped": 0, "migrated": 0, "dead_letters": 0, "engine_faults": 0,
@@ -123,35 +137,38 @@ class ServeContext:
         """Store the terminal on `llm.done` (and send it to reply_to when asked).
 
         The same bytes are retried until JetStream stores them (a broker
-        restart), for up to half the duplicate window: a live reader that got
-        a copy while the store failed sees the identical terminal again, never
-        a second, different one. When the connection dropped while `stream`
-        was streaming, chunks that never reached LLM_OUT (lost in a socket
-        buffer) are re-sent first, so the Final never counts a chunk nobody has.
+        restart), for up to half the duplicate window (bus/stored_retry.py): a
+        live reader that got a copy while the store failed sees the identical
+        terminal again, never a second, different one. When the connection
+        dropped while `stream` was streaming, chunks that never reached LLM_OUT
+        (lost in a socket buffer) are re-sent first, so the Final never counts
+        a chunk nobody has. Raises NotStored when it was not stored.
         """
         req = item.request
-        deadline = time.monotonic() + self.settings.streams.out.duplicate_window_s / 2
-        suspect = False  # a store failed: chunks may have been lost with it
-        self.publishing.add(req.request_id)
-        try:
-            while True:
-                try:
-                    await self._until_connected(deadline)
-                    if stream is not None and stream.sent and (
-                            suspect or stream.epoch != self.epoch):
-                        await self._resend_lost(item, stream)
-                    await self.store.publish_terminal(
-                        self.nc, self.subjects, req.group, msg, req.reply_to,
-                        {trace.HEADER: item.traceparent} if item.traceparent else None)
-                    break
-                except (TimeoutError, NoStreamResponseError, NatsError) as exc:
-                    if isinstance(exc, ConnectionClosedError) or time.monotonic() > deadline:
-                        raise
-                    suspect = True
-                    log.info("terminal of %s not stored yet (%r): retrying", req.request_id, exc)
-                    await asyncio.sleep(_RETRY_S)
-        finally:
-            self.publishing.discard(req.request_id)
+        window_s = self.settings.streams.out.duplicate_window_s
+        deadline = time.monotonic() + window_s / 2
+        data = encode(msg)
+        headers = {trace.HEADER: item.traceparent} if item.traceparent else None
+
+        async def ready(failed: Exception | None) -> None:
+            """Before each try: connected, every chunk stored, the reply_to copy sent."""
+            if failed is not None:
+                log.info("terminal of %s not stored yet (%r): retrying", req.request_id, failed)
+            await self._until_connected(deadline)
+            if stream is not None and stream.sent and (
+                    failed is not None or stream.epoch != self.epoch):
+                await self._resend_lost(item, stream, deadline)
+            if req.reply_to:
+                await self.nc.publish(req.reply_to, data, headers=headers)
+
+        await ready(None)
+        result = await publish_until_stored(
+            self.store, self.subjects.done_store(req.group, req.request_id), data,
+            terminal_msg_id(req.request_id), window_s=window_s, headers=headers,
+            still_valid=lambda: not self.nc.is_closed, on_retry=ready, retry_s=_RETRY_S)
+        if result is not StoreResult.STORED:
+            raise NotStored(f"terminal of {req.request_id}: {result.value}")
+        self.store.terminal_stored(self.subjects, msg)
         key = "finals" if isinstance(msg, Final) else "errors"
         self.stats[key] += 1
         if isinstance(msg, Final):
@@ -168,10 +185,18 @@ class ServeContext:
                 raise TimeoutError("not connected")
             await asyncio.sleep(0.05)
 
-    async def _resend_lost(self, item: WorkItem, stream: ChunkStream) -> None:
+    async def _resend_lost(self, item: WorkItem, stream: ChunkStream, deadline: float) -> None:
         req = item.request
-        have = await stored_seqs(self.js, self.settings, req.group, req.request_id,
-                                 stream.first_seq)
+        while True:
+            try:
+                have = await stored_seqs(self.js, self.settings, req.group, req.request_id,
+                                         stream.first_seq)
+                break
+            except (TimeoutError, NatsError):  # the broker is back, its API not yet
+                if self.nc.is_closed or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(_RETRY_S)
+                await self._until_connected(deadline)
         lost = [q for q in range(stream.first_seq, stream.next_seq) if q not in have]
         if lost:
             log.info("re-sending %d chunks of %s lost in a reconnect", len(lost),
@@ -194,10 +219,6 @@ class ServeContext:
         rid = item.request.request_id
         msg_id = f"{rid}:{role.value}:{item.attempt}:{item.next_seq}{tag}"
         subject = self.subjects.work(role, model_target(self.model_of(item)))
-        self.publishing.add(rid)
-        try:
-            await self.store.publish(subject, data, msg_id)
-        finally:
-            self.publishing.discard(rid)
+        await self.store.publish(subject, data, msg_id)
 
 

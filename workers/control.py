@@ -8,102 +8,87 @@ Answers (core request/reply, every worker, no queue group):
   (prefill or decoding, with its timeline); silent when it does not run here,
   so the asker hears only from whoever holds it.
 
-Started by the worker runtime once its ServeContext exists; all reads happen
-on the worker's event loop.
+Started by the worker runtime once its connection and stats exist, with two
+reads it offers (`report`, `request_status`); both run on the worker's event
+loop. The subscriptions and the metrics server are bus/control.py's
+`ControlEndpoint`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from typing import TYPE_CHECKING
+import functools
+from collections.abc import Callable
 
 import msgspec
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
+from nats.aio.client import Client as NATS
 
-from bus import tracing
-from schemas.codec import encode
-from schemas.control import (
+from cplane.bus import tracing
+from cplane.bus.control import ControlEndpoint
+from cplane.schemas.codec import encode
+from cplane.schemas.control import (
     INSTANCE_VERB,
     METRICS_VERB,
     REQUEST_VERB,
+    RequestStatus,
     WorkerReport,
     request_query_decoder,
 )
-from workers.metrics import start_metrics_server
+from cplane.schemas.settings import Settings
+from cplane.workers.metrics import start_metrics_server
 
-if TYPE_CHECKING:
-    from wsgiref.simple_server import WSGIServer
-
-    from workers.runtime import Worker
-
-log = logging.getLogger("cplane.worker")
+ReportFn = Callable[[], WorkerReport]
+RequestStatusFn = Callable[[str], RequestStatus | None]
 
 
 class WorkerControl:
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-        self._subs: list[Subscription] = []
-        self._server: WSGIServer | None = None
-        self.metrics_port = 0  # where /metrics listens (0 = not served)
+    """Answers the control subjects for one worker, from the reads it is given."""
+
+    def __init__(self, nc: NATS, settings: Settings, worker_id: str, *,
+                 report: ReportFn, request_status: RequestStatusFn) -> None:
+        self._report = report
+        self._request_status = request_status
+        a = settings.subjects.admin
+        m = settings.metrics
+        serve = (functools.partial(start_metrics_server, m.host, m.worker_port, self.report)
+                 if m.worker_port else None)
+        self.endpoint = ControlEndpoint(
+            nc, {a(METRICS_VERB): self._on_report,
+                 a(f"{INSTANCE_VERB}.{worker_id}"): self._on_report,
+                 a(REQUEST_VERB): self._on_request},
+            serve, name=f"worker {worker_id}")
+
+    @property
+    def metrics_port(self) -> int:
+        """Where /metrics listens (0 = not served)."""
+        return self.endpoint.metrics_port
 
     async def start(self) -> None:
-        w = self.worker
-        assert w.ctx is not None
-        nc, subjects = w.ctx.nc, w.subjects
-        self._subs = [
-            await nc.subscribe(subjects.admin(METRICS_VERB), cb=self._on_report),
-            await nc.subscribe(subjects.admin(f"{INSTANCE_VERB}.{w.worker_id}"),
-                               cb=self._on_report),
-            await nc.subscribe(subjects.admin(REQUEST_VERB), cb=self._on_request),
-        ]
-        m = w.settings.metrics
-        if m.worker_port:
-            self._server = start_metrics_server(m.host, m.worker_port, self.report)
-            self.metrics_port = self._server.server_port
-            log.info("worker %s: metrics on http://%s:%d/metrics", w.worker_id, m.host,
-                     self.metrics_port)
+        await self.endpoint.start()
 
     async def stop(self) -> None:
-        for sub in self._subs:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        self._subs = []
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        await self.endpoint.stop()
 
     async def report(self) -> WorkerReport:
-        w = self.worker
-        assert w.ctx is not None
-        # The runtime's own breaker count (engine errors in a row).
-        return w.ctx.metrics.report(w.heartbeat(), w.ctx.stats, w._engine_errors)
+        return self._report()
 
-    async def _on_report(self, msg: Msg) -> None:
-        ctx = self.worker.ctx
-        if msg.reply and ctx is not None:
-            with contextlib.suppress(Exception):
-                await ctx.nc.publish(msg.reply, encode(await self.report()))
+    async def _on_report(self, data: bytes) -> bytes:
+        return encode(self._report())
 
-    async def _on_request(self, msg: Msg) -> None:
-        ctx = self.worker.ctx
-        if not msg.reply or ctx is None:
-            return
+    async def _on_request(self, data: bytes) -> bytes | None:
         try:
-            query = request_query_decoder.decode(msg.data)
+            query = request_query_decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError):
-            return  # the orchestrators answer a bad query
-        status = ctx.metrics.request_status(query.request_id)
-        if status is not None:
-            with contextlib.suppress(Exception):
-                await ctx.nc.publish(msg.reply, encode(status))
+            return None  # the orchestrators answer a bad query
+        status = self._request_status(query.request_id)
+        return encode(status) if status is not None else None
 
 
-async def start_control(worker: Worker) -> WorkerControl:
+async def start_control(nc: NATS, settings: Settings, worker_id: str, *,
+                        report: ReportFn, request_status: RequestStatusFn) -> WorkerControl:
+    """Answer the control subjects and serve /metrics until `stop()`."""
     tracing.setup("cplane-worker")  # OTLP export when OTEL_EXPORTER_OTLP_ENDPOINT is set
-    control = WorkerControl(worker)
+    control = WorkerControl(nc, settings, worker_id, report=report,
+                            request_status=request_status)
     await control.start()
     return control
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from schemas.settings import Settings
-from workers.engines.base import Engine
-from workers.engines.sim import SimEngine
+from cplane.schemas.settings import Settings
+from cplane.workers.engines.base import Engine
+from cplane.workers.engines.sim import SimEngine
 
 
 def build_engine(
@@ -15,7 +15,7 @@ def build_engine(
     if kind == "sim":
         return SimEngine(settings.sim, model=settings.worker.model)
     if kind == "vllm":
-        from workers.engines.vllm import VllmEngine, VllmSettings
+        from cplane.workers.engines.vllm import VllmEngine, VllmSettings
 
         opts = dict(vllm_options or {})
         opts.setdefault("model", settings.worker.model)

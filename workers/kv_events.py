@@ -16,10 +16,10 @@ import uuid
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from schemas.codec import encode
-from schemas.messages import KvEvents
-from schemas.subjects import Subjects
-from workers.engines.base import KvEventSource
+from cplane.schemas.codec import encode
+from cplane.schemas.messages import KvEvents
+from cplane.schemas.subjects import Subjects
+from cplane.workers.engines.base import KvEventSource
 
 log = logging.getLogger(__name__)
 

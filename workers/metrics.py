@@ -19,8 +19,8 @@ from prometheus_client.core import (
     Metric,
 )
 
-from bus.prom import serve_metrics
-from schemas.control import HistogramData, WorkerReport
+from cplane.bus.prom import serve_metrics
+from cplane.schemas.control import HistogramData, WorkerReport
 
 WORKER_STATES = ("ready", "draining", "unhealthy", "stopped")
 

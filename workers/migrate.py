@@ -22,11 +22,11 @@ import time
 import msgspec
 from nats.aio.msg import Msg
 
-from bus.replay import stored_terminal, streamed_chunks
-from bus.requeue import requeue
-from schemas.codec import encode
-from schemas.messages import DeadLetter, ErrorCode, WorkItem
-from workers.context import Outcome, ServeContext
+from cplane.bus.replay import stored_terminal, streamed_chunks
+from cplane.bus.requeue import requeue
+from cplane.schemas.codec import encode
+from cplane.schemas.messages import DeadLetter, ErrorCode, WorkItem
+from cplane.workers.context import Outcome, ServeContext
 
 log = logging.getLogger("cplane.worker")
 _CLAIM_POLL_S = 0.5

@@ -43,25 +43,26 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from bus.cancels import CancelBook
-from bus.claims import Claims
-from bus.connect import connect, drop_pending
-from bus.jsmeta import delivery
-from bus.outcome import StoredPublisher
-from bus.provision import delete_work_consumer, ensure_streams, ensure_work_consumer
-from bus.puller import Puller
-from bus.replay import stored_chunks
-from schemas.codec import encode, heartbeat_decoder, work_decoder
-from schemas.messages import Heartbeat, Role, WorkerState, WorkItem
-from schemas.settings import Settings
-from schemas.subjects import ANY_TARGET, MODEL_TARGET_PREFIX, model_target, valid_token
-from workers.context import Outcome, ServeContext
-from workers.control import start_control
-from workers.engines.base import Engine, KvEventSource
-from workers.held import HeldMessages
-from workers.kv_events import KvEventPump
-from workers.migrate import dead_letter, move_queued, prepare, store_dead_letter
-from workers.serve import finish_cancelled, hand_back, serve_item
+from cplane.bus.cancels import CancelBook
+from cplane.bus.claims import Claims
+from cplane.bus.connect import connect, drop_pending
+from cplane.bus.heartbeats import subscribe_heartbeats
+from cplane.bus.jsmeta import delivery
+from cplane.bus.outcome import StoredPublisher
+from cplane.bus.provision import delete_work_consumer, ensure_streams, ensure_work_consumer
+from cplane.bus.puller import Puller
+from cplane.bus.replay import stored_chunks
+from cplane.schemas.codec import encode, work_decoder
+from cplane.schemas.messages import Heartbeat, Role, WorkerState, WorkItem
+from cplane.schemas.settings import Settings
+from cplane.schemas.subjects import ANY_TARGET, MODEL_TARGET_PREFIX, model_target, valid_token
+from cplane.workers.context import Outcome, ServeContext
+from cplane.workers.control import start_control
+from cplane.workers.engines.base import Engine, KvEventSource
+from cplane.workers.held import HeldMessages
+from cplane.workers.kv_events import KvEventPump
+from cplane.workers.migrate import dead_letter, move_queued, prepare, store_dead_letter
+from cplane.workers.serve import finish_cancelled, hand_back, serve_item
 
 log = logging.getLogger("cplane.worker")
 _STORE_TRIES = 3  # an outcome that could not be stored is retried here before a nak
@@ -138,9 +139,12 @@ class Worker:
         await self.ctx.claims.start()
         self._cancels = CancelBook(nc, self.settings, on_cancel=self._on_cancel)
         await self._cancels.start()
-        self.control = await start_control(self)  # admin.metrics/request, /metrics
+        ctx = self.ctx  # admin.metrics/instance/request, and /metrics
+        self.control = await start_control(
+            nc, self.settings, self.worker_id, request_status=ctx.metrics.request_status,
+            report=lambda: ctx.metrics.report(self.heartbeat(), ctx.stats, self._engine_errors))
         hb_sub = await nc.subscribe(self.subjects.heartbeat_request, cb=self._on_hb_request)
-        peers_sub = await nc.subscribe(self.subjects.heartbeats_all, cb=self._on_peer)
+        peers_sub = await subscribe_heartbeats(nc, self.subjects, self._on_peer)
         for target in self._targets():
             durable = await ensure_work_consumer(js, self.settings, self.role, target)
             if target == self.worker_id:
@@ -422,13 +426,9 @@ class Worker:
         if request_id in self._jobs:
             await self.engine.abort(request_id)
 
-    async def _on_peer(self, msg: Msg) -> None:
+    def _on_peer(self, hb: Heartbeat) -> None:
         """Another worker's heartbeat: it is alive (see ServeContext.peer_alive)."""
         if self.ctx is None:
-            return
-        try:
-            hb = heartbeat_decoder.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError):
             return
         self.ctx.peers[hb.worker_id] = (time.monotonic(), hb.started_ms)
 

@@ -19,13 +19,13 @@ from typing import Any
 
 import msgspec
 
-from bus import tracing
-from bus.outcome import cancelled_final
-from schemas.messages import ErrorCode, Final, FinishReason, Role, Timings, Usage, WorkItem
-from workers.chunker import ChunkStream
-from workers.context import Outcome, ServeContext
-from workers.engines.base import Delta, EngineDeadError, EngineInputError, EngineRequest
-from workers.stats import Live
+from cplane.bus import tracing
+from cplane.bus.outcome import cancelled_final
+from cplane.schemas.messages import ErrorCode, Final, FinishReason, Role, Timings, Usage, WorkItem
+from cplane.workers.chunker import ChunkStream
+from cplane.workers.context import Outcome, ServeContext
+from cplane.workers.engines.base import Delta, EngineDeadError, EngineInputError, EngineRequest
+from cplane.workers.stats import Live
 
 __all__ = ["Outcome", "ServeContext", "engine_request", "finish_cancelled", "finish_resumed",
            "hand_back", "run_item", "serve_item"]

@@ -1,13 +1,15 @@
 """What a worker measures, as plain counters and bucket histograms. No I/O.
 
-`workers/serve.py` tells one `WorkerStats` (in the ServeContext) when an item
-starts, each time tokens come out, when it leaves, and what terminal it got;
+`workers/serve.py` tells one `WorkerStats` (in the ServeContext) when a run
+reaches the engine, each time tokens come out, and what terminal it got;
 `report()` turns that into a `WorkerReport` (schemas/control.py), which the
 control subject answers with and workers/metrics.py exports to Prometheus.
+What runs here now is the run ledger's (workers/runs.py): request statuses
+read it.
 
 Everything is bounded: histograms have fixed buckets, recent samples a fixed
 length, label values (tenants, SLO classes) a cap beyond which they count as
-"other", and the live table holds only what runs here now.
+"other".
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from schemas.control import (
+from cplane.schemas.control import (
     HistogramData,
     OutcomeCount,
     RateWindow,
@@ -27,8 +29,9 @@ from schemas.control import (
     SloCount,
     WorkerReport,
 )
-from schemas.messages import ErrorCode, Final, FinishReason, Heartbeat, WorkItem
-from schemas.settings import MetricsSettings, Settings
+from cplane.schemas.messages import ErrorCode, Final, FinishReason, Heartbeat, WorkItem
+from cplane.schemas.settings import MetricsSettings, Settings
+from cplane.workers.runs import Run, RunLedger
 
 # vLLM's buckets (vllm/v1/metrics/loggers.py), with finer ones below for fast engines.
 TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
@@ -101,21 +104,11 @@ def capped(value: str, seen: set[str], cap: int) -> str:
     return OTHER
 
 
-@dataclass(slots=True, eq=False)
-class Live:
-    """One item running here now: what `cplane request ID` shows of it."""
-
-    item: WorkItem
-    started_ms: float
-    first_token_ms: float = 0.0
-    tokens: int = 0
-    last_token_s: float = 0.0  # monotonic, for inter-token gaps
-
-
 @dataclass(slots=True)
 class WorkerStats:
     worker_id: str
     settings: Settings
+    runs: RunLedger = field(default_factory=RunLedger)  # what runs here now
     metrics: MetricsSettings = field(init=False)
     ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS_S))
     tpot: Histogram = field(default_factory=lambda: Histogram(ITL_BUCKETS_S))
@@ -130,7 +123,6 @@ class WorkerStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     rates: RateBuckets = field(default_factory=RateBuckets)
-    live: dict[str, Live] = field(default_factory=dict)
     started_ms: float = field(default_factory=lambda: time.time() * 1000)
     _tenants: set[str] = field(default_factory=set)
     _classes: set[str] = field(default_factory=set)
@@ -140,27 +132,23 @@ class WorkerStats:
         n = self.metrics.recent_samples
         self.recent = {k: deque(maxlen=n) for k in ("ttft", "tpot", "e2e", "queue")}
 
-    # -- one item's life here ---------------------------------------------------------
-    def begin(self, item: WorkItem) -> Live:
-        live = Live(item=item, started_ms=time.time() * 1000, tokens=len(item.resume_token_ids))
-        self.live[item.request.request_id] = live
-        return live
+    # -- one run's life here ------------------------------------------------------------
+    def begin(self, run: Run, item: WorkItem) -> None:
+        """`run` reaches the engine with `item` (its tokens so far count)."""
+        run.started_ms = time.time() * 1000
+        run.tokens = len(item.resume_token_ids)
 
-    def tokens(self, live: Live, n: int) -> None:
+    def tokens(self, run: Run, n: int) -> None:
         """`n` tokens came out of the engine now: inter-token gaps (vLLM's ITL)."""
         if n <= 0:
             return
         now = time.monotonic()
-        if live.last_token_s:
-            self.itl.observe((now - live.last_token_s) / n, n)
-        elif not live.first_token_ms:
-            live.first_token_ms = time.time() * 1000
-        live.last_token_s = now
-        live.tokens += n
-
-    def end(self, live: Live) -> None:
-        if self.live.get(live.item.request.request_id) is live:
-            del self.live[live.item.request.request_id]
+        if run.last_token_s:
+            self.itl.observe((now - run.last_token_s) / n, n)
+        elif not run.first_token_ms:
+            run.first_token_ms = time.time() * 1000
+        run.last_token_s = now
+        run.tokens += n
 
     # -- terminals this worker stored ---------------------------------------------------
     def _labels(self, item: WorkItem) -> tuple[str, str, str]:
@@ -219,19 +207,22 @@ class WorkerStats:
 
     # -- reads ----------------------------------------------------------------------------
     def request_status(self, request_id: str) -> RequestStatus | None:
-        live = self.live.get(request_id)
-        if live is None:
+        """Where the request's run here stands: from its start on the engine until
+        its outcome is stored (a query in between must never find neither this
+        worker nor LLM_DONE). None when it does not run here."""
+        run = self.runs.get(request_id)
+        if run is None or not run.started_ms or run.running is None:
             return None
-        item = live.item
-        decoding = live.first_token_ms or item.resume_token_ids or item.ttft_ms is not None
+        item = run.running
+        decoding = run.first_token_ms or item.resume_token_ids or item.ttft_ms is not None
         return RequestStatus(
             request_id=request_id,
             phase=RequestPhase.DECODING if decoding else RequestPhase.PREFILL,
             source=f"worker:{self.worker_id}", worker_id=self.worker_id,
             orchestrator_id=item.orchestrator_id, priority=item.priority.value,
             slo_class=item.slo_class, queued_ms=item.enqueued_ms,
-            dispatched_ms=item.dispatched_ms, started_ms=live.started_ms,
-            first_token_ms=live.first_token_ms, tokens=live.tokens)
+            dispatched_ms=item.dispatched_ms, started_ms=run.started_ms,
+            first_token_ms=run.first_token_ms, tokens=run.tokens)
 
     def report(self, hb: Heartbeat | None, events: Mapping[str, int],
                engine_errors: int = 0) -> WorkerReport:
@@ -267,5 +258,5 @@ def clamp(own: float | None, base: float) -> float:
     return min(max(own, base / _BOUND), base * _BOUND)
 
 
-__all__ = ["E2E_BUCKETS_S", "ITL_BUCKETS_S", "OTHER", "TTFT_BUCKETS_S", "Histogram", "Live",
+__all__ = ["E2E_BUCKETS_S", "ITL_BUCKETS_S", "OTHER", "TTFT_BUCKETS_S", "Histogram",
            "RateBuckets", "WorkerStats", "capped", "clamp"]

@@ -76,30 +76,32 @@ from perm_harness import (  # noqa: E402
     denied,
     kv_value,
     pub_denied,
+    quiet_for,
+    registered,
     start_server,
     until,
     work_batch,
 )
 
-from bus.cancels import CancelBook  # noqa: E402
-from bus.claims import Claims, claim_key  # noqa: E402
-from bus.fins import fin_ids  # noqa: E402
-from bus.outcome import StoredPublisher, error_reply  # noqa: E402
-from bus.provision import (  # noqa: E402
+from cplane.bus.cancels import CancelBook  # noqa: E402
+from cplane.bus.claims import Claims, claim_key  # noqa: E402
+from cplane.bus.fins import read_fin  # noqa: E402
+from cplane.bus.outcome import StoredPublisher, error_reply  # noqa: E402
+from cplane.bus.provision import (  # noqa: E402
     delete_work_consumer,
     ensure_all,
     ensure_streams,
     ensure_work_consumer,
 )
-from bus.replay import stored_chunks, stored_terminal  # noqa: E402
-from client.admin import Admin  # noqa: E402
-from client.sdk import Client  # noqa: E402
-from gateway.models import LiveModels  # noqa: E402
-from orchestrator.lease import LEASE_KEY, LeaderLease  # noqa: E402
-from orchestrator.rescue import rescue_queue  # noqa: E402
-from orchestrator.service import Orchestrator  # noqa: E402
-from schemas.codec import encode  # noqa: E402
-from schemas.messages import (  # noqa: E402
+from cplane.bus.replay import stored_chunks, stored_terminal  # noqa: E402
+from cplane.client.admin import Admin  # noqa: E402
+from cplane.client.sdk import Client  # noqa: E402
+from cplane.gateway.models import LiveModels  # noqa: E402
+from cplane.orchestrator.lease import LEASE_KEY, LeaderLease  # noqa: E402
+from cplane.orchestrator.rescue import rescue_queue  # noqa: E402
+from cplane.orchestrator.service import Orchestrator  # noqa: E402
+from cplane.schemas.codec import encode  # noqa: E402
+from cplane.schemas.messages import (  # noqa: E402
     ErrorCode,
     Final,
     FinishReason,
@@ -108,10 +110,10 @@ from schemas.messages import (  # noqa: E402
     Role,
     TokenChunk,
 )
-from schemas.settings import Settings, load_settings  # noqa: E402
-from schemas.subjects import model_target  # noqa: E402
-from workers.engines.sim import SimEngine  # noqa: E402
-from workers.runtime import Worker  # noqa: E402
+from cplane.schemas.settings import Settings, load_settings  # noqa: E402
+from cplane.schemas.subjects import model_target  # noqa: E402
+from cplane.workers.engines.sim import SimEngine  # noqa: E402
+from cplane.workers.runtime import Worker  # noqa: E402
 
 
 # -- the orchestrator lease ------------------------------------------------------------
@@ -158,7 +160,12 @@ async def check_claims(c: Checks, settings: Settings, adm: nats.NATS, wrk: Conn)
     c.ok("another worker's claim on it is refused", not await other.acquire("rc"))
     kv = await adm.jetstream().key_value("llm_claims")
     rev = (await kv.get(key)).revision
-    await asyncio.sleep(settings.worker.claim_ttl_s * 0.7)
+
+    async def renewed() -> bool:
+        return ((await kv.get(key)).revision or 0) > (rev or 0)
+
+    # A renewal must land before the TTL runs out, or the claim would lapse.
+    await until(renewed, settings.worker.claim_ttl_s)
     entry = await kv.get(key)
     c.ok("worker renews its claim (KV update)",
          entry.revision is not None and rev is not None and entry.revision > rev
@@ -182,7 +189,12 @@ async def check_flow(c: Checks, settings: Settings, port: int, adm: nats.NATS,
     # Stored cancels: sent before anyone listens, loaded by both components.
     await cnc.publish(subj.cancel("r0"))
     await cnc.flush()
-    await asyncio.sleep(0.2)
+    ajs = adm.jetstream()
+
+    async def cancel_stored() -> bool:
+        return (await ajs.stream_info(settings.streams.cancel.name)).state.messages >= 1
+
+    await until(cancel_stored, 5)
     live: list[str] = []
 
     async def on_cancel(rid: str) -> None:
@@ -219,8 +231,7 @@ async def check_flow(c: Checks, settings: Settings, port: int, adm: nats.NATS,
     await onc.subscribe(subj.heartbeats_all, cb=on_hb)
     await onc.subscribe(subj.fin_all, cb=on_terminal)
     await cnc.subscribe(subj.outputs_of("i", "r1"), cb=on_output)
-    for nc in (onc, wnc, cnc):
-        await nc.flush()
+    await registered(onc, wnc, cnc)
     await onc.publish(subj.heartbeat_request, b"")
     await until(lambda: len(heartbeats) >= 1, 5)
     c.ok("orchestrator asks for heartbeats, worker answers",
@@ -249,7 +260,7 @@ async def check_flow(c: Checks, settings: Settings, port: int, adm: nats.NATS,
         copies.append(m.data)
 
     await cnc.subscribe(reply_to, cb=on_copy)
-    await cnc.flush()
+    await registered(cnc)  # before the worker publishes to it (see registered)
     chunk = encode(TokenChunk(request_id="r1", seq=0, token_ids=[1], text="a", worker_id="w1"))
     await wnc.publish(subj.out_store("i", "r1"), chunk)
     await wnc.publish(reply_to, chunk)  # Request.reply_to under _INBOX.>
@@ -281,11 +292,14 @@ async def check_flow(c: Checks, settings: Settings, port: int, adm: nats.NATS,
     c.ok("orchestrator looks up the last chunk (re-check)",
          last.subject == subj.out_store("i", "r1"))
     copied = None
-    for _ in range(30):
+
+    async def sourced() -> bool:
+        nonlocal copied
         with contextlib.suppress(NotFoundError):
             copied = await cjs.get_last_msg("LLM_DONE", subj.done_store("i", "r1"))
-            break
-        await asyncio.sleep(0.1)
+        return copied is not None
+
+    await until(sourced, 5)
     c.ok("LLM_DONE sources the terminal; client reads it there",
          copied is not None and copied.subject == subj.done_store("i", "r1"))
     c.ok("client finds the stored terminal (LLM_OUT, then LLM_DONE)",
@@ -384,7 +398,7 @@ async def check_denials(c: Checks, orch: Conn, wrk: Conn, cli: Conn) -> None:
         seen.append(msg.subject)
 
     await cnc.subscribe("llm.*.*.*", cb=on_any)
-    await cnc.flush()
+    await registered(cnc)
     await cjs.publish("llm.req.low.standard", b"{}")
     await ojs.publish("llm.work.prefill.any", b"{}")
     await ojs.publish("llm.dlq.LLM_REQ.99", b"{}")
@@ -392,7 +406,9 @@ async def check_denials(c: Checks, orch: Conn, wrk: Conn, cli: Conn) -> None:
     for nc in (onc, wnc):
         await nc.flush()
     await until(lambda: bool(seen), 5)
-    await asyncio.sleep(0.2)  # and nothing else arrives
+    # And nothing else arrives: the other three were published first, but deliveries
+    # from different publishers have no order, so only a while without one shows it.
+    await quiet_for(0.3, lambda: len(seen) > 1)
     c.ok("client llm.*.*.* sees only out/done", seen == ["llm.out.i.zz"], str(seen))
 
     await denied(c, "worker cannot delete a stream", wjs.delete_stream("LLM_OUT"), werr)
@@ -440,9 +456,10 @@ async def check_services(c: Checks, settings: Settings, port: int) -> None:
     fins: list[str] = []
 
     async def on_fin(msg: Msg) -> None:
-        fins.extend(fin_ids(msg.subject.rpartition(".")[2], msg.data))
+        fins.extend(f.request_id for f in read_fin(msg.data))
 
     await adm[0].subscribe(settings.subjects.fin_all, cb=on_fin)
+    await registered(adm[0])
     models = LiveModels(cli[0], settings)  # the gateway's, on the client user
     try:
         for svc in (worker, orchestrator):

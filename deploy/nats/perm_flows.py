@@ -28,26 +28,26 @@ import nats
 from nats.aio.msg import Msg
 from nats.js.api import KeyValueConfig, StreamConfig
 from nats.js.errors import APIError
-from perm_harness import Checks, Conn, denied, pub_denied, sub_denied, until
+from perm_harness import Checks, Conn, denied, pub_denied, registered, sub_denied, until
 
-from client.batch import SubmitOptions, cancel_job, start_job, validate_file
-from client.batch_lines import LineChecker
-from client.batch_run import PLACEHOLDER_JOB, run_batch
-from client.batch_store import JobStore, input_object
-from client.control import ControlPlane
-from client.results import delete_durable, stored_results
-from client.sdk import Client
+from cplane.client.batch import SubmitOptions, cancel_job, start_job, validate_file
+from cplane.client.batch_lines import LineChecker
+from cplane.client.batch_run import PLACEHOLDER_JOB, run_batch
+from cplane.client.batch_store import JobStore, input_object
+from cplane.client.control import ControlPlane
+from cplane.client.results import delete_durable, stored_results
+from cplane.client.sdk import Client
+from cplane.gateway.app import Gateway
+from cplane.gateway.metrics import GatewayMetrics
+from cplane.gateway.models import LiveModels
+from cplane.orchestrator.service import Orchestrator
+from cplane.schemas.batch import JobState
+from cplane.schemas.codec import encode, kv_events_decoder
+from cplane.schemas.control import RequestPhase
+from cplane.schemas.messages import KvEvents
+from cplane.schemas.settings import Settings
+from cplane.workers.runtime import Worker
 from cplane.workers_cmd import _breakers, collect
-from gateway.app import Gateway
-from gateway.metrics import GatewayMetrics
-from gateway.models import LiveModels
-from orchestrator.service import Orchestrator
-from schemas.batch import JobState
-from schemas.codec import encode, kv_events_decoder
-from schemas.control import RequestPhase
-from schemas.messages import KvEvents
-from schemas.settings import Settings
-from workers.runtime import Worker
 
 
 # -- precise prefix routing, on the wire ----------------------------------------------------
@@ -66,8 +66,7 @@ async def check_kv_wire(c: Checks, settings: Settings, orch: Conn, wrk: Conn) ->
 
     await onc.subscribe(subj.kv_events_all, cb=on_events)
     await wnc.subscribe(subj.kv_snapshot("w1"), cb=on_snapshot)
-    for nc in (onc, wnc):
-        await nc.flush()
+    await registered(onc, wnc)
     ev = KvEvents(worker_id="w1", epoch="e", seq=1, block_tokens=4, stored=[7])
     await wnc.publish(subj.kv_events("w1"), encode(ev))
     c.ok("worker publishes KV events, orchestrator follows llm.kv.*",
@@ -261,10 +260,7 @@ async def check_client_tools(c: Checks, settings: Settings, client: Client,
             status[0] = (await http.get(f"/v1/batches/{b.get('id')}")).json().get("status")
             return status[0] == "completed"
 
-        for _ in range(100):
-            if await poll():
-                break
-            await asyncio.sleep(0.1)
+        await until(poll, 10)
         c.ok("gateway: /v1/batches runs a job to completion", status[0] == "completed",
              f"{b} {status}")
     finally:

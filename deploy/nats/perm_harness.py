@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import re
 import shutil
@@ -17,9 +18,9 @@ from pathlib import Path
 import nats
 from nats.js.errors import KeyNotFoundError
 
-from bus.server import free_port, nats_server_binary
-from schemas.codec import encode
-from schemas.messages import Priority, Request, WorkBatch, WorkItem
+from cplane.bus.server import free_port, nats_server_binary
+from cplane.schemas.codec import encode
+from cplane.schemas.messages import Priority, Request, WorkBatch, WorkItem
 
 HERE = Path(__file__).resolve().parent
 
@@ -93,15 +94,49 @@ async def connect(port: int, user: str) -> Conn:
     return nc, errs
 
 
+async def registered(*ncs: nats.NATS) -> None:
+    """Return once every subscription made so far on each connection is live at the server.
+
+    A bare `await nc.flush()` after `nc.subscribe(...)` does not promise that: nats-py
+    (2.16) leaves the SUB in its pending buffer for the flusher task, while flush()
+    writes its PING straight to the socket, ahead of the SUB. The server answers that
+    PING before it has read the SUB, so a message another connection publishes right
+    after can find no interest and be dropped. (That was the flake `FAIL worker copies
+    outputs to an _INBOX reply_to  [[]]`: 155 of 2,000 subscribe-flush-publish rounds
+    lost their message in a loop on this machine.) By the time the first PONG is back,
+    the flusher has written the SUB; the second PING goes after it, so the second PONG
+    proves the server registered it (a connection's commands are handled in order)."""
+    for nc in ncs:
+        await nc.flush()
+        await nc.flush()
+
+
+def _violation(errs: list[str], n: int, subject: str = "") -> bool:
+    return any(VIOLATION in e and subject.lower() in e for e in errs[n:])
+
+
 async def denied(c: Checks, name: str, coro: Awaitable[object], errs: list[str]) -> None:
-    """`coro` must fail, and the server must report a permissions violation meanwhile."""
+    """`coro` must not succeed, and the server must report a permissions violation.
+
+    The server drops a denied request and says so at once (the error callback); the
+    call itself would only fail at its own timeout (1-3 s) since no reply can come. So
+    the check ends at the violation: the call is cancelled then (it had not succeeded)."""
     n = len(errs)
-    try:
-        await asyncio.wait_for(coro, 3)
+    task = asyncio.ensure_future(coro)
+    deadline = time.monotonic() + 3
+    while not task.done() and not _violation(errs, n) and time.monotonic() < deadline:
+        await asyncio.wait({task}, timeout=0.02)
+    if task.done() and task.exception() is None:
         c.ok(name, False, "allowed")
-    except Exception as exc:
-        await asyncio.sleep(0.2)
-        c.ok(name, any(VIOLATION in e for e in errs[n:]), repr(exc))
+        return
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        c.ok(name, _violation(errs, n), "no violation reported within 3 s")
+        return
+    # It failed before the violation was seen (the error callback runs as its own task).
+    c.ok(name, await until(lambda: _violation(errs, n), 3), repr(task.exception()))
 
 
 async def pub_denied(c: Checks, name: str, conn: Conn, subject: str) -> None:
@@ -110,8 +145,7 @@ async def pub_denied(c: Checks, name: str, conn: Conn, subject: str) -> None:
     n = len(errs)
     await nc.publish(subject, b"forged")
     await nc.flush()
-    await asyncio.sleep(0.2)
-    c.ok(name, any(VIOLATION in e and subject.lower() in e for e in errs[n:]), str(errs[n:]))
+    c.ok(name, await until(lambda: _violation(errs, n, subject), 3), str(errs[n:]))
 
 
 def work_batch(rid: str, model: str = MODEL) -> bytes:
@@ -134,15 +168,25 @@ async def sub_denied(c: Checks, name: str, conn: Conn, subject: str) -> None:
     n = len(errs)
     sub = await nc.subscribe(subject)
     await nc.flush()
-    await asyncio.sleep(0.2)
-    c.ok(name, any(VIOLATION in e and subject.lower() in e for e in errs[n:]), str(errs[n:]))
+    c.ok(name, await until(lambda: _violation(errs, n, subject), 3), str(errs[n:]))
     with contextlib.suppress(Exception):
         await sub.unsubscribe()
 
 
-async def until(cond: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    """Wait for `cond` (polled every 50 ms); its last value."""
+async def until(cond: Callable[[], object], timeout_s: float = 10.0) -> bool:
+    """Wait for `cond` (a plain or async callable, polled every 20 ms); its last value."""
     deadline = time.monotonic() + timeout_s
-    while not cond() and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    return cond()
+    while True:
+        ok = cond()
+        if inspect.isawaitable(ok):
+            ok = await ok
+        if ok or time.monotonic() >= deadline:
+            return bool(ok)
+        await asyncio.sleep(0.02)
+
+
+async def quiet_for(seconds: float, seen: Callable[[], object]) -> bool:
+    """True when `seen()` stays false for `seconds`: a check that something does NOT
+    happen can only watch for a while (there is no event for "never"), so this is the
+    one fixed wait, named and bounded. Returns early (False) as soon as it happens."""
+    return not await until(seen, seconds)

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from bus.server import free_port, nats_server_binary
+from cplane.bus.server import free_port, nats_server_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 # Where the services run from (their working directory): this checkout unless

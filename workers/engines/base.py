@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from schemas.messages import ChatMessage, FinishReason
+from cplane.schemas.messages import ChatMessage, FinishReason
 
 
 class EngineInputError(ValueError):

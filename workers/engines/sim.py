@@ -28,12 +28,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from schemas.blocks import chat_text, word_token_ids
-from schemas.messages import FinishReason
-from schemas.settings import SimSettings
-from workers.engines.base import Delta, EngineInputError, EngineRequest, EngineStats, KvDelta
-from workers.engines.rates import RateWindow
-from workers.engines.stepcore import CoreSeq, Step, StepCore, block_hashes
+from cplane.schemas.blocks import chat_text, word_token_ids
+from cplane.schemas.messages import FinishReason
+from cplane.schemas.settings import SimSettings
+from cplane.workers.engines.base import Delta, EngineInputError, EngineRequest, EngineStats, KvDelta
+from cplane.workers.engines.rates import RateWindow
+from cplane.workers.engines.stepcore import CoreSeq, Step, StepCore, block_hashes
 
 # Free (zero-cost) steps run back to back for at most this many tokens per loop turn.
 _FREE_STEP_TOKENS = 4096

@@ -21,8 +21,8 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from schemas.blocks import chain_hashes
-from schemas.settings import SimSettings
+from cplane.schemas.blocks import chain_hashes
+from cplane.schemas.settings import SimSettings
 
 
 @dataclass(slots=True, eq=False)

@@ -18,7 +18,7 @@ SchedulingPolicy = Literal["fcfs", "priority"]
 # NixlConnector moves it between GPUs over RDMA/TCP.
 KvConnector = Literal["ExampleConnector", "NixlConnector"]
 KvRole = Literal["kv_producer", "kv_consumer", "kv_both"]
-EXAMPLE_CONNECTOR_MODULE = "workers.engines.vllm.example_connector"
+EXAMPLE_CONNECTOR_MODULE = "cplane.workers.engines.vllm.example_connector"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -24,9 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from schemas.blocks import hf_prompt_ids
-from schemas.messages import ErrorCode, FinishReason
-from workers.engines.base import (
+from cplane.schemas.blocks import hf_prompt_ids
+from cplane.schemas.messages import ErrorCode, FinishReason
+from cplane.workers.engines.base import (
     Delta,
     EngineDeadError,
     EngineInputError,
@@ -34,9 +34,9 @@ from workers.engines.base import (
     EngineStats,
     KvDelta,
 )
-from workers.engines.vllm.config import VllmSettings, build_engine_args
-from workers.engines.vllm.kv_events import KvTranslator, ZmqKvEvents
-from workers.engines.vllm.stats import StatsRecorder, stat_logger_factory
+from cplane.workers.engines.vllm.config import VllmSettings, build_engine_args
+from cplane.workers.engines.vllm.kv_events import KvTranslator, ZmqKvEvents
+from cplane.workers.engines.vllm.stats import StatsRecorder, stat_logger_factory
 
 if TYPE_CHECKING:
     from vllm.outputs import RequestOutput

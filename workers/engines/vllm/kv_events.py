@@ -15,8 +15,8 @@ import contextlib
 import logging
 from typing import Any
 
-from schemas.blocks import chain_hashes
-from workers.engines.base import KvDelta
+from cplane.schemas.blocks import chain_hashes
+from cplane.workers.engines.base import KvDelta
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from workers.engines.base import EngineStats
+from cplane.workers.engines.base import EngineStats
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
