@@ -292,7 +292,7 @@ class _Collector:
 
 
 async def _wait_workers(nc: Any, settings: Settings, n: int, timeout_s: float) -> None:
-    seen = await heartbeats_seen(nc, settings.subjects.heartbeats_all, n, timeout_s)
+    seen = await heartbeats_seen(nc, settings.subjects, n, timeout_s)
     if len(seen) < n:
         raise RuntimeError(f"only {len(seen)} of {n} workers sent a heartbeat "
                            f"within {timeout_s} s")

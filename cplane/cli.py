@@ -204,7 +204,8 @@ def cmd_policy(args: argparse.Namespace) -> int:
         st = reply.state
         where = (f"set by {st.by or '?'} at {_iso(st.updated_ms)}" if st.updated_ms
                  else "from the settings")
-        print(f"policy: {st.name} {json.dumps(st.params, sort_keys=True)} ({where})")
+        print(f"policy: {st.name} {json.dumps(st.params, sort_keys=True)} ({where}); "
+              f"router: {reply.router or '?'}")
         return 0
 
     return asyncio.run(main())

@@ -36,6 +36,7 @@ from nats.js import JetStreamContext
 from cplane.bus import tracing
 from cplane.bus.control import Answer, ControlEndpoint
 from cplane.bus.replay import stored_terminal
+from cplane.orchestrator.dispatch import DispatchConfig
 from cplane.orchestrator.fleet import Registry
 from cplane.orchestrator.health_admin import breaker_infos
 from cplane.orchestrator.ledger import Ledger, RequestState
@@ -89,6 +90,9 @@ class ReplicaState(Protocol):
 
     @property
     def ledger(self) -> Ledger: ...
+
+    @property
+    def cfg(self) -> DispatchConfig: ...
 
 
 def terminal_status(request_id: str, term: Final | ErrorReply) -> RequestStatus:
@@ -179,7 +183,7 @@ class OrchestratorControl:
         instances = self.instances()
         return OrchestratorReport(
             orchestrator_id=r.id, leading=r.leading, policy=r.policy_name,
-            router=o.router, pd_mode=o.pd_mode,
+            router=r.cfg.router_in_use.name, pd_mode=o.pd_mode,
             counters={k: v for k, v in asdict(st).items() if isinstance(v, int)},
             rejections={str(k): v for k, v in st.rejections.items()},
             accepted=dict(st.accepted_by), routed=dict(st.routed),

@@ -293,21 +293,23 @@ def replay(journal: Journal, cfg: DispatchConfig, **core_kw: Any) -> list[Dispat
 
 
 def _replay_entries(core: DecisionCore[None], name: str, args: tuple[Any, ...]) -> None:
+    # A replay that diverged (another configuration) skips effects on requests its
+    # own plans did not dispatch: it runs on, and its plans differ.
     ledger = core.ledger
-    if name == "stored":
-        core.stored([e for rid in args[0] if (e := ledger.get(rid)) is not None], args[1])
-    elif name == "refused":
-        core.refused([e for rid in args[0] if (e := ledger.get(rid)) is not None],
-                     redispatch=args[1])
+    if name in ("stored", "refused"):
+        entries = [e for rid in args[0] if (e := ledger.get(rid)) is not None
+                   and e.state is RequestState.DISPATCHING]
+        if name == "stored":
+            core.stored(entries, args[1])
+        else:
+            core.refused(entries, redispatch=args[1])
     elif (e := ledger.get(args[0])) is not None:
-        if name == "release":
+        if name == "release" and e.state is RequestState.HELD:
             core.release(e)
-        elif name == "finish_own":
+        elif name == "finish_own" and e.state is RequestState.HELD:
             core.finish_own(e)
-        elif name == "finished_own":
+        elif name == "finished_own" and e.state is RequestState.FINISHING:
             core.finished_own(e, args[1])
-    else:
-        raise ValueError(f"journal names an unknown request in {name}: {args}")
 
 
 __all__ = ["LEVELS", "DecisionCore", "Journal", "Publish", "Step", "replay"]

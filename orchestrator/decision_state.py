@@ -149,12 +149,15 @@ class DecisionState:
         elapsed = max(0.0, now_ms - self._backlog_ms) / 1000
         self.backlog = max(0.0, self.backlog - elapsed * self.prefill_tps * fleet.prefill_workers)
         self._backlog_ms = now_ms
+        return Measured(drain, self.prefill_tps, self.mode, self.mode_since, self.backlog,
+                        self.miss_rate(now_ms))
+
+    def miss_rate(self, now_ms: float) -> float:
+        """The share of requests finished within the window that missed their TTFT target."""
         missed = self._missed
         while missed and now_ms - missed[0][0] > self.window_ms:
             missed.popleft()
-        miss_rate = sum(m for _, m in missed) / len(missed) if missed else 0.0
-        return Measured(drain, self.prefill_tps, self.mode, self.mode_since, self.backlog,
-                        miss_rate)
+        return sum(m for _, m in missed) / len(missed) if missed else 0.0
 
 
 __all__ = ["DecisionState"]

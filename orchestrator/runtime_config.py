@@ -206,7 +206,8 @@ class PolicySwitch:
             case PolicySet():
                 return await self._set(cmd)
             case PolicyGet():
-                return AdminReply(ok=True, state=await self.stored())
+                state = await self.stored()
+                return AdminReply(ok=True, state=state, router=self.router_of(state))
         raise AssertionError(f"unhandled admin command {cmd!r}")  # the decoder's union
 
     async def _set(self, cmd: PolicySet) -> AdminReply:
@@ -220,7 +221,16 @@ class PolicySwitch:
         self._adopt(state)  # in force here before the answer; the others follow the watch
         log.info("%s: policy set to %s %s by %s", self._holder, state.name, state.params,
                  state.by)
-        return AdminReply(ok=True, state=state)
+        return AdminReply(ok=True, state=state, router=self.router_of(state))
+
+    def router_of(self, state: PolicyState) -> str:
+        """The router `state`'s policy runs with on this replica."""
+        o = self._settings.orchestrator
+        try:
+            own = policy_order(o, state.name, state.params).router
+        except Exception:  # a stored value that does not build: the settings' choice runs
+            own = None
+        return own.name if own is not None else o.router
 
     async def stored(self) -> PolicyState:
         """The fleet's choice: the stored one, else this replica's settings. A stored value

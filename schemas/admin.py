@@ -52,6 +52,9 @@ class AdminReply(Base, frozen=True, kw_only=True):
     state: PolicyState | None = None  # the policy in force (after a successful set)
     choices: list[str] = []  # on refusal: the valid policy names
     param_choices: list[str] = []  # on refusal of a known policy: its parameter names
+    # The router the policy in force runs with: its own (cost_optimized), else the
+    # configured one.
+    router: str = ""
 
 
 BREAKERS_VERB = "breakers"  # `<prefix>.admin.breakers`: the leader's, a list of BreakerInfo

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import msgspec
 from nats.aio.client import Client as NATS
 
+from cplane.orchestrator.core import Journal
 from cplane.orchestrator.service import Orchestrator
 from cplane.schemas.settings import Settings
 from cplane.workers.engines.base import Engine
@@ -69,8 +70,10 @@ async def stack(
     settings: Settings,
     workers: int | Sequence[dict[str, object]] = 2,
     orchestrator: bool = True,
+    journal: Journal | None = None,
 ) -> AsyncIterator[Running]:
-    """Start an orchestrator and workers (dicts override WorkerSettings fields)."""
+    """Start an orchestrator and workers (dicts override WorkerSettings fields);
+    `journal` records the orchestrator's decision core (orchestrator/core.py)."""
     run = Running(orchestrator=None, workers=[])
     specs = [{} for _ in range(workers)] if isinstance(workers, int) else list(workers)
     try:
@@ -78,7 +81,7 @@ async def stack(
             spec = {"worker_id": f"w{i}", **spec}
             await start_worker(settings, run, engine=spec.pop("engine", None), **spec)  # type: ignore[arg-type]
         if orchestrator:
-            run.orchestrator = Orchestrator(settings)
+            run.orchestrator = Orchestrator(settings, journal=journal)
             await _start(run.orchestrator, run)
         yield run
     finally:

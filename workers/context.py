@@ -91,6 +91,10 @@ class ServeContext:
     connected_since: float = field(default_factory=time.monotonic)
     latency: LatencyAverages = field(default_factory=LatencyAverages)
     metrics: WorkerStats = field(init=False)  # what workers/metrics.py exports
+    stats: dict[str, int] = field(default_factory=lambda: {
+        "finals": 0, "errors": 0, "handoffs": 0, "handbacks": 0, "cancelled": 0,
+        "skipped": 0, "migrated": 0, "dead_letters": 0, "engine_faults": 0,
+    })
 
     def still_streaming(self, chunk: TokenChunk) -> bool:
         """Whether the process that streamed `chunk` may still be running its request.
@@ -112,11 +116,6 @@ class ServeContext:
         self.gate.set()
         self.subjects = self.settings.subjects  # built once (Settings builds one per call)
         self.metrics = WorkerStats(self.worker_id, self.settings, self.runs)
-    stats: dict[str, int] = field(default_factory=lambda: {
-        "finals": 0, "errors": 0, "handoffs": 0, "handbacks": 0, "cancelled": 0,
-        "skipped": 0, "migrated": 0, "dead_letters": 0, "engine_faults": 0,
-    })
-
 
     @property
     def max_attempts(self) -> int:
@@ -186,24 +185,26 @@ class ServeContext:
             await asyncio.sleep(0.05)
 
     async def _resend_lost(self, item: WorkItem, stream: ChunkStream, deadline: float) -> None:
+        """Re-send the chunks LLM_OUT lacks; retried (the broker is back, its API
+        perhaps not yet) until `deadline`, since the terminal must not go first."""
         req = item.request
         while True:
             try:
                 have = await stored_seqs(self.js, self.settings, req.group, req.request_id,
                                          stream.first_seq)
-                break
-            except (TimeoutError, NatsError):  # the broker is back, its API not yet
+                lost = [q for q in range(stream.first_seq, stream.next_seq) if q not in have]
+                if lost:
+                    log.info("re-sending %d chunks of %s lost in a reconnect", len(lost),
+                             req.request_id)
+                    await stream.resend(lost)
+                    await self.nc.flush()
+                stream.epoch = self.epoch
+                return
+            except (TimeoutError, NatsError):
                 if self.nc.is_closed or time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(_RETRY_S)
                 await self._until_connected(deadline)
-        lost = [q for q in range(stream.first_seq, stream.next_seq) if q not in have]
-        if lost:
-            log.info("re-sending %d chunks of %s lost in a reconnect", len(lost),
-                     req.request_id)
-            await stream.resend(lost)
-            await self.nc.flush()
-        stream.epoch = self.epoch
 
     async def publish_error(
         self, item: WorkItem, code: ErrorCode, message: str, retryable: bool = False

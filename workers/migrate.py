@@ -11,6 +11,9 @@ A message delivered more often than 1 + max_migrations is taken out:
 every item gets ErrorReply `worker_failed` (unless a terminal is already
 stored), the evidence a DeadLetter on `llm.dlq.<stream>.<seq>`, and only
 then is the message acked.
+
+After a reconnect, `taken_over` claims every run that crossed the outage and
+names those another worker continued meanwhile (the runtime stops them).
 """
 
 from __future__ import annotations
@@ -22,20 +25,23 @@ import time
 import msgspec
 from nats.aio.msg import Msg
 
-from cplane.bus.replay import stored_terminal, streamed_chunks
+from cplane.bus.replay import stored_chunks, stored_terminal, streamed_chunks
 from cplane.bus.requeue import requeue
 from cplane.schemas.codec import encode
 from cplane.schemas.messages import DeadLetter, ErrorCode, WorkItem
 from cplane.workers.context import Outcome, ServeContext
+from cplane.workers.runs import Letter, Run, RunState
 
 log = logging.getLogger("cplane.worker")
 _CLAIM_POLL_S = 0.5
 
 
-async def prepare(ctx: ServeContext, item: WorkItem) -> WorkItem | None:
+async def prepare(ctx: ServeContext, run: Run) -> WorkItem | None:
     """The item to run after an earlier run: None when its terminal is stored,
     else the item extended with the chunks captured in LLM_OUT from its
-    `next_seq` on (tokens, text, seq and the workers that streamed them)."""
+    `next_seq` on (tokens, text, seq and the workers that streamed them). The
+    run holds its request's claim from here on."""
+    item = run.item
     req = item.request
     rid = req.request_id
     waited = 0
@@ -54,6 +60,7 @@ async def prepare(ctx: ServeContext, item: WorkItem) -> WorkItem | None:
         # its claim lapsed, does this worker continue after it.
         alive = last is not None and streamer != ctx.worker_id and ctx.still_streaming(last)
         if not alive and (ctx.claims is None or await ctx.claims.acquire(rid)):
+            run.claimed = ctx.claims is not None
             break
         if waited % 10 == 0:
             log.info("%s runs on another worker (%s); waiting for its outcome", rid,
@@ -83,6 +90,26 @@ async def prepare(ctx: ServeContext, item: WorkItem) -> WorkItem | None:
     )
 
 
+async def taken_over(ctx: ServeContext) -> list[Run]:
+    """After a reconnect: claim every run that crossed the outage; the runs another
+    worker took over meanwhile (it holds the claim, or streamed after this one)."""
+    lost: list[Run] = []
+    for run in ctx.runs.runs():
+        running = run.running
+        if running is None or run.task is None or ctx.claims is None:
+            continue
+        req = running.request
+        if not await ctx.claims.acquire(req.request_id):
+            lost.append(run)
+            continue
+        run.claimed = True
+        chunks = await stored_chunks(ctx.js, ctx.settings, req.group, req.request_id,
+                                     running.next_seq)
+        if any(c.worker_id != ctx.worker_id for c in chunks):
+            lost.append(run)
+    return lost
+
+
 async def store_dead_letter(
     ctx: ServeContext, *, seq: int, subject: str, deliveries: int, data: bytes, reason: str,
     request_id: str = "",
@@ -99,19 +126,22 @@ async def store_dead_letter(
     ctx.stats["dead_letters"] += 1
 
 
-async def dead_letter(
-    ctx: ServeContext, item: WorkItem, *, seq: int, subject: str, deliveries: int, data: bytes
-) -> Outcome:
+async def dead_letter(ctx: ServeContext, run: Run, letter: Letter) -> Outcome:
     """ErrorReply worker_failed (retryable) unless a terminal is stored, then the
     DeadLetter. Raises when either could not be stored (the message stays)."""
+    item = run.item
     req = item.request
     limit = ctx.settings.worker.max_migrations
-    reason = f"work delivered {deliveries} times, more than 1 + max_migrations ({limit})"
-    if await stored_terminal(ctx.js, ctx.settings, req.group, req.request_id) is None:
+    reason = (f"work delivered {letter.deliveries} times, more than 1 + max_migrations "
+              f"({limit})")
+    stored = await stored_terminal(ctx.js, ctx.settings, req.group, req.request_id)
+    ctx.runs.transition(run, RunState.STORING)
+    if stored is None:
         await ctx.publish_error(item, ErrorCode.WORKER_FAILED,
                                 f"its workers failed: {reason}", True)
-    await store_dead_letter(ctx, seq=seq, subject=subject, deliveries=deliveries, data=data,
-                            reason=reason, request_id=req.request_id)
+    await store_dead_letter(ctx, seq=letter.seq, subject=letter.subject,
+                            deliveries=letter.deliveries, data=letter.data, reason=reason,
+                            request_id=req.request_id)
     return Outcome.ERROR
 
 

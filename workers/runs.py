@@ -9,11 +9,15 @@ complete (ack it) exactly when every run it waits for has its outcome stored,
 whether the run is its own or the running original of a duplicate it carries.
 
     (added) -> ACCEPTED -> CHECKING -> RUNNING -> STORING -> DONE -> (removed)
-                  |           |           |         ^  |
-                  |           |           |         |  +-> CHECKING      not stored: try again
-                  |           +-----------+---------+
-                  +-----------+-----------+-> HANDING_BACK -> STORING    told to leave
-    any state before DONE -> DONE (its outcome stored, or given up)
+
+    CHECKING -> STORING              an outcome without the engine (cancelled before
+                                     it ran, resumed up to max_tokens, refused,
+                                     dead-lettered, handed off)
+    ACCEPTED | CHECKING | RUNNING -> HANDING_BACK -> STORING     told to leave
+    CHECKING | RUNNING | STORING -> CHECKING    not stored: tried again, checked first
+    STORING -> HANDING_BACK          not stored, and the worker is leaving
+    any state before DONE -> DONE    stored, skipped (its terminal was there already),
+                                     given up, or cancelled
 
 - ACCEPTED: held, its task not started yet (a task cancelled before it
   starts never runs its cleanup, so nobody cancels an ACCEPTED run).
@@ -193,14 +197,16 @@ class RunLedger:
 
     def begin(self, run: Run) -> RunState:
         """The run's task starts, or tries again after its outcome was not stored
-        (then it checks first). Returns where it goes: CHECKING, or HANDING_BACK
-        once the ledger is closed or it was told to leave already."""
-        if run.state is not RunState.ACCEPTED:
+        (then it checks first), or goes on after an engine fault (it leaves).
+        Returns where it goes: CHECKING, or HANDING_BACK once the ledger is
+        closed or it was told to leave already."""
+        if run.state is RunState.HANDING_BACK:
+            return run.state
+        if run.state is not RunState.ACCEPTED:  # tried again: part of it may be stored
             run.check = True
-        if run.state is not RunState.HANDING_BACK:
-            self.transition(run, RunState.HANDING_BACK if self.closed else RunState.CHECKING)
-        assert run.state is not None
-        return run.state
+        to = RunState.HANDING_BACK if self.closed else RunState.CHECKING
+        self.transition(run, to)
+        return to
 
     def close(self) -> list[Run]:
         """Every run leaves from now on. The CHECKING and RUNNING ones move to

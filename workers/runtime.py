@@ -4,12 +4,14 @@ Consumes its role's pool (`llm.work.<role>.any`), one pool per model it
 serves (`llm.work.<role>.m-<model>`) and its own subject
 (`llm.work.<role>.<worker_id>`). Promises:
 
+- Every item delivered here is a run in the run ledger (workers/runs.py),
+  served by `serve()` (serve.py) to one stored outcome, which it returns.
 - A work message is acked exactly when every item in it has its outcome
-  stored (serve.py), never earlier. Held messages are keyed by stream
-  sequence; a redelivered copy of a held message replaces the Msg used for
-  the ack while its items run on; an item whose request already runs here
-  (from another message) is not started twice, and its message is acked when
-  the running one has its outcome.
+  stored, never earlier. Held messages are keyed by stream sequence; a
+  redelivered copy of a held message replaces the Msg used for the ack while
+  its items run on; an item whose request already runs here (from another
+  message) is not started twice, and its message is acked when the running
+  one has its outcome.
 - Held messages get `in_progress()` every `in_progress_every_s`, so only a
   dead worker's work comes back (after `ack_wait_s`).
 - A redelivered message (or an item flagged `redispatched`) is checked
@@ -17,26 +19,25 @@ serves (`llm.work.<role>.m-<model>`) and its own subject
   delivered more than 1 + max_migrations times is dead-lettered.
 - Cancels come from the stored LLM_CANCEL stream (bus.cancels.CancelBook):
   a worker started after a cancel still honours it.
-- Engine health: EngineDeadError, or `engine_error_limit` engine errors in a
-  row, make the worker unhealthy: it stops pulling, says so in heartbeats and
-  hands every held item back to its model's pool.
+- Engine health: serve returns an engine fault before the item goes back;
+  EngineDeadError, or `engine_error_limit` engine errors in a row, make the
+  worker unhealthy: it stops pulling, says so in heartbeats and hands every
+  held item back to its model's pool (the faulted one last).
 
 Drain (stop event): stop fetching, move what is queued on the worker's own
-subject to the model pools, let held items finish for `drain_timeout_s`,
-then hand the rest back with the tokens streamed so far, publish a last
-heartbeat (state=stopped) and delete the own consumer.
+subject to the model pools, wait (on the ledger) up to `drain_timeout_s` for
+held items to finish, then hand the rest back with the tokens streamed so
+far, publish a last heartbeat (state=stopped) and delete the own consumer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
 import uuid
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -51,7 +52,6 @@ from cplane.bus.jsmeta import delivery
 from cplane.bus.outcome import StoredPublisher
 from cplane.bus.provision import delete_work_consumer, ensure_streams, ensure_work_consumer
 from cplane.bus.puller import Puller
-from cplane.bus.replay import stored_chunks
 from cplane.schemas.codec import encode, work_decoder
 from cplane.schemas.messages import Heartbeat, Role, WorkerState, WorkItem
 from cplane.schemas.settings import Settings
@@ -59,24 +59,14 @@ from cplane.schemas.subjects import ANY_TARGET, MODEL_TARGET_PREFIX, model_targe
 from cplane.workers.context import Outcome, ServeContext
 from cplane.workers.control import start_control
 from cplane.workers.engines.base import Engine, KvEventSource
-from cplane.workers.held import HeldMessages
 from cplane.workers.kv_events import KvEventPump
-from cplane.workers.migrate import dead_letter, move_queued, prepare, store_dead_letter
-from cplane.workers.serve import finish_cancelled, hand_back, serve_item
+from cplane.workers.migrate import move_queued, store_dead_letter, taken_over
+from cplane.workers.runs import Letter, Run, RunLedger, RunState
+from cplane.workers.serve import serve
 
 log = logging.getLogger("cplane.worker")
 _STORE_TRIES = 3  # an outcome that could not be stored is retried here before a nak
-
-
-@dataclass(slots=True, eq=False)
-class _Job:
-    """One run of one item here; the messages that carry it wait for its outcome."""
-
-    key: int
-    item: WorkItem
-    task: asyncio.Task[None] | None = None
-    started: bool = False  # a task cancelled before it starts never runs its cleanup
-    running: WorkItem | None = None  # the item as it runs (after a redelivery check)
+_FAULTS = frozenset({Outcome.ENGINE_FAULT, Outcome.ENGINE_DEAD})
 
 
 def _continues(running: WorkItem, new: WorkItem) -> bool:
@@ -99,9 +89,7 @@ class Worker:
         self.subjects = settings.subjects
         self._nc = nc
         self._own_nc = nc is None
-        self._held = HeldMessages()
-        self._jobs: dict[str, _Job] = {}  # request_id -> its newest job here
-        self._job_keys = itertools.count()
+        self.runs = RunLedger()  # every item held here, from delivery to its acks
         self._cancels: CancelBook | None = None
         self._pullers: list[Puller] = []
         self.kv_pump: KvEventPump | None = None
@@ -132,13 +120,13 @@ class Worker:
         self.ctx = ServeContext(
             nc=nc, js=js, settings=self.settings, store=StoredPublisher(
                 nc, ws.publish_timeout_s, signer=self.worker_id),
-            engine=self.engine, worker_id=self.worker_id, role=self.role,
-            on_engine_fault=self._on_engine_fault,
+            engine=self.engine, worker_id=self.worker_id, role=self.role, runs=self.runs,
         )
         self.ctx.claims = Claims(js, self.settings, self.worker_id, on_lost=self._on_claim_lost)
         await self.ctx.claims.start()
         self._cancels = CancelBook(nc, self.settings, on_cancel=self._on_cancel)
         await self._cancels.start()
+        self.ctx.cancelled = self._cancels
         ctx = self.ctx  # admin.metrics/instance/request, and /metrics
         self.control = await start_control(
             nc, self.settings, self.worker_id, request_status=ctx.metrics.request_status,
@@ -194,27 +182,19 @@ class Worker:
             await puller.stop()
         await self._publish_heartbeat()
         await self._move_own_queue()
-        deadline = time.monotonic() + self.settings.worker.drain_timeout_s
-        while self._jobs and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if self._jobs:
-            log.info("drain: handing %d unfinished items back", len(self._jobs))
+        ws = self.settings.worker
+        if not await self.runs.idle(ws.drain_timeout_s):
+            log.info("drain: handing %d unfinished items back", self.runs.held)
             self._hand_back_all()
-        deadline = time.monotonic() + self.settings.worker.publish_timeout_s
-        while self._held and time.monotonic() < deadline:  # last acks go out as items end
-            await asyncio.sleep(0.01)
+            await self.runs.idle(ws.publish_timeout_s)  # the hand-backs and the last acks
 
     def _hand_back_all(self) -> None:
-        """Every running item goes back to its model's pool (except those storing
-        an outcome right now: they finish)."""
-        assert self.ctx is not None
-        self.ctx.handing_back = True
-        me = asyncio.current_task()
-        for rid, job in list(self._jobs.items()):
-            # A job not started yet hands back by itself when it starts (handing_back).
-            if job.started and job.task is not me and rid not in self.ctx.publishing:
-                assert job.task is not None
-                job.task.cancel()
+        """Every run goes back to its model's pool (except those storing an outcome
+        right now: they finish); runs not begun yet, or accepted later, leave when
+        they begin."""
+        for run in self.runs.close():
+            if run.task is not None:
+                run.task.cancel()
 
     async def _move_own_queue(self) -> None:
         if self.ctx is None or not self._own_durable:
@@ -227,9 +207,11 @@ class Worker:
             log.warning("could not move work queued for %s: %s", self.worker_id, exc)
 
     # -- engine health ----------------------------------------------------------
-    async def _on_engine_fault(self, dead: bool) -> None:
-        """The engine failed on an item (which goes back to its pool after this)."""
+    async def _engine_failed(self, dead: bool) -> None:
+        """The engine failed on a run, which leaves after this: judge the engine
+        first, so an unhealthy worker stops pulling before the item goes back."""
         self._engine_errors += 1
+        self.faults += 1
         if dead:
             await self._become_unhealthy("the engine is dead")
         elif self._engine_errors >= self.settings.worker.engine_error_limit:
@@ -255,16 +237,16 @@ class Worker:
     # -- intake ----------------------------------------------------------------
     @property
     def held_items(self) -> int:
-        return len(self._jobs)
+        return self.runs.held
 
     @property
     def _items(self) -> dict[str, asyncio.Task[None]]:
         """request_id -> the task serving it here (tests kill a worker through it)."""
-        return {rid: job.task for rid, job in self._jobs.items() if job.task is not None}
+        return {r.request_id: r.task for r in self.runs.runs() if r.task is not None}
 
     def _room_msgs(self) -> int:
         """Work messages we can take now; a message may carry up to max_batch items."""
-        free = self.settings.worker.capacity - len(self._jobs)
+        free = self.settings.worker.capacity - self.runs.held
         if free <= 0 or self._state is not WorkerState.READY:
             return 0
         return max(1, free // max(1, self.settings.orchestrator.max_batch))
@@ -273,7 +255,7 @@ class Worker:
         """One delivery of a work message: start what is not running here yet."""
         assert self.ctx is not None
         seq, deliveries, enqueued = delivery(msg.reply)
-        if self._held.refresh(seq, msg):
+        if self.runs.refresh(seq, msg):
             log.info("work message %d delivered again (%d) while held here", seq, deliveries)
             return
         try:
@@ -285,94 +267,78 @@ class Worker:
             await msg.ack()
             return
         over = deliveries > 1 + self.settings.worker.max_migrations
-        letter = {"seq": seq, "subject": msg.subject, "deliveries": deliveries,
-                  "data": msg.data} if over else None
+        letter = Letter(seq, msg.subject, deliveries, msg.data) if over else None
         # Waited long in LLM_WORK: normal for a busy pool, but also what a message
         # looks like when a broker killed -9 forgot it was delivered. Check first.
         stale = time.time() * 1000 - enqueued > self.settings.worker.check_after_s * 1000
-        waits: list[int] = []
-        starts: list[tuple[_Job, _Job | None, bool]] = []
+        waits: list[Run] = []
+        starts: list[Run] = []
         for item in batch.items:
-            rid = item.request.request_id
-            running = self._jobs.get(rid)
+            running = self.runs.get(item.request.request_id)
             if running is not None and not _continues(running.item, item):
                 # Runs here already: its outcome settles this message too.
-                log.info("%s already runs here; message %d waits for it", rid, seq)
-                waits.append(running.key)
+                log.info("%s already runs here; message %d waits for it",
+                         running.request_id, seq)
+                waits.append(running)
                 continue
             if not item.enqueued_ms:
                 item = msgspec.structs.replace(item, enqueued_ms=enqueued)
-            job = self._jobs[rid] = _Job(key=next(self._job_keys), item=item)
-            waits.append(job.key)
-            starts.append((job, running, deliveries > 1 or item.redispatched or stale))
-        if not self._held.hold(seq, msg, waits):
+            run = self.runs.add(item, check=deliveries > 1 or item.redispatched or stale,
+                                after=running, letter=letter)
+            waits.append(run)
+            starts.append(run)
+        if not self.runs.hold(seq, msg, waits):
             await msg.ack()
             return
-        for job, after, check in starts:
-            job.task = asyncio.create_task(self._serve(job, check, letter, after),
-                                           name=f"item-{job.item.request.request_id}")
+        for run in starts:
+            run.task = asyncio.create_task(self._serve(run), name=f"item-{run.request_id}")
 
-    async def _serve(self, job: _Job, check: bool, letter: dict[str, Any] | None,
-                     after: _Job | None) -> None:
-        """Bring one item to its stored outcome, then ack what waited for it."""
-        job.started = True
-        rid = job.item.request.request_id
-        outcome: Outcome | None = None
+    async def _serve(self, run: Run) -> None:
+        """Bring one run to its stored outcome, then ack what waited for it."""
         try:
-            for n in range(_STORE_TRIES):
-                try:
-                    outcome = await self._attempt(job, check, letter, after)
-                    break
-                except Exception:
-                    log.exception("outcome of %s not stored (try %d)", rid, n + 1)
-                    if n + 1 < _STORE_TRIES:
-                        await asyncio.sleep(n + 1)
-                        check = True  # part of it may be stored: look before going on
-        finally:
-            if self._jobs.get(rid) is job:
-                del self._jobs[rid]
-            if self.ctx is not None and self.ctx.claims is not None and rid in self.ctx.claims:
-                self._spawn(self.ctx.claims.release(rid))
-            # No await between forgetting the job and settling its messages: a
-            # duplicate accepted in between would wait for an outcome already past.
-            msgs = self._held.drop(job.key) if outcome is None else self._held.done(job.key)
-            for puller in self._pullers:
-                puller.poke()
+            outcome = await self._outcome(run)
+        except BaseException:  # cancelled: no ack, no nak (a redelivery settles them)
+            self._end(run, stored=False)
+            self.runs.transition(run, None)
+            raise
+        msgs = self._end(run, stored=outcome is not None)
         if outcome in (Outcome.FINAL, Outcome.HANDOFF):
             self._engine_errors = 0  # the engine works
             self.served += 1
-        elif outcome in (Outcome.ENGINE_FAULT, Outcome.ENGINE_DEAD):
-            self.faults += 1
-        for msg in msgs:
-            with contextlib.suppress(Exception):  # lost: redelivered, then found stored
-                await (msg.ack() if outcome is not None else msg.nak(delay=1.0))
-
-    async def _attempt(self, job: _Job, check: bool, letter: dict[str, Any] | None,
-                       after: _Job | None) -> Outcome:
-        assert self.ctx is not None and self._cancels is not None
-        ctx = self.ctx
-        item = job.item
         try:
-            if after is not None and after.task is not None:  # the run it continues ends first
-                await asyncio.wait({after.task})
-            if letter is not None:
-                return await dead_letter(ctx, item, **letter)
-            if check:
-                prepared = await prepare(ctx, item)
-                if prepared is None:
-                    return Outcome.SKIPPED
-                item = prepared
-            job.running = item
-            if item.request.request_id in self._cancels:
-                return await finish_cancelled(ctx, item)
-            return await serve_item(ctx, item)
-        except asyncio.CancelledError:
-            if not ctx.handing_back:
-                raise
-            # Cancelled outside generation (redelivery check, a flush): the next
-            # worker looks for what this one stored before it runs the item.
-            await asyncio.shield(hand_back(ctx, item, recheck=True))
-            return Outcome.HANDBACK
+            for msg in msgs:
+                with contextlib.suppress(Exception):  # lost: redelivered, then found stored
+                    await (msg.ack() if outcome is not None else msg.nak(delay=1.0))
+        finally:
+            self.runs.transition(run, None)
+
+    def _end(self, run: Run, *, stored: bool) -> list[Msg]:
+        """The run is DONE: the messages to settle. No await between the run's end
+        and settling its messages: a duplicate accepted in between would wait
+        for an outcome already past."""
+        msgs = self.runs.finish(run, stored=stored)
+        if run.claimed and self.ctx is not None and self.ctx.claims is not None:
+            self._spawn(self.ctx.claims.release(run.request_id))
+        for puller in self._pullers:
+            puller.poke()
+        return msgs
+
+    async def _outcome(self, run: Run) -> Outcome | None:
+        """serve() the run until its outcome is stored; None when it never was.
+        An engine fault is judged here before the run leaves (serve again)."""
+        assert self.ctx is not None
+        for n in range(_STORE_TRIES):
+            try:
+                outcome = await serve(self.ctx, run)
+                if outcome in _FAULTS:
+                    await self._engine_failed(outcome is Outcome.ENGINE_DEAD)
+                    outcome = await serve(self.ctx, run)
+                return outcome
+            except Exception:
+                log.exception("outcome of %s not stored (try %d)", run.request_id, n + 1)
+                if n + 1 < _STORE_TRIES:
+                    await asyncio.sleep(n + 1)
+        return None
 
     # -- connection loss ---------------------------------------------------------
     async def _on_disconnect(self) -> None:
@@ -396,34 +362,29 @@ class Worker:
         for target in self._targets():
             if target != self.worker_id or self._own_durable:
                 await ensure_work_consumer(ctx.js, self.settings, self.role, target)
-        for rid, job in list(self._jobs.items()):
-            # Outputs being stored wait for the gate too (context._until_connected):
-            # a run taken over is stopped before it publishes anything more.
-            if job.running is None or job.task is None:
-                continue
-            if await self._taken_over(job):
-                log.warning("%s was taken over during the outage; giving up this run", rid)
-                job.task.cancel()  # no ack, no nak: the other run owns the message now
+        # Outputs being stored wait for the gate too (context._until_connected): a
+        # run taken over is stopped before it publishes anything more.
+        for run in await taken_over(ctx):
+            log.warning("%s was taken over during the outage; giving up this run",
+                        run.request_id)
+            if run.task is not None:
+                run.task.cancel()  # no ack, no nak: the other run owns the message now
         ctx.gate.set()
 
-    async def _taken_over(self, job: _Job) -> bool:
-        assert self.ctx is not None and self.ctx.claims is not None and job.running is not None
-        req = job.running.request
-        if not await self.ctx.claims.acquire(req.request_id):
-            return True
-        chunks = await stored_chunks(self.ctx.js, self.settings, req.group, req.request_id,
-                                     job.running.next_seq)
-        return any(c.worker_id != self.worker_id for c in chunks)
-
     async def _on_claim_lost(self, request_id: str) -> None:
-        job = self._jobs.get(request_id)
-        if job is not None and job.task is not None and (
-                self.ctx is None or request_id not in self.ctx.publishing):
-            job.task.cancel()
+        """Another worker holds the request now: stop this run, unless it is
+        storing its outcome already (or has not begun)."""
+        run = self.runs.get(request_id)
+        if run is None:
+            return
+        run.claimed = False
+        if run.task is not None and run.state is not None and (
+                RunState.CHECKING <= run.state <= RunState.RUNNING):
+            run.task.cancel()
 
     # -- control ---------------------------------------------------------------
     async def _on_cancel(self, request_id: str) -> None:
-        if request_id in self._jobs:
+        if request_id in self.runs:
             await self.engine.abort(request_id)
 
     def _on_peer(self, hb: Heartbeat) -> None:
@@ -439,7 +400,7 @@ class Worker:
         every = self.settings.worker.in_progress_every_s
         while True:
             await asyncio.sleep(every)
-            for msg in self._held.msgs():
+            for msg in self.runs.msgs():
                 with contextlib.suppress(Exception):
                     await msg.in_progress()
 

@@ -1,11 +1,22 @@
-"""Runs one work item on the engine and publishes its outcome.
+"""One run of one work item, from its delivery to its single stored outcome.
 
-Every item ends in exactly one outcome, published before the caller acks the
-work message: a Final or ErrorReply on `llm.done.<group>.<id>` (stored by
-JetStream), a decode item handed to the model's decode pool (prefill role),
-or the item handed back to its model's pool with the tokens so far (drain,
-an unhealthy engine, a retryable engine fault). `run_item` returns which one
-it was, so the runtime can judge its engine's health.
+`serve(ctx, run)` is the whole path: wait for the run here that it continues,
+look for what an earlier run stored (a redelivery: migrate.py), then the
+engine, the chunks (chunker.py) and one outcome, stored before it returns:
+
+- a Final or ErrorReply on `llm.done.<group>.<id>` (FINAL, ERROR);
+- a decode item on the model's decode pool (prefill role: HANDOFF);
+- the item back on its model's pool with the tokens so far (HANDBACK: the
+  worker drains or is unhealthy, or the engine failed on it);
+- nothing, when its terminal was stored already (SKIPPED).
+
+The run's state moves through the run ledger (workers/runs.py); what the
+runtime must act on is the returned `Outcome`. The engine faults are the one
+pair returned before anything is stored: the runtime judges its engine (it
+stops pulling when unhealthy), then serves the run again, and the run leaves:
+handed back, or its ErrorReply once it ran max_attempts times. `serve`
+raises only when the outcome could not be stored (the runtime tries again,
+then naks), or CancelledError when stopped without being told to leave.
 """
 
 from __future__ import annotations
@@ -25,79 +36,186 @@ from cplane.schemas.messages import ErrorCode, Final, FinishReason, Role, Timing
 from cplane.workers.chunker import ChunkStream
 from cplane.workers.context import Outcome, ServeContext
 from cplane.workers.engines.base import Delta, EngineDeadError, EngineInputError, EngineRequest
-from cplane.workers.stats import Live
+from cplane.workers.migrate import dead_letter, prepare
+from cplane.workers.runs import Run, RunState
 
-__all__ = ["Outcome", "ServeContext", "engine_request", "finish_cancelled", "finish_resumed",
-           "hand_back", "run_item", "serve_item"]
+__all__ = ["Outcome", "ServeContext", "engine_request", "serve"]
 log = logging.getLogger("cplane.worker")
 _ERROR_CODES = frozenset(c.value for c in ErrorCode)
 
 
-def engine_request(ctx: ServeContext, item: WorkItem, role: Role) -> EngineRequest:
-    r = item.request
-    return EngineRequest(
-        request_id=r.request_id,
-        prompt=r.prompt,
-        prompt_token_ids=r.prompt_token_ids,
-        messages=r.messages,
-        max_tokens=r.max_tokens,
-        temperature=r.temperature,
-        top_p=r.top_p,
-        top_k=r.top_k,
-        stop=r.stop,
-        seed=r.seed,
-        ignore_eos=r.ignore_eos,
-        priority=item.priority.level,
-        max_prompt_tokens=ctx.settings.worker.max_prompt_tokens,
-        resume_token_ids=list(item.resume_token_ids),
-        prefill_only=role is Role.PREFILL,
-        kv_transfer_params=item.kv_transfer_params if role is Role.DECODE else None,
-    )
+async def serve(ctx: ServeContext, run: Run) -> Outcome:
+    """Bring `run` to its outcome (see the module's docstring)."""
+    if ctx.runs.begin(run) is RunState.HANDING_BACK:  # told to leave before it began
+        await _after(run)
+        return await _leave(ctx, run, recheck=run.check)
+    try:
+        await _after(run)
+        return await _attempt(ctx, run)
+    except asyncio.CancelledError:
+        if run.state is not RunState.HANDING_BACK:
+            raise
+        # Told to leave outside generation (the check, a flush): the next worker
+        # looks for what this one stored before it runs the item.
+        return await asyncio.shield(_leave(ctx, run, recheck=True))
 
 
-def _final(
-    ctx: ServeContext, item: WorkItem, stream: ChunkStream, last: Delta, model: str
-) -> Final:
-    now = time.time() * 1000
-    t0 = item.enqueued_ms or item.dispatched_ms or now
-    n_tokens = len(item.resume_token_ids) + stream.tokens_sent
-    if item.ttft_ms is not None:  # the first token was streamed by an earlier worker
-        first_ms = t0 + item.ttft_ms
-    else:
-        first_ms = stream.first_token_ms or now
-    last_ms = stream.last_token_ms or first_ms
-    tpot = (last_ms - first_ms) / (n_tokens - 1) if n_tokens > 1 else 0.0
-    ctx.latency.observe(max(0.0, first_ms - t0), max(0.0, tpot))
-    prompt_tokens = last.prompt_tokens or item.prompt_tokens or 0
-    w = ctx.settings.worker
-    cost = (prompt_tokens * w.price_in_per_1k + n_tokens * w.price_out_per_1k) / 1000
-    return Final(
-        request_id=item.request.request_id,
-        finish_reason=last.finish_reason or FinishReason.ABORT,
-        usage=Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=n_tokens,
-            cached_prompt_tokens=last.cached_prompt_tokens or 0,
-            cost=cost,
-        ),
-        timings=Timings(
-            queue_ms=max(0.0, (item.dispatched_ms or t0) - t0),
-            ttft_ms=max(0.0, first_ms - t0),
-            tpot_ms=max(0.0, tpot),
-            e2e_ms=max(0.0, now - t0),
-        ),
-        text=item.resume_text + "".join(stream.text_parts),
-        chunks=stream.next_seq,
-        workers=[*item.served_by, ctx.worker_id],
-        model=model,
-        ts_ms=now,
-    )
+async def _after(run: Run) -> None:
+    """The run here that this one continues (a hand-back come back) ends first."""
+    if run.after is not None and run.after.task is not None:
+        await asyncio.wait({run.after.task})
 
 
-def _continued(ctx: ServeContext, item: WorkItem, stream: ChunkStream, **changes: Any) -> WorkItem:
+async def _attempt(ctx: ServeContext, run: Run) -> Outcome:
+    run.running = run.stream = None
+    if run.letter is not None:
+        return await dead_letter(ctx, run, run.letter)
+    item = run.item
+    if run.check:
+        prepared = await prepare(ctx, run)
+        if prepared is None:
+            return Outcome.SKIPPED
+        item = prepared
+        run.check = False
+    run.running = item
+    if item.request.request_id in ctx.cancelled:  # before it ran, or between runs
+        await _storing(ctx, run)
+        ctx.stats["cancelled"] += 1
+        await ctx.publish_terminal(item, cancelled_final(item, ctx.worker_id))
+        return Outcome.FINAL
+    if len(item.resume_token_ids) >= item.request.max_tokens:
+        # The tokens read back reach max_tokens already: only the Final was missing.
+        await _storing(ctx, run)
+        last = Delta(token_ids=[], finish_reason=FinishReason.LENGTH)
+        await ctx.publish_terminal(item, _final(ctx, item, None, last, ctx.model_of(item)))
+        return Outcome.FINAL
+    if item.role is Role.PREFILL and item.resume_token_ids:
+        # The first token is out (an earlier prefill died before handing off):
+        # the decode pool continues without transferred KV.
+        await _storing(ctx, run)
+        await ctx.publish_work(Role.DECODE, msgspec.structs.replace(
+            item, role=Role.DECODE, kv_transfer_params=None))
+        ctx.stats["handoffs"] += 1
+        return Outcome.HANDOFF
+    refused = _refused(ctx, item)
+    if refused is not None:
+        await _storing(ctx, run)
+        await ctx.publish_error(item, *refused)
+        return Outcome.ERROR
+    return await _generate(ctx, run, item)
+
+
+async def _generate(ctx: ServeContext, run: Run, item: WorkItem) -> Outcome:
+    req = item.request
+    stream = run.stream = _stream(ctx, item)
+    ctx.runs.transition(run, RunState.RUNNING)
+    ctx.metrics.begin(run, item)  # `cplane request ID` sees it run; inter-token gaps
+    last = Delta(token_ids=[])
+    model = ctx.model_of(item)
+    gen = ctx.engine.generate(engine_request(ctx, item, item.role))
+    deltas = gen.__aiter__()
+    span = tracing.Span()
+    if item.traceparent:  # what follows (terminal, hand-off) is a child of this run
+        span = tracing.start("cplane.worker.generate", item.traceparent, {
+            "request_id": req.request_id, "worker": ctx.worker_id, "model": model})
+        item = run.running = msgspec.structs.replace(
+            item, traceparent=tracing.span_traceparent(span, item.traceparent))
+    try:
+        while True:
+            # Only what the engine raises is an engine fault: a failed chunk
+            # publish (below) propagates as the outcome-not-stored error it is.
+            try:
+                delta = await deltas.__anext__()
+            except StopAsyncIteration:
+                break
+            except EngineInputError as exc:
+                code = ErrorCode(exc.code) if exc.code in _ERROR_CODES else (
+                    ErrorCode.INVALID_REQUEST)
+                await _storing(ctx, run)
+                await ctx.publish_error(item, code, str(exc))
+                return Outcome.ERROR
+            except Exception as exc:
+                log.error("engine failed on %s: %r", req.request_id, exc)
+                ctx.stats["engine_faults"] += 1
+                run.fault = str(exc) or repr(exc)
+                ctx.runs.transition(run, RunState.HANDING_BACK)
+                return Outcome.ENGINE_DEAD if isinstance(exc, EngineDeadError) else (
+                    Outcome.ENGINE_FAULT)
+            await stream.add(delta.token_ids, delta.text)
+            ctx.metrics.tokens(run, len(delta.token_ids))
+            if delta.finish_reason is not None:
+                last = delta
+    except asyncio.CancelledError:
+        stream.close()
+        if run.state is not RunState.HANDING_BACK:
+            raise
+        return await asyncio.shield(_leave(ctx, run, recheck=False))
+    finally:
+        stream.close()
+        span.end()
+        await _close(gen)
+    if last.finish_reason is FinishReason.ABORT and run.state is RunState.HANDING_BACK:
+        return await _leave(ctx, run, recheck=False)  # the engine let go of it first
+    return await _finish(ctx, run, item, last, model)
+
+
+async def _finish(
+    ctx: ServeContext, run: Run, item: WorkItem, last: Delta, model: str
+) -> Outcome:
+    await _storing(ctx, run)
+    stream = run.stream
+    assert stream is not None
+    req = item.request
+    wants_more = len(item.resume_token_ids) + stream.tokens_sent < req.max_tokens
+    if item.role is Role.PREFILL and last.finish_reason is FinishReason.LENGTH and wants_more:
+        first_ms = stream.first_token_ms or time.time() * 1000
+        t0 = item.enqueued_ms or item.dispatched_ms or first_ms
+        await ctx.publish_work(Role.DECODE, _continued(
+            ctx, item, stream, role=Role.DECODE,
+            kv_transfer_params=last.kv_transfer_params or {},
+            ttft_ms=item.ttft_ms if item.ttft_ms is not None else max(0.0, first_ms - t0),
+            prompt_tokens=last.prompt_tokens))
+        ctx.stats["handoffs"] += 1
+        return Outcome.HANDOFF
+    if last.finish_reason is FinishReason.CANCELLED:
+        ctx.stats["cancelled"] += 1
+    await ctx.publish_terminal(item, _final(ctx, item, stream, last, model), stream)
+    return Outcome.FINAL
+
+
+async def _storing(ctx: ServeContext, run: Run) -> None:
+    """From here the run is never cancelled for a hand-back or a lost claim: what
+    it streamed goes out, then its outcome is stored."""
+    ctx.runs.transition(run, RunState.STORING)
+    if run.stream is not None:
+        await run.stream.flush()
+
+
+async def _leave(ctx: ServeContext, run: Run, *, recheck: bool) -> Outcome:
+    """The run goes back to its model's pool (attempt+1) after what it streamed;
+    after an engine fault on its last allowed attempt, it gets its ErrorReply.
+    `recheck`: the next worker must look in LLM_DONE/LLM_OUT first (this one did
+    not finish doing so)."""
+    await _storing(ctx, run)
+    item = run.running or run.item
+    if run.fault and item.attempt >= ctx.max_attempts:
+        await ctx.publish_error(item, ErrorCode.ENGINE_ERROR,
+                                f"engine failed {item.attempt} times: {run.fault}", True)
+        return Outcome.ERROR
+    back = _continued(ctx, item, run.stream, attempt=item.attempt + 1,
+                      redispatched=item.redispatched or recheck)
+    await ctx.publish_work(item.role, back)
+    ctx.stats["handbacks"] += 1
+    return Outcome.HANDBACK
+
+
+def _continued(ctx: ServeContext, item: WorkItem, stream: ChunkStream | None,
+               **changes: Any) -> WorkItem:
     """The item as the next worker should see it: after everything streamed so far."""
     served = item.served_by if item.served_by[-1:] == [ctx.worker_id] else [
         *item.served_by, ctx.worker_id]
+    if stream is None:
+        return msgspec.structs.replace(item, served_by=served, **changes)
     return msgspec.structs.replace(
         item,
         resume_token_ids=[*item.resume_token_ids, *stream.token_ids],
@@ -119,57 +237,6 @@ def _stream(ctx: ServeContext, item: WorkItem) -> ChunkStream:
         next_seq=item.next_seq, max_tokens=ws.chunk_tokens,
         min_interval_s=ws.chunk_interval_ms / 1000, epoch=ctx.epoch, gate=ctx.gate,
     )
-
-
-async def _hand_off_to_decode(
-    ctx: ServeContext, item: WorkItem, stream: ChunkStream, last: Delta
-) -> None:
-    first_ms = stream.first_token_ms or time.time() * 1000
-    t0 = item.enqueued_ms or item.dispatched_ms or first_ms
-    decode = _continued(
-        ctx,
-        item,
-        stream,
-        role=Role.DECODE,
-        kv_transfer_params=last.kv_transfer_params or {},
-        ttft_ms=item.ttft_ms if item.ttft_ms is not None else max(0.0, first_ms - t0),
-        prompt_tokens=last.prompt_tokens,
-    )
-    await ctx.publish_work(Role.DECODE, decode)
-    ctx.stats["handoffs"] += 1
-
-
-async def hand_back(
-    ctx: ServeContext, item: WorkItem, stream: ChunkStream | None = None, *,
-    recheck: bool = False,
-) -> None:
-    """Return an unfinished item to its model's pool (attempt+1), resuming after
-    what was streamed. `recheck`: the next worker must look in LLM_DONE/LLM_OUT
-    first (this one did not finish doing so)."""
-    if stream is None:
-        stream = _stream(ctx, item)
-    await stream.flush()
-    back = _continued(ctx, item, stream, attempt=item.attempt + 1,
-                      redispatched=item.redispatched or recheck)
-    await ctx.publish_work(item.role, back)
-    ctx.stats["handbacks"] += 1
-
-
-async def _engine_failed(
-    ctx: ServeContext, item: WorkItem, stream: ChunkStream, exc: Exception
-) -> Outcome:
-    """Hand the item to another worker, until it ran max_attempts times."""
-    dead = isinstance(exc, EngineDeadError)
-    ctx.stats["engine_faults"] += 1
-    await stream.flush()
-    if ctx.on_engine_fault is not None:  # may stop the pulling before the item goes back
-        await ctx.on_engine_fault(dead)
-    if item.attempt < ctx.max_attempts:
-        await hand_back(ctx, item, stream)
-    else:
-        await ctx.publish_error(item, ErrorCode.ENGINE_ERROR,
-                                f"engine failed {item.attempt} times: {exc}", True)
-    return Outcome.ENGINE_DEAD if dead else Outcome.ENGINE_FAULT
 
 
 def _refused(ctx: ServeContext, item: WorkItem) -> tuple[ErrorCode, str, bool] | None:
@@ -198,118 +265,62 @@ async def _close(gen: AsyncIterator[Delta]) -> None:
             await aclose()
 
 
-async def run_item(ctx: ServeContext, item: WorkItem) -> Outcome:
-    """Serve one item to its outcome; raises only when the outcome could not be
-    stored (the caller leaves the message unacked), or CancelledError when
-    cancelled outside a hand-back."""
-    refused = _refused(ctx, item)
-    if refused is not None:
-        await ctx.publish_error(item, *refused)
-        return Outcome.ERROR
-    stream = _stream(ctx, item)
-    if ctx.handing_back:
-        await hand_back(ctx, item, stream)
-        return Outcome.HANDBACK
-    live = ctx.metrics.begin(item)  # `cplane request ID` sees it run; inter-token gaps
-    try:
-        return await _generate(ctx, item, stream, live)
-    finally:
-        # Only once the terminal is stored (or the item handed back): a status query
-        # in between would find neither this worker nor LLM_DONE and go backwards.
-        ctx.metrics.end(live)
+def engine_request(ctx: ServeContext, item: WorkItem, role: Role) -> EngineRequest:
+    r = item.request
+    return EngineRequest(
+        request_id=r.request_id,
+        prompt=r.prompt,
+        prompt_token_ids=r.prompt_token_ids,
+        messages=r.messages,
+        max_tokens=r.max_tokens,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        stop=r.stop,
+        seed=r.seed,
+        ignore_eos=r.ignore_eos,
+        priority=item.priority.level,
+        max_prompt_tokens=ctx.settings.worker.max_prompt_tokens,
+        resume_token_ids=list(item.resume_token_ids),
+        prefill_only=role is Role.PREFILL,
+        kv_transfer_params=item.kv_transfer_params if role is Role.DECODE else None,
+    )
 
 
-async def _generate(ctx: ServeContext, item: WorkItem, stream: ChunkStream,
-                    live: Live) -> Outcome:
-    req = item.request
-    last = Delta(token_ids=[])
-    model = ctx.model_of(item)
-    gen = ctx.engine.generate(engine_request(ctx, item, item.role))
-    deltas = gen.__aiter__()
-    span = tracing.Span()
-    if item.traceparent:  # what follows (terminal, hand-off) is a child of this run
-        span = tracing.start("cplane.worker.generate", item.traceparent, {
-            "request_id": req.request_id, "worker": ctx.worker_id, "model": model})
-        item = msgspec.structs.replace(item, traceparent=tracing.span_traceparent(
-            span, item.traceparent))
-    try:
-        while True:
-            # Only what the engine raises is an engine fault: a failed chunk
-            # publish (below) propagates as the outcome-not-stored error it is.
-            try:
-                delta = await deltas.__anext__()
-            except StopAsyncIteration:
-                break
-            except EngineInputError as exc:
-                await stream.flush()
-                code = ErrorCode(exc.code) if exc.code in _ERROR_CODES else (
-                    ErrorCode.INVALID_REQUEST)
-                await ctx.publish_error(item, code, str(exc))
-                return Outcome.ERROR
-            except Exception as exc:
-                log.error("engine failed on %s: %r", req.request_id, exc)
-                return await _engine_failed(ctx, item, stream, exc)
-            await stream.add(delta.token_ids, delta.text)
-            ctx.metrics.tokens(live, len(delta.token_ids))
-            if delta.finish_reason is not None:
-                last = delta
-    except asyncio.CancelledError:
-        stream.close()
-        if not ctx.handing_back:
-            raise
-        await asyncio.shield(hand_back(ctx, item, stream))
-        return Outcome.HANDBACK
-    finally:
-        stream.close()
-        span.end()
-        await _close(gen)
-    await stream.flush()
-    if last.finish_reason is FinishReason.ABORT and ctx.handing_back:
-        await hand_back(ctx, item, stream)
-        return Outcome.HANDBACK
-    return await _finish(ctx, item, stream, last, model)
-
-
-async def _finish(
-    ctx: ServeContext, item: WorkItem, stream: ChunkStream, last: Delta, model: str
-) -> Outcome:
-    req = item.request
-    wants_more = len(item.resume_token_ids) + stream.tokens_sent < req.max_tokens
-    if item.role is Role.PREFILL and last.finish_reason is FinishReason.LENGTH and wants_more:
-        await _hand_off_to_decode(ctx, item, stream, last)
-        return Outcome.HANDOFF
-    if last.finish_reason is FinishReason.CANCELLED:
-        ctx.stats["cancelled"] += 1
-    await ctx.publish_terminal(item, _final(ctx, item, stream, last, model), stream)
-    return Outcome.FINAL
-
-
-async def finish_resumed(ctx: ServeContext, item: WorkItem) -> Outcome:
-    """The tokens read back already reach max_tokens: only the Final was missing."""
-    last = Delta(token_ids=[], finish_reason=FinishReason.LENGTH)
-    stream = _stream(ctx, item)
-    stream.close()
-    await ctx.publish_terminal(item, _final(ctx, item, stream, last, ctx.model_of(item)))
-    return Outcome.FINAL
-
-
-async def finish_cancelled(ctx: ServeContext, item: WorkItem) -> Outcome:
-    """Final(cancelled) for an item cancelled before it ran."""
-    final = cancelled_final(item, ctx.worker_id)
-    ctx.stats["cancelled"] += 1
-    await ctx.publish_terminal(item, final)
-    return Outcome.FINAL
-
-
-async def serve_item(ctx: ServeContext, item: WorkItem) -> Outcome:
-    """One item (after any redelivery check) to its outcome; see run_item."""
-    if len(item.resume_token_ids) >= item.request.max_tokens:
-        return await finish_resumed(ctx, item)
-    if item.role is Role.PREFILL and item.resume_token_ids:
-        # The first token is out (an earlier prefill died before handing off):
-        # the decode pool continues without transferred KV.
-        decode = msgspec.structs.replace(item, role=Role.DECODE, kv_transfer_params=None)
-        await ctx.publish_work(Role.DECODE, decode)
-        ctx.stats["handoffs"] += 1
-        return Outcome.HANDOFF
-    return await run_item(ctx, item)
+def _final(
+    ctx: ServeContext, item: WorkItem, stream: ChunkStream | None, last: Delta, model: str
+) -> Final:
+    now = time.time() * 1000
+    t0 = item.enqueued_ms or item.dispatched_ms or now
+    n_tokens = len(item.resume_token_ids) + (stream.tokens_sent if stream else 0)
+    if item.ttft_ms is not None:  # the first token was streamed by an earlier worker
+        first_ms = t0 + item.ttft_ms
+    else:
+        first_ms = (stream.first_token_ms if stream else None) or now
+    last_ms = (stream.last_token_ms if stream else None) or first_ms
+    tpot = (last_ms - first_ms) / (n_tokens - 1) if n_tokens > 1 else 0.0
+    ctx.latency.observe(max(0.0, first_ms - t0), max(0.0, tpot))
+    prompt_tokens = last.prompt_tokens or item.prompt_tokens or 0
+    w = ctx.settings.worker
+    cost = (prompt_tokens * w.price_in_per_1k + n_tokens * w.price_out_per_1k) / 1000
+    return Final(
+        request_id=item.request.request_id,
+        finish_reason=last.finish_reason or FinishReason.ABORT,
+        usage=Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=n_tokens,
+            cached_prompt_tokens=last.cached_prompt_tokens or 0,
+            cost=cost,
+        ),
+        timings=Timings(
+            queue_ms=max(0.0, (item.dispatched_ms or t0) - t0),
+            ttft_ms=max(0.0, first_ms - t0),
+            tpot_ms=max(0.0, tpot),
+            e2e_ms=max(0.0, now - t0),
+        ),
+        text=item.resume_text + "".join(stream.text_parts if stream else ()),
+        chunks=stream.next_seq if stream else item.next_seq,
+        workers=[*item.served_by, ctx.worker_id],
+        model=model,
+        ts_ms=now,
+    )

@@ -20,6 +20,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
+from tests.waiting import subscribed
+
 OUT_PREFIX = "llm.out.i."
 DONE_PREFIX = "llm.done.i."
 # Where the streams store outputs (republished to the prefixes above once stored).
@@ -136,7 +138,7 @@ class Recorder:
                            pending_bytes_limit=1 << 30)
         await nc.subscribe(WORK_PREFIX + ">", cb=self.on_work, pending_msgs_limit=2_000_000,
                            pending_bytes_limit=1 << 30)
-        await nc.flush()
+        await subscribed(nc)  # live before the services publish (not just flushed)
 
     def has_terminal(self, rid: str) -> bool:
         seen = self.by_id.get(rid)

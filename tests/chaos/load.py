@@ -99,7 +99,7 @@ class Publisher:
                         self.log(f"publish {rid}: AMBIGUOUS after {self.retry_s}s: {exc!r}")
                         return
                 self.retries += 1
-                await asyncio.sleep(0.25)
+                await asyncio.sleep(0.25)  # back-off before a retry (bounded by retry_s)
         finally:
             self.inflight -= 1
             self._sem.release()
@@ -137,7 +137,7 @@ class Publisher:
             if self.gave_up:
                 if not self.inflight:
                     break
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.1)  # poll the in-flight publishes to finish
                 continue
             window.append((now, self.completions()))
             dt, last = now - last, now
@@ -163,7 +163,7 @@ class Publisher:
             while credit >= 1 and len(self.accepted) + self.inflight < self.total:
                 credit -= 1
                 await self._launch()
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)  # the load generator's pacing tick (sets the rate)
         self.done.set()
 
     async def cancel(self) -> None:

@@ -121,7 +121,7 @@ class Proc:
         self.popen.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         while self.popen.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # poll for the exit (bounded), keeping the loop free
         if self.popen.poll() is None:
             self.kill9()
 
@@ -135,7 +135,7 @@ async def wait_port(port: int, proc: Proc, timeout_s: float = 20.0) -> None:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return
         except OSError:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # poll for the port (bounded by timeout_s)
     raise TimeoutError(f"{proc.name} did not listen on {port} within {timeout_s} s")
 
 
@@ -174,7 +174,7 @@ class NatsServer:
             await self.proc.terminate(15.0)
         else:
             self.proc.kill9()
-        await asyncio.sleep(down_s)
+        await asyncio.sleep(down_s)  # the outage under test: the broker stays down down_s
         await self.start()
 
 

@@ -152,7 +152,7 @@ class Run:
                     break
                 except Exception:  # not provisioned yet
                     pass
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # poll heartbeats and the streams (bounded: 60 s)
         else:
             raise TimeoutError(f"fleet not up within 60 s: heartbeats from {sorted(beats)}")
         await hb.unsubscribe()
@@ -162,7 +162,7 @@ class Run:
         p = self.fleet.orchestrators[i]
         self.log(f"FAULT kill -9 {p.name} pid={p.pid}")
         p.kill9()
-        await asyncio.sleep(3.0)
+        await asyncio.sleep(3.0)  # the fault under test: the orchestrator stays dead 3 s
         p.start()
         self.log(f"restarted {p.name} pid={p.pid}")
 
@@ -217,7 +217,7 @@ class Run:
                 kills += 1
                 self._kill_worker(kills)
                 last_kill = now
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # the fault scheduler's tick (pacing, not a wait)
         if task is not None:
             await task
         self.log(f"faults done: {kills} worker kills, events left {len(events)}")
@@ -243,7 +243,7 @@ class Run:
                     except Exception:
                         pass
                 continue
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(1.0)  # poll the drain (bounded by its deadline)
         self.log(f"drain ended: {len(missing)} accepted requests without a terminal")
         return missing
 
@@ -260,7 +260,7 @@ class Run:
                     self.log(f"stream_info {stream}: {exc!r}")
             if left == 0:
                 break
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # poll for the acks to settle (bounded: 30 tries)
         return left
 
     def _near_fault(self, seen: Seen | None) -> str:

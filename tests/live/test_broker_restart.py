@@ -184,7 +184,7 @@ async def _publish_when_ready(js: nats.js.JetStreamContext, subject: str, data: 
                 await js.publish(subject, data, timeout=1.0)
                 return
             except (NoStreamResponseError, NoRespondersError, TimeoutError, nats.errors.Error):
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.1)  # back-off between tries, bounded by the timeout
 
 
 async def test_ensure_all_recreates_streams_deleted_while_services_run(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import nats
 from nats.aio.client import Client as NATS
 
@@ -11,6 +9,7 @@ from cplane.client.sdk import Client
 from cplane.schemas.messages import FinishReason, Request
 from tests.natsfix import isolated_settings
 from tests.stack import stack, start_worker
+from tests.waiting import quiet_for, until
 
 
 def req(rid: str, n: int, **kw: object) -> Request:
@@ -21,6 +20,10 @@ def req(rid: str, n: int, **kw: object) -> Request:
 
 async def work_left(nc: NATS, stream: str) -> int:
     return (await nc.jetstream().stream_info(stream)).state.messages
+
+
+async def work_is(nc: NATS, stream: str, n: int) -> bool:
+    return await work_left(nc, stream) == n
 
 
 async def test_cancel_running_request_frees_the_engine(nats_url: str, nc: NATS) -> None:
@@ -34,9 +37,9 @@ async def test_cancel_running_request_frees_the_engine(nats_url: str, nc: NATS) 
         final = await h.result(timeout=10)
         assert final.finish_reason is FinishReason.CANCELLED
         assert 0 < final.usage.completion_tokens < 10_000
-        await asyncio.sleep(0.2)
-        assert run.workers[0].engine.stats().running == 0
-        assert await work_left(nc, s.streams.work.name) == 0  # the work item was acked
+        engine = run.workers[0].engine
+        await until(lambda: engine.stats().running == 0, 10, "the engine to drop the sequence")
+        await until(lambda: work_is(nc, s.streams.work.name, 0), 10, "the work item's ack")
         # the engine serves the next request
         assert (await client.generate(req("run2", 3), timeout=10)).usage.completion_tokens == 3
 
@@ -46,19 +49,24 @@ async def test_cancel_while_queued_never_runs(nats_url: str, nc: NATS) -> None:
     async with stack(s, workers=0) as run:  # no fleet: requests wait
         client = Client(nc, s)
         h = await client.submit(req("q1", 5))
-        await asyncio.sleep(0.3)  # held by the orchestrator, not yet dispatched
+        orch = run.orchestrator
+        assert orch is not None
+        await until(lambda: "q1" in orch.ledger, 10, "the orchestrator to hold q1 (no fleet)")
         await h.cancel()
         final = await h.result(timeout=10)
         assert final.finish_reason is FinishReason.CANCELLED
         assert final.usage.completion_tokens == 0 and final.workers == []
         # cancelled before it even reached the orchestrator
         await client.cancel("q2")
-        await asyncio.sleep(0.1)
+        await until(lambda: "q2" in orch._cancels, 10, "the orchestrator to know the cancel")
         h2 = await client.submit(req("q2", 5))
         assert (await h2.result(timeout=10)).finish_reason is FinishReason.CANCELLED
         w = await start_worker(s, run)
-        await asyncio.sleep(0.3)
-        assert w.ctx is not None and w.ctx.stats["finals"] == 0
+        assert w.ctx is not None
+        ctx = w.ctx
+        await quiet_for(0.5, lambda: ctx.stats["finals"] > 0,
+                        why="a ready worker pulls a dispatched item within milliseconds; "
+                            "the cancelled q1 and q2 must never reach it")
         assert await work_left(nc, s.streams.req.name) == 0
 
 
@@ -72,8 +80,8 @@ async def test_cancel_while_in_the_work_queue(nats_url: str, nc: NATS) -> None:
         busy = await client.submit(req("busy", 60))
         await anext(aiter(busy))
         waiting = await client.submit(req("waiting", 5))
-        await asyncio.sleep(0.2)
-        assert await work_left(nc, s.streams.work.name) == 2
+        await until(lambda: work_is(nc, s.streams.work.name, 2), 10,
+                    "the second item to wait in LLM_WORK")
         await waiting.cancel()
         final = await waiting.result(timeout=10)
         assert final.finish_reason is FinishReason.CANCELLED and final.usage.completion_tokens == 0

@@ -7,11 +7,12 @@ import json
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.waiting import until_sync
 
 CPLANE = [sys.executable, "-m", "cplane.cli"]
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,15 +30,16 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with open(log, "w") as fh:
         proc = subprocess.Popen([*CPLANE, "up"], stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
-        deadline = time.monotonic() + 60
-        url = None
-        while time.monotonic() < deadline and url is None:
+        url: list[str] = []
+
+        def said_up() -> bool:
             assert proc.poll() is None, log.read_text()
             m = re.search(r"cplane is up: NATS at (nats://127\.0\.0\.1:\d+)", log.read_text())
-            url = m.group(1) if m else None
-            time.sleep(0.2)
-        assert url, log.read_text()
-        yield url
+            url.extend(m.groups() if m else ())
+            return bool(url)
+
+        until_sync(said_up, 60, "`cplane up` to say it is up")
+        yield url[0]
     finally:
         proc.terminate()
         proc.wait(60)
@@ -83,7 +85,7 @@ async def test_a_service_freezes_its_heap_once_ready() -> None:
     gc.unfreeze()
     ready = asyncio.Event()
     task = asyncio.create_task(freeze_heap_when(ready))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop turn, no wait: the task runs up to its wait on ready
     assert gc.get_freeze_count() == 0 and not task.done()  # nothing before ready
     ready.set()
     await asyncio.wait_for(task, 10)

@@ -11,7 +11,6 @@ request still works.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import itertools
 import json
@@ -28,6 +27,7 @@ from cplane.schemas.messages import Request
 from cplane.schemas.settings import Settings
 from tests.natsfix import isolated_settings
 from tests.stack import Running, stack
+from tests.waiting import subscribed, until
 
 _ids = itertools.count()
 _FIELDS = ["request_id", "prompt", "prompt_token_ids", "messages", "max_tokens", "temperature",
@@ -106,40 +106,61 @@ async def world(nats_url: str) -> AsyncIterator[World]:
             w.terminals[msg.subject] += 1
 
         await nc.subscribe(s.subjects.done_all, cb=on_done)
-        await nc.flush()
+        await subscribed(nc)
         yield w
         await nc.close()
+
+
+async def publish(world: World, batch: list[tuple[bytes, str]]) -> int:
+    """JetStream-publish each body; how many the stream stored."""
+    stored = 0
+    for body, prio in batch:
+        try:
+            await world.js.publish(world.s.subjects.request(prio, "standard"), body, timeout=5)
+            stored += 1
+        except Exception:  # refused at publish (e.g. bigger than max_payload): not accepted
+            pass
+    world.stored += stored
+    return stored
+
+
+async def all_answered(world: World) -> None:
+    """Wait until every message stored so far has a terminal and LLM_REQ is empty."""
+
+    async def done() -> bool:
+        left = (await world.js.stream_info(world.s.streams.req.name)).state.messages
+        return left == 0 and len(world.terminals) >= world.stored
+
+    await until(done, 60, f"{world.stored} terminals and an empty LLM_REQ")
+
+
+def assert_exactly_once(world: World) -> None:
+    assert len(world.terminals) == world.stored
+    assert set(world.terminals.values()) == {1}, [k for k, v in world.terminals.items() if v > 1]
+    # the system's own subjects were never written by a reply_to
+    assert not any(".victim" in k or k.endswith(".v") for k in world.terminals)
 
 
 @settings(max_examples=80, deadline=None, derandomize=True, database=None,
           suppress_health_check=list(HealthCheck))
 @given(batch=st.lists(st.tuples(bodies, st.sampled_from(PRIOS)), min_size=20, max_size=40))
-async def test_generated_hostile_messages_are_published(world: World,
-                                                        batch: list[tuple[bytes, str]]) -> None:
-    for body, prio in batch:
-        try:
-            await world.js.publish(world.s.subjects.request(prio, "standard"), body, timeout=5)
-            world.stored += 1
-        except Exception:  # refused at publish (e.g. bigger than max_payload): not accepted
-            pass
+async def test_every_stored_hostile_message_ends_in_exactly_one_terminal(
+        world: World, batch: list[tuple[bytes, str]]) -> None:
+    await publish(world, batch)
+    await all_answered(world)
+    assert_exactly_once(world)  # this batch's, and no late second one for an earlier batch
 
 
-async def test_every_stored_message_ends_in_exactly_one_terminal(world: World) -> None:
-    assert world.stored >= 1000
-    for _ in range(1200):  # bounded: up to 60 s
-        left = (await world.js.stream_info(world.s.streams.req.name)).state.messages
-        if len(world.terminals) >= world.stored and left == 0:
-            break
-        await asyncio.sleep(0.05)
-    assert left == 0, f"{left} messages left in LLM_REQ"
-    assert len(world.terminals) == world.stored
-    assert set(world.terminals.values()) == {1}, [k for k, v in world.terminals.items() if v > 1]
-    # the system's own subjects were never written by a reply_to
-    assert not any(".victim" in k or k.endswith(".v") for k in world.terminals)
+async def test_the_stack_still_serves_after_hostile_input(world: World) -> None:
+    stored = await publish(world, [(b"[" * 50_000, "high"), (b"\xff\xfe", "critical"),
+                                   (b'{"request_id":"z","prompt":"x","temperature":NaN}', "low"),
+                                   (json.dumps({"request_id": "y", "reply_to": "llm.>",
+                                                "prompt": "x"}).encode(), "normal")])
+    assert stored == 4
+    await all_answered(world)
+    assert_exactly_once(world)
     client = Client(world.nc, world.s)
     final = await client.generate(Request(request_id="after-hostile", prompt="hi",
                                           max_tokens=4), timeout=20)
     assert final.usage.completion_tokens == 4
     assert world.run.orchestrator is not None and world.run.orchestrator.leading
-
-

@@ -39,6 +39,7 @@ from cplane.schemas.messages import (
     WorkItem,
 )
 from cplane.schemas.settings import Settings, load_settings
+from cplane.workers.runs import RunState
 from cplane.workers.stats import OTHER, Histogram, RateBuckets, WorkerStats, capped
 from tests.natsfix import isolated_settings
 from tests.stack import Running, stack, start_replicas, start_worker
@@ -123,17 +124,24 @@ def test_worker_stats_count_outcomes_and_slo() -> None:
 def test_live_items_have_a_phase() -> None:
     s = WorkerStats("w", load_settings(env={}))
     item = _item()
-    live = s.begin(item)
+    run = s.runs.add(item)
     rid = item.request.request_id
+    s.runs.begin(run)
+    assert s.request_status(rid) is None  # checking, not on the engine yet
+    run.running = item
+    s.runs.transition(run, RunState.RUNNING)
+    s.begin(run, item)
     st = s.request_status(rid)
     assert st is not None and st.phase is RequestPhase.PREFILL
-    s.tokens(live, 1)
-    s.tokens(live, 4)
+    s.tokens(run, 1)
+    s.tokens(run, 4)
     st = s.request_status(rid)
     assert st is not None and st.phase is RequestPhase.DECODING and st.tokens == 5
     assert s.itl.count == 4  # four gaps after the first token
-    s.end(live)
-    assert s.request_status(rid) is None and not s.live
+    s.runs.transition(run, RunState.STORING)
+    assert s.request_status(rid) is not None  # until its terminal is stored
+    s.runs.finish(run, stored=True)
+    assert s.request_status(rid) is None and s.runs.held == 0
 
 
 def test_merge_status_takes_the_most_advanced() -> None:

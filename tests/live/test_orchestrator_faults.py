@@ -84,11 +84,10 @@ async def test_a_request_that_keeps_failing_is_dead_lettered(nats_url: str, nc: 
         assert isinstance(err, ErrorReply) and err.code == "dead_letter"
         letter = msgspec.json.decode((await dlq.next_msg(timeout=5)).data, type=DeadLetter)
         assert letter.request_id == "doomed" and letter.deliveries == 3 and letter.data == body
-        for _ in range(100):  # the ack follows the stores
-            if not (await js.stream_info(s.streams.req.name)).state.messages:
-                break
-            await asyncio.sleep(0.05)
-        assert (await js.stream_info(s.streams.req.name)).state.messages == 0
+        async def req_empty() -> bool:  # the ack follows the stores
+            return (await js.stream_info(s.streams.req.name)).state.messages == 0
+
+        await until(req_empty, 5, "the dead-lettered request's ack")
 
 
 async def test_a_cancel_sent_before_the_orchestrator_started_is_honoured(

@@ -92,6 +92,14 @@ async def test_a_switch_reaches_every_replica_within_a_second(nats_url: str, con
         entry = await _stored(conn, s)
         assert entry is not None
         assert msgspec.json.decode(entry.value or b"", type=PolicyState) == reply.state
+        assert got.router == s.orchestrator.router  # priority routes with the configured
+
+        # A policy that brings its own router says so, and runs it.
+        reply = await admin.set_policy("cost_optimized", by="test")
+        assert reply.ok and reply.router == "cheapest"
+        await until(lambda: all(o.cfg.router_in_use.name == "cheapest" for o in orchs), 1.0,
+                    "both run the policy's router")
+        assert (await admin.get_policy()).router == "cheapest"
 
 
 async def test_a_restart_keeps_the_choice(nats_url: str, conn: NATS) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import itertools
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from cplane.schemas.settings import Settings
 from cplane.tail_cmd import parse_since
 from tests.natsfix import isolated_settings
 from tests.stack import stack
+from tests.waiting import until
 
 ZERO = {"sim": {"zero_cost": True}}
 
@@ -54,8 +56,14 @@ async def test_a_late_consumer_replays_what_it_missed(nats_url: str, nc: NATS) -
         assert [r.request_id for r in got] == ["early0", "early1", "early2"]
         assert all(r.group == "i" and isinstance(r.terminal, Final) for r in got)
         assert all(r.stored_ms >= before * 1000 - 1000 for r in got)
+        js = nc.jetstream()
+        before = len(await js.consumers_info(s.streams.done.name))
+
+        async def consumer_made() -> bool:
+            return len(await js.consumers_info(s.streams.done.name)) > before
+
         live = asyncio.create_task(take(client.results(), 1))
-        await asyncio.sleep(0.3)  # the consumer exists before the next request
+        await until(consumer_made, 10, "the live consumer on LLM_DONE")
         await generate(client, "live0")
         assert [r.request_id for r in await live] == ["live0"]
 
@@ -78,6 +86,21 @@ async def test_a_durable_consumer_resumes_and_delivers_at_least_once(nats_url: s
         assert sorted(r.request_id for r in again) == ["d1", "d2", "d3", "d4"]
         assert await delete_durable(nc.jetstream(), s, "audit")
         assert not await delete_durable(nc.jetstream(), s, "audit")
+
+
+async def _generate_until_printed(client: Client, proc: asyncio.subprocess.Process,
+                                  rid: str, timeout: float) -> list[str]:
+    """Generate `rid`-0, -1, ... until `cplane tail` prints one: the process shows no
+    sign of having subscribed, so each miss just means it was not listening yet."""
+    deadline = time.monotonic() + timeout
+    for i in itertools.count():
+        await generate(client, f"{rid}-{i}")
+        try:
+            return await _lines_until(proc, rid, 0.5)
+        except (AssertionError, TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _env(s: Settings) -> dict[str, str]:
@@ -117,10 +140,10 @@ async def test_cplane_tail_prints_outputs_as_they_are_stored(nats_url: str, nc: 
         try:
             if what == "--results":  # replayed from LLM_DONE
                 assert '"before"' in "".join(await _lines_until(proc, '"before"', 20))
-            else:
-                await asyncio.sleep(2.0)  # core subscription: it must listen first
-            await generate(client, "after")
-            printed = await _lines_until(proc, "after", 20)
+                await generate(client, "after")
+                printed = await _lines_until(proc, "after", 20)
+            else:  # a core subscription: what is sent before it listens is not printed
+                printed = await _generate_until_printed(client, proc, "after", 20)
         finally:
             proc.terminate()
             await asyncio.wait_for(proc.wait(), 10)

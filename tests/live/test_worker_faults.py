@@ -40,7 +40,7 @@ from cplane.schemas.subjects import ANY_TARGET, model_target
 from cplane.workers.engines.sim import SimEngine
 from cplane.workers.runtime import Worker
 from tests.natsfix import isolated_settings
-from tests.waiting import until
+from tests.waiting import subscribed, until
 
 ROLE = Role.UNIFIED
 FAST = {"ack_wait_s": 2.0, "in_progress_every_s": 0.4, "drain_timeout_s": 0.1}
@@ -78,6 +78,7 @@ class Watch:
     async def start(cls, nc: NATS, s: Settings, rid: str) -> Watch:
         w = cls()
         await nc.subscribe(s.subjects.outputs_of("i", rid), cb=w._on)
+        await subscribed(nc)  # before any worker publishes
         return w
 
     async def _on(self, msg: Msg) -> None:

@@ -3,12 +3,11 @@ minimum interval, gathered between chunks; seq without gaps."""
 
 from __future__ import annotations
 
-import asyncio
-
 import msgspec
 
 from cplane.schemas.messages import TokenChunk
 from cplane.workers.chunker import ChunkStream
+from tests.waiting import until
 
 
 class Sink:
@@ -41,10 +40,7 @@ async def test_min_interval_gathers_then_the_timer_flushes() -> None:
     await cs.add([3], "c")
     assert [(s, c.seq, c.token_ids) for s, c in sink.sent] == [("out", 5, [1]),
                                                               ("reply", 5, [1])]
-    for _ in range(100):
-        if len(sink.sent) == 4:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: len(sink.sent) == 4, 1, "the timer's flush")
     assert [(s, c.seq, c.token_ids) for s, c in sink.sent[2:]] == [("out", 6, [2, 3]),
                                                                   ("reply", 6, [2, 3])]
     cs.close()

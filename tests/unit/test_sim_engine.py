@@ -12,6 +12,7 @@ from cplane.schemas.messages import FinishReason
 from cplane.schemas.settings import SimSettings
 from cplane.workers.engines.base import Delta, Engine, EngineInputError, EngineRequest
 from cplane.workers.engines.sim import SimEngine, token_text
+from tests.waiting import until
 
 
 @pytest.fixture
@@ -111,8 +112,8 @@ async def test_abort_frees_the_slot(engine: SimEngine) -> None:
         return last
 
     task = asyncio.create_task(consume())
-    await asyncio.sleep(0.05)
-    assert engine.stats().running == 1 and engine.stats().kv_usage > 0
+    await until(lambda: engine.stats().running == 1, 2, "the sequence to start")
+    assert engine.stats().kv_usage > 0
     await engine.abort("long")
     last = await asyncio.wait_for(task, 2)
     assert last.finish_reason is FinishReason.CANCELLED

@@ -21,6 +21,7 @@ from cplane.schemas.messages import ChatMessage, ErrorCode, FinishReason
 from cplane.workers.engines.base import Delta, Engine, EngineInputError, EngineRequest
 from cplane.workers.engines.vllm import VllmEngine
 from cplane.workers.engines.vllm.engine import CONNECTOR_KEY
+from tests.waiting import until
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(240)]
 
@@ -240,7 +241,7 @@ async def test_vllm_consumer_leaving_aborts_request(vllm_engine: VllmEngine) -> 
             pass
 
     task = asyncio.create_task(consume())
-    await asyncio.sleep(0.5)
+    await until(lambda: vllm_engine.stats().running == 1, 30, "the request to run")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -21,6 +21,7 @@ from cplane.workers.engines.base import EngineDeadError, EngineInputError
 from cplane.workers.engines.vllm import VllmEngine, VllmSettings
 from cplane.workers.engines.vllm.engine import INLINE_TOKENIZE_CHARS
 from tests.vllm.test_vllm_engine import collect, greedy, prompt_ids, rid
+from tests.waiting import until
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(240)]
 
@@ -55,13 +56,13 @@ async def _ticking(work: Any) -> tuple[Any, float]:
     async def tick() -> None:
         last = time.monotonic()
         while not done.is_set():
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the tick period: the measurement itself
             now = time.monotonic()
             gaps.append(now - last)
             last = now
 
     ticker = asyncio.create_task(tick())
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.1)  # a baseline of ticks before `work` (measured, not waited on)
     try:
         outcome: Any = await work
     except Exception as e:
@@ -116,7 +117,7 @@ class _FakeTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         self.threads.append(threading.current_thread().name)
-        time.sleep(self.delay_s)
+        time.sleep(self.delay_s)  # the slow tokenizer under test (in its own thread)
         return [3 + ord(c) % 400 for c in text]
 
     def get_vocab(self) -> dict[str, int]:
@@ -214,7 +215,7 @@ async def test_vllm_abort_while_tokenizing_never_reaches_vllm() -> None:
     text = "y" * (INLINE_TOKENIZE_CHARS + 1)
     req = greedy(rid("tok"), prompt=text, max_tokens=4)
     task = asyncio.create_task(collect(engine.generate(req)))
-    await asyncio.sleep(0.1)  # inside the tokenizer
+    await until(lambda: tok.threads, 5, "the tokenizer thread to start")  # inside it (0.5 s)
     await engine.abort(req.request_id)
     tokens, _, last = await task
     assert tokens == [] and last.finish_reason == FinishReason.CANCELLED

@@ -38,6 +38,7 @@ from cplane.workers.runtime import Worker
 from tests.natsfix import isolated_settings
 from tests.stack import stack, start_worker
 from tests.vllm_model import MODEL_NAME
+from tests.waiting import quiet_for, subscribed, until
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(300)]
 
@@ -64,6 +65,13 @@ class Wire:
                 self.copies.setdefault(chunk.seq, []).append(chunk)
 
         await nc.subscribe(subject, cb=on_msg)
+
+
+def stray(chunks: list[TokenChunk], wire: Wire) -> bool:
+    """A copy on the wire past the client's last seq, or unlike what it kept for that seq."""
+    kept = {c.seq: (c.token_ids, c.text) for c in chunks}
+    return any(seq not in kept or any((x.token_ids, x.text) != kept[seq] for x in xs)
+               for seq, xs in wire.copies.items())
 
 
 def sampled(request_id: str) -> Request:
@@ -141,6 +149,7 @@ async def _migrate(
                 client = Client(nc, s)
                 wire = Wire()
                 await wire.watch(nc, s.subjects.out("i", request_id))
+                await subscribed(nc)
                 handle = await client.submit(sampled(request_id))
                 chunks = await asyncio.wait_for(first_chunks(handle, MOVE_AFTER), timeout=120)
                 await start_worker(s, run, engine=second_engine, worker_id="second")
@@ -148,8 +157,10 @@ async def _migrate(
                 async for c in handle:
                     chunks.append(c)
                 final = await handle.result(timeout=120)
-                await nc.flush()
-                await asyncio.sleep(0.2)  # the last wire copies
+                await until(lambda: chunks[-1].seq in wire.copies, 10, "the last chunk's copy")
+                await quiet_for(0.2, lambda: stray(chunks, wire),
+                                why="copies a worker sent before it left (or was killed) "
+                                    "may still be in flight; none may differ or run past the end")
             finally:
                 await nc.close()
     finally:
@@ -206,8 +217,5 @@ async def test_vllm_killed_worker_request_resumes_from_streamed_chunks(
     check_one_stream(chunks, wire, final)
     assert chunks[0].worker_id == "first" and chunks[-1].worker_id == "second"
     assert "second" in final.workers
-    for _ in range(50):  # the killed worker's request no longer runs in its engine
-        if vllm_engine.stats().running == 0:
-            break
-        await asyncio.sleep(0.1)
-    assert vllm_engine.stats().running == 0
+    # the killed worker's request no longer runs in its engine
+    await until(lambda: vllm_engine.stats().running == 0, 5, "the killed worker's engine idle")

@@ -17,6 +17,7 @@ from cplane.schemas.messages import FinishReason, Request, TokenChunk
 from tests.natsfix import isolated_settings
 from tests.stack import stack
 from tests.vllm_model import MODEL_NAME
+from tests.waiting import until
 
 pytestmark = pytest.mark.vllm
 PROMPTS = [
@@ -115,17 +116,12 @@ async def test_vllm_cancel_running_request_frees_engine(nats_url: str, vllm_engi
         final = await h.result(timeout=60)
         assert final.finish_reason is FinishReason.CANCELLED
         assert final.usage.completion_tokens < 400
-        for _ in range(50):
-            if vllm_engine.stats().running == 0:
-                break
-            await asyncio.sleep(0.1)
-        assert vllm_engine.stats().running == 0
-        for _ in range(50):  # the ack follows the Final's store
-            info = await client.js.stream_info(s.streams.work.name)
-            if info.state.messages == 0:
-                break
-            await asyncio.sleep(0.1)
-        assert info.state.messages == 0  # the work item was acked
+        await until(lambda: vllm_engine.stats().running == 0, 5, "the engine to drop it")
+
+        async def acked() -> bool:  # the ack follows the Final's store
+            return (await client.js.stream_info(s.streams.work.name)).state.messages == 0
+
+        await until(acked, 5, "the work item's ack")
         await client.close()
 
 
