@@ -48,9 +48,6 @@ class Claims:
         self._held: dict[str, int] = {}  # request id -> revision we wrote last
         self._task: asyncio.Task[None] | None = None
 
-    def __contains__(self, request_id: object) -> bool:
-        return request_id in self._held
-
     async def _bucket_kv(self) -> KeyValue:
         if self._kv is None:
             try:

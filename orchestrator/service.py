@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import functools
 import hashlib
 import logging
@@ -34,7 +33,7 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.errors import APIError, NoStreamResponseError
+from nats.js.errors import NoStreamResponseError
 
 from cplane.bus.cancels import CancelBook
 from cplane.bus.connect import connect
@@ -46,6 +45,7 @@ from cplane.bus.provision import ensure_all, ensure_request_consumers, ensure_st
 from cplane.bus.puller import Puller
 from cplane.bus.recent import RecentIds
 from cplane.bus.replay import stored_terminal
+from cplane.bus.stored_retry import StoreResult, publish_until_stored
 from cplane.orchestrator.control import start_control
 from cplane.orchestrator.core import DecisionCore, Journal
 from cplane.orchestrator.dispatch import Batch, DispatchConfig, dispatch_config, free_slots
@@ -80,14 +80,6 @@ _PUBLISH_RETRY_S = 0.5
 
 def now_ms() -> float:
     return time.time() * 1000
-
-
-class Stored(enum.Enum):
-    """What became of a work publish."""
-
-    STORED = "stored"  # JetStream acked it
-    REFUSED = "refused"  # JetStream refused it (stream full...): not stored
-    UNKNOWN = "unknown"  # no answer within half the duplicate window: maybe stored
 
 
 def batch_msg_id(batch: Batch) -> str:
@@ -420,8 +412,8 @@ class Orchestrator:
             result = await self._store_batch(batch, entries)
         finally:
             self._publish_slots.release()
-        if result is not Stored.STORED:  # not stored (or not known to be): plan them again
-            self.core.refused(entries, redispatch=result is Stored.UNKNOWN)
+        if result is not StoreResult.STORED:  # not stored (or not known to be): plan again
+            self.core.refused(entries, redispatch=result is StoreResult.GAVE_UP)
             self._wake.set()
             return
         for e in entries:
@@ -436,39 +428,31 @@ class Orchestrator:
         if batch.role.value == "prefill":
             self.stats.pd += len(entries)
 
-    async def _store_batch(self, batch: Batch, entries: tuple[Entry[WorkItem], ...]) -> Stored:
-        """STORED once JetStream stored the batch; REFUSED when it refused it; UNKNOWN
-        when it gave no answer within half the duplicate window.
-
-        A timeout is no answer: the batch may be stored. Retry with the same
-        Nats-Msg-Id (JetStream keeps one copy) while we lead, within the
-        duplicate window; a request is never published under two ids at once.
-        """
+    async def _store_batch(self, batch: Batch, entries: tuple[Entry[WorkItem], ...]
+                           ) -> StoreResult:
+        """Publish the batch until JetStream answers (bus/stored_retry.py): STORED,
+        REFUSED (not stored: stream full...) or GAVE_UP (no answer within half the
+        duplicate window: maybe stored). A request is never published under two
+        ids at once: the Nats-Msg-Id is the batch's content."""
         t = now_ms()
         items = [msgspec.structs.replace(e.item, role=batch.role, dispatched_ms=t,
                                          redispatched=e.redispatched) for e in entries]
-        data = encode(WorkBatch(items=items))
-        subject = self.subjects.work(batch.role, batch.target)
-        msg_id = batch_msg_id(batch)
-        window_s = self.settings.streams.work.duplicate_window_s
-        deadline = time.monotonic() + window_s / 2
-        while True:
-            try:
-                await self._store.publish(subject, data, msg_id)
-                return Stored.STORED
-            except NoStreamResponseError:  # the stream vanished with the broker's store
+
+        async def on_retry(exc: Exception) -> None:
+            self.stats.publish_retries += 1
+            if isinstance(exc, NoStreamResponseError):  # the stream vanished with the store
                 with contextlib.suppress(Exception):
                     await ensure_streams(self._js, self.settings)
-            except APIError as exc:  # refused (stream full...): not stored
-                log.warning("work publish refused (%d requests stay held): %s", len(entries), exc)
-                self.stats.publish_failures += 1
-                return Stored.REFUSED
-            except Exception as exc:  # timeout / disconnected: unknown, retry the same id
-                self.stats.publish_retries += 1
-                log.debug("work publish unanswered, retrying: %s", exc)
-            if time.monotonic() > deadline:  # past half the dedup window: alone, checked
-                return Stored.UNKNOWN
-            await asyncio.sleep(_PUBLISH_RETRY_S)
+
+        result = await publish_until_stored(
+            self._store, self.subjects.work(batch.role, batch.target),
+            encode(WorkBatch(items=items)), batch_msg_id(batch),
+            window_s=self.settings.streams.work.duplicate_window_s, on_retry=on_retry,
+            retry_s=_PUBLISH_RETRY_S)
+        if result is StoreResult.REFUSED:
+            log.warning("work publish refused (%d requests stay held)", len(entries))
+            self.stats.publish_failures += 1
+        return result
 
     # -- subscriptions ---------------------------------------------------------
     def _on_heartbeat(self, hb: Heartbeat) -> None:

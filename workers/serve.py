@@ -48,6 +48,8 @@ async def serve(ctx: ServeContext, run: Run) -> Outcome:
     """Bring `run` to its outcome (see the module's docstring)."""
     if ctx.runs.begin(run) is RunState.HANDING_BACK:  # told to leave before it began
         await _after(run)
+        if run.letter is not None:  # delivered too often: out, rather than back
+            return await dead_letter(ctx, run, run.letter)
         return await _leave(ctx, run, recheck=run.check)
     try:
         await _after(run)
@@ -62,8 +64,9 @@ async def serve(ctx: ServeContext, run: Run) -> Outcome:
 
 async def _after(run: Run) -> None:
     """The run here that this one continues (a hand-back come back) ends first."""
-    if run.after is not None and run.after.task is not None:
-        await asyncio.wait({run.after.task})
+    after, run.after = run.after, None
+    if after is not None and after.task is not None:
+        await asyncio.wait({after.task})
 
 
 async def _attempt(ctx: ServeContext, run: Run) -> Outcome:
@@ -138,7 +141,8 @@ async def _generate(ctx: ServeContext, run: Run, item: WorkItem) -> Outcome:
                 log.error("engine failed on %s: %r", req.request_id, exc)
                 ctx.stats["engine_faults"] += 1
                 run.fault = str(exc) or repr(exc)
-                ctx.runs.transition(run, RunState.HANDING_BACK)
+                if run.state is not RunState.HANDING_BACK:  # not told to leave already
+                    ctx.runs.transition(run, RunState.HANDING_BACK)
                 return Outcome.ENGINE_DEAD if isinstance(exc, EngineDeadError) else (
                     Outcome.ENGINE_FAULT)
             await stream.add(delta.token_ids, delta.text)
