@@ -26,7 +26,6 @@ from typing import Any
 
 from cplane.orchestrator import plugins
 from cplane.orchestrator.fleet import POOL_PD, POOL_UNIFIED, FleetView
-from cplane.orchestrator.ledger import PoolKey
 from cplane.orchestrator.plugin_types import PdDecider, Policy, Router
 from cplane.orchestrator.route_context import RouteContext
 from cplane.orchestrator.snapshot import (
@@ -34,6 +33,7 @@ from cplane.orchestrator.snapshot import (
     Measured,
     Pending,
     PolicyContext,
+    PoolKey,
     QueueSnapshot,
 )
 from cplane.schemas.messages import ErrorCode, Role
