@@ -1,11 +1,11 @@
-# Two set-up commands: `make demo` and `make test`. Both build .venv through `make install`.
+# Two set-up commands: `make demo` and `make test` (`make test-fast` for the quick loop). Both build .venv through `make install`.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Where torch 2.13.0+cpu comes from when pip's own indexes lack it.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install demo test lint schema bench-overhead clean
+.PHONY: install demo test test-fast lint schema bench-overhead clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,10 +24,25 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/python -m cplane.demo
 
+# Tests by part (tests/README.md): unit/ and live/ run 4 at a time (xdist: they
+# mostly wait on nats-server and sim engines); vllm/ and chaos/ one at a time (the
+# vLLM engines are shared per session; chaos runs its own processes and broker).
+PYTEST := $(BIN)/python -m pytest -q
+# Not even collected there: importing tests/vllm loads vLLM and torch (5 s per xdist worker).
+NOT_HEAVY := --ignore=tests/vllm --ignore=tests/chaos
+
+# The whole suite: lint, types and every test, vLLM and chaos included.
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy -p cplane
-	$(BIN)/python -m pytest -q tests
+	$(PYTEST) -n 4 --dist worksteal $(NOT_HEAVY) -m "not vllm and not chaos" tests
+	$(PYTEST) -m "vllm or chaos" tests
+
+# The quick loop (under 2 minutes on 2 cores): lint, then unit + live tests;
+# no vLLM, no chaos, nothing marked slow. No mypy (a minute of its own: make lint).
+test-fast: install
+	$(BIN)/ruff check .
+	$(PYTEST) -n 4 --dist worksteal $(NOT_HEAVY) -m "not vllm and not chaos and not slow" tests
 
 lint: install
 	$(BIN)/ruff check .

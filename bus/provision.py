@@ -179,11 +179,28 @@ def weakening(current: StreamConfig, wanted: StreamConfig) -> dict[str, tuple[ob
 
 
 # -- streams (I/O) ----------------------------------------------------------------
+_API_TRIES = 3  # a JetStream API request unanswered within its timeout is asked again
+
+
+async def _current(js: JetStreamContext, name: str) -> StreamConfig:
+    """The stream's config; NotFoundError if none. A busy server (many services
+    provisioning at once on a loaded host) may answer after the request's
+    timeout: reading is safe to repeat, so ask again before giving up."""
+    for attempt in range(_API_TRIES):
+        try:
+            return (await js.stream_info(name)).config
+        except TimeoutError:
+            if attempt + 1 == _API_TRIES:
+                raise
+            log.info("stream_info %s unanswered; asking again", name)
+    raise AssertionError("unreachable")
+
+
 async def ensure_stream(js: JetStreamContext, cfg: StreamConfig, *, update: bool = False) -> None:
     """Create `cfg` if missing; else compare, warn, and update only if allowed and not weaker."""
     assert cfg.name is not None
     try:
-        current = (await js.stream_info(cfg.name)).config
+        current = await _current(js, cfg.name)
     except NotFoundError:
         try:
             await js.add_stream(cfg)
@@ -195,7 +212,7 @@ async def ensure_stream(js: JetStreamContext, cfg: StreamConfig, *, update: bool
             # and refuse ours with "insufficient storage" (seen with four
             # processes starting together). Either way: if it exists, use it.
             try:
-                current = (await js.stream_info(cfg.name)).config
+                current = await _current(js, cfg.name)
             except NotFoundError:
                 raise exc from None
             if not (isinstance(exc, BadRequestError) and exc.err_code == _STREAM_EXISTS):

@@ -90,8 +90,8 @@ class ServeContext:
     peers: dict[str, tuple[float, float]] = field(default_factory=dict)
     connected_since: float = field(default_factory=time.monotonic)
     latency: LatencyAverages = field(default_factory=LatencyAverages)
-    metrics: WorkerStats = field(init=False)  # what workers/metrics.py exports
-    stats: dict[str, int] = field(default_factory=lambda: {
+    stats: WorkerStats = field(init=False)  # what workers/metrics.py exports
+    counts: dict[str, int] = field(default_factory=lambda: {
         "finals": 0, "errors": 0, "handoffs": 0, "handbacks": 0, "cancelled": 0,
         "skipped": 0, "migrated": 0, "dead_letters": 0, "engine_faults": 0,
     })
@@ -115,7 +115,7 @@ class ServeContext:
     def __post_init__(self) -> None:
         self.gate.set()
         self.subjects = self.settings.subjects  # built once (Settings builds one per call)
-        self.metrics = WorkerStats(self.worker_id, self.settings, self.runs)
+        self.stats = WorkerStats(self.worker_id, self.settings, self.runs)
 
     @property
     def max_attempts(self) -> int:
@@ -169,11 +169,11 @@ class ServeContext:
             raise NotStored(f"terminal of {req.request_id}: {result.value}")
         self.store.terminal_stored(self.subjects, msg)
         key = "finals" if isinstance(msg, Final) else "errors"
-        self.stats[key] += 1
+        self.counts[key] += 1
         if isinstance(msg, Final):
-            self.metrics.finished(item, msg)
+            self.stats.finished(item, msg)
         else:
-            self.metrics.failed(item, msg.code)
+            self.stats.failed(item, msg.code)
 
     async def _until_connected(self, deadline: float) -> None:
         """Publish nothing into nats-py's reconnect buffer: it is dropped (see drop_pending)."""

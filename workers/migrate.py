@@ -47,7 +47,7 @@ async def prepare(ctx: ServeContext, run: Run) -> WorkItem | None:
     waited = 0
     while True:
         if await stored_terminal(ctx.js, ctx.settings, req.group, rid) is not None:
-            ctx.stats["skipped"] += 1
+            ctx.counts["skipped"] += 1
             log.info("%s already has its terminal: not run again", rid)
             return None
         chunks = await streamed_chunks(ctx.js, ctx.settings, req.group, rid,
@@ -69,7 +69,7 @@ async def prepare(ctx: ServeContext, run: Run) -> WorkItem | None:
         await asyncio.sleep(_CLAIM_POLL_S)
     if not chunks:
         return item
-    ctx.stats["migrated"] += 1
+    ctx.counts["migrated"] += 1
     served = list(item.served_by)
     for c in chunks:
         if c.worker_id and (not served or served[-1] != c.worker_id):
@@ -123,7 +123,7 @@ async def store_dead_letter(
     )
     await ctx.store.publish(ctx.subjects.dead_letter(stream, seq), encode(letter),
                             f"dlq:{stream}:{seq}:{request_id}")
-    ctx.stats["dead_letters"] += 1
+    ctx.counts["dead_letters"] += 1
 
 
 async def dead_letter(ctx: ServeContext, run: Run, letter: Letter) -> Outcome:

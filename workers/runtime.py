@@ -129,8 +129,8 @@ class Worker:
         self.ctx.cancelled = self._cancels
         ctx = self.ctx  # admin.metrics/instance/request, and /metrics
         self.control = await start_control(
-            nc, self.settings, self.worker_id, request_status=ctx.metrics.request_status,
-            report=lambda: ctx.metrics.report(self.heartbeat(), ctx.stats, self._engine_errors))
+            nc, self.settings, self.worker_id, request_status=ctx.stats.request_status,
+            report=lambda: ctx.stats.report(self.heartbeat(), ctx.counts, self._engine_errors))
         hb_sub = await nc.subscribe(self.subjects.heartbeat_request, cb=self._on_hb_request)
         peers_sub = await subscribe_heartbeats(nc, self.subjects, self._on_peer)
         for target in self._targets():
@@ -165,6 +165,8 @@ class Worker:
             await peers_sub.unsubscribe()
             self._state = WorkerState.STOPPED
             await self._publish_heartbeat()
+            with contextlib.suppress(Exception):
+                await nc.flush()  # acks sent while still READY reach the server first
             await delete_work_consumer(js, self.settings, self.role, self.worker_id)
             if self._own_nc:
                 await nc.flush()
@@ -308,7 +310,12 @@ class Worker:
         try:
             for msg in msgs:
                 with contextlib.suppress(Exception):  # lost: redelivered, then found stored
-                    await (msg.ack() if outcome is not None else msg.nak(delay=1.0))
+                    if outcome is None:
+                        await msg.nak(delay=1.0)
+                    elif self._state is WorkerState.READY:
+                        await msg.ack()
+                    else:  # leaving: our consumer is deleted next, so the ack must land first
+                        await msg.ack_sync(timeout=self.settings.worker.publish_timeout_s)
         finally:
             self.runs.transition(run, None)
 

@@ -83,7 +83,7 @@ async def _attempt(ctx: ServeContext, run: Run) -> Outcome:
     run.running = item
     if item.request.request_id in ctx.cancelled:  # before it ran, or between runs
         await _storing(ctx, run)
-        ctx.stats["cancelled"] += 1
+        ctx.counts["cancelled"] += 1
         await ctx.publish_terminal(item, cancelled_final(item, ctx.worker_id))
         return Outcome.FINAL
     if len(item.resume_token_ids) >= item.request.max_tokens:
@@ -98,7 +98,7 @@ async def _attempt(ctx: ServeContext, run: Run) -> Outcome:
         await _storing(ctx, run)
         await ctx.publish_work(Role.DECODE, msgspec.structs.replace(
             item, role=Role.DECODE, kv_transfer_params=None))
-        ctx.stats["handoffs"] += 1
+        ctx.counts["handoffs"] += 1
         return Outcome.HANDOFF
     refused = _refused(ctx, item)
     if refused is not None:
@@ -112,7 +112,7 @@ async def _generate(ctx: ServeContext, run: Run, item: WorkItem) -> Outcome:
     req = item.request
     stream = run.stream = _stream(ctx, item)
     ctx.runs.transition(run, RunState.RUNNING)
-    ctx.metrics.begin(run, item)  # `cplane request ID` sees it run; inter-token gaps
+    ctx.stats.begin(run, item)  # `cplane request ID` sees it run; inter-token gaps
     last = Delta(token_ids=[])
     model = ctx.model_of(item)
     gen = ctx.engine.generate(engine_request(ctx, item, item.role))
@@ -139,14 +139,14 @@ async def _generate(ctx: ServeContext, run: Run, item: WorkItem) -> Outcome:
                 return Outcome.ERROR
             except Exception as exc:
                 log.error("engine failed on %s: %r", req.request_id, exc)
-                ctx.stats["engine_faults"] += 1
+                ctx.counts["engine_faults"] += 1
                 run.fault = str(exc) or repr(exc)
                 if run.state is not RunState.HANDING_BACK:  # not told to leave already
                     ctx.runs.transition(run, RunState.HANDING_BACK)
                 return Outcome.ENGINE_DEAD if isinstance(exc, EngineDeadError) else (
                     Outcome.ENGINE_FAULT)
             await stream.add(delta.token_ids, delta.text)
-            ctx.metrics.tokens(run, len(delta.token_ids))
+            ctx.stats.tokens(run, len(delta.token_ids))
             if delta.finish_reason is not None:
                 last = delta
     except asyncio.CancelledError:
@@ -179,10 +179,10 @@ async def _finish(
             kv_transfer_params=last.kv_transfer_params or {},
             ttft_ms=item.ttft_ms if item.ttft_ms is not None else max(0.0, first_ms - t0),
             prompt_tokens=last.prompt_tokens))
-        ctx.stats["handoffs"] += 1
+        ctx.counts["handoffs"] += 1
         return Outcome.HANDOFF
     if last.finish_reason is FinishReason.CANCELLED:
-        ctx.stats["cancelled"] += 1
+        ctx.counts["cancelled"] += 1
     await ctx.publish_terminal(item, _final(ctx, item, stream, last, model), stream)
     return Outcome.FINAL
 
@@ -209,7 +209,7 @@ async def _leave(ctx: ServeContext, run: Run, *, recheck: bool) -> Outcome:
     back = _continued(ctx, item, run.stream, attempt=item.attempt + 1,
                       redispatched=item.redispatched or recheck)
     await ctx.publish_work(item.role, back)
-    ctx.stats["handbacks"] += 1
+    ctx.counts["handbacks"] += 1
     return Outcome.HANDBACK
 
 

@@ -5,7 +5,7 @@ Each panel lists its PromQL targets and, beside each, the same query in a
 small form (`Q`) that bench/observability_demo.py evaluates on raw scrapes to
 draw docs/observability-dashboard.png without a Prometheus or a Grafana.
 Every metric family the services export appears in at least one panel
-(tests/test_observability.py checks it).
+(tests/live/test_observability.py checks it).
 """
 
 from __future__ import annotations

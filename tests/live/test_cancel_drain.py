@@ -64,7 +64,7 @@ async def test_cancel_while_queued_never_runs(nats_url: str, nc: NATS) -> None:
         w = await start_worker(s, run)
         assert w.ctx is not None
         ctx = w.ctx
-        await quiet_for(0.5, lambda: ctx.stats["finals"] > 0,
+        await quiet_for(0.5, lambda: ctx.counts["finals"] > 0,
                         why="a ready worker pulls a dispatched item within milliseconds; "
                             "the cancelled q1 and q2 must never reach it")
         assert await work_left(nc, s.streams.req.name) == 0
@@ -86,7 +86,7 @@ async def test_cancel_while_in_the_work_queue(nats_url: str, nc: NATS) -> None:
         final = await waiting.result(timeout=10)
         assert final.finish_reason is FinishReason.CANCELLED and final.usage.completion_tokens == 0
         assert (await busy.result(timeout=10)).usage.completion_tokens == 60
-        assert run.workers[0].ctx is not None and run.workers[0].ctx.stats["cancelled"] == 1
+        assert run.workers[0].ctx is not None and run.workers[0].ctx.counts["cancelled"] == 1
 
 
 async def test_drain_hands_unfinished_work_to_another_worker(nats_url: str) -> None:

@@ -43,6 +43,7 @@ REQUESTS, WORKERS, RATE_SCALE = 100, 2, 2.0
 TOLERANCE_PCT = 15.0
 
 
+@pytest.mark.slow  # a 100-request live stack of processes (about 30 s): `make test`, not test-fast
 @pytest.mark.timeout(150)
 def test_simulator_tracks_the_live_stack(tmp_path: Path) -> None:
     reqs = fidelity.prepare(workload(), count=REQUESTS,

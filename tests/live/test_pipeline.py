@@ -255,7 +255,7 @@ async def test_long_generation_is_not_redelivered(nats_url: str) -> None:
         assert final.usage.completion_tokens == 40
         assert [c.seq for c in chunks] == list(range(len(chunks)))
         assert run.workers[0].ctx is not None
-        assert run.workers[0].ctx.stats["finals"] == 1
+        assert run.workers[0].ctx.counts["finals"] == 1
 
 
 async def test_requests_wait_for_capacity_and_batch_when_deep(nats_url: str) -> None:

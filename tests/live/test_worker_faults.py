@@ -221,7 +221,7 @@ async def test_live_worker_keeps_its_work_past_ack_wait(nats_url: str, nc: NATS)
         info = await js.consumer_info(f.s.streams.work.name, f"work-{ROLE.value}-any")
     assert isinstance(final, Final) and final.workers == ["steady"]
     assert info.num_redelivered == 0
-    assert w.ctx is not None and w.ctx.stats["migrated"] == w.ctx.stats["skipped"] == 0
+    assert w.ctx is not None and w.ctx.counts["migrated"] == w.ctx.counts["skipped"] == 0
 
 
 async def test_redelivered_work_with_stored_final_is_not_run(nats_url: str, nc: NATS) -> None:
@@ -235,7 +235,7 @@ async def test_redelivered_work_with_stored_final_is_not_run(nats_url: str, nc: 
         await put(js, f.s, msgspec.structs.replace(item("once", 5), redispatched=True))
         await until(lambda: work_empty(js, f.s))
         await nc.flush()  # whatever the worker published before its ack has reached us
-        assert w.ctx is not None and w.ctx.stats["skipped"] == 1
+        assert w.ctx is not None and w.ctx.counts["skipped"] == 1
     assert isinstance(first, Final) and len(watch.terminals) == 1
     assert len(watch.chunks) == first.chunks  # none from a second run
 
@@ -256,7 +256,7 @@ async def test_redelivery_count_triggers_the_check(nats_url: str, nc: NATS) -> N
         w = await f.start("w")
         await until(lambda: work_empty(js, f.s))
         await nc.flush()
-    assert w.ctx is not None and w.ctx.stats["skipped"] == 1 and w.ctx.stats["finals"] == 0
+    assert w.ctx is not None and w.ctx.counts["skipped"] == 1 and w.ctx.counts["finals"] == 0
     assert watch.terminals == [] and watch.chunks == []
 
 
@@ -278,7 +278,7 @@ async def test_resume_that_reached_max_tokens_publishes_only_the_final(
     assert isinstance(final, Final) and final.finish_reason is FinishReason.LENGTH
     assert (final.text, final.chunks, final.usage.completion_tokens) == (" a b c", 2, 3)
     assert final.workers == ["gone", "w"] and watch.chunks == []
-    assert w.ctx is not None and w.ctx.stats["migrated"] == 1
+    assert w.ctx is not None and w.ctx.counts["migrated"] == 1
 
 
 async def test_duplicate_item_waits_for_the_running_original(nats_url: str, nc: NATS) -> None:
@@ -300,7 +300,7 @@ async def test_duplicate_item_waits_for_the_running_original(nats_url: str, nc: 
         await nc.flush()
     assert isinstance(final, Final) and len(watch.terminals) == 1
     watch.assert_consistent(final)
-    assert w.ctx is not None and w.ctx.stats["finals"] == 1
+    assert w.ctx is not None and w.ctx.counts["finals"] == 1
 
 
 async def test_dead_letter_after_max_migrations(nats_url: str, nc: NATS) -> None:
@@ -324,7 +324,7 @@ async def test_dead_letter_after_max_migrations(nats_url: str, nc: NATS) -> None
     assert (letter.stream, letter.seq, letter.request_id, letter.deliveries) == (
         stream, seq, "doomed", 3)
     assert msgspec.json.decode(letter.data, type=WorkBatch).items[0].request.request_id == "doomed"
-    assert watch.chunks == [] and w.ctx is not None and w.ctx.stats["finals"] == 0
+    assert watch.chunks == [] and w.ctx is not None and w.ctx.counts["finals"] == 0
 
 
 # -- cancels, hand-back, limits ----------------------------------------------------
@@ -340,7 +340,7 @@ async def test_cancel_sent_before_the_worker_started_is_honoured(nats_url: str, 
         await until(lambda: work_empty(js, f.s))
     assert isinstance(final, Final) and final.finish_reason is FinishReason.CANCELLED
     assert final.usage.completion_tokens == 0 and watch.chunks == []
-    assert w.ctx is not None and w.ctx.stats["cancelled"] == 1
+    assert w.ctx is not None and w.ctx.counts["cancelled"] == 1
 
 
 async def test_hand_back_keeps_the_model(nats_url: str, nc: NATS) -> None:
@@ -364,7 +364,7 @@ async def test_hand_back_keeps_the_model(nats_url: str, nc: NATS) -> None:
     assert isinstance(fw, Final) and fw.workers == ["a2"] and fw.model == "alpha"
     running.assert_consistent(fr)
     assert fr.usage.completion_tokens == 200
-    assert b1.ctx is not None and b1.ctx.stats["errors"] == b1.ctx.stats["finals"] == 0
+    assert b1.ctx is not None and b1.ctx.counts["errors"] == b1.ctx.counts["finals"] == 0
     assert model_target("alpha") != model_target("beta")
 
 

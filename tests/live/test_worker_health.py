@@ -62,7 +62,7 @@ async def test_dead_engine_hands_work_back_and_reports_unhealthy(nats_url: str, 
     assert isinstance(final, Final) and final.workers == ["sick", "healthy"]
     assert final.usage.completion_tokens == 60
     watch.assert_consistent(final)
-    assert sick.ctx is not None and sick.ctx.stats["errors"] == 0
+    assert sick.ctx is not None and sick.ctx.counts["errors"] == 0
 
 
 async def test_failing_engine_cannot_drain_the_queue_into_errors(nats_url: str, nc: NATS
@@ -78,7 +78,7 @@ async def test_failing_engine_cannot_drain_the_queue_into_errors(nats_url: str, 
         finals = [await w.terminal() for w in watches]
         await until(lambda: work_empty(js, f.s))
     assert all(isinstance(x, Final) and x.workers[-1] == "healthy" for x in finals)
-    assert sick.ctx is not None and sick.ctx.stats["errors"] == 0
+    assert sick.ctx is not None and sick.ctx.counts["errors"] == 0
 
 
 async def test_engine_errors_on_one_item_are_bounded(nats_url: str, nc: NATS) -> None:
@@ -94,7 +94,7 @@ async def test_engine_errors_on_one_item_are_bounded(nats_url: str, nc: NATS) ->
         await until(lambda: work_empty(js, f.s))
         assert w.state is WorkerState.READY  # below engine_error_limit: still serving
     assert isinstance(err, ErrorReply) and err.code == "engine_error" and err.retryable
-    assert w.ctx is not None and w.ctx.stats["engine_faults"] == 3
-    assert w.ctx.stats["handbacks"] == 2
+    assert w.ctx is not None and w.ctx.counts["engine_faults"] == 3
+    assert w.ctx.counts["handbacks"] == 2
 
 

@@ -28,8 +28,10 @@ def test_subject_priority_and_class_win_over_body() -> None:
 
 
 def test_token_ids_and_messages_are_prompts_too() -> None:
-    ok(b'{"request_id": "a", "prompt_token_ids": [1, 2, 3]}')
-    ok(b'{"request_id": "a", "messages": [{"role": "user", "content": "hi"}]}')
+    assert ok(b'{"request_id": "a", "prompt_token_ids": [1, 2, 3]}').request.prompt_token_ids == [
+        1, 2, 3]
+    msgs = ok(b'{"request_id": "a", "messages": [{"role": "user", "content": "hi"}]}').request.messages
+    assert msgs is not None and [(m.role, m.content) for m in msgs] == [("user", "hi")]
 
 
 @pytest.mark.parametrize(
