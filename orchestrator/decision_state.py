@@ -50,6 +50,7 @@ class DecisionState:
         self.mode_since = -1.0
         self._done: deque[float] = deque()  # finish times within the window
         self._missed: deque[tuple[float, bool]] = deque()  # (time, TTFT target missed)
+        self._misses = 0  # how many of `_missed` are True (the rate in O(1) per plan)
         self.backlog = 0.0  # prompt tokens sent, not yet prefilled (estimate)
         self._backlog_ms = 0.0  # when it was last decayed
         # The live tables every plan reads (the dicts above, by reference).
@@ -103,6 +104,7 @@ class DecisionState:
         `missed`: whether its TTFT was over its target, when the shell knows."""
         if missed is not None:
             self._missed.append((now_ms, missed))
+            self._misses += missed
         n = self.active.get(tenant, 0) - 1
         if n > 0:
             self.active[tenant] = n
@@ -156,8 +158,8 @@ class DecisionState:
         """The share of requests finished within the window that missed their TTFT target."""
         missed = self._missed
         while missed and now_ms - missed[0][0] > self.window_ms:
-            missed.popleft()
-        return sum(m for _, m in missed) / len(missed) if missed else 0.0
+            self._misses -= missed.popleft()[1]
+        return self._misses / len(missed) if missed else 0.0
 
 
 __all__ = ["DecisionState"]

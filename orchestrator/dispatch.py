@@ -181,7 +181,7 @@ def _place(router: Router, fleet: FleetView, role: Role, model: str, p: Pending,
         if worker is None:
             cands = tuple(w for w in cands if w.worker_id not in fleet.probes)
     if worker is None:
-        worker = router(cands, p, rctx)
+        worker = router.route(cands, p, rctx)
     if worker is None and role in fleet.fenced_roles and cands:
         # A worker whose breaker is not closed pulls from the pool subjects
         # too: address a healthy one instead.
@@ -218,13 +218,13 @@ def plan_dispatch(queue: QueueSnapshot, fleet: FleetView, cfg: DispatchConfig, *
     groups: dict[tuple[Role, str, PoolKey, str], list[str]] = {}
     alone: list[Batch] = []
     rejections: list[Rejection] = []
-    ordered = policy(queue.levels, k, ctx)
+    ordered = policy.order(queue.levels, k, ctx)
     # A policy may hold requests back although there is room (slo_aware keeps
     # the engines' prefill queues short): only the first `limit` may go now.
     limit = policy.budget(ordered, ctx) if policy.budget is not None else len(ordered)
     for position, p in enumerate(ordered):
         model = _resolve_model(p, fleet, free)
-        role = None if model is None else cfg.pd(model, p.prompt_tokens, fleet)
+        role = None if model is None else cfg.pd.role(model, p.prompt_tokens, fleet)
         if model is None or role is None:
             if _expired(p, now_ms, cfg):
                 served = sorted(fleet.models)

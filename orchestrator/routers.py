@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import msgspec
 
@@ -41,8 +42,26 @@ from cplane.orchestrator.plugin_types import NoParams, PluginSpec, Router
 from cplane.orchestrator.route_context import RouteContext
 from cplane.orchestrator.snapshot import Pending
 
-# (candidates, request, ctx) -> one score per candidate; clamped to [0, 1], lower wins.
+# (candidates, request, ctx) -> one raw figure per candidate, lower is better.
 Scorer = Callable[[Sequence[WorkerView], Pending, RouteContext], list[float]]
+
+
+@dataclass(frozen=True, slots=True)
+class Weighted:
+    """One scorer of a profile: its figure, clamped to [0, 1], times `weight`. An
+    `unbounded` figure (items, TTFT) is first divided by the candidates' largest."""
+
+    weight: float
+    score: Scorer
+    unbounded: bool = False
+
+    def scores(self, cands: Sequence[WorkerView], p: Pending, ctx: RouteContext
+               ) -> list[float]:
+        raw = self.score(cands, p, ctx)
+        if self.unbounded:
+            raw = relative(raw)
+        w = self.weight
+        return [w * (x if 0.0 <= x <= 1.0 else 0.0 if x < 0.0 else 1.0) for x in raw]
 
 
 def _rotated(cands: Sequence[WorkerView], ctx: RouteContext) -> list[int]:
@@ -64,26 +83,31 @@ def pick_lowest(cands: Sequence[WorkerView], ctx: RouteContext,
     return cands[min(_rotated(cands, ctx), key=scores.__getitem__)]
 
 
-def scored(name: str, weighted: Sequence[tuple[float, Scorer]]) -> Router:
+def scored(name: str, weighted: Sequence[Weighted]) -> Router:
     """A router from weighted scorers and the lowest-score picker."""
+    if len(weighted) == 1 and weighted[0].unbounded and weighted[0].weight > 0:
+        # One unbounded scorer: dividing by the largest and weighting keep its
+        # order, so the picker reads the raw figure (half the work per request).
+        only = weighted[0].score
+
+        def route_one(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext
+                      ) -> WorkerView | None:
+            return pick_lowest(cands, ctx, only(cands, p, ctx))
+
+        return Router(name, route_one)
 
     def route(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> WorkerView | None:
-        total = [0.0] * len(cands)
-        for weight, scorer in weighted:
-            for i, s in enumerate(scorer(cands, p, ctx)):
-                total[i] += weight * min(1.0, max(0.0, s))
-        return pick_lowest(cands, ctx, total)
+        parts = [part.scores(cands, p, ctx) for part in weighted]
+        return pick_lowest(cands, ctx, [sum(col) for col in zip(*parts, strict=True)])
 
     return Router(name, route)
 
 
 # -- scorers -----------------------------------------------------------------------
 def per_slot_score(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> list[float]:
-    return relative([ctx.per_slot(w) for w in cands])
-
-
-def per_slot_capped(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> list[float]:
-    return [ctx.per_slot(w) for w in cands]  # 1 = full; clamped there
+    """Items per slot (1 = full)."""
+    per_slot = ctx.per_slot
+    return [per_slot(w) for w in cands]
 
 
 def kv_score(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> list[float]:
@@ -91,7 +115,8 @@ def kv_score(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> list
 
 
 def items_score(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> list[float]:
-    return relative([float(ctx.load(w)) for w in cands])
+    load = ctx.load
+    return [float(load(w)) for w in cands]
 
 
 def response_score(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> list[float]:
@@ -99,7 +124,7 @@ def response_score(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -
     counts as the mean) scaled by how full the worker is."""
     known = [w.ttft_ms_avg for w in cands if w.ttft_ms_avg > 0]
     mean = sum(known) / len(known) if known else 1.0
-    return relative([(w.ttft_ms_avg or mean) * (1.0 + ctx.per_slot(w)) for w in cands])
+    return [(w.ttft_ms_avg or mean) * (1.0 + ctx.per_slot(w)) for w in cands]
 
 
 def least_loaded(cands: Sequence[WorkerView], ctx: RouteContext) -> WorkerView:
@@ -137,7 +162,7 @@ def _random(params: NoParams) -> Router:
 
 def _least_loaded(params: NoParams) -> Router:
     """The fewest items per slot (ties: in turn, so equal workers share)."""
-    return scored("least_loaded", [(1.0, per_slot_score)])
+    return scored("least_loaded", [Weighted(1.0, per_slot_score, unbounded=True)])
 
 
 # -- load-balancing algorithms -------------------------------------------------------
@@ -149,13 +174,13 @@ class LoadBalancedParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True
 
 def _load_balanced(params: LoadBalancedParams) -> Router:
     """Weighted scorers, each in [0, 1]: items per slot and KV usage; lowest wins."""
-    return scored("load_balanced", [(params.load_weight, per_slot_capped),
-                                     (params.kv_weight, kv_score)])
+    return scored("load_balanced", [Weighted(params.load_weight, per_slot_score),
+                                     Weighted(params.kv_weight, kv_score)])
 
 
 def _least_connections(params: NoParams) -> Router:
     """The fewest items, whatever the worker's size (ties in turn)."""
-    return scored("least_connections", [(1.0, items_score)])
+    return scored("least_connections", [Weighted(1.0, items_score, unbounded=True)])
 
 
 def _weighted_round_robin(params: NoParams) -> Router:
@@ -179,7 +204,7 @@ def _weighted_round_robin(params: NoParams) -> Router:
 def _least_response_time(params: NoParams) -> Router:
     """The lowest expected response: the worker's TTFT moving average (heartbeats)
     scaled by how full it is; a worker without figures yet counts as the mean."""
-    return scored("least_response_time", [(1.0, response_score)])
+    return scored("least_response_time", [Weighted(1.0, response_score, unbounded=True)])
 
 
 def _power_of_two(params: NoParams) -> Router:
@@ -238,5 +263,5 @@ ROUTERS: tuple[PluginSpec[Router], ...] = (
     PluginSpec("locality", _locality),
 )
 
-__all__ = ["ROUTERS", "Scorer", "least_loaded", "pick_lowest", "relative", "rendezvous",
-           "scored"]
+__all__ = ["ROUTERS", "Scorer", "Weighted", "least_loaded", "pick_lowest", "relative",
+           "rendezvous", "scored"]

@@ -281,18 +281,23 @@ class Orchestrator:
     async def _intake(self, msg: Msg) -> None:
         seq, deliveries, stored = delivery(msg.reply)
         o = self.settings.orchestrator
+        leading = self.leading
         admitted: WorkItem | Rejection | None = None
-        if self.leading and deliveries <= o.max_deliveries:
+        held: Entry[WorkItem] | None = None
+        seen = False
+        if leading and deliveries <= o.max_deliveries:
             prio, slo = self.subjects.parse_request(msg.subject)
             admitted = admit(msg.data, prio, slo, stored, now_ms(), self.id, self.settings.limits)
-        held = (self.ledger.get(admitted.request.request_id)
-                if isinstance(admitted, WorkItem) else None)
+            if isinstance(admitted, WorkItem):
+                rid = admitted.request.request_id
+                held = self.core.ledger.get(rid)
+                seen = rid in self._seen
         action = classify(
-            leading=self.leading, deliveries=deliveries, max_deliveries=o.max_deliveries,
+            leading=leading, deliveries=deliveries, max_deliveries=o.max_deliveries,
             admitted=admitted, seq=seq, held_seq=held.seq if held is not None else None,
             held_waiting=held is not None and held.state in (RequestState.HELD,
                                                              RequestState.DISPATCHING),
-            seen=isinstance(admitted, WorkItem) and admitted.request.request_id in self._seen)
+            seen=seen)
         match action:
             case Intake.NAK:
                 await msg.nak()

@@ -160,7 +160,9 @@ class ServeContext:
             if req.reply_to:
                 await self.nc.publish(req.reply_to, data, headers=headers)
 
-        await ready(None)
+        if (req.reply_to or not self.nc.is_connected or not self.gate.is_set()
+                or (stream is not None and stream.sent and stream.epoch != self.epoch)):
+            await ready(None)  # else (the common case) ready as it is
         result = await publish_until_stored(
             self.store, self.subjects.done_store(req.group, req.request_id), data,
             terminal_msg_id(req.request_id), window_s=window_s, headers=headers,

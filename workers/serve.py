@@ -52,7 +52,8 @@ async def serve(ctx: ServeContext, run: Run) -> Outcome:
             return await dead_letter(ctx, run, run.letter)
         return await _leave(ctx, run, recheck=run.check)
     try:
-        await _after(run)
+        if run.after is not None:
+            await _after(run)
         return await _attempt(ctx, run)
     except asyncio.CancelledError:
         if run.state is not RunState.HANDING_BACK:
