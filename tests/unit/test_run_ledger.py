@@ -10,6 +10,7 @@ from nats.aio.msg import Msg
 
 from cplane.schemas.messages import Priority, Request, WorkItem
 from cplane.workers.runs import IllegalTransition, Run, RunLedger, RunState
+from tests.waiting import quiet_for
 
 S = RunState
 
@@ -174,15 +175,9 @@ async def test_idle_waits_for_the_last_run_to_leave() -> None:
     assert await book.idle(0.01)
     run = book.add(item("a"))
     assert not await book.idle(0.01)
-
-    async def end_later() -> None:
-        await asyncio.sleep(0.02)
-        book.begin(run)
-        book.finish(run, stored=True)
-        await asyncio.sleep(0.02)  # acks go out: still not idle
-        book.transition(run, None)
-
-    task = asyncio.create_task(end_later())
-    assert not await book.idle(0.03)
-    assert await book.idle(5)
-    await task
+    waiting = asyncio.create_task(book.idle(5))
+    book.begin(run)
+    book.finish(run, stored=True)
+    await quiet_for(0.05, waiting.done, why="a DONE run's acks are still going out: not idle")
+    book.transition(run, None)
+    assert await waiting
