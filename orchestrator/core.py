@@ -95,10 +95,6 @@ class DecisionCore(Generic[T]):
         self.journal = journal
 
     # -- configuration ------------------------------------------------------------
-    @property
-    def policy(self) -> Policy:
-        return self.cfg.policy
-
     def use_policy(self, policy: Policy) -> None:
         """Plan by `policy` from the next step on; adaptive starts afresh."""
         if self.journal is not None:
@@ -140,14 +136,13 @@ class DecisionCore(Generic[T]):
         spare = free_slots(fleet, in_flight, headroom(self.cfg, self.state.mode))
         return sum(max(0, f) for f in spare.values())
 
-    def in_flight(self, fleet: FleetView, floor: Mapping[PoolKey, int] | None = None
-                  ) -> dict[PoolKey, int]:
+    def in_flight(self, floor: Mapping[PoolKey, int] | None = None) -> dict[PoolKey, int]:
         """What each pool holds: the ledger's count, or `floor` where that is more (right
-        after a takeover: what workers report holding of an earlier leader's work)."""
+        after a takeover: what workers report holding of an earlier leader's work, for
+        every pool the fleet serves)."""
         if floor is None:
             return self.ledger.in_flight_by_pool()
-        return {pool: max(self.ledger.in_flight(pool), floor.get(pool, 0))
-                for pool in free_slots(fleet, {}, 0.0)}
+        return {pool: max(self.ledger.in_flight(pool), n) for pool, n in floor.items()}
 
     def step(self, fleet: FleetView, *, now_ms: float, rng: random.Random, due: bool,
              floor: Mapping[PoolKey, int] | None = None) -> Step[T] | None:
@@ -156,9 +151,9 @@ class DecisionCore(Generic[T]):
         pools are full)."""
         st = self.state
         if self.journal is not None:
-            self.journal.add("step", fleet, now_ms, due, dict(floor or {}) if floor else None,
+            self.journal.add("step", fleet, now_ms, due, None if floor is None else dict(floor),
                              dict(st.since.sent), dict(st.since.done), rng.getstate())
-        in_flight = self.in_flight(fleet, floor)
+        in_flight = self.in_flight(floor)
         st.prefix.now_ms = now_ms  # sent blocks count as held for a while (pending_ms)
         st.decay_placed(now_ms)
         room = self.room(fleet, in_flight)

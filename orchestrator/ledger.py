@@ -88,10 +88,6 @@ class Entry(Generic[T]):
     def arrival_ms(self) -> float:
         return self.pending.arrival_ms
 
-    @property
-    def held_ms(self) -> float:
-        return self.pending.held_ms
-
 
 class Ledger(Generic[T]):
     def __init__(self, levels: int) -> None:

@@ -3,7 +3,7 @@
 - `until(cond)`: an event we can only observe by asking (stream, consumer, service
   or engine state): poll `cond`, bounded in time; fail with `what` when it never holds.
 - `until_sync(cond)`: the same from plain (non-async) code, e.g. a fixture that
-  watches a subprocess's log.
+  watches a subprocess's log; `until_up(proc, log)` for `cplane up`'s NATS URL.
 - `quiet_for(seconds, happened, why=...)`: a NEGATIVE check ("no second terminal",
   "nothing redelivered"). There is no event for "never", so this is the one place a
   test waits a fixed time; `why` says what would arrive within that time if the code
@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import re
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from nats.aio.client import Client as NATS
 
@@ -47,6 +50,22 @@ def until_sync(cond: Callable[[], object], timeout: float = 15.0,
     while not cond():
         assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
         time.sleep(POLL_S)
+
+
+def until_up(proc: subprocess.Popen[bytes], log: Path, timeout: float = 60.0,
+             what: str = "`cplane up` to say it is up") -> str:
+    """The NATS URL `cplane up` prints once it is up (its output goes to `log`);
+    fails with the log if the process exits first."""
+    url: list[str] = []
+
+    def said_up() -> bool:
+        assert proc.poll() is None, log.read_text()
+        m = re.search(r"cplane is up: NATS at (nats://127\.0\.0\.1:\d+)", log.read_text())
+        url.extend(m.groups() if m else ())
+        return bool(url)
+
+    until_sync(said_up, timeout, what)
+    return url[0]
 
 
 async def quiet_for(seconds: float, happened: Callable[[], object], *, why: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.waiting import until_sync
+from tests.waiting import until_up
 
 CPLANE = [sys.executable, "-m", "cplane.cli"]
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,16 +29,7 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with open(log, "w") as fh:
         proc = subprocess.Popen([*CPLANE, "up"], stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
-        url: list[str] = []
-
-        def said_up() -> bool:
-            assert proc.poll() is None, log.read_text()
-            m = re.search(r"cplane is up: NATS at (nats://127\.0\.0\.1:\d+)", log.read_text())
-            url.extend(m.groups() if m else ())
-            return bool(url)
-
-        until_sync(said_up, 60, "`cplane up` to say it is up")
-        yield url[0]
+        yield until_up(proc, log)
     finally:
         proc.terminate()
         proc.wait(60)

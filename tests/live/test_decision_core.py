@@ -5,7 +5,9 @@ outside it (its recorded inputs replay to the very plans it made), and the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import nats
 
@@ -13,6 +15,7 @@ from cplane.client.sdk import Client
 from cplane.orchestrator.adaptive_policy import FIFO, SLO
 from cplane.orchestrator.core import Journal, replay
 from cplane.orchestrator.dispatch import dispatch_config
+from cplane.orchestrator.service import Orchestrator
 from cplane.schemas.messages import Final, Priority, Request
 from cplane.schemas.settings import Settings
 from tests.natsfix import isolated_settings
@@ -57,18 +60,25 @@ async def test_the_live_orchestrators_decisions_replay_to_the_same_plans(nats_ur
     assert again == plans
 
 
+@contextlib.asynccontextmanager
+async def _adaptive_run(nats_url: str, sim: dict[str, object]
+                        ) -> AsyncIterator[tuple[Orchestrator, list[Final]]]:
+    """One worker of 64 slots, the adaptive policy, 12 requests 0.25 s apart, each
+    with a 250 ms TTFT target; yields the orchestrator and the Finals."""
+    s = isolated_settings(nats_url, worker={"capacity": 64}, sim=sim,
+                          orchestrator={"policy": "adaptive",
+                                        "policy_params": {"up_s": 0.5}})
+    async with stack(s, workers=1) as run:
+        assert run.orchestrator is not None
+        yield run.orchestrator, await _send(s, nats_url, 12, every_s=0.25, ttft_ms=250.0)
+
+
 async def test_adaptive_switches_on_ttft_misses_the_workers_measured(nats_url: str) -> None:
     # Low pressure (one request at a time on 64 slots) and nothing held long: the
     # only sign of trouble is that every request's first token comes after its
     # 250 ms target (the sim engine's prefill takes 400 ms). Workers measure it,
     # the Fin signal carries it, and adaptive leaves fifo for slo_aware.
-    s = isolated_settings(nats_url, worker={"capacity": 64}, sim={"prefill_a_ms": 400.0},
-                          orchestrator={"policy": "adaptive",
-                                        "policy_params": {"up_s": 0.5}})
-    async with stack(s, workers=1) as run:
-        orch = run.orchestrator
-        assert orch is not None
-        finals = await _send(s, nats_url, 12, every_s=0.25, ttft_ms=250.0)
+    async with _adaptive_run(nats_url, {"prefill_a_ms": 400.0}) as (orch, finals):
         assert all(f.timings.ttft_ms > 250 for f in finals)
         state = orch.core.state
         assert state.miss_rate(time.time() * 1000) > 0.5
@@ -76,12 +86,6 @@ async def test_adaptive_switches_on_ttft_misses_the_workers_measured(nats_url: s
 
 
 async def test_adaptive_stays_on_fifo_when_targets_are_met(nats_url: str) -> None:
-    s = isolated_settings(nats_url, worker={"capacity": 64}, sim={"zero_cost": True},
-                          orchestrator={"policy": "adaptive",
-                                        "policy_params": {"up_s": 0.5}})
-    async with stack(s, workers=1) as run:
-        orch = run.orchestrator
-        assert orch is not None
-        finals = await _send(s, nats_url, 12, every_s=0.25, ttft_ms=250.0)
+    async with _adaptive_run(nats_url, {"zero_cost": True}) as (orch, finals):
         assert all(f.timings.ttft_ms < 250 for f in finals)
         assert orch.core.state.mode in ("", FIFO)

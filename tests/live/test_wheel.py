@@ -5,7 +5,6 @@ from the installed copy (not this checkout)."""
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import sysconfig
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.waiting import until_sync
+from tests.waiting import until_up
 
 ROOT = Path(__file__).resolve().parents[2]
 # Builds the wheel and a fresh venv (about 20 s, 11 s of CPU): `make test`, not test-fast.
@@ -86,17 +85,9 @@ def test_cplane_up_and_one_request_from_the_installed_wheel(installed: Path,
         up = subprocess.Popen([cplane, "up", "--zero-cost"], stdout=fh, stderr=subprocess.STDOUT,
                               cwd=tmp_path, env=env)
     try:
-        url: list[str] = []
-
-        def said_up() -> bool:
-            assert up.poll() is None, log.read_text()
-            m = re.search(r"cplane is up: NATS at (nats://127\.0\.0\.1:\d+)", log.read_text())
-            url.extend(m.groups() if m else ())
-            return bool(url)
-
-        until_sync(said_up, 90, "`cplane up` from the wheel to say it is up")
+        url = until_up(up, log, 90, "`cplane up` from the wheel to say it is up")
         res = subprocess.run([cplane, "generate", "hello from the wheel", "--max-tokens", "8",
-                              "--nats-url", url[0]], capture_output=True, text=True,
+                              "--nats-url", url], capture_output=True, text=True,
                              timeout=60, cwd=tmp_path, env=env)
         assert res.returncode == 0, res.stderr
         assert len(res.stdout.split()) == 8 and "8 tokens" in res.stderr
