@@ -27,6 +27,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
+import msgspec
+
 from cplane.orchestrator.decision_state import DecisionState
 from cplane.orchestrator.dispatch import (
     Batch,
@@ -225,7 +227,7 @@ class DecisionCore(Generic[T]):
     def mark_redispatched(self, entry: Entry[T]) -> None:
         """An earlier dispatch of this request cannot be ruled out: it goes out alone."""
         if not entry.pending.redispatched:
-            entry.pending = replace(entry.pending, redispatched=True)
+            entry.pending = msgspec.structs.replace(entry.pending, redispatched=True)
 
     def terminal(self, request_id: str, now_ms: float, ttft_ms: float = -1.0) -> bool:
         """A request's terminal is stored (`ttft_ms`: its first token's latency, -1 when

@@ -11,15 +11,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import msgspec
+
 from cplane.orchestrator.fleet import FleetView
 from cplane.orchestrator.prefix_index import PrefixIndex
 
 PoolKey = tuple[str, str]  # (role class: "unified" | "pd", model)
 
 
-@dataclass(frozen=True, slots=True)
-class Pending:
-    """One held request as decisions see it."""
+class Pending(msgspec.Struct, frozen=True):
+    """One held request as decisions see it (a Struct: built once per request, on
+    the hot path, five times cheaper than a frozen dataclass)."""
 
     request_id: str
     level: int  # 0 = critical ... 4 = background

@@ -69,6 +69,13 @@ _ALLOWED: dict[RunState | None, frozenset[RunState | None]] = {
     _S.STORING: frozenset({_S.CHECKING, _S.HANDING_BACK, _S.DONE}),
     _S.DONE: frozenset({None}),
 }
+# The same table as bit masks (bit 0: None), indexed by state (0: None): the
+# check runs six times per request, on the hot path.
+_ALLOWED_BITS = [0] * (max(RunState) + 1)
+for _frm, _tos in _ALLOWED.items():
+    _ALLOWED_BITS[_frm or 0] = sum(1 << (_to or 0) for _to in _tos)
+_ACCEPTED, _CHECKING, _HANDING_BACK, _DONE = (
+    RunState.ACCEPTED, RunState.CHECKING, RunState.HANDING_BACK, RunState.DONE)
 
 
 class IllegalTransition(RuntimeError):
@@ -169,21 +176,23 @@ class RunLedger:
     def transition(self, run: Run, to: RunState | None) -> None:
         """Move `run` to `to` (None = leave the ledger); refuses illegal moves."""
         frm = run.state
-        if to not in _ALLOWED[frm]:
+        if not _ALLOWED_BITS[frm or 0] >> (to or 0) & 1:
             raise IllegalTransition(f"{run.request_id}: {frm!r} -> {to!r}")
+        counts = self._counts
         if frm is None:
             self._runs.add(run)
             self._newest[run.request_id] = run  # it continues (or waits for) any older one
             self._idle.clear()
         else:
-            self._counts[frm] -= 1
+            counts[frm] -= 1
         if to is None:
-            self._runs.discard(run)
-            if not self._runs:
+            runs = self._runs
+            runs.discard(run)
+            if not runs:
                 self._idle.set()
         else:
-            self._counts[to] += 1
-            if to is RunState.DONE and self._newest.get(run.request_id) is run:
+            counts[to] += 1
+            if to is _DONE and self._newest.get(run.request_id) is run:
                 del self._newest[run.request_id]
         run.state = to
 
@@ -192,7 +201,7 @@ class RunLedger:
             letter: Letter | None = None) -> Run:
         """A new run (ACCEPTED); it is now the request's newest."""
         run = Run(item=item, check=check, after=after, letter=letter)
-        self.transition(run, RunState.ACCEPTED)
+        self.transition(run, _ACCEPTED)
         return run
 
     def begin(self, run: Run) -> RunState:
@@ -200,11 +209,11 @@ class RunLedger:
         (then it checks first), or goes on after an engine fault (it leaves).
         Returns where it goes: CHECKING, or HANDING_BACK once the ledger is
         closed or it was told to leave already."""
-        if run.state is RunState.HANDING_BACK:
-            return run.state
-        if run.state is not RunState.ACCEPTED:  # tried again: part of it may be stored
+        if run.state is _HANDING_BACK:
+            return _HANDING_BACK
+        if run.state is not _ACCEPTED:  # tried again: part of it may be stored
             run.check = True
-        to = RunState.HANDING_BACK if self.closed else RunState.CHECKING
+        to = _HANDING_BACK if self.closed else _CHECKING
         self.transition(run, to)
         return to
 
@@ -242,7 +251,7 @@ class RunLedger:
         """`run` is DONE. Stored: the messages now complete (ack them). Not stored:
         every message that waited for it, released (nak them, or leave them to a
         redelivery); their other runs go on, and settle nothing."""
-        self.transition(run, RunState.DONE)
+        self.transition(run, _DONE)
         out: list[Msg] = []
         for seq in run.seqs:
             held = self._by_seq.get(seq)

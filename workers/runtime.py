@@ -297,8 +297,16 @@ class Worker:
 
     async def _serve(self, run: Run) -> None:
         """Bring one run to its stored outcome, then ack what waited for it."""
+        assert self.ctx is not None
         try:
-            outcome = await self._outcome(run)
+            try:  # the common case, without a retry loop's frame around it
+                outcome: Outcome | None = await serve(self.ctx, run)
+            except Exception:
+                log.exception("outcome of %s not stored (try 1)", run.request_id)
+                outcome = await self._outcome(run, tried=1)
+            if outcome in _FAULTS:
+                await self._engine_failed(outcome is Outcome.ENGINE_DEAD)
+                outcome = await self._outcome(run, tried=0)
         except BaseException:  # cancelled: no ack, no nak (a redelivery settles them)
             self._end(run, stored=False)
             self.runs.transition(run, None)
@@ -330,21 +338,18 @@ class Worker:
             puller.poke()
         return msgs
 
-    async def _outcome(self, run: Run) -> Outcome | None:
-        """serve() the run until its outcome is stored; None when it never was.
-        An engine fault is judged here before the run leaves (serve again)."""
+    async def _outcome(self, run: Run, *, tried: int) -> Outcome | None:
+        """serve() the run again until its outcome is stored (`tried` times failed
+        so far); None when it never was. After an engine fault the run leaves
+        (serve returns no second fault)."""
         assert self.ctx is not None
-        for n in range(_STORE_TRIES):
+        for n in range(tried, _STORE_TRIES):
+            if n:
+                await asyncio.sleep(n)
             try:
-                outcome = await serve(self.ctx, run)
-                if outcome in _FAULTS:
-                    await self._engine_failed(outcome is Outcome.ENGINE_DEAD)
-                    outcome = await serve(self.ctx, run)
-                return outcome
+                return await serve(self.ctx, run)
             except Exception:
                 log.exception("outcome of %s not stored (try %d)", run.request_id, n + 1)
-                if n + 1 < _STORE_TRIES:
-                    await asyncio.sleep(n + 1)
         return None
 
     # -- connection loss ---------------------------------------------------------

@@ -167,9 +167,10 @@ async def _generate(ctx: ServeContext, run: Run, item: WorkItem) -> Outcome:
 async def _finish(
     ctx: ServeContext, run: Run, item: WorkItem, last: Delta, model: str
 ) -> Outcome:
-    await _storing(ctx, run)
+    ctx.runs.transition(run, RunState.STORING)  # _storing(), one frame less
     stream = run.stream
     assert stream is not None
+    await stream.flush()
     req = item.request
     wants_more = len(item.resume_token_ids) + stream.tokens_sent < req.max_tokens
     if item.role is Role.PREFILL and last.finish_reason is FinishReason.LENGTH and wants_more:
