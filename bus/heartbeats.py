@@ -74,6 +74,14 @@ class HeartbeatBook:
         """Workers heard within `timeout`, by id (the stale stay until `expire`)."""
         return [s for _, s in sorted(self.seen.items()) if now - s.at <= self.timeout]
 
+    def grace(self, now: float) -> None:
+        """The reader itself could not listen until `now` (its process stalled, its
+        connection was cut): every worker counts as heard at `now`, so none
+        expires for the reader's silence; a dead one goes `timeout` later."""
+        for w, s in self.seen.items():
+            if s.at < now:
+                self.seen[w] = Seen(s.hb, now)
+
     def expire(self, now: float) -> list[Heartbeat]:
         """Forget workers unheard for longer than `timeout`; their last heartbeats,
         in the order they were first heard."""

@@ -10,6 +10,10 @@ Credits: each pull request asks for `batch` messages and expires after
 `expires_s`. Delivered messages consume the oldest request's credits first;
 a request whose expiry has passed (plus a grace) returns its unused credits,
 so the count heals itself after a reconnect or a lost status message.
+
+A consumer that is gone (deleted under us: `409 Consumer Deleted`, or pull
+requests with no responder: `503`, `404`) is reported to `on_gone` at most
+once per `_GONE_EVERY_S`: the owner re-creates it. Pulls do not fail silently.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import orjson
 from nats.aio.client import Client as NATS
@@ -28,6 +33,7 @@ from nats.aio.subscription import Subscription
 
 log = logging.getLogger("cplane.puller")
 _GRACE_S = 0.5
+_GONE_EVERY_S = 1.0
 
 
 class Puller:
@@ -43,6 +49,7 @@ class Puller:
         min_batch: int = 1,
         max_batch: int = 256,
         api_prefix: str = "$JS.API",
+        on_gone: Callable[[], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         self._nc = nc
         self._handler = handler
@@ -58,6 +65,9 @@ class Puller:
         self._task: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self.delivered = 0
+        self._on_gone = on_gone
+        self._gone_at = -_GONE_EVERY_S
+        self._gone_task: asyncio.Task[None] | None = None
 
     @property
     def outstanding(self) -> int:
@@ -73,12 +83,12 @@ class Puller:
         self._ticker = asyncio.create_task(self._tick(), name="puller-tick")
 
     async def stop(self) -> None:
-        for task in (self._task, self._ticker):
+        for task in (self._task, self._ticker, self._gone_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._task = self._ticker = None
+        self._task = self._ticker = self._gone_task = None
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
@@ -115,6 +125,15 @@ class Puller:
             self._wake.clear()
             await self._wake.wait()
 
+    def _gone(self) -> None:
+        now = time.monotonic()
+        if self._on_gone is None or now - self._gone_at < _GONE_EVERY_S or (
+                self._gone_task is not None and not self._gone_task.done()):
+            return
+        self._gone_at = now
+        log.warning("consumer of %s is gone: re-creating it", self._next_subject)
+        self._gone_task = asyncio.create_task(self._on_gone(), name="puller-gone")
+
     def _consume_credit(self) -> None:
         while self._requests:
             head = self._requests[0]
@@ -131,9 +150,12 @@ class Puller:
             # 408 request expired / 409 limits / 100 heartbeat: the server says a
             # request ended early; drop the oldest request's credits.
             status = msg.headers.get("Status")
-            if status in ("408", "409") and self._requests:
+            if status in ("408", "409", "404", "503") and self._requests:
                 self._outstanding -= int(self._requests.popleft()[1])
                 self._wake.set()
+            description = str(msg.headers.get("Description", ""))
+            if status in ("404", "503") or "Consumer Deleted" in description:
+                self._gone()
             return
         self._consume_credit()
         self.delivered += 1

@@ -29,19 +29,22 @@ Undecodable = Callable[[Msg, Exception], Awaitable[None]]
 
 async def requeue(js: JetStreamContext, store: StoredPublisher, settings: Settings,
                   durable: str, worker_id: str, *, model_of: Callable[[WorkItem], str],
-                  undecodable: Undecodable, wait_held_s: float = 0.0) -> int:
+                  undecodable: Undecodable, wait_held_s: float = 0.0,
+                  go_on: Callable[[], bool] | None = None) -> int:
     """Move what `durable` holds; returns how many items moved.
 
     `wait_held_s` > 0: also wait (up to that long) for messages delivered to
     the worker and never acked (a dead worker's), which come back after their
     ack_wait; they may have started, so they are flagged `redispatched`.
+    `go_on()` False stops the move before the next message (fetched ones not
+    moved go back to the consumer, unacked).
     """
     stream = settings.streams.work.name
     psub = await js.pull_subscribe_bind(durable, stream=stream)
     deadline = time.monotonic() + wait_held_s
     moved = 0
     try:
-        while True:
+        while go_on is None or go_on():
             try:
                 msgs = await psub.fetch(64, timeout=0.3)
             except (TimeoutError, nats.errors.TimeoutError):
@@ -52,6 +55,10 @@ async def requeue(js: JetStreamContext, store: StoredPublisher, settings: Settin
                     break
                 continue
             for msg in msgs:
+                if go_on is not None and not go_on():
+                    with contextlib.suppress(Exception):
+                        await msg.nak()
+                    continue
                 try:
                     batch = work_decoder.decode(msg.data)
                 except msgspec.DecodeError as exc:

@@ -264,6 +264,10 @@ class Registry:
     def expire(self, now_ms: float) -> list[str]:
         return [hb.worker_id for hb in self.expire_workers(now_ms)]
 
+    def grace(self, now_ms: float) -> None:
+        """This process heard nothing until `now_ms` (it stalled): see HeartbeatBook.grace."""
+        self.book.grace(now_ms)
+
     def expire_workers(self, now_ms: float) -> list[Heartbeat]:
         """Forget workers unseen for `timeout_ms`; their last heartbeats (they died:
         a worker that stops says so and is forgotten at once)."""

@@ -6,7 +6,11 @@ wrote last); a standby tries `create` every `renew_s`, which succeeds only
 once the entry is gone (expired, or deleted by a leader stepping down
 gracefully). Fencing: a leader that has not renewed for `ttl_s - renew_s`
 steps down by itself, before any standby can acquire the lease, so two
-replicas never dispatch at the same time (see docs/replicas.md).
+replicas never dispatch at the same time (see docs/replicas.md). `valid()`
+is that age check at the moment of acting: the orchestrator asks it before
+every plan, intake, publish retry, keep-alive and rescue, so a leader that
+resumes from a stall longer than that acts on nothing it had buffered before
+its next renewal tells it whether it still leads.
 """
 
 from __future__ import annotations
@@ -80,6 +84,11 @@ class LeaderLease:
                 log.debug("lease step failed: %s", exc)
             if isinstance(exc, BucketNotFoundError):  # the bucket vanished with the broker
                 self._kv = None
+
+    def valid(self) -> bool:
+        """Leading, and the last successful renewal began less than `ttl_s - renew_s`
+        ago (monotonic clock: a pause of this process counts)."""
+        return self.leading and time.monotonic() - self._renewed_at < self.ttl_s - self.renew_s
 
     async def _set(self, leading: bool) -> None:
         if leading != self.leading:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable
 
@@ -31,9 +32,23 @@ ORPHAN_SWEEP_S = 5.0  # how often the leader looks for own queues of unknown wor
 _sweeping = asyncio.Lock()
 
 
+def _always() -> bool:
+    return True
+
+
+def _gone(alive: Callable[[str], bool], worker_id: str) -> bool:
+    return not alive(worker_id)
+
+
 async def rescue_queue(js: JetStreamContext, store: StoredPublisher, settings: Settings,
-                       role: Role, worker_id: str, models: list[str]) -> int:
-    """Move every item queued for (or held by) a dead worker; returns how many moved."""
+                       role: Role, worker_id: str, models: list[str], *,
+                       still_dead: Callable[[], bool] = _always) -> int:
+    """Move every item queued for (or held by) a dead worker; returns how many moved.
+
+    `still_dead()` is asked before each message moves and before the consumer
+    is deleted: a worker that was only slow (it heartbeats again) keeps its
+    queue, its consumer and what it holds, and so does a rescuer that no
+    longer leads."""
     stream = settings.streams.work.name
     durable = consumer_for_work(role, worker_id)
     try:
@@ -49,7 +64,11 @@ async def rescue_queue(js: JetStreamContext, store: StoredPublisher, settings: S
     moved = await requeue(
         js, store, settings, durable, worker_id,
         model_of=lambda item: item.request.model or (models[0] if models else ""),
-        undecodable=undecodable, wait_held_s=settings.worker.ack_wait_s * 2 + 2)
+        undecodable=undecodable, wait_held_s=settings.worker.ack_wait_s * 2 + 2,
+        go_on=still_dead)
+    if not still_dead():
+        log.info("worker %s is back (or this rescuer stepped down): its queue stays", worker_id)
+        return moved
     with contextlib.suppress(Exception):
         await js.delete_consumer(stream, durable)
     if moved:
@@ -91,6 +110,7 @@ async def _rescue_orphans(js: JetStreamContext, store: StoredPublisher, settings
                           alive: Callable[[str], bool]) -> None:
     try:
         for role, wid in await orphaned_queues(js, settings, alive):
-            await rescue_queue(js, store, settings, role, wid, [])
+            await rescue_queue(js, store, settings, role, wid, [],
+                               still_dead=functools.partial(_gone, alive, wid))
     except Exception as exc:
         log.warning("sweep of orphaned work queues failed: %s", exc)

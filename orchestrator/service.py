@@ -25,7 +25,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import asdict
 from typing import Any
 
@@ -76,6 +76,8 @@ from cplane.schemas.subjects import consumer_for_priority, valid_token
 
 log = logging.getLogger("cplane.orchestrator")
 _PUBLISH_RETRY_S = 0.5
+_TICK_S = 0.25  # housekeeping period
+_STALLED_S = 1.0  # a tick this late means the process stalled (see _ticker)
 
 
 def now_ms() -> float:
@@ -142,7 +144,8 @@ class Orchestrator:
 
     @property
     def leading(self) -> bool:
-        return self.lease is not None and self.lease.leading
+        """Leads, by a lease renewed recently enough to act on (LeaderLease.valid)."""
+        return self.lease is not None and self.lease.valid()
 
     @property
     def counters(self) -> dict[str, int]:
@@ -261,11 +264,7 @@ class Orchestrator:
         if self._tasks:
             timeout = self.settings.orchestrator.publish_timeout_s
             await asyncio.wait(set(self._tasks), timeout=timeout)
-        for e in list(self.ledger.entries(RequestState.HELD)):
-            self.core.release(e)
-            for m in (e.msg, *e.extra_msgs):
-                with contextlib.suppress(Exception):
-                    await m.nak()  # the next leader gets it without waiting for ack_wait
+        await self._hand_back(list(self.ledger.entries(RequestState.HELD)))
 
     # -- intake ----------------------------------------------------------------
     def _hold_room(self, level: int) -> int:
@@ -352,6 +351,9 @@ class Orchestrator:
         await entry.msg.ack()
 
     async def _hold(self, entry: Entry[WorkItem]) -> None:
+        if not self.leading:  # stepped down while it was re-checked: the next leader's
+            await self._hand_back([entry])
+            return
         self.core.hold(entry)
         self.stats.accept(entry.item.priority.value, entry.item.slo_class)
         if entry.request_id in self._cancels:
@@ -419,6 +421,8 @@ class Orchestrator:
             self._publish_slots.release()
         if result is not StoreResult.STORED:  # not stored (or not known to be): plan again
             self.core.refused(entries, redispatch=result is StoreResult.GAVE_UP)
+            if not self.leading:  # ...by the next leader: held here, nobody would
+                await self._hand_back(entries)
             self._wake.set()
             return
         for e in entries:
@@ -433,12 +437,23 @@ class Orchestrator:
         if batch.role.value == "prefill":
             self.stats.pd += len(entries)
 
+    async def _hand_back(self, entries: Iterable[Entry[WorkItem]]) -> None:
+        """Held requests this replica may no longer keep (it does not lead): out of
+        the ledger and naked, so the leader gets them now, not after ack_wait."""
+        for e in entries:
+            if e.state is RequestState.HELD:
+                self.core.release(e)
+            for m in (e.msg, *e.extra_msgs):
+                with contextlib.suppress(Exception):
+                    await m.nak()
+
     async def _store_batch(self, batch: Batch, entries: tuple[Entry[WorkItem], ...]
                            ) -> StoreResult:
         """Publish the batch until JetStream answers (bus/stored_retry.py): STORED,
         REFUSED (not stored: stream full...) or GAVE_UP (no answer within half the
-        duplicate window: maybe stored). A request is never published under two
-        ids at once: the Nats-Msg-Id is the batch's content."""
+        duplicate window: maybe stored, or this replica stopped leading). A
+        request is never published under two ids at once: the Nats-Msg-Id is the
+        batch's content."""
         t = now_ms()
         items = [msgspec.structs.replace(e.item, role=batch.role, dispatched_ms=t,
                                          redispatched=e.redispatched) for e in entries]
@@ -453,7 +468,7 @@ class Orchestrator:
             self._store, self.subjects.work(batch.role, batch.target),
             encode(WorkBatch(items=items)), batch_msg_id(batch),
             window_s=self.settings.streams.work.duplicate_window_s, on_retry=on_retry,
-            retry_s=_PUBLISH_RETRY_S)
+            retry_s=_PUBLISH_RETRY_S, still_valid=lambda: self.leading)
         if result is StoreResult.REFUSED:
             log.warning("work publish refused (%d requests stay held)", len(entries))
             self.stats.publish_failures += 1
@@ -483,10 +498,19 @@ class Orchestrator:
     # -- housekeeping ----------------------------------------------------------
     async def _ticker(self) -> None:
         o = self.settings.orchestrator
-        last_progress = last_reconcile = last_sweep = time.monotonic()
+        last_progress = last_reconcile = last_sweep = last_tick = time.monotonic()
         while True:
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(_TICK_S)
             t = now_ms()
+            mono = time.monotonic()
+            late, last_tick = mono - last_tick - _TICK_S, mono
+            if late > _STALLED_S:
+                # This process stalled (a pause, CPU starvation): heartbeats that came
+                # meanwhile wait unread in the socket. Expiry is not decided on a
+                # tick that ran late: every worker gets a fresh timeout from now.
+                log.warning("orchestrator %s stalled %.1f s: no worker expires for it",
+                            self.id, late)
+                self.registry.grace(t)
             self.registry.tick_breakers(t)
             for hb in self.registry.expire_workers(t):
                 log.info("worker %s expired; %d live", hb.worker_id,
@@ -496,7 +520,6 @@ class Orchestrator:
                     self._spawn(self._rescue(hb.role, hb.worker_id, list(hb.models)), "rescue")
             self._tick_due = True
             self._wake.set()
-            mono = time.monotonic()
             if mono - last_progress >= o.in_progress_every_s:
                 last_progress = mono
                 await self._keep_alive()
@@ -512,12 +535,20 @@ class Orchestrator:
                                            self.registry.knows), "orphans")
 
     async def _rescue(self, role: Role, worker_id: str, models: list[str]) -> None:
+        def still_dead() -> bool:  # a worker that was only slow keeps its queue
+            return self.leading and not self.registry.knows(worker_id)
+
         try:
-            await rescue_queue(self._js, self._store, self.settings, role, worker_id, models)
+            await rescue_queue(self._js, self._store, self.settings, role, worker_id, models,
+                               still_dead=still_dead)
         except Exception as exc:  # the next expiry (or its drain) tries again
             log.warning("could not move the work of dead worker %s: %s", worker_id, exc)
 
     async def _keep_alive(self) -> None:
+        """in_progress() for held requests, while leading: a replica that stepped down
+        (or may have: its lease is stale) lets them go to the next leader."""
+        if not self.leading:
+            return
         for e in list(self.ledger.entries()):
             if e.state in (RequestState.HELD, RequestState.DISPATCHING):
                 for m in (e.msg, *e.extra_msgs):

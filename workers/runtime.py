@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -138,7 +139,8 @@ class Worker:
             if target == self.worker_id:
                 self._own_durable = durable
             puller = Puller(nc, self.settings.streams.work.name, durable, self._accept,
-                            room=self._room_msgs, expires_s=ws.fetch_timeout_s)
+                            room=self._room_msgs, expires_s=ws.fetch_timeout_s,
+                            on_gone=functools.partial(self._consumer_gone, target))
             await puller.start()
             self._pullers.append(puller)
         tasks = [asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
@@ -351,6 +353,17 @@ class Worker:
             except Exception:
                 log.exception("outcome of %s not stored (try %d)", run.request_id, n + 1)
         return None
+
+    async def _consumer_gone(self, target: str) -> None:
+        """Our consumer on `target` was deleted (a leader took this worker for dead
+        while it was only slow, or an operator): re-create it and go on pulling."""
+        if self.ctx is None or self._state is not WorkerState.READY:
+            return
+        try:
+            await ensure_work_consumer(self.ctx.js, self.settings, self.role, target)
+            log.warning("worker %s re-created its consumer for %s", self.worker_id, target)
+        except Exception as exc:  # the next failed pull reports it again
+            log.warning("could not re-create the consumer for %s: %s", target, exc)
 
     # -- connection loss ---------------------------------------------------------
     async def _on_disconnect(self) -> None:

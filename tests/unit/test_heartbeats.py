@@ -91,3 +91,18 @@ def test_registry_keeps_its_workers_in_one_book() -> None:
     assert not reg.knows("a") and reg.knows("b") and len(reg.book) == 1
     assert reg.observe(hb("b", WorkerState.STOPPED), 1300.0)  # known: it goes now
     assert not reg.knows("b") and reg.heartbeats(1300.0) == []
+
+
+def test_grace_gives_every_worker_a_fresh_timeout_after_the_reader_stalled() -> None:
+    """A reader that could not listen (paused 5 s) expires nobody for its own silence;
+    a worker that stays silent after the grace goes one timeout later."""
+    book = HeartbeatBook(timeout=3.5)
+    book.observe(hb("a"), 0.0)
+    book.observe(hb("b"), 0.0)
+    book.grace(5.0)  # the reader resumes at 5.0: both would have expired at 3.5
+    assert book.expire(5.0) == []
+    book.observe(hb("a"), 6.0)  # a speaks again; b stays silent
+    assert [h.worker_id for h in book.expire(8.6)] == ["b"]
+    assert "a" in book
+    book.grace(1.0)  # a grace in the past moves nobody back
+    assert book.get("a") == Seen(hb("a"), 6.0)

@@ -1,0 +1,185 @@
+"""Slow is not dead: processes paused (SIGSTOP) past every timeout, then resumed.
+
+Each test runs the services as OS processes through the CLI (as an operator
+does) on a real nats-server, pauses one of them with SIGSTOP for longer than
+the timeout that judges it, resumes it with SIGCONT, and checks that every
+request published around the pause still gets exactly one terminal. The
+routers here send work to a worker's own subject (`least_loaded`), the case a
+consumer deleted under a live worker strands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from tests.chaos.procs import Fleet, NatsServer, Proc, kill_survivors
+from tests.waiting import until
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+
+@contextlib.contextmanager
+def paused(proc: Proc) -> Iterator[None]:
+    """SIGSTOP `proc` for the body; SIGCONT whatever happens."""
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+
+
+@dataclass
+class Book:
+    """Every terminal and every work item seen live, by request id."""
+
+    terminals: dict[str, list[dict[str, object]]] = field(default_factory=dict)
+    dispatchers: dict[str, set[str]] = field(default_factory=dict)
+    dispatches: list[tuple[float, str, str]] = field(default_factory=list)  # (at, orch, rid)
+
+    async def on_done(self, msg: Msg) -> None:
+        rid = msg.subject.rsplit(".", 1)[-1]
+        self.terminals.setdefault(rid, []).append(json.loads(msg.data))
+
+    async def on_work(self, msg: Msg) -> None:
+        with contextlib.suppress(ValueError, AttributeError, TypeError):
+            for it in json.loads(msg.data).get("items") or []:
+                rid, orch = it["request"]["request_id"], str(it.get("orchestrator_id"))
+                self.dispatchers.setdefault(rid, set()).add(orch)
+                self.dispatches.append((time.monotonic(), orch, rid))
+
+    def done(self, rids: list[str]) -> list[str]:
+        return [r for r in rids if r in self.terminals]
+
+
+@dataclass
+class Stack:
+    server: NatsServer
+    fleet: Fleet
+    nc: NATS
+    book: Book
+    n: int = 0
+
+    async def publish(self, count: int, max_tokens: int = 8, every_s: float = 0.0) -> list[str]:
+        js = self.nc.jetstream()
+        rids = []
+        for _ in range(count):
+            self.n += 1
+            rid = f"p{self.n}"
+            body = {"request_id": rid, "prompt": "hello world " * 4, "max_tokens": max_tokens}
+            await js.publish("llm.req.normal.standard", json.dumps(body).encode(),
+                             headers={"Nats-Msg-Id": rid})
+            rids.append(rid)
+            if every_s:
+                await asyncio.sleep(every_s)  # pacing of the load, not a wait for an event
+        return rids
+
+    async def all_answered(self, rids: list[str], timeout: float, what: str) -> None:
+        try:
+            await until(lambda: len(self.book.done(rids)) == len(rids), timeout, what)
+        except (TimeoutError, AssertionError) as exc:
+            missing = sorted(set(rids) - set(self.book.done(rids)))
+            raise AssertionError(f"{what}: {len(missing)} of {len(rids)} without a terminal "
+                                 f"{missing[:10]} (logs in {self.fleet.dir})") from exc
+        twice = {r: len(self.book.terminals[r]) for r in rids
+                 if len({json.dumps(t, sort_keys=True) for t in self.book.terminals[r]}) > 1}
+        assert not twice, f"{what}: two different terminals for {twice}"
+
+
+@contextlib.asynccontextmanager
+async def stack(orchestrators: int, workers: int, router: str = "least_loaded",
+                **env: str) -> AsyncIterator[Stack]:
+    run_dir = Path(tempfile.mkdtemp(prefix="cplane-pause-"))
+    server = NatsServer(run_dir)
+    await server.start()
+    service_env = {k: v for k, v in os.environ.items() if not k.startswith("CPLANE")}
+    service_env.update({"PYTHONUNBUFFERED": "1", "CPLANE_LOG_LEVEL": "INFO",
+                        "CPLANE__ORCHESTRATOR__ROUTER": router, **env})
+    fleet = Fleet(run_dir, server.url, service_env, capacity=4)
+    nc = await nats.connect(server.url)
+    book = Book()
+    beats: set[str] = set()
+
+    async def on_hb(msg: Msg) -> None:
+        beats.add(msg.subject)
+
+    try:
+        await nc.subscribe("llm.done.>", cb=book.on_done)
+        await nc.subscribe("llm.work.>", cb=book.on_work)
+        hb = await nc.subscribe("llm.hb.*", cb=on_hb)
+        await nc.flush()
+        for _ in range(orchestrators):
+            fleet.start_orchestrator()
+        for _ in range(workers):
+            fleet.start_worker()
+        await until(lambda: len(beats) >= workers, 60, "workers heartbeat")
+        await hb.unsubscribe()
+        st = Stack(server, fleet, nc, book)
+        warm = await st.publish(4)
+        await st.all_answered(warm, 60, "warm-up")
+        yield st
+    finally:
+        await nc.close()
+        await fleet.stop_all()
+        await server.proc.terminate(10.0)
+        kill_survivors()
+
+
+async def test_a_worker_paused_past_its_timeout_keeps_serving() -> None:
+    """Paused 6 s (worker_timeout_s 3.5, ack_wait_s 5): the leader takes it for dead and
+    moves its work, but it comes back. Its consumer must not be deleted under it (or
+    it re-creates it): work routed to it afterwards is served, none is stranded."""
+    async with stack(1, 2) as st:
+        w1 = st.fleet.workers["w1"]
+        with paused(w1):
+            during = await st.publish(6, every_s=0.5)
+            await asyncio.sleep(3.0)  # the fault: paused 6 s in all
+        after = await st.publish(40, every_s=0.5)  # past the rescue's 12 s wait
+        await st.all_answered(during + after, 60, "requests around a worker's pause")
+
+
+async def test_an_orchestrator_paused_past_the_worker_timeout_expires_nobody() -> None:
+    """The only orchestrator paused 5 s: every worker's heartbeats wait unread. On
+    resume it must not take the whole fleet for dead (rescue every queue, delete
+    every consumer): requests after the pause are all served."""
+    async with stack(1, 2) as st:
+        orch = st.fleet.orchestrators[0]
+        with paused(orch):
+            during = await st.publish(4)
+            await asyncio.sleep(5.0)  # the fault: the orchestrator stays paused 5 s
+        after = await st.publish(30, every_s=0.5)
+        await st.all_answered(during + after, 60, "requests around the orchestrator's pause")
+
+
+async def test_a_leader_paused_past_its_lease_dispatches_nothing_it_buffered() -> None:
+    """Two replicas; the leader paused 6 s (lease_ttl_s 3): the standby takes over.
+    The old leader resumes with requests pulled before the pause: it must hand
+    them back rather than dispatch them, so no request is dispatched by both."""
+    async with stack(2, 2, router="pool") as st:
+        await until(lambda: st.book.dispatchers, 10, "a dispatch")
+        leader = next(iter(next(iter(st.book.dispatchers.values()))))
+        orch = next(p for p in st.fleet.orchestrators
+                    if leader in p.log.read_text(errors="replace"))
+        # Work the fleet cannot take at once (capacity 2 x 4): the leader holds the rest.
+        first = await st.publish(40, max_tokens=40)
+        with paused(orch):
+            await asyncio.sleep(6.0)  # the fault: the leader stays paused 6 s
+        resumed = time.monotonic()
+        after = await st.publish(10)
+        await st.all_answered(first + after, 90, "requests around the leader's pause")
+        stale = [(round(t - resumed, 2), rid) for t, o, rid in st.book.dispatches
+                 if o == leader and t > resumed]
+        assert not stale, f"the paused leader dispatched after resuming: {stale[:8]}"
