@@ -8,7 +8,9 @@ and every run that was streaming while this worker's connection dropped.
 A claim is a key in the KV bucket `<prefix>_claims` whose entries live
 `ttl_s` after their last write; the holder renews every `ttl_s / 3`. When the
 holder dies its claim expires and the next claimant continues after the
-chunks it streamed.
+chunks it streamed. `valid_until` (monotonic) is when the oldest claim held
+may have lapsed, less a margin: the worker's fence (workers/fence.py) stops
+publishing past it until its claims are checked again.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from nats.js import JetStreamContext
@@ -27,6 +30,7 @@ from nats.js.kv import KeyValue
 from cplane.schemas.settings import Settings
 
 log = logging.getLogger("cplane.claims")
+MARGIN_S = 0.5  # a write's time in flight
 OnLost = Callable[[str], Awaitable[None]]
 
 
@@ -47,6 +51,12 @@ class Claims:
         self._kv: KeyValue | None = None
         self._held: dict[str, int] = {}  # request id -> revision we wrote last
         self._task: asyncio.Task[None] | None = None
+        self._oldest_write = float("inf")  # monotonic start of the oldest held claim's write
+
+    @property
+    def valid_until(self) -> float:
+        """Every held claim is ours until then at least (inf: none held)."""
+        return self._oldest_write + self._ttl_s - MARGIN_S if self._held else float("inf")
 
     async def _bucket_kv(self) -> KeyValue:
         if self._kv is None:
@@ -75,9 +85,11 @@ class Claims:
         if request_id in self._held:
             return True
         key = claim_key(request_id)
+        start = time.monotonic()
         try:
             kv = await self._bucket_kv()
             self._held[request_id] = await kv.create(key, self.holder.encode())
+            self._wrote(start)
             return True
         except KeyWrongLastSequenceError:
             try:
@@ -85,12 +97,36 @@ class Claims:
             except KeyNotFoundError:
                 return False  # expired just now: the next try wins it
             if entry.value == self.holder.encode() and entry.revision is not None:
-                self._held[request_id] = entry.revision  # ours from before a reconnect
+                # Ours from before a reconnect or a pause: written again, so it holds
+                # a full ttl from now (the fence counts on it).
+                try:
+                    self._held[request_id] = await kv.update(key, self.holder.encode(),
+                                                             last=entry.revision)
+                except KeyWrongLastSequenceError:
+                    return False
+                self._wrote(start)
                 return True
             return False
         except BucketNotFoundError:
             self._kv = None  # the bucket went with a lost store: next call re-creates it
             raise
+
+    async def confirm(self, request_id: str) -> bool:
+        """Hold the claim for sure, now: a held one is written again (it may have
+        lapsed while this process was paused: then it is lost), else acquired."""
+        rev = self._held.get(request_id)
+        if rev is None:
+            return await self.acquire(request_id)
+        start = time.monotonic()
+        try:
+            kv = await self._bucket_kv()
+            self._held[request_id] = await kv.update(claim_key(request_id),
+                                                     self.holder.encode(), last=rev)
+        except KeyWrongLastSequenceError:
+            self._held.pop(request_id, None)
+            return False
+        self._wrote(start)
+        return True
 
     async def release(self, request_id: str) -> None:
         rev = self._held.pop(request_id, None)
@@ -99,9 +135,14 @@ class Claims:
         with contextlib.suppress(Exception):
             await self._kv.delete(claim_key(request_id), last=rev)
 
+    def _wrote(self, start: float) -> None:
+        if len(self._held) == 1 or start < self._oldest_write:
+            self._oldest_write = start
+
     async def _renew_loop(self) -> None:
         while True:
             await asyncio.sleep(self._ttl_s / 3)
+            start, renewed = time.monotonic(), True
             for rid, rev in list(self._held.items()):
                 try:
                     assert self._kv is not None
@@ -114,3 +155,6 @@ class Claims:
                         await self._on_lost(rid)
                 except Exception as exc:  # broker away: try again next round
                     log.debug("claim renewal of %s failed: %s", rid, exc)
+                    renewed = False
+            if renewed:  # claims acquired meanwhile were written after `start` too
+                self._oldest_write = start

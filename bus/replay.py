@@ -37,6 +37,21 @@ async def stored_terminal(
     return None
 
 
+async def last_chunk(
+    js: JetStreamContext, settings: Settings, group: str, request_id: str
+) -> TokenChunk | None:
+    """The chunk stored last for a request (one round trip), or None."""
+    try:
+        msg = await js.get_last_msg(settings.streams.out.name,
+                                    settings.subjects.out_store(group, request_id))
+    except NotFoundError:
+        return None
+    try:
+        return chunk_decoder.decode(msg.data or b"")
+    except msgspec.DecodeError:
+        return None
+
+
 async def stored_seqs(
     js: JetStreamContext, settings: Settings, group: str, request_id: str, from_seq: int = 0,
     limit: int = 100_000,

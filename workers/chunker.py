@@ -8,18 +8,34 @@ itself. Operators who want fewer messages set `min_interval_s`: after a
 chunk, tokens gather until it has passed (or `max_tokens` are waiting); the
 first token always goes alone and at once (TTFT). Never one JetStream ack per
 token: chunks are plain core publishes that the LLM_OUT stream captures.
+
+Fenced: each chunk carries `Nats-Msg-Id: <request id>:<seq>`, so LLM_OUT
+stores the first content of a seq and drops any other inside its duplicate
+window (two workers writing one request after a pause), and no chunk goes out
+while this worker's fence is closed (workers/fence.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from cplane.schemas.codec import encode
 from cplane.schemas.messages import TokenChunk
+from cplane.workers.fence import Fence, fenced
 
-Publish = Callable[[str, bytes], Awaitable[None]]
+
+class Publish(Protocol):
+    """nats-py's `Client.publish` (core publish), or a test's sink."""
+
+    async def __call__(self, subject: str, payload: bytes = b"", reply: str = "",
+                       headers: dict[str, str] | None = None) -> None: ...
+
+
+def chunk_msg_id(request_id: str, seq: int) -> str:
+    """A chunk's Nats-Msg-Id: one content per seq is stored."""
+    return f"{request_id}:{seq}"
 
 
 class ChunkStream:
@@ -35,6 +51,7 @@ class ChunkStream:
         min_interval_s: float = 0.0,
         epoch: int = 0,
         gate: asyncio.Event | None = None,
+        fence: Fence | None = None,
     ) -> None:
         self._publish = publish
         self._subjects = subjects  # output subject, plus reply_to when asked for
@@ -49,6 +66,7 @@ class ChunkStream:
         # Closed while the connection is down and until the worker knows it still
         # owns the request: chunks wait here instead of in nats-py's reconnect buffer.
         self._gate = gate
+        self._fence = fence
         self._max_tokens = max_tokens
         self._min_interval_s = min_interval_s
         self._ids: list[int] = []
@@ -92,6 +110,8 @@ class ChunkStream:
             self._timer = None
         if self._gate is not None and not self._gate.is_set():
             await self._gate.wait()
+        if self._fence is not None and not self._fence.open():
+            await fenced(self._fence)  # raises CancelledError when this run was lost
         if not self._ids and not self._text:
             return
         ids, self._ids = self._ids, []
@@ -115,15 +135,19 @@ class ChunkStream:
         self.text_parts.append(text)
         data = encode(chunk)
         self.sent.append(data)
-        for subject in self._subjects:
-            await self._publish(subject, data)
+        await self._send(chunk.seq, data)
 
     async def resend(self, seqs: list[int]) -> None:
         """Publish chunks again, byte for byte (readers drop the seqs they have)."""
         for seq in seqs:
-            data = self.sent[seq - self.first_seq]
-            for subject in self._subjects:
-                await self._publish(subject, data)
+            await self._send(seq, self.sent[seq - self.first_seq])
+
+    async def _send(self, seq: int, data: bytes) -> None:
+        store, *copies = self._subjects  # the stored subject, then reply_to
+        await self._publish(store, data, headers={
+            "Nats-Msg-Id": chunk_msg_id(self.request_id, seq)})
+        for subject in copies:
+            await self._publish(subject, data)
 
     def close(self) -> None:
         if self._timer is not None:

@@ -39,6 +39,7 @@ from cplane.schemas.settings import Settings
 from cplane.schemas.subjects import Subjects, model_target
 from cplane.workers.chunker import ChunkStream
 from cplane.workers.engines.base import Engine
+from cplane.workers.fence import Fence, fenced
 from cplane.workers.latency import LatencyAverages
 from cplane.workers.runs import RunLedger
 from cplane.workers.stats import WorkerStats
@@ -83,6 +84,8 @@ class ServeContext:
     # Open while connected and sure of what it runs (see ChunkStream): closed on a
     # disconnect, opened again once every running item is claimed or given up.
     gate: asyncio.Event = field(default_factory=asyncio.Event)
+    # Until when publishing for the runs held here needs no check (workers/fence.py).
+    fence: Fence | None = None
 
     subjects: Subjects = field(init=False)
     # Other workers: (last heartbeat, monotonic s; its process's start, ms since
@@ -143,6 +146,7 @@ class ServeContext:
         (lost in a socket buffer) are re-sent first, so the Final never counts
         a chunk nobody has. Raises NotStored when it was not stored.
         """
+        await fenced(self.fence)  # a lost run's terminal never goes out
         req = item.request
         window_s = self.settings.streams.out.duplicate_window_s
         deadline = time.monotonic() + window_s / 2
@@ -218,6 +222,7 @@ class ServeContext:
         """Store `item` on its model's pool of `role`. The Nats-Msg-Id is fixed by
         the hand-off (request, role, attempt, next_seq, tag), so a retried publish
         is stored once."""
+        await fenced(self.fence)
         data = encode(WorkBatch(items=[item]))
         rid = item.request.request_id
         msg_id = f"{rid}:{role.value}:{item.attempt}:{item.next_seq}{tag}"

@@ -25,7 +25,7 @@ import time
 import msgspec
 from nats.aio.msg import Msg
 
-from cplane.bus.replay import stored_chunks, stored_terminal, streamed_chunks
+from cplane.bus.replay import last_chunk, stored_terminal, streamed_chunks
 from cplane.bus.requeue import requeue
 from cplane.schemas.codec import encode
 from cplane.schemas.messages import DeadLetter, ErrorCode, WorkItem
@@ -91,21 +91,28 @@ async def prepare(ctx: ServeContext, run: Run) -> WorkItem | None:
 
 
 async def taken_over(ctx: ServeContext) -> list[Run]:
-    """After a reconnect: claim every run that crossed the outage; the runs another
-    worker took over meanwhile (it holds the claim, or streamed after this one)."""
+    """After a reconnect or a pause (the fence, workers/fence.py): claim every run
+    here, for sure (a claim held may have lapsed); the runs another worker took
+    over meanwhile: it holds the claim, streamed after this one, or a terminal
+    is stored (this run's own, unacknowledged, counts too: a redelivery finds
+    it and settles the message)."""
     lost: list[Run] = []
     for run in ctx.runs.runs():
         running = run.running
         if running is None or run.task is None or ctx.claims is None:
             continue
         req = running.request
-        if not await ctx.claims.acquire(req.request_id):
+        if not await ctx.claims.confirm(req.request_id):
             lost.append(run)
             continue
         run.claimed = True
-        chunks = await stored_chunks(ctx.js, ctx.settings, req.group, req.request_id,
-                                     running.next_seq)
-        if any(c.worker_id != ctx.worker_id for c in chunks):
+        # Another worker streamed after this run began (one read: the last chunk),
+        # or stored the terminal.
+        last = await last_chunk(ctx.js, ctx.settings, req.group, req.request_id)
+        if (last is not None and last.seq >= running.next_seq
+                and last.worker_id != ctx.worker_id) or (
+                await stored_terminal(ctx.js, ctx.settings, req.group, req.request_id)
+                is not None):
             lost.append(run)
     return lost
 

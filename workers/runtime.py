@@ -60,6 +60,7 @@ from cplane.schemas.subjects import ANY_TARGET, MODEL_TARGET_PREFIX, model_targe
 from cplane.workers.context import Outcome, ServeContext
 from cplane.workers.control import start_control
 from cplane.workers.engines.base import Engine, KvEventSource
+from cplane.workers.fence import Fence
 from cplane.workers.kv_events import KvEventPump
 from cplane.workers.migrate import move_queued, store_dead_letter, taken_over
 from cplane.workers.runs import Letter, Run, RunLedger, RunState
@@ -123,8 +124,11 @@ class Worker:
                 nc, ws.publish_timeout_s, signer=self.worker_id),
             engine=self.engine, worker_id=self.worker_id, role=self.role, runs=self.runs,
         )
-        self.ctx.claims = Claims(js, self.settings, self.worker_id, on_lost=self._on_claim_lost)
-        await self.ctx.claims.start()
+        claims = self.ctx.claims = Claims(js, self.settings, self.worker_id,
+                                          on_lost=self._on_claim_lost)
+        await claims.start()
+        self.ctx.fence = Fence(ws.ack_wait_s, self._refence,
+                               claims_until=lambda: claims.valid_until)
         self._cancels = CancelBook(nc, self.settings, on_cancel=self._on_cancel)
         await self._cancels.start()
         self.ctx.cancelled = self._cancels
@@ -422,12 +426,39 @@ class Worker:
         await self._publish_heartbeat()
 
     async def _in_progress_loop(self) -> None:
-        every = self.settings.worker.in_progress_every_s
+        """in_progress() for every held message, then a PING: once the server has
+        answered, none of them can be redelivered before `ack_wait_s` from the
+        round's start, and the fence (workers/fence.py) opens that far."""
+        ws = self.settings.worker
         while True:
-            await asyncio.sleep(every)
+            await asyncio.sleep(ws.in_progress_every_s)
+            start = time.monotonic()
             for msg in self.runs.msgs():
                 with contextlib.suppress(Exception):
                     await msg.in_progress()
+            if self._nc is None or self.ctx is None or self.ctx.fence is None:
+                continue
+            try:
+                await self._nc.flush(timeout=max(1, int(ws.ack_wait_s / 2)))
+            except Exception as exc:  # cut off or slow: the fence closes on time
+                log.info("in_progress round not confirmed: %s", exc)
+                continue
+            self.ctx.fence.progress_confirmed(start)
+
+    async def _refence(self) -> float:
+        """The fence closed (this process was paused, starved or cut off past what
+        it could vouch for): claim every run, stop the ones another worker took
+        over. Returns when the check began (its result holds from then)."""
+        assert self.ctx is not None
+        start = time.monotonic()
+        lost = await taken_over(self.ctx)
+        for run in lost:
+            log.warning("%s was taken over while this worker was away; giving up this run",
+                        run.request_id)
+            if run.task is not None:
+                run.task.cancel()  # no ack, no nak: the other run owns the message now
+        log.info("fence checked %d runs after a stall: %d lost", self.runs.held, len(lost))
+        return start
 
     def heartbeat(self) -> Heartbeat:
         st = self.engine.stats()

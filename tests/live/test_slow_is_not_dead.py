@@ -49,6 +49,13 @@ class Book:
     terminals: dict[str, list[dict[str, object]]] = field(default_factory=dict)
     dispatchers: dict[str, set[str]] = field(default_factory=dict)
     dispatches: list[tuple[float, str, str]] = field(default_factory=list)  # (at, orch, rid)
+    # rid -> seq -> every content seen live for it, and the worker that wrote it
+    chunks: dict[str, dict[int, set[tuple[tuple[int, ...], str]]]] = field(default_factory=dict)
+
+    async def on_out(self, msg: Msg) -> None:
+        c = json.loads(msg.data)
+        by_seq = self.chunks.setdefault(c["request_id"], {})
+        by_seq.setdefault(c["seq"], set()).add((tuple(c["token_ids"]), c["worker_id"]))
 
     async def on_done(self, msg: Msg) -> None:
         rid = msg.subject.rsplit(".", 1)[-1]
@@ -119,6 +126,7 @@ async def stack(orchestrators: int, workers: int, router: str = "least_loaded",
     try:
         await nc.subscribe("llm.done.>", cb=book.on_done)
         await nc.subscribe("llm.work.>", cb=book.on_work)
+        await nc.subscribe("llm.out.>", cb=book.on_out)
         hb = await nc.subscribe("llm.hb.*", cb=on_hb)
         await nc.flush()
         for _ in range(orchestrators):
@@ -149,6 +157,57 @@ async def test_a_worker_paused_past_its_timeout_keeps_serving() -> None:
             await asyncio.sleep(3.0)  # the fault: paused 6 s in all
         after = await st.publish(40, every_s=0.5)  # past the rescue's 12 s wait
         await st.all_answered(during + after, 60, "requests around a worker's pause")
+
+
+async def stored_chunks(nc: NATS, rid: str) -> list[dict[str, object]]:
+    """Every chunk of `rid` LLM_OUT holds, in stream order, repeats kept."""
+    js = nc.jetstream()
+    out: list[dict[str, object]] = []
+    psub = await js.pull_subscribe(f"llm.s.out.*.{rid}", stream="LLM_OUT")
+    try:
+        while True:
+            try:
+                msgs = await psub.fetch(256, timeout=1.0)
+            except (TimeoutError, nats.errors.TimeoutError):
+                return out
+            for m in msgs:
+                out.append(json.loads(m.data))
+                await m.ack()
+    finally:
+        await psub.unsubscribe()
+
+
+async def test_a_worker_paused_mid_generation_and_its_successor_never_both_write() -> None:
+    """A worker paused 8 s mid-generation (ack_wait_s 5, its TCP connection up): its
+    item is redelivered and another worker continues after the last stored chunk.
+    When the first resumes it must stop, not write on: one content per seq, stored
+    and live, and the Final's text is what was stored."""
+    async with stack(1, 2, router="pool") as st:
+        rid = (await st.publish(1, max_tokens=1500))[0]
+        await until(lambda: len(st.book.chunks.get(rid, {})) >= 5, 30, "chunks streaming")
+        writer = next(iter(st.book.chunks[rid][0]))[1]
+        with paused(st.fleet.workers[writer]):
+            await until(lambda: any(w != writer for seq in st.book.chunks[rid].values()
+                                    for _, w in seq), 30, "the other worker continues")
+            await asyncio.sleep(3.0)  # the fault: paused on past the successor's start
+        await st.all_answered([rid], 90, "the long request")
+        live_twice = {q: c for q, c in st.book.chunks[rid].items() if len(c) > 1}
+        assert not live_twice, (f"live readers saw two contents for {len(live_twice)} seqs, "
+                                f"from {sorted(live_twice)[:10]}")
+        stored = await stored_chunks(st.nc, rid)
+        contents: dict[int, set[str]] = {}
+        for c in stored:
+            contents.setdefault(int(str(c["seq"])), set()).add(json.dumps(c["token_ids"]))
+        twice = sorted(q for q, v in contents.items() if len(v) > 1)
+        assert not twice, f"LLM_OUT holds two contents for {len(twice)} seqs: {twice[:10]}"
+        first: dict[int, dict[str, object]] = {}
+        for c in stored:
+            first.setdefault(int(str(c["seq"])), c)
+        final = st.book.terminals[rid][0]
+        text = "".join(str(first[q]["text"]) for q in sorted(first))
+        assert sorted(first) == list(range(len(first))), "a gap in the stored chunks"
+        assert final.get("text") == text, "the Final's text is not what was streamed"
+        assert final.get("chunks") == len(first)
 
 
 async def test_an_orchestrator_paused_past_the_worker_timeout_expires_nobody() -> None:

@@ -14,8 +14,12 @@ class Sink:
     def __init__(self) -> None:
         self.sent: list[tuple[str, TokenChunk]] = []
 
-    async def __call__(self, subject: str, data: bytes) -> None:
-        self.sent.append((subject, msgspec.json.decode(data, type=TokenChunk)))
+    async def __call__(self, subject: str, payload: bytes = b"", reply: str = "",
+                       headers: dict[str, str] | None = None) -> None:
+        chunk = msgspec.json.decode(payload, type=TokenChunk)
+        if subject == "out":  # the stored copy: one content per seq (LLM_OUT dedups)
+            assert headers == {"Nats-Msg-Id": f"{chunk.request_id}:{chunk.seq}"}
+        self.sent.append((subject, chunk))
 
 
 async def test_every_step_goes_out_at_once() -> None:
