@@ -138,24 +138,26 @@ class DecisionCore(Generic[T]):
         spare = free_slots(fleet, in_flight, headroom(self.cfg, self.state.mode))
         return sum(max(0, f) for f in spare.values())
 
-    def in_flight(self, floor: Mapping[PoolKey, int] | None = None) -> dict[PoolKey, int]:
-        """What each pool holds: the ledger's count, or `floor` where that is more (right
-        after a takeover: what workers report holding of an earlier leader's work, for
-        every pool the fleet serves)."""
-        if floor is None:
+    def in_flight(self, inherited: Mapping[PoolKey, int] | None = None) -> dict[PoolKey, int]:
+        """What each pool holds: the ledger's count, plus `inherited` (after a takeover,
+        until it drained: what workers report holding, an earlier leader's work
+        among it, for every pool the fleet serves; counting this replica's own
+        running work twice errs toward dispatching less, never more)."""
+        if inherited is None:
             return self.ledger.in_flight_by_pool()
-        return {pool: max(self.ledger.in_flight(pool), n) for pool, n in floor.items()}
+        return {pool: self.ledger.in_flight(pool) + n for pool, n in inherited.items()}
 
     def step(self, fleet: FleetView, *, now_ms: float, rng: random.Random, due: bool,
-             floor: Mapping[PoolKey, int] | None = None) -> Step[T] | None:
+             inherited: Mapping[PoolKey, int] | None = None) -> Step[T] | None:
         """Plan what is held and apply the plan. None when no pool has room and nothing
         is `due` (the shell's ticker: shedding, aging and model waits go on while
         pools are full)."""
         st = self.state
         if self.journal is not None:
-            self.journal.add("step", fleet, now_ms, due, None if floor is None else dict(floor),
+            self.journal.add("step", fleet, now_ms, due,
+                             None if inherited is None else dict(inherited),
                              dict(st.since.sent), dict(st.since.done), rng.getstate())
-        in_flight = self.in_flight(floor)
+        in_flight = self.in_flight(inherited)
         st.prefix.now_ms = now_ms  # sent blocks count as held for a while (pending_ms)
         st.decay_placed(now_ms)
         room = self.room(fleet, in_flight)
@@ -270,14 +272,14 @@ def replay(journal: Journal, cfg: DispatchConfig, **core_kw: Any) -> list[Dispat
         if name == "hold":
             core.hold(Entry(args[0], None))
         elif name == "step":
-            fleet, now_ms, due, floor, sent, done, rng_state = args
+            fleet, now_ms, due, inherited, sent, done, rng_state = args
             since = core.state.since
             since.sent.clear()
             since.sent.update(sent)
             since.done.clear()
             since.done.update(done)
             rng.setstate(rng_state)
-            core.step(fleet, now_ms=now_ms, rng=rng, due=due, floor=floor)
+            core.step(fleet, now_ms=now_ms, rng=rng, due=due, inherited=inherited)
         elif name == "use_policy":
             core.use_policy(args[0])
         elif name == "forget_worker":

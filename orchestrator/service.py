@@ -49,6 +49,7 @@ from cplane.bus.stored_retry import StoreResult, publish_until_stored
 from cplane.orchestrator.control import start_control
 from cplane.orchestrator.core import DecisionCore, Journal
 from cplane.orchestrator.dispatch import Batch, DispatchConfig, dispatch_config, free_slots
+from cplane.orchestrator.fleet import FleetView
 from cplane.orchestrator.health_admin import build_registry
 from cplane.orchestrator.intake import Intake, Rejection, admit, classify
 from cplane.orchestrator.kv_feed import KvFeed
@@ -59,6 +60,7 @@ from cplane.orchestrator.pending import pending_of
 from cplane.orchestrator.prompt_hash import PromptHasher
 from cplane.orchestrator.rescue import ORPHAN_SWEEP_S, rescue_orphans, rescue_queue
 from cplane.orchestrator.runtime_config import PolicySwitch, policy_order
+from cplane.orchestrator.snapshot import PoolKey
 from cplane.orchestrator.stats import OrchestratorStats
 from cplane.schemas import trace
 from cplane.schemas.codec import encode
@@ -117,7 +119,9 @@ class Orchestrator:
         self._wake = asyncio.Event()
         # Set by the ticker: plan even without room (model-wait timeouts, aging).
         self._tick_due = True
-        self._takeover_until = 0.0  # until then, heartbeats' held items floor the ledger
+        # Since when this replica leads while work a previous leader dispatched may
+        # still run (None: drained): heartbeats' held items count on top of the ledger.
+        self._inherited_since: float | None = None
         self._publish_slots = asyncio.Semaphore(o.publish_window)
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = time.monotonic()
@@ -236,8 +240,7 @@ class Orchestrator:
     # -- leadership ------------------------------------------------------------
     async def _on_leadership(self, leading: bool) -> None:
         if leading:
-            self._takeover_until = (time.monotonic()
-                                    + self.settings.orchestrator.takeover_window_s)
+            self._inherited_since = time.monotonic()
             await self._start_pulling()
             self._wake.set()
         else:
@@ -391,14 +394,8 @@ class Orchestrator:
         rejection published, each batch published (then acked), pullers poked."""
         t = now_ms()
         fleet = self.registry.snapshot(t)
-        # What each pool holds: the ledger's count. Right after a takeover, also
-        # what the workers report holding (work a previous leader dispatched),
-        # whichever is more; only then, since heartbeats lag by up to a second
-        # and would hold back dispatch that the ledger knows is safe.
-        floor = None
-        if time.monotonic() < self._takeover_until:
-            floor = {pool: fleet.pool_held(pool) for pool in free_slots(fleet, {}, 0.0)}
-        step = self.core.step(fleet, now_ms=t, rng=self._rng, due=self._tick_due, floor=floor)
+        step = self.core.step(fleet, now_ms=t, rng=self._rng, due=self._tick_due,
+                              inherited=self._inherited(fleet))
         if step is None:  # no room and nothing due (most wakes at saturation)
             return
         self._tick_due = False
@@ -413,6 +410,23 @@ class Orchestrator:
             self._spawn(self._publish_batch(out.batch, out.entries), "publish")
         for puller in self._pullers:
             puller.poke()
+
+    def _inherited(self, fleet: FleetView) -> dict[PoolKey, int] | None:
+        """After a takeover, what the workers report holding, counted on top of the
+        ledger (work a previous leader dispatched runs there), until that work
+        has drained: every pool's workers report no more than this replica
+        dispatched, at heartbeats sent after the takeover (two periods). Not
+        always: heartbeats lag by up to a period and would hold back dispatch
+        that the ledger knows is safe."""
+        if self._inherited_since is None:
+            return None
+        held = {pool: fleet.pool_held(pool) for pool in free_slots(fleet, {}, 0.0)}
+        settled = time.monotonic() - self._inherited_since > 2 * self.settings.worker.heartbeat_s
+        if settled and all(n <= self.ledger.in_flight(pool) for pool, n in held.items()):
+            log.info("orchestrator %s: the previous leader's work has drained", self.id)
+            self._inherited_since = None
+            return None
+        return held
 
     async def _publish_batch(self, batch: Batch, entries: tuple[Entry[WorkItem], ...]) -> None:
         try:

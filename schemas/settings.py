@@ -146,9 +146,6 @@ class OrchestratorSettings(msgspec.Struct, frozen=True, kw_only=True):
     # Dispatched requests with no terminal seen for this long are looked up in
     # LLM_DONE (a Final missed during a reconnect heals here).
     reconcile_after_s: float = 5.0
-    # After becoming leader, count what workers report holding as in flight for
-    # this long (work of the previous leader still runs there).
-    takeover_window_s: float = 5.0
     publish_window: int = 64  # work publishes in flight at most
     publish_timeout_s: float = 10.0
     # Dispatch up to capacity * (1 + headroom) so workers never idle between batches.

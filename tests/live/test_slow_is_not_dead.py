@@ -17,6 +17,7 @@ import os
 import signal
 import tempfile
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,6 +209,38 @@ async def test_a_worker_paused_mid_generation_and_its_successor_never_both_write
         assert sorted(first) == list(range(len(first))), "a gap in the stored chunks"
         assert final.get("text") == text, "the Final's text is not what was streamed"
         assert final.get("chunks") == len(first)
+
+
+async def test_a_new_leader_counts_the_old_leaders_work_until_it_drained() -> None:
+    """The leader killed -9 while the fleet is full of long generations (about 25 s
+    each): the standby takes over and gets the requests the old one held, after
+    their ack_wait (10 s). The generations the old leader dispatched still run
+    then; counting them only for a fixed window let the new leader dispatch a
+    second fleet's worth on top."""
+    async with stack(2, 2, router="pool") as st:
+        await until(lambda: st.book.dispatchers, 10, "a dispatch")
+        leader = next(iter(next(iter(st.book.dispatchers.values()))))
+        orch = next(p for p in st.fleet.orchestrators
+                    if leader in p.log.read_text(errors="replace"))
+        rids = await st.publish(30, max_tokens=4000)
+        await until(lambda: sum(r in st.book.dispatchers for r in rids) >= 8, 20,
+                    "the fleet full")
+        orch.kill9()
+        # capacity 2 x 4, dispatched up to 1.25x: 10; + 2 that a worker's heartbeat
+        # cannot show (queued in LLM_WORK when the leader died)
+        bound = 12
+        peak = 0
+        deadline = time.monotonic() + 25
+        while time.monotonic() < deadline:
+            out = sum(1 for r in rids if r in st.book.dispatchers and r not in st.book.terminals)
+            peak = max(peak, out)
+            by = Counter(o for r in rids if r in st.book.dispatchers and r not in st.book.terminals
+                         for o in st.book.dispatchers[r])
+            assert out <= bound, (f"{out} requests dispatched and unfinished after a takeover "
+                                  f"(by {dict(by)}; old leader {leader})")
+            await asyncio.sleep(0.2)  # sampling the outstanding count (bounded: 25 s)
+        assert any(leader not in st.book.dispatchers[r] for r in st.book.dispatchers
+                   if r in rids), "the new leader dispatched nothing"
 
 
 async def test_an_orchestrator_paused_past_the_worker_timeout_expires_nobody() -> None:
