@@ -26,9 +26,17 @@ OnRetry = Callable[[Exception], Awaitable[None]]
 
 
 class StoreResult(enum.Enum):
-    STORED = "stored"  # JetStream acked it (a repeat acked as a duplicate counts)
+    STORED = "stored"  # JetStream acked it
+    # JetStream acked it as a repeat of a message with the same Nats-Msg-Id stored
+    # within the window: this try's own earlier copy, or another writer's.
+    DUPLICATE = "duplicate"
     REFUSED = "refused"  # the stream refused it (limits, a bad subject...): not stored
     GAVE_UP = "gave_up"  # unanswered until half the window, or still_valid() said no
+
+    @property
+    def stored(self) -> bool:
+        """A message with this Nats-Msg-Id is stored."""
+        return self is StoreResult.STORED or self is StoreResult.DUPLICATE
 
 
 def _always() -> bool:
@@ -60,8 +68,8 @@ async def publish_until_stored(
     deadline = time.monotonic() + window_s / 2
     while True:
         try:
-            await store.publish(subject, data, msg_id, headers)
-            return StoreResult.STORED
+            ack = await store.publish(subject, data, msg_id, headers)
+            return StoreResult.DUPLICATE if ack.get("duplicate") else StoreResult.STORED
         except (NoStreamResponseError, ServiceUnavailableError) as exc:  # not stored, yet
             error: Exception = exc
         except APIError:

@@ -78,13 +78,22 @@ class Outcomes:
         with contextlib.suppress(Exception):
             await msg.ack()  # ack, not term: it leaves the WorkQueue stream for sure
 
+    async def _in_store(self, group: str, request_id: str) -> bool:
+        """The store has a trace of this id: chunks streamed, or a terminal. Asked only
+        for the rare copies that would end a request (rejections, dead letters), so
+        "known" does not rest on this replica's memory (empty after a takeover)."""
+        found = await recheck(self.nc.jetstream(), self.settings,
+                              Request(request_id=request_id, group=group))
+        return found is not Recheck.NOT_FOUND
+
     async def reject(self, msg: Msg, seq: int, rej: Rejection, known: Callable[[str], bool]
                      ) -> None:
         """ErrorReply on the request's done subject, or on `llm.done.invalid.seq<N>` when
-        the body names no usable id, or an id that belongs to a live or finished request
-        (a bad copy must not become another request's terminal)."""
+        the body names no usable id, or an id that belongs to a live or finished request,
+        in this replica's memory or in the store (a bad copy must not become another
+        request's terminal)."""
         rid, group = rej.request_id, rej.group
-        if not rid or known(rid):
+        if not rid or known(rid) or await self._in_store(group, rid):
             rid, group = f"seq{seq}", INVALID_GROUP
         err = error_reply(rid, rej.code, rej.message)
         reply_to = rej.reply_to if rid == rej.request_id else None
@@ -111,10 +120,8 @@ class Outcomes:
             err_id, ErrorCode.DEAD_LETTER,
             f"request taken out of {s.streams.req.name} after {deliveries} deliveries; "
             "see the dead-letter subject")
-        if usable:
-            with contextlib.suppress(Exception):  # it finished after all: no second terminal
-                if await stored_terminal(self.nc.jetstream(), s, group, rid) is not None:
-                    err = None
+        if usable and await self._in_store(group, rid):  # it finished (or runs) after all:
+            err = None  # no terminal of ours for it
         log.warning("dead letter: %s seq %d (%s)", s.streams.req.name, seq, rid or "no id")
 
         async def publish() -> None:

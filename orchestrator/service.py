@@ -86,12 +86,14 @@ def now_ms() -> float:
     return time.time() * 1000
 
 
-def batch_msg_id(batch: Batch) -> str:
-    """Deterministic per content: a retried or repeated publish of the same batch is one."""
+def batch_msg_id(batch: Batch, requests: Iterable[tuple[str, int]]) -> str:
+    """Deterministic per content and request message: a retried or repeated publish of
+    the same batch is one, while an id published again (a new LLM_REQ message, its
+    own stream sequence) is never swallowed as a repeat of its first run's batch."""
     h = hashlib.blake2b(digest_size=12)
     h.update(batch.role.value.encode())
-    for rid in batch.request_ids:
-        h.update(b"\0" + rid.encode())
+    for rid, seq in requests:  # (request id, its LLM_REQ stream sequence)
+        h.update(b"\0" + rid.encode() + b"\0" + str(seq).encode())
     return f"w:{h.hexdigest()}"
 
 
@@ -318,9 +320,10 @@ class Orchestrator:
                 assert held is not None
                 held.extra_msgs.append(msg)
                 self.stats.duplicates += 1
-            case Intake.DUPLICATE_DONE:
+            case Intake.DUPLICATE_DONE:  # the same id again, after its first run's windows
+                assert isinstance(admitted, WorkItem)
                 self.stats.duplicates += 1
-                await msg.ack()
+                self._spawn(self._answer_again(admitted, msg, seq), "duplicate")
             case Intake.RECHECK | Intake.HOLD:
                 assert isinstance(admitted, WorkItem)
                 entry = self._entry(admitted, msg, seq)
@@ -328,6 +331,33 @@ class Orchestrator:
                     self._spawn(self._recheck(entry), "recheck")
                 else:
                     await self._hold(entry)
+
+    async def _answer_again(self, item: WorkItem, msg: Msg, seq: int) -> None:
+        """An id this replica dispatched or finished, published again (a client retrying
+        after its timeout, an id used as an idempotency key): never run twice. Its
+        stored terminal is sent again on the live subject (and reply_to), not
+        stored a second time; one still running answers there when it ends. An id
+        with no trace in the ledger or the store (forgotten) is held as new."""
+        req = item.request
+        term = None
+        with contextlib.suppress(Exception):
+            term = await stored_terminal(self._js, self.settings, req.group, req.request_id)
+        if term is not None:
+            data = encode(term)
+            with contextlib.suppress(Exception):
+                await self._nc_or_raise().publish(self.subjects.done(req.group, req.request_id),
+                                                  data)
+                if req.reply_to:
+                    await self._nc_or_raise().publish(req.reply_to, data)
+        elif req.request_id not in self.ledger and self.leading:
+            await self._hold(self._entry(item, msg, seq))
+            return
+        with contextlib.suppress(Exception):
+            await msg.ack()
+
+    def _nc_or_raise(self) -> NATS:
+        assert self._nc is not None
+        return self._nc
 
     def _entry(self, item: WorkItem, msg: Msg, seq: int) -> Entry[WorkItem]:
         if msg.headers and trace.parse(tp := msg.headers.get(trace.HEADER)):  # W3C, per item
@@ -433,7 +463,7 @@ class Orchestrator:
             result = await self._store_batch(batch, entries)
         finally:
             self._publish_slots.release()
-        if result is not StoreResult.STORED:  # not stored (or not known to be): plan again
+        if not result.stored:  # not stored (or not known to be): plan again
             self.core.refused(entries, redispatch=result is StoreResult.GAVE_UP)
             if not self.leading:  # ...by the next leader: held here, nobody would
                 await self._hand_back(entries)
@@ -480,7 +510,8 @@ class Orchestrator:
 
         result = await publish_until_stored(
             self._store, self.subjects.work(batch.role, batch.target),
-            encode(WorkBatch(items=items)), batch_msg_id(batch),
+            encode(WorkBatch(items=items)),
+            batch_msg_id(batch, ((e.request_id, e.seq) for e in entries)),
             window_s=self.settings.streams.work.duplicate_window_s, on_retry=on_retry,
             retry_s=_PUBLISH_RETRY_S, still_valid=lambda: self.leading)
         if result is StoreResult.REFUSED:

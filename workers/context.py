@@ -22,7 +22,7 @@ from nats.js import JetStreamContext
 
 from cplane.bus.claims import Claims
 from cplane.bus.outcome import StoredPublisher, error_reply, terminal_msg_id
-from cplane.bus.replay import stored_seqs
+from cplane.bus.replay import stored_seqs, stored_terminal
 from cplane.bus.stored_retry import StoreResult, publish_until_stored
 from cplane.schemas import trace
 from cplane.schemas.codec import encode
@@ -171,8 +171,13 @@ class ServeContext:
             self.store, self.subjects.done_store(req.group, req.request_id), data,
             terminal_msg_id(req.request_id), window_s=window_s, headers=headers,
             still_valid=lambda: not self.nc.is_closed, on_retry=ready, retry_s=_RETRY_S)
-        if result is not StoreResult.STORED:
+        if not result.stored:
             raise NotStored(f"terminal of {req.request_id}: {result.value}")
+        if result is StoreResult.DUPLICATE:
+            # A terminal with this id was stored before (the same id run again within
+            # the window): the stream kept that one and republishes nothing now, so
+            # its readers get the stored one here, not this run's.
+            await self._resend_stored_terminal(item)
         self.store.terminal_stored(self.subjects, msg)
         key = "finals" if isinstance(msg, Final) else "errors"
         self.counts[key] += 1
@@ -180,6 +185,16 @@ class ServeContext:
             self.stats.finished(item, msg)
         else:
             self.stats.failed(item, msg.code)
+
+    async def _resend_stored_terminal(self, item: WorkItem) -> None:
+        req = item.request
+        stored = await stored_terminal(self.js, self.settings, req.group, req.request_id)
+        if stored is None:
+            return
+        data = encode(stored)
+        await self.nc.publish(self.subjects.done(req.group, req.request_id), data)
+        if req.reply_to:
+            await self.nc.publish(req.reply_to, data)
 
     async def _until_connected(self, deadline: float) -> None:
         """Publish nothing into nats-py's reconnect buffer: it is dropped (see drop_pending)."""

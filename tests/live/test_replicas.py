@@ -9,6 +9,7 @@ import time
 import nats
 from nats.aio.msg import Msg
 
+from cplane.bus.stored_retry import StoreResult
 from cplane.client.sdk import Client
 from cplane.orchestrator.service import Orchestrator
 from cplane.schemas.messages import Request
@@ -82,3 +83,45 @@ async def test_graceful_stop_hands_over_at_once(nats_url: str) -> None:
                                       timeout=10)
         assert final.usage.completion_tokens == 3
         await client.close()
+
+
+async def test_a_replica_that_steps_down_mid_publish_keeps_nothing(nats_url: str) -> None:
+    """The leader loses the lease while a work publish is still out; the publish then
+    fails. Its request must go to the new leader (naked), not back into the old
+    one's ledger, where its keep-alives would hold it from everyone for good."""
+    s = isolated_settings(
+        nats_url, sim={"zero_cost": True},
+        orchestrator={"ack_wait_s": 2.0, "in_progress_every_s": 0.5, "lease_ttl_s": 2.0,
+                      "lease_renew_s": 0.5, "publish_timeout_s": 1.0})
+    conns = [await nats.connect(nats_url), await nats.connect(nats_url)]
+    async with stack(s, workers=1, orchestrator=False) as run:
+        orchs = await start_replicas(s, run, conns)
+        old = next(o for o in orchs if o.leading)
+        new = next(o for o in orchs if not o.leading)
+        entered, fail = asyncio.Event(), asyncio.Event()
+
+        async def slow_publish(batch: object, entries: object) -> StoreResult:
+            entered.set()
+            await fail.wait()  # the broker's answer is late, then a refusal
+            return StoreResult.REFUSED
+
+        async def no_renewal() -> None:  # lost for good: the other replica holds it now
+            return None
+
+        old._store_batch = slow_publish  # type: ignore[method-assign]
+        client = Client(await nats.connect(nats_url), s)
+        handle = await client.submit(Request(request_id="x1", prompt="x y", max_tokens=3))
+        await until(entered.is_set, 10, "the publish in flight")
+        assert old.lease is not None
+        old.lease._step = no_renewal  # type: ignore[method-assign]
+        await old.lease.release()  # steps down; the standby acquires the lease
+        await until(lambda: new.leading, 10, "takeover")
+        fail.set()
+        final = await handle.result(timeout=15)
+        assert final.request_id == "x1"
+        assert "x1" not in old.ledger
+        await client.close()
+        await stop_all(run)
+    for c in conns:
+        if not c.is_closed:
+            await c.close()

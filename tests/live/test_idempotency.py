@@ -1,0 +1,137 @@
+"""Request ids as idempotency keys, past the streams' duplicate windows (scaled down here).
+
+A request id is the identity of a request for as long as its terminal is
+stored (LLM_DONE: days), not only for the two-minute duplicate windows:
+published again it gets its stored terminal back, never a hang and never a
+second run's terminal; and a malformed copy of a live id, handled by a
+replica that never saw the original, never ends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from cplane.schemas.settings import Settings
+from tests.natsfix import isolated_settings
+from tests.stack import _start, stack
+from tests.waiting import until
+
+WINDOW_S = 1.5  # every stream's duplicate window, scaled down from 120 s
+
+
+def settings(url: str, **extra: dict[str, object]) -> Settings:
+    windows: dict[str, dict[str, object]] = {
+        f"stream_{k}": {"duplicate_window_s": WINDOW_S} for k in ("req", "work", "out", "done")}
+    return isolated_settings(url, **{**windows, **extra})
+
+
+class Terminals:
+    def __init__(self) -> None:
+        self.seen: dict[str, list[dict[str, object]]] = {}
+
+    async def on_done(self, msg: Msg) -> None:
+        self.seen.setdefault(msg.subject.rsplit(".", 1)[-1], []).append(json.loads(msg.data))
+
+    def count(self, rid: str) -> int:
+        return len(self.seen.get(rid, []))
+
+
+async def publish(nc: NATS, s: Settings, rid: str, body: dict[str, object] | None = None) -> None:
+    data = body if body is not None else {"request_id": rid, "prompt": "x y z", "max_tokens": 4}
+    await nc.jetstream().publish(s.subjects.request("normal", "standard"),
+                                 json.dumps(data).encode(), headers={"Nats-Msg-Id": rid})
+
+
+async def stored_terminals(nc: NATS, s: Settings, rid: str) -> int:
+    """Terminals LLM_DONE holds for `rid` (two would be two runs' answers)."""
+    subject = s.subjects.done_store("i", rid)
+    info = await nc.jetstream().stream_info(s.streams.done.name, subjects_filter=subject)
+    return (info.state.subjects or {}).get(subject, 0)
+
+
+async def test_an_id_published_again_after_the_windows_gets_its_stored_terminal(
+        nats_url: str) -> None:
+    """The orchestrator remembers the id: it was acked silently (a hang) before."""
+    s = settings(nats_url, sim={"zero_cost": True})
+    nc = await nats.connect(nats_url)
+    got = Terminals()
+    await nc.subscribe(s.subjects.done_all, cb=got.on_done)
+    async with stack(s, workers=1):
+        await publish(nc, s, "again-1")
+        await until(lambda: got.count("again-1") == 1, 15, "the first terminal")
+        await asyncio.sleep(WINDOW_S + 0.5)  # the scenario: every duplicate window passes
+        await publish(nc, s, "again-1")  # a client retrying after its own timeout
+        await until(lambda: got.count("again-1") == 2, 15, "a terminal for the second publish")
+        assert got.seen["again-1"][1] == got.seen["again-1"][0]  # the stored one
+        assert await stored_terminals(nc, s, "again-1") == 1
+    await nc.close()
+
+
+async def test_an_id_a_new_leader_never_saw_runs_once_more_and_answers_with_the_stored(
+        nats_url: str) -> None:
+    """Past LLM_REQ's window, inside LLM_WORK's and LLM_OUT's, to a replica that never
+    saw the id (a takeover): its work publish was swallowed as a repeat of the first
+    run's batch (same Nats-Msg-Id), a hang. Now it runs, its outputs are dropped as
+    repeats, and the stored terminal is sent again."""
+    s = settings(nats_url, sim={"zero_cost": True}, stream_work={"duplicate_window_s": 60.0},
+                 stream_out={"duplicate_window_s": 60.0},
+                 stream_done={"duplicate_window_s": 60.0})
+    nc = await nats.connect(nats_url)
+    got = Terminals()
+    await nc.subscribe(s.subjects.done_all, cb=got.on_done)
+    async with stack(s, workers=1) as run:
+        await publish(nc, s, "again-2")
+        await until(lambda: got.count("again-2") == 1, 15, "the first terminal")
+        assert run.orchestrator is not None
+        run.stops[run.orchestrator].set()
+        await run.tasks[run.orchestrator]
+        from cplane.orchestrator.service import Orchestrator
+
+        fresh = Orchestrator(s)
+        await _start(fresh, run)
+        await until(lambda: fresh.leading, 10, "the new replica leads")
+        await asyncio.sleep(WINDOW_S + 0.5)  # the scenario: LLM_REQ's window passes
+        await publish(nc, s, "again-2")
+        await until(lambda: got.count("again-2") == 2, 15, "a terminal for the second publish")
+        assert got.seen["again-2"][1] == got.seen["again-2"][0]
+        assert await stored_terminals(nc, s, "again-2") == 1
+    await nc.close()
+
+
+async def test_a_malformed_copy_of_a_live_id_never_ends_it(nats_url: str) -> None:
+    """After a takeover the new leader's memory lacks the running request; a bad copy
+    of its id must be answered on the invalid subject, and the request keep its
+    own Final (not be ended by the copy's ErrorReply under the same dedup id)."""
+    s = settings(nats_url, sim={"decode_a_ms": 20.0})
+    nc = await nats.connect(nats_url)
+    got = Terminals()
+    await nc.subscribe(s.subjects.done_all, cb=got.on_done)
+    chunks: list[str] = []
+
+    async def on_out(msg: Msg) -> None:
+        chunks.append(msg.subject)
+
+    await nc.subscribe(s.subjects.out("i", "live-1"), cb=on_out)
+    async with stack(s, workers=1) as run:
+        await publish(nc, s, "live-1", {"request_id": "live-1", "prompt": "x", "max_tokens": 150})
+        await until(lambda: len(chunks) >= 3, 15, "the request streams")
+        assert run.orchestrator is not None
+        run.stops[run.orchestrator].set()  # a takeover: the new leader never saw live-1
+        await run.tasks[run.orchestrator]
+        from cplane.orchestrator.service import Orchestrator
+
+        fresh = Orchestrator(s)
+        await _start(fresh, run)
+        await until(lambda: fresh.leading, 10, "the new replica leads")
+        await publish(nc, s, "live-1-bad", {"request_id": "live-1", "prompt": "x",
+                                            "max_tokens": -3})
+        await until(lambda: got.count("live-1") >= 1, 30, "live-1's terminal")
+        assert all(t.get("finish_reason") for t in got.seen["live-1"]), (
+            f"live-1 was ended by its malformed copy: {got.seen['live-1']}")
+        assert fresh.stats.rejected == 1
+    await nc.close()
