@@ -67,6 +67,10 @@ async def prepare(ctx: ServeContext, run: Run) -> WorkItem | None:
                      streamer or "claimed")
         waited += 1
         await asyncio.sleep(_CLAIM_POLL_S)
+    if not chunks and await _head_lost(ctx, item):
+        raise HeadLost(f"{rid}: the first chunks it streamed aged out of "
+                       f"{ctx.settings.streams.out.name} (max_age "
+                       f"{ctx.settings.streams.out.max_age_s:g} s) before it could continue")
     if not chunks:
         return item
     ctx.counts["migrated"] += 1
@@ -88,6 +92,20 @@ async def prepare(ctx: ServeContext, run: Run) -> WorkItem | None:
         served_by=served,
         ttft_ms=ttft,
     )
+
+
+class HeadLost(Exception):
+    """A run to continue whose earlier chunks are gone from LLM_OUT (retention) while
+    later ones remain: continuing would contradict what readers saw, and running
+    it again from the start would repeat seqs they have. It ends in ErrorReply
+    `worker_failed` (retryable) instead."""
+
+
+async def _head_lost(ctx: ServeContext, item: WorkItem) -> bool:
+    """Chunks after `item.next_seq` are stored, the one at it is not."""
+    req = item.request
+    last = await last_chunk(ctx.js, ctx.settings, req.group, req.request_id)
+    return last is not None and last.seq > item.next_seq
 
 
 async def taken_over(ctx: ServeContext) -> list[Run]:

@@ -36,7 +36,7 @@ from cplane.schemas.messages import ErrorCode, Final, FinishReason, Role, Timing
 from cplane.workers.chunker import ChunkStream
 from cplane.workers.context import Outcome, ServeContext
 from cplane.workers.engines.base import Delta, EngineDeadError, EngineInputError, EngineRequest
-from cplane.workers.migrate import dead_letter, prepare
+from cplane.workers.migrate import HeadLost, dead_letter, prepare
 from cplane.workers.runs import Run, RunState
 
 __all__ = ["Outcome", "ServeContext", "engine_request", "serve"]
@@ -76,7 +76,13 @@ async def _attempt(ctx: ServeContext, run: Run) -> Outcome:
         return await dead_letter(ctx, run, run.letter)
     item = run.item
     if run.check:
-        prepared = await prepare(ctx, run)
+        try:
+            prepared = await prepare(ctx, run)
+        except HeadLost as exc:
+            log.error("%s", exc)
+            await _storing(ctx, run)
+            await ctx.publish_error(item, ErrorCode.WORKER_FAILED, str(exc), True)
+            return Outcome.ERROR
         if prepared is None:
             return Outcome.SKIPPED
         item = prepared

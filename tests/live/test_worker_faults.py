@@ -25,6 +25,7 @@ from cplane.bus.provision import ensure_streams, ensure_work_consumer
 from cplane.schemas.codec import encode, output_decoder
 from cplane.schemas.messages import (
     DeadLetter,
+    ErrorCode,
     ErrorReply,
     Final,
     FinishReason,
@@ -206,6 +207,27 @@ async def test_killed_worker_request_continues_on_another(nats_url: str, nc: NAT
     assert len(watch.terminals) == 1
     watch.assert_consistent(final)
     assert took < f.s.worker.ack_wait_s + 3 + 300 * 0.008 * 2
+
+
+async def test_a_head_aged_out_of_llm_out_is_never_regenerated(nats_url: str,
+                                                              nc: NATS) -> None:
+    """A long generation outlives LLM_OUT's retention (max_age scaled down to 2 s):
+    its worker dies after the first chunks aged out. The heir must not run it again
+    from the start (repeated seqs with another continuation, a Final unlike the
+    stream): it ends in ErrorReply worker_failed (retryable)."""
+    async with fleet(nats_url, sim={"decode_a_ms": 8.0}, stream_out={"max_age_s": 2.0, "duplicate_window_s": 2.0}) as f:
+        js = nc.jetstream()
+        victim = await f.start("victim")
+        watch = await Watch.start(nc, f.s, "h1")
+        await put(js, f.s, item("h1", 1500))
+        await until(lambda: watch.tokens() >= 400)  # ~3 s in: seq 0 is older than 2 s
+        await f.start("heir")
+        await f.kill(victim)
+        term = await watch.terminal(timeout=f.s.worker.ack_wait_s + 15)
+    assert isinstance(term, ErrorReply), (
+        f"ran again from the start: a Final by {getattr(term, 'workers', None)}")
+    assert term.code is ErrorCode.WORKER_FAILED and term.retryable
+    assert len(watch.terminals) == 1
 
 
 async def test_live_worker_keeps_its_work_past_ack_wait(nats_url: str, nc: NATS) -> None:
