@@ -6,6 +6,7 @@ from cplane.client.sdk import (
     RejectedAtPublish,
     RequestFailed,
     RequestHandle,
+    StreamGap,
     new_request_id,
 )
 
@@ -15,5 +16,6 @@ __all__ = [
     "RejectedAtPublish",
     "RequestFailed",
     "RequestHandle",
+    "StreamGap",
     "new_request_id",
 ]

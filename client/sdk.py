@@ -15,7 +15,10 @@ Promises:
 - Nothing is lost across a reconnect: when the connection comes back, every
   request still open replays its chunks from LLM_OUT and looks up a terminal
   stored in LLM_DONE while it was away. When the Final shows chunks it never
-  saw, they are replayed from LLM_OUT too.
+  saw, they are replayed from LLM_OUT too; chunks gone from there as well
+  (aged out of its retention) end the iteration with StreamGap, which
+  carries the complete Final: a stream never ends with a gap it did not
+  report.
 - `generate()` and `stream()` never wait forever: without a `timeout` they
   use the client's `default_timeout_s` (300 s unless given to `Client` /
   `Client.connect`; None waits without bound). On timeout they cancel the
@@ -73,6 +76,18 @@ class RequestFailed(Exception):
         self.error = error
 
 
+class StreamGap(Exception):
+    """The stream ended with chunks it never delivered: seen neither live nor in LLM_OUT
+    (aged out of its retention). `final` is the whole answer (its `text` is
+    complete); `missing` is the range of seqs no reader can get any more."""
+
+    def __init__(self, final: Final, first_missing: int) -> None:
+        super().__init__(f"{final.request_id}: chunks {first_missing}..{final.chunks - 1} "
+                         "were never delivered and are no longer stored")
+        self.final = final
+        self.missing = range(first_missing, final.chunks)
+
+
 class Overloaded(Exception):
     """The request stream refused the publish (full): try again later."""
 
@@ -106,6 +121,7 @@ class RequestHandle:
         )
         self._sub: Subscription | None = None
         self._replaying = False
+        self.gap_from: int | None = None  # first seq lost for good (StreamGap)
         self._bg: set[asyncio.Future[None]] = set()  # keeps background steps referenced
         self.closed = False  # True once the stream has ended (or `close()`): nothing more is read
         self.traceparent = ""  # sent with the request (W3C trace context)
@@ -180,6 +196,7 @@ class RequestHandle:
         if self._chunks_missing():  # lost for good: end the stream, the Final has the text
             log.warning("%s: chunks from seq %d were never seen and are not in LLM_OUT",
                         self.request_id, self._next_seq)
+            self.gap_from = self._next_seq
             self._next_seq = 1 << 62
         self._maybe_close()
 
@@ -261,6 +278,8 @@ class RequestHandle:
                 term = self._terminal.result()
                 if isinstance(term, ErrorReply):
                     raise RequestFailed(term)
+                if self.gap_from is not None:  # never end a stream with an unreported gap
+                    raise StreamGap(term, self.gap_from)
                 return
             yield chunk
 

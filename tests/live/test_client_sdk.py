@@ -7,7 +7,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from cplane.bus.provision import ensure_streams
-from cplane.client.sdk import Client, RejectedAtPublish, RequestHandle
+from cplane.client.sdk import Client, RejectedAtPublish, RequestHandle, StreamGap
 from cplane.schemas.messages import Final, FinishReason, Request, TokenChunk
 from tests.natsfix import isolated_settings
 
@@ -38,6 +38,24 @@ async def test_missed_chunks_are_replayed_from_the_out_stream(nats_url: str, nc:
     h._take(chunk(3))
     h._take(Final(request_id="r1", finish_reason=FinishReason.LENGTH, chunks=4))
     assert [c.seq async for c in h] == [0, 1, 2, 3]
+
+
+async def test_chunks_lost_for_good_end_the_stream_with_a_reported_gap(
+        nats_url: str, nc: NATS) -> None:
+    """Chunks 1..2 neither seen live nor in LLM_OUT (aged out): the iteration ends with
+    StreamGap carrying the whole Final, never silently short."""
+    s = isolated_settings(nats_url)
+    await ensure_streams(nc.jetstream(), s)
+    h = RequestHandle(Client(nc, s), Request(request_id="r1", prompt="x"))
+    h._take(chunk(0))
+    final = Final(request_id="r1", finish_reason=FinishReason.LENGTH, chunks=3, text="<0><1><2>")
+    h._take(final)
+    seen = []
+    with pytest.raises(StreamGap) as gap:
+        async for c in h:
+            seen.append(c.seq)
+    assert seen == [0] and gap.value.missing == range(1, 3) and gap.value.final == final
+    assert (await h.result()) == final  # the answer itself is whole
 
 
 async def test_messages_of_other_requests_or_subjects_are_dropped(nats_url: str, nc: NATS) -> None:
