@@ -1,10 +1,12 @@
 """What the chaos run saw: every chunk and terminal, live and stored, and the figures.
 
 Live: core subscriptions on `llm.out.i.>` and `llm.done.i.>` made before the
-first publish. Stored: LLM_OUT and LLM_DONE read back in full at the end. A
-terminal is identified by its whole JSON content, so the same stored message
-seen twice (live and replayed) counts once; two different Finals, or a Final
-and an ErrorReply, are two terminals.
+first publish. Stored: what LLM_OUT stored, read back at the end from the
+run's archive (a mirror of LLM_OUT the harness creates with a long max_age:
+LLM_OUT itself keeps chunks only seconds in this run), and LLM_DONE in full.
+A terminal is identified by its whole JSON content, so the same stored
+message seen twice (live and replayed) counts once; two different Finals,
+or a Final and an ErrorReply, are two terminals.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ DONE_PREFIX = "llm.done.i."
 STORE_OUT_PREFIX = "llm.s.out.i."
 STORE_DONE_PREFIX = "llm.s.done.i."
 WORK_PREFIX = "llm.work."
+HB_PREFIX = "llm.hb."
 
 
 def canonical(obj: dict[str, Any]) -> str:
@@ -49,6 +52,8 @@ class Seen:
     chunk_workers: set[str] = field(default_factory=set)
     # work items seen live on llm.work.> (who dispatched it, where, which attempt)
     work: list[str] = field(default_factory=list)
+    # live chunks in arrival order: (seq, worker id, ts_ms of the worker's clock)
+    arrivals: list[tuple[int, str, float]] = field(default_factory=list)
 
 
 class Recorder:
@@ -59,6 +64,13 @@ class Recorder:
         self.notes: list[str] = []
         self.foreign = 0  # messages on our subjects whose request_id differs from the subject
         self.last_chunk_at: dict[str, float] = {}  # worker id -> monotonic time of its last chunk
+        # request id -> (worker id, monotonic time) of its last live chunk
+        self.streaming: dict[str, tuple[str, float]] = {}
+        self.first_chunk_at: dict[str, float] = {}  # request id -> monotonic time, first live chunk
+        self.first_work_at: dict[str, float] = {}  # request id -> wall time its first work item went out
+        self.final_live_at: dict[str, float] = {}  # request id -> wall time of its first live Final
+        # worker id -> [first and last heartbeat (wall time), count, the last one's brief]
+        self.beats: dict[str, list[Any]] = {}
 
     def _chunk(self, rid: str, obj: dict[str, Any], where: str) -> None:
         seen = self.by_id[rid]
@@ -72,10 +84,14 @@ class Recorder:
         else:
             copies[tids] = (obj.get("text", ""), where)
         (seen.live_seqs if where == "live" else seen.stored_seqs).add(seq)
+        if where == "live":
+            self.first_chunk_at.setdefault(rid, time.monotonic())
+            seen.arrivals.append((seq, str(obj.get("worker_id", "")), float(obj.get("ts_ms", 0))))
         if obj.get("worker_id"):
             seen.chunk_workers.add(obj["worker_id"])
             if where == "live":
                 self.last_chunk_at[obj["worker_id"]] = time.monotonic()
+                self.streaming[rid] = (obj["worker_id"], time.monotonic())
 
     def _terminal(self, rid: str, obj: dict[str, Any], where: str) -> None:
         seen = self.by_id[rid]
@@ -83,6 +99,9 @@ class Recorder:
         if where == "live":
             seen.live_copies += 1
             self.live_terminal.add(rid)
+            self.streaming.pop(rid, None)
+            if obj.get("type") == "final":
+                self.final_live_at.setdefault(rid, time.time())
         old = seen.terminals.get(key)
         if old is None:
             seen.terminals[key] = (obj, where)
@@ -99,6 +118,7 @@ class Recorder:
             if not isinstance(it, dict) or not isinstance(it.get("request"), dict):
                 continue
             rid = str(it["request"].get("request_id", ""))
+            self.first_work_at.setdefault(rid, at)
             self.by_id[rid].work.append(
                 f"{at:.3f} {subject} attempt={it.get('attempt', 1)} "
                 f"next_seq={it.get('next_seq', 0)} redispatched={it.get('redispatched', False)} "
@@ -128,6 +148,21 @@ class Recorder:
         else:
             self._terminal(rid, obj, where)
 
+    async def on_hb(self, msg: Msg) -> None:
+        try:
+            hb = json.loads(msg.data)
+        except ValueError:
+            return
+        if not isinstance(hb, dict):
+            return
+        wid = str(hb.get("worker_id", msg.subject.rsplit(".", 1)[-1]))
+        now = time.time()
+        # fields at their default are left out of the message: state ready, counts 0
+        brief = {"state": hb.get("state", "ready"),
+                 **{k: hb.get(k, 0) for k in ("running", "held_items", "served")}}
+        b = self.beats.setdefault(wid, [now, now, 0, brief])
+        b[1], b[2], b[3] = now, b[2] + 1, brief
+
     async def on_live(self, msg: Msg) -> None:
         self.take(msg.subject, msg.data, "live")
 
@@ -138,6 +173,7 @@ class Recorder:
                            pending_bytes_limit=1 << 30)
         await nc.subscribe(WORK_PREFIX + ">", cb=self.on_work, pending_msgs_limit=2_000_000,
                            pending_bytes_limit=1 << 30)
+        await nc.subscribe(HB_PREFIX + "*", cb=self.on_hb)
         await subscribed(nc)  # live before the services publish (not just flushed)
 
     def has_terminal(self, rid: str) -> bool:
@@ -199,17 +235,27 @@ class Figures:
     stranded: int = 0
     hung: int = 0
     max_rss_mb: int = 0
+    # what the run injected: pause faults (SIGSTOP/SIGCONT), partition faults (proxy
+    # blackhole, delay, reset), long generations accepted, finished ids published again
+    pauses: int = 0
+    partitions: int = 0
+    long_generations: int = 0
+    resubmitted: int = 0
     codes: Counter[str] = field(default_factory=Counter)
     samples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    ids: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))  # every one
 
     def line(self) -> str:
         return ("chaos: accepted=%d refused=%d completed=%d errored=%d lost=%d dup_terminals=%d "
-                "gaps=%d inconsistent=%d stranded=%d hung=%d max_rss_mb=%d" % (
+                "gaps=%d inconsistent=%d stranded=%d hung=%d max_rss_mb=%d pauses=%d "
+                "partitions=%d long_generations=%d resubmitted=%d" % (
                     self.accepted, self.refused, self.completed, self.errored, self.lost,
                     self.dup_terminals, self.gaps, self.inconsistent, self.stranded, self.hung,
-                    self.max_rss_mb))
+                    self.max_rss_mb, self.pauses, self.partitions, self.long_generations,
+                    self.resubmitted))
 
     def sample(self, kind: str, rid: str) -> None:
+        self.ids[kind].append(rid)
         if len(self.samples[kind]) < 8:
             self.samples[kind].append(rid)
 
@@ -222,9 +268,13 @@ def describe(rid: str, seen: Seen | None) -> str:
              f"{_ranges(seen.stored_seqs)} | chunk workers {sorted(seen.chunk_workers)} | "
              f"live terminal copies {seen.live_copies}"]
     lines.extend(f"    work item seen at {w}" for w in seen.work[:6])
+    if seen.arrivals:
+        lines.append("    live stream runs (worker: seqs, worker clock): " + "; ".join(
+            f"{w or '?'}: {a}-{b} at {t0 / 1000:.3f}-{t1 / 1000:.3f}"
+            for w, a, b, t0, t1 in stream_runs(seen.arrivals)[:10]))
     for obj, where in seen.terminals.values():
-        brief = {k: obj.get(k) for k in ("type", "finish_reason", "code", "message", "chunks",
-                                         "workers", "ts_ms") if k in obj}
+        brief: dict[str, Any] = {k: obj.get(k) for k in (
+            "type", "finish_reason", "code", "message", "chunks", "workers", "ts_ms") if k in obj}
         if "usage" in obj:
             brief["completion_tokens"] = obj["usage"].get("completion_tokens")
         brief["text"] = (obj.get("text") or "")[:80]
@@ -236,6 +286,21 @@ def describe(rid: str, seen: Seen | None) -> str:
         for tids, (text, where) in seen.chunks[seq].items():
             lines.append(f"    seq {seq} [{where}] token_ids={list(tids)[:8]} text={text[:60]!r}")
     return "\n".join(lines)
+
+
+def stream_runs(arrivals: list[tuple[int, str, float]]
+                ) -> list[tuple[str, int, int, float, float]]:
+    """Live chunks folded into runs: one worker, consecutive seqs; (worker, first seq,
+    last seq, first ts_ms, last ts_ms). A run that starts below where the previous
+    one ended is a stream started again."""
+    runs: list[tuple[str, int, int, float, float]] = []
+    for seq, worker, ts in arrivals:
+        if runs and runs[-1][0] == worker and seq == runs[-1][2] + 1:
+            w, a, _, t0, _ = runs[-1]
+            runs[-1] = (w, a, seq, t0, ts)
+        else:
+            runs.append((worker, seq, seq, ts, ts))
+    return runs
 
 
 def _ranges(seqs: set[int]) -> str:

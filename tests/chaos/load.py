@@ -3,7 +3,11 @@
 Each request is a JetStream publish to `llm.req.<priority>.<slo_class>` (a
 quarter interactive: sheddable, so overload is also answered by admission
 control with `overloaded`; the rest standard) with header
-`Nats-Msg-Id: <request_id>`. Outcomes of a publish:
+`Nats-Msg-Id: <request_id>`. Some share a session (`session_id`: session
+routers keep them on one worker) or open with one of a few long common
+prefixes (prefix routers place them where that prefix went). A seeded share
+(`long_share`) are long generations: `long_tokens` tokens (20-40 s on the sim
+engine), standard class. Outcomes of a publish:
 - acked by JetStream (a duplicate ack on a retry counts too): accepted;
 - an explicit error from the server (stream full, `discard=new`): refused,
   counted by its description;
@@ -30,15 +34,33 @@ WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo li
          "november oscar papa quebec romeo sierra tango uniform victor whiskey xray").split()
 # JetStream error codes of a stream at its limits (discard=new): an explicit refusal.
 LIMIT_CODES = {10077, 10047, 10054}
+TRANSIENT = (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError,
+             nats.errors.ConnectionReconnectingError, nats.errors.NoRespondersError,
+             nats.errors.ConnectionClosedError, nats.errors.StaleConnectionError, TimeoutError,
+             OSError)
+SESSIONS = 6
+
+
+def _prefixes() -> tuple[str, ...]:
+    """Three fixed ~100-word openings (several prefix blocks each)."""
+    return tuple(" ".join(WORDS[(k * 7 + i * (k + 3)) % len(WORDS)] for i in range(100))
+                 for k in range(3))
+
+
+PREFIXES = _prefixes()
 
 
 class Publisher:
     def __init__(self, nc: NATS, total: int, base_rate: float, rng: random.Random,
-                 tag: str, log: Callable[[str], None], retry_s: float = 45.0) -> None:
+                 tag: str, log: Callable[[str], None], retry_s: float = 45.0,
+                 long_share: float = 0.0, long_tokens: tuple[int, int] = (3000, 5500)) -> None:
         self.js = nc.jetstream()
         self.total, self.base_rate, self.rng, self.tag, self.log = total, base_rate, rng, tag, log
         self.retry_s = retry_s
+        self.long_share, self.long_tokens = long_share, long_tokens
         self.accepted: dict[str, float] = {}  # request id -> time of its ack
+        self.bodies: dict[str, tuple[str, bytes]] = {}  # request id -> (subject, body) published
+        self.long: dict[str, int] = {}  # long generations: request id -> max_tokens
         self.refused: Counter[str] = Counter()
         self.ambiguous: set[str] = set()
         self.retries = 0
@@ -65,15 +87,26 @@ class Publisher:
 
     def body(self, rid: str) -> tuple[str, bytes]:
         prio = self.rng.choices(list(PRIORITY_WEIGHTS), weights=list(PRIORITY_WEIGHTS.values()))[0]
-        req = {
+        prompt = " ".join(self.rng.choice(WORDS) for _ in range(self.rng.randint(4, 40)))
+        if self.rng.random() < 0.3:
+            prompt = self.rng.choice(PREFIXES) + " " + prompt
+        long = self.rng.random() < self.long_share
+        max_tokens = self.rng.randint(*self.long_tokens) if long else self.rng.randint(8, 64)
+        req: dict[str, object] = {
             "request_id": rid,
-            "prompt": " ".join(self.rng.choice(WORDS) for _ in range(self.rng.randint(4, 40))),
-            "max_tokens": self.rng.randint(8, 64),
+            "prompt": prompt,
+            "max_tokens": max_tokens,
             "temperature": round(self.rng.uniform(0.5, 1.0), 3),
             "created_ms": time.time() * 1000,
         }
-        slo = "interactive" if self.rng.random() < 0.25 else "standard"
-        return f"llm.req.{prio}.{slo}", json.dumps(req).encode()
+        if self.rng.random() < 0.3:
+            req["session_id"] = f"s{self.rng.randrange(SESSIONS)}"
+        slo = "interactive" if not long and self.rng.random() < 0.25 else "standard"
+        subject, data = f"llm.req.{prio}.{slo}", json.dumps(req).encode()
+        self.bodies[rid] = (subject, data)
+        if long:
+            self.long[rid] = max_tokens
+        return subject, data
 
     async def publish_one(self, rid: str) -> None:
         subject, data = self.body(rid)
@@ -93,7 +126,7 @@ class Publisher:
                         self.overload_refused += in_overload
                         return
                     self.log(f"publish {rid}: transient API error {exc!r}, retrying")
-                except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError, nats.errors.ConnectionReconnectingError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError, nats.errors.StaleConnectionError, TimeoutError, OSError) as exc:
+                except TRANSIENT as exc:
                     if time.monotonic() > deadline:
                         self.ambiguous.add(rid)
                         self.log(f"publish {rid}: AMBIGUOUS after {self.retry_s}s: {exc!r}")
@@ -103,6 +136,26 @@ class Publisher:
         finally:
             self.inflight -= 1
             self._sem.release()
+
+    async def publish_again(self, rid: str, retry_s: float = 20.0) -> str:
+        """Publish an accepted request's very body again, same Nats-Msg-Id (a client
+        resubmitting an id); retried on transient errors for `retry_s`. Returns
+        "accepted", "duplicate" (JetStream dropped it: still in its window),
+        "refused <error>" or "ambiguous"."""
+        subject, data = self.bodies[rid]
+        deadline = time.monotonic() + retry_s
+        while True:
+            try:
+                ack = await self.js.publish(subject, data, timeout=2.0,
+                                            headers={"Nats-Msg-Id": rid})
+                return "duplicate" if ack.duplicate else "accepted"
+            except nats.js.errors.APIError as exc:
+                if exc.err_code in LIMIT_CODES or time.monotonic() > deadline:
+                    return f"refused {exc.err_code} {exc.description}"
+            except TRANSIENT:
+                if time.monotonic() > deadline:
+                    return "ambiguous"
+            await asyncio.sleep(0.25)  # back-off before a retry (bounded by retry_s)
 
     async def _launch(self) -> None:
         await self._sem.acquire()

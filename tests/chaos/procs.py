@@ -2,13 +2,15 @@
 
 Black box, as an operator sees it: the services are started through the CLI
 (`python -m cplane.cli ...`), configured by `CPLANE__SECTION__KEY` variables,
-and killed with SIGKILL. Every wait is bounded; `Fleet.stop_all` ends every
+killed with SIGKILL, and paused with SIGSTOP / SIGCONT (`Proc.pause`: a process
+that is slow, not dead). Every wait is bounded; `Fleet.stop_all` ends every
 process this module started, by pid, whatever happened before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import os
 import signal
@@ -64,6 +66,7 @@ class Proc:
         self.name, self.argv, self.env, self.log = name, argv, env, log
         self.popen: subprocess.Popen[bytes] | None = None
         self.peak_kb = 0
+        self.paused = False  # SIGSTOPped by `pause` right now
 
     @property
     def pid(self) -> int:
@@ -73,6 +76,7 @@ class Proc:
         return self.popen is not None and self.popen.poll() is None
 
     def start(self) -> Proc:
+        self.paused = False
         with open(self.log, "ab") as fh:
             fh.write(f"\n==== chaos: start {self.name} at {time.time():.3f}\n".encode())
             fh.flush()
@@ -94,6 +98,14 @@ class Proc:
             return ""
         return "\n".join(f"    {self.log.name}: {x}" for x in lines[-n:])
 
+    def current_log_has(self, text: str) -> bool:
+        """Whether the log written since the last start contains `text`."""
+        try:
+            data = self.log.read_text(errors="replace")
+        except OSError:
+            return False
+        return text in data[data.rfind("==== chaos: start"):]
+
     def _note(self, what: str) -> None:
         with open(self.log, "ab") as fh:
             fh.write(f"\n==== chaos: {what} {self.name} pid={self.pid} at {time.time():.3f}\n"
@@ -111,6 +123,32 @@ class Proc:
         except subprocess.TimeoutExpired:
             pass
 
+    async def pause(self, seconds: float, max_s: float = 30.0) -> bool:
+        """SIGSTOP, `seconds` (at most `max_s`) stopped, then SIGCONT; False when not running.
+
+        The process is resumed whatever happens meanwhile (cancellation
+        included), and only the process that was stopped: a restart under the
+        same `Proc` meanwhile gets no stray SIGCONT (`Popen.send_signal` sends
+        nothing to a process already reaped).
+        """
+        popen = self.popen
+        if popen is None or popen.poll() is not None or self.paused:
+            return False
+        seconds = max(0.0, min(seconds, max_s))
+        self.sample_rss()
+        self._note(f"SIGSTOP for {seconds:.1f}s")
+        popen.send_signal(signal.SIGSTOP)
+        self.paused = True
+        try:
+            await asyncio.sleep(seconds)  # the fault under test: the process is stopped this long
+        finally:
+            popen.send_signal(signal.SIGCONT)
+            if self.popen is popen:
+                self.paused = False
+            with contextlib.suppress(OSError):
+                self._note("SIGCONT")
+        return True
+
     async def terminate(self, timeout_s: float = 10.0) -> None:
         """SIGTERM, wait (bounded, without blocking the loop), then SIGKILL."""
         if not self.alive():
@@ -119,6 +157,7 @@ class Proc:
         self.sample_rss()
         self._note("SIGTERM")
         self.popen.send_signal(signal.SIGTERM)
+        self.popen.send_signal(signal.SIGCONT)  # a stopped process acts on SIGTERM only once resumed
         deadline = time.monotonic() + timeout_s
         while self.popen.poll() is None and time.monotonic() < deadline:
             await asyncio.sleep(0.05)  # poll for the exit (bounded), keeping the loop free
@@ -179,7 +218,11 @@ class NatsServer:
 
 
 class Fleet:
-    """Orchestrator replicas and sim workers, started through the CLI."""
+    """Orchestrator replicas and sim workers, started through the CLI.
+
+    A process may reach the broker through its own URL (a partition proxy,
+    tests/chaos/proxy.py): `urls` by process name; the rest use `url`.
+    """
 
     def __init__(self, run_dir: Path, url: str, env: dict[str, str], capacity: int) -> None:
         self.dir, self.url, self.env, self.capacity = run_dir, url, env, capacity
@@ -188,24 +231,35 @@ class Fleet:
         self.retired: list[Proc] = []
         self.next_worker = 1
         self.events: list[str] = []
+        self.urls: dict[str, str] = {}
 
     def _python(self) -> str:
         venv = ROOT / ".venv" / "bin" / "python"
         return str(venv) if venv.exists() else sys.executable
 
-    def start_orchestrator(self) -> Proc:
+    def url_of(self, name: str) -> str:
+        return self.urls.get(name, self.url)
+
+    def start_orchestrator(self, url: str | None = None,
+                           env: dict[str, str] | None = None) -> Proc:
         i = len(self.orchestrators)
-        p = Proc(f"orch{i}", [self._python(), "-m", "cplane.cli", "orchestrator",
-                              "--nats-url", self.url], self.env, self.dir / f"orch{i}.log")
+        name = f"orch{i}"
+        if url is not None:
+            self.urls[name] = url
+        p = Proc(name, [self._python(), "-m", "cplane.cli", "orchestrator",
+                        "--nats-url", self.url_of(name)], {**self.env, **(env or {})},
+                 self.dir / f"orch{i}.log")
         self.orchestrators.append(p.start())
         return p
 
-    def start_worker(self, worker_id: str | None = None) -> Proc:
+    def start_worker(self, worker_id: str | None = None, url: str | None = None) -> Proc:
         if worker_id is None:
             worker_id = f"w{self.next_worker}"
             self.next_worker += 1
+        if url is not None and url != self.url:
+            self.urls[worker_id] = url
         argv = [self._python(), "-m", "cplane.cli", "worker", "--engine", "sim",
-                "--worker-id", worker_id, "--nats-url", self.url,
+                "--worker-id", worker_id, "--nats-url", self.url_of(worker_id),
                 "--capacity", str(self.capacity)]
         p = Proc(worker_id, argv, self.env, self.dir / f"worker-{worker_id}.log")
         old = self.workers.get(worker_id)
@@ -213,6 +267,13 @@ class Fleet:
             self.retired.append(old)
         self.workers[worker_id] = p.start()
         return p
+
+    def orchestrator_by_id(self, orch_id: str) -> Proc | None:
+        """The replica whose current run logged `orchestrator <orch_id> up` (ids are generated)."""
+        for p in self.orchestrators:
+            if p.alive() and p.current_log_has(f"orchestrator {orch_id} up"):
+                return p
+        return None
 
     def live_workers(self) -> list[str]:
         return [wid for wid, p in self.workers.items() if p.alive()]
