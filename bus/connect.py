@@ -123,3 +123,35 @@ def drop_pending(nc: NATS, subject_prefix: str) -> int:
         nc._pending = kept
         nc._pending_data_size = sum(len(cmd) for cmd in kept)
     return dropped
+
+
+async def revive_reader(nc: NATS) -> bool:
+    """Reconnect a connection whose read loop has ended while it counts as connected
+    (see `round_trip`); True when it had to."""
+    reader = getattr(nc, "_reading_task", None)
+    if not nc.is_connected or (reader is not None and not reader.done()):
+        return False
+    log.warning("the connection's read loop has ended: reconnecting")
+    await nc._process_op_err(ConnectionResetError("read loop ended"))
+    return True
+
+
+async def round_trip(nc: NATS, timeout_s: float, api_prefix: str = "$JS.API") -> bool:
+    """True once the server has answered a request sent after everything this
+    connection published before it (a JetStream API INFO: one small request, in
+    order behind the publishes); False when no answer came within `timeout_s`.
+
+    Not nats-py's `flush(timeout)`: in 2.16 its PING is written ahead of the
+    publishes still buffered, and a timed-out flush leaves its cancelled future
+    queued, so the late PONG raises in the read loop, which stops reading for
+    good without reconnecting (the process still publishes: a zombie that
+    heartbeats). A dead read loop is reported as False and the connection is
+    made to reconnect (`_reading_task`, `_process_op_err`: pinned by nats-py==2.16.0).
+    """
+    if not nc.is_connected or await revive_reader(nc):
+        return False
+    try:
+        await nc.request(f"{api_prefix}.INFO", b"", timeout=timeout_s)
+        return True
+    except Exception:  # a timeout, no responders (JetStream not up yet), a closed connection
+        return False

@@ -74,13 +74,13 @@ class HeartbeatBook:
         """Workers heard within `timeout`, by id (the stale stay until `expire`)."""
         return [s for _, s in sorted(self.seen.items()) if now - s.at <= self.timeout]
 
-    def grace(self, now: float) -> None:
-        """The reader itself could not listen until `now` (its process stalled, its
-        connection was cut): every worker counts as heard at `now`, so none
-        expires for the reader's silence; a dead one goes `timeout` later."""
+    def grace(self, stalled: float) -> None:
+        """The reader itself could not listen for `stalled` (its process was paused, its
+        connection cut): that silence does not count against any worker, whose
+        last heartbeat moves that much later. A worker already silent before the
+        stall keeps the silence it had (it is not made routable again)."""
         for w, s in self.seen.items():
-            if s.at < now:
-                self.seen[w] = Seen(s.hb, now)
+            self.seen[w] = Seen(s.hb, s.at + stalled)
 
     def expire(self, now: float) -> list[Heartbeat]:
         """Forget workers unheard for longer than `timeout`; their last heartbeats,

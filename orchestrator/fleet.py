@@ -264,9 +264,10 @@ class Registry:
     def expire(self, now_ms: float) -> list[str]:
         return [hb.worker_id for hb in self.expire_workers(now_ms)]
 
-    def grace(self, now_ms: float) -> None:
-        """This process heard nothing until `now_ms` (it stalled): see HeartbeatBook.grace."""
-        self.book.grace(now_ms)
+    def grace(self, stalled_ms: float) -> None:
+        """This process heard nothing for `stalled_ms` (it stalled): HeartbeatBook.grace."""
+        self.book.grace(stalled_ms)
+        self._view = None
 
     def expire_workers(self, now_ms: float) -> list[Heartbeat]:
         """Forget workers unseen for `timeout_ms`; their last heartbeats (they died:

@@ -22,6 +22,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from cplane.bus.outcome import StoredPublisher
+from cplane.bus.provision import ensure_work_consumer
 from cplane.bus.requeue import requeue
 from cplane.schemas.messages import Role
 from cplane.schemas.settings import Settings
@@ -80,10 +81,27 @@ async def orphaned_queues(js: JetStreamContext, settings: Settings,
                           alive: Callable[[str], bool]) -> list[tuple[Role, str]]:
     """Own queues (`work-<role>-<worker_id>`) of workers not alive that still hold
     work: a worker that died while no orchestrator led (or before this one heard
-    of it) was never rescued at its expiry. Workers that exit delete theirs."""
+    of it) was never rescued at its expiry. Workers that exit delete theirs.
+    Also work on a dead worker's own subject that no consumer reads (routed
+    to it after its consumer was deleted): its consumer is made again, so the
+    rescue can move it."""
     out = []
     roles = {r.value: r for r in Role}
-    for info in await js.consumers_info(settings.streams.work.name):
+    stream = settings.streams.work.name
+    consumed: set[str] = set()
+    for info in await js.consumers_info(stream):
+        consumed.add(info.name or "")
+    head = f"{settings.subjects.prefix}.work."
+    held = await js.stream_info(stream, subjects_filter=f"{head}*.*")
+    for subject, count in (held.state.subjects or {}).items():
+        role_name, _, target = subject[len(head):].partition(".")
+        if (count and role_name in roles and target and target != ANY_TARGET
+                and not target.startswith(MODEL_TARGET_PREFIX) and not alive(target)
+                and consumer_for_work(roles[role_name], target) not in consumed):
+            log.warning("%d work messages for %s, which no consumer reads: rescuing them",
+                        count, target)
+            await ensure_work_consumer(js, settings, roles[role_name], target)
+    for info in await js.consumers_info(stream):
         name = info.name or ""
         head, _, rest = name.partition("-")
         role_name, _, target = rest.partition("-")

@@ -36,7 +36,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NoStreamResponseError
 
 from cplane.bus.cancels import CancelBook
-from cplane.bus.connect import connect
+from cplane.bus.connect import connect, revive_reader
 from cplane.bus.fins import read_fin
 from cplane.bus.heartbeats import subscribe_heartbeats
 from cplane.bus.jsmeta import delivery
@@ -555,7 +555,7 @@ class Orchestrator:
                 # tick that ran late: every worker gets a fresh timeout from now.
                 log.warning("orchestrator %s stalled %.1f s: no worker expires for it",
                             self.id, late)
-                self.registry.grace(t)
+                self.registry.grace(late * 1000)
             self.registry.tick_breakers(t)
             for hb in self.registry.expire_workers(t):
                 log.info("worker %s expired; %d live", hb.worker_id,
@@ -570,6 +570,8 @@ class Orchestrator:
                 await self._keep_alive()
             if mono - last_reconcile >= 1.0:
                 last_reconcile = mono
+                if self._nc is not None:
+                    await revive_reader(self._nc)  # nats-py can stop reading (bus/connect.py)
                 await self._reconcile(t)
             # Own queues of dead workers no leader saw expire; once this process
             # has heard heartbeats for a worker timeout (every live one is known).

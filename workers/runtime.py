@@ -47,7 +47,7 @@ from nats.aio.msg import Msg
 
 from cplane.bus.cancels import CancelBook
 from cplane.bus.claims import Claims
-from cplane.bus.connect import connect, drop_pending
+from cplane.bus.connect import connect, drop_pending, round_trip
 from cplane.bus.heartbeats import subscribe_heartbeats
 from cplane.bus.jsmeta import delivery
 from cplane.bus.outcome import StoredPublisher
@@ -438,12 +438,10 @@ class Worker:
                     await msg.in_progress()
             if self._nc is None or self.ctx is None or self.ctx.fence is None:
                 continue
-            try:
-                await self._nc.flush(timeout=max(1, int(ws.ack_wait_s / 2)))
-            except Exception as exc:  # cut off or slow: the fence closes on time
-                log.info("in_progress round not confirmed: %s", exc)
-                continue
-            self.ctx.fence.progress_confirmed(start)
+            if await round_trip(self._nc, ws.ack_wait_s / 2):
+                self.ctx.fence.progress_confirmed(start)
+            else:  # cut off or slow: the fence closes on time
+                log.info("in_progress round not confirmed by the server")
 
     async def _refence(self) -> float:
         """The fence closed (this process was paused, starved or cut off past what

@@ -192,3 +192,24 @@ async def test_work_of_a_worker_that_died_before_any_leader_saw_it_is_rescued(
 
         await until(queue_gone, 30, "the dead worker's queue deleted")
     await watcher.close()
+
+
+async def test_work_on_a_dead_workers_subject_that_no_consumer_reads_is_rescued(
+        nats_url: str) -> None:
+    """Routed to a worker by name after its consumer was deleted (it had been rescued
+    as dead): the messages sit on its subject with no consumer. The leader's sweep
+    finds the subject, makes the consumer again and moves them."""
+    s = isolated_settings(nats_url, sim={"zero_cost": True},
+                          orchestrator={"worker_timeout_s": 1.0})
+    watcher = await nats.connect(nats_url)
+    js = watcher.jetstream()
+    await ensure_streams(js, s)
+    items = [WorkItem(request=Request(request_id=f"unread{i}", prompt="x", max_tokens=3),
+                      priority=Priority.NORMAL, slo_class="standard") for i in range(3)]
+    finals = await collect_finals(watcher, s)
+    await js.publish(s.subjects.work(Role.UNIFIED, "gone-w"), encode(WorkBatch(items=items)))
+    async with stack(s, workers=[{"worker_id": "heir"}]):
+        await until(lambda: len(finals) == 3, 30, "the unread items' Finals")
+        assert {f.workers[-1] for f in finals} == {"heir"}
+        assert (await js.stream_info(s.streams.work.name)).state.messages == 0
+    await watcher.close()

@@ -99,10 +99,10 @@ def test_grace_gives_every_worker_a_fresh_timeout_after_the_reader_stalled() -> 
     book = HeartbeatBook(timeout=3.5)
     book.observe(hb("a"), 0.0)
     book.observe(hb("b"), 0.0)
-    book.grace(5.0)  # the reader resumes at 5.0: both would have expired at 3.5
+    book.observe(hb("dead"), -3.0)  # silent 3 s already when the reader stalled
+    book.grace(5.0)  # the reader stalled from 0.0 to 5.0: a and b would have expired
     assert book.expire(5.0) == []
+    assert [h.worker_id for h in book.expire(5.6)] == ["dead"]  # its own silence counts
     book.observe(hb("a"), 6.0)  # a speaks again; b stays silent
     assert [h.worker_id for h in book.expire(8.6)] == ["b"]
     assert "a" in book
-    book.grace(1.0)  # a grace in the past moves nobody back
-    assert book.get("a") == Seen(hb("a"), 6.0)
