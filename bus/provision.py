@@ -59,7 +59,7 @@ _STREAM_EXISTS = 10058  # "stream name already in use with a different configura
 # Stream fields the settings decide; everything else on an existing stream is kept.
 STREAM_FIELDS = (
     "subjects", "retention", "storage", "discard", "max_msgs", "max_bytes", "max_age",
-    "max_msg_size", "duplicate_window", "num_replicas",
+    "max_msg_size", "duplicate_window", "num_replicas", "allow_direct",
 )
 # Consumer fields compared with the settings; the first four the server updates in place.
 CONSUMER_FIELDS = ("ack_wait", "max_deliver", "max_ack_pending", "filter_subject", "ack_policy")
@@ -81,6 +81,7 @@ class StreamWeakeningError(RuntimeError):
 def _stream_config(
     s: StreamSettings, subjects: list[str], retention: RetentionPolicy, discard_new: bool,
     republish: RePublish | None = None, sources: list[StreamSource] | None = None,
+    allow_direct: bool = False,
 ) -> StreamConfig:
     return StreamConfig(
         name=s.name,
@@ -96,6 +97,7 @@ def _stream_config(
         discard=DiscardPolicy.NEW if discard_new else DiscardPolicy.OLD,
         republish=republish,
         sources=sources,
+        allow_direct=allow_direct,
     )
 
 
@@ -116,9 +118,11 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
         _stream_config(st.out, [subj.out_store_all, subj.done_store_all], limits, False,
                        RePublish(src=f"{subj.prefix}.s.*.>",
                                  dest=f"{subj.prefix}.{{{{wildcard(1)}}}}.>")),
-        # Terminals kept for days: copied by the server from LLM_OUT.
+        # Terminals kept for days: copied by the server from LLM_OUT. Direct gets:
+        # the orchestrator asks for many ids' terminals in one request (bus/replay.py).
         _stream_config(st.done, [], limits, False, sources=[
-            StreamSource(name=st.out.name, filter_subject=subj.done_store_all)]),
+            StreamSource(name=st.out.name, filter_subject=subj.done_store_all)],
+            allow_direct=True),
         _stream_config(st.cancel, [subj.cancel_all], limits, False),
         _stream_config(st.dlq, [subj.dead_letters_all], limits, False),
     ]
@@ -134,6 +138,8 @@ def _norm(field: str, value: object) -> object:
         return getattr(value, "value", value)
     if field == "num_replicas":
         return value or 1
+    if field == "allow_direct":
+        return bool(value)
     return value
 
 

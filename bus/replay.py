@@ -7,7 +7,12 @@ JetStream API round trip per message read; only redeliveries pay it.
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
+import orjson
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
@@ -35,6 +40,39 @@ async def stored_terminal(
         except msgspec.DecodeError:
             continue
     return None
+
+
+async def stored_terminals(nc: NATS, settings: Settings, keys: list[tuple[str, str]],
+                           timeout_s: float = 2.0) -> dict[str, bytes]:
+    """request id -> its stored terminal (encoded), for every (group, request id) in
+    `keys` that has one in LLM_DONE: one batched direct get (`multi_last`) for all
+    of them. Raises TimeoutError (or the server's error) when unanswered."""
+    subjects = settings.subjects
+    wanted = {subjects.done_store(g, r): r for g, r in keys}
+    found: dict[str, bytes] = {}
+    end: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def on_msg(msg: Msg) -> None:
+        status = msg.headers.get("Status") if msg.headers else None
+        if status is None:
+            rid = wanted.get((msg.headers or {}).get("Nats-Subject", ""))
+            if rid is not None:
+                found[rid] = msg.data
+        elif not end.done():  # 204 end of batch, 404 nothing found; else an error
+            if status in ("204", "404"):
+                end.set_result(None)
+            else:
+                end.set_exception(RuntimeError(f"direct get: {status} {msg.headers}"))
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, cb=on_msg)
+    try:
+        req = orjson.dumps({"multi_last": list(wanted), "batch": len(wanted)})
+        await nc.publish(f"$JS.API.DIRECT.GET.{settings.streams.done.name}", req, reply=inbox)
+        await asyncio.wait_for(end, timeout_s)
+    finally:
+        await sub.unsubscribe()
+    return found
 
 
 async def last_chunk(

@@ -19,8 +19,9 @@ is rejected with the retryable `model_unavailable`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import random
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -261,5 +262,16 @@ def plan_dispatch(queue: QueueSnapshot, fleet: FleetView, cfg: DispatchConfig, *
     return DispatchPlan(tuple(batches), tuple(rejections), rctx.sent, rctx.steps, mode, since)
 
 
+def batch_msg_id(batch: Batch, requests: Iterable[tuple[str, int]]) -> str:
+    """Deterministic per content and request message: a retried or repeated publish of
+    the same batch is one, while an id published again (a new LLM_REQ message, its
+    own stream sequence) is never swallowed as a repeat of its first run's batch."""
+    h = hashlib.blake2b(digest_size=12)
+    h.update(batch.role.value.encode())
+    for rid, seq in requests:  # (request id, its LLM_REQ stream sequence)
+        h.update(b"\0" + rid.encode() + b"\0" + str(seq).encode())
+    return f"w:{h.hexdigest()}"
+
+
 __all__ = ["Batch", "DispatchConfig", "DispatchPlan", "Pending", "QueueSnapshot", "Rejection",
-           "free_slots", "headroom", "plan_dispatch"]
+           "batch_msg_id", "free_slots", "headroom", "plan_dispatch"]

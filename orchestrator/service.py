@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import logging
 import random
 import time
@@ -44,20 +43,27 @@ from cplane.bus.outcome import StoredPublisher, cancelled_final
 from cplane.bus.provision import ensure_all, ensure_request_consumers, ensure_streams
 from cplane.bus.puller import Puller
 from cplane.bus.recent import RecentIds
-from cplane.bus.replay import stored_terminal
 from cplane.bus.stored_retry import StoreResult, publish_until_stored
 from cplane.orchestrator.control import start_control
 from cplane.orchestrator.core import DecisionCore, Journal
-from cplane.orchestrator.dispatch import Batch, DispatchConfig, dispatch_config, free_slots
+from cplane.orchestrator.dispatch import (
+    Batch,
+    DispatchConfig,
+    batch_msg_id,
+    dispatch_config,
+    free_slots,
+)
 from cplane.orchestrator.fleet import FleetView
 from cplane.orchestrator.health_admin import build_registry
 from cplane.orchestrator.intake import Intake, Rejection, admit, classify
+from cplane.orchestrator.known_ids import KnownIds
 from cplane.orchestrator.kv_feed import KvFeed
 from cplane.orchestrator.lease import LeaderLease
 from cplane.orchestrator.ledger import Entry, Ledger, RequestState
 from cplane.orchestrator.outcomes import Outcomes, Recheck, recheck
 from cplane.orchestrator.pending import pending_of
 from cplane.orchestrator.prompt_hash import PromptHasher
+from cplane.orchestrator.reconcile import keep_held_alive, reconcile_missed
 from cplane.orchestrator.rescue import ORPHAN_SWEEP_S, rescue_orphans, rescue_queue
 from cplane.orchestrator.runtime_config import PolicySwitch, policy_order
 from cplane.orchestrator.snapshot import PoolKey
@@ -66,7 +72,6 @@ from cplane.schemas import trace
 from cplane.schemas.codec import encode
 from cplane.schemas.messages import (
     PRIORITIES,
-    Final,
     Heartbeat,
     Role,
     WorkBatch,
@@ -84,17 +89,6 @@ _STALLED_S = 1.0  # a tick this late means the process stalled (see _ticker)
 
 def now_ms() -> float:
     return time.time() * 1000
-
-
-def batch_msg_id(batch: Batch, requests: Iterable[tuple[str, int]]) -> str:
-    """Deterministic per content and request message: a retried or repeated publish of
-    the same batch is one, while an id published again (a new LLM_REQ message, its
-    own stream sequence) is never swallowed as a repeat of its first run's batch."""
-    h = hashlib.blake2b(digest_size=12)
-    h.update(batch.role.value.encode())
-    for rid, seq in requests:  # (request id, its LLM_REQ stream sequence)
-        h.update(b"\0" + rid.encode() + b"\0" + str(seq).encode())
-    return f"w:{h.hexdigest()}"
 
 
 class Orchestrator:
@@ -139,6 +133,7 @@ class Orchestrator:
                                      settings.sim.vocab_size)
                         if self.core.cfg.router_in_use.reads_prefix else None)
         self._kv: KvFeed | None = None
+        self._known_ids: KnownIds | None = None
 
     @property
     def ledger(self) -> Ledger[WorkItem]:
@@ -166,6 +161,8 @@ class Orchestrator:
         self._js = nc.jetstream(publish_async_max_pending=8000)
         self._store = StoredPublisher(nc, o.publish_timeout_s, signer=self.id)
         self._out = Outcomes(nc, self._store, self.settings)
+        if o.check_stored_terminals:
+            self._known_ids = KnownIds(nc, self.settings, self._hold, self._seen.add)
         await ensure_streams(self._js, self.settings)
         await ensure_request_consumers(self._js, self.settings)
         subs = [
@@ -273,7 +270,9 @@ class Orchestrator:
 
     # -- intake ----------------------------------------------------------------
     def _hold_room(self, level: int) -> int:
-        return self.settings.orchestrator.hold_per_priority - self.ledger.held_count(level)
+        looking = self._known_ids.waiting(level) if self._known_ids is not None else 0
+        return (self.settings.orchestrator.hold_per_priority - self.ledger.held_count(level)
+                - looking)
 
     async def _on_request(self, msg: Msg) -> None:
         try:
@@ -323,41 +322,29 @@ class Orchestrator:
             case Intake.DUPLICATE_DONE:  # the same id again, after its first run's windows
                 assert isinstance(admitted, WorkItem)
                 self.stats.duplicates += 1
-                self._spawn(self._answer_again(admitted, msg, seq), "duplicate")
+                self._spawn(self._duplicate(admitted, msg, seq), "duplicate")
             case Intake.RECHECK | Intake.HOLD:
                 assert isinstance(admitted, WorkItem)
                 entry = self._entry(admitted, msg, seq)
                 if action is Intake.RECHECK:
                     self._spawn(self._recheck(entry), "recheck")
+                elif self._known_ids is not None:  # answered already? (orchestrator/known_ids.py)
+                    self._known_ids.check(entry)
                 else:
                     await self._hold(entry)
 
-    async def _answer_again(self, item: WorkItem, msg: Msg, seq: int) -> None:
+    async def _duplicate(self, item: WorkItem, msg: Msg, seq: int) -> None:
         """An id this replica dispatched or finished, published again (a client retrying
-        after its timeout, an id used as an idempotency key): never run twice. Its
-        stored terminal is sent again on the live subject (and reply_to), not
-        stored a second time; one still running answers there when it ends. An id
-        with no trace in the ledger or the store (forgotten) is held as new."""
-        req = item.request
-        term = None
-        with contextlib.suppress(Exception):
-            term = await stored_terminal(self._js, self.settings, req.group, req.request_id)
-        if term is not None:
-            data = encode(term)
-            with contextlib.suppress(Exception):
-                await self._nc_or_raise().publish(self.subjects.done(req.group, req.request_id),
-                                                  data)
-                if req.reply_to:
-                    await self._nc_or_raise().publish(req.reply_to, data)
-        elif req.request_id not in self.ledger and self.leading:
+        after its timeout, an id used as an idempotency key): never run twice. A
+        stored terminal is sent again; one still running answers on the same
+        subject when it ends; an id with no trace anywhere (forgotten) is new."""
+        if self._known_ids is not None and await self._known_ids.answer_again(item, msg):
+            return
+        if item.request.request_id not in self.ledger and self.leading:
             await self._hold(self._entry(item, msg, seq))
             return
         with contextlib.suppress(Exception):
             await msg.ack()
-
-    def _nc_or_raise(self) -> NATS:
-        assert self._nc is not None
-        return self._nc
 
     def _entry(self, item: WorkItem, msg: Msg, seq: int) -> Entry[WorkItem]:
         if msg.headers and trace.parse(tp := msg.headers.get(trace.HEADER)):  # W3C, per item
@@ -384,8 +371,13 @@ class Orchestrator:
         await entry.msg.ack()
 
     async def _hold(self, entry: Entry[WorkItem]) -> None:
-        if not self.leading:  # stepped down while it was re-checked: the next leader's
+        if not self.leading:  # stepped down while it was looked up: the next leader's
             await self._hand_back([entry])
+            return
+        held = self.ledger.get(entry.request_id)
+        if held is not None:  # a copy held while this one was looked up: acked with it
+            if held.seq != entry.seq:
+                held.extra_msgs.append(entry.msg)
             return
         self.core.hold(entry)
         self.stats.accept(entry.item.priority.value, entry.item.slo_class)
@@ -551,8 +543,7 @@ class Orchestrator:
             late, last_tick = mono - last_tick - _TICK_S, mono
             if late > _STALLED_S:
                 # This process stalled (a pause, CPU starvation): heartbeats that came
-                # meanwhile wait unread in the socket. Expiry is not decided on a
-                # tick that ran late: every worker gets a fresh timeout from now.
+                # meanwhile wait unread. Its own silence counts against no worker.
                 log.warning("orchestrator %s stalled %.1f s: no worker expires for it",
                             self.id, late)
                 self.registry.grace(late * 1000)
@@ -592,34 +583,16 @@ class Orchestrator:
             log.warning("could not move the work of dead worker %s: %s", worker_id, exc)
 
     async def _keep_alive(self) -> None:
-        """in_progress() for held requests, while leading: a replica that stepped down
-        (or may have: its lease is stale) lets them go to the next leader."""
-        if not self.leading:
-            return
-        for e in list(self.ledger.entries()):
-            if e.state in (RequestState.HELD, RequestState.DISPATCHING):
-                for m in (e.msg, *e.extra_msgs):
-                    with contextlib.suppress(Exception):
-                        await m.in_progress()
+        """While leading only: a replica that stepped down (or may have: its lease is
+        stale) lets what it holds go to the next leader."""
+        if self.leading:
+            await keep_held_alive(self.core)
 
-    async def _reconcile(self, t: float, limit: int = 64) -> None:
-        """Free the slots of dispatched requests whose terminal we missed (a reconnect)."""
-        after = self.settings.orchestrator.reconcile_after_s * 1000
-        due = [e for e in self.ledger.entries(RequestState.DISPATCHED)
-               if t - max(e.dispatched_ms, e.checked_ms) > after][:limit]
-        for e in due:
-            e.checked_ms = t
-            try:
-                term = await stored_terminal(self._js, self.settings, e.item.request.group,
-                                             e.request_id)
-            except Exception:
-                return
-            if term is not None and e.state is RequestState.DISPATCHED:
-                self.stats.reconciled += 1
-                ttft = (term.timings.ttft_ms if isinstance(term, Final)
-                        and term.usage.completion_tokens else -1.0)
-                self.core.terminal(e.request_id, now_ms(), ttft)
-                self._wake.set()
+    async def _reconcile(self, t: float) -> None:
+        found = await reconcile_missed(self.core, self._js, self.settings, t)
+        if found:
+            self.stats.reconciled += found
+            self._wake.set()
 
 
 __all__ = ["Orchestrator", "WorkItem"]

@@ -160,6 +160,10 @@ class OrchestratorSettings(msgspec.Struct, frozen=True, kw_only=True):
     pd_min_prompt_tokens: int = 512
     worker_timeout_s: float = 3.5  # no heartbeat this long: the worker is gone
     dedup_cache: int = 200_000  # request ids remembered for dedup (at least, at most 2x)
+    # Look every new request's id up in LLM_DONE (batched) before holding it: an id
+    # with a stored terminal gets it back and never runs again, past the duplicate
+    # windows and across replicas. Costs a round trip of latency at low load.
+    check_stored_terminals: bool = True
 
 
 class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):

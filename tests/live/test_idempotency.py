@@ -103,6 +103,34 @@ async def test_an_id_a_new_leader_never_saw_runs_once_more_and_answers_with_the_
     await nc.close()
 
 
+async def test_an_id_no_replica_remembers_past_every_window_is_answered_from_the_store(
+        nats_url: str) -> None:
+    """Every window passed and the replica is new (a takeover): it used to run the id
+    again and store a second terminal. Now its id is looked up in LLM_DONE first."""
+    s = settings(nats_url, sim={"zero_cost": True})
+    nc = await nats.connect(nats_url)
+    got = Terminals()
+    await nc.subscribe(s.subjects.done_all, cb=got.on_done)
+    async with stack(s, workers=1) as run:
+        await publish(nc, s, "again-3")
+        await until(lambda: got.count("again-3") == 1, 15, "the first terminal")
+        assert run.orchestrator is not None
+        run.stops[run.orchestrator].set()
+        await run.tasks[run.orchestrator]
+        from cplane.orchestrator.service import Orchestrator
+
+        fresh = Orchestrator(s)
+        await _start(fresh, run)
+        await until(lambda: fresh.leading, 10, "the new replica leads")
+        await asyncio.sleep(WINDOW_S + 0.5)  # the scenario: every duplicate window passes
+        await publish(nc, s, "again-3")
+        await until(lambda: got.count("again-3") == 2, 15, "a terminal for the second publish")
+        assert got.seen["again-3"][1] == got.seen["again-3"][0]
+        assert await stored_terminals(nc, s, "again-3") == 1
+        assert fresh.stats.dispatched == 0  # not run again
+    await nc.close()
+
+
 async def test_a_malformed_copy_of_a_live_id_never_ends_it(nats_url: str) -> None:
     """After a takeover the new leader's memory lacks the running request; a bad copy
     of its id must be answered on the invalid subject, and the request keep its

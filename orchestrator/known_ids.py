@@ -1,0 +1,108 @@
+"""Request ids as idempotency keys: an id whose terminal is stored is answered with
+it, never run again, whichever replica sees it and however late.
+
+New requests are looked up in LLM_DONE before they are held, in batches: one
+direct get (`multi_last`) for everything that arrived while the previous one
+was out, so the cost is a round trip of latency at low load and close to
+nothing per request at saturation. A request with a stored terminal gets it
+sent again on its live subject (and reply_to), not stored a second time, and
+its message is acked. An unanswered lookup (a stream without direct gets, a
+broker restarting) holds the requests as new: availability first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from cplane.bus.replay import stored_terminal, stored_terminals
+from cplane.orchestrator.ledger import Entry
+from cplane.schemas.codec import encode
+from cplane.schemas.messages import PRIORITIES, Request, WorkItem
+from cplane.schemas.settings import Settings
+
+log = logging.getLogger("cplane.orchestrator")
+BATCH = 256  # ids per lookup
+LOOKUP_TIMEOUT_S = 2.0
+
+Hold = Callable[[Entry[WorkItem]], Awaitable[None]]
+
+
+class KnownIds:
+    def __init__(self, nc: NATS, settings: Settings, hold: Hold,
+                 answered: Callable[[str], object]) -> None:
+        self._nc = nc
+        self._settings = settings
+        self._hold = hold  # a request with no stored terminal goes on (HELD)
+        self._answered = answered  # a request answered from the store (remember its id)
+        self._queue: list[Entry[WorkItem]] = []
+        self._waiting = [0] * len(PRIORITIES)  # per level, queued or being looked up
+        self._task: asyncio.Task[None] | None = None
+        self.answered_from_store = 0
+
+    def waiting(self, level: int) -> int:
+        """Requests of `level` pulled and not yet held (the puller's room counts them)."""
+        return self._waiting[level]
+
+    def check(self, entry: Entry[WorkItem]) -> None:
+        """Look `entry` up with the next batch, then hold it or answer it."""
+        self._queue.append(entry)
+        self._waiting[entry.level] += 1
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="known-ids")
+
+    async def _run(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue[:BATCH], self._queue[BATCH:]
+                found: dict[str, bytes] = {}
+                try:
+                    found = await stored_terminals(
+                        self._nc, self._settings,
+                        [(e.item.request.group, e.request_id) for e in batch], LOOKUP_TIMEOUT_S)
+                except Exception as exc:
+                    log.info("stored-terminal lookup of %d ids failed (%s): held as new",
+                             len(batch), exc)
+                for e in batch:
+                    self._waiting[e.level] -= 1
+                    data = found.get(e.request_id)
+                    if data is None:
+                        await self._hold(e)
+                    else:
+                        await self._answer(e.item.request, data, e.msg)
+                        self._answered(e.request_id)
+        finally:
+            self._task = None
+
+    async def answer_again(self, item: WorkItem, msg: Msg) -> bool:
+        """An id this replica remembers, published again: True (and the message acked)
+        when its terminal is stored and was sent again; False when none is."""
+        req = item.request
+        data = None
+        with contextlib.suppress(Exception):
+            term = await stored_terminal(self._nc.jetstream(), self._settings, req.group,
+                                         req.request_id)
+            data = encode(term) if term is not None else None
+        if data is None:
+            return False
+        await self._answer(req, data, msg)
+        return True
+
+    async def _answer(self, req: Request, data: bytes, msg: Msg) -> None:
+        """The stored terminal again, to the live subject and reply_to; then the ack."""
+        self.answered_from_store += 1
+        log.info("%s was answered before: its stored terminal is sent again", req.request_id)
+        with contextlib.suppress(Exception):
+            await self._nc.publish(self._settings.subjects.done(req.group, req.request_id), data)
+            if req.reply_to:
+                await self._nc.publish(req.reply_to, data)
+        with contextlib.suppress(Exception):
+            await msg.ack()
+
+
+__all__ = ["KnownIds"]
