@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client as NATS
@@ -61,6 +62,7 @@ class KnownIds:
             while self._queue:
                 batch, self._queue = self._queue[:BATCH], self._queue[BATCH:]
                 found: dict[str, bytes] = {}
+                t0 = time.monotonic()
                 try:
                     found = await stored_terminals(
                         self._nc, self._settings,
@@ -68,6 +70,10 @@ class KnownIds:
                 except Exception as exc:
                     log.info("stored-terminal lookup of %d ids failed (%s): held as new",
                              len(batch), exc)
+                took = time.monotonic() - t0
+                if took > 0.05:
+                    log.info("stored-terminal lookup of %d ids took %.0f ms", len(batch),
+                             took * 1000)
                 for e in batch:
                     self._waiting[e.level] -= 1
                     data = found.get(e.request_id)

@@ -380,6 +380,7 @@ class Orchestrator:
                 held.extra_msgs.append(entry.msg)
             return
         self.core.hold(entry)
+        self._wake.set()  # held after a lookup or a re-check too: plan it now
         self.stats.accept(entry.item.priority.value, entry.item.slo_class)
         if entry.request_id in self._cancels:
             await self._finish_cancelled(entry)

@@ -22,7 +22,7 @@ from nats.js import JetStreamContext
 
 from cplane.bus.claims import Claims
 from cplane.bus.outcome import StoredPublisher, error_reply, terminal_msg_id
-from cplane.bus.replay import stored_seqs, stored_terminal
+from cplane.bus.replay import last_chunk, stored_seqs, stored_terminal
 from cplane.bus.stored_retry import StoreResult, publish_until_stored
 from cplane.schemas import trace
 from cplane.schemas.codec import encode
@@ -226,6 +226,23 @@ class ServeContext:
                     raise
                 await asyncio.sleep(_RETRY_S)
                 await self._until_connected(deadline)
+
+    async def resend_tail(self, item: WorkItem, stream: ChunkStream) -> None:
+        """Right after a reconnect, before anything new goes out: re-send the chunks
+        sent after the last one LLM_OUT holds (a lost connection loses a tail of
+        what was sent, never a middle: one read). Closes the gap at once, so a
+        successor of a run stopped later never finds a hole in the stream."""
+        if stream.epoch == self.epoch or not stream.sent:
+            return
+        req = item.request
+        last = await last_chunk(self.js, self.settings, req.group, req.request_id)
+        start = stream.first_seq if last is None else max(stream.first_seq, last.seq + 1)
+        lost = list(range(start, stream.next_seq))
+        if lost:
+            log.info("re-sending %d chunks of %s lost in a reconnect", len(lost),
+                     req.request_id)
+            await stream.resend(lost)
+        stream.epoch = self.epoch
 
     async def publish_error(
         self, item: WorkItem, code: ErrorCode, message: str, retryable: bool = False

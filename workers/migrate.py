@@ -67,10 +67,12 @@ async def prepare(ctx: ServeContext, run: Run) -> WorkItem | None:
                      streamer or "claimed")
         waited += 1
         await asyncio.sleep(_CLAIM_POLL_S)
-    if not chunks and await _head_lost(ctx, item):
-        raise HeadLost(f"{rid}: the first chunks it streamed aged out of "
-                       f"{ctx.settings.streams.out.name} (max_age "
-                       f"{ctx.settings.streams.out.max_age_s:g} s) before it could continue")
+    resume_at = chunks[-1].seq + 1 if chunks else item.next_seq
+    if await _hole_at(ctx, item, resume_at):
+        raise HeadLost(f"{rid}: chunk {resume_at} is missing from "
+                       f"{ctx.settings.streams.out.name} while later ones are stored (aged "
+                       f"out after {ctx.settings.streams.out.max_age_s:g} s, or lost with a "
+                       "broker): it cannot continue without contradicting them")
     if not chunks:
         return item
     ctx.counts["migrated"] += 1
@@ -95,17 +97,18 @@ async def prepare(ctx: ServeContext, run: Run) -> WorkItem | None:
 
 
 class HeadLost(Exception):
-    """A run to continue whose earlier chunks are gone from LLM_OUT (retention) while
-    later ones remain: continuing would contradict what readers saw, and running
-    it again from the start would repeat seqs they have. It ends in ErrorReply
+    """A run to continue with a hole in its stored chunks (the head aged out of
+    LLM_OUT, or one was lost with a broker) while later ones remain: continuing
+    after the hole would write seqs readers have with other contents, and
+    running it again from the start would too. It ends in ErrorReply
     `worker_failed` (retryable) instead."""
 
 
-async def _head_lost(ctx: ServeContext, item: WorkItem) -> bool:
-    """Chunks after `item.next_seq` are stored, the one at it is not."""
+async def _hole_at(ctx: ServeContext, item: WorkItem, seq: int) -> bool:
+    """Chunks after `seq` are stored, the one at it is not."""
     req = item.request
     last = await last_chunk(ctx.js, ctx.settings, req.group, req.request_id)
-    return last is not None and last.seq > item.next_seq
+    return last is not None and last.seq > seq
 
 
 async def taken_over(ctx: ServeContext) -> list[Run]:

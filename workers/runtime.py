@@ -393,11 +393,18 @@ class Worker:
                 await ensure_work_consumer(ctx.js, self.settings, self.role, target)
         # Outputs being stored wait for the gate too (context._until_connected): a
         # run taken over is stopped before it publishes anything more.
-        for run in await taken_over(ctx):
+        lost = await taken_over(ctx)
+        for run in lost:
             log.warning("%s was taken over during the outage; giving up this run",
                         run.request_id)
             if run.task is not None:
                 run.task.cancel()  # no ack, no nak: the other run owns the message now
+        for run in ctx.runs.runs():  # gap-free again before any new chunk goes out
+            if run not in lost and run.stream is not None and run.running is not None:
+                try:
+                    await ctx.resend_tail(run.running, run.stream)
+                except Exception as exc:  # its terminal re-checks the whole stream first
+                    log.info("could not re-send the tail of %s yet: %s", run.request_id, exc)
         ctx.gate.set()
 
     async def _on_claim_lost(self, request_id: str) -> None:
