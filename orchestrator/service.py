@@ -1,18 +1,15 @@
-"""The orchestrator service: the imperative shell around the ledger and `plan_dispatch`.
+"""The orchestrator service: the imperative shell around the decision core.
 
-Table of contents:
-- `run`: connect, provision, follow heartbeats / terminals / cancels, and
-  compete for the leader lease (orchestrator/lease.py). Only the leader
-  pulls requests; a standby takes over within `lease_ttl_s`.
-- `_on_request`: one LLM_REQ delivery -> dead letter, rejection, duplicate,
-  re-check of a redelivery (orchestrator/recheck.py), or a HELD ledger entry.
-- `_dispatch_step`: snapshot -> `plan_dispatch` -> apply the plan: publish
-  each batch (Nats-Msg-Id from its request ids, retried with the same id
-  until JetStream answers), then ack its requests; publish each rejection,
-  then ack.
-- `_on_done`: a request's terminal frees its pool slot (ledger).
-- `_ticker`: in_progress() for held messages, reconcile slots whose
-  terminal was missed (LLM_DONE lookup), wake dispatch for aging/expiry.
+- `run`: connect, provision, follow heartbeats / terminals / cancels, compete
+  for the leader lease (lease.py); only a leader with a fresh lease acts.
+- `_intake`: one LLM_REQ delivery -> dead letter, rejection, duplicate,
+  re-check of a redelivery, a stored-terminal lookup (known_ids.py), HELD.
+- `_dispatch_step`: the core plans and applies; each batch is published (a
+  Nats-Msg-Id from its requests and their LLM_REQ sequences, retried while
+  leading) and then acked; each rejection is published, then acked.
+- `_on_done`: terminals stored free their slots (the Fin signal).
+- `_ticker`: keep-alives, missed terminals (reconcile.py), worker expiry and
+  rescue (rescue.py), a stall detector.
 """
 
 from __future__ import annotations
@@ -364,10 +361,14 @@ class Orchestrator:
             if entry.request_id not in self.ledger:
                 await self._hold(entry)
             return
-        # Finished, or streaming on a worker (its work message migrates if that
-        # worker dies): the request message has done its job.
+        # Finished (its terminal goes again to whoever published this copy, perhaps
+        # an id published again), or streaming on a worker (its work message
+        # migrates if that worker dies): the request message has done its job.
         self.stats.redeliveries_settled += 1
         self._seen.add(entry.request_id)
+        if found is Recheck.FINISHED and self._known_ids is not None and (
+                await self._known_ids.answer_again(entry.item, entry.msg)):
+            return
         await entry.msg.ack()
 
     async def _hold(self, entry: Entry[WorkItem]) -> None:

@@ -7,7 +7,7 @@ the acceptance check runs 2000). The last line printed is the figures line:
            inconsistent= stranded= hung= max_rss_mb= pauses= partitions=
            long_generations= resubmitted=
 
-The last four say what the run injected (scenario.py describes every fault);
+The last four say what the run injected (faults.py describes every fault);
 report.txt in the run dir adds the seconds of unavailability after each fault.
 
 Other knobs (environment): CPLANE_CHAOS_WORKERS, _CAPACITY, _RATE, _REQ_MAX_MSGS,
