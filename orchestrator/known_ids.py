@@ -2,9 +2,9 @@
 it, never run again, whichever replica sees it and however late.
 
 New requests are looked up in LLM_DONE before they are held, in batches: one
-direct get (`multi_last`) for everything that arrived while the previous one
-was out, so the cost is a round trip of latency at low load and close to
-nothing per request at saturation. A request with a stored terminal gets it
+direct get (`multi_last`) for everything that arrived since the last one
+left, up to `IN_FLIGHT` lookups out at once, so the cost is a round trip of
+latency and close to nothing per request at saturation. A request with a stored terminal gets it
 sent again on its live subject (and reply_to), not stored a second time, and
 its message is acked. An unanswered lookup (a stream without direct gets, a
 broker restarting) holds the requests as new: availability first.
@@ -29,6 +29,7 @@ from cplane.schemas.settings import Settings
 
 log = logging.getLogger("cplane.orchestrator")
 BATCH = 256  # ids per lookup
+IN_FLIGHT = 4  # lookups out at once (a new one need not wait for the last)
 LOOKUP_TIMEOUT_S = 2.0
 
 Hold = Callable[[Entry[WorkItem]], Awaitable[None]]
@@ -43,7 +44,7 @@ class KnownIds:
         self._answered = answered  # a request answered from the store (remember its id)
         self._queue: list[Entry[WorkItem]] = []
         self._waiting = [0] * len(PRIORITIES)  # per level, queued or being looked up
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self.answered_from_store = 0
 
     def waiting(self, level: int) -> int:
@@ -54,36 +55,36 @@ class KnownIds:
         """Look `entry` up with the next batch, then hold it or answer it."""
         self._queue.append(entry)
         self._waiting[entry.level] += 1
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="known-ids")
+        if len(self._tasks) < IN_FLIGHT:
+            task = asyncio.get_running_loop().create_task(self._run(), name="known-ids")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _run(self) -> None:
-        try:
-            while self._queue:
-                batch, self._queue = self._queue[:BATCH], self._queue[BATCH:]
-                found: dict[str, bytes] = {}
-                t0 = time.monotonic()
-                try:
-                    found = await stored_terminals(
-                        self._nc, self._settings,
-                        [(e.item.request.group, e.request_id) for e in batch], LOOKUP_TIMEOUT_S)
-                except Exception as exc:
-                    log.info("stored-terminal lookup of %d ids failed (%s): held as new",
-                             len(batch), exc)
-                took = time.monotonic() - t0
-                if took > 0.05:
-                    log.info("stored-terminal lookup of %d ids took %.0f ms", len(batch),
-                             took * 1000)
-                for e in batch:
-                    self._waiting[e.level] -= 1
-                    data = found.get(e.request_id)
-                    if data is None:
-                        await self._hold(e)
-                    else:
-                        await self._answer(e.item.request, data, e.msg)
-                        self._answered(e.request_id)
-        finally:
-            self._task = None
+        await asyncio.sleep(0)  # what arrives in this loop turn goes in the same lookup
+        while self._queue:
+            batch, self._queue = self._queue[:BATCH], self._queue[BATCH:]
+            found: dict[str, bytes] = {}
+            t0 = time.monotonic()
+            try:
+                found = await stored_terminals(
+                    self._nc, self._settings,
+                    [(e.item.request.group, e.request_id) for e in batch], LOOKUP_TIMEOUT_S)
+            except Exception as exc:
+                log.info("stored-terminal lookup of %d ids failed (%s): held as new",
+                         len(batch), exc)
+            took = time.monotonic() - t0
+            if took > 0.05:
+                log.info("stored-terminal lookup of %d ids took %.0f ms", len(batch),
+                         took * 1000)
+            for e in batch:
+                self._waiting[e.level] -= 1
+                data = found.get(e.request_id)
+                if data is None:
+                    await self._hold(e)
+                else:
+                    await self._answer(e.item.request, data, e.msg)
+                    self._answered(e.request_id)
 
     async def answer_again(self, item: WorkItem, msg: Msg) -> bool:
         """An id this replica remembers, published again: True (and the message acked)
