@@ -4,9 +4,12 @@ it, never run again, whichever replica sees it and however late.
 New requests are looked up in LLM_DONE before they are held, in batches: one
 direct get (`multi_last`) for everything that arrived since the last one
 left, up to `IN_FLIGHT` lookups out at once, so the cost is a round trip of
-latency and close to nothing per request at saturation. A request with a stored terminal gets it
-sent again on its live subject (and reply_to), not stored a second time, and
-its message is acked. An unanswered lookup (a stream without direct gets, a
+latency and close to nothing per request at saturation. A request with a stored terminal is acked
+and never run; the terminal is sent again on its live subject (and reply_to),
+not stored a second time, when this copy was published after it was stored
+(an id published again): a copy published before it (a duplicate, a
+redelivery) had its readers subscribed when the stored one went out, and
+they get it once. An unanswered lookup (a stream without direct gets, a
 broker restarting) holds the requests as new: availability first.
 """
 
@@ -18,13 +21,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from cplane.bus.replay import stored_terminal, stored_terminals
 from cplane.orchestrator.ledger import Entry
-from cplane.schemas.codec import encode
-from cplane.schemas.messages import PRIORITIES, Request, WorkItem
+from cplane.schemas.codec import encode, final_decoder
+from cplane.schemas.messages import PRIORITIES, ErrorReply, Final, WorkItem
 from cplane.schemas.settings import Settings
 
 log = logging.getLogger("cplane.orchestrator")
@@ -80,36 +84,49 @@ class KnownIds:
             for e in batch:
                 self._waiting[e.level] -= 1
                 data = found.get(e.request_id)
-                if data is None:
+                term = _decoded(data) if data is not None else None
+                if term is None:
                     await self._hold(e)
                 else:
-                    await self._answer(e.item.request, data, e.msg)
+                    await self._answer(e.item, term, e.msg)
                     self._answered(e.request_id)
 
     async def answer_again(self, item: WorkItem, msg: Msg) -> bool:
         """An id this replica remembers, published again: True (and the message acked)
         when its terminal is stored and was sent again; False when none is."""
         req = item.request
-        data = None
+        term = None
         with contextlib.suppress(Exception):
             term = await stored_terminal(self._nc.jetstream(), self._settings, req.group,
                                          req.request_id)
-            data = encode(term) if term is not None else None
-        if data is None:
+        if term is None:
             return False
-        await self._answer(req, data, msg)
+        await self._answer(item, term, msg)
         return True
 
-    async def _answer(self, req: Request, data: bytes, msg: Msg) -> None:
-        """The stored terminal again, to the live subject and reply_to; then the ack."""
+    async def _answer(self, item: WorkItem, term: Final | ErrorReply, msg: Msg) -> None:
+        """Ack; the stored terminal again (live subject, reply_to) to a copy published
+        after it was stored."""
+        req = item.request
         self.answered_from_store += 1
-        log.info("%s was answered before: its stored terminal is sent again", req.request_id)
-        with contextlib.suppress(Exception):
-            await self._nc.publish(self._settings.subjects.done(req.group, req.request_id), data)
-            if req.reply_to:
-                await self._nc.publish(req.reply_to, data)
+        if term.ts_ms < item.enqueued_ms:
+            log.info("%s published again after its answer: the stored terminal goes again",
+                     req.request_id)
+            data = encode(term)
+            with contextlib.suppress(Exception):
+                await self._nc.publish(self._settings.subjects.done(req.group, req.request_id),
+                                       data)
+                if req.reply_to:
+                    await self._nc.publish(req.reply_to, data)
         with contextlib.suppress(Exception):
             await msg.ack()
+
+
+def _decoded(data: bytes) -> Final | ErrorReply | None:
+    try:
+        return final_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
 
 
 __all__ = ["KnownIds"]

@@ -176,7 +176,7 @@ class ServeContext:
         if result is StoreResult.DUPLICATE:
             # A terminal with this id was stored before (the same id run again within
             # the window): the stream kept that one and republishes nothing now, so
-            # its readers get the stored one here, not this run's.
+            # a copy published after it gets the stored one here, not this run's.
             await self._resend_stored_terminal(item)
         self.store.terminal_stored(self.subjects, msg)
         key = "finals" if isinstance(msg, Final) else "errors"
@@ -189,8 +189,8 @@ class ServeContext:
     async def _resend_stored_terminal(self, item: WorkItem) -> None:
         req = item.request
         stored = await stored_terminal(self.js, self.settings, req.group, req.request_id)
-        if stored is None:
-            return
+        if stored is None or stored.ts_ms >= item.enqueued_ms:  # its readers had it (or
+            return  # this is our own earlier try, acked late): delivered once
         data = encode(stored)
         await self.nc.publish(self.subjects.done(req.group, req.request_id), data)
         if req.reply_to:
