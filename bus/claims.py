@@ -9,8 +9,8 @@ A claim is a key in the KV bucket `<prefix>_claims` whose entries live
 `ttl_s` after their last write; the holder renews every `ttl_s / 3`. When the
 holder dies its claim expires and the next claimant continues after the
 chunks it streamed. `valid_until` (monotonic) is when the oldest claim held
-may have lapsed, less a margin: the worker's fence (workers/fence.py) stops
-publishing past it until its claims are checked again.
+may lapse: the worker's fence (workers/fence.py) stops publishing before it
+until its claims are checked again.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from nats.js.kv import KeyValue
 from cplane.schemas.settings import Settings
 
 log = logging.getLogger("cplane.claims")
-MARGIN_S = 0.5  # a write's time in flight
 OnLost = Callable[[str], Awaitable[None]]
 
 
@@ -56,7 +55,7 @@ class Claims:
     @property
     def valid_until(self) -> float:
         """Every held claim is ours until then at least (inf: none held)."""
-        return self._oldest_write + self._ttl_s - MARGIN_S if self._held else float("inf")
+        return self._oldest_write + self._ttl_s if self._held else float("inf")
 
     async def _bucket_kv(self) -> KeyValue:
         if self._kv is None:
@@ -99,13 +98,7 @@ class Claims:
             if entry.value == self.holder.encode() and entry.revision is not None:
                 # Ours from before a reconnect or a pause: written again, so it holds
                 # a full ttl from now (the fence counts on it).
-                try:
-                    self._held[request_id] = await kv.update(key, self.holder.encode(),
-                                                             last=entry.revision)
-                except KeyWrongLastSequenceError:
-                    return False
-                self._wrote(start)
-                return True
+                return await self._rewrite(kv, request_id, entry.revision, start)
             return False
         except BucketNotFoundError:
             self._kv = None  # the bucket went with a lost store: next call re-creates it
@@ -118,8 +111,11 @@ class Claims:
         if rev is None:
             return await self.acquire(request_id)
         start = time.monotonic()
+        return await self._rewrite(await self._bucket_kv(), request_id, rev, start)
+
+    async def _rewrite(self, kv: KeyValue, request_id: str, rev: int, start: float) -> bool:
+        """Write our claim again over revision `rev`; False (not held) when it changed."""
         try:
-            kv = await self._bucket_kv()
             self._held[request_id] = await kv.update(claim_key(request_id),
                                                      self.holder.encode(), last=rev)
         except KeyWrongLastSequenceError:

@@ -187,3 +187,19 @@ def error_reply(
         retry_after_ms=retry_after_ms,
         ts_ms=time.time() * 1000,
     )
+
+
+async def send_again(nc: NATS, subjects: Subjects, item: WorkItem,
+                     term: Final | ErrorReply) -> bool:
+    """A request's stored terminal, sent again (core: not stored a second time) on its
+    live subject and reply_to, to a copy published after it was stored (an id
+    published again); a copy published before it had its readers subscribed when
+    the stored one went out, and they get it once. True when sent."""
+    req = item.request
+    if term.ts_ms >= item.enqueued_ms:
+        return False
+    data = encode(term)
+    await nc.publish(subjects.done(req.group, req.request_id), data)
+    if req.reply_to:
+        await nc.publish(req.reply_to, data)
+    return True

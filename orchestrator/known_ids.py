@@ -25,9 +25,10 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from cplane.bus.outcome import send_again
 from cplane.bus.replay import stored_terminal, stored_terminals
 from cplane.orchestrator.ledger import Entry
-from cplane.schemas.codec import encode, final_decoder
+from cplane.schemas.codec import final_decoder
 from cplane.schemas.messages import PRIORITIES, ErrorReply, Final, WorkItem
 from cplane.schemas.settings import Settings
 
@@ -107,17 +108,11 @@ class KnownIds:
     async def _answer(self, item: WorkItem, term: Final | ErrorReply, msg: Msg) -> None:
         """Ack; the stored terminal again (live subject, reply_to) to a copy published
         after it was stored."""
-        req = item.request
         self.answered_from_store += 1
-        if term.ts_ms < item.enqueued_ms:
-            log.info("%s published again after its answer: the stored terminal goes again",
-                     req.request_id)
-            data = encode(term)
-            with contextlib.suppress(Exception):
-                await self._nc.publish(self._settings.subjects.done(req.group, req.request_id),
-                                       data)
-                if req.reply_to:
-                    await self._nc.publish(req.reply_to, data)
+        with contextlib.suppress(Exception):
+            if await send_again(self._nc, self._settings.subjects, item, term):
+                log.info("%s published again after its answer: the stored terminal goes "
+                         "again", item.request.request_id)
         with contextlib.suppress(Exception):
             await msg.ack()
 

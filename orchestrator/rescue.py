@@ -85,12 +85,21 @@ async def orphaned_queues(js: JetStreamContext, settings: Settings,
     Also work on a dead worker's own subject that no consumer reads (routed
     to it after its consumer was deleted): its consumer is made again, so the
     rescue can move it."""
-    out = []
+    out: list[tuple[Role, str]] = []
     roles = {r.value: r for r in Role}
     stream = settings.streams.work.name
     consumed: set[str] = set()
     for info in await js.consumers_info(stream):
-        consumed.add(info.name or "")
+        name = info.name or ""
+        consumed.add(name)
+        kind, _, rest = name.partition("-")
+        role_name, _, target = rest.partition("-")
+        if kind != "work" or role_name not in roles or not target:
+            continue
+        if target == ANY_TARGET or target.startswith(MODEL_TARGET_PREFIX) or alive(target):
+            continue
+        if (info.num_pending or 0) + (info.num_ack_pending or 0) > 0:
+            out.append((roles[role_name], target))
     head = f"{settings.subjects.prefix}.work."
     held = await js.stream_info(stream, subjects_filter=f"{head}*.*")
     for subject, count in (held.state.subjects or {}).items():
@@ -101,16 +110,7 @@ async def orphaned_queues(js: JetStreamContext, settings: Settings,
             log.warning("%d work messages for %s, which no consumer reads: rescuing them",
                         count, target)
             await ensure_work_consumer(js, settings, roles[role_name], target)
-    for info in await js.consumers_info(stream):
-        name = info.name or ""
-        head, _, rest = name.partition("-")
-        role_name, _, target = rest.partition("-")
-        if head != "work" or role_name not in roles or not target:
-            continue
-        if target == ANY_TARGET or target.startswith(MODEL_TARGET_PREFIX) or alive(target):
-            continue
-        if (info.num_pending or 0) + (info.num_ack_pending or 0) > 0:
-            out.append((roles[role_name], target))
+            out.append((roles[role_name], target))  # it holds them from its creation on
     return out
 
 

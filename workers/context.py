@@ -21,7 +21,7 @@ from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 
 from cplane.bus.claims import Claims
-from cplane.bus.outcome import StoredPublisher, error_reply, terminal_msg_id
+from cplane.bus.outcome import StoredPublisher, error_reply, send_again, terminal_msg_id
 from cplane.bus.replay import last_chunk, stored_seqs, stored_terminal
 from cplane.bus.stored_retry import StoreResult, publish_until_stored
 from cplane.schemas import trace
@@ -189,12 +189,8 @@ class ServeContext:
     async def _resend_stored_terminal(self, item: WorkItem) -> None:
         req = item.request
         stored = await stored_terminal(self.js, self.settings, req.group, req.request_id)
-        if stored is None or stored.ts_ms >= item.enqueued_ms:  # its readers had it (or
-            return  # this is our own earlier try, acked late): delivered once
-        data = encode(stored)
-        await self.nc.publish(self.subjects.done(req.group, req.request_id), data)
-        if req.reply_to:
-            await self.nc.publish(req.reply_to, data)
+        if stored is not None:  # not to readers that had it (our own earlier try too)
+            await send_again(self.nc, self.subjects, item, stored)
 
     async def _until_connected(self, deadline: float) -> None:
         """Publish nothing into nats-py's reconnect buffer: it is dropped (see drop_pending)."""

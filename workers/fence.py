@@ -6,7 +6,8 @@ claim lapsed (after `claim_ttl_s` without a renewal). Neither can happen
 before:
 
 - `progress_until`: the start of the last `in_progress` round the server
-  confirmed (a PING answered after it), plus `ack_wait_s`;
+  confirmed (a request answered behind it: bus/connect.py round_trip), plus
+  `ack_wait_s`;
 - `claims_until`: the start of the last claim renewal round that succeeded,
   plus `claim_ttl_s` (only while claims are held);
 
@@ -50,7 +51,7 @@ class Fence:
     def open(self) -> bool:
         """Publishing is safe now."""
         now = time.monotonic()
-        return now < self.progress_until and now < self._claims_until()
+        return now < self.progress_until and now < self._claims_until() - MARGIN_S
 
     def progress_confirmed(self, round_start: float) -> None:
         """An in_progress round begun at `round_start` reached the server."""

@@ -16,9 +16,10 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from cplane.orchestrator.service import Orchestrator
 from cplane.schemas.settings import Settings
 from tests.natsfix import isolated_settings
-from tests.stack import _start, stack
+from tests.stack import Running, _start, stack
 from tests.waiting import until
 
 WINDOW_S = 1.5  # every stream's duplicate window, scaled down from 120 s
@@ -39,6 +40,17 @@ class Terminals:
 
     def count(self, rid: str) -> int:
         return len(self.seen.get(rid, []))
+
+
+async def takeover(run: Running, s: Settings) -> Orchestrator:
+    """The orchestrator stops; a new replica that never saw any id leads."""
+    assert run.orchestrator is not None
+    run.stops[run.orchestrator].set()
+    await run.tasks[run.orchestrator]
+    fresh = Orchestrator(s)
+    await _start(fresh, run)
+    await until(lambda: fresh.leading, 10, "the new replica leads")
+    return fresh
 
 
 async def publish(nc: NATS, s: Settings, rid: str, body: dict[str, object] | None = None) -> None:
@@ -87,14 +99,7 @@ async def test_an_id_a_new_leader_never_saw_runs_once_more_and_answers_with_the_
     async with stack(s, workers=1) as run:
         await publish(nc, s, "again-2")
         await until(lambda: got.count("again-2") == 1, 15, "the first terminal")
-        assert run.orchestrator is not None
-        run.stops[run.orchestrator].set()
-        await run.tasks[run.orchestrator]
-        from cplane.orchestrator.service import Orchestrator
-
-        fresh = Orchestrator(s)
-        await _start(fresh, run)
-        await until(lambda: fresh.leading, 10, "the new replica leads")
+        await takeover(run, s)
         await asyncio.sleep(WINDOW_S + 0.5)  # the scenario: LLM_REQ's window passes
         await publish(nc, s, "again-2")
         await until(lambda: got.count("again-2") == 2, 15, "a terminal for the second publish")
@@ -114,14 +119,7 @@ async def test_an_id_no_replica_remembers_past_every_window_is_answered_from_the
     async with stack(s, workers=1) as run:
         await publish(nc, s, "again-3")
         await until(lambda: got.count("again-3") == 1, 15, "the first terminal")
-        assert run.orchestrator is not None
-        run.stops[run.orchestrator].set()
-        await run.tasks[run.orchestrator]
-        from cplane.orchestrator.service import Orchestrator
-
-        fresh = Orchestrator(s)
-        await _start(fresh, run)
-        await until(lambda: fresh.leading, 10, "the new replica leads")
+        fresh = await takeover(run, s)
         await asyncio.sleep(WINDOW_S + 0.5)  # the scenario: every duplicate window passes
         await publish(nc, s, "again-3")
         await until(lambda: got.count("again-3") == 2, 15, "a terminal for the second publish")
@@ -148,14 +146,7 @@ async def test_a_malformed_copy_of_a_live_id_never_ends_it(nats_url: str) -> Non
     async with stack(s, workers=1) as run:
         await publish(nc, s, "live-1", {"request_id": "live-1", "prompt": "x", "max_tokens": 150})
         await until(lambda: len(chunks) >= 3, 15, "the request streams")
-        assert run.orchestrator is not None
-        run.stops[run.orchestrator].set()  # a takeover: the new leader never saw live-1
-        await run.tasks[run.orchestrator]
-        from cplane.orchestrator.service import Orchestrator
-
-        fresh = Orchestrator(s)
-        await _start(fresh, run)
-        await until(lambda: fresh.leading, 10, "the new replica leads")
+        fresh = await takeover(run, s)  # a takeover: the new leader never saw live-1
         await publish(nc, s, "live-1-bad", {"request_id": "live-1", "prompt": "x",
                                             "max_tokens": -3})
         await until(lambda: got.count("live-1") >= 1, 30, "live-1's terminal")

@@ -95,6 +95,13 @@ class Stack:
                 await asyncio.sleep(every_s)  # pacing of the load, not a wait for an event
         return rids
 
+    async def leader(self) -> tuple[str, Proc]:
+        """The leading orchestrator's id (the first to dispatch) and its process."""
+        await until(lambda: self.book.dispatchers, 10, "a dispatch")
+        leader = next(iter(next(iter(self.book.dispatchers.values()))))
+        return leader, next(p for p in self.fleet.orchestrators
+                            if leader in p.log.read_text(errors="replace"))
+
     async def all_answered(self, rids: list[str], timeout: float, what: str) -> None:
         try:
             await until(lambda: len(self.book.done(rids)) == len(rids), timeout, what)
@@ -218,10 +225,7 @@ async def test_a_new_leader_counts_the_old_leaders_work_until_it_drained() -> No
     then; counting them only for a fixed window let the new leader dispatch a
     second fleet's worth on top."""
     async with stack(2, 2, router="pool") as st:
-        await until(lambda: st.book.dispatchers, 10, "a dispatch")
-        leader = next(iter(next(iter(st.book.dispatchers.values()))))
-        orch = next(p for p in st.fleet.orchestrators
-                    if leader in p.log.read_text(errors="replace"))
+        leader, orch = await st.leader()
         rids = await st.publish(30, max_tokens=4000)
         await until(lambda: sum(r in st.book.dispatchers for r in rids) >= 8, 20,
                     "the fleet full")
@@ -266,10 +270,7 @@ async def test_a_leader_paused_past_its_lease_dispatches_nothing_it_buffered() -
     The old leader resumes with requests pulled before the pause: it must hand
     them back rather than dispatch them, so no request is dispatched by both."""
     async with stack(2, 2, router="pool") as st:
-        await until(lambda: st.book.dispatchers, 10, "a dispatch")
-        leader = next(iter(next(iter(st.book.dispatchers.values()))))
-        orch = next(p for p in st.fleet.orchestrators
-                    if leader in p.log.read_text(errors="replace"))
+        leader, orch = await st.leader()
         # Work the fleet cannot take at once (capacity 2 x 4): the leader holds the rest.
         first = await st.publish(40, max_tokens=40)
         with paused(orch):
