@@ -5,12 +5,14 @@ going elsewhere claims its request first: an item redelivered or flagged
 `redispatched`, one that waited unusually long in LLM_WORK (after a broker
 killed -9 forgets deliveries, the same message is handed out again as if new),
 and every run that was streaming while this worker's connection dropped.
-A claim is a key in the KV bucket `<prefix>_claims` whose entries live
-`ttl_s` after their last write; the holder renews every `ttl_s / 3`. When the
-holder dies its claim expires and the next claimant continues after the
-chunks it streamed. `valid_until` (monotonic) is when the oldest claim held
-may lapse: the worker's fence (workers/fence.py) stops publishing before it
-until its claims are checked again.
+A claim is a key in the KV bucket `<prefix>_claims` (the orchestrator provisions
+it; a worker only opens it, at start or at its first claim) whose entries live
+`ttl_s` after their last write (the bucket's TTL when shorter than the
+setting); the holder renews every `ttl_s / 3`. When the holder dies its claim
+expires and the next claimant continues after the chunks it streamed.
+`valid_until` (monotonic) is when the oldest claim held may lapse: the
+worker's fence (workers/fence.py) stops publishing before it until its claims
+are checked again.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ import time
 from collections.abc import Awaitable, Callable
 
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from cplane.bus.provision import StoreMissingError, claims_bucket, open_key_value
 from cplane.schemas.settings import Settings
 
 log = logging.getLogger("cplane.claims")
@@ -42,9 +44,8 @@ class Claims:
     def __init__(self, js: JetStreamContext, settings: Settings, holder: str,
                  on_lost: OnLost | None = None) -> None:
         self._js = js
-        self._bucket = f"{settings.subjects.prefix}_claims"
+        self._bucket = claims_bucket(settings)
         self._ttl_s = settings.worker.claim_ttl_s
-        self._replicas = settings.streams.work.replicas
         self.holder = holder
         self._on_lost = on_lost
         self._kv: KeyValue | None = None
@@ -58,17 +59,22 @@ class Claims:
         return self._oldest_write + self._ttl_s if self._held else float("inf")
 
     async def _bucket_kv(self) -> KeyValue:
+        """The bucket, opened once (StoreMissingError until an orchestrator made it)."""
         if self._kv is None:
-            try:
-                self._kv = await self._js.key_value(self._bucket)
-            except BucketNotFoundError:
-                self._kv = await self._js.create_key_value(KeyValueConfig(
-                    bucket=self._bucket, history=1, ttl=self._ttl_s,
-                    storage=StorageType.FILE, replicas=self._replicas))
+            kv = await open_key_value(self._js, self._bucket)
+            ttl = (await kv.status()).ttl or 0.0
+            if 0 < ttl < self._ttl_s:  # entries lapse sooner: the fence must count on that
+                log.warning("claims bucket %s expires entries after %g s, not worker."
+                            "claim_ttl_s = %g s: using %g s", self._bucket, ttl, self._ttl_s, ttl)
+                self._ttl_s = ttl
+            self._kv = kv
         return self._kv
 
     async def start(self) -> None:
-        await self._bucket_kv()
+        try:
+            await self._bucket_kv()
+        except StoreMissingError as exc:  # a worker may start before the orchestrator
+            log.info("%s; opened at the first claim", exc)
         self._task = asyncio.create_task(self._renew_loop(), name="claims-renew")
 
     async def stop(self) -> None:
@@ -101,7 +107,7 @@ class Claims:
                 return await self._rewrite(kv, request_id, entry.revision, start)
             return False
         except BucketNotFoundError:
-            self._kv = None  # the bucket went with a lost store: next call re-creates it
+            self._kv = None  # the bucket went with a lost store: opened again next time
             raise
 
     async def confirm(self, request_id: str) -> bool:

@@ -7,8 +7,12 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+import msgspec
 import nats
 from nats.aio.client import Client as NATS
+
+from cplane.bus.credentials import connect_options, redact
+from cplane.schemas.settings import NatsSettings
 
 log = logging.getLogger("cplane.bus")
 OnReconnect = Callable[[], Awaitable[None]]
@@ -52,7 +56,8 @@ class _ReconnectHook:
 
 async def connect(
     url: str, name: str, *, on_reconnect: OnReconnect | None = None,
-    on_disconnect: OnReconnect | None = None, **options: object
+    on_disconnect: OnReconnect | None = None, settings: NatsSettings | None = None,
+    **options: object
 ) -> NATS:
     """Connect with settings for a long-lived service: reconnect forever, big buffers.
 
@@ -61,20 +66,23 @@ async def connect(
     place to re-run `ensure_all` and re-create the service's consumers. A
     `reconnected_cb` in `options` still runs, before it. `on_disconnect` is
     awaited when the connection drops (before nats-py starts reconnecting).
+    `settings`, when given, adds its credentials and TLS (bus/credentials.py:
+    `connect_options`); `url` is still the server connected to.
     """
     hook = _ReconnectHook(name, on_reconnect) if on_reconnect is not None else None
+    shown = redact(url)
     user_cb = options.pop("reconnected_cb", None)
 
     async def on_error(exc: Exception) -> None:
         log.warning("%s: nats error: %s", name, exc)
 
     async def disconnected() -> None:
-        log.info("%s: disconnected from %s", name, url)
+        log.info("%s: disconnected from %s", name, shown)
         if on_disconnect is not None:
             await on_disconnect()
 
     async def on_reconnected() -> None:
-        log.info("%s: reconnected to %s", name, url)
+        log.info("%s: reconnected to %s", name, shown)
         if user_cb is not None:
             await user_cb()  # type: ignore[operator]
         if hook is not None:
@@ -97,6 +105,8 @@ async def connect(
         "reconnected_cb": on_reconnected,
         "closed_cb": on_closed,
     }
+    if settings is not None:
+        kwargs.update(connect_options(msgspec.structs.replace(settings, url=url)))
     kwargs.update(options)
     nc = await nats.connect(**kwargs)  # type: ignore[arg-type]
     if hook is not None:

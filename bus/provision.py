@@ -1,11 +1,16 @@
-"""Idempotent creation of the six streams, the durable consumers and the KV buckets.
+"""Idempotent creation of the streams, durable consumers, KV buckets and object store.
 
-Every component calls `ensure_all` (or its parts) at start-up and after a
-reconnect, so any one of them can come up first and a stream that vanished
-from the broker's store is re-created.
+The orchestrator calls `ensure_all` at start-up and after a reconnect: it alone
+creates the stores (`llm_leases`, `llm_claims`, `llm_config`, `llm_batches`,
+`llm_batch_files`), each bounded (`streams.<store>.max_bytes`); everyone else
+opens them (`open_key_value`, `open_object_store`). Workers also ensure the
+streams, so a stream the broker lost is re-created by whoever comes back first.
 
 Promises:
-- A missing stream, consumer or bucket is created from the settings.
+- A missing stream, consumer or store is created from the settings.
+- A stream or store that routes messages as cplane never configures it (a
+  RePublish, sources, a mirror or a subject transform not ours) raises
+  `ForeignStreamError`: a client that made a store first cannot plant one.
 - An existing stream is never silently weakened. When its configuration
   differs from the settings it is left as it is and a warning names every
   differing field, unless `settings.nats.update_streams` is set; even then a
@@ -31,20 +36,18 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DiscardPolicy,
-    KeyValueConfig,
-    ObjectStoreConfig,
     RePublish,
     RetentionPolicy,
     StorageType,
     StreamConfig,
     StreamSource,
 )
-from nats.js.errors import APIError, BadRequestError, BucketNotFoundError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from cplane.schemas.messages import PRIORITIES, Priority, Role
-from cplane.schemas.settings import Settings, StreamSettings
+from cplane.schemas.settings import Settings, StoreSettings, StreamSettings
 from cplane.schemas.subjects import (
     ANY_TARGET,
     MODEL_TARGET_PREFIX,
@@ -61,8 +64,11 @@ STREAM_FIELDS = (
     "subjects", "retention", "storage", "discard", "max_msgs", "max_bytes", "max_age",
     "max_msg_size", "duplicate_window", "num_replicas", "allow_direct",
 )
+# How a stream routes messages beyond its subjects: set only as cplane configures it.
+ROUTING_FIELDS = ("republish", "sources", "mirror", "subject_transform")
 # Consumer fields compared with the settings; the first four the server updates in place.
-CONSUMER_FIELDS = ("ack_wait", "max_deliver", "max_ack_pending", "filter_subject", "ack_policy")
+CONSUMER_FIELDS = ("ack_wait", "max_deliver", "max_ack_pending", "filter_subject",
+                   "filter_subjects", "ack_policy")
 
 
 class StreamWeakeningError(RuntimeError):
@@ -109,7 +115,8 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
     return [
         # One subject pattern per priority: a publish to an unknown priority
         # matches no stream and the publisher gets an error.
-        _stream_config(st.req, [subj.requests_of(p) for p in PRIORITIES],
+        _stream_config(st.req, [s for p in PRIORITIES
+                                for s in (subj.requests_of(p), subj.tenant_requests_of(p))],
                        RetentionPolicy.WORK_QUEUE, True),
         _stream_config(st.work, [subj.work_all], RetentionPolicy.WORK_QUEUE, True),
         # Outputs, chunks and terminals of a request in one stream, so readers get
@@ -140,15 +147,31 @@ def _norm(field: str, value: object) -> object:
         return value or 1
     if field == "allow_direct":
         return bool(value)
+    if field == "republish" and value is not None:
+        return (value.src, value.dest, bool(value.headers_only))  # type: ignore[attr-defined]
+    if field == "sources":
+        return tuple(sorted(map(repr, map(_source, value or ()))))  # type: ignore[call-overload]
+    if field == "mirror":
+        return _source(value)  # type: ignore[arg-type]
+    if field == "subject_transform" and value is not None:
+        return (value.src, value.dest)  # type: ignore[attr-defined]
     return value
 
 
+def _source(s: StreamSource | None) -> object:
+    if s is None:
+        return None
+    ext = s.external.api if s.external is not None else ""
+    return (s.name, s.filter_subject or "", ext,
+            tuple((t.src, t.dest) for t in s.subject_transforms or ()))
+
+
 def stream_differences(
-    current: StreamConfig, wanted: StreamConfig
+    current: StreamConfig, wanted: StreamConfig, fields: tuple[str, ...] = STREAM_FIELDS
 ) -> dict[str, tuple[object, object]]:
-    """Field -> (current, wanted) for every settings-owned field that differs."""
+    """Field -> (current, wanted) for every settings-owned field (of `fields`) that differs."""
     diffs: dict[str, tuple[object, object]] = {}
-    for field in STREAM_FIELDS:
+    for field in fields:
         cur = _norm(field, getattr(current, field))
         new = _norm(field, getattr(wanted, field))
         if cur != new:
@@ -184,6 +207,28 @@ def weakening(current: StreamConfig, wanted: StreamConfig) -> dict[str, tuple[ob
     return weak
 
 
+class ForeignStreamError(RuntimeError):
+    """An existing stream routes messages as cplane never configures it (see
+    foreign_routing; a store's subjects too): nothing is changed, the caller stops."""
+
+    def __init__(self, stream: str, fields: dict[str, tuple[object, object]]) -> None:
+        detail = ", ".join(f"{k}: {cur!r}, ours {new!r}" for k, (cur, new) in fields.items())
+        super().__init__(
+            f"refusing to start: stream {stream} routes messages as cplane did not configure "
+            f"({detail}); delete it (nats stream rm {stream}) and start the orchestrator again")
+        self.stream = stream
+        self.fields = fields
+
+
+def foreign_routing(current: StreamConfig, wanted: StreamConfig
+                    ) -> dict[str, tuple[object, object]]:
+    """Routing of `current` that `wanted` (ours) does not configure: a RePublish, sources,
+    a mirror or a subject transform could send stored messages to any subject
+    (`llm.admin.*`) or pull in other streams. LLM_OUT's RePublish and LLM_DONE's
+    source are ours, so they pass."""
+    return stream_differences(current, wanted, ROUTING_FIELDS)
+
+
 # -- streams (I/O) ----------------------------------------------------------------
 _API_TRIES = 3  # a JetStream API request unanswered within its timeout is asked again
 
@@ -202,8 +247,9 @@ async def _current(js: JetStreamContext, name: str) -> StreamConfig:
     raise AssertionError("unreachable")
 
 
-async def ensure_stream(js: JetStreamContext, cfg: StreamConfig, *, update: bool = False) -> None:
-    """Create `cfg` if missing; else compare, warn, and update only if allowed and not weaker."""
+async def _create_or_current(js: JetStreamContext, cfg: StreamConfig) -> StreamConfig | None:
+    """None when `cfg` was created now; else the existing stream's config, which must
+    route messages only as `cfg` does (ForeignStreamError)."""
     assert cfg.name is not None
     try:
         current = await _current(js, cfg.name)
@@ -211,7 +257,7 @@ async def ensure_stream(js: JetStreamContext, cfg: StreamConfig, *, update: bool
         try:
             await js.add_stream(cfg)
             log.info("created stream %s", cfg.name)
-            return
+            return None
         except APIError as exc:
             # Created by another process meanwhile: "already exists", or, when
             # both creations overlap, the server may count the storage twice
@@ -223,6 +269,18 @@ async def ensure_stream(js: JetStreamContext, cfg: StreamConfig, *, update: bool
                 raise exc from None
             if not (isinstance(exc, BadRequestError) and exc.err_code == _STREAM_EXISTS):
                 log.info("stream %s created by another process (%s)", cfg.name, exc)
+    foreign = foreign_routing(current, cfg)
+    if foreign:
+        raise ForeignStreamError(cfg.name, foreign)
+    return current
+
+
+async def ensure_stream(js: JetStreamContext, cfg: StreamConfig, *, update: bool = False) -> None:
+    """Create `cfg` if missing; else compare, warn, and update only if allowed and not weaker."""
+    assert cfg.name is not None
+    current = await _create_or_current(js, cfg)
+    if current is None:
+        return
     diffs = stream_differences(current, cfg)
     if not diffs:
         return
@@ -286,7 +344,7 @@ def request_consumer_config(settings: Settings, subjects: Subjects, p: Priority)
     o = settings.orchestrator
     return ConsumerConfig(
         durable_name=consumer_for_priority(p),
-        filter_subject=subjects.requests_of(p),
+        filter_subjects=[subjects.requests_of(p), subjects.tenant_requests_of(p)],
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=o.ack_wait_s,
         max_deliver=-1,  # the orchestrator dead-letters at o.max_deliveries itself
@@ -335,91 +393,153 @@ async def delete_work_consumer(
         pass
 
 
-# -- lease bucket -----------------------------------------------------------------
-async def ensure_lease_bucket(js: JetStreamContext, settings: Settings) -> KeyValue:
-    """The KV bucket of the orchestrator lease: TTL `orchestrator.lease_ttl_s`, history 1.
-
-    Idempotent. An existing bucket with another TTL is kept (with a warning),
-    like a stream: entries would otherwise vanish under a live leader.
-    """
-    name = settings.subjects.leases_bucket
-    ttl = settings.orchestrator.lease_ttl_s
-    cfg = KeyValueConfig(bucket=name, ttl=ttl, history=1, storage=StorageType.FILE,
-                         replicas=settings.streams.req.replicas)
-    kv, created = await _create_or_open(js, cfg)
-    if created:
-        return kv
-    status = await kv.status()
-    if abs(float(status.ttl or 0) - ttl) > 1e-6:
-        log.warning("lease bucket %s kept with ttl %s s (settings say %s s)", name,
-                    status.ttl, ttl)
-    return kv
-
-
-# -- config bucket ----------------------------------------------------------------
+# -- KV buckets and object stores -------------------------------------------------------
 CONFIG_HISTORY = 5  # past choices kept per key (`nats kv history`): who switched what, when
+# Set to the settings on an existing store (its data kept): the bounds on what it may hold.
+STORE_LIMITS = ("max_bytes", "max_msg_size", "max_msgs", "max_msgs_per_subject", "discard")
+
+
+class StoreMissingError(LookupError):
+    """A KV bucket or object store is not there: only the orchestrator creates them."""
+
+    def __init__(self, kind: str, bucket: str) -> None:
+        super().__init__(f"{kind} {bucket} does not exist: start an orchestrator first "
+                         "(it provisions every store)")
+        self.bucket = bucket
+
+
+def claims_bucket(settings: Settings) -> str:
+    """KV bucket of the workers' per-request claims (bus/claims.py)."""
+    return f"{settings.subjects.prefix}_claims"
+
+
+def _kv_config(bucket: str, lim: StoreSettings, *, replicas: int, history: int = 1,
+               ttl_s: float | None = None) -> StreamConfig:
+    """A bucket's stream as nats-py's create_key_value makes it, with our limits."""
+    return StreamConfig(
+        name=f"KV_{bucket}", subjects=[f"$KV.{bucket}.>"], retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE, num_replicas=replicas, discard=DiscardPolicy.NEW,
+        max_bytes=lim.max_bytes, max_msg_size=lim.max_value_size, max_msgs=-1,
+        max_msgs_per_subject=history, max_age=ttl_s, max_consumers=-1,
+        duplicate_window=min(120.0, ttl_s or 120.0),
+        allow_rollup_hdrs=True, allow_msg_ttl=True, deny_delete=True)
+
+
+def _object_config(bucket: str, lim: StoreSettings, *, replicas: int,
+                   ttl_s: float | None = None) -> StreamConfig:
+    """An object store's stream as nats-py's create_object_store makes it, with our limits."""
+    return StreamConfig(
+        name=f"OBJ_{bucket}", subjects=[f"$O.{bucket}.C.>", f"$O.{bucket}.M.>"],
+        retention=RetentionPolicy.LIMITS, storage=StorageType.FILE, num_replicas=replicas,
+        discard=DiscardPolicy.NEW, max_bytes=lim.max_bytes, max_msg_size=lim.max_value_size,
+        max_msgs=-1, max_age=ttl_s, max_consumers=-1, duplicate_window=120.0,
+        allow_rollup_hdrs=True, allow_direct=True)
+
+
+def store_configs(settings: Settings) -> dict[str, StreamConfig]:
+    """The five stores' streams, keyed as their limits in `streams`. Batch jobs and
+    files live as long as LLM_DONE keeps terminals (a job outlives no result it
+    points to); config keeps 5 past values; leases and claims expire by TTL."""
+    subj, st = settings.subjects, settings.streams
+    done_ttl = st.done.max_age_s or None
+    return {
+        "leases": _kv_config(subj.leases_bucket, st.leases, replicas=st.req.replicas,
+                             ttl_s=settings.orchestrator.lease_ttl_s),
+        "claims": _kv_config(claims_bucket(settings), st.claims, replicas=st.work.replicas,
+                             ttl_s=settings.worker.claim_ttl_s),
+        "config": _kv_config(subj.config_bucket, st.config, replicas=st.req.replicas,
+                             history=CONFIG_HISTORY),
+        "batch_jobs": _kv_config(subj.batch_jobs_bucket, st.batch_jobs,
+                                 replicas=st.done.replicas, ttl_s=done_ttl),
+        "batch_files": _object_config(subj.batch_files_bucket, st.batch_files,
+                                      replicas=st.done.replicas, ttl_s=done_ttl),
+    }
+
+
+async def ensure_store(js: JetStreamContext, cfg: StreamConfig) -> None:
+    """Create a store's stream if missing. An existing one keeps its data: routing not
+    ours or other subjects -> ForeignStreamError, a weaker one (memory, fewer replicas,
+    another retention) -> StreamWeakeningError, nothing changed; limits (STORE_LIMITS)
+    set to the settings' (logged); anything else (a TTL: entries could vanish under
+    their holder) kept, with a warning."""
+    assert cfg.name is not None
+    current = await _create_or_current(js, cfg)
+    if current is None:
+        return
+    diffs = stream_differences(current, cfg)
+    if "subjects" in diffs:
+        raise ForeignStreamError(cfg.name, {"subjects": diffs["subjects"]})
+    weak = weakening(current, cfg)
+    if weak:
+        raise StreamWeakeningError(cfg.name, weak)
+    limits = {f: (getattr(current, f), getattr(cfg, f)) for f in STORE_LIMITS
+              if _norm(f, getattr(current, f)) != _norm(f, getattr(cfg, f))}
+    if limits:
+        log.warning("store %s: limits set to the settings' (%s)", cfg.name,
+                    ", ".join(f"{k}: {cur!r} -> {new!r}" for k, (cur, new) in limits.items()))
+        await js.update_stream(dataclasses.replace(current, **{f: getattr(cfg, f)
+                                                                for f in limits}))
+    rest = {k: v for k, v in diffs.items() if k not in limits}
+    if rest:
+        log.warning("store %s differs from the settings and is kept as it is (%s)", cfg.name,
+                    ", ".join(f"{k}: {cur!r} -> {new!r}" for k, (cur, new) in rest.items()))
+
+
+async def open_key_value(js: JetStreamContext, bucket: str) -> KeyValue:
+    """An existing bucket: every component but the orchestrator opens, never creates.
+    StoreMissingError (naming it) when there is none."""
+    try:
+        return await js.key_value(bucket)
+    except NotFoundError:  # BucketNotFoundError too
+        raise StoreMissingError("KV bucket", bucket) from None
+
+
+async def open_object_store(js: JetStreamContext, bucket: str) -> ObjectStore:
+    """An existing object store (see open_key_value)."""
+    try:
+        return await js.object_store(bucket)
+    except NotFoundError:
+        raise StoreMissingError("object store", bucket) from None
+
+
+async def ensure_lease_bucket(js: JetStreamContext, settings: Settings) -> KeyValue:
+    """The orchestrator lease's bucket (TTL `orchestrator.lease_ttl_s`), ensured and opened."""
+    await ensure_store(js, store_configs(settings)["leases"])
+    return await open_key_value(js, settings.subjects.leases_bucket)
 
 
 async def ensure_config_bucket(js: JetStreamContext, settings: Settings) -> KeyValue:
-    """The KV bucket of fleet-wide runtime choices (the dispatch policy): no TTL, file storage.
-
-    Idempotent. Its entries outlive every process and a broker restart, so a
-    choice made at run time survives them. An existing bucket is kept as it is.
-    """
-    name = settings.subjects.config_bucket
-    cfg = KeyValueConfig(bucket=name, history=CONFIG_HISTORY, storage=StorageType.FILE,
-                         replicas=settings.streams.req.replicas)
-    return (await _create_or_open(js, cfg))[0]
+    """The bucket of fleet-wide runtime choices (the dispatch policy; file storage, no
+    TTL: a choice outlives every process and a broker restart), ensured and opened."""
+    await ensure_store(js, store_configs(settings)["config"])
+    return await open_key_value(js, settings.subjects.config_bucket)
 
 
-async def _create_or_open(js: JetStreamContext, cfg: KeyValueConfig) -> tuple[KeyValue, bool]:
-    """(the bucket, whether we created it). One made by another process meanwhile
-    is opened, whatever error its concurrent creation gave ours (see ensure_stream)."""
-    try:
-        return await js.create_key_value(cfg), True
-    except APIError as exc:
-        try:
-            return await js.key_value(cfg.bucket), False
-        except (NotFoundError, BucketNotFoundError):
-            raise exc from None
-
-
-# -- batch jobs -----------------------------------------------------------------------
-async def ensure_batch_stores(js: JetStreamContext, settings: Settings
-                              ) -> tuple[KeyValue, ObjectStore]:
-    """The KV bucket of batch job records and the object store of their files.
-
-    Both keep what they hold as long as LLM_DONE keeps terminals
-    (`streams.done.max_age_s`, 7 days): a job outlives no result it points to.
-    Idempotent; existing ones are kept as they are.
-    """
-    subj, done = settings.subjects, settings.streams.done
-    ttl = done.max_age_s or None
-    kv = (await _create_or_open(js, KeyValueConfig(
-        bucket=subj.batch_jobs_bucket, history=1, ttl=ttl, storage=StorageType.FILE,
-        replicas=done.replicas)))[0]
-    try:
-        obs = await js.object_store(subj.batch_files_bucket)
-    except (NotFoundError, BucketNotFoundError):
-        try:
-            obs = await js.create_object_store(subj.batch_files_bucket, ObjectStoreConfig(
-                ttl=ttl, storage=StorageType.FILE, replicas=done.replicas))
-        except APIError:  # created by another process meanwhile
-            obs = await js.object_store(subj.batch_files_bucket)
-    return kv, obs
+async def open_batch_stores(js: JetStreamContext, settings: Settings
+                            ) -> tuple[KeyValue, ObjectStore]:
+    """The KV bucket of batch job records and the object store of their files, opened
+    (the orchestrator provisions them: StoreMissingError before one has run)."""
+    subj = settings.subjects
+    return (await open_key_value(js, subj.batch_jobs_bucket),
+            await open_object_store(js, subj.batch_files_bucket))
 
 
 # -- everything ---------------------------------------------------------------------
 async def ensure_all(js: JetStreamContext, settings: Settings) -> None:
-    """Streams, request consumers and the lease bucket: start-up and after a reconnect.
+    """Every stream, the request consumers and every KV bucket and object store: the
+    orchestrator's start-up and its reconnects. Only the orchestrator calls it: the
+    others open the stores (`open_key_value`, `open_object_store`), never create them.
 
     Call it again when a publish answers NoStreamResponseError (the broker
     lost a stream): it re-creates what is missing and leaves the rest alone.
+    Raises ForeignStreamError / StreamWeakeningError (nothing changed) on a
+    stream or store that someone else made otherwise than cplane would.
     Work consumers belong to each worker (`ensure_work_consumer`).
     """
     await ensure_streams(js, settings)
     await ensure_request_consumers(js, settings)
-    await ensure_lease_bucket(js, settings)
+    for cfg in store_configs(settings).values():
+        await ensure_store(js, cfg)
 
 
 class Provisioner:
@@ -452,19 +572,27 @@ class Provisioner:
 __all__ = [
     "CONSUMER_FIELDS",
     "STREAM_FIELDS",
+    "ForeignStreamError",
     "Provisioner",
+    "StoreMissingError",
     "StreamWeakeningError",
+    "claims_bucket",
     "delete_work_consumer",
     "ensure_all",
-    "ensure_batch_stores",
     "ensure_config_bucket",
     "ensure_consumer",
     "ensure_lease_bucket",
     "ensure_request_consumers",
+    "ensure_store",
     "ensure_stream",
     "ensure_streams",
     "ensure_work_consumer",
+    "foreign_routing",
+    "open_batch_stores",
+    "open_key_value",
+    "open_object_store",
     "request_consumer_config",
+    "store_configs",
     "stream_configs",
     "stream_differences",
     "weakening",

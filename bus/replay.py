@@ -43,21 +43,22 @@ async def stored_terminal(
 
 
 async def stored_terminals(nc: NATS, settings: Settings, keys: list[tuple[str, str]],
-                           timeout_s: float = 2.0) -> dict[str, bytes]:
-    """request id -> its stored terminal (encoded), for every (group, request id) in
-    `keys` that has one in LLM_DONE: one batched direct get (`multi_last`) for all
-    of them. Raises TimeoutError (or the server's error) when unanswered."""
+                           timeout_s: float = 2.0) -> dict[tuple[str, str], bytes]:
+    """(group, request id) -> its stored terminal (encoded), for every key in `keys`
+    that has one in LLM_DONE: one batched direct get (`multi_last`) for all of
+    them. Raises TimeoutError (or the server's error) when unanswered. Keyed by
+    group too: two tenants' requests may share an id, never a subject."""
     subjects = settings.subjects
-    wanted = {subjects.done_store(g, r): r for g, r in keys}
-    found: dict[str, bytes] = {}
+    wanted = {subjects.done_store(g, r): (g, r) for g, r in keys}
+    found: dict[tuple[str, str], bytes] = {}
     end: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def on_msg(msg: Msg) -> None:
         status = msg.headers.get("Status") if msg.headers else None
         if status is None:
-            rid = wanted.get((msg.headers or {}).get("Nats-Subject", ""))
-            if rid is not None:
-                found[rid] = msg.data
+            key = wanted.get((msg.headers or {}).get("Nats-Subject", ""))
+            if key is not None:
+                found[key] = msg.data
         elif not end.done():  # 204 end of batch, 404 nothing found; else an error
             if status in ("204", "404"):
                 end.set_result(None)

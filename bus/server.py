@@ -9,6 +9,12 @@ For the chaos suite and restart tests the server can be stopped (`terminate`,
 SIGTERM: a clean shutdown), killed (`kill`, SIGKILL) and started again with
 `restart()` on the same port and store, so clients reconnect to the same URL
 and find the file-stored streams again.
+
+`tls` (bus/tls.py `make_certs`) makes it a TLS-only server (`url` is then
+`tls://127.0.0.1:PORT`); `verify_clients` also asks clients for a certificate
+signed by the same CA. `extra_config` is appended verbatim to the generated
+configuration (an `authorization { ... }` or `accounts { ... }` block, `no_auth_user`).
+The server listens on 127.0.0.1 only, and has no monitoring port.
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # bus/tls.py imports cryptography: only where certificates are made
+    from cplane.bus.tls import TlsFiles
 
 
 def nats_server_binary() -> str:
@@ -67,6 +77,9 @@ class EmbeddedNats:
         sync_interval: str = "100ms",
         max_payload: int = 8 << 20,
         max_file_store: str | None = None,
+        tls: TlsFiles | None = None,
+        verify_clients: bool = False,
+        extra_config: str = "",
     ) -> None:
         self.port = port or free_port()
         self._own_dir = store_dir is None
@@ -77,14 +90,33 @@ class EmbeddedNats:
         # (default: 75 % of the free disk); a test server holding hundreds of
         # small private streams raises it ("1T"): reservations, not usage.
         self.max_file_store = max_file_store
+        self.tls = tls
+        self.verify_clients = verify_clients  # with tls: clients must present a certificate
+        self.extra_config = extra_config
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        scheme = "tls" if self.tls is not None else "nats"
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    def _tls_block(self) -> list[str]:
+        if self.tls is None:
+            return []
+        return [
+            "tls {",
+            '  cert_file: "%s"' % self.tls.server_cert,
+            '  key_file: "%s"' % self.tls.server_key,
+            '  ca_file: "%s"' % self.tls.ca,
+            "  verify: %s" % ("true" if self.verify_clients else "false"),
+            "  timeout: 2",
+            "}",
+        ]
 
     def _write_config(self) -> Path:
         conf = Path(self.store_dir) / "nats.conf"
+        conf.touch(mode=0o600)  # extra_config may hold passwords: 0600 before they are written
+        conf.chmod(0o600)
         conf.write_text(
             "\n".join([
                 "listen: 127.0.0.1:%d" % self.port,
@@ -94,6 +126,8 @@ class EmbeddedNats:
                 "  sync_interval: %s" % self.sync_interval,
                 *(["  max_file_store: %s" % self.max_file_store] if self.max_file_store else []),
                 "}",
+                *self._tls_block(),
+                self.extra_config,
                 "",
             ]),
             encoding="utf-8",

@@ -27,7 +27,7 @@ from nats.js.errors import (
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
-from cplane.bus.provision import ensure_batch_stores
+from cplane.bus.provision import open_batch_stores
 from cplane.schemas.batch import BatchJob
 from cplane.schemas.settings import Settings
 
@@ -69,7 +69,8 @@ class JobStore:
 
     @classmethod
     async def open(cls, js: JetStreamContext, settings: Settings) -> JobStore:
-        kv, obs = await ensure_batch_stores(js, settings)
+        """Open both stores; StoreMissingError when no orchestrator has provisioned them."""
+        kv, obs = await open_batch_stores(js, settings)
         return cls(kv, obs, js, settings.subjects.batch_jobs_bucket)
 
     # -- records ------------------------------------------------------------------

@@ -30,6 +30,7 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from cplane.bus.credentials import cannot_reach, connect_options
 from cplane.client.admin import Admin, NoOrchestrator
 from cplane.client.aggregate import (
     MetricsSummary,
@@ -58,7 +59,7 @@ from cplane.schemas.control import (
 )
 from cplane.schemas.messages import Heartbeat
 from cplane.schemas.settings import Settings, load_settings
-from cplane.schemas.subjects import INTERACTIVE_GROUP, valid_token
+from cplane.schemas.subjects import INTERACTIVE_GROUP, scoped, valid_token
 
 _NO_RESPONDERS = "503"
 
@@ -92,6 +93,7 @@ class ControlPlane:
         """Connect (no reconnect loop: a control call is short); ConnectionError if unreachable."""
         settings = settings or load_settings()
         url = url or settings.nats.url
+        options = connect_options(msgspec.structs.replace(settings.nats, url=url))
 
         async def quiet(exc: Exception) -> None:  # nats-py would log each failed attempt
             return None
@@ -99,9 +101,9 @@ class ControlPlane:
         try:
             async with asyncio.timeout(connect_timeout_s):
                 nc = await nats.connect(url, allow_reconnect=False, connect_timeout=2,
-                                        error_cb=quiet)
+                                        error_cb=quiet, **options)
         except (TimeoutError, OSError, nats.errors.Error) as exc:
-            raise ConnectionError(f"cannot reach NATS at {url} ({type(exc).__name__})") from None
+            raise cannot_reach(url, exc) from None
         cp = cls(nc, settings, **kw)
         cp._own_nc = True
         return cp
@@ -212,14 +214,16 @@ class ControlPlane:
                 return worker_report_decoder.decode(data)
         raise NotFound(f"worker {worker_id} not found (no answer on {subject})")
 
-    async def get_request_status(self, request_id: str,
-                                 group: str = INTERACTIVE_GROUP) -> RequestStatus:
+    async def get_request_status(self, request_id: str, group: str = INTERACTIVE_GROUP,
+                                 tenant: str | None = None) -> RequestStatus:
         """Its phase (queued, dispatched, prefill, decoding, completed, failed, cancelled)
-        with timestamps, or phase `not_found`. Raises NoOrchestrator when nobody answers."""
-        if not valid_token(request_id) or not valid_token(group):
+        with timestamps, or phase `not_found`; `tenant`: a tenant's request (its id is
+        its own within that tenant). Raises NoOrchestrator when nobody answers."""
+        if not valid_token(request_id) or not valid_token(group) or (
+                tenant is not None and not valid_token(tenant)):
             return RequestStatus(request_id=request_id, phase=RequestPhase.NOT_FOUND,
                                  message="not a valid request id")
-        query = encode(RequestQuery(request_id=request_id, group=group))
+        query = encode(RequestQuery(request_id=request_id, group=scoped(tenant, group)))
         replies = await self.gather(self.subjects.admin(REQUEST_VERB), query)
         if not replies:
             raise NoOrchestrator("no orchestrator answered")
@@ -230,10 +234,11 @@ class ControlPlane:
         return merge_status(request_id, answers)
 
     async def cancel_request(self, request_id: str, group: str = INTERACTIVE_GROUP, *,
-                             force: bool = False) -> CancelResult:
+                             force: bool = False, tenant: str | None = None) -> CancelResult:
         """Store a cancel for the request (LLM_CANCEL), unless it is unknown (then only
-        with `force`: it may still sit unread in LLM_REQ) or already finished."""
-        status = await self.get_request_status(request_id, group)
+        with `force`: it may still sit unread in LLM_REQ) or already finished;
+        `tenant`: that tenant's request of this id, and no other's."""
+        status = await self.get_request_status(request_id, group, tenant)
         found = status.phase is not RequestPhase.NOT_FOUND
         if status.phase.terminal:
             return CancelResult(request_id=request_id, found=True, sent=False,
@@ -241,7 +246,7 @@ class ControlPlane:
         if not found and not force:
             return CancelResult(request_id=request_id, found=False, sent=False,
                                 phase=status.phase, message="not found")
-        await self.nc.jetstream().publish(self.subjects.cancel(request_id), b"",
+        await self.nc.jetstream().publish(self.subjects.cancel(request_id, tenant), b"",
                                           timeout=self.timeout_s)
         return CancelResult(request_id=request_id, found=found, sent=True, phase=status.phase,
                             message="cancel stored")

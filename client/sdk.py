@@ -49,6 +49,7 @@ from nats.js.api import DeliverPolicy
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 from cplane.bus import tracing
+from cplane.bus.credentials import ConnectErrors, cannot_reach, connect_options
 from cplane.client.results import Start, StoredResult, stored_results
 from cplane.schemas import trace
 from cplane.schemas.codec import encode, output_decoder
@@ -59,6 +60,7 @@ from cplane.schemas.subjects import (
     INTERACTIVE_GROUP,
     RESERVED_GROUPS,
     Subjects,
+    scoped,
     valid_token,
 )
 
@@ -108,11 +110,12 @@ class RequestHandle:
         self.request = request
         self.request_id = request.request_id
         self.duplicate = False  # the server had this request_id already
-        self._out_subject = client.subjects.out(request.group, request.request_id)
-        self._done_subject = client.subjects.done(request.group, request.request_id)
+        self.group = group = client.output_group(request)
+        self._out_subject = client.subjects.out(group, request.request_id)
+        self._done_subject = client.subjects.done(group, request.request_id)
         # Where the streams store them (readers get them republished on the two above).
-        self._out_store = client.subjects.out_store(request.group, request.request_id)
-        self._done_store = client.subjects.done_store(request.group, request.request_id)
+        self._out_store = client.subjects.out_store(group, request.request_id)
+        self._done_store = client.subjects.done_store(group, request.request_id)
         self._next_seq = 0
         self._pending: dict[int, TokenChunk] = {}
         self._chunks: asyncio.Queue[TokenChunk | None] = asyncio.Queue()
@@ -201,7 +204,10 @@ class RequestHandle:
         self._maybe_close()
 
     async def _replay_stored(self, timeout_s: float = 5.0) -> None:
-        """Take every chunk LLM_OUT holds for this request now (ordered consumer, one pass)."""
+        """Take every chunk LLM_OUT holds for this request now (ordered consumer, one pass).
+        A tenant's connection cannot read LLM_OUT: its Final carries the whole text."""
+        if self.client.tenant_view:
+            return
         js, stream = self.client.js, self.client.settings.streams.out.name
         try:
             last = await js.get_last_msg(stream, self._out_store)
@@ -223,6 +229,12 @@ class RequestHandle:
     async def _lookup_terminal(self) -> None:
         """Take the Final/ErrorReply stored in LLM_DONE for this request, if any."""
         streams = self.client.settings.streams
+        if self.client.tenant_view:  # its own subjects only: one direct get from LLM_DONE
+            reply = await self.client.nc.request(
+                f"$JS.API.DIRECT.GET.{streams.done.name}.{self._done_store}", b"", timeout=5)
+            if not (reply.headers or {}).get("Status"):
+                self._take_msg(self._done_subject, reply.data)
+            return
         for stream in (streams.out.name, streams.done.name):  # stored, then copied for days
             try:
                 stored = await self.client.js.get_last_msg(stream, self._done_store)
@@ -295,7 +307,7 @@ class RequestHandle:
         return term
 
     async def cancel(self) -> None:
-        await self.client.cancel(self.request_id)
+        await self.client.cancel(self.request_id, self.request.tenant)
 
 
 class Client:
@@ -307,8 +319,12 @@ class Client:
     """
 
     def __init__(self, nc: NATS, settings: Settings, *,
-                 default_timeout_s: float | None = DEFAULT_TIMEOUT_S) -> None:
+                 default_timeout_s: float | None = DEFAULT_TIMEOUT_S,
+                 tenant_view: bool = False) -> None:
         self.nc = nc
+        # A tenant's connection (its own account: docs/security.md): the server maps its
+        # subjects, and it reads its stored terminals by direct get, nothing else.
+        self.tenant_view = tenant_view
         self.js = nc.jetstream()
         self.settings = settings
         self.subjects: Subjects = settings.subjects
@@ -323,14 +339,19 @@ class Client:
         settings: Settings | None = None,
         connect_timeout_s: float = 10.0,
         default_timeout_s: float | None = DEFAULT_TIMEOUT_S,
+        tenant_view: bool | None = None,
     ) -> Client:
-        """Connect (reconnecting forever once connected); ConnectionError if unreachable."""
+        """Connect (reconnecting forever once connected); ConnectionError if unreachable.
+        `tenant_view` None: found out (a tenant's account has no JetStream of its own)."""
         settings = settings or load_settings()
         url = url or settings.nats.url
+        options = connect_options(msgspec.structs.replace(settings.nats, url=url))
         made: list[Client] = []
+        errors = ConnectErrors()  # the reason, should the connect time out (authorization, TLS)
 
         async def quiet(exc: Exception) -> None:  # nats-py would log a traceback per retry
             log.debug("nats: %s", exc)
+            await errors.record(exc)
 
         async def reconnected() -> None:  # nats-py awaits this in its reconnect loop: no waiting
             if made:
@@ -339,10 +360,14 @@ class Client:
         try:
             async with asyncio.timeout(connect_timeout_s):
                 nc = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-                                        error_cb=quiet, reconnected_cb=reconnected)
+                                        error_cb=quiet, reconnected_cb=reconnected,
+                                        **options)
         except TimeoutError:
-            raise ConnectionError(f"cannot reach NATS at {url}") from None
-        made.append(cls(nc, settings, default_timeout_s=default_timeout_s))
+            raise cannot_reach(url, errors.reason) from None
+        if tenant_view is None:
+            tenant_view = await _is_tenant_account(nc)
+        made.append(cls(nc, settings, default_timeout_s=default_timeout_s,
+                        tenant_view=tenant_view))
         return made[0]
 
     def _on_reconnected(self) -> None:
@@ -369,8 +394,19 @@ class Client:
     ) -> None:
         await self.close()
 
+    def output_group(self, request: Request) -> str:
+        """The group of its output subjects: a tenant's request published by a system
+        principal (the gateway, for an API key) is scoped `<tenant>.<group>`; on a
+        tenant's own connection the server maps that scope away."""
+        return scoped(None if self.tenant_view else request.tenant, request.group)
+
     def check(self, request: Request) -> None:
         """Raise RejectedAtPublish for a request the system would refuse or misroute."""
+        if self.tenant_view and (request.tenant is not None or request.reply_to is not None):
+            raise RejectedAtPublish("a tenant's request names no tenant and no reply_to: "
+                                    "its tenant comes from its credentials")
+        if request.tenant is not None and not valid_token(request.tenant):
+            raise RejectedAtPublish(f"tenant {request.tenant!r} is not a subject token")
         if not valid_token(request.request_id):
             raise RejectedAtPublish(f"request_id {request.request_id!r} is not a subject token")
         if not valid_token(request.group) or request.group in RESERVED_GROUPS:
@@ -403,7 +439,7 @@ class Client:
         self.check(request)
         prio = Priority(priority) if priority else (request.priority or Priority.NORMAL)
         slo = slo_class or request.slo_class or DEFAULT_SLO_CLASS
-        subject = self.subjects.request(prio, slo)
+        subject = self.subjects.request(prio, slo, None if self.tenant_view else request.tenant)
         data = encode(request)
         if len(data) > self.nc.max_payload:
             raise RejectedAtPublish(
@@ -413,7 +449,7 @@ class Client:
         self._open.add(handle)
         # Subscribe first: the SUB reaches the server before the PUB on this connection.
         handle._sub = await self.nc.subscribe(
-            self.subjects.outputs_of(request.group, request.request_id), cb=handle._on_msg
+            self.subjects.outputs_of(handle.group, request.request_id), cb=handle._on_msg
         )
         try:
             # W3C trace context: the caller's, its OpenTelemetry span's, or a new trace.
@@ -431,18 +467,19 @@ class Client:
             await handle._lookup_terminal()
         return handle
 
-    async def attach(self, request_id: str, group: str = INTERACTIVE_GROUP) -> RequestHandle:
+    async def attach(self, request_id: str, group: str = INTERACTIVE_GROUP,
+                     tenant: str | None = None) -> RequestHandle:
         """A handle on a request submitted earlier (by this process or one before it).
 
         It listens for what comes next and at once reads what is stored: the
         chunks in LLM_OUT and the terminal in LLM_DONE. Nothing is published.
         """
-        request = Request(request_id=request_id, group=group)
+        request = Request(request_id=request_id, group=group, tenant=tenant)
         self.check(request)
         handle = RequestHandle(self, request)
         self._open.add(handle)
         handle._sub = await self.nc.subscribe(
-            self.subjects.outputs_of(group, request_id), cb=handle._on_msg
+            self.subjects.outputs_of(handle.group, request_id), cb=handle._on_msg
         )
         await handle.recover()
         return handle
@@ -478,10 +515,12 @@ class Client:
     async def _give_up(self, handle: RequestHandle) -> None:
         handle.close()
         with contextlib.suppress(Exception):
-            await self.cancel(handle.request_id)
+            await self.cancel(handle.request_id, handle.request.tenant)
 
-    async def cancel(self, request_id: str) -> None:
-        await self.nc.publish(self.subjects.cancel(request_id), b"")
+    async def cancel(self, request_id: str, tenant: str | None = None) -> None:
+        """Cancel a request; `tenant`: one published for that tenant (its scope only)."""
+        await self.nc.publish(self.subjects.cancel(
+            request_id, None if self.tenant_view else tenant), b"")
         await self.nc.flush()
 
     def results(self, *, durable: str | None = None, start: Start = None, group: str = "*",
@@ -490,6 +529,17 @@ class Client:
         `durable`, at least once across restarts (client/results.py)."""
         return stored_results(self.js, self.settings, durable=durable, start=start,
                               group=group, **kw)
+
+
+async def _is_tenant_account(nc: NATS) -> bool:
+    """True on a tenant's connection: its account has no JetStream (the system's does)."""
+    try:
+        await nc.jetstream().account_info()
+    except APIError as exc:
+        return exc.code == 503 or exc.err_code == 10039  # JetStream not enabled for account
+    except Exception:  # unanswered: not a tenant's account, where the server answers at once
+        return False
+    return False
 
 
 def _publish_error(exc: Exception, subject: str) -> Exception:

@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from cplane.bus.credentials import ConnectErrors, cannot_reach, connect_options
 from cplane.client.batch import (
     InvalidFile,
     SubmitOptions,
@@ -55,14 +56,13 @@ def _errors_path(output: Path) -> Path:
 
 @contextlib.asynccontextmanager
 async def _connected(settings: Settings) -> AsyncIterator[tuple[NATS, JobStore]]:
-    async def quiet(exc: Exception) -> None:
-        pass
-
+    errors = ConnectErrors()  # quiet; kept for the reason (authorization, TLS)
     try:
-        nc = await asyncio.wait_for(nats.connect(settings.nats.url, error_cb=quiet,
-                                                 max_reconnect_attempts=-1), 5.0)
+        nc = await asyncio.wait_for(nats.connect(settings.nats.url, error_cb=errors.record,
+                                                 max_reconnect_attempts=-1,
+                                                 **connect_options(settings.nats)), 5.0)
     except (TimeoutError, OSError, NoServersError):
-        raise ConnectionError(f"cannot reach NATS at {settings.nats.url}") from None
+        raise cannot_reach(settings.nats.url, errors.reason) from None
     try:
         yield nc, await JobStore.open(nc.jetstream(), settings)
     finally:

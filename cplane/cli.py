@@ -94,7 +94,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         zero_cost=args.zero_cost,
         pd=args.pd,
         extra_worker_args=args.worker_arg or [],
+        auth=args.auth or bool(args.tenant),
+        tenants=args.tenant or [],
+        tls=args.tls,
+        as_json=args.json,
     )
+    if spec.auth and spec.nats_url:
+        print("cplane up: --auth configures the embedded server; it cannot with --nats-url",
+              file=sys.stderr)
+        return 2
     if args.engine == "vllm" and not args.model:
         print("cplane up: --engine vllm needs --model PATH", file=sys.stderr)
         return 2
@@ -257,6 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pd", action="store_true",
                    help="vllm: one prefill + one decode worker (ExampleConnector) instead")
     p.add_argument("--worker-arg", action="append", help="extra argument for every worker")
+    p.add_argument("--auth", action="store_true",
+                   help="multi-tenant accounts: a user per process, credentials written and "
+                        "printed (docs/security.md)")
+    p.add_argument("--tenant", action="append", metavar="NAME",
+                   help="a tenant account (implies --auth; repeat for more)")
+    p.add_argument("--tls", action="store_true", help="TLS-only server with a throwaway CA")
+    p.add_argument("--json", action="store_true",
+                   help="with --auth: one JSON line per principal (principal, role, tenant, "
+                        "url, user, password, file)")
     p.set_defaults(fn=cmd_up)
 
     p = sp.add_parser("orchestrator", help="run an orchestrator replica")

@@ -19,9 +19,10 @@ from cplane.service_run import run_service
 from cplane.settings_args import settings_from_args
 
 
-def url_of(sock: socket.socket) -> str:
+def url_of(sock: socket.socket, tls: bool = False) -> str:
     host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    scheme = "https" if tls else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 def add_parser(sp: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -59,7 +60,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         sock = socket.socket(fileno=args.fd)
     else:
         sock = listen(settings.gateway.host, settings.gateway.port)
-    print(f"gateway: {url_of(sock)}", flush=True)
+    print(f"gateway: {url_of(sock, bool(settings.gateway.tls_cert))}", flush=True)
 
     async def main(stop: asyncio.Event, ready: asyncio.Event) -> None:
         ready.set()  # what the gateway builds at start is small; freeze the imports

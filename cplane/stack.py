@@ -8,6 +8,7 @@ every worker's heartbeat has been seen; then it prints the URL to publish to.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -16,15 +17,22 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+import msgspec
 import nats
 from nats.aio.client import Client as NATS
 
+from cplane.auth_setup import AuthSetup
+from cplane.bus.credentials import connect_options, redact
 from cplane.bus.heartbeats import HeartbeatWatcher, Seen
 from cplane.bus.server import EmbeddedNats, free_port
 from cplane.schemas.messages import Heartbeat
-from cplane.schemas.settings import load_settings
+from cplane.schemas.settings import NatsSettings, load_settings
 from cplane.schemas.subjects import Subjects
+
+if TYPE_CHECKING:  # bus/tls.py imports cryptography: only where certificates are made
+    from cplane.bus.tls import TlsFiles
 
 
 @dataclass(slots=True)
@@ -39,6 +47,12 @@ class StackSpec:
     pd: bool = False  # one prefill + one decode worker instead of unified ones
     extra_worker_args: list[str] = field(default_factory=list)
     gateway: bool = True  # also start `cplane gateway` (OpenAI HTTP API)
+    # --auth: the multi-tenant accounts (docs/security.md), a user per process and
+    # per tenant; --tls: a throwaway CA, the server TLS-only.
+    auth: bool = False
+    tenants: list[str] = field(default_factory=list)
+    tls: bool = False
+    as_json: bool = False  # print each principal as one JSON line
 
 
 async def heartbeats_seen(nc: NATS, subjects: Subjects, n: int, timeout_s: float) -> set[str]:
@@ -64,24 +78,29 @@ async def heartbeats_seen(nc: NATS, subjects: Subjects, n: int, timeout_s: float
 
 
 async def wait_for_workers(url: str, n: int, timeout_s: float,
-                           subjects: Subjects | None = None) -> set[str]:
-    """Block until `n` distinct workers have sent a heartbeat (or the timeout passes)."""
-    nc = await nats.connect(url)
+                           subjects: Subjects | None = None,
+                           nats_settings: NatsSettings | None = None) -> set[str]:
+    """Block until `n` distinct workers have sent a heartbeat (or the timeout passes);
+    `nats_settings` gives the credentials and TLS (bus/credentials.py)."""
+    nats_settings = msgspec.structs.replace(nats_settings or NatsSettings(), url=url)
+    nc = await nats.connect(url, **connect_options(nats_settings))
     try:
         return await heartbeats_seen(nc, subjects or Subjects(), n, timeout_s)
     finally:
         await nc.close()
 
 
-def gateway_ready(url: str, workers: int, timeout_s: float) -> bool:
-    """Poll `url`/health until it answers 200 and sees `workers` workers (or time runs out)."""
-    import json
+def gateway_ready(url: str, workers: int, timeout_s: float, ca: str | None = None) -> bool:
+    """Poll `url`/health until it answers 200 and sees `workers` workers (or time runs out);
+    `ca` verifies an https gateway."""
+    import ssl
     import urllib.request
 
+    context = ssl.create_default_context(cafile=ca) if ca else None
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+            with urllib.request.urlopen(f"{url}/health", timeout=2, context=context) as resp:
                 if json.loads(resp.read()).get("workers", 0) >= workers:
                     return True
         except OSError:
@@ -115,12 +134,49 @@ class Stack:
         self.gateway_url: str | None = None
         self._gateway_sock: socket.socket | None = None
         self.metrics_ports: list[int] = []  # orchestrator, then each worker
+        self.auth: AuthSetup | None = None
+        self.tls_ca: str | None = None
+        self.tls_files: TlsFiles | None = None  # --tls: the gateway serves https with them
 
-    def _cli(self, *args: str) -> list[str]:
+    def _cli(self, *args: str, principal: str = "operator") -> list[str]:
         base = [sys.executable, "-m", "cplane.cli", *args, "--nats-url", self.url]
         if self.spec.config:
             base += ["--config", self.spec.config]
+        if self.auth is not None:
+            base += ["--creds", self.auth.creds(principal)]
+        if self.tls_ca:
+            base += ["--tls-ca", self.tls_ca]
         return base
+
+    def _worker_ids(self) -> list[str]:
+        s = self.spec
+        return ["prefill-0", "decode-0"] if s.pd else [f"{s.engine}-{i}"
+                                                        for i in range(s.workers)]
+
+    def _start_server(self) -> None:
+        """The embedded server: with --auth its accounts and every principal's credentials
+        (written now), with --tls a throwaway CA and certificates."""
+        s = self.spec
+        extra = ""
+        if s.auth:
+            self.auth = AuthSetup.create(self._worker_ids(), s.tenants, s.gateway)
+            extra = self.auth.config(load_settings(s.config))
+        tls = None
+        if s.tls:
+            from cplane.bus.tls import make_certs
+
+            tls = make_certs(tempfile.mkdtemp(prefix="cplane-tls-"))
+            self.tls_ca = tls.ca
+            self.tls_files = tls
+        self.server = EmbeddedNats(tls=tls, extra_config=extra).start()
+        self.url = self.server.url
+
+    def operator_nats(self) -> NatsSettings:
+        """How this process (the operator) connects to the stack's server."""
+        nats_settings = load_settings(self.spec.config).nats
+        return msgspec.structs.replace(
+            nats_settings, url=self.url, tls_ca=self.tls_ca or nats_settings.tls_ca,
+            creds=self.auth.creds("operator") if self.auth else nats_settings.creds)
 
     def _worker_cmds(self) -> list[list[str]]:
         s = self.spec
@@ -132,29 +188,25 @@ class Stack:
         if s.zero_cost:
             common.append("--zero-cost")
         common += s.extra_worker_args
-        if s.pd:
+        kv: list[str] = []
+        if s.pd and s.engine != "sim":
             self.kv_dir = tempfile.mkdtemp(prefix="cplane-kv-")
             kv = ["--kv-connector", "ExampleConnector", "--kv-shared-path", self.kv_dir]
-            if s.engine == "sim":
-                kv = []
-            return [
-                self._cli("worker", "--role", "prefill", "--worker-id", "prefill-0", *common, *kv),
-                self._cli("worker", "--role", "decode", "--worker-id", "decode-0", *common, *kv),
-            ]
         return [
-            self._cli("worker", "--role", "unified", "--worker-id", f"{s.engine}-{i}", *common)
-            for i in range(s.workers)
+            self._cli("worker", "--role", w.split("-")[0] if s.pd else "unified", "--worker-id",
+                      w, *common, *kv, principal=f"worker-{w}")
+            for w in self._worker_ids()
         ]
 
     def start(self, timeout_s: float = 180.0) -> None:
         if not self.url:
-            self.server = EmbeddedNats().start()
-            self.url = self.server.url
+            self._start_server()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         # Each process its own /metrics port (orchestrator first), free when picked.
         cmds = self._worker_cmds()
         self.metrics_ports = [free_port() for _ in range(1 + len(cmds))]
-        self.procs.append(subprocess.Popen(self._cli("orchestrator"), env={
+        orch = self._cli("orchestrator", principal="orchestrator")
+        self.procs.append(subprocess.Popen(orch, env={
             **env, "CPLANE__METRICS__ORCHESTRATOR_PORT": str(self.metrics_ports[0])}))
         for cmd, port in zip(cmds, self.metrics_ports[1:], strict=True):
             self.procs.append(subprocess.Popen(cmd, env={
@@ -165,12 +217,14 @@ class Stack:
             except BaseException:
                 self.stop()
                 raise
-        subjects = load_settings(self.spec.config).subjects
-        seen = asyncio.run(wait_for_workers(self.url, len(cmds), timeout_s, subjects))
+        settings = load_settings(self.spec.config)
+        seen = asyncio.run(wait_for_workers(self.url, len(cmds), timeout_s, settings.subjects,
+                                            self.operator_nats()))
         if len(seen) < len(cmds):
             self.stop()
             raise RuntimeError(f"only {len(seen)} of {len(cmds)} workers came up in {timeout_s} s")
-        if self.gateway_url and not gateway_ready(self.gateway_url, len(cmds), 30.0):
+        if self.gateway_url and not gateway_ready(self.gateway_url, len(cmds), 30.0,
+                                                  self.tls_ca):
             self.stop()
             raise RuntimeError(f"the gateway at {self.gateway_url} did not become ready")
 
@@ -186,7 +240,7 @@ class Stack:
         if self._gateway_sock is None:
             cfg = load_settings(self.spec.config).gateway
             self._gateway_sock = listen(cfg.host, cfg.port)
-            self.gateway_url = url_of(self._gateway_sock)
+            self.gateway_url = url_of(self._gateway_sock, self.spec.tls or bool(cfg.tls_cert))
         return self.gateway_url or ""
 
     def _start_gateway(self, env: dict[str, str]) -> None:
@@ -196,8 +250,13 @@ class Stack:
         assert sock is not None
         try:
             fd = sock.fileno()
-            self.procs.append(subprocess.Popen(self._cli("gateway", "--fd", str(fd)), env=env,
-                                               pass_fds=(fd,), stdout=subprocess.DEVNULL))
+            gw_env = {**env, **self.auth.gateway_env()} if self.auth else dict(env)
+            if self.tls_files is not None:
+                gw_env.update(CPLANE__GATEWAY__TLS_CERT=self.tls_files.server_cert,
+                              CPLANE__GATEWAY__TLS_KEY=self.tls_files.server_key)
+            self.procs.append(subprocess.Popen(
+                self._cli("gateway", "--fd", str(fd), principal="gateway"), env=gw_env,
+                pass_fds=(fd,), stdout=subprocess.DEVNULL))
         finally:
             sock.close()  # the gateway holds its own copy
 
@@ -206,6 +265,21 @@ class Stack:
         if self.server:
             self.server.stop()
             self.server = None
+
+    def _print_principals(self) -> None:
+        """--auth: how each principal connects (one JSON object per line with --json)."""
+        if self.auth is None:
+            return
+        for rec in self.auth.describe(self.url):
+            if self.spec.as_json:
+                print(json.dumps(rec), flush=True)
+                continue
+            who = f"{rec['role']} {rec['tenant']}" if rec["tenant"] else rec["role"]
+            key = f" (gateway API key {rec['api_key']})" if "api_key" in rec else ""
+            print(f"  {who}: --nats-url {redact(self.url)} --creds {rec['file']}{key}",
+                  flush=True)
+        if self.tls_ca:
+            print(f"  TLS: every client needs --tls-ca {self.tls_ca}", flush=True)
 
     def run_foreground(self) -> int:
         """`cplane up`: start, print where to publish, wait for Ctrl-C or SIGTERM."""
@@ -221,16 +295,19 @@ class Stack:
         self.start()
         s = self.spec
         roles = "prefill+decode" if s.pd else f"{s.workers} unified"
-        print(f"cplane is up: NATS at {self.url} | orchestrator + {roles} {s.engine} worker(s), "
-              f"model {s.model!r}", flush=True)
+        print(f"cplane is up: NATS at {redact(self.url)} | orchestrator + {roles} {s.engine} "
+              f"worker(s), model {s.model!r}", flush=True)
         if self.gateway_url:
             print(f"  gateway: {self.gateway_url}  (OpenAI API at {self.gateway_url}/v1)",
                   flush=True)
         print(f"  metrics: http://127.0.0.1:{self.metrics_ports[0]}/metrics (orchestrator), "
               f"workers on ports {', '.join(map(str, self.metrics_ports[1:]))}", flush=True)
-        print(f"  try: cplane generate 'Hello' --nats-url {self.url}", flush=True)
+        who = f" --creds {self.auth.creds('operator')}" if self.auth else ""
+        who += f" --tls-ca {self.tls_ca}" if self.tls_ca else ""
+        print(f"  try: cplane generate 'Hello' --nats-url {redact(self.url)}{who}", flush=True)
         print("  or publish JSON to llm.req.normal.standard, read llm.out.i.<id> / llm.done.i.<id>",
               flush=True)
+        self._print_principals()
         try:
             while not stop["now"]:
                 if any(p.poll() is not None for p in self.procs):

@@ -40,10 +40,12 @@ def add_parsers(sp: Any, common: Callable[[argparse.ArgumentParser], None]) -> N
     p = parser("request", "one request's phase and timeline (queued ... completed)")
     p.add_argument("request_id")
     p.add_argument("--group", default="i", help="output group (a batch job id; default i)")
+    p.add_argument("--tenant", default=None, help="the tenant whose request it is")
     p.set_defaults(fn=cmd_request)
     p = parser("cancel", "cancel a request (stored: every part honours it)")
     p.add_argument("request_id")
     p.add_argument("--group", default="i", help="output group (a batch job id; default i)")
+    p.add_argument("--tenant", default=None, help="the tenant whose request it is")
     p.add_argument("--force", action="store_true",
                    help="store the cancel even when no one knows the id (still in LLM_REQ)")
     p.set_defaults(fn=cmd_cancel)
@@ -171,7 +173,8 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 def cmd_request(args: argparse.Namespace) -> int:
     from cplane.schemas.control import RequestPhase
 
-    st = _run(args, lambda cp: cp.get_request_status(args.request_id, args.group))
+    st = _run(args, lambda cp: cp.get_request_status(args.request_id, args.group,
+                                                              args.tenant))
     if st is None:
         return 1
     if st.phase is RequestPhase.NOT_FOUND:
@@ -201,7 +204,7 @@ def cmd_request(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     res = _run(args, lambda cp: cp.cancel_request(args.request_id, args.group,
-                                                  force=args.force))
+                                                  force=args.force, tenant=args.tenant))
     if res is None:
         return 1
     if args.json:

@@ -24,6 +24,7 @@ import nats
 from nats.aio.msg import Msg
 from nats.errors import NoServersError
 
+from cplane.bus.credentials import cannot_reach, connect_options
 from cplane.client.results import StoredResult, stored_results
 from cplane.schemas.codec import chunk_decoder
 from cplane.schemas.messages import ErrorReply, Final, TokenChunk
@@ -69,7 +70,8 @@ def chunk_line(group: str, c: TokenChunk) -> str:
 
 async def _tail_results(args: argparse.Namespace, settings: Settings,
                         out: Callable[[str], None]) -> None:
-    nc = await nats.connect(settings.nats.url, max_reconnect_attempts=-1)
+    nc = await nats.connect(settings.nats.url, max_reconnect_attempts=-1,
+                            **connect_options(settings.nats))
     try:
         start = parse_since(args.since) if args.since else None
         async for r in stored_results(nc.jetstream(), settings, durable=args.durable,
@@ -81,7 +83,8 @@ async def _tail_results(args: argparse.Namespace, settings: Settings,
 
 async def _tail_tokens(args: argparse.Namespace, settings: Settings,
                        out: Callable[[str], None]) -> None:
-    nc = await nats.connect(settings.nats.url, max_reconnect_attempts=-1)
+    nc = await nats.connect(settings.nats.url, max_reconnect_attempts=-1,
+                            **connect_options(settings.nats))
     subjects = settings.subjects
 
     async def on_chunk(msg: Msg) -> None:
@@ -114,7 +117,7 @@ def run_tail(args: argparse.Namespace, settings: Settings) -> int:
     try:
         asyncio.run(fn(args, settings, out))
     except (OSError, NoServersError):
-        print(f"cplane tail: cannot reach NATS at {settings.nats.url}", file=sys.stderr)
+        print(f"cplane tail: {cannot_reach(settings.nats.url)}", file=sys.stderr)
         return 1
     return 0
 

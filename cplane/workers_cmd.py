@@ -23,10 +23,11 @@ import msgspec
 import nats
 from nats.aio.client import Client as NATS
 
+from cplane.bus.credentials import cannot_reach, connect_options
 from cplane.bus.heartbeats import HeartbeatWatcher, Seen
 from cplane.schemas.admin import BREAKERS_VERB, breakers_decoder
 from cplane.schemas.messages import Heartbeat, WorkerState
-from cplane.schemas.settings import Settings
+from cplane.schemas.settings import NatsSettings, Settings
 from cplane.schemas.subjects import Subjects
 
 SETTLE_S = 0.3  # return once the set of workers has not grown for this long
@@ -170,23 +171,24 @@ def render(rows: list[WorkerRow], width: int | None = None) -> None:
     console.print(f"{len(rows)} worker(s), {healthy} healthy", highlight=False)
 
 
-async def _connect(url: str) -> NATS:
+async def _connect(settings: NatsSettings) -> NATS:
     """One connection, no reconnects; ConnectionError with a one-line reason."""
     async def quiet(exc: Exception) -> None:  # nats-py would log each failed attempt
         return None
 
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT_S):
-            return await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=1,
-                                      reconnect_time_wait=0.1, connect_timeout=2,
-                                      error_cb=quiet)
+            return await nats.connect(settings.url, allow_reconnect=False,
+                                      max_reconnect_attempts=1, reconnect_time_wait=0.1,
+                                      connect_timeout=2, error_cb=quiet,
+                                      **connect_options(settings))
     except (TimeoutError, OSError, nats.errors.Error) as exc:
-        raise ConnectionError(f"cannot reach NATS at {url} ({type(exc).__name__})") from None
+        raise cannot_reach(settings.url, exc) from None
 
 
 async def collect(settings: Settings, wait_s: float) -> list[WorkerRow]:
     """Connect, ask for heartbeats, collect them, return one row per worker."""
-    nc = await _connect(settings.nats.url)
+    nc = await _connect(settings.nats)
     try:
         collector = HeartbeatCollector(nc, settings.subjects)
         await collector.start()

@@ -4,8 +4,11 @@ Routes: POST `/v1/chat/completions`, `/v1/completions` (JSON or SSE);
 GET `/v1/models` (live, from heartbeats), `/health`, `/metrics`; `/v1/files`
 and `/v1/batches` onto batch jobs (gateway/batches.py).
 
-One completion request: API key -> tenant (gateway/auth.py), body -> Request
-(gateway/openai_map.py), a 404 for a model the fleet does not serve, then
+Every request first passes the guard (gateway/guard.py: exposure of /health
+and /metrics, API key -> Caller, body size and time, per-key rate and open
+requests); slow or huge headers are refused on the connection (gateway/conn.py).
+One completion request then: body -> Request (gateway/openai_map.py), the key's
+priority ceiling (403), a 404 for a model the fleet does not serve, then
 `Client.submit` on the process's one shared Client, and the answer.
 
 Promises:
@@ -23,9 +26,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
@@ -47,8 +51,10 @@ from cplane.client.sdk import (
 )
 from cplane.gateway import openai_map as om
 from cplane.gateway import sse
-from cplane.gateway.auth import tenant_for
 from cplane.gateway.batches import BatchApi
+from cplane.gateway.conn import guarded_protocol
+from cplane.gateway.guard import BodyRefused, Guard, caller_of, error_response
+from cplane.gateway.limits import priority_allowed
 from cplane.gateway.metrics import GatewayMetrics
 from cplane.gateway.models import LiveModels, model_list
 from cplane.schemas.messages import ErrorReply, Final
@@ -84,31 +90,26 @@ class Gateway:
         self.batches = BatchApi(client, settings)
 
     def routes(self) -> list[Route]:
-        guarded = [Route(r.path, self._guard(r.endpoint), methods=r.methods)
-                   for r in self.batches.routes()]
         return [
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
-            Route("/v1/models", self._guard(self.list_models), methods=["GET"]),
+            Route("/v1/models", self.list_models, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.prometheus, methods=["GET"]),
-            *guarded,
+            *self.batches.routes(),
         ]
 
-    def _guard(self, endpoint: Callable[[HttpRequest], Awaitable[Response]]
-               ) -> Callable[[HttpRequest], Awaitable[Response]]:
-        """The endpoint, behind the API key check (a 401 when keys are configured)."""
+    def app(self) -> Guard:
+        """The ASGI app: the routes behind the guard."""
+        routes = Starlette(routes=self.routes(), exception_handlers={
+            HTTPException: _http_error, BodyRefused: self._body_refused})
+        return Guard(routes, self.cfg, self.metrics)
 
-        async def guarded(request: HttpRequest) -> Response:
-            tenant = tenant_for(request.headers.get("authorization"), self.cfg.api_keys)
-            if isinstance(tenant, om.ApiError):
-                return self._refuse(request.url.path, tenant)
-            return await endpoint(request)
-
-        return guarded
-
-    def app(self) -> Starlette:
-        return Starlette(routes=self.routes(), exception_handlers={HTTPException: _http_error})
+    async def _body_refused(self, request: HttpRequest, exc: Exception) -> Response:
+        """A body over its size or time (the guard's reader raised): 413 / 408, then close."""
+        assert isinstance(exc, BodyRefused)
+        self.metrics.refused_at_door.labels(exc.error.code or str(exc.error.status)).inc()
+        return error_response(exc.error, close=True)
 
     async def close(self) -> None:
         await self.batches.close()
@@ -143,36 +144,22 @@ class Gateway:
     async def _openai(self, request: HttpRequest, kind: om.Kind) -> Response:
         t0 = time.perf_counter()
         endpoint = request.url.path
-        tenant = tenant_for(request.headers.get("authorization"), self.cfg.api_keys)
-        if isinstance(tenant, om.ApiError):
-            return self._refuse(endpoint, tenant)
-        body = await self._read_body(request)
-        if isinstance(body, om.ApiError):
-            return self._refuse(endpoint, body)
+        caller = caller_of(request)
+        body = await request.body()  # counted and timed by the guard
         mapped = om.parse(kind, body, request_id=new_request_id(), headers=request.headers,
-                          tenant=tenant, now_ms=time.time() * 1000)
+                          tenant=caller.tenant, now_ms=time.time() * 1000)
         if isinstance(mapped, om.ApiError):
             return self._refuse(endpoint, mapped)
+        ceiling = caller.policy.max_priority if caller.policy else None
+        denied = priority_allowed(mapped.priority, ceiling)
+        if denied:
+            return self._refuse(endpoint, denied)
         err = om.model_error(mapped.request.model, frozenset(self.models.live()),
                              frozenset(self.models.ever))
         if err:
             return self._refuse(endpoint, err)
         return sse.Watched(partial(self._exchange, mapped, endpoint, t0),
                            on_gone=self.metrics.cancelled.inc)
-
-    async def _read_body(self, request: HttpRequest) -> bytes | om.ApiError:
-        limit = self.cfg.max_body_bytes
-        too_large = om.ApiError(413, f"the body exceeds {limit} bytes", code="too_large")
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > limit:
-            return too_large
-        parts, size = [], 0
-        async for part in request.stream():
-            size += len(part)
-            if size > limit:
-                return too_large
-            parts.append(part)
-        return b"".join(parts)
 
     async def _exchange(self, m: om.Mapped, endpoint: str, t0: float, out: sse.Out) -> None:
         """Publish, wait, answer; whatever ends it early cancels the request in the engine."""
@@ -327,9 +314,13 @@ async def serve(settings: Settings, sock: socket.socket, stop: asyncio.Event) ->
     gw = Gateway(settings, client, models, GatewayMetrics())
     try:
         await models.start()
-        config = uvicorn.Config(gw.app(), http="httptools", lifespan="off", access_log=False,
+        cfg = settings.gateway
+        protocol = guarded_protocol(cfg.header_timeout_s, cfg.max_header_bytes)
+        config = uvicorn.Config(gw.app(), http=protocol, lifespan="off", access_log=False,
                                 log_level="warning", timeout_graceful_shutdown=5,
-                                timeout_keep_alive=30, backlog=4096)
+                                timeout_keep_alive=max(1, math.ceil(cfg.keep_alive_timeout_s)),
+                                backlog=4096, ssl_certfile=cfg.tls_cert,
+                                ssl_keyfile=cfg.tls_key)
         server = _Server(config)
         task = asyncio.ensure_future(server.serve(sockets=[sock]))
         stopper = asyncio.ensure_future(stop.wait())

@@ -2,7 +2,9 @@
 
 A job's state names are OpenAI's already (schemas/batch.py JobState). What
 OpenAI's Batch object carries and BatchJob does not (the endpoint, the input
-file id, metadata) the gateway keeps beside the job as a `BatchMeta`.
+file id, metadata, the owner) the gateway keeps beside the job as a `BatchMeta`.
+Owners are fields with defaults: a record written before them reads as owner
+"" (gateway/ownership.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class BatchMeta(msgspec.Struct, frozen=True, kw_only=True):
     input_file_id: str
     completion_window: str = "24h"
     metadata: dict[str, str] | None = None
+    owner: str = ""  # the creating key's tenant ("": open gateway, or stored before owners)
 
 
 class FileMeta(msgspec.Struct, frozen=True, kw_only=True):
@@ -32,6 +35,7 @@ class FileMeta(msgspec.Struct, frozen=True, kw_only=True):
     filename: str
     purpose: str
     created_at: int
+    owner: str = ""  # the uploading key's tenant ("": open gateway, or stored before owners)
 
 
 class CreateBatch(msgspec.Struct, frozen=True, kw_only=True):

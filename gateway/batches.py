@@ -9,6 +9,12 @@ publishes the lines, collects the results and stores the output and error
 files as `file-<batch>-output` / `file-<batch>-errors`. Status, counts and
 cancel read and write the job record, so `cplane batch` sees the same jobs.
 
+Every file and batch belongs to the tenant of the key that created it
+(gateway/ownership.py): a caller lists only its own, and another tenant's id
+answers 404 exactly as a missing one. Uploads are counted as they arrive
+(gateway/guard.py) and go to the store from the parser's spooled file;
+downloads go out one stored chunk at a time (gateway/objects.py).
+
 A gateway that stops mid-job leaves it `in_progress`: its lines already
 published still run and their results stay in LLM_DONE; the batch tool's way
 to go on is `cplane batch submit FILE --job-id <batch id>` with the same file
@@ -24,13 +30,14 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import BinaryIO
 
 import msgspec
-from nats.js.api import ObjectMeta
+from nats.js.api import ObjectInfo, ObjectMeta
 from nats.js.errors import NotFoundError
 from starlette.datastructures import UploadFile
 from starlette.requests import Request as HttpRequest
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from cplane.client.batch import (
@@ -47,7 +54,10 @@ from cplane.client.batch_run import PLACEHOLDER_JOB
 from cplane.client.batch_store import JobStore
 from cplane.client.sdk import Client
 from cplane.gateway import batch_map as bm
+from cplane.gateway.guard import caller_of
+from cplane.gateway.objects import chunks
 from cplane.gateway.openai_map import ApiError
+from cplane.gateway.ownership import own_only, owns
 from cplane.schemas.batch import BATCH_URLS, BatchJob
 from cplane.schemas.settings import Settings
 
@@ -85,6 +95,7 @@ class BatchApi:
             Route("/v1/files", self.upload, methods=["POST"]),
             Route("/v1/files", self.list_files, methods=["GET"]),
             Route("/v1/files/{file_id}", self.file_info, methods=["GET"]),
+            Route("/v1/files/{file_id}", self.delete_file, methods=["DELETE"]),
             Route("/v1/files/{file_id}/content", self.file_content, methods=["GET"]),
             Route("/v1/batches", self.create, methods=["POST"]),
             Route("/v1/batches", self.list_batches, methods=["GET"]),
@@ -104,52 +115,73 @@ class BatchApi:
 
     # -- files ---------------------------------------------------------------------
     async def upload(self, request: HttpRequest) -> Response:
+        """The guard has counted the body against max_file_bytes (plus the multipart
+        framing); the file spools to disk past 1 MiB and streams into the store."""
         limit = self.settings.gateway.max_file_bytes
-        async with request.form(max_part_size=limit) as form:
+        async with request.form(max_part_size=64 << 10) as form:
             file, purpose = form.get("file"), form.get("purpose")
             if not isinstance(file, UploadFile):
                 return _error(ApiError(400, "a multipart field 'file' is required", param="file"))
             if not isinstance(purpose, str) or not purpose:
                 return _error(ApiError(400, "a field 'purpose' is required", param="purpose"))
-            data = await file.read()
-            name = file.filename or "upload.jsonl"
-        if len(data) > limit:
-            return _error(ApiError(413, f"the file exceeds {limit} bytes", code="too_large"))
-        file_id = f"file-{uuid.uuid4().hex}"
-        meta = bm.FileMeta(filename=name, purpose=purpose, created_at=int(time.time()))
-        await self._put_file(file_id, data, meta)
-        return _json(bm.file_object(file_id, len(data), meta))
+            size = file.size or 0
+            if size > limit:
+                return _error(ApiError(413, f"the file exceeds {limit} bytes", code="too_large"))
+            file_id = f"file-{uuid.uuid4().hex}"
+            meta = bm.FileMeta(filename=file.filename or "upload.jsonl", purpose=purpose,
+                               created_at=int(time.time()), owner=caller_of(request).owner)
+            await file.seek(0)
+            await self._put_file(file_id, file.file, meta)
+        return _json(bm.file_object(file_id, size, meta))
 
-    async def _put_file(self, file_id: str, data: bytes, meta: bm.FileMeta) -> None:
+    async def _put_file(self, file_id: str, data: BinaryIO, meta: bm.FileMeta) -> None:
         store = await self.store()
-        await store.obs.put(bm.FILES_PREFIX + file_id, data,
+        await store.obs.put(bm.FILES_PREFIX + file_id, data,  # type: ignore[arg-type]
                             meta=ObjectMeta(description=_encode(meta).decode()))
 
-    async def _file_meta(self, file_id: str) -> tuple[int, bm.FileMeta] | None:
+    async def _owned_file(self, file_id: str, owner: str) -> tuple[ObjectInfo, bm.FileMeta] | None:
+        """The file's info and meta when it exists and is `owner`'s; None otherwise."""
         store = await self.store()
         try:
             info = await store.obs.get_info(bm.FILES_PREFIX + file_id)
         except NotFoundError:
             return None
-        if info.deleted:
+        if info.deleted or not info.description:
             return None
-        return info.size or 0, _file_decoder.decode(info.description or "{}")
+        try:
+            meta = _file_decoder.decode(info.description)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None
+        return (info, meta) if owns(meta.owner, owner) else None
 
     async def file_info(self, request: HttpRequest) -> Response:
         file_id = request.path_params["file_id"]
-        found = await self._file_meta(file_id)
+        found = await self._owned_file(file_id, caller_of(request).owner)
         if found is None:
             return _not_found(f"file {file_id!r}", "file_id")
-        return _json(bm.file_object(file_id, *found))
+        info, meta = found
+        return _json(bm.file_object(file_id, info.size or 0, meta))
 
     async def file_content(self, request: HttpRequest) -> Response:
+        """The file, one stored chunk at a time (never whole in memory)."""
         file_id = request.path_params["file_id"]
+        found = await self._owned_file(file_id, caller_of(request).owner)
+        if found is None:
+            return _not_found(f"file {file_id!r}", "file_id")
+        info = found[0]
+        return StreamingResponse(chunks(self.client.js, info), media_type="application/jsonl",
+                                 headers={"content-length": str(info.size or 0)})
+
+    async def delete_file(self, request: HttpRequest) -> Response:
+        file_id = request.path_params["file_id"]
+        if await self._owned_file(file_id, caller_of(request).owner) is None:
+            return _not_found(f"file {file_id!r}", "file_id")
         store = await self.store()
         try:
-            obj = await store.obs.get(bm.FILES_PREFIX + file_id)
+            await store.obs.delete(bm.FILES_PREFIX + file_id)
         except NotFoundError:
             return _not_found(f"file {file_id!r}", "file_id")
-        return Response(obj.data or b"", media_type="application/jsonl")
+        return _json({"id": file_id, "object": "file", "deleted": True})
 
     async def list_files(self, request: HttpRequest) -> Response:
         store = await self.store()
@@ -157,13 +189,22 @@ class BatchApi:
             infos = await store.obs.list(ignore_deletes=True)
         except NotFoundError:
             infos = []
-        data = [bm.file_object(i.name.removeprefix(bm.FILES_PREFIX), i.size or 0,
-                               _file_decoder.decode(i.description or "{}"))
-                for i in infos if i.name.startswith(bm.FILES_PREFIX) and i.description]
+        found = []
+        for i in infos:
+            if not i.name.startswith(bm.FILES_PREFIX) or not i.description:
+                continue
+            try:
+                found.append((i, _file_decoder.decode(i.description)))
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue
+        mine = own_only(found, lambda f: f[1].owner, caller_of(request).owner)
+        data = [bm.file_object(i.name.removeprefix(bm.FILES_PREFIX), i.size or 0, meta)
+                for i, meta in mine]
         return _json({"object": "list", "data": data})
 
     # -- batches -------------------------------------------------------------------
     async def create(self, request: HttpRequest) -> Response:
+        owner = caller_of(request).owner
         try:
             body = _create_decoder.decode(await request.body())
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -171,42 +212,46 @@ class BatchApi:
         if body.endpoint not in BATCH_URLS:
             return _error(ApiError(400, f"endpoint must be one of {list(BATCH_URLS)}",
                                    param="endpoint"))
+        if await self._owned_file(body.input_file_id, owner) is None:
+            return _not_found(f"file {body.input_file_id!r}", "input_file_id")
         store = await self.store()
+        job_id = f"batch_{uuid.uuid4().hex}"
+        # The meta (with the owner) goes first: no reader ever sees the job unowned.
+        meta = bm.BatchMeta(endpoint=body.endpoint, input_file_id=body.input_file_id,
+                            completion_window=body.completion_window, metadata=body.metadata,
+                            owner=owner)
+        await store.obs.put(bm.META_PREFIX + job_id, _encode(meta))
         tmp = Path(tempfile.mkdtemp(prefix="cplane-gw-batch-"))
         try:
             path = tmp / "input.jsonl"
             with path.open("wb") as fh:
-                try:
-                    await store.obs.get(bm.FILES_PREFIX + body.input_file_id, writeinto=fh)
-                except NotFoundError:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    return _not_found(f"file {body.input_file_id!r}", "input_file_id")
-            job = await self._start(store, path, body)
-        except InvalidFile as exc:
+                await store.obs.get(bm.FILES_PREFIX + body.input_file_id, writeinto=fh)
+            job = await self._start(store, path, job_id)
+        except (InvalidFile, NotFoundError) as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            await _forget(store, job_id)
+            if isinstance(exc, NotFoundError):  # deleted meanwhile
+                return _not_found(f"file {body.input_file_id!r}", "input_file_id")
             return _error(ApiError(400, str(exc), param="input_file_id"))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        meta = bm.BatchMeta(endpoint=body.endpoint, input_file_id=body.input_file_id,
-                            completion_window=body.completion_window, metadata=body.metadata)
-        await store.obs.put(bm.META_PREFIX + job.id, _encode(meta))
-        task = asyncio.create_task(self._run(store, job.id, tmp))
+        task = asyncio.create_task(self._run(store, job.id, tmp, owner))
         self._jobs.add(task)
         task.add_done_callback(self._jobs.discard)
         return _json(bm.batch_object(job, meta, output_ready=False, errors_ready=False))
 
-    async def _start(self, store: JobStore, path: Path, body: bm.CreateBatch) -> BatchJob:
+    async def _start(self, store: JobStore, path: Path, job_id: str) -> BatchJob:
         nc = self.client.nc
         checker = LineChecker(PLACEHOLDER_JOB, limits=self.settings.limits,
                               max_bytes=nc.max_payload)
         checked = await asyncio.to_thread(validate_file, path, checker)
-        opts = SubmitOptions(job_id=f"batch_{uuid.uuid4().hex}")
-        job, _ = await start_job(store, path, checked, opts, nc.max_payload)
+        job, _ = await start_job(store, path, checked, SubmitOptions(job_id=job_id),
+                                 nc.max_payload)
         return job
 
-    async def _run(self, store: JobStore, job_id: str, tmp: Path) -> None:
-        """Publish and collect the job, then store its output and error files."""
+    async def _run(self, store: JobStore, job_id: str, tmp: Path, owner: str) -> None:
+        """Publish and collect the job, then store its output and error files (its owner's)."""
         js, s = self.client.js, self.settings
         try:
             input_path = tmp / "input.jsonl"
@@ -217,41 +262,66 @@ class BatchApi:
             now = int(time.time())
             for file_id, path in ((bm.output_file_id(job_id), out),
                                   (bm.error_file_id(job_id), err)):
-                await self._put_file(file_id, path.read_bytes(), bm.FileMeta(
-                    filename=path.name, purpose="batch_output", created_at=now))
+                meta = bm.FileMeta(filename=path.name, purpose="batch_output", created_at=now,
+                                   owner=owner)
+                with path.open("rb") as fh:
+                    await self._put_file(file_id, fh, meta)
         except Exception:
             log.exception("batch %s: the gateway could not finish it", job_id)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    async def _object(self, job: BatchJob) -> dict[str, object]:
+    async def _meta(self, job_id: str) -> bm.BatchMeta | None:
         store = await self.store()
         try:
-            meta: bm.BatchMeta | None = _meta_decoder.decode(
-                (await store.obs.get(bm.META_PREFIX + job.id)).data or b"")
+            return _meta_decoder.decode((await store.obs.get(bm.META_PREFIX + job_id)).data or b"")
         except (NotFoundError, msgspec.DecodeError, msgspec.ValidationError):
-            meta = None
-        ready = [await self._file_meta(f(job.id)) is not None
+            return None
+
+    async def _object(self, job: BatchJob, meta: bm.BatchMeta | None, owner: str
+                      ) -> dict[str, object]:
+        ready = [await self._owned_file(f(job.id), owner) is not None
                  for f in (bm.output_file_id, bm.error_file_id)] if job.state.terminal else [
             False, False]
         return bm.batch_object(job, meta, output_ready=ready[0], errors_ready=ready[1])
 
+    async def _owned_job(self, job_id: str, owner: str
+                         ) -> tuple[BatchJob, bm.BatchMeta | None] | None:
+        """The job and its meta when it exists and is `owner`'s (no meta: owner "")."""
+        job = await (await self.store()).get(job_id)
+        if job is None:
+            return None
+        meta = await self._meta(job_id)
+        return (job, meta) if owns(meta.owner if meta else None, owner) else None
+
     async def get(self, request: HttpRequest) -> Response:
         batch_id = request.path_params["batch_id"]
-        job = await (await self.store()).get(batch_id)
-        if job is None:
+        owner = caller_of(request).owner
+        found = await self._owned_job(batch_id, owner)
+        if found is None:
             return _not_found(f"batch {batch_id!r}", "batch_id")
-        return _json(await self._object(job))
+        return _json(await self._object(*found, owner))
 
     async def list_batches(self, request: HttpRequest) -> Response:
-        jobs = await (await self.store()).list()
-        data = [await self._object(j) for j in reversed(jobs)]  # newest first, as OpenAI
+        owner = caller_of(request).owner
+        jobs = [(j, await self._meta(j.id)) for j in await (await self.store()).list()]
+        mine = own_only(jobs, lambda jm: jm[1].owner if jm[1] else None, owner)
+        data = [await self._object(j, m, owner) for j, m in reversed(mine)]  # newest first
         return _json({"object": "list", "data": data, "has_more": False})
 
     async def cancel(self, request: HttpRequest) -> Response:
         batch_id = request.path_params["batch_id"]
-        store = await self.store()
-        if await store.get(batch_id) is None:
+        owner = caller_of(request).owner
+        found = await self._owned_job(batch_id, owner)
+        if found is None:
             return _not_found(f"batch {batch_id!r}", "batch_id")
-        job, _ = await cancel_job(self.client.nc, store, self.settings, batch_id)
-        return _json(await self._object(job))
+        job, _ = await cancel_job(self.client.nc, await self.store(), self.settings, batch_id)
+        return _json(await self._object(job, found[1], owner))
+
+
+async def _forget(store: JobStore, job_id: str) -> None:
+    """Drop the meta of a job that never started (best effort: it names no job)."""
+    try:
+        await store.obs.delete(bm.META_PREFIX + job_id)
+    except Exception as exc:  # the store is away: the meta is orphaned, harmless
+        log.warning("batch %s: could not drop its meta: %r", job_id, exc)

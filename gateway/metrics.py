@@ -46,6 +46,15 @@ class GatewayMetrics:
         self.cancelled = Counter(
             "cplane_gateway_client_cancels",
             "requests cancelled in the engine because their client went away", registry=r)
+        self.open_requests = Gauge(
+            "cplane_gateway_open_requests",
+            "HTTP requests admitted and not yet answered to the last byte (what "
+            "max_streams caps)", registry=r)
+        self.refused_at_door = Counter(
+            "cplane_gateway_refused",
+            "requests refused before their handler ran or while their body came in, by "
+            "reason (invalid_api_key, too_large, request_timeout, rate_limited, "
+            "too_many_streams, 404)", ["reason"], registry=r)
         self.refused = Counter(
             "cplane_gateway_overloaded",
             "429 answers: the request stream refused or the orchestrator shed", registry=r)

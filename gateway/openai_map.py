@@ -10,8 +10,9 @@ and, for 429/503, a Retry-After.
 Priority: a body `priority` (or header `x-priority`) is vLLM's int, where
 lower runs first and 0 is the default, or one of our names:
     <= -2 critical, -1 high, 0 normal, 1 low, >= 2 background.
+Header text is an int of at most 6 digits or a name; anything else is a 400.
 `slo_class` comes from the body or header `x-slo-class` (default: the
-subject's `standard`).
+subject's `standard`) and must match `[A-Za-z0-9_-]{1,64}`.
 
 ErrorReply codes -> HTTP: invalid_request, prompt_too_long, too_large 400;
 unknown_model 404; over_budget 402 (Payment Required: the request's
@@ -42,7 +43,6 @@ from cplane.schemas.messages import (
     Request,
     TokenChunk,
 )
-from cplane.schemas.subjects import valid_token
 
 SSE_DONE = "[DONE]"
 
@@ -146,22 +146,42 @@ def _invalid(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, param=param, code=ErrorCode.INVALID_REQUEST.value)
 
 
+# A vLLM int as text (the header): a few digits, one optional sign. Longer or
+# odder text ("--5", 5,000 digits) is refused before int() could choke on it.
+_PRIORITY_INT = re.compile(r"[+-]?[0-9]{1,6}")
+# An SLO class is a subject token and a metrics label: plain ASCII, short.
+SLO_CLASS = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _shown(value: object) -> str:
+    """A client's value for an error message: repr'd (escapes NUL, bidi marks), cut short."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def priority_of(value: int | str | None) -> Priority | ApiError:
-    """vLLM's int (lower first, 0 default) or one of our names -> Priority."""
+    """vLLM's int (lower first, 0 default) or one of our names -> Priority; else a 400."""
     if value is None or value == "":
         return Priority.NORMAL
     if isinstance(value, bool):
         return _invalid("priority must be an integer or a name", "priority")
     if isinstance(value, str):
         text = value.strip().lower()
-        if text.lstrip("-").isdigit():
+        if _PRIORITY_INT.fullmatch(text):
             return priority_of(int(text))
         try:
             return Priority(text)
         except ValueError:
-            return _invalid(f"priority {value!r} is not an integer nor one of "
+            return _invalid(f"priority {_shown(value)} is not an integer nor one of "
                             f"{[p.value for p in PRIORITIES]}", "priority")
     return PRIORITIES[min(max(value + Priority.NORMAL.level, 0), len(PRIORITIES) - 1)]
+
+
+def slo_class_error(value: str | None, source: str = "slo_class") -> ApiError | None:
+    """A 400 unless `value` is None or matches `[A-Za-z0-9_-]{1,64}`."""
+    if value is None or SLO_CLASS.fullmatch(value):
+        return None
+    return _invalid(f"{source} {_shown(value)} must match [A-Za-z0-9_-]{{1,64}}", "slo_class")
 
 
 def _decode(kind: Kind, body: bytes) -> ChatBody | CompletionBody | ApiError:
@@ -189,8 +209,9 @@ def _check_common(b: _Body) -> ApiError | None:
         return _invalid("temperature must be >= 0", "temperature")
     if b.top_p is not None and not 0 < b.top_p <= 1:
         return _invalid("top_p must be in (0, 1]", "top_p")
-    if b.slo_class is not None and not valid_token(b.slo_class):
-        return _invalid(f"slo_class {b.slo_class!r} cannot be a subject token", "slo_class")
+    slo_err = slo_class_error(b.slo_class)
+    if slo_err:
+        return slo_err
     unsupported = _unsupported(b)
     if unsupported:
         return _invalid(f"{unsupported} is not supported by this gateway", unsupported)
@@ -270,8 +291,9 @@ def parse(kind: Kind, body: bytes, *, request_id: str, headers: Mapping[str, str
     if isinstance(prio, ApiError):
         return prio
     slo = headers.get("x-slo-class") or b.slo_class
-    if slo is not None and not valid_token(slo):
-        return _invalid(f"x-slo-class {slo!r} cannot be a subject token", "slo_class")
+    slo_err = slo_class_error(slo, "x-slo-class")
+    if slo_err:
+        return slo_err
     stop = [b.stop] if isinstance(b.stop, str) else b.stop
     for key, value in (("temperature", b.temperature), ("top_p", b.top_p), ("top_k", b.top_k),
                        ("seed", b.seed), ("stop", stop or None), ("user_id", b.user),

@@ -34,7 +34,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from cplane.bus import tracing
-from cplane.bus.control import Answer, ControlEndpoint
+from cplane.bus.control import ADMIN_GUARD, Answer, ControlEndpoint
 from cplane.bus.replay import stored_terminal
 from cplane.orchestrator.dispatch import DispatchConfig
 from cplane.orchestrator.fleet import Registry
@@ -66,7 +66,7 @@ from cplane.schemas.messages import (
     WorkerState,
 )
 from cplane.schemas.settings import Settings
-from cplane.schemas.subjects import consumer_for_priority
+from cplane.schemas.subjects import consumer_for_priority, tenant_of
 
 log = logging.getLogger("cplane.orchestrator")
 JS_TIMEOUT_S = 2.0
@@ -184,7 +184,8 @@ class OrchestratorControl:
         return OrchestratorReport(
             orchestrator_id=r.id, leading=r.leading, policy=r.policy_name,
             router=r.cfg.router_in_use.name, pd_mode=o.pd_mode,
-            counters={k: v for k, v in asdict(st).items() if isinstance(v, int)},
+            counters={**{k: v for k, v in asdict(st).items() if isinstance(v, int)},
+                      "admin_refused": ADMIN_GUARD.refused},
             rejections={str(k): v for k, v in st.rejections.items()},
             accepted=dict(st.accepted_by), routed=dict(st.routed),
             held={p.value: ledger.held_count(i) for i, p in enumerate(PRIORITIES)},
@@ -198,6 +199,8 @@ class OrchestratorControl:
     async def request_status(self, query: RequestQuery) -> RequestStatus:
         rid, oid = query.request_id, self.replica.id
         entry = self.replica.ledger.get(rid)
+        if entry is not None and tenant_of(entry.item.request.group) != tenant_of(query.group):
+            entry = None  # the same id in another tenant's scope: not this request
         if entry is not None and entry.state is not RequestState.FINISHING:
             item = entry.item
             dispatched = entry.state is not None and entry.state >= RequestState.DISPATCHING

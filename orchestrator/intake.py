@@ -13,10 +13,19 @@ import enum
 import re
 from dataclasses import dataclass
 
+import msgspec
+
 from cplane.schemas.codec import request_decoder, sniff_request_id
 from cplane.schemas.messages import PRIORITIES, ErrorCode, Priority, Request, WorkItem
-from cplane.schemas.settings import LimitsSettings
-from cplane.schemas.subjects import INTERACTIVE_GROUP, INVALID_GROUP, RESERVED_GROUPS, valid_token
+from cplane.schemas.settings import LimitsSettings, TenantPolicy
+from cplane.schemas.subjects import (
+    INTERACTIVE_GROUP,
+    INVALID_GROUP,
+    RESERVED_GROUPS,
+    Subjects,
+    scoped,
+    valid_token,
+)
 
 _DEFAULT_LIMITS = LimitsSettings()
 
@@ -32,6 +41,22 @@ class Rejection:
     code: ErrorCode
     message: str
     reply_to: str | None = None  # a validated reply_to also gets the ErrorReply
+    retryable: bool = False
+    retry_after_ms: float | None = None
+
+
+def scoped_key(req: Request) -> str:
+    """What names a request across tenants: `<tenant>.<id>`, or its id."""
+    return Subjects.scoped_id(req.group, req.request_id)
+
+
+def over_ceiling(priority: Priority, tenant: str, policy: TenantPolicy) -> str | None:
+    """Why `priority` is above the tenant's ceiling, or None."""
+    top = policy.max_priority
+    if top is not None and priority.level < _PRIORITY_BY_NAME[top].level:
+        return (f"priority {priority.value!r} is above tenant {tenant!r}'s ceiling "
+                f"{top!r}")
+    return None
 
 
 def _valid_subject(subject: str) -> bool:
@@ -114,50 +139,72 @@ def sniff_id(data: bytes) -> str | None:
     return rid
 
 
-def _undecodable(data: bytes, exc: BaseException) -> Rejection:
+def _undecodable(data: bytes, exc: BaseException, tenant: str | None) -> Rejection:
     rid = sniff_id(data)
     group = INTERACTIVE_GROUP
     if rid is None or not valid_token(rid):
         rid, group = "", INVALID_GROUP
     reason = str(exc)[:300] or type(exc).__name__
-    return Rejection(rid, group, ErrorCode.INVALID_REQUEST, f"invalid request: {reason}")
+    return Rejection(rid, scoped(tenant, group), ErrorCode.INVALID_REQUEST,
+                     f"invalid request: {reason}")
+
+
+_NO_CEILING = TenantPolicy()
 
 
 def admit(
     data: bytes, subject_priority: str, subject_slo: str, stored_ms: float, now_ms: float,
     orchestrator_id: str = "", limits: LimitsSettings = _DEFAULT_LIMITS,
+    tenant: str | None = None, policy: TenantPolicy = _NO_CEILING,
 ) -> WorkItem | Rejection:
     """Validate one LLM_REQ message. The subject's priority/slo class win over the body's.
 
+    `tenant`: the subject's tenant token (`llm.req.<tenant>.<priority>.<slo>`: the
+    server put it there from the publisher's credentials). It is the request's
+    tenant and scopes its output group; a body naming another tenant is refused,
+    as is a priority above `policy.max_priority`.
     Never raises: bytes that are not a valid request become a Rejection.
     """
     try:
         return _admit(data, subject_priority, subject_slo, stored_ms, now_ms, orchestrator_id,
-                      limits)
+                      limits, tenant, policy)
     except Exception as exc:  # msgspec errors, RecursionError, UnicodeDecodeError...
-        return _undecodable(data, exc)
+        return _undecodable(data, exc, tenant)
 
 
 def _admit(
     data: bytes, subject_priority: str, subject_slo: str, stored_ms: float, now_ms: float,
-    orchestrator_id: str, limits: LimitsSettings,
+    orchestrator_id: str, limits: LimitsSettings, tenant: str | None, policy: TenantPolicy,
 ) -> WorkItem | Rejection:
     req = request_decoder.decode(data)
     if not valid_token(req.request_id):
-        return Rejection("", INVALID_GROUP, ErrorCode.INVALID_REQUEST,
+        return Rejection("", scoped(tenant, INVALID_GROUP), ErrorCode.INVALID_REQUEST,
                          f"request_id {req.request_id!r} is not a valid subject token")
-    group = (req.group if valid_token(req.group) and req.group not in RESERVED_GROUPS
-             else INTERACTIVE_GROUP)
+    group = scoped(tenant, req.group if valid_token(req.group)
+                   and req.group not in RESERVED_GROUPS else INTERACTIVE_GROUP)
     # A valid reply_to gets the rejection too (never one aimed at our subjects).
-    reply_to = (req.reply_to if req.reply_to is not None
+    reply_to = (req.reply_to if req.reply_to is not None and not tenant
                 and _reply_to_problem(req.reply_to, limits) is None else None)
     problem = _problem(req, limits)
     if problem is not None:
         return Rejection(req.request_id, group, ErrorCode.INVALID_REQUEST, problem, reply_to)
+    if req.tenant is not None and req.tenant != (tenant or None):
+        return Rejection(req.request_id, group, ErrorCode.FORBIDDEN,
+                         f"the body names tenant {req.tenant!r}; a request's tenant is its "
+                         "publisher's, from the subject (its credentials), never the body",
+                         reply_to)
     too_large = _too_large(req, limits)
     if too_large is not None:
         return Rejection(req.request_id, group, ErrorCode.TOO_LARGE, too_large, reply_to)
     priority = _PRIORITY_BY_NAME.get(subject_priority) or req.priority or Priority.NORMAL
+    if tenant:
+        if req.reply_to is not None:  # it would land in the system's account, not its own
+            return Rejection(req.request_id, group, ErrorCode.FORBIDDEN,
+                             "reply_to is not for tenants: read llm.*.<group>.<request_id>")
+        ceiling = over_ceiling(priority, tenant, policy)
+        if ceiling is not None:
+            return Rejection(req.request_id, group, ErrorCode.FORBIDDEN, ceiling, reply_to)
+        req = msgspec.structs.replace(req, group=group, tenant=tenant)
     return WorkItem(
         request=req,
         priority=priority,

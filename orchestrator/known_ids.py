@@ -27,6 +27,7 @@ from nats.aio.msg import Msg
 
 from cplane.bus.outcome import send_again
 from cplane.bus.replay import stored_terminal, stored_terminals
+from cplane.orchestrator.intake import scoped_key
 from cplane.orchestrator.ledger import Entry
 from cplane.schemas.codec import final_decoder
 from cplane.schemas.messages import PRIORITIES, ErrorReply, Final, WorkItem
@@ -69,7 +70,7 @@ class KnownIds:
         await asyncio.sleep(0)  # what arrives in this loop turn goes in the same lookup
         while self._queue:
             batch, self._queue = self._queue[:BATCH], self._queue[BATCH:]
-            found: dict[str, bytes] = {}
+            found: dict[tuple[str, str], bytes] = {}
             t0 = time.monotonic()
             try:
                 found = await stored_terminals(
@@ -84,13 +85,13 @@ class KnownIds:
                          took * 1000)
             for e in batch:
                 self._waiting[e.level] -= 1
-                data = found.get(e.request_id)
+                data = found.get((e.item.request.group, e.request_id))
                 term = _decoded(data) if data is not None else None
                 if term is None:
                     await self._hold(e)
                 else:
                     await self._answer(e.item, term, e.msg)
-                    self._answered(e.request_id)
+                    self._answered(scoped_key(e.item.request))
 
     async def answer_again(self, item: WorkItem, msg: Msg) -> bool:
         """An id this replica remembers, published again: True (and the message acked)

@@ -23,7 +23,7 @@ from cplane.orchestrator.intake import Rejection, sniff_group, sniff_id
 from cplane.schemas.codec import encode
 from cplane.schemas.messages import DeadLetter, ErrorCode, ErrorReply, Final, Request
 from cplane.schemas.settings import Settings
-from cplane.schemas.subjects import INVALID_GROUP, valid_token
+from cplane.schemas.subjects import INVALID_GROUP, scoped, tenant_of, valid_token
 
 log = logging.getLogger("cplane.orchestrator")
 _RETRY_DELAY_S = 1.0
@@ -86,16 +86,16 @@ class Outcomes:
                               Request(request_id=request_id, group=group))
         return found is not Recheck.NOT_FOUND
 
-    async def reject(self, msg: Msg, seq: int, rej: Rejection, known: Callable[[str], bool]
+    async def reject(self, msg: Msg, seq: int, rej: Rejection, known: Callable[[str, str], bool]
                      ) -> None:
         """ErrorReply on the request's done subject, or on `llm.done.invalid.seq<N>` when
         the body names no usable id, or an id that belongs to a live or finished request,
         in this replica's memory or in the store (a bad copy must not become another
         request's terminal)."""
         rid, group = rej.request_id, rej.group
-        if not rid or known(rid) or await self._in_store(group, rid):
-            rid, group = f"seq{seq}", INVALID_GROUP
-        err = error_reply(rid, rej.code, rej.message)
+        if not rid or known(rid, group) or await self._in_store(group, rid):
+            rid, group = f"seq{seq}", scoped(tenant_of(group), INVALID_GROUP)
+        err = error_reply(rid, rej.code, rej.message, rej.retryable, rej.retry_after_ms)
         reply_to = rej.reply_to if rid == rej.request_id else None
         log.info("rejected %s: %s", rid, rej.message)
 
@@ -105,17 +105,19 @@ class Outcomes:
         await self._settle(msg, publish)
 
     async def dead_letter_request(self, msg: Msg, seq: int, deliveries: int,
-                                  known: Callable[[str], bool]) -> None:
+                                  known: Callable[[str, str], bool]) -> None:
         """A request delivered too often: evidence to LLM_DLQ, ErrorReply dead_letter, ack."""
         s = self.settings
         rid = sniff_id(msg.data) or ""
-        usable = bool(rid) and valid_token(rid) and not known(rid)
+        group = scoped(self.subjects.tenant_of_request(msg.subject), sniff_group(msg.data))
+        usable = bool(rid) and valid_token(rid) and not known(rid, group)
         letter = DeadLetter(
             stream=s.streams.req.name, seq=seq, subject=msg.subject,
             reason=f"delivered {deliveries} times without an outcome", deliveries=deliveries,
             request_id=rid, data=msg.data[: s.limits.max_dead_letter_bytes],
             ts_ms=time.time() * 1000)
-        err_id, group = (rid, sniff_group(msg.data)) if usable else (f"seq{seq}", INVALID_GROUP)
+        err_id, group = (rid, group) if usable else (
+            f"seq{seq}", scoped(tenant_of(group), INVALID_GROUP))
         err: ErrorReply | None = error_reply(
             err_id, ErrorCode.DEAD_LETTER,
             f"request taken out of {s.streams.req.name} after {deliveries} deliveries; "

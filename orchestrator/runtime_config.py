@@ -38,6 +38,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
+from cplane.bus.control import ADMIN_GUARD
 from cplane.bus.provision import ensure_config_bucket
 from cplane.orchestrator import plugins
 from cplane.orchestrator.plugin_types import Policy
@@ -188,6 +189,8 @@ class PolicySwitch:
 
     # -- admin requests --------------------------------------------------------------
     async def _on_admin(self, msg: Msg) -> None:
+        if not ADMIN_GUARD.admit(msg, self._settings.subjects.admin_policy):
+            return  # came sideways (a push consumer aimed here): never applied
         try:
             reply = await self._answer(msg.data)
         except Exception as exc:  # the broker did not answer: say so, the caller may retry

@@ -31,7 +31,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NoStreamResponseError
 
-from cplane.bus.cancels import CancelBook
+from cplane.bus.cancels import CancelBook, cancel_names, key_request_id
 from cplane.bus.connect import connect, revive_reader
 from cplane.bus.fins import read_fin
 from cplane.bus.heartbeats import subscribe_heartbeats
@@ -52,7 +52,7 @@ from cplane.orchestrator.dispatch import (
 )
 from cplane.orchestrator.fleet import FleetView
 from cplane.orchestrator.health_admin import build_registry
-from cplane.orchestrator.intake import Intake, Rejection, admit, classify
+from cplane.orchestrator.intake import Intake, Rejection, classify, scoped_key
 from cplane.orchestrator.known_ids import KnownIds
 from cplane.orchestrator.kv_feed import KvFeed
 from cplane.orchestrator.lease import LeaderLease
@@ -65,6 +65,7 @@ from cplane.orchestrator.rescue import ORPHAN_SWEEP_S, rescue_orphans, rescue_qu
 from cplane.orchestrator.runtime_config import PolicySwitch, policy_order
 from cplane.orchestrator.snapshot import PoolKey
 from cplane.orchestrator.stats import OrchestratorStats
+from cplane.orchestrator.tenancy import TenantGate
 from cplane.schemas import trace
 from cplane.schemas.codec import encode
 from cplane.schemas.messages import (
@@ -76,7 +77,7 @@ from cplane.schemas.messages import (
     WorkItem,
 )
 from cplane.schemas.settings import Settings
-from cplane.schemas.subjects import consumer_for_priority, valid_token
+from cplane.schemas.subjects import Subjects, consumer_for_priority, tenant_of, valid_token
 
 log = logging.getLogger("cplane.orchestrator")
 _PUBLISH_RETRY_S = 0.5
@@ -108,6 +109,7 @@ class Orchestrator:
         self._rng = random.Random(o.route_seed or None)
         self.stats = OrchestratorStats()
         self._seen = RecentIds(o.dedup_cache)  # ids dispatched or finished: served once
+        self._tenants = TenantGate(o, self.subjects, self.settings.limits)
         self._pullers: list[Puller] = []
         self._wake = asyncio.Event()
         # Set by the ticker: plan even without room (model-wait timeouts, aging).
@@ -153,15 +155,15 @@ class Orchestrator:
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         o = self.settings.orchestrator
         nc = self._nc or await connect(self.settings.nats.url, self.id,
-                                       on_reconnect=self._on_reconnect)
+                                       on_reconnect=self._on_reconnect,
+                                       settings=self.settings.nats)
         self._nc = nc
         self._js = nc.jetstream(publish_async_max_pending=8000)
         self._store = StoredPublisher(nc, o.publish_timeout_s, signer=self.id)
         self._out = Outcomes(nc, self._store, self.settings)
         if o.check_stored_terminals:
             self._known_ids = KnownIds(nc, self.settings, self._hold, self._seen.add)
-        await ensure_streams(self._js, self.settings)
-        await ensure_request_consumers(self._js, self.settings)
+        await ensure_all(self._js, self.settings)  # every stream, consumer and store
         subs = [
             await subscribe_heartbeats(nc, self.subjects, self._on_heartbeat),
             # A terminal was stored (empty body, the request id is the subject's
@@ -286,12 +288,10 @@ class Orchestrator:
         held: Entry[WorkItem] | None = None
         seen = False
         if leading and deliveries <= o.max_deliveries:
-            prio, slo = self.subjects.parse_request(msg.subject)
-            admitted = admit(msg.data, prio, slo, stored, now_ms(), self.id, self.settings.limits)
-            if isinstance(admitted, WorkItem):
-                rid = admitted.request.request_id
-                held = self.core.ledger.get(rid)
-                seen = rid in self._seen
+            admitted, held = self._tenants.admit(
+                msg.subject, msg.data, stored, now_ms(), deliveries, self.id, self.core.ledger.get,
+                self.core.state.active)
+            seen = isinstance(admitted, WorkItem) and scoped_key(admitted.request) in self._seen
         action = classify(
             leading=leading, deliveries=deliveries, max_deliveries=o.max_deliveries,
             admitted=admitted, seq=seq, held_seq=held.seq if held is not None else None,
@@ -350,9 +350,12 @@ class Orchestrator:
         return Entry(pending_of(item, now_ms(), self.settings.orchestrator, blocks), item,
                      seq=seq, msg=msg)
 
-    def _known(self, request_id: str) -> bool:
-        """A live or recently finished request: a rejection must not become its terminal."""
-        return request_id in self.ledger or request_id in self._seen
+    def _known(self, request_id: str, group: str) -> bool:
+        """A live or recently finished request of that scope: a rejection must not become
+        its terminal."""
+        e = self.ledger.get(request_id)
+        return (e is not None and tenant_of(e.item.request.group) == tenant_of(group)) or (
+            Subjects.scoped_id(group, request_id) in self._seen)
 
     async def _recheck(self, entry: Entry[WorkItem]) -> None:
         found = await recheck(self._js, self.settings, entry.item.request)
@@ -365,7 +368,7 @@ class Orchestrator:
         # an id published again), or streaming on a worker (its work message
         # migrates if that worker dies): the request message has done its job.
         self.stats.redeliveries_settled += 1
-        self._seen.add(entry.request_id)
+        self._seen.add(scoped_key(entry.item.request))
         if found is Recheck.FINISHED and self._known_ids is not None and (
                 await self._known_ids.answer_again(entry.item, entry.msg)):
             return
@@ -383,7 +386,7 @@ class Orchestrator:
         self.core.hold(entry)
         self._wake.set()  # held after a lookup or a re-check too: plan it now
         self.stats.accept(entry.item.priority.value, entry.item.slo_class)
-        if entry.request_id in self._cancels:
+        if self._cancels.cancels(entry.item.request.group, entry.request_id):
             await self._finish_cancelled(entry)
 
     async def _finish_cancelled(self, entry: Entry[WorkItem]) -> None:
@@ -395,7 +398,7 @@ class Orchestrator:
         """Publish our own terminal for a held request, then ack; on failure JetStream retries."""
         ok = await self._out.terminal(entry.item.request, terminal)
         if ok:
-            self._seen.add(entry.request_id)
+            self._seen.add(scoped_key(entry.item.request))
         for m in (entry.msg, *entry.extra_msgs):
             with contextlib.suppress(Exception):
                 await (m.ack() if ok else m.nak(delay=1.0))
@@ -467,7 +470,7 @@ class Orchestrator:
             for m in (e.msg, *e.extra_msgs):
                 with contextlib.suppress(Exception):
                     await m.ack()
-            self._seen.add(e.request_id)
+            self._seen.add(scoped_key(e.item.request))
         if self.core.stored(entries, now_ms()):
             self._wake.set()  # terminals that raced the acks freed slots
         self.stats.dispatched += len(entries)
@@ -529,9 +532,10 @@ class Orchestrator:
         if freed:
             self._wake.set()
 
-    async def _on_cancel(self, request_id: str) -> None:
-        entry = self.ledger.get(request_id)
-        if entry is not None and entry.state is RequestState.HELD:  # never runs
+    async def _on_cancel(self, key: str) -> None:
+        entry = self.ledger.get(key_request_id(key))
+        if entry is not None and entry.state is RequestState.HELD and cancel_names(
+                key, entry.item.request.group, entry.request_id):  # never runs
             await self._finish_cancelled(entry)
 
     # -- housekeeping ----------------------------------------------------------

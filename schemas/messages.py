@@ -69,6 +69,11 @@ class ErrorCode(enum.StrEnum):
     TOO_LARGE = "too_large"
     # Its cost_budget is below what the cheapest pool that can serve it charges.
     OVER_BUDGET = "over_budget"
+    # Not allowed to its publisher: a priority above the tenant's ceiling, a body
+    # naming another tenant, an id in use by another tenant's request.
+    FORBIDDEN = "forbidden"
+    # Above its tenant's request rate or in-flight cap; retryable (retry_after_ms).
+    RATE_LIMITED = "rate_limited"
 
 
 class WorkerState(enum.StrEnum):

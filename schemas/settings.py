@@ -32,6 +32,14 @@ class StreamSettings(msgspec.Struct, frozen=True, kw_only=True):
     replicas: int = 1
 
 
+class StoreSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """Limits of a KV bucket or object store. The orchestrator provisions every one
+    (bus/provision.py ensure_all) and sets these on one that exists with others."""
+
+    max_bytes: int  # the whole store; the server reserves it up front
+    max_value_size: int = -1  # one stored message (a value, an object chunk); -1 = max_payload
+
+
 class StreamsSettings(msgspec.Struct, frozen=True, kw_only=True):
     # Requests: discard=new with size limits, so an overloaded system
     # refuses at publish time instead of queueing forever.
@@ -53,6 +61,14 @@ class StreamsSettings(msgspec.Struct, frozen=True, kw_only=True):
     dlq: StreamSettings = StreamSettings(
         name="LLM_DLQ", max_age_s=7 * 86400.0, max_bytes=1 << 30
     )
+    # KV buckets and object stores (names from the subject prefix: `<prefix>_leases`...).
+    # Bounded, so no client can fill the disk that LLM_REQ needs.
+    leases: StoreSettings = StoreSettings(max_bytes=64 << 20, max_value_size=4 << 10)
+    claims: StoreSettings = StoreSettings(max_bytes=64 << 20, max_value_size=4 << 10)
+    config: StoreSettings = StoreSettings(max_bytes=64 << 20, max_value_size=64 << 10)
+    batch_jobs: StoreSettings = StoreSettings(max_bytes=256 << 20, max_value_size=64 << 10)
+    # Batch inputs and result parts: object chunks are 128 KiB (nats-py's default).
+    batch_files: StoreSettings = StoreSettings(max_bytes=10 << 30, max_value_size=1 << 20)
 
 
 class NatsSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -62,6 +78,13 @@ class NatsSettings(msgspec.Struct, frozen=True, kw_only=True):
     # warning) unless this is set; even then a change that weakens it (fewer
     # replicas, memory instead of file) is refused.
     update_streams: bool = False
+    # Credentials and TLS (bus/credentials.py): a credentials file (a NATS .creds
+    # file, an nkey seed, or JSON {"user", "password"}), so no password needs to be
+    # in the URL; without it NATS_CREDS, then NATS_USER + NATS_PASSWORD, are read.
+    creds: str | None = None
+    tls_ca: str | None = None  # CA file verifying the server; TLS is on when set
+    tls_cert: str | None = None  # client certificate (when the server verifies clients)
+    tls_key: str | None = None  # its private key
 
 
 class LimitsSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -95,6 +118,16 @@ DEFAULT_SLO_CLASSES: dict[str, SloClass] = {
 }
 
 
+class TenantPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What one tenant may ask for (the tenant from its credentials: docs/security.md).
+    Above a ceiling a request gets an ErrorReply (`forbidden` / `rate_limited`),
+    never a silent downgrade."""
+
+    max_priority: str | None = None  # the highest priority name it may use (None: any)
+    max_rps: float | None = None  # new requests per second (token bucket; burst = 1 s)
+    max_in_flight: int | None = None  # requests held or running at once
+
+
 class OrchestratorSettings(msgspec.Struct, frozen=True, kw_only=True):
     orchestrator_id: str = ""  # "" = generated at start
     # Decision plugins by name (orchestrator/plugins.py); their parameters as a
@@ -112,6 +145,10 @@ class OrchestratorSettings(msgspec.Struct, frozen=True, kw_only=True):
     default_slo_class: str = "standard"
     # Tenant fairness (policies with fair = true): weight per tenant (default 1).
     tenant_weights: dict[str, float] = msgspec.field(default_factory=dict)
+    # Ceilings of tenants' requests (those on `llm.req.<tenant>.<priority>.<slo>`):
+    # per tenant, else `tenant_policy`. The system's own principals have none.
+    tenants: dict[str, TenantPolicy] = msgspec.field(default_factory=dict)
+    tenant_policy: TenantPolicy = TenantPolicy()
     # Prompt tokens one worker prefills per second, until heartbeats show faster
     # (slo_aware's and admission's TTFT estimates).
     prefill_tokens_per_s: float = 50_000.0
@@ -231,17 +268,62 @@ class SimSettings(msgspec.Struct, frozen=True, kw_only=True):
     kv_events: bool = True  # report cache changes (workers forward them to routers)
 
 
+class ApiKeyPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """One API key's tenant and limits (`gateway.api_key_policies`, keyed by the key)."""
+
+    tenant: str
+    # The most urgent priority the key may ask for (a Priority name): a request
+    # above it is refused with 403, never quietly lowered. None = any.
+    max_priority: str | None = None
+    max_rps: float | None = None  # requests per second (token bucket, burst max(1, rps))
+    max_in_flight: int | None = None  # its requests open at once (else max_streams_per_key)
+
+    def __post_init__(self) -> None:
+        from cplane.schemas.messages import PRIORITIES  # settings load before messages' users
+
+        names = [p.value for p in PRIORITIES]
+        if self.max_priority is not None and self.max_priority not in names:
+            raise ValueError(f"max_priority must be one of {names}, not {self.max_priority!r}")
+        if self.max_rps is not None and not self.max_rps > 0:
+            raise ValueError("max_rps must be > 0")
+        if self.max_in_flight is not None and self.max_in_flight < 1:
+            raise ValueError("max_in_flight must be >= 1")
+
+
 class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
     """`cplane gateway`: the OpenAI-compatible HTTP front door (gateway/)."""
 
     host: str = "127.0.0.1"
     port: int = 0  # 0 = a free port chosen at start (printed as `gateway: http://...`)
-    # API key -> tenant (Request.tenant). Empty = open, as vLLM without --api-key.
+    # HTTPS: both set = TLS on the gateway's socket (PEM files; `cplane up --tls` makes them).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    # API key -> tenant (Request.tenant). Empty (and no policies) = open, as vLLM
+    # without --api-key.
     api_keys: dict[str, str] = msgspec.field(default_factory=dict)
+    # API key -> tenant and limits; a key here needs no entry in api_keys (one
+    # there too is overridden by this one).
+    api_key_policies: dict[str, ApiKeyPolicy] = msgspec.field(default_factory=dict)
     request_timeout_s: float = 600.0  # no terminal this long: cancel, answer 504
-    max_body_bytes: int = 8 << 20  # a larger body gets 413
+    max_body_bytes: int = 8 << 20  # a larger body gets 413 (every endpoint but /v1/files)
     max_file_bytes: int = 256 << 20  # /v1/files: a larger upload gets 413
     retry_after_s: float = 1.0  # Retry-After when the request stream refuses (no hint)
+    # Requests open at once (an SSE stream counts until its last event): over
+    # either cap, 429 + Retry-After. Per key only when keys are configured.
+    max_streams: int = 10_000
+    max_streams_per_key: int = 1_000
+    # Slow clients: the request line and headers must arrive within
+    # header_timeout_s of the connection (or of the previous response), and fit
+    # in max_header_bytes, else the connection is closed; a body must arrive
+    # within body_timeout_s (upload_timeout_s for /v1/files), else 408.
+    header_timeout_s: float = 10.0
+    max_header_bytes: int = 64 << 10
+    body_timeout_s: float = 30.0
+    upload_timeout_s: float = 600.0
+    keep_alive_timeout_s: float = 30.0  # an idle kept-alive connection is closed after this
+    expose_health: bool = True  # False: /health is 404
+    expose_metrics: bool = True  # False: /metrics is 404
+    metrics_require_key: bool = False  # True (and keys configured): /metrics needs a valid key
 
 
 class MetricsSettings(msgspec.Struct, frozen=True, kw_only=True):

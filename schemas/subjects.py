@@ -5,6 +5,7 @@ Subjects (defaults; the prefix is configurable through `Subjects(prefix=...)`):
 | subject                              | carries                      | stream   |
 | ------------------------------------ | ---------------------------- | -------- |
 | `llm.req.<priority>.<slo_class>`     | Request (JSON)               | LLM_REQ  |
+| `llm.req.<tenant>.<priority>.<slo>`  | a tenant's Request           | LLM_REQ  |
 | `llm.work.<role>.<target>`           | WorkBatch                    | LLM_WORK |
 | `llm.s.out.<group>.<request_id>`     | TokenChunk (workers publish) | LLM_OUT  |
 | `llm.out.<group>.<request_id>`       | TokenChunk, once stored      | (republished by LLM_OUT)  |
@@ -24,6 +25,11 @@ terminal publish reaches readers once. The store subjects have five tokens,
 so `llm.*.i.<id>` never matches them.
 
 `group` is `i` for interactive requests and the batch job id for batch ones.
+A tenant's requests (docs/security.md) carry the tenant as the token after the
+kind: `llm.req.<tenant>.<priority>.<slo>` in, `llm.out.<tenant>.<group>.<id>`,
+`llm.done.<tenant>.<group>.<id>` and `llm.cancel.<tenant>.<id>`; the server maps
+them to and from the tenant's own account, where they read as above without
+the tenant. Inside the system the scoped group is the string `<tenant>.<group>`.
 Undecodable requests (no request id recoverable) get their ErrorReply on
 `llm.done.invalid.seq<stream_sequence>`.
 
@@ -57,6 +63,17 @@ def valid_token(token: str) -> bool:
     return 0 < len(token) <= 256 and _BAD_TOKEN.search(token) is None
 
 
+def scoped(tenant: str | None, group: str) -> str:
+    """A tenant's output group `<tenant>.<group>` (the system-side view of its subjects)."""
+    return f"{tenant}.{group}" if tenant else group
+
+
+def tenant_of(group: str) -> str | None:
+    """The tenant of a scoped group; None for the system's own."""
+    tenant, dot, _ = group.rpartition(".")
+    return tenant if dot else None
+
+
 def model_target(model: str) -> str:
     """The work target of one model's pool: `m-<readable part>-<crc32>` (a valid token).
 
@@ -76,13 +93,27 @@ class Subjects:
     prefix: str = "llm"
 
     # -- requests -------------------------------------------------------
-    def request(self, priority: Priority | str, slo_class: str = DEFAULT_SLO_CLASS) -> str:
+    def request(self, priority: Priority | str, slo_class: str = DEFAULT_SLO_CLASS,
+                tenant: str | None = None) -> str:
+        """Where a request is published; with `tenant`, the system-side subject of
+        that tenant's requests (what a tenant's own publish is mapped to)."""
         prio = priority.value if isinstance(priority, Priority) else priority
+        if tenant:
+            return f"{self.prefix}.req.{tenant}.{prio}.{slo_class}"
         return f"{self.prefix}.req.{prio}.{slo_class}"
 
     def requests_of(self, priority: Priority) -> str:
         """Filter for one priority's durable consumer (every SLO class)."""
         return f"{self.prefix}.req.{priority.value}.*"
+
+    def tenant_requests_of(self, priority: Priority) -> str:
+        """Every tenant's requests of one priority (`llm.req.<tenant>.<priority>.<slo>`)."""
+        return f"{self.prefix}.req.*.{priority.value}.*"
+
+    def tenant_of_request(self, subject: str) -> str | None:
+        """The tenant token of a request subject (None for `llm.req.<priority>.<slo>`)."""
+        extra = subject.count(".") - self.prefix.count(".") - 3
+        return subject.rsplit(".", 3)[1] if extra == 1 else None
 
     @property
     def requests_all(self) -> str:
@@ -174,12 +205,19 @@ class Subjects:
         """Core request/reply: every block the worker holds now, as one KvEvents."""
         return f"{self.prefix}.admin.kv.{worker_id}"
 
-    def cancel(self, request_id: str) -> str:
+    def cancel(self, request_id: str, tenant: str | None = None) -> str:
+        if tenant:
+            return f"{self.prefix}.cancel.{tenant}.{request_id}"
         return f"{self.prefix}.cancel.{request_id}"
 
     @property
     def cancel_all(self) -> str:
-        return f"{self.prefix}.cancel.*"
+        return f"{self.prefix}.cancel.>"
+
+    def cancel_key(self, subject: str) -> str:
+        """`llm.cancel.<id>` -> `<id>`; a tenant's `llm.cancel.<tenant>.<id>` ->
+        `<tenant>.<id>`: it cancels that tenant's request only (`scoped_id`)."""
+        return subject[len(self.prefix) + len(".cancel."):]
 
     def dead_letter(self, stream: str, seq: int) -> str:
         return f"{self.prefix}.dlq.{stream}.{seq}"
@@ -209,6 +247,13 @@ class Subjects:
 
     def admin(self, verb: str) -> str:
         return f"{self.prefix}.admin.{verb}"
+
+    @staticmethod
+    def scoped_id(group: str, request_id: str) -> str:
+        """The cancel key that names one tenant's request (`cancel_key`): `<tenant>.<id>`
+        for a scoped group `<tenant>.<group>`, else the plain id."""
+        tenant, dot, _ = group.rpartition(".")
+        return f"{tenant}.{request_id}" if dot else request_id
 
     @staticmethod
     def last_token(subject: str) -> str:
@@ -265,5 +310,7 @@ __all__ = [
     "consumer_for_priority",
     "consumer_for_work",
     "model_target",
+    "scoped",
+    "tenant_of",
     "valid_token",
 ]

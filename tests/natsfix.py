@@ -52,7 +52,8 @@ def isolated_settings(url: str, **sections: dict[str, object]) -> Settings:
     base = load_settings(env={}, nats={"url": url, "prefix": f"t{tag}"})
     streams = msgspec.to_builtins(base.streams)
     for key, cfg in streams.items():
-        cfg["name"] = f"{cfg['name']}_{tag}"
+        if "name" in cfg:  # a stream; the others are bucket and object store limits
+            cfg["name"] = f"{cfg['name']}_{tag}"
         cfg["max_bytes"] = 64 << 20  # the server reserves limits up front; stay small
         cfg.update(sections.pop(f"stream_{key}", {}))  # type: ignore[arg-type]
     fast = {"fetch_timeout_s": 0.5}

@@ -16,6 +16,7 @@ import uuid
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from cplane.bus.control import ADMIN_GUARD
 from cplane.schemas.codec import encode
 from cplane.schemas.messages import KvEvents
 from cplane.schemas.subjects import Subjects
@@ -64,7 +65,8 @@ class KvEventPump:
             self.published += 1
 
     async def _on_snapshot(self, msg: Msg) -> None:
-        if not msg.reply:
+        served = self._subjects.kv_snapshot(self.worker_id)
+        if not ADMIN_GUARD.admit(msg, served) or not msg.reply:
             return
         blocks = self._engine.kv_blocks()[-MAX_SNAPSHOT_BLOCKS:]
         snap = KvEvents(worker_id=self.worker_id, epoch=self.epoch, seq=self.seq,

@@ -45,14 +45,16 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from cplane.bus.cancels import CancelBook
+from cplane.bus.cancels import CancelBook, cancel_names, key_request_id
 from cplane.bus.claims import Claims
 from cplane.bus.connect import connect, drop_pending, round_trip
+from cplane.bus.control import ADMIN_GUARD
 from cplane.bus.heartbeats import subscribe_heartbeats
 from cplane.bus.jsmeta import delivery
 from cplane.bus.outcome import StoredPublisher
-from cplane.bus.provision import delete_work_consumer, ensure_streams, ensure_work_consumer
+from cplane.bus.provision import delete_work_consumer, ensure_work_consumer
 from cplane.bus.puller import Puller
+from cplane.bus.streams_ready import streams_ready
 from cplane.schemas.codec import encode, work_decoder
 from cplane.schemas.messages import Heartbeat, Role, WorkerState, WorkItem
 from cplane.schemas.settings import Settings
@@ -115,10 +117,11 @@ class Worker:
         ws = self.settings.worker
         nc = self._nc or await connect(self.settings.nats.url, f"worker-{self.worker_id}",
                                        on_reconnect=self._on_reconnect,
-                                       on_disconnect=self._on_disconnect)
+                                       on_disconnect=self._on_disconnect,
+                                       settings=self.settings.nats)
         self._nc = nc
         js = nc.jetstream(publish_async_max_pending=4000)
-        await ensure_streams(js, self.settings)
+        await streams_ready(js, self.settings)
         self.ctx = ServeContext(
             nc=nc, js=js, settings=self.settings, store=StoredPublisher(
                 nc, ws.publish_timeout_s, signer=self.worker_id),
@@ -387,7 +390,7 @@ class Worker:
         assert self.ctx is not None
         ctx = self.ctx
         ctx.connected_since = time.monotonic()
-        await ensure_streams(ctx.js, self.settings)
+        await streams_ready(ctx.js, self.settings)
         for target in self._targets():
             if target != self.worker_id or self._own_durable:
                 await ensure_work_consumer(ctx.js, self.settings, self.role, target)
@@ -419,9 +422,10 @@ class Worker:
             run.task.cancel()
 
     # -- control ---------------------------------------------------------------
-    async def _on_cancel(self, request_id: str) -> None:
-        if request_id in self.runs:
-            await self.engine.abort(request_id)
+    async def _on_cancel(self, key: str) -> None:
+        req = run.item.request if (run := self.runs.get(key_request_id(key))) else None
+        if req is not None and cancel_names(key, req.group, req.request_id):
+            await self.engine.abort(req.request_id)
 
     def _on_peer(self, hb: Heartbeat) -> None:
         """Another worker's heartbeat: it is alive (see ServeContext.peer_alive)."""
@@ -430,7 +434,8 @@ class Worker:
         self.ctx.peers[hb.worker_id] = (time.monotonic(), hb.started_ms)
 
     async def _on_hb_request(self, msg: Msg) -> None:
-        await self._publish_heartbeat()
+        if ADMIN_GUARD.admit(msg, self.subjects.heartbeat_request):
+            await self._publish_heartbeat()
 
     async def _in_progress_loop(self) -> None:
         """in_progress() for every held message, then a PING: once the server has

@@ -31,6 +31,7 @@ from typing import Any
 import msgspec
 
 from cplane.bus import tracing
+from cplane.bus.cancels import is_cancelled
 from cplane.bus.outcome import cancelled_final
 from cplane.schemas.messages import ErrorCode, Final, FinishReason, Role, Timings, Usage, WorkItem
 from cplane.workers.chunker import ChunkStream
@@ -88,7 +89,7 @@ async def _attempt(ctx: ServeContext, run: Run) -> Outcome:
         item = prepared
         run.check = False
     run.running = item
-    if item.request.request_id in ctx.cancelled:  # before it ran, or between runs
+    if is_cancelled(ctx.cancelled, item.request.group, item.request.request_id):  # before it ran
         await _storing(ctx, run)
         ctx.counts["cancelled"] += 1
         await ctx.publish_terminal(item, cancelled_final(item, ctx.worker_id))

@@ -8,6 +8,10 @@ Routers: `CPLANE_CHAOS_ROUTER` (env) names the orchestrators' router
 (`CPLANE__ORCHESTRATOR__ROUTER`); unset, one of least_loaded, prefix_aware,
 affinity, pool is picked from the seed; `rotate` gives each replica start the
 next one of those four.
+
+Tenants: `CPLANE_CHAOS_TENANTS` (comma-separated, at least two; default
+acme,globex) names the tenant accounts the load publishes from (tenants.py).
+Worker ids are known up front (each its own principal): `worker_ids()`.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ class ChaosConfig:
     resubmit: int = 6  # finished ids published again, half at 60%, half after the load
     resubmit_wait_s: float = 25.0
     partitions: bool = True  # one worker and orch1 behind proxies
+    tenants: tuple[str, ...] = ("acme", "globex")  # the load's tenant accounts (>= 2)
 
     @classmethod
     def from_env(cls) -> ChaosConfig:
@@ -75,6 +80,8 @@ class ChaosConfig:
             resubmit=int(_env_num("CPLANE_CHAOS_RESUBMIT", 6)),
             resubmit_wait_s=_env_num("CPLANE_CHAOS_RESUBMIT_WAIT_S", 25.0),
             partitions=os.environ.get("CPLANE_CHAOS_PARTITIONS", "1") not in ("0", ""),
+            tenants=tuple(t.strip() for t in os.environ.get(
+                "CPLANE_CHAOS_TENANTS", "acme,globex").split(",") if t.strip()),
         )
 
     def router_for(self, replica: int, start: int) -> str:
@@ -83,9 +90,19 @@ class ChaosConfig:
             return ROUTER_CHOICES[(replica + start) % len(ROUTER_CHOICES)]
         return self.router or ROUTER_CHOICES[self.seed % len(ROUTER_CHOICES)]
 
+    def worker_ids(self) -> list[str]:
+        """Every worker id the run may start, each with its own principal: the first
+        `workers`, then the replacements started under a new id (every other kill, one
+        every `kill_every_s` while the load runs at `rate`, with a wide margin); past
+        these a replacement reuses a dead worker's id (procs.Fleet)."""
+        load_s = 60 + 1.5 * self.requests / self.rate
+        return [f"w{i}" for i in range(1, self.workers + 1 + int(load_s / self.kill_every_s))]
+
     def service_env(self) -> dict[str, str]:
+        # each service's credentials come from its --creds, never from the harness's env
         env = {k: v for k, v in os.environ.items()
-               if not k.startswith("CPLANE") and k not in ("NATS_URL",)}
+               if not k.startswith("CPLANE")
+               and k not in ("NATS_URL", "NATS_CREDS", "NATS_USER", "NATS_PASSWORD")}
         env.update({
             "PYTHONUNBUFFERED": "1",
             "CPLANE_LOG_LEVEL": "INFO",

@@ -1,7 +1,13 @@
 """What the chaos run saw: every chunk and terminal, live and stored, and the figures.
 
-Live: core subscriptions on `llm.out.i.>` and `llm.done.i.>` made before the
-first publish. Stored: what LLM_OUT stored, read back at the end from the
+Live: core subscriptions on `llm.out.>` and `llm.done.>` made before the
+first publish, on the operator's connection (it sees all of the system's
+account: a tenant's outputs are on `llm.out.<tenant>.<group>.<id>`,
+`llm.done.<tenant>.<group>.<id>`, stored on `llm.s.out.<tenant>...` /
+`llm.s.done.<tenant>...`; `parse_output` reads either form: the group is the
+second-last token, the request id the last). Interactive outputs only
+(group `i`); the tenant a request's outputs came on is kept
+(`Recorder.tenants`: the books check it is the one that published it). Stored: what LLM_OUT stored, read back at the end from the
 run's archive (a mirror of LLM_OUT the harness creates with a long max_age:
 LLM_OUT itself keeps chunks only seconds in this run), and LLM_DONE in full.
 A terminal is identified by its whole JSON content, so the same stored
@@ -24,13 +30,32 @@ from nats.js.api import DeliverPolicy
 
 from tests.waiting import subscribed
 
-OUT_PREFIX = "llm.out.i."
-DONE_PREFIX = "llm.done.i."
-# Where the streams store outputs (republished to the prefixes above once stored).
-STORE_OUT_PREFIX = "llm.s.out.i."
-STORE_DONE_PREFIX = "llm.s.done.i."
+OUT_ALL = "llm.out.>"
+DONE_ALL = "llm.done.>"
+# Where the streams store outputs (republished to the subjects above once stored).
+STORE_ALL = "llm.s.>"
+STORE_DONE_ALL = "llm.s.done.>"
 WORK_PREFIX = "llm.work."
 HB_PREFIX = "llm.hb."
+GROUP = "i"  # the load's requests are interactive-group ones
+
+
+def done_subject(tenant: str | None, rid: str, stored: bool = False) -> str:
+    """`llm.done.<tenant>.i.<id>` (`llm.s.done...` when `stored`); without a tenant,
+    `llm.done.i.<id>`."""
+    return ".".join(["llm", *(["s"] if stored else []), "done", *([tenant] if tenant else []),
+                     GROUP, rid])
+
+
+def parse_output(subject: str) -> tuple[str, str | None, str, str] | None:
+    """An output subject, live or stored, with or without a tenant, as (kind `out` /
+    `done`, tenant or None, group, request id); None for any other subject."""
+    tokens = subject.split(".")
+    if tokens[:2] == ["llm", "s"]:
+        tokens = ["llm", *tokens[2:]]
+    if tokens[0] != "llm" or len(tokens) not in (4, 5) or tokens[1] not in ("out", "done"):
+        return None
+    return tokens[1], (tokens[2] if len(tokens) == 5 else None), tokens[-2], tokens[-1]
 
 
 def canonical(obj: dict[str, Any]) -> str:
@@ -63,6 +88,7 @@ class Recorder:
         self.undecodable: list[str] = []
         self.notes: list[str] = []
         self.foreign = 0  # messages on our subjects whose request_id differs from the subject
+        self.tenants: dict[str, set[str | None]] = defaultdict(set)  # id -> tenants of its outputs
         self.last_chunk_at: dict[str, float] = {}  # worker id -> monotonic time of its last chunk
         # request id -> (worker id, monotonic time) of its last live chunk
         self.streaming: dict[str, tuple[str, float]] = {}
@@ -128,12 +154,12 @@ class Recorder:
         self._work(msg.subject, msg.data)
 
     def take(self, subject: str, data: bytes, where: str) -> None:
-        if subject.startswith(OUT_PREFIX):
-            rid, is_chunk = subject[len(OUT_PREFIX):], True
-        elif subject.startswith(DONE_PREFIX):
-            rid, is_chunk = subject[len(DONE_PREFIX):], False
-        else:
+        parsed = parse_output(subject)
+        if parsed is None or parsed[2] != GROUP:
             return
+        kind, tenant, _, rid = parsed
+        is_chunk = kind == "out"
+        self.tenants[rid].add(tenant)
         try:
             obj = json.loads(data)
             if not isinstance(obj, dict):
@@ -167,9 +193,9 @@ class Recorder:
         self.take(msg.subject, msg.data, "live")
 
     async def subscribe(self, nc: NATS) -> None:
-        await nc.subscribe(OUT_PREFIX + ">", cb=self.on_live, pending_msgs_limit=2_000_000,
+        await nc.subscribe(OUT_ALL, cb=self.on_live, pending_msgs_limit=2_000_000,
                            pending_bytes_limit=1 << 30)
-        await nc.subscribe(DONE_PREFIX + ">", cb=self.on_live, pending_msgs_limit=2_000_000,
+        await nc.subscribe(DONE_ALL, cb=self.on_live, pending_msgs_limit=2_000_000,
                            pending_bytes_limit=1 << 30)
         await nc.subscribe(WORK_PREFIX + ">", cb=self.on_work, pending_msgs_limit=2_000_000,
                            pending_bytes_limit=1 << 30)
@@ -204,7 +230,7 @@ class Recorder:
                     break
                 done = False
                 for m in msgs:
-                    self.take(m.subject.replace(".s.", ".", 1), m.data, "stored")
+                    self.take(m.subject, m.data, "stored")
                     n += 1
                     if m.metadata.sequence.stream >= last or m.metadata.num_pending == 0:
                         done = True
@@ -241,6 +267,8 @@ class Figures:
     partitions: int = 0
     long_generations: int = 0
     resubmitted: int = 0
+    # messages a tenant's account received that name another tenant (tenants.py spies)
+    leaks: int = 0
     codes: Counter[str] = field(default_factory=Counter)
     samples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     ids: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))  # every one
@@ -248,11 +276,11 @@ class Figures:
     def line(self) -> str:
         return ("chaos: accepted=%d refused=%d completed=%d errored=%d lost=%d dup_terminals=%d "
                 "gaps=%d inconsistent=%d stranded=%d hung=%d max_rss_mb=%d pauses=%d "
-                "partitions=%d long_generations=%d resubmitted=%d" % (
+                "partitions=%d long_generations=%d resubmitted=%d leaks=%d" % (
                     self.accepted, self.refused, self.completed, self.errored, self.lost,
                     self.dup_terminals, self.gaps, self.inconsistent, self.stranded, self.hung,
                     self.max_rss_mb, self.pauses, self.partitions, self.long_generations,
-                    self.resubmitted))
+                    self.resubmitted, self.leaks))
 
     def sample(self, kind: str, rid: str) -> None:
         self.ids[kind].append(rid)

@@ -1,9 +1,13 @@
 """The load of the chaos run: raw JSON requests published the README's way, and the overload.
 
-Each request is a JetStream publish to `llm.req.<priority>.<slo_class>` (a
-quarter interactive: sheddable, so overload is also answered by admission
-control with `overloaded`; the rest standard) with header
-`Nats-Msg-Id: <request_id>`. Some share a session (`session_id`: session
+The requests come from tenants (tenants.py), split between them in turn:
+each one's connection is on its own account, and its request id names it
+(`cx<tag>-<tenant>-<n>`: the spies tell whose a message is). Each request is
+a JetStream publish, on its tenant's connection, to `llm.req.<priority>.<slo_class>`
+(the server maps it to `llm.req.<tenant>.<priority>.<slo_class>` in the
+system's account, and the PubAck back; a quarter interactive: sheddable, so
+overload is also answered by admission control with `overloaded`; the rest
+standard) with header `Nats-Msg-Id: <request_id>`. Some share a session (`session_id`: session
 routers keep them on one worker) or open with one of a few long common
 prefixes (prefix routers place them where that prefix went). A seeded share
 (`long_share`) are long generations: `long_tokens` tokens (20-40 s on the sim
@@ -29,6 +33,8 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 
+from tests.chaos.tenants import tenant_marker
+
 PRIORITY_WEIGHTS = {"critical": 1, "high": 2, "normal": 4, "low": 2, "background": 1}
 WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike "
          "november oscar papa quebec romeo sierra tango uniform victor whiskey xray").split()
@@ -51,15 +57,18 @@ PREFIXES = _prefixes()
 
 
 class Publisher:
-    def __init__(self, nc: NATS, total: int, base_rate: float, rng: random.Random,
+    def __init__(self, ncs: dict[str, NATS], total: int, base_rate: float, rng: random.Random,
                  tag: str, log: Callable[[str], None], retry_s: float = 45.0,
                  long_share: float = 0.0, long_tokens: tuple[int, int] = (3000, 5500)) -> None:
-        self.js = nc.jetstream()
+        """`ncs`: each tenant's connection (on its own account), by tenant name."""
+        self.tenants = tuple(ncs)
+        self.js = {t: nc.jetstream() for t, nc in ncs.items()}
         self.total, self.base_rate, self.rng, self.tag, self.log = total, base_rate, rng, tag, log
         self.retry_s = retry_s
         self.long_share, self.long_tokens = long_share, long_tokens
         self.accepted: dict[str, float] = {}  # request id -> time of its ack
         self.bodies: dict[str, tuple[str, bytes]] = {}  # request id -> (subject, body) published
+        self.tenant_of: dict[str, str] = {}  # request id -> the tenant that publishes it
         self.long: dict[str, int] = {}  # long generations: request id -> max_tokens
         self.refused: Counter[str] = Counter()
         self.ambiguous: set[str] = set()
@@ -110,13 +119,13 @@ class Publisher:
 
     async def publish_one(self, rid: str) -> None:
         subject, data = self.body(rid)
+        js = self.js[self.tenant_of[rid]]
         in_overload = self.overloaded()
         deadline = time.monotonic() + self.retry_s
         try:
             while True:
                 try:
-                    await self.js.publish(subject, data, timeout=2.0,
-                                          headers={"Nats-Msg-Id": rid})
+                    await js.publish(subject, data, timeout=2.0, headers={"Nats-Msg-Id": rid})
                     self.accepted[rid] = time.monotonic()
                     self.overload_accepted += in_overload
                     return
@@ -138,15 +147,16 @@ class Publisher:
             self._sem.release()
 
     async def publish_again(self, rid: str, retry_s: float = 20.0) -> str:
-        """Publish an accepted request's very body again, same Nats-Msg-Id (a client
-        resubmitting an id); retried on transient errors for `retry_s`. Returns
+        """Publish an accepted request's very body again, same Nats-Msg-Id, through the
+        same tenant (a client resubmitting an id); retried on transient errors for `retry_s`. Returns
         "accepted", "duplicate" (JetStream dropped it: still in its window),
         "refused <error>" or "ambiguous"."""
         subject, data = self.bodies[rid]
+        js = self.js[self.tenant_of[rid]]
         deadline = time.monotonic() + retry_s
         while True:
             try:
-                ack = await self.js.publish(subject, data, timeout=2.0,
+                ack = await js.publish(subject, data, timeout=2.0,
                                             headers={"Nats-Msg-Id": rid})
                 return "duplicate" if ack.duplicate else "accepted"
             except nats.js.errors.APIError as exc:
@@ -159,7 +169,9 @@ class Publisher:
 
     async def _launch(self) -> None:
         await self._sem.acquire()
-        rid = f"cx{self.tag}-{self.launched:06d}"
+        tenant = self.tenants[self.launched % len(self.tenants)]
+        rid = f"cx{self.tag}{tenant_marker(tenant)}{self.launched:06d}"
+        self.tenant_of[rid] = tenant
         self.launched += 1
         self.inflight += 1
         task = asyncio.create_task(self.publish_one(rid))

@@ -5,6 +5,10 @@ Black box, as an operator sees it: the services are started through the CLI
 killed with SIGKILL, and paused with SIGSTOP / SIGCONT (`Proc.pause`: a process
 that is slow, not dead). Every wait is bounded; `Fleet.stop_all` ends every
 process this module started, by pid, whatever happened before.
+
+With credentials (the chaos run: tenants.py), the broker's configuration
+holds the accounts block (and keeps it across restarts: the file is written
+once) and each service gets `--creds` with its own principal's file.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from cplane.bus.server import free_port, nats_server_binary
@@ -181,13 +186,17 @@ async def wait_port(port: int, proc: Proc, timeout_s: float = 20.0) -> None:
 class NatsServer:
     """nats-server with JetStream file storage; restarts on the same port and store dir.
 
-    Same configuration as bus.server.EmbeddedNats (sync_interval on purpose).
+    Same configuration as bus.server.EmbeddedNats (sync_interval on purpose);
+    `extra_config` (an `accounts { ... }` block) is appended, as there.
     """
 
-    def __init__(self, run_dir: Path, sync_interval: str = "100ms") -> None:
+    def __init__(self, run_dir: Path, sync_interval: str = "100ms",
+                 extra_config: str = "") -> None:
         self.port = free_port()
         self.store = run_dir / "js"
         self.conf = run_dir / "nats.conf"
+        self.conf.touch(mode=0o600)  # the accounts block holds passwords
+        self.conf.chmod(0o600)
         self.conf.write_text("\n".join([
             "listen: 127.0.0.1:%d" % self.port,
             "max_payload: %d" % (8 << 20),
@@ -195,6 +204,7 @@ class NatsServer:
             '  store_dir: "%s"' % self.store,
             "  sync_interval: %s" % sync_interval,
             "}",
+            extra_config,
             "",
         ]))
         self.proc = Proc("nats-server", [nats_server_binary(), "-c", str(self.conf)],
@@ -222,10 +232,19 @@ class Fleet:
 
     A process may reach the broker through its own URL (a partition proxy,
     tests/chaos/proxy.py): `urls` by process name; the rest use `url`.
+
+    `creds` (tenants.ChaosAuth.creds), when given: each process runs as its own
+    principal (`orchestrator`, `worker-<id>`). Then `worker_ids` are the only
+    ids a worker may have: a new worker takes the next unused one, and once
+    they are used up the id of a worker that is not running.
     """
 
-    def __init__(self, run_dir: Path, url: str, env: dict[str, str], capacity: int) -> None:
+    def __init__(self, run_dir: Path, url: str, env: dict[str, str], capacity: int,
+                 creds: Callable[[str], str] | None = None,
+                 worker_ids: list[str] | None = None) -> None:
         self.dir, self.url, self.env, self.capacity = run_dir, url, env, capacity
+        self.creds = creds
+        self.worker_ids = worker_ids
         self.orchestrators: list[Proc] = []
         self.workers: dict[str, Proc] = {}
         self.retired: list[Proc] = []
@@ -240,6 +259,9 @@ class Fleet:
     def url_of(self, name: str) -> str:
         return self.urls.get(name, self.url)
 
+    def _creds(self, principal: str) -> list[str]:
+        return ["--creds", self.creds(principal)] if self.creds is not None else []
+
     def start_orchestrator(self, url: str | None = None,
                            env: dict[str, str] | None = None) -> Proc:
         i = len(self.orchestrators)
@@ -247,20 +269,35 @@ class Fleet:
         if url is not None:
             self.urls[name] = url
         p = Proc(name, [self._python(), "-m", "cplane.cli", "orchestrator",
-                        "--nats-url", self.url_of(name)], {**self.env, **(env or {})},
-                 self.dir / f"orch{i}.log")
+                        *self._creds("orchestrator"), "--nats-url", self.url_of(name)],
+                 {**self.env, **(env or {})}, self.dir / f"orch{i}.log")
         self.orchestrators.append(p.start())
         return p
 
-    def start_worker(self, worker_id: str | None = None, url: str | None = None) -> Proc:
-        if worker_id is None:
+    def _new_worker_id(self) -> str:
+        if self.worker_ids is None:
             worker_id = f"w{self.next_worker}"
             self.next_worker += 1
+            return worker_id
+        fresh = [w for w in self.worker_ids if w not in self.workers]
+        if fresh:
+            return fresh[0]
+        dead = [w for w in self.worker_ids if not self.workers[w].alive()]
+        if not dead:
+            raise RuntimeError(f"every worker id of the run is in use: {self.worker_ids}")
+        self.note(f"worker ids used up: a new worker reuses {dead[0]}")
+        return dead[0]
+
+    def start_worker(self, worker_id: str | None = None, url: str | None = None) -> Proc:
+        if worker_id is None:
+            worker_id = self._new_worker_id()
         if url is not None and url != self.url:
             self.urls[worker_id] = url
+        else:  # direct (a reused id may have had a proxy before)
+            self.urls.pop(worker_id, None)
         argv = [self._python(), "-m", "cplane.cli", "worker", "--engine", "sim",
-                "--worker-id", worker_id, "--nats-url", self.url_of(worker_id),
-                "--capacity", str(self.capacity)]
+                "--worker-id", worker_id, *self._creds(f"worker-{worker_id}"),
+                "--nats-url", self.url_of(worker_id), "--capacity", str(self.capacity)]
         p = Proc(worker_id, argv, self.env, self.dir / f"worker-{worker_id}.log")
         old = self.workers.get(worker_id)
         if old is not None:

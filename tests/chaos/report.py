@@ -32,12 +32,20 @@ from pathlib import Path
 from typing import Protocol
 
 from tests.chaos.faults import LaneView
-from tests.chaos.ledger import STORE_DONE_PREFIX, Figures, Seen, describe, judge, stream_runs
+from tests.chaos.ledger import (
+    STORE_ALL,
+    STORE_DONE_ALL,
+    Figures,
+    Seen,
+    describe,
+    judge,
+    stream_runs,
+)
 from tests.chaos.load import Publisher
 from tests.chaos.resubmit import Resubmission
+from tests.chaos.tenants import TenantSpy, permission_violations
 
 ARCHIVE = "CHAOS_OUT_ARCHIVE"  # the harness's mirror of LLM_OUT (the books read it)
-STORE_ANY_PREFIX = "llm.s.*.i."  # chunks and terminals as LLM_OUT stores them
 
 
 def _matches(pattern: str, subject: str) -> bool:
@@ -56,6 +64,10 @@ class Outcome:
     figures: Figures
     run_dir: Path
     report: list[str] = field(default_factory=list)
+    # tenant -> terminals of its own requests its spy received (none: the spy saw nothing)
+    spied: dict[str, int] = field(default_factory=dict)
+    # the broker's refusals (tenants.permission_violations): what, how many times
+    permission_violations: dict[str, int] = field(default_factory=dict)
 
 
 class BooksView(LaneView, Protocol):
@@ -65,6 +77,7 @@ class BooksView(LaneView, Protocol):
     t0_wall: float
     faults: list[tuple[float, str]]  # (wall time, what) of each FAULT line logged
     orch_starts: Counter[int]
+    spies: list[TenantSpy]  # one per tenant account (tenants.py)
 
 
 class Books:
@@ -77,6 +90,7 @@ class Books:
         self.pub, self.wproxy, self.oproxy = run.pub, run.wproxy, run.oproxy
         self.faults, self.counts, self.orch_starts = run.faults, run.counts, run.orch_starts
         self.long_hits, self.resubmits = long_hits, resubmits
+        self.spies = run.spies
 
     async def stranded(self) -> int:
         assert self.nc_rec is not None
@@ -219,14 +233,30 @@ class Books:
                        f"terminal: {res}")
         return out
 
+    def _tenant_lines(self, pub: Publisher) -> list[str]:
+        """The tenants' side: requests per tenant, outputs on another tenant's subjects
+        (system side), what each spy saw, and the broker's permission violations."""
+        wrong = sorted(rid for rid, seen in self.rec.tenants.items()
+                       if rid in pub.tenant_of and seen != {pub.tenant_of[rid]})
+        per = Counter(pub.tenant_of[r] for r in pub.accepted if r in pub.tenant_of)
+        denied = permission_violations(self.server.proc.log)
+        return [
+            f"tenants: accepted per tenant {dict(per)}; ids whose outputs came on another "
+            f"tenant's subjects (or none): {len(wrong)} "
+            + " ".join(f"{r}:{sorted(map(str, self.rec.tenants[r]))}" for r in wrong[:5]),
+            *(spy.line() for spy in self.spies),
+            f"permission violations in {self.server.proc.log.name}: {sum(denied.values())}"
+            + "".join(f"\n    {n}x {what}" for what, n in denied.most_common(20)),
+        ]
+
     async def books(self, pub: Publisher, hung: set[str]) -> Outcome:
         assert self.nc_rec is not None
         fig = Figures(refused=pub.refused_total)
         fig.stranded = await self.stranded()
         self.fleet.sample_rss()
         fig.max_rss_mb = self.fleet.max_rss_mb()
-        n_done = await self.rec.replay(self.nc_rec, "LLM_DONE", STORE_DONE_PREFIX + ">")
-        n_out = await self.rec.replay(self.nc_rec, ARCHIVE, STORE_ANY_PREFIX + ">")
+        n_done = await self.rec.replay(self.nc_rec, "LLM_DONE", STORE_DONE_ALL)
+        n_out = await self.rec.replay(self.nc_rec, ARCHIVE, STORE_ALL)
         for rid in list(pub.ambiguous):
             if rid in self.rec.by_id:
                 pub.accepted[rid] = 0.0
@@ -240,6 +270,7 @@ class Books:
         fig.partitions = self.counts["partitions"]
         fig.long_generations = sum(1 for r in pub.long if r in pub.accepted)
         fig.resubmitted = self.counts["resubmitted"]
+        fig.leaks = sum(s.leaks for s in self.spies)
         for rid in pub.accepted:
             judge(fig, rid, self.rec.by_id.get(rid))
         for rid in [*sorted(hung), *silent][:8]:
@@ -264,6 +295,7 @@ class Books:
             f"undecodable: {len(self.rec.undecodable)}; request_id != subject: {self.rec.foreign}",
             f"notes: {self.rec.notes}",
             f"processes that died on their own: {self.fleet.dead_unexpectedly()}",
+            *self._tenant_lines(pub),
             "peak RSS (VmHWM) MB: orchestrators %d, workers %d, nats-server %d" % (
                 max((p.peak_kb for p in self.fleet.orchestrators), default=0) // 1024,
                 max((p.peak_kb for p in self.fleet.all_procs()
@@ -297,4 +329,5 @@ class Books:
                 rep.extend(self._restart_lines(self.rec.by_id.get(rid)))
                 rep.append(self._near_fault(self.rec.by_id.get(rid)))
                 rep.extend(self._grep(rid))
-        return Outcome(fig, self.dir, rep)
+        return Outcome(fig, self.dir, rep, {s.tenant: s.own_outputs["done"] for s in self.spies},
+                       dict(permission_violations(self.server.proc.log)))

@@ -4,9 +4,10 @@ With the duplicate windows of LLM_REQ / LLM_WORK / LLM_OUT / LLM_DONE scaled
 down to `dup_window_s` (10 s), a few finished request ids are published
 again, body and Nats-Msg-Id unchanged, once their window has passed (at 60%
 and when the load is done: faults.py schedules the first batch, the run the
-second). Expected: the stored terminal comes back once on
-`llm.done.i.<id>` (what a README client, subscribed there, waits for),
-nothing else. No terminal within `resubmit_wait_s` counts as `hung`; a
+second), through the tenant that published them first. Expected: the
+stored terminal comes back once on the tenant's `llm.done.i.<id>` (what a
+README client, subscribed there, waits for; `llm.done.<tenant>.i.<id>` where
+the recorder reads it), nothing else. No terminal within `resubmit_wait_s` counts as `hung`; a
 terminal other than the stored one counts in `dup_terminals`.
 """
 

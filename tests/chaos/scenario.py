@@ -6,6 +6,12 @@ fault lanes, drains, reads the books and stops everything (run_chaos). The
 knobs are in config.py, the faults and their schedule in faults.py, the ids
 published again in resubmit.py, the figures and the report in report.py.
 
+Every process is on its own credentials against the multi-tenant
+configuration (tenants.py says who is who): the broker's configuration holds
+the accounts block, the services get `--creds`, the load publishes from the
+tenants' accounts, the recorder reads as the operator, and a spy on each
+tenant account counts what it receives of another tenant (`leaks`).
+
 One worker (whichever holds its slot: a replacement inherits it) and orch1
 reach nats-server only through their own proxy (tests/chaos/proxy.py); every
 other process, and the harness, connect directly.
@@ -31,14 +37,18 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import StorageType, StreamConfig, StreamSource
 
+from cplane.bus.credentials import connect_options
+from cplane.schemas.settings import NatsSettings
 from tests.chaos.config import ChaosConfig
 from tests.chaos.faults import FaultLanes
-from tests.chaos.ledger import DONE_PREFIX, STORE_DONE_PREFIX, Recorder
+from tests.chaos.ledger import Recorder, done_subject
 from tests.chaos.load import Publisher
 from tests.chaos.procs import Fleet, NatsServer
 from tests.chaos.proxy import Proxy
 from tests.chaos.report import ARCHIVE, Books, Outcome
 from tests.chaos.resubmit import Resubmitter
+from tests.chaos.tenants import OPERATOR, ChaosAuth, TenantSpy
+from tests.waiting import subscribed
 
 __all__ = ["ChaosConfig", "Outcome", "Run", "run_chaos"]
 
@@ -50,13 +60,17 @@ class Run:
         self.t0 = time.monotonic()
         self.t0_wall = time.time()
         self._log = open(run_dir / "harness.log", "a", buffering=1)
-        self.server = NatsServer(run_dir)
-        self.fleet = Fleet(run_dir, self.server.url, cfg.service_env(), cfg.capacity)
+        self.auth = ChaosAuth(run_dir, cfg.worker_ids(), cfg.tenants)
+        self.server = NatsServer(run_dir, extra_config=self.auth.accounts)
+        self.fleet = Fleet(run_dir, self.server.url, cfg.service_env(), cfg.capacity,
+                           creds=self.auth.creds, worker_ids=self.auth.worker_ids)
         self.rec = Recorder()
         self.faults: list[tuple[float, str]] = []
         self.counts: Counter[str] = Counter()
-        self.nc_pub: NATS | None = None
-        self.nc_rec: NATS | None = None
+        self.nc_pub: dict[str, NATS] = {}  # the load's connections, by tenant
+        self.nc_spy: dict[str, NATS] = {}  # the spies' connections, by tenant
+        self.spies = [TenantSpy(t, cfg.tenants) for t in cfg.tenants]
+        self.nc_rec: NATS | None = None  # the operator's: recorder, books, look-ups
         self.pub: Publisher | None = None
         self.wproxy: Proxy | None = None  # the proxied worker's link
         self.oproxy: Proxy | None = None  # orch1's link
@@ -69,7 +83,7 @@ class Run:
         if what.startswith("FAULT"):
             self.faults.append((time.time(), what.removeprefix("FAULT ")))
 
-    async def _connect(self, name: str) -> NATS:
+    async def _connect(self, name: str, creds: str) -> NATS:
         async def err(exc: Exception) -> None:
             self.log(f"{name}: nats error {exc!r}")
 
@@ -82,7 +96,8 @@ class Run:
         return await nats.connect(self.server.url, name=name, max_reconnect_attempts=-1,
                                   reconnect_time_wait=0.25, error_cb=err,
                                   disconnected_cb=disc, reconnected_cb=rec,
-                                  pending_size=256 << 20)
+                                  pending_size=256 << 20,
+                                  **connect_options(NatsSettings(creds=creds)))
 
     # -- phases -----------------------------------------------------------
     async def start(self) -> None:
@@ -92,8 +107,16 @@ class Run:
             self.wproxy = await Proxy("proxy-w", self.server.port, self.log).start()
             self.oproxy = await Proxy("proxy-o", self.server.port, self.log).start()
             self.log(f"proxies: worker via {self.wproxy.url}, orch1 via {self.oproxy.url}")
-        self.nc_rec = await self._connect("chaos-rec")
-        self.nc_pub = await self._connect("chaos-pub")
+        self.nc_rec = await self._connect("chaos-rec", self.auth.creds(OPERATOR))
+        for spy in self.spies:
+            nc = await self._connect(f"chaos-spy-{spy.tenant}",
+                                     self.auth.tenant_creds(spy.tenant))
+            await nc.subscribe(">", cb=spy.on_msg, pending_msgs_limit=2_000_000,
+                               pending_bytes_limit=1 << 30)
+            await subscribed(nc)
+            self.nc_spy[spy.tenant] = nc
+        for t in self.cfg.tenants:
+            self.nc_pub[t] = await self._connect(f"chaos-pub-{t}", self.auth.tenant_creds(t))
         beats: set[str] = set()
 
         async def on_hb(msg: Msg) -> None:
@@ -110,7 +133,7 @@ class Run:
         self.log("routers: " + ", ".join(
             f"{p.name}={p.env.get('CPLANE__ORCHESTRATOR__ROUTER')}"
             for p in self.fleet.orchestrators))
-        js = self.nc_pub.jetstream()
+        js = self.nc_rec.jetstream()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             dead = [p for p in self.fleet.all_procs() if not p.alive()]
@@ -157,8 +180,9 @@ class Run:
                 last_look = time.monotonic()
                 for rid in list(missing):
                     try:
-                        m = await js.get_last_msg("LLM_DONE", STORE_DONE_PREFIX + rid)
-                        self.rec.take(DONE_PREFIX + rid, m.data or b"", "stored")
+                        tenant = pub.tenant_of.get(rid)
+                        m = await js.get_last_msg("LLM_DONE", done_subject(tenant, rid, True))
+                        self.rec.take(done_subject(tenant, rid), m.data or b"", "stored")
                     except Exception:
                         pass
                 continue
@@ -172,7 +196,7 @@ class Run:
         for px in (self.wproxy, self.oproxy):
             if px is not None:
                 px.set_pass()
-        for nc in (self.nc_pub, self.nc_rec):
+        for nc in (*self.nc_pub.values(), *self.nc_spy.values(), self.nc_rec):
             if nc is not None and not nc.is_closed:
                 try:
                     await asyncio.wait_for(nc.close(), 5)
@@ -190,7 +214,6 @@ async def run_chaos(cfg: ChaosConfig, run_dir: Path) -> Outcome:
     run = Run(cfg, run_dir)
     try:
         await run.start()
-        assert run.nc_pub is not None
         pub = Publisher(run.nc_pub, cfg.requests, cfg.rate, run.rng, f"{cfg.seed % 100000:05d}",
                         run.log, long_share=cfg.long_share, long_tokens=cfg.long_tokens)
         run.pub = pub

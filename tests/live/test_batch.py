@@ -13,7 +13,7 @@ import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 
-from cplane.bus.provision import ensure_streams
+from cplane.bus.provision import ensure_all
 from cplane.client.batch import InvalidFile, SubmitOptions, cancel_job, publish_lines, start_job
 from cplane.client.batch_collect import Collector, write_results
 from cplane.client.batch_lines import CANCELLED_CODE, LineChecker
@@ -52,6 +52,7 @@ def read_jsonl(path: Path) -> list[dict[str, object]]:
 async def start(nc: NATS, s: Settings, path: Path, **opts: object) -> tuple[JobStore, BatchJob]:
     from cplane.client.batch import validate_file
 
+    await ensure_all(nc.jetstream(), s)  # the stores, as an orchestrator provisions them
     store = await JobStore.open(nc.jetstream(), s)
     checked = validate_file(path, LineChecker(PLACEHOLDER_JOB, limits=s.limits))
     job, again = await start_job(store, path, checked, SubmitOptions(**opts),  # type: ignore[arg-type]
@@ -161,8 +162,7 @@ async def test_no_line_is_published_after_a_cancel(nats_url: str, nc: NATS,
                                                    tmp_path: Path) -> None:
     s = isolated_settings(nats_url)
     src = write_jsonl(tmp_path / "in.jsonl", [chat(f"p{i}", "x") for i in range(50)])
-    await ensure_streams(nc.jetstream(), s)
-    store, job = await start(nc, s, src)
+    store, job = await start(nc, s, src)  # streams and stores, but no orchestrator
     job, _ = await cancel_job(nc, store, s, job.id, wait_s=0.2)  # no publisher answers
     job = await publish_lines(nc.jetstream(), store, s, job.id, src, checkpoint_lines=10)
     assert (job.published, job.publishing_done) == (0, True)

@@ -264,7 +264,9 @@ async def test_full_request_stream_gets_429_and_keys_name_tenants(nats_url: str)
                     return (await js.stream_info(s.streams.req.name)).state.messages == 1
 
                 await until(stored, 15, "the first request stored")
-                msg = await js.get_last_msg(s.streams.req.name, s.subjects.request("normal"))
+                # a key's tenant is in the subject (what the orchestrator trusts)
+                msg = await js.get_last_msg(s.streams.req.name,
+                                            s.subjects.request("normal", tenant="acme"))
                 assert json.loads(msg.data or b"{}")["tenant"] == "acme"
                 r = await http.post("/v1/chat/completions", headers=auth,
                                     json={"messages": CHAT, "stream": True})

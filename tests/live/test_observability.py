@@ -417,7 +417,7 @@ async def test_two_replicas_answer_and_aggregate(nats_url: str) -> None:
             await until(counted, 15, "completions counted")
             m = await cp.get_metrics()
             assert (m.orchestrators, m.leader, m.accepted, m.total) == (2, leader.id, 12, 12)
-            st = await cp.get_request_status(finals[0].request_id)
+            st = await cp.get_request_status(finals[0].request_id, tenant="t0")
             assert st.phase is RequestPhase.COMPLETED
     finally:
         for stop in run.stops.values():

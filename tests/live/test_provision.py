@@ -87,11 +87,11 @@ async def test_ensure_streams_creates_six_streams_idempotently(nats_url: str, nc
     info = await js.stream_info(s.streams.req.name)
     assert info.config.retention == "workqueue" and info.config.discard == "new"
     assert info.config.duplicate_window == 120.0
-    assert sorted(info.config.subjects or []) == sorted(
-        f"{s.subjects.prefix}.req.{p}.*" for p in PRIORITY_NAMES)
+    assert sorted(info.config.subjects or []) == sorted(  # the system's, and tenants'
+        f"{s.subjects.prefix}.req.{t}{p}.*" for p in PRIORITY_NAMES for t in ("", "*."))
     assert (await js.stream_info(s.streams.out.name)).config.storage == "file"
     cancel = (await js.stream_info(s.streams.cancel.name)).config
-    assert cancel.subjects == [f"{s.subjects.prefix}.cancel.*"]
+    assert cancel.subjects == [f"{s.subjects.prefix}.cancel.>"]
     assert cancel.retention == "limits" and cancel.storage == "file"
     assert cancel.max_age == s.streams.cancel.max_age_s
     dlq = (await js.stream_info(s.streams.dlq.name)).config

@@ -21,7 +21,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from cplane.bus.provision import ensure_streams, ensure_work_consumer
+from cplane.bus.provision import ensure_all, ensure_work_consumer
 from cplane.schemas.codec import encode, output_decoder
 from cplane.schemas.messages import (
     DeadLetter,
@@ -175,7 +175,7 @@ async def fleet(nats_url: str, **sections: dict[str, object]) -> AsyncIterator[F
     worker = {**FAST, **sections.pop("worker", {})}
     s = isolated_settings(nats_url, worker=worker, **sections)
     nc = await nats.connect(nats_url)
-    await ensure_streams(nc.jetstream(), s)
+    await ensure_all(nc.jetstream(), s)  # streams and the claims bucket; no orchestrator
     await nc.close()
     f = Fleet(s)
     try:
