@@ -142,7 +142,7 @@ class StoredPublisher:
         if reply_to:
             await nc.publish(reply_to, data, headers=headers)
         await self.publish(subjects.done_store(group, msg.request_id), data,
-                           terminal_msg_id(msg.request_id), headers)
+                           terminal_msg_id(group, msg.request_id), headers)
         self.terminal_stored(subjects, msg)
 
     def terminal_stored(self, subjects: Subjects, msg: Final | ErrorReply) -> None:
@@ -153,9 +153,10 @@ class StoredPublisher:
         self.fins.add(subjects.fin(self.signer or msg.request_id), msg.request_id, ttft)
 
 
-def terminal_msg_id(request_id: str) -> str:
-    """The Nats-Msg-Id of a request's terminal: a repeat within the window is a no-op."""
-    return f"{request_id}:done"
+def terminal_msg_id(group: str, request_id: str) -> str:
+    """The Nats-Msg-Id of a request's terminal: a repeat within the window is a no-op.
+    Scoped like the request (`<tenant>.<id>`): two tenants' ids never dedupe each other."""
+    return f"{Subjects.scoped_id(group, request_id)}:done"
 
 
 def cancelled_final(item: WorkItem, worker_id: str | None = None) -> Final:

@@ -22,7 +22,7 @@ from cplane.bus.outcome import StoredPublisher
 from cplane.schemas.codec import encode, work_decoder
 from cplane.schemas.messages import WorkBatch, WorkItem
 from cplane.schemas.settings import Settings
-from cplane.schemas.subjects import model_target
+from cplane.schemas.subjects import Subjects, model_target
 
 Undecodable = Callable[[Msg, Exception], Awaitable[None]]
 
@@ -69,7 +69,7 @@ async def requeue(js: JetStreamContext, store: StoredPublisher, settings: Settin
                 for item in batch.items:
                     item = msgspec.structs.replace(
                         item, redispatched=item.redispatched or started)
-                    rid = item.request.request_id
+                    rid = Subjects.scoped_id(item.request.group, item.request.request_id)
                     msg_id = (f"{rid}:{item.role.value}:{item.attempt}:{item.next_seq}"
                               f":moved-{worker_id}")
                     subject = settings.subjects.work(item.role, model_target(model_of(item)))

@@ -454,8 +454,13 @@ class Client:
         try:
             # W3C trace context: the caller's, its OpenTelemetry span's, or a new trace.
             handle.traceparent = traceparent or tracing.current() or trace.new()
-            ack = await self.js.publish(subject, data, timeout=timeout, headers={
-                "Nats-Msg-Id": request.request_id, trace.HEADER: handle.traceparent})
+            headers = {trace.HEADER: handle.traceparent}
+            if not self.tenant_view:
+                # LLM_REQ's duplicate window is one for every tenant: a tenant's id as
+                # Nats-Msg-Id could be dropped as another's. The orchestrator dedupes
+                # by (tenant, id) itself (docs/security.md).
+                headers["Nats-Msg-Id"] = request.request_id
+            ack = await self.js.publish(subject, data, timeout=timeout, headers=headers)
         except Exception as exc:
             handle.close()
             mapped = _publish_error(exc, subject)

@@ -52,8 +52,11 @@ class ChunkStream:
         epoch: int = 0,
         gate: asyncio.Event | None = None,
         fence: Fence | None = None,
+        msg_key: str | None = None,
     ) -> None:
         self._publish = publish
+        # Names the chunks' Nats-Msg-Ids: the request scoped by tenant (`<tenant>.<id>`).
+        self._msg_key = msg_key or request_id
         self._subjects = subjects  # output subject, plus reply_to when asked for
         self.request_id = request_id
         self.worker_id = worker_id
@@ -145,7 +148,7 @@ class ChunkStream:
     async def _send(self, seq: int, data: bytes) -> None:
         store, *copies = self._subjects  # the stored subject, then reply_to
         await self._publish(store, data, headers={
-            "Nats-Msg-Id": chunk_msg_id(self.request_id, seq)})
+            "Nats-Msg-Id": chunk_msg_id(self._msg_key, seq)})
         for subject in copies:
             await self._publish(subject, data)
 

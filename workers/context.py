@@ -169,7 +169,7 @@ class ServeContext:
             await ready(None)  # else (the common case) ready as it is
         result = await publish_until_stored(
             self.store, self.subjects.done_store(req.group, req.request_id), data,
-            terminal_msg_id(req.request_id), window_s=window_s, headers=headers,
+            terminal_msg_id(req.group, req.request_id), window_s=window_s, headers=headers,
             still_valid=lambda: not self.nc.is_closed, on_retry=ready, retry_s=_RETRY_S)
         if not result.stored:
             raise NotStored(f"terminal of {req.request_id}: {result.value}")
@@ -252,7 +252,7 @@ class ServeContext:
         is stored once."""
         await fenced(self.fence)
         data = encode(WorkBatch(items=[item]))
-        rid = item.request.request_id
+        rid = self.subjects.scoped_id(item.request.group, item.request.request_id)
         msg_id = f"{rid}:{role.value}:{item.attempt}:{item.next_seq}{tag}"
         subject = self.subjects.work(role, model_target(self.model_of(item)))
         await self.store.publish(subject, data, msg_id)

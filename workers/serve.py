@@ -249,7 +249,7 @@ def _stream(ctx: ServeContext, item: WorkItem) -> ChunkStream:
         ctx.nc.publish, out_subjects, req.request_id, ctx.worker_id,
         next_seq=item.next_seq, max_tokens=ws.chunk_tokens,
         min_interval_s=ws.chunk_interval_ms / 1000, epoch=ctx.epoch, gate=ctx.gate,
-        fence=ctx.fence,
+        fence=ctx.fence, msg_key=ctx.subjects.scoped_id(req.group, req.request_id),
     )
 
 
