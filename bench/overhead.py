@@ -14,7 +14,12 @@ It prints (b)/(a), and, when ../shared/bench/run_ceiling.sh exists (or
 --ceiling-script is given), runs the raw-nats-py pipeline ceiling in the same
 session and prints (b) against it.
 
-    python bench/overhead.py [--requests 20000] [--workers 2] [--json out.json]
+With --auth the server runs the multi-tenant accounts (`cplane up --auth`,
+docs/security.md): every service on its own credentials and the load
+generator a tenant, so its requests and outputs cross the server's subject
+mapping and every permission check.
+
+    python bench/overhead.py [--requests 20000] [--workers 2] [--auth] [--json out.json]
 """
 
 from __future__ import annotations
@@ -44,14 +49,18 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cplane.bus.provision import ensure_streams  # noqa: E402
+from cplane.bus.provision import ensure_all  # noqa: E402
 from cplane.bus.server import EmbeddedNats  # noqa: E402
 from cplane.schemas.codec import encode  # noqa: E402
 from cplane.schemas.messages import Request  # noqa: E402
-from cplane.schemas.settings import load_settings  # noqa: E402
+from cplane.schemas.settings import NatsSettings, load_settings  # noqa: E402
 
 console = Console()
 PROMPT = "hello world " * 4
+# --auth: how the load generator ("client", a tenant) and the setup ("admin", the
+# operator) connect, and each service's --creds file.
+CONNECT: dict[str, dict[str, object]] = {"client": {}, "admin": {}}
+CREDS: dict[str, str] = {}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -63,7 +72,7 @@ def pct(values: list[float], q: float) -> float:
 
 async def raw_publish_rate(url: str, n: int) -> float:
     """(a): publish_async of 200-byte messages to a scratch WorkQueue stream."""
-    nc = await nats.connect(url)
+    nc = await nats.connect(url, **CONNECT["admin"])  # type: ignore[arg-type]
     js = nc.jetstream(publish_async_max_pending=4000)
     await js.add_stream(name="BENCH_RAW", subjects=["bench.raw"], retention="workqueue")
     body = b"x" * 200
@@ -87,7 +96,8 @@ def body(rid: str, max_tokens: int) -> bytes:
 
 async def saturation(url: str, n: int, max_tokens: int, tag: str) -> float:
     """(b): publish n requests as fast as JetStream takes them; count Finals."""
-    nc = await nats.connect(url, pending_size=64 * 1024 * 1024)
+    nc = await nats.connect(url, pending_size=64 * 1024 * 1024,
+                            **CONNECT["client"])  # type: ignore[arg-type]
     js = nc.jetstream(publish_async_max_pending=4000)
     got = 0
     done = asyncio.Event()
@@ -163,7 +173,8 @@ async def latency(url: str, rate: float, duration_s: float, max_tokens: int, tag
     gc.collect()
     gc.freeze()
     rng = random.Random(seed)
-    nc = await nats.connect(url, pending_size=64 * 1024 * 1024)
+    nc = await nats.connect(url, pending_size=64 * 1024 * 1024,
+                            **CONNECT["client"])  # type: ignore[arg-type]
     js = nc.jetstream(publish_async_max_pending=4000)
     sent: dict[str, float] = {}
     first: dict[str, float] = {}
@@ -202,12 +213,16 @@ async def latency(url: str, rate: float, duration_s: float, max_tokens: int, tag
 def start_services(url: str, workers: int, capacity: int) -> list[subprocess.Popen[bytes]]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     cli = [sys.executable, "-m", "cplane.cli"]
-    procs = [subprocess.Popen([*cli, "orchestrator", "--nats-url", url], env=env, cwd=ROOT,
+    def creds(name: str) -> list[str]:
+        return ["--creds", CREDS[name]] if name in CREDS else []
+
+    procs = [subprocess.Popen([*cli, "orchestrator", "--nats-url", url,
+                               *creds("orchestrator")], env=env, cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     for i in range(workers):
         procs.append(subprocess.Popen(
             [*cli, "worker", "--nats-url", url, "--zero-cost", "--capacity", str(capacity),
-             "--worker-id", f"bench-{i}"],
+             "--worker-id", f"bench-{i}", *creds(f"worker-bench-{i}")],
             env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         ))
     return procs
@@ -223,15 +238,16 @@ def run_ceiling(script: Path, n: int) -> dict[int, float]:
 
 async def measure(args: argparse.Namespace, url: str) -> dict[str, object]:
     settings = load_settings(env={}, nats={"url": url})
-    nc = await nats.connect(url)
-    await ensure_streams(nc.jetstream(), settings)
+    nc = await nats.connect(url, **CONNECT["admin"])  # type: ignore[arg-type]
+    await ensure_all(nc.jetstream(), settings)
     await nc.close()
     raw = await raw_publish_rate(url, args.requests)
     procs = start_services(url, args.workers, args.capacity)
     try:
         from cplane.stack import wait_for_workers
 
-        await wait_for_workers(url, args.workers, 60)
+        await wait_for_workers(url, args.workers, 60, nats_settings=NatsSettings(
+            creds=CREDS.get("operator")))
         await asyncio.sleep(1.5)  # orchestrator sees heartbeats
         await saturation(url, 2000, args.max_tokens, "warm")
         rates = [await saturation(url, args.requests, args.max_tokens, f"s{i}-")
@@ -256,8 +272,21 @@ def main() -> None:
     ap.add_argument("--latency-s", type=float, default=10.0)
     ap.add_argument("--ceiling-script", default=str(ROOT.parent / "shared/bench/run_ceiling.sh"))
     ap.add_argument("--json", default=None, help="write the figures here")
+    ap.add_argument("--auth", action="store_true",
+                    help="multi-tenant accounts; the load generator is a tenant")
     args = ap.parse_args()
-    with EmbeddedNats() as server:
+    extra = ""
+    if args.auth:
+        from cplane.auth_setup import AuthSetup
+
+        auth = AuthSetup.create([f"bench-{i}" for i in range(args.workers)], ["bench"],
+                                gateway=False)
+        extra = auth.config(load_settings(env={}))
+        CREDS.update(auth.files)
+        for role, name in (("client", "tenant-bench"), ("admin", "operator")):
+            p = next(p for p in auth.principals if p.name == name)
+            CONNECT[role] = {"user": p.name, "password": p.password}
+    with EmbeddedNats(extra_config=extra) as server:
         res = uvloop.run(measure(args, server.url))
     script = Path(args.ceiling_script)
     if script.exists():
@@ -275,7 +304,8 @@ def settings_line(args: argparse.Namespace) -> str:
     """What the run was: printed with the figures and stored in the JSON."""
     return (f"{args.workers} zero-cost sim workers x capacity {args.capacity}, "
             f"{args.max_tokens} tokens/request, {args.requests} requests x {args.rounds} "
-            f"rounds, latency at 50 % for {args.latency_s:g} s, {os.cpu_count()} cores")
+            f"rounds, latency at 50 % for {args.latency_s:g} s, {os.cpu_count()} cores"
+            + (", multi-tenant (--auth)" if args.auth else ""))
 
 
 def show(res: dict[str, object], args: argparse.Namespace) -> None:

@@ -65,7 +65,7 @@ from cplane.orchestrator.rescue import ORPHAN_SWEEP_S, rescue_orphans, rescue_qu
 from cplane.orchestrator.runtime_config import PolicySwitch, policy_order
 from cplane.orchestrator.snapshot import PoolKey
 from cplane.orchestrator.stats import OrchestratorStats
-from cplane.orchestrator.tenancy import TenantGate
+from cplane.orchestrator.tenancy import TenantGate, known_in_scope
 from cplane.schemas import trace
 from cplane.schemas.codec import encode
 from cplane.schemas.messages import (
@@ -77,7 +77,7 @@ from cplane.schemas.messages import (
     WorkItem,
 )
 from cplane.schemas.settings import Settings
-from cplane.schemas.subjects import Subjects, consumer_for_priority, tenant_of, valid_token
+from cplane.schemas.subjects import consumer_for_priority, valid_token
 
 log = logging.getLogger("cplane.orchestrator")
 _PUBLISH_RETRY_S = 0.5
@@ -288,10 +288,9 @@ class Orchestrator:
         held: Entry[WorkItem] | None = None
         seen = False
         if leading and deliveries <= o.max_deliveries:
-            admitted, held = self._tenants.admit(
+            admitted, held, seen = self._tenants.admit(
                 msg.subject, msg.data, stored, now_ms(), deliveries, self.id, self.core.ledger.get,
-                self.core.state.active)
-            seen = isinstance(admitted, WorkItem) and scoped_key(admitted.request) in self._seen
+                self.core.state.active, self._seen)
         action = classify(
             leading=leading, deliveries=deliveries, max_deliveries=o.max_deliveries,
             admitted=admitted, seq=seq, held_seq=held.seq if held is not None else None,
@@ -351,11 +350,7 @@ class Orchestrator:
                      seq=seq, msg=msg)
 
     def _known(self, request_id: str, group: str) -> bool:
-        """A live or recently finished request of that scope: a rejection must not become
-        its terminal."""
-        e = self.ledger.get(request_id)
-        return (e is not None and tenant_of(e.item.request.group) == tenant_of(group)) or (
-            Subjects.scoped_id(group, request_id) in self._seen)
+        return known_in_scope(self.ledger.get(request_id), self._seen, request_id, group)
 
     async def _recheck(self, entry: Entry[WorkItem]) -> None:
         found = await recheck(self._js, self.settings, entry.item.request)

@@ -12,16 +12,24 @@ the caller passes in.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
 
-from cplane.orchestrator.intake import Rejection, admit
+from cplane.orchestrator.intake import Rejection, admit, scoped_key
 from cplane.orchestrator.ledger import Entry
 from cplane.schemas.messages import ErrorCode, WorkItem
 from cplane.schemas.settings import LimitsSettings, OrchestratorSettings, TenantPolicy
 from cplane.schemas.subjects import Subjects, tenant_of
 
 MAX_BUCKETS = 100_000  # tenants with a rate bucket kept (beyond: the oldest are dropped)
+
+
+def known_in_scope(entry: Entry[WorkItem] | None, seen: Container[str], request_id: str,
+                   group: str) -> bool:
+    """A live (`entry`, the ledger's under this id) or recently finished request of the
+    scope of `group`: a rejection published there must not become its terminal."""
+    return (entry is not None and tenant_of(entry.item.request.group) == tenant_of(group)) or (
+        Subjects.scoped_id(group, request_id) in seen)
 
 
 @dataclass(slots=True)
@@ -39,23 +47,24 @@ class TenantGate:
 
     def admit(self, subject: str, data: bytes, stored_ms: float, now_ms: float,
               deliveries: int, orchestrator_id: str,
-              held_of: Callable[[str], Entry[WorkItem] | None],
-              in_flight: Mapping[str, int]) -> tuple[WorkItem | Rejection, Entry[WorkItem] | None]:
+              held_of: Callable[[str], Entry[WorkItem] | None], in_flight: Mapping[str, int],
+              seen: Container[str]) -> tuple[WorkItem | Rejection, Entry[WorkItem] | None, bool]:
         """`intake.admit` with the subject's tenant and its ceilings, then `check`;
-        returns the answer and the ledger's entry under its id (None if refused)."""
+        returns the answer, the ledger's entry under its id (None if refused) and
+        whether its scoped id is in `seen` (dispatched or finished recently)."""
         prio, slo = self.subjects.parse_request(subject)
         tenant = self.subjects.tenant_of_request(subject)
         admitted = admit(data, prio, slo, stored_ms, now_ms, orchestrator_id, self.limits,
                          tenant, self.policy(tenant))
         if not isinstance(admitted, WorkItem):
-            return admitted, None
+            return admitted, None, False
         held = held_of(admitted.request.request_id)
-        if tenant is None:
-            return admitted, held
-        refused = self.check(admitted, held_group=held.item.request.group if held else None,
-                             in_flight=in_flight.get(tenant, 0), new=deliveries == 1,
-                             now_s=time.monotonic())
-        return (admitted, held) if refused is None else (refused, None)
+        refused = None if tenant is None else self.check(
+            admitted, held_group=held.item.request.group if held else None,
+            in_flight=in_flight.get(tenant, 0), new=deliveries == 1, now_s=time.monotonic())
+        if refused is not None:
+            return refused, None, False
+        return admitted, held, scoped_key(admitted.request) in seen
 
     def policy(self, tenant: str | None) -> TenantPolicy:
         if tenant is None:

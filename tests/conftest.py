@@ -23,7 +23,7 @@ from tests.vllm_fixtures import *  # noqa: F403 - session engines shared by ever
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 _TESTS = Path(__file__).resolve().parent
-FOLDER_MARKERS = ("unit", "live", "vllm", "chaos")
+FOLDER_MARKERS = ("unit", "live", "vllm", "chaos", "security")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

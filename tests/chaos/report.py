@@ -66,7 +66,7 @@ class Outcome:
     report: list[str] = field(default_factory=list)
     # tenant -> terminals of its own requests its spy received (none: the spy saw nothing)
     spied: dict[str, int] = field(default_factory=dict)
-    # the broker's refusals (tenants.permission_violations): what, how many times
+    # the broker's refusals but those by design (tenants.permission_violations): what, how often
     permission_violations: dict[str, int] = field(default_factory=dict)
 
 
@@ -239,7 +239,7 @@ class Books:
         wrong = sorted(rid for rid, seen in self.rec.tenants.items()
                        if rid in pub.tenant_of and seen != {pub.tenant_of[rid]})
         per = Counter(pub.tenant_of[r] for r in pub.accepted if r in pub.tenant_of)
-        denied = permission_violations(self.server.proc.log)
+        denied, by_design = permission_violations(self.server.proc.log)
         return [
             f"tenants: accepted per tenant {dict(per)}; ids whose outputs came on another "
             f"tenant's subjects (or none): {len(wrong)} "
@@ -247,6 +247,9 @@ class Books:
             *(spy.line() for spy in self.spies),
             f"permission violations in {self.server.proc.log.name}: {sum(denied.values())}"
             + "".join(f"\n    {n}x {what}" for what, n in denied.most_common(20)),
+            f"refused by design (a worker's try to create a missing stream: "
+            f"bus/streams_ready.py): {sum(by_design.values())}"
+            + "".join(f"\n    {n}x {what}" for what, n in by_design.most_common(5)),
         ]
 
     async def books(self, pub: Publisher, hung: set[str]) -> Outcome:
@@ -330,4 +333,4 @@ class Books:
                 rep.append(self._near_fault(self.rec.by_id.get(rid)))
                 rep.extend(self._grep(rid))
         return Outcome(fig, self.dir, rep, {s.tenant: s.own_outputs["done"] for s in self.spies},
-                       dict(permission_violations(self.server.proc.log)))
+                       dict(permission_violations(self.server.proc.log)[0]))
