@@ -80,6 +80,7 @@ class SubmitOptions:
     slo_class: str = "batch"
     skip_invalid: bool = False
     job_id: str = ""  # "" = derived from the content and these options
+    tenant: str | None = None  # the lines are this tenant's requests (schemas/batch.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +134,7 @@ async def start_job(store: JobStore, path: Path, checked: Checked, opts: SubmitO
     t = now_ms()
     job = BatchJob(id=job_id, state=JobState.VALIDATING, input_file=path.name,
                    model=opts.model, priority=opts.priority, slo_class=opts.slo_class,
-                   max_request_bytes=max_request_bytes, total=checked.valid,
+                   tenant=opts.tenant, max_request_bytes=max_request_bytes, total=checked.valid,
                    invalid=len(checked.errors), created_ms=t, updated_ms=t)
     if not await store.create(job):
         return await store.require(job_id), on_resubmit(await store.require(job_id))
@@ -174,7 +175,7 @@ async def publish_lines(js: JetStreamContext, store: JobStore, settings: Setting
         return await store.update(job_id, lambda j: j if j.publishing_done else
                                   msgspec.structs.replace(j, publishing_done=True))
     checker = checker_for(job, settings)
-    subject = settings.subjects.request(job.priority, job.slo_class)
+    subject = settings.subjects.request(job.priority, job.slo_class, job.tenant)
     prio = Priority(job.priority)
     start = job.published  # lines out before (a resumed submit)
     published, seen, stopped, last_checkpoint = start, 0, False, start
@@ -208,7 +209,7 @@ async def publish_lines(js: JetStreamContext, store: JobStore, settings: Setting
         if seen <= start:
             continue
         req = msgspec.structs.replace(v.request, priority=prio, slo_class=job.slo_class,
-                                      created_ms=now_ms())
+                                      created_ms=now_ms(), tenant=job.tenant)
         window.append((encode(req), req.request_id))
         if len(window) >= min(WINDOW, checkpoint_lines):
             await send()
@@ -254,7 +255,8 @@ async def cancel_job(nc: NATS, store: JobStore, settings: Settings, job_id: str,
                 break
             v = checker.check(raw, n)
             if not isinstance(v, LineError):
-                await nc.publish(settings.subjects.cancel(v.request.request_id), b"")
+                await nc.publish(settings.subjects.cancel(v.request.request_id, job.tenant),
+                                 b"")
                 sent += 1
     await nc.flush()
     return job, sent

@@ -52,6 +52,7 @@ from cplane.schemas.batch import BatchJob, JobState
 from cplane.schemas.codec import final_decoder
 from cplane.schemas.messages import ErrorReply, Final
 from cplane.schemas.settings import Settings
+from cplane.schemas.subjects import scoped
 
 log = logging.getLogger("cplane.batch")
 ACK_WAIT_S = 5.0  # a dead collector's unacked terminals come back after this
@@ -145,7 +146,8 @@ class Collector:
         stream = self.settings.streams.done.name
         cfg = ConsumerConfig(
             durable_name=consumer_name(self.job_id),
-            filter_subject=self.settings.subjects.done_store_of(self.job_id),
+            filter_subject=self.settings.subjects.done_store_of(
+                scoped(self.state.job.tenant, self.job_id)),
             deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT,
             ack_wait=self.ack_wait_s, max_ack_pending=4 * PART_LINES, max_deliver=-1,
             inactive_threshold=CONSUMER_IDLE_S)

@@ -226,7 +226,7 @@ class BatchApi:
             path = tmp / "input.jsonl"
             with path.open("wb") as fh:
                 await store.obs.get(bm.FILES_PREFIX + body.input_file_id, writeinto=fh)
-            job = await self._start(store, path, job_id)
+            job = await self._start(store, path, job_id, owner)
         except (InvalidFile, NotFoundError) as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             await _forget(store, job_id)
@@ -241,12 +241,13 @@ class BatchApi:
         task.add_done_callback(self._jobs.discard)
         return _json(bm.batch_object(job, meta, output_ready=False, errors_ready=False))
 
-    async def _start(self, store: JobStore, path: Path, job_id: str) -> BatchJob:
+    async def _start(self, store: JobStore, path: Path, job_id: str, owner: str) -> BatchJob:
         nc = self.client.nc
         checker = LineChecker(PLACEHOLDER_JOB, limits=self.settings.limits,
                               max_bytes=nc.max_payload)
         checked = await asyncio.to_thread(validate_file, path, checker)
-        job, _ = await start_job(store, path, checked, SubmitOptions(job_id=job_id),
+        job, _ = await start_job(store, path, checked,
+                                 SubmitOptions(job_id=job_id, tenant=owner or None),
                                  nc.max_payload)
         return job
 

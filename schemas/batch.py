@@ -94,6 +94,9 @@ class BatchJob(Base, frozen=True, kw_only=True):
     model: str = ""  # --model override ("" = each line's body.model)
     priority: str = "background"
     slo_class: str = "batch"
+    # Whose requests these are (the gateway: its API key's tenant): published on that
+    # tenant's subjects, so its ceilings, fairness and metrics count them; None = none.
+    tenant: str | None = None
     # Lines whose Request encoded above this were refused (the server's max_payload at
     # submit): kept so that reading the input again classifies every line the same way.
     max_request_bytes: int = 1 << 20

@@ -24,11 +24,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cplane.bus.accounts import Principal, inbox_prefix, render_accounts
+from cplane.schemas.messages import PRIORITIES
 
 HERE = Path(__file__).resolve().parent
 TARGET = HERE / "accounts.conf"
 DEFAULT_WORKERS = ("w0", "w1", "w2", "w3")
 DEFAULT_TENANTS = ("a", "b")
+MAX_FILE, MAX_MEM = "50G", "2G"
+PRIORITY_NAMES = frozenset(p.value for p in PRIORITIES)
 _VAR = re.compile(r"[A-Z0-9_]+")
 
 
@@ -47,6 +50,9 @@ def principals(workers: Sequence[str] = DEFAULT_WORKERS,
     def p(name: str, role: str, **kw: str) -> Principal:
         return Principal(name, role, password_var(name), **kw)
 
+    for t in tenants:  # `llm.req.<priority>.<slo>` would read as the system's own request
+        if t in PRIORITY_NAMES:
+            raise ValueError(f"tenant {t!r} is a priority's name: choose another")
     ps = [p("orchestrator", "orchestrator"), p("operator", "operator"), p("gateway", "gateway")]
     ps += [p(f"worker-{w}", "worker", worker_id=w) for w in workers]
     ps += [p(f"tenant-{t}", "tenant", tenant=t) for t in tenants]
@@ -79,7 +85,9 @@ def _header(ps: list[Principal]) -> str:
 # An include fragment: uncomment `include ./accounts.conf` in single.conf (or
 # `include ../accounts.conf` in each cluster node's file). Subjects, stream and
 # bucket names are cplane's defaults (nats.prefix = "llm", LLM_* streams, KV
-# llm_*): render again if cplane.toml changes them.
+# llm_*): render again if cplane.toml changes them. Account CPLANE's JetStream
+# limits ({MAX_MEM} memory, {MAX_FILE} file) must not exceed the server's
+# max_memory_store / max_file_store, or JetStream does not start.
 #
 # Passwords are not in this file: each `$CPLANE_<NAME>_PASSWORD` below is read
 # from the server's environment when it starts, and the server refuses to
@@ -122,7 +130,10 @@ def render(workers: Sequence[str] = DEFAULT_WORKERS,
            tenants: Sequence[str] = DEFAULT_TENANTS) -> str:
     """The whole file: the header, then bus/accounts.py's `accounts { ... }` block."""
     ps = principals(workers, tenants)
-    return _header(ps) + "\n" + render_accounts(ps)
+    # JetStream limits of account CPLANE: at most the server's own (single.conf and the
+    # cluster nodes: max_memory_store 2GB, max_file_store 50GB), or JetStream fails to
+    # start ("insufficient storage resources").
+    return _header(ps) + "\n" + render_accounts(ps, max_file=MAX_FILE, max_mem=MAX_MEM)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
