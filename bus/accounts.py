@@ -28,10 +28,12 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from cplane.schemas.messages import PRIORITIES
 from cplane.schemas.settings import StreamsSettings
 from cplane.schemas.subjects import Subjects, valid_token
 
 ROLES = ("tenant", "operator", "worker", "orchestrator", "gateway")
+_PRIORITY_NAMES = frozenset(p.value for p in PRIORITIES)
 SYSTEM_ACCOUNT = "CPLANE"
 
 
@@ -51,6 +53,9 @@ class Principal:
             raise ValueError(f"unknown role {self.role!r}: one of {ROLES}")
         if self.role == "tenant" and not (self.tenant and _name_ok(self.tenant)):
             raise ValueError(f"tenant name {self.tenant!r}: letters, digits, '_' and '-' only")
+        if self.role == "tenant" and self.tenant in _PRIORITY_NAMES:
+            raise ValueError(f"tenant name {self.tenant!r} is a priority name: its subjects "
+                             "would read as the system's")
         if self.role == "worker" and not (self.worker_id and valid_token(self.worker_id)):
             raise ValueError(f"worker id {self.worker_id!r} is not a subject token")
 
@@ -97,6 +102,12 @@ def inbox_prefix(p: Principal) -> str:
     return _inbox(p)[:-2]
 
 
+# A request's reply_to (limits.reply_to_prefixes: `_INBOX.`): the orchestrator and
+# workers answer there too. Tenants may not set one; the system's own users answer
+# on `_INBOX_<user>.`, which no reply_to can name.
+_REPLY_TO = "_INBOX.>"
+
+
 def _system_user(p: Principal, s: Subjects, st: StreamsSettings) -> str:
     pre, ib = s.prefix, _inbox(p)
     never = [f"$JS.API.STREAM.DELETE.{x}" for x in _streams(s, st)]
@@ -104,8 +115,10 @@ def _system_user(p: Principal, s: Subjects, st: StreamsSettings) -> str:
         return _user(p, [
             "$JS.API.>", f"$JS.ACK.{st.req.name}.>", f"$JS.ACK.{st.work.name}.>", "$JS.FC.>",
             f"$KV.{s.leases_bucket}.>", f"$KV.{s.config_bucket}.>", f"{pre}.work.>",
-            f"{pre}.s.done.>", f"{pre}.dlq.>", f"{pre}.admin.heartbeat", f"{pre}.fin.*",
-            f"{pre}.admin.kv.*", ib,
+            # llm.done: a stored terminal sent again to a later copy of its request
+            # (bus/outcome.py send_again); never a reader's only copy of it
+            f"{pre}.s.done.>", f"{pre}.done.>", f"{pre}.dlq.>", f"{pre}.admin.heartbeat",
+            f"{pre}.fin.*", f"{pre}.admin.kv.*", ib, _REPLY_TO,
         ], [ib, f"{pre}.hb.*", f"{pre}.fin.*", f"{pre}.cancel.>", f"{pre}.kv.*",
             f"{pre}.admin.policy", f"{pre}.admin.breakers", f"{pre}.admin.status",
             f"{pre}.admin.metrics", f"{pre}.admin.instances", f"{pre}.admin.request"],
@@ -122,23 +135,35 @@ def _system_user(p: Principal, s: Subjects, st: StreamsSettings) -> str:
             f"$JS.API.CONSUMER.CREATE.{st.cancel.name}.>",
             f"$JS.API.CONSUMER.DELETE.{st.cancel.name}.>",
             f"$JS.ACK.{work}.>", "$JS.FC.>", f"$KV.{s.prefix}_claims.>",
-            f"{pre}.s.out.>", f"{pre}.s.done.>", f"{pre}.work.>", f"{pre}.dlq.>",
-            f"{pre}.hb.{w}", f"{pre}.fin.{w}", f"{pre}.kv.{w}", ib,
+            f"{pre}.s.out.>", f"{pre}.s.done.>", f"{pre}.done.>", f"{pre}.work.>", f"{pre}.dlq.>",
+            f"{pre}.hb.{w}", f"{pre}.fin.{w}", f"{pre}.kv.{w}", ib, _REPLY_TO,
         ], [ib, f"{pre}.cancel.>", f"{pre}.admin.heartbeat", f"{pre}.hb.*",
             f"{pre}.admin.kv.{w}", f"{pre}.admin.metrics", f"{pre}.admin.instance.{w}",
             f"{pre}.admin.request"])
     if p.role == "gateway":
         return _user(p, [
-            "$JS.API.>", f"$JS.ACK.{st.done.name}.>", "$JS.FC.>", f"{pre}.req.>",
+            *_gateway_api(s, st), f"$JS.ACK.{st.done.name}.>", "$JS.FC.>", f"{pre}.req.>",
             f"{pre}.cancel.>", f"{pre}.admin.heartbeat", f"$KV.{s.batch_jobs_bucket}.>",
             f"$O.{s.batch_files_bucket}.>", ib,
-        ], [ib, f"{pre}.out.>", f"{pre}.done.>", f"{pre}.hb.*"],
-            [*never, "$JS.API.STREAM.CREATE.>", "$JS.API.STREAM.UPDATE.>",
-             f"$JS.API.STREAM.PURGE.{st.req.name}", f"$JS.API.STREAM.PURGE.{st.out.name}",
-             f"$JS.API.STREAM.PURGE.{st.done.name}", f"$JS.API.CONSUMER.CREATE.{st.req.name}.>",
-             f"$JS.API.CONSUMER.CREATE.{st.work.name}.>"])
+        ], [ib, f"{pre}.*.>"])  # its SDK reads `llm.*.<group>.<id>` (chunks and terminal)
     # operator: the whole system account (it is the administrator), on its own inboxes
     return f"      {{ user: {json.dumps(p.name)}, password: {_secret(p.password)} }}"
+
+
+def _gateway_api(s: Subjects, st: StreamsSettings) -> list[str]:
+    """The JetStream API the gateway uses: the batch stores (KV and object store), its
+    collectors' consumers on LLM_DONE, and the SDK's reads of LLM_OUT / LLM_DONE. No
+    stream create, update, delete or purge but the object store's own chunk purges."""
+    obj, kv = f"OBJ_{s.batch_files_bucket}", f"KV_{s.batch_jobs_bucket}"
+    readable = (st.done.name, st.out.name, kv, obj)
+    return ["$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.INFO.*",
+            "$JS.API.STREAM.MSG.GET.*",
+            "$JS.API.DIRECT.GET.>", f"$JS.API.STREAM.PURGE.{obj}",
+            f"$JS.API.CONSUMER.DURABLE.CREATE.{st.done.name}.>",
+            f"$JS.API.CONSUMER.MSG.NEXT.{st.done.name}.>",
+            *(f"$JS.API.CONSUMER.{verb}.{x}{tail}" for x in readable
+              for verb, tail in (("CREATE", ""), ("CREATE", ".>"), ("INFO", ".>"),
+                                 ("DELETE", ".>")))]
 
 
 def _streams(s: Subjects, st: StreamsSettings) -> list[str]:
@@ -150,7 +175,7 @@ def _streams(s: Subjects, st: StreamsSettings) -> list[str]:
 def _tenant_exports(t: str, s: Subjects, st: StreamsSettings) -> list[str]:
     pre, acc = s.prefix, f"T_{t}"
     return [
-        f'      {{ service: "{pre}.req.{t}.>", accounts: [{acc}] }}',
+        f'      {{ service: "{pre}.req.{t}.*.*", accounts: [{acc}] }}',
         f'      {{ service: "{pre}.cancel.{t}.>", accounts: [{acc}] }}',
         f'      {{ stream: "{pre}.out.{t}.>", accounts: [{acc}] }}',
         f'      {{ stream: "{pre}.done.{t}.>", accounts: [{acc}] }}',
@@ -162,7 +187,10 @@ def _tenant_exports(t: str, s: Subjects, st: StreamsSettings) -> list[str]:
 def _tenant_account(t: str, users: list[Principal], s: Subjects, st: StreamsSettings) -> str:
     pre, sys_acc, done = s.prefix, SYSTEM_ACCOUNT, st.done.name
     imports = [
-        f'{{ service: {{ account: {sys_acc}, subject: "{pre}.req.{t}.>" }}, to: "{pre}.req.>" }}',
+        # exactly `<priority>.<slo>`: any other shape maps to nothing (never to a
+        # subject of the system's own, as `llm.req.x` -> `llm.req.<t>.x` would)
+        f'{{ service: {{ account: {sys_acc}, subject: "{pre}.req.{t}.*.*" }}, '
+        f'to: "{pre}.req.*.*" }}',
         f'{{ service: {{ account: {sys_acc}, subject: "{pre}.cancel.{t}.>" }}, '
         f'to: "{pre}.cancel.>" }}',
         f'{{ stream: {{ account: {sys_acc}, subject: "{pre}.out.{t}.>" }}, to: "{pre}.out.>" }}',

@@ -328,6 +328,8 @@ _STATUS: dict[ErrorCode, tuple[int, str]] = {
     ErrorCode.UNKNOWN_MODEL: (404, "NotFoundError"),
     ErrorCode.OVER_BUDGET: (402, "over_budget"),
     ErrorCode.OVERLOADED: (429, "rate_limit_error"),
+    ErrorCode.RATE_LIMITED: (429, "rate_limit_error"),  # the tenant's rate or in-flight cap
+    ErrorCode.FORBIDDEN: (403, "permission_error"),  # e.g. above the tenant's priority ceiling
     ErrorCode.MODEL_UNAVAILABLE: (503, "service_unavailable"),
     ErrorCode.WORKER_FAILED: (503, "service_unavailable"),
 }

@@ -39,8 +39,7 @@ max_rps = 1.0
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     cfg = Path(tmp_path_factory.mktemp("tenants")) / "cplane.toml"
     cfg.write_text(CONFIG)
-    s = Stack(StackSpec(config=str(cfg), workers=1, auth=True, tenants=["a", "b", "c"],
-                        gateway=False))
+    s = Stack(StackSpec(config=str(cfg), workers=1, auth=True, tenants=["a", "b", "c"]))
     s.start(timeout_s=120)
     try:
         yield s
@@ -297,3 +296,24 @@ async def test_a_tenants_sdk_finds_its_own_answer_after_a_reconnect(stack: Stack
             await later.close()
     finally:
         await client.close()
+
+
+async def test_the_gateway_acts_for_a_key_as_its_tenant(stack: Stack) -> None:
+    """Through the gateway (its own user), a key's requests are its tenant's: served, and
+    held to that tenant's ceilings by the orchestrator (403, never a downgrade)."""
+    import httpx
+
+    assert stack.auth is not None and stack.gateway_url
+    keys = {t: k for k, t in stack.auth.api_keys.items()}
+    async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=30) as http:
+        ok = await http.post("/v1/completions", json={"model": "sim", "prompt": "hi",
+                                                      "max_tokens": 3},
+                             headers={"Authorization": f"Bearer {keys['a']}"})
+        assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length"
+        over = await http.post("/v1/completions", json={"model": "sim", "prompt": "hi",
+                                                        "max_tokens": 3},
+                               headers={"Authorization": f"Bearer {keys['a']}",
+                                        "x-priority": "critical"})
+        assert over.status_code == 403 and "ceiling" in over.json()["error"]["message"]
+        assert (await http.post("/v1/completions", json={"model": "sim", "prompt": "hi"},
+                                headers={"x-priority": "critical"})).status_code == 401
