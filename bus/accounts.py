@@ -83,12 +83,14 @@ def _secret(password: str) -> str:
 
 
 def _user(p: Principal, publish: list[str], subscribe: list[str],
-          deny_publish: list[str] | None = None) -> str:
+          deny_publish: list[str] | None = None, deny_subscribe: list[str] | None = None) -> str:
     pub = f"allow: {_q(publish)}" + (f", deny: {_q(deny_publish)}" if deny_publish else "")
+    sub = f"allow: {_q(subscribe)}" + (f", deny: {_q(deny_subscribe)}" if deny_subscribe
+                                        else "")
     # allow_responses: it may answer the requests it receives, on the asker's inbox
     return (f"      {{ user: {json.dumps(p.name)}, password: {_secret(p.password)},\n"
             f"        permissions: {{ publish: {{ {pub} }},\n"
-            f"                       subscribe: {{ allow: {_q(subscribe)} }},\n"
+            f"                       subscribe: {{ {sub} }},\n"
             f"                       allow_responses: true }} }}")
 
 
@@ -145,7 +147,9 @@ def _system_user(p: Principal, s: Subjects, st: StreamsSettings) -> str:
             *_gateway_api(s, st), f"$JS.ACK.{st.done.name}.>", "$JS.FC.>", f"{pre}.req.>",
             f"{pre}.cancel.>", f"{pre}.admin.heartbeat", f"$KV.{s.batch_jobs_bucket}.>",
             f"$O.{s.batch_files_bucket}.>", ib,
-        ], [ib, f"{pre}.*.>"])  # its SDK reads `llm.*.<group>.<id>` (chunks and terminal)
+        ], [ib, f"{pre}.*.>"],  # its SDK reads `llm.*.<group>.<id>` (chunks and terminal)
+            deny_subscribe=[f"{pre}.{k}.>" for k in ("req", "s", "work", "dlq", "cancel",
+                                                      "admin", "kv", "fin")])
     # operator: the whole system account (it is the administrator), on its own inboxes
     return f"      {{ user: {json.dumps(p.name)}, password: {_secret(p.password)} }}"
 
@@ -157,7 +161,7 @@ def _gateway_api(s: Subjects, st: StreamsSettings) -> list[str]:
     obj, kv = f"OBJ_{s.batch_files_bucket}", f"KV_{s.batch_jobs_bucket}"
     readable = (st.done.name, st.out.name, kv, obj)
     return ["$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.INFO.*",
-            "$JS.API.STREAM.MSG.GET.*",
+            *(f"$JS.API.STREAM.MSG.GET.{x}" for x in readable),
             "$JS.API.DIRECT.GET.>", f"$JS.API.STREAM.PURGE.{obj}",
             f"$JS.API.CONSUMER.DURABLE.CREATE.{st.done.name}.>",
             f"$JS.API.CONSUMER.MSG.NEXT.{st.done.name}.>",
@@ -207,8 +211,8 @@ def _tenant_account(t: str, users: list[Principal], s: Subjects, st: StreamsSett
 
 
 def render_accounts(principals: list[Principal], subjects: Subjects | None = None,
-                    streams: StreamsSettings | None = None, *, max_file: str = "64G",
-                    max_mem: str = "1G") -> str:
+                    streams: StreamsSettings | None = None, *, max_file: str = "50G",
+                    max_mem: str = "2G") -> str:
     """The `accounts { ... }` block (and `no_auth_user`-free: every client authenticates)."""
     s, st = subjects or Subjects(), streams or StreamsSettings()
     names = [p.name for p in principals]

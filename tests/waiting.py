@@ -90,7 +90,7 @@ async def subscribed(*ncs: NATS) -> None:
     socket, ahead of the SUB; the PONG can come back before the server has read the SUB.
     By the time that first PONG is back the flusher has written the SUB, so the second
     PING follows it and its PONG proves the server registered it (a connection's commands
-    are handled in order). Same fix as deploy/nats/perm_harness.py's `registered`."""
+    are handled in order)."""
     for nc in ncs:
         await nc.flush()
         await nc.flush()

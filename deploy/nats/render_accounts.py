@@ -24,14 +24,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cplane.bus.accounts import Principal, inbox_prefix, render_accounts
-from cplane.schemas.messages import PRIORITIES
 
 HERE = Path(__file__).resolve().parent
 TARGET = HERE / "accounts.conf"
 DEFAULT_WORKERS = ("w0", "w1", "w2", "w3")
 DEFAULT_TENANTS = ("a", "b")
 MAX_FILE, MAX_MEM = "50G", "2G"
-PRIORITY_NAMES = frozenset(p.value for p in PRIORITIES)
 _VAR = re.compile(r"[A-Z0-9_]+")
 
 
@@ -50,9 +48,6 @@ def principals(workers: Sequence[str] = DEFAULT_WORKERS,
     def p(name: str, role: str, **kw: str) -> Principal:
         return Principal(name, role, password_var(name), **kw)
 
-    for t in tenants:  # `llm.req.<priority>.<slo>` would read as the system's own request
-        if t in PRIORITY_NAMES:
-            raise ValueError(f"tenant {t!r} is a priority's name: choose another")
     ps = [p("orchestrator", "orchestrator"), p("operator", "operator"), p("gateway", "gateway")]
     ps += [p(f"worker-{w}", "worker", worker_id=w) for w in workers]
     ps += [p(f"tenant-{t}", "tenant", tenant=t) for t in tenants]

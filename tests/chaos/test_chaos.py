@@ -77,3 +77,4 @@ def test_chaos(chaos_dir: Path) -> None:
     blind = [t for t, n in out.spied.items() if not n]
     assert not blind, f"spies that saw none of their tenant's terminals: {blind} ({chaos_dir})"
     shutil.rmtree(chaos_dir / "js", ignore_errors=True)  # keep the logs, drop the store
+    shutil.rmtree(chaos_dir / "creds", ignore_errors=True)  # and the throwaway passwords

@@ -32,6 +32,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 import nats
 import pytest
@@ -40,10 +41,9 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, KeyValueConfig, StreamConfig
 from nats.js.errors import APIError
 
-from cplane.bus.accounts import Principal, render_accounts
 from cplane.bus.credentials import connect_options
 from cplane.bus.provision import store_configs, stream_configs
-from cplane.bus.server import EmbeddedNats, free_port, nats_server_binary
+from cplane.bus.server import free_port, nats_server_binary
 from cplane.client.admin import Admin
 from cplane.client.batch_store import JobStore
 from cplane.client.control import ControlPlane
@@ -184,7 +184,7 @@ async def connect(deploy: Deploy) -> AsyncIterator[Connect]:
         opts = connect_options(NatsSettings(url=deploy.url, creds=deploy.creds[principal]),
                                env={})
         name = f"{ATTACK if attack else 'legit-'}{principal}-{uuid.uuid4().hex[:6]}"
-        nc = await nats.connect(deploy.url, name=name, error_cb=on_error,  # type: ignore[arg-type]
+        nc = await nats.connect(deploy.url, name=name, error_cb=on_error,
                                 max_reconnect_attempts=0, **opts)
         made.append(nc)
         return Conn(nc, errors)
@@ -196,77 +196,104 @@ async def connect(deploy: Deploy) -> AsyncIterator[Connect]:
 
 
 # -- the fleet ----------------------------------------------------------------------------
+# The prefix router, so that workers' KV events (llm.kv.<id>) and snapshot requests
+# (llm.admin.kv.<id>) flow too, with blocks small enough for short prompts.
+FLEET_ENV = {"CPLANE__ORCHESTRATOR__ROUTER": "prefix_aware",
+             "CPLANE__ORCHESTRATOR__PREFIX_BLOCK_TOKENS": "4",
+             "CPLANE__SIM__PREFIX_BLOCK_TOKENS": "4"}
+
+
+async def _nats_as(deploy: Deploy, principal: str, name: str) -> NATS:
+    """A plain connection as `principal` (outside a test's `connect`)."""
+    opts = connect_options(NatsSettings(creds=deploy.creds[principal]), env={})
+    return await nats.connect(deploy.url, name=name, **opts)
+
+
+@dataclass
+class Fleet:
+    deploy: Deploy
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    logs: list[IO[bytes]] = field(default_factory=list)
+
+    def start(self, user: str, *cmd: str) -> None:
+        self.logs.append(open(self.deploy.dir / f"{user}.log", "wb"))
+        self.procs[user] = subprocess.Popen(
+            [*CPLANE, *cmd, "--nats-url", self.deploy.url, "--creds", self.deploy.creds[user]],
+            stdout=self.logs[-1], stderr=subprocess.STDOUT, env={**_clean_env(), **FLEET_ENV},
+            cwd=ROOT)
+
+    def alive(self) -> bool:
+        """False while every process runs (it fails the test with the log of one that died)."""
+        for user, p in self.procs.items():
+            assert p.poll() is None, (self.deploy.dir / f"{user}.log").read_text()[-3000:]
+        return False
+
+    async def provisioned(self, op: NATS) -> bool:
+        self.alive()
+        want = {c.name for c in stream_configs(self.deploy.settings)}
+        want |= {c.name for c in store_configs(self.deploy.settings).values()}
+        return want <= {si.config.name for si in await op.jetstream().streams_info()}
+
+    async def serves(self, tenant: NATS) -> bool:
+        self.alive()
+        with contextlib.suppress(Exception):
+            await _generate(Client(tenant, self.deploy.settings, tenant_view=True), 5)
+            return True
+        return False
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for fh in self.logs:
+            fh.close()
+
+
 @pytest.fixture(scope="module")
-async def fleet(deploy: Deploy) -> AsyncIterator[list[subprocess.Popen[bytes]]]:
-    """`cplane orchestrator` and two sim workers, each with --creds of its own user."""
-    env = _clean_env()
-    cmds = {"orchestrator": ["orchestrator"]}
-    cmds.update({f"worker-{w}": ["worker", "--engine", "sim", "--zero-cost", "--model", "sim",
-                                 "--worker-id", w] for w in FLEET_WORKERS})
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    logs = []
+async def fleet(deploy: Deploy) -> AsyncIterator[Fleet]:
+    """`cplane orchestrator` and two sim workers, each with --creds of its own user.
+
+    The orchestrator first: it provisions every stream and store. A worker started
+    before it would try to create them itself (bus/streams_ready.py), which this
+    configuration refuses, by design, with a violation in the log."""
+    f = Fleet(deploy)
     try:
-        for user, cmd in cmds.items():
-            logs.append(open(deploy.dir / f"{user}.log", "wb"))
-            procs[user] = subprocess.Popen(
-                [*CPLANE, *cmd, "--nats-url", deploy.url, "--creds", deploy.creds[user]],
-                stdout=logs[-1], stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-
-        def alive() -> None:
-            for user, p in procs.items():
-                assert p.poll() is None, (deploy.dir / f"{user}.log").read_text()[-3000:]
-
-        op = await nats.connect(deploy.url, name="legit-operator-fleet", **connect_options(
-            NatsSettings(creds=deploy.creds["operator"]), env={}))  # type: ignore[arg-type]
+        f.start("orchestrator", "orchestrator")
+        op = await _nats_as(deploy, "operator", "legit-operator-fleet")
+        tenant = await _nats_as(deploy, "tenant-b", "legit-tenant-b-fleet")
         try:
+            await until(lambda: f.provisioned(op), 60, "the orchestrator to provision")
             beats: set[str] = set()
 
             async def on_hb(msg: Msg) -> None:
                 beats.add(msg.subject)
 
             await op.subscribe(deploy.settings.subjects.heartbeats_all, cb=on_hb)
+            for w in FLEET_WORKERS:
+                f.start(f"worker-{w}", "worker", "--engine", "sim", "--zero-cost", "--model",
+                        "sim", "--worker-id", w)
             want = {deploy.settings.subjects.heartbeat(w) for w in FLEET_WORKERS}
-
-            async def up() -> bool:
-                alive()
-                return want <= beats
-
-            await until(up, 60, "both workers' heartbeats")
-            tenant = await nats.connect(deploy.url, **connect_options(
-                NatsSettings(creds=deploy.creds["tenant-b"]), env={}))  # type: ignore[arg-type]
-            try:
-                async def serves() -> bool:
-                    alive()
-                    with contextlib.suppress(Exception):
-                        await _generate(Client(tenant, deploy.settings, tenant_view=True), 5)
-                        return True
-                    return False
-
-                await until(serves, 60, "the fleet to serve tenant b")
-            finally:
-                await tenant.close()
+            await until(lambda: f.alive() or want <= beats, 60, "both workers' heartbeats")
+            await until(lambda: f.serves(tenant), 60, "the fleet to serve tenant b")
         finally:
+            await tenant.close()
             await op.close()
-        yield list(procs.values())
+        yield f
     finally:
-        for p in procs.values():
-            p.terminate()
-        for p in procs.values():
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        for fh in logs:
-            fh.close()
+        f.stop()
 
 
-def _request(rid: str | None = None, **kw: object) -> Request:
-    return Request(request_id=rid or f"r{uuid.uuid4().hex[:12]}", prompt="hello there",
-                   max_tokens=4, **kw)  # type: ignore[arg-type]
+def _request(rid: str | None = None, **kw: Any) -> Request:
+    fields: dict[str, object] = {"prompt": "hello there", "max_tokens": 4, **kw}
+    return Request(request_id=rid or f"r{uuid.uuid4().hex[:12]}", **fields)  # type: ignore[arg-type]
 
 
-async def _generate(client: Client, timeout: float = 30, **kw: object) -> Final:
+async def _generate(client: Client, timeout: float = 30, **kw: Any) -> Final:
     final = await client.generate(_request(**kw), timeout=timeout)
     assert final.finish_reason is not None and final.chunks > 0, repr(final)
     return final
@@ -278,6 +305,25 @@ async def still_serves(deploy: Deploy, connect: Connect, tenant: str = "b") -> N
     await _generate(Client(conn.nc, deploy.settings, tenant_view=True))
     assert not conn.errors, conn.errors
     assert not deploy.legit_violations(), deploy.legit_violations()
+
+
+async def _gateway_request(deploy: Deploy, gw: Conn, tenant: str) -> str:
+    """The gateway publishes a request for `tenant` itself and reads its terminal live
+    on the literal subject `llm.done.<tenant>.i.<id>`."""
+    s = deploy.settings.subjects
+    rid = f"gw{uuid.uuid4().hex[:10]}"
+    done: list[Msg] = []
+
+    async def on_done(msg: Msg) -> None:
+        done.append(msg)
+
+    await gw.nc.subscribe(s.done(f"{tenant}.i", rid), cb=on_done)
+    await subscribed(gw.nc)
+    ack = await gw.nc.jetstream().publish(s.request("normal", "standard", tenant),
+                                          encode(_request(rid)), timeout=5)
+    assert ack.stream == deploy.settings.streams.req.name
+    await until(lambda: done, 30, f"the gateway's request {rid} for {tenant}")
+    return rid
 
 
 @dataclass
@@ -369,6 +415,7 @@ async def test_workers_store_outputs_heartbeat_and_fin_as_themselves(
     op = await connect("operator")
     beats: set[str] = set()
     fins: set[str] = set()
+    kv: set[str] = set()
 
     async def on_hb(msg: Msg) -> None:
         beats.add(msg.subject)
@@ -376,41 +423,55 @@ async def test_workers_store_outputs_heartbeat_and_fin_as_themselves(
     async def on_fin(msg: Msg) -> None:
         fins.add(msg.subject)
 
+    async def on_kv(msg: Msg) -> None:
+        kv.add(msg.subject)
+
     await op.nc.subscribe(s.heartbeats_all, cb=on_hb)
     await op.nc.subscribe(s.fin_all, cb=on_fin)
+    await op.nc.subscribe(s.kv_events_all, cb=on_kv)
     await subscribed(op.nc)
     tenant = await connect("tenant-a")
-    final = await _generate(Client(tenant.nc, deploy.settings, tenant_view=True))
+    final = await _generate(Client(tenant.nc, deploy.settings, tenant_view=True),
+                            prompt="a prompt long enough to fill blocks " * 8)
     js = op.nc.jetstream()
     chunk = await js.get_last_msg(deploy.settings.streams.out.name,
                                   s.out_store("a.i", final.request_id))
     assert chunk.subject == s.out_store("a.i", final.request_id)
     await until(lambda: {s.heartbeat(w) for w in FLEET_WORKERS} <= beats, 30, "heartbeats")
     await until(lambda: fins & {s.fin(w) for w in FLEET_WORKERS}, 10, "a worker's llm.fin")
+    await until(lambda: kv & {s.kv_events(w) for w in FLEET_WORKERS}, 10, "KV events")
     assert beats <= {s.heartbeat(w) for w in FLEET_WORKERS}, beats
+    assert kv <= {s.kv_events(w) for w in FLEET_WORKERS}, kv
     assert not deploy.legit_violations(), deploy.legit_violations()
 
 
 async def test_the_gateway_publishes_for_tenants_and_uses_the_batch_stores(
         deploy: Deploy, fleet: object, connect: Connect) -> None:
+    s, streams = deploy.settings.subjects, deploy.settings.streams
     gw = await connect("gateway")
-    client = Client(gw.nc, deploy.settings)
-    # Tenant b sees the outputs of the request the gateway published for it, on its own
-    # subjects (the system's llm.*.b.i.<id>, mapped).
     b = await connect("tenant-b")
     rid = f"gw{uuid.uuid4().hex[:10]}"
-    got: list[str] = []
+    seen_b: list[str] = []
+    seen_gw: list[str] = []
 
     async def on_b(msg: Msg) -> None:
-        got.append(msg.subject)
+        seen_b.append(msg.subject)
 
-    await b.nc.subscribe(deploy.settings.subjects.outputs_of("i", rid), cb=on_b)
-    await subscribed(b.nc)
-    final = await _generate(client, rid=rid, tenant="b")
-    await until(lambda: deploy.settings.subjects.done("i", rid) in got, 5, "b's copy")
+    async def on_gw(msg: Msg) -> None:
+        seen_gw.append(msg.subject)
 
+    # Tenant b reads the request the gateway publishes for it on b's own subjects.
+    await b.nc.subscribe(s.outputs_of("i", rid), cb=on_b)
+    await gw.nc.subscribe(s.done("b.i", rid), cb=on_gw)
+    await subscribed(b.nc, gw.nc)
     js = gw.nc.jetstream()
-    store = await JobStore.open(js, deploy.settings)
+    ack = await js.publish(s.request("normal", "standard", "b"), encode(_request(rid)),
+                           timeout=5)
+    assert ack.stream == streams.req.name
+    await until(lambda: s.done("i", rid) in seen_b and seen_gw, 30, "the outputs, b's and gw's")
+    assert seen_b[0] == s.out("i", rid), seen_b
+
+    store = await JobStore.open(js, deploy.settings)  # opened, never created
     job = f"job-{uuid.uuid4().hex[:8]}"
     await store.kv.create(job, b"{}")
     rev = (await store.kv.get(job)).revision
@@ -418,15 +479,28 @@ async def test_the_gateway_publishes_for_tenants_and_uses_the_batch_stores(
     assert (await store.kv.get(job)).value == b'{"a":1}'
     await store.put_part(job, 0, b"line\n" * 100)
     assert await store.get_part(job, 0) == b"line\n" * 100
-    # A batch collector: a durable consumer on LLM_DONE, acked.
-    done = deploy.settings.streams.done.name
-    sub = await js.pull_subscribe(deploy.settings.subjects.done_store("b.i", rid),
-                                  durable=f"collect-{job}", stream=done)
-    msg = (await sub.fetch(1, timeout=5))[0]
+    # A batch collector: a durable consumer on LLM_DONE (acked), and a stored look-up.
+    sub = await js.pull_subscribe(s.done_store("b.i", rid), durable=f"collect-{job}",
+                                  stream=streams.done.name)
+    msg = (await sub.fetch(1, timeout=10))[0]
     await msg.ack_sync()
-    await js.delete_consumer(done, f"collect-{job}")
-    assert final.request_id == rid
+    await js.delete_consumer(streams.done.name, f"collect-{job}")
+    stored = await js.get_last_msg(streams.done.name, s.done_store("b.i", rid))
+    assert stored.data == msg.data
     assert not gw.errors and not b.errors, gw.errors + b.errors
+    assert not deploy.legit_violations(), deploy.legit_violations()
+
+
+async def test_the_gateway_follows_a_tenant_request_with_the_sdk(
+        deploy: Deploy, fleet: object, connect: Connect) -> None:
+    """What gateway/app.py does: Client.submit for an API key's tenant, followed with ONE
+    wildcard subscription llm.*.<tenant>.<group>.<id> (chunks, then the terminal)."""
+    gw = await connect("gateway")
+    client = Client(gw.nc, deploy.settings)
+    final = await _generate(client, tenant="b")
+    chunks = [c async for c in client.stream(_request(tenant="b"), timeout=30)]
+    assert chunks and final.text
+    assert not gw.errors, gw.errors
     assert not deploy.legit_violations(), deploy.legit_violations()
 
 
@@ -445,8 +519,7 @@ async def test_the_operator_runs_the_control_api_and_switches_the_policy(
     await still_serves(deploy, connect)
 
 
-def test_the_server_refuses_to_start_without_every_password(
-        deploy: Deploy, tmp_path: Path) -> None:
+def test_the_server_refuses_to_start_without_every_password(tmp_path: Path) -> None:
     """Fail closed: a password variable missing from its environment stops the server."""
     conf = shipped_conf(tmp_path, free_port())
     users = shipped_principals()
@@ -462,27 +535,22 @@ def test_the_server_refuses_to_start_without_every_password(
 
 
 # == a tenant against another tenant ======================================================
-@dataclass
-class Traffic:
-    """What tenant b, the gateway (for b) and the operator just did."""
-    b_final: Final
-    gw_final: Final
-    sys_final: Final
-
-
-async def _others_run(deploy: Deploy, connect: Connect) -> Traffic:
+async def _others_run(deploy: Deploy, connect: Connect) -> None:
+    """Tenant b's request, attach (direct get) and cancel; the gateway's request for b
+    (its SDK, then raw); the operator's own request and control API, whose replies come
+    on plain `_INBOX.` in the system account."""
     b = await connect("tenant-b")
-    b_final = await _generate(Client(b.nc, deploy.settings, tenant_view=True))
-    await (await Client(b.nc, deploy.settings, tenant_view=True).attach(
-        b_final.request_id)).result(10)  # its direct get, answered on its _INBOX
-    await Client(b.nc, deploy.settings, tenant_view=True).cancel(b_final.request_id)
+    b_client = Client(b.nc, deploy.settings, tenant_view=True)
+    b_final = await _generate(b_client)
+    await (await b_client.attach(b_final.request_id)).result(10)
+    await b_client.cancel(b_final.request_id)
     gw = await connect("gateway")
-    gw_final = await _generate(Client(gw.nc, deploy.settings), tenant="b")
-    op = await connect("operator")  # the operator answers on plain _INBOX in its account
-    sys_final = await _generate(Client(op.nc, deploy.settings))
+    await _generate(Client(gw.nc, deploy.settings), tenant="b")
+    await _gateway_request(deploy, gw, "b")
+    op = await connect("operator")
+    await _generate(Client(op.nc, deploy.settings))
     await ControlPlane(op.nc, deploy.settings, timeout_s=2).get_status()
     await Admin(op.nc, deploy.settings).get_policy()
-    return Traffic(b_final, gw_final, sys_final)
 
 
 @pytest.mark.parametrize("subject", [">", "_INBOX.>", "llm.>", "$JS.>"])
@@ -505,8 +573,7 @@ async def test_tenant_a_sees_nothing_of_the_others(
 @pytest.fixture(scope="module")
 async def b_terminal(deploy: Deploy, fleet: object) -> Final:
     """A terminal of tenant b's, stored in LLM_DONE (b can direct-get it)."""
-    nc = await nats.connect(deploy.url, **connect_options(  # type: ignore[arg-type]
-        NatsSettings(creds=deploy.creds["tenant-b"]), env={}))
+    nc = await _nats_as(deploy, "tenant-b", "legit-tenant-b-terminal")
     try:
         client = Client(nc, deploy.settings, tenant_view=True)
         final = await _generate(client)
@@ -543,8 +610,11 @@ async def test_tenant_a_cannot_direct_get_b_terminal(
     rid = b_terminal.request_id
     reply = await a.nc.request(subject.format(id=rid), body.replace(b"{id}", rid.encode()),
                                timeout=5)
-    status = (reply.headers or {}).get("Status")
-    assert status in ("404", "408") and rid.encode() not in reply.data, (how, reply)
+    headers = reply.headers or {}
+    assert rid.encode() not in reply.data and rid not in str(headers), (how, reply)
+    # Refused (404 / 408), or one of a's own terminals: never another account's.
+    assert (headers.get("Status") in ("404", "408")
+            or headers.get("Nats-Subject", "").startswith("llm.s.done.a.")), (how, headers)
     await still_serves(deploy, connect)
 
 
@@ -610,9 +680,12 @@ async def test_a_tenant_has_no_jetstream(deploy: Deploy, fleet: object, connect:
 
 
 # == a worker against the others ===========================================================
+# (A worker produces outputs: it stores them on llm.s.>, and may send a stored terminal
+# again on llm.done.>; only llm.out, chunks unstored, stays the streams' alone.)
 @pytest.mark.parametrize("subject", ["llm.hb.w0", "llm.fin.w0", "llm.kv.w0",
-                                     "llm.admin.policy", "llm.req.normal.standard",
-                                     "llm.out.i.x", "llm.done.i.x"])
+                                     "llm.admin.policy", "llm.admin.heartbeat",
+                                     "llm.req.normal.standard", "llm.req.b.normal.standard",
+                                     "llm.cancel.b.x", "llm.out.i.x"])
 async def test_a_worker_cannot_speak_as_another_worker_or_the_system(
         deploy: Deploy, fleet: object, connect: Connect, witness: Witness,
         subject: str) -> None:
@@ -662,7 +735,7 @@ SYSTEM_JS: dict[str, Callable[[NATS, StreamConfig], Awaitable[object]]] = {
     "delete LLM_OUT": lambda nc, out: nc.jetstream().delete_stream("LLM_OUT"),
     "purge LLM_REQ": lambda nc, out: nc.jetstream().purge_stream("LLM_REQ"),
     "consume LLM_REQ": lambda nc, out: nc.jetstream().add_consumer(
-        "LLM_REQ", ConsumerConfig(durable_name="steal")),
+        "LLM_REQ", ConsumerConfig(name="steal", filter_subject="llm.req.b.normal.*")),
     "write the leader lease": lambda nc, out: nc.jetstream().publish(
         "$KV.llm_leases.orchestrator", b"me", timeout=3),
     "write the policy choice": lambda nc, out: nc.jetstream().publish(
@@ -700,6 +773,57 @@ async def test_workers_and_the_gateway_cannot_change_the_system(
     await still_serves(deploy, connect)
 
 
+# The gateway's JetStream API, raw: each call is harmless as made (a filter or id that
+# matches nothing), but the same call with a real one would read or destroy other
+# tenants' requests, so the server must refuse the subject itself.
+GATEWAY_API_DENIED = {
+    "pull from the orchestrator's consumer": (
+        "$JS.API.CONSUMER.MSG.NEXT.LLM_REQ.orch-low", {"batch": 1, "no_wait": True}),
+    "create a consumer on LLM_REQ (legacy DURABLE.CREATE)": (
+        "$JS.API.CONSUMER.DURABLE.CREATE.LLM_REQ.steal",
+        {"stream_name": "LLM_REQ", "config": {"durable_name": "steal", "ack_policy": "explicit",
+                                              "filter_subject": "llm.req.nobody.*.*"}}),
+    "create a consumer on LLM_WORK": (
+        "$JS.API.CONSUMER.CREATE.LLM_WORK.steal.llm.work.nobody.none",
+        {"stream_name": "LLM_WORK", "config": {"name": "steal", "ack_policy": "explicit",
+                                               "filter_subject": "llm.work.nobody.none"}}),
+    "delete a stored request": ("$JS.API.STREAM.MSG.DELETE.LLM_REQ", {"seq": 1 << 60}),
+    "delete the orchestrator's consumer": ("$JS.API.CONSUMER.DELETE.LLM_REQ.orch-nobody", {}),
+    "purge LLM_WORK": ("$JS.API.STREAM.PURGE.LLM_WORK", {"filter": "llm.work.nobody.none"}),
+    "purge LLM_CANCEL": ("$JS.API.STREAM.PURGE.LLM_CANCEL", {"filter": "llm.cancel.nobody.x"}),
+    "purge the batch records": ("$JS.API.STREAM.PURGE.KV_llm_batches",
+                                {"filter": "$KV.llm_batches.nobody"}),
+}
+
+
+@pytest.mark.parametrize("what", list(GATEWAY_API_DENIED))
+async def test_the_gateway_cannot_touch_the_request_and_work_queues(
+        deploy: Deploy, fleet: object, connect: Connect, what: str) -> None:
+    gw = await connect("gateway", attack=True)
+    subject, body = GATEWAY_API_DENIED[what]
+    await refused(gw, gw.nc.request(subject, json.dumps(body).encode(), timeout=3), subject)
+    await still_serves(deploy, connect)
+
+
+async def test_the_gateway_cannot_read_stored_requests(
+        deploy: Deploy, fleet: object, connect: Connect) -> None:
+    gw = await connect("gateway", attack=True)
+    subject = "$JS.API.STREAM.MSG.GET.LLM_REQ"
+    body = {"last_by_subj": "llm.req.nobody.normal.none"}
+    await refused(gw, gw.nc.request(subject, json.dumps(body).encode(), timeout=3), subject)
+
+
+@pytest.mark.parametrize("subject", ["llm.admin.policy", "llm.admin.status", "llm.req.>",
+                                     "llm.work.>", "llm.kv.*", "llm.cancel.>"])
+async def test_the_gateway_cannot_listen_for_the_system(
+        deploy: Deploy, fleet: object, connect: Connect, subject: str) -> None:
+    gw = await connect("gateway", attack=True)
+    n = len(gw.errors)
+    await gw.nc.subscribe(subject)
+    await subscribed(gw.nc)
+    await until(lambda: gw.violated(n, subject), 1, f"a violation for {subject}")
+
+
 # == the policy ============================================================================
 @pytest.mark.parametrize("principal", ["gateway", "worker-w2", "tenant-a"])
 async def test_only_the_operator_switches_the_policy(
@@ -714,24 +838,21 @@ async def test_only_the_operator_switches_the_policy(
     await still_serves(deploy, connect)
 
 
-# == a finding: a tenant named like a priority =============================================
-@pytest.mark.xfail(strict=True, reason=(
-    "bus/accounts.py imports a tenant's `llm.req.>` for any number of tokens: tenant "
-    "`high` publishing `llm.req.standard` lands as `llm.req.high.standard`, an untenanted "
-    "request (no ceilings, no quota). Fix: export/import `llm.req.<t>.*.*` -> `llm.req.*.*`"))
-async def test_a_tenant_named_like_a_priority_cannot_pass_for_the_system() -> None:
-    ps = [Principal("operator", "operator", "op-pw"),
-          Principal("tenant-high", "tenant", "t-pw", tenant="high")]
-    settings = load_settings(env={})
-    with EmbeddedNats(extra_config=render_accounts(ps)) as server:
-        op = await nats.connect(server.url, user="operator", password="op-pw")
-        t = await nats.connect(server.url, user="tenant-high", password="t-pw")
-        try:
-            await op.jetstream().add_stream(stream_configs(settings)[0])  # LLM_REQ
-            with contextlib.suppress(Exception):
-                await t.request("llm.req.standard", encode(_request()), timeout=2)
-            info = await op.jetstream().stream_info("LLM_REQ")
-            assert info.state.messages == 0, "the tenant's request passed for the system's"
-        finally:
-            await t.close()
-            await op.close()
+# == the shape of a tenant's request subject =================================================
+@pytest.mark.parametrize("subject", [
+    "llm.req.standard",  # would read `llm.req.a.standard`: priority `a`, the system's own
+    "llm.req.critical",
+    "llm.req.b.normal.standard",  # as tenant b
+    "llm.req.normal.standard.extra",
+    "llm.cancel",
+])
+async def test_a_tenant_request_of_another_shape_maps_to_nothing(
+        deploy: Deploy, fleet: object, connect: Connect, witness: Witness,
+        subject: str) -> None:
+    """Only `llm.req.<priority>.<slo>` is imported: no other shape reaches the system."""
+    a = await connect("tenant-a", attack=True)
+    with contextlib.suppress(nats.errors.NoRespondersError, nats.errors.TimeoutError):
+        await a.nc.request(subject, witness.marker, timeout=1)
+    await quiet_for(QUIET_S, lambda: witness.seen,
+                    why=f"an imported {subject} would reach the operator's `>` at once")
+    await still_serves(deploy, connect)
