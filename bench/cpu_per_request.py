@@ -44,24 +44,45 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_services(root: Path, url: str) -> list[subprocess.Popen[bytes]]:
-    """One orchestrator and two zero-cost sim workers, as the CLI starts them."""
+def start_services(root: Path, url: str, creds: dict[str, str] | None = None
+                   ) -> list[subprocess.Popen[bytes]]:
+    """One orchestrator and two zero-cost sim workers, as the CLI starts them (each on
+    its own credentials file when `creds` names them)."""
     env = dict(os.environ, PYTHONPATH=str(root), CPLANE__SIM__ZERO_COST="true")
     cli = [sys.executable, "-m", "cplane.cli"]
-    cmds = [[*cli, "orchestrator", "--nats-url", url]] + [
+
+    def own(name: str) -> list[str]:
+        return ["--creds", creds[name]] if creds else []
+
+    cmds = [[*cli, "orchestrator", "--nats-url", url, *own("orchestrator")]] + [
         [*cli, "worker", "--worker-id", f"w{i}", "--zero-cost", "--capacity", "512",
-         "--nats-url", url] for i in range(2)]
+         "--nats-url", url, *own(f"worker-w{i}")] for i in range(2)]
     return [subprocess.Popen(c, env=env, cwd=root, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL) for c in cmds]
 
 
-async def run(root: Path, n: int) -> dict[str, float]:
+async def run(root: Path, n: int, auth: bool = False) -> dict[str, float]:
+    """`auth`: the multi-tenant accounts (`cplane up --auth`); the load is a tenant's."""
     sys.path.insert(0, str(root))
     from cplane.bus.server import EmbeddedNats
 
-    server = EmbeddedNats().start()
-    procs = start_services(root, server.url)
-    nc = await nats.connect(server.url)
+    creds: dict[str, str] | None = None
+    as_tenant: dict[str, str] = {}
+    as_operator: dict[str, str] = {}
+    extra = ""
+    if auth:
+        from cplane.auth_setup import AuthSetup
+        from cplane.schemas.settings import load_settings
+
+        setup = AuthSetup.create(["w0", "w1"], ["bench"], gateway=False)
+        extra, creds = setup.config(load_settings(env={})), setup.files
+        who = {p.name: p for p in setup.principals}
+        as_tenant = {"user": "tenant-bench", "password": who["tenant-bench"].password}
+        as_operator = {"user": "operator", "password": who["operator"].password}
+    server = EmbeddedNats(extra_config=extra).start()
+    procs = start_services(root, server.url, creds)
+    watcher = await nats.connect(server.url, **as_operator)  # type: ignore[arg-type]
+    nc = await nats.connect(server.url, **as_tenant)  # type: ignore[arg-type]
     try:
         js = nc.jetstream()
         seen: set[str] = set()
@@ -72,7 +93,7 @@ async def run(root: Path, n: int) -> dict[str, float]:
             if len(seen) >= 2:
                 ready.set()
 
-        await nc.subscribe("llm.hb.*", cb=on_hb)
+        await watcher.subscribe("llm.hb.*", cb=on_hb)
         await asyncio.wait_for(ready.wait(), 120)
         await asyncio.sleep(2)  # the orchestrator leads and pulls
         done = 0
@@ -111,6 +132,7 @@ async def run(root: Path, n: int) -> dict[str, float]:
         return out
     finally:
         await nc.close()
+        await watcher.close()
         for p in procs:
             p.terminate()
         for p in procs:
@@ -168,6 +190,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, default=HERE, help="checkout whose code runs")
     ap.add_argument("--requests", type=int, default=20000)
+    ap.add_argument("--auth", action="store_true",
+                    help="multi-tenant accounts, each process its own user, the load a tenant")
     ap.add_argument("--ceiling", type=Path, default=None,
                     help="measure the raw pipeline ceiling of DIR/pipeline_ceiling.py instead")
     args = ap.parse_args()
@@ -175,7 +199,8 @@ def main() -> None:
         sys.path.insert(0, str(HERE))
         r, name = ceiling(args.ceiling.resolve(), args.requests), "ceiling (batch 16)"
     else:
-        r, name = asyncio.run(run(args.root.resolve(), args.requests)), args.root.name
+        r = asyncio.run(run(args.root.resolve(), args.requests, args.auth))
+        name = args.root.name + (" --auth" if args.auth else "")
     parts = " ".join(f"{k}={v:.0f}" for k, v in r.items() if k != "req_per_s")
     print(f"{name}: {r['req_per_s']:,.0f} req/s; CPU ms per 1000 requests: {parts}")
 
