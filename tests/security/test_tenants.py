@@ -172,7 +172,7 @@ async def test_a_tenant_cannot_cancel_another_tenants_request(stack: Stack) -> N
         await b.close()
 
 
-async def test_the_tenant_comes_from_the_credentials_never_the_body(stack: Stack) -> None:
+async def test_the_tenant_comes_from_the_credentials_never_the_body_nor_a_reply_to(stack: Stack) -> None:
     a = await tenant(stack, "a")
     try:
         out = await send(a, {"request_id": rid(), "prompt": "I am b", "max_tokens": 3,
@@ -180,6 +180,10 @@ async def test_the_tenant_comes_from_the_credentials_never_the_body(stack: Stack
         term = await answered(out)
         assert term["type"] == "error" and term["code"] == "forbidden", term
         assert "tenant" in term["message"]
+        steal = await answered(await send(a, {"request_id": rid(), "prompt": "x",
+                                              "max_tokens": 2,
+                                              "reply_to": "_INBOX.gateway.steal"}))
+        assert steal["type"] == "error" and steal["code"] == "forbidden", steal  # no reply_to
         ok = await answered(await send(a, {"request_id": rid(), "prompt": "I am a",
                                            "max_tokens": 3, "tenant": "a"}))
         assert ok["type"] == "final"  # naming itself is allowed
@@ -234,17 +238,6 @@ async def test_the_same_id_in_two_tenants_is_two_requests(stack: Stack) -> None:
     finally:
         await a.close()
         await b.close()
-
-
-async def test_a_tenants_reply_to_is_refused(stack: Stack) -> None:
-    a = await tenant(stack, "a")
-    try:
-        out = await send(a, {"request_id": rid(), "prompt": "x", "max_tokens": 2,
-                             "reply_to": "_INBOX.gateway.steal"})
-        term = await answered(out)
-        assert term["type"] == "error" and term["code"] == "forbidden", term
-    finally:
-        await a.close()
 
 
 async def test_a_tenant_reaches_no_system_subject(stack: Stack) -> None:
