@@ -68,7 +68,9 @@ class StreamsSettings(msgspec.Struct, frozen=True, kw_only=True):
     config: StoreSettings = StoreSettings(max_bytes=64 << 20, max_value_size=64 << 10)
     batch_jobs: StoreSettings = StoreSettings(max_bytes=256 << 20, max_value_size=64 << 10)
     # Batch inputs and result parts: object chunks are 128 KiB (nats-py's default).
-    batch_files: StoreSettings = StoreSettings(max_bytes=10 << 30, max_value_size=1 << 20)
+    # JetStream reserves every max_bytes up front against the server's store: all
+    # the defaults together stay near 12.5 GiB (raise this one for big batch jobs).
+    batch_files: StoreSettings = StoreSettings(max_bytes=1 << 30, max_value_size=1 << 20)
 
 
 class NatsSettings(msgspec.Struct, frozen=True, kw_only=True):

@@ -149,7 +149,7 @@ def test_every_store_has_limits_by_default() -> None:
         "KV_llm_leases", "KV_llm_claims", "KV_llm_config", "KV_llm_batches",
         "OBJ_llm_batch_files"}
     assert all((c.max_bytes or -1) > 0 and (c.max_msg_size or -1) > 0 for c in cfgs.values())
-    assert cfgs["batch_files"].max_bytes == 10 << 30
+    assert cfgs["batch_files"].max_bytes == 1 << 30
     assert cfgs["batch_jobs"].max_bytes == 256 << 20
     assert all(cfgs[k].max_bytes == 64 << 20 for k in ("leases", "claims", "config"))
     assert all((c.max_bytes or -1) > 0 for c in stream_configs(s))
