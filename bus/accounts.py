@@ -183,13 +183,14 @@ def _tenant_exports(t: str, s: Subjects, st: StreamsSettings) -> list[str]:
         f'      {{ service: "{pre}.cancel.{t}.>", accounts: [{acc}] }}',
         f'      {{ stream: "{pre}.out.{t}.>", accounts: [{acc}] }}',
         f'      {{ stream: "{pre}.done.{t}.>", accounts: [{acc}] }}',
-        f'      {{ service: "$JS.API.DIRECT.GET.{st.done.name}.{pre}.s.done.{t}.>", '
-        f'accounts: [{acc}] }}',
+        # its own stored terminals, last by subject: in LLM_OUT at once, LLM_DONE for days
+        *(f'      {{ service: "$JS.API.DIRECT.GET.{x}.{pre}.s.done.{t}.>", '
+          f'accounts: [{acc}] }}' for x in (st.out.name, st.done.name)),
     ]
 
 
 def _tenant_account(t: str, users: list[Principal], s: Subjects, st: StreamsSettings) -> str:
-    pre, sys_acc, done = s.prefix, SYSTEM_ACCOUNT, st.done.name
+    pre, sys_acc = s.prefix, SYSTEM_ACCOUNT
     imports = [
         # exactly `<priority>.<slo>`: any other shape maps to nothing (never to a
         # subject of the system's own, as `llm.req.x` -> `llm.req.<t>.x` would)
@@ -200,11 +201,13 @@ def _tenant_account(t: str, users: list[Principal], s: Subjects, st: StreamsSett
         f'{{ stream: {{ account: {sys_acc}, subject: "{pre}.out.{t}.>" }}, to: "{pre}.out.>" }}',
         f'{{ stream: {{ account: {sys_acc}, subject: "{pre}.done.{t}.>" }}, '
         f'to: "{pre}.done.>" }}',
-        f'{{ service: {{ account: {sys_acc}, subject: "$JS.API.DIRECT.GET.{done}.{pre}.s.done.'
-        f'{t}.>" }}, to: "$JS.API.DIRECT.GET.{done}.{pre}.s.done.>" }}',
+        *(f'{{ service: {{ account: {sys_acc}, subject: "$JS.API.DIRECT.GET.{x}.{pre}.s.done.'
+          f'{t}.>" }}, to: "$JS.API.DIRECT.GET.{x}.{pre}.s.done.>" }}'
+          for x in (st.out.name, st.done.name)),
     ]
-    body = ",\n".join(_user(u, [f"{pre}.req.>", f"{pre}.cancel.>",
-                                f"$JS.API.DIRECT.GET.{done}.>", "$JS.API.INFO", "_INBOX.>"],
+    gets = [f"$JS.API.DIRECT.GET.{x}.>" for x in (st.out.name, st.done.name)]
+    body = ",\n".join(_user(u, [f"{pre}.req.>", f"{pre}.cancel.>", *gets, "$JS.API.INFO",
+                                "_INBOX.>"],
                             [">"]) for u in users)  # its own account holds only its own
     return (f"  T_{t} {{\n    users: [\n{body}\n    ]\n    imports: [\n      "
             + ",\n      ".join(imports) + "\n    ]\n  }\n")

@@ -109,9 +109,7 @@ def _stream_config(
 
 def stream_configs(settings: Settings) -> list[StreamConfig]:
     """The six streams: LLM_REQ, LLM_WORK, LLM_OUT, LLM_DONE, LLM_CANCEL, LLM_DLQ."""
-    subj = settings.subjects
-    st = settings.streams
-    limits = RetentionPolicy.LIMITS
+    subj, st, limits = settings.subjects, settings.streams, RetentionPolicy.LIMITS
     return [
         # One subject pattern per priority: a publish to an unknown priority
         # matches no stream and the publisher gets an error.
@@ -119,12 +117,13 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
                                 for s in (subj.requests_of(p), subj.tenant_requests_of(p))],
                        RetentionPolicy.WORK_QUEUE, True),
         _stream_config(st.work, [subj.work_all], RetentionPolicy.WORK_QUEUE, True),
-        # Outputs, chunks and terminals of a request in one stream, so readers get
-        # them in the order the worker published them: stored first, then
-        # republished (llm.s.out -> llm.out, llm.s.done -> llm.done).
+        # Outputs, chunks and terminals of a request in one stream, so readers get them
+        # in the order the worker published them: stored first, then republished
+        # (llm.s.out -> llm.out, llm.s.done -> llm.done). Direct gets: a tenant's own.
         _stream_config(st.out, [subj.out_store_all, subj.done_store_all], limits, False,
                        RePublish(src=f"{subj.prefix}.s.*.>",
-                                 dest=f"{subj.prefix}.{{{{wildcard(1)}}}}.>")),
+                                 dest=f"{subj.prefix}.{{{{wildcard(1)}}}}.>"),
+                       allow_direct=True),
         # Terminals kept for days: copied by the server from LLM_OUT. Direct gets:
         # the orchestrator asks for many ids' terminals in one request (bus/replay.py).
         _stream_config(st.done, [], limits, False, sources=[

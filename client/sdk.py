@@ -229,11 +229,13 @@ class RequestHandle:
     async def _lookup_terminal(self) -> None:
         """Take the Final/ErrorReply stored in LLM_DONE for this request, if any."""
         streams = self.client.settings.streams
-        if self.client.tenant_view:  # its own subjects only: one direct get from LLM_DONE
-            reply = await self.client.nc.request(
-                f"$JS.API.DIRECT.GET.{streams.done.name}.{self._done_store}", b"", timeout=5)
-            if not (reply.headers or {}).get("Status"):
-                self._take_msg(self._done_subject, reply.data)
+        if self.client.tenant_view:  # its own subjects only, by direct get
+            for name in (streams.out.name, streams.done.name):
+                reply = await self.client.nc.request(
+                    f"$JS.API.DIRECT.GET.{name}.{self._done_store}", b"", timeout=5)
+                if not (reply.headers or {}).get("Status"):
+                    self._take_msg(self._done_subject, reply.data)
+                    return
             return
         for stream in (streams.out.name, streams.done.name):  # stored, then copied for days
             try:

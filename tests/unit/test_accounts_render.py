@@ -164,7 +164,7 @@ def test_literal_passwords_are_quoted() -> None:
 def test_every_tenant_export_is_restricted_to_its_own_account() -> None:
     acc = accounts()
     exports = acc["CPLANE"]["exports"]
-    assert len(exports) == 5 * 3
+    assert len(exports) == 6 * 3  # req, cancel, out, done, direct gets on LLM_OUT and LLM_DONE
     for e in exports:
         subject = e.get("service") or e.get("stream")
         tenant = re.search(r"llm\.(?:req|cancel|out|done|s\.done)\.([^.*>]+)\.(?:>|\*\.\*)$",
