@@ -76,13 +76,11 @@ async def run(root: Path, n: int, auth: bool = False) -> dict[str, float]:
 
         setup = AuthSetup.create(["w0", "w1"], ["bench"], gateway=False)
         extra, creds = setup.config(load_settings(env={})), setup.files
-        who = {p.name: p for p in setup.principals}
-        as_tenant = {"user": "tenant-bench", "password": who["tenant-bench"].password}
-        as_operator = {"user": "operator", "password": who["operator"].password}
+        as_tenant, as_operator = setup.login("tenant-bench"), setup.login("operator")
     server = EmbeddedNats(extra_config=extra).start()
     procs = start_services(root, server.url, creds)
-    watcher = await nats.connect(server.url, **as_operator)  # type: ignore[arg-type]
-    nc = await nats.connect(server.url, **as_tenant)  # type: ignore[arg-type]
+    watcher = await nats.connect(server.url, **as_operator)
+    nc = await nats.connect(server.url, **as_tenant)
     try:
         js = nc.jetstream()
         seen: set[str] = set()

@@ -59,7 +59,7 @@ console = Console()
 PROMPT = "hello world " * 4
 # --auth: how the load generator ("client", a tenant) and the setup ("admin", the
 # operator) connect, and each service's --creds file.
-CONNECT: dict[str, dict[str, object]] = {"client": {}, "admin": {}}
+CONNECT: dict[str, dict[str, str]] = {"client": {}, "admin": {}}
 CREDS: dict[str, str] = {}
 
 
@@ -72,7 +72,7 @@ def pct(values: list[float], q: float) -> float:
 
 async def raw_publish_rate(url: str, n: int) -> float:
     """(a): publish_async of 200-byte messages to a scratch WorkQueue stream."""
-    nc = await nats.connect(url, **CONNECT["admin"])  # type: ignore[arg-type]
+    nc = await nats.connect(url, **CONNECT["admin"])
     js = nc.jetstream(publish_async_max_pending=4000)
     await js.add_stream(name="BENCH_RAW", subjects=["bench.raw"], retention="workqueue")
     body = b"x" * 200
@@ -97,7 +97,7 @@ def body(rid: str, max_tokens: int) -> bytes:
 async def saturation(url: str, n: int, max_tokens: int, tag: str) -> float:
     """(b): publish n requests as fast as JetStream takes them; count Finals."""
     nc = await nats.connect(url, pending_size=64 * 1024 * 1024,
-                            **CONNECT["client"])  # type: ignore[arg-type]
+                            **CONNECT["client"])
     js = nc.jetstream(publish_async_max_pending=4000)
     got = 0
     done = asyncio.Event()
@@ -174,7 +174,7 @@ async def latency(url: str, rate: float, duration_s: float, max_tokens: int, tag
     gc.freeze()
     rng = random.Random(seed)
     nc = await nats.connect(url, pending_size=64 * 1024 * 1024,
-                            **CONNECT["client"])  # type: ignore[arg-type]
+                            **CONNECT["client"])
     js = nc.jetstream(publish_async_max_pending=4000)
     sent: dict[str, float] = {}
     first: dict[str, float] = {}
@@ -238,7 +238,7 @@ def run_ceiling(script: Path, n: int) -> dict[int, float]:
 
 async def measure(args: argparse.Namespace, url: str) -> dict[str, object]:
     settings = load_settings(env={}, nats={"url": url})
-    nc = await nats.connect(url, **CONNECT["admin"])  # type: ignore[arg-type]
+    nc = await nats.connect(url, **CONNECT["admin"])
     await ensure_all(nc.jetstream(), settings)
     await nc.close()
     raw = await raw_publish_rate(url, args.requests)
@@ -283,9 +283,7 @@ def main() -> None:
                                 gateway=False)
         extra = auth.config(load_settings(env={}))
         CREDS.update(auth.files)
-        for role, name in (("client", "tenant-bench"), ("admin", "operator")):
-            p = next(p for p in auth.principals if p.name == name)
-            CONNECT[role] = {"user": p.name, "password": p.password}
+        CONNECT.update(client=auth.login("tenant-bench"), admin=auth.login("operator"))
     with EmbeddedNats(extra_config=extra) as server:
         res = uvloop.run(measure(args, server.url))
     script = Path(args.ceiling_script)

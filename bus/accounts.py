@@ -176,35 +176,32 @@ def _streams(s: Subjects, st: StreamsSettings) -> list[str]:
             f"KV_{s.prefix}_claims", f"KV_{s.batch_jobs_bucket}", f"OBJ_{s.batch_files_bucket}"]
 
 
-def _tenant_exports(t: str, s: Subjects, st: StreamsSettings) -> list[str]:
-    pre, acc = s.prefix, f"T_{t}"
+def _tenant_mappings(t: str, s: Subjects, st: StreamsSettings) -> list[tuple[str, str, str]]:
+    """What tenant `t` shares with the system: (kind, the system's subject, the same as
+    the tenant reads it). Exported to `T_<t>` alone, imported there mapped."""
+    pre = s.prefix
     return [
-        f'      {{ service: "{pre}.req.{t}.*.*", accounts: [{acc}] }}',
-        f'      {{ service: "{pre}.cancel.{t}.>", accounts: [{acc}] }}',
-        f'      {{ stream: "{pre}.out.{t}.>", accounts: [{acc}] }}',
-        f'      {{ stream: "{pre}.done.{t}.>", accounts: [{acc}] }}',
+        # exactly `<priority>.<slo>`: any other shape maps to nothing (never to a
+        # subject of the system's own, as `llm.req.x` -> `llm.req.<t>.x` would)
+        ("service", f"{pre}.req.{t}.*.*", f"{pre}.req.*.*"),
+        ("service", f"{pre}.cancel.{t}.>", f"{pre}.cancel.>"),
+        ("stream", f"{pre}.out.{t}.>", f"{pre}.out.>"),
+        ("stream", f"{pre}.done.{t}.>", f"{pre}.done.>"),
         # its own stored terminals, last by subject: in LLM_OUT at once, LLM_DONE for days
-        *(f'      {{ service: "$JS.API.DIRECT.GET.{x}.{pre}.s.done.{t}.>", '
-          f'accounts: [{acc}] }}' for x in (st.out.name, st.done.name)),
+        *(("service", f"$JS.API.DIRECT.GET.{x}.{pre}.s.done.{t}.>",
+           f"$JS.API.DIRECT.GET.{x}.{pre}.s.done.>") for x in (st.out.name, st.done.name)),
     ]
+
+
+def _tenant_exports(t: str, s: Subjects, st: StreamsSettings) -> list[str]:
+    return [f'      {{ {kind}: "{system}", accounts: [T_{t}] }}'
+            for kind, system, _ in _tenant_mappings(t, s, st)]
 
 
 def _tenant_account(t: str, users: list[Principal], s: Subjects, st: StreamsSettings) -> str:
-    pre, sys_acc = s.prefix, SYSTEM_ACCOUNT
-    imports = [
-        # exactly `<priority>.<slo>`: any other shape maps to nothing (never to a
-        # subject of the system's own, as `llm.req.x` -> `llm.req.<t>.x` would)
-        f'{{ service: {{ account: {sys_acc}, subject: "{pre}.req.{t}.*.*" }}, '
-        f'to: "{pre}.req.*.*" }}',
-        f'{{ service: {{ account: {sys_acc}, subject: "{pre}.cancel.{t}.>" }}, '
-        f'to: "{pre}.cancel.>" }}',
-        f'{{ stream: {{ account: {sys_acc}, subject: "{pre}.out.{t}.>" }}, to: "{pre}.out.>" }}',
-        f'{{ stream: {{ account: {sys_acc}, subject: "{pre}.done.{t}.>" }}, '
-        f'to: "{pre}.done.>" }}',
-        *(f'{{ service: {{ account: {sys_acc}, subject: "$JS.API.DIRECT.GET.{x}.{pre}.s.done.'
-          f'{t}.>" }}, to: "$JS.API.DIRECT.GET.{x}.{pre}.s.done.>" }}'
-          for x in (st.out.name, st.done.name)),
-    ]
+    pre = s.prefix
+    imports = [f'{{ {kind}: {{ account: {SYSTEM_ACCOUNT}, subject: "{system}" }}, to: "{own}" }}'
+               for kind, system, own in _tenant_mappings(t, s, st)]
     gets = [f"$JS.API.DIRECT.GET.{x}.>" for x in (st.out.name, st.done.name)]
     body = ",\n".join(_user(u, [f"{pre}.req.>", f"{pre}.cancel.>", *gets, "$JS.API.INFO",
                                 "_INBOX.>"],

@@ -65,6 +65,11 @@ class AuthSetup:
     def creds(self, name: str) -> str:
         return self.files[name]
 
+    def login(self, name: str) -> dict[str, str]:
+        """`nats.connect` keywords of one principal (`user`, `password`)."""
+        p = next(p for p in self.principals if p.name == name)
+        return {"user": p.name, "password": p.password}
+
     def gateway_env(self) -> dict[str, str]:
         return {f"CPLANE__GATEWAY__API_KEYS__{k}": t for k, t in self.api_keys.items()}
 

@@ -252,8 +252,7 @@ class Subjects:
     def scoped_id(group: str, request_id: str) -> str:
         """The cancel key that names one tenant's request (`cancel_key`): `<tenant>.<id>`
         for a scoped group `<tenant>.<group>`, else the plain id."""
-        tenant, dot, _ = group.rpartition(".")
-        return f"{tenant}.{request_id}" if dot else request_id
+        return scoped(tenant_of(group), request_id)
 
     @staticmethod
     def last_token(subject: str) -> str:

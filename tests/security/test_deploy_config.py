@@ -316,23 +316,6 @@ async def test_tenant_a_cannot_get_by_the_api_subjects_of_the_system(
 
 
 # == a tenant against the system ===========================================================
-@pytest.mark.parametrize("subject", [
-    "llm.work.unified.any", "llm.work.unified.w0", "llm.s.out.i.x", "llm.s.done.i.x",
-    "llm.out.i.x", "llm.done.i.x", "llm.admin.policy", "llm.admin.status",
-    "llm.admin.heartbeat", "llm.hb.w0", "llm.fin.w0", "llm.kv.w0", "llm.dlq.LLM_REQ.1",
-    "$KV.llm_config.policy", "$KV.llm_leases.orchestrator", "$KV.llm_claims.rx",
-    "$KV.llm_batches.job", "$O.llm_batch_files.M.x", "$JS.API.STREAM.CREATE.EVIL",
-    "$JS.API.STREAM.DELETE.LLM_REQ", "$JS.API.CONSUMER.CREATE.LLM_REQ",
-    "$JS.ACK.LLM_REQ.orch-normal.1.1.1.1.1",
-])
-async def test_a_tenant_cannot_publish_into_the_system(
-        deploy: Deploy, fleet: object, connect: Connect, witness: Witness,
-        subject: str) -> None:
-    a = await connect("tenant-a", attack=True)
-    await pub_refused(a, subject, witness)
-    await still_serves(deploy, connect)
-
-
 async def _no_stream(deploy: Deploy, connect: Connect, name: str) -> None:
     op = await connect("operator")
     names = {si.config.name for si in await op.nc.jetstream().streams_info()}
@@ -366,18 +349,32 @@ async def test_a_tenant_has_no_jetstream(deploy: Deploy, fleet: object, connect:
     await still_serves(deploy, connect)
 
 
-# == a worker against the others ===========================================================
+# == publishing and listening as another: a tenant into the system, a worker, the gateway ==
 # (A worker produces outputs: it stores them on llm.s.>, and may send a stored terminal
 # again on llm.done.>; only llm.out, chunks unstored, stays the streams' alone.)
-@pytest.mark.parametrize("subject", ["llm.hb.w0", "llm.fin.w0", "llm.kv.w0",
-                                     "llm.admin.policy", "llm.admin.heartbeat",
-                                     "llm.req.normal.standard", "llm.req.b.normal.standard",
-                                     "llm.cancel.b.x", "llm.out.i.x"])
-async def test_a_worker_cannot_speak_as_another_worker_or_the_system(
-        deploy: Deploy, fleet: object, connect: Connect, witness: Witness,
+TENANT_PUBLISH_DENIED = [
+    "llm.work.unified.any", "llm.work.unified.w0", "llm.s.out.i.x", "llm.s.done.i.x",
+    "llm.out.i.x", "llm.done.i.x", "llm.admin.policy", "llm.admin.status",
+    "llm.admin.heartbeat", "llm.hb.w0", "llm.fin.w0", "llm.kv.w0", "llm.dlq.LLM_REQ.1",
+    "$KV.llm_config.policy", "$KV.llm_leases.orchestrator", "$KV.llm_claims.rx",
+    "$KV.llm_batches.job", "$O.llm_batch_files.M.x", "$JS.API.STREAM.CREATE.EVIL",
+    "$JS.API.STREAM.DELETE.LLM_REQ", "$JS.API.CONSUMER.CREATE.LLM_REQ",
+    "$JS.ACK.LLM_REQ.orch-normal.1.1.1.1.1",
+]
+WORKER_PUBLISH_DENIED = ["llm.hb.w0", "llm.fin.w0", "llm.kv.w0", "llm.admin.policy",
+                         "llm.admin.heartbeat", "llm.req.normal.standard",
+                         "llm.req.b.normal.standard", "llm.cancel.b.x", "llm.out.i.x"]
+PUBLISH_DENIED = [*(("tenant-a", s) for s in TENANT_PUBLISH_DENIED),
+                  *(("worker-w2", s) for s in WORKER_PUBLISH_DENIED)]
+
+
+@pytest.mark.parametrize(("principal", "subject"), PUBLISH_DENIED)
+async def test_a_principal_cannot_publish_into_what_is_not_its_own(
+        deploy: Deploy, fleet: object, connect: Connect, witness: Witness, principal: str,
         subject: str) -> None:
-    w2 = await connect("worker-w2", attack=True)
-    await pub_refused(w2, subject, witness)
+    """A tenant into the system; a worker as another worker or as the system."""
+    who = await connect(principal, attack=True)
+    await pub_refused(who, subject, witness)
     await still_serves(deploy, connect)
 
 

@@ -49,14 +49,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 async def tenant(stack: Stack, name: str) -> NATS:
     assert stack.auth is not None
-    p = next(p for p in stack.auth.principals if p.tenant == name)
-    return await nats.connect(stack.url, user=p.name, password=p.password)
+    return await nats.connect(stack.url, **stack.auth.login(f"tenant-{name}"))
 
 
 async def operator(stack: Stack) -> NATS:
     assert stack.auth is not None
-    p = next(p for p in stack.auth.principals if p.role == "operator")
-    return await nats.connect(stack.url, user=p.name, password=p.password)
+    return await nats.connect(stack.url, **stack.auth.login("operator"))
 
 
 class Outputs:
