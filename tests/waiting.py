@@ -68,6 +68,14 @@ def until_up(proc: subprocess.Popen[bytes], log: Path, timeout: float = 60.0,
     return url[0]
 
 
+def stopped(pid: int) -> bool:
+    """The process is stopped (SIGSTOP took effect: state T in /proc/<pid>/stat)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    except (OSError, IndexError):
+        return False
+
+
 async def quiet_for(seconds: float, happened: Callable[[], object], *, why: str) -> None:
     """Assert that `happened()` stays false for `seconds` (checked every 20 ms).
 

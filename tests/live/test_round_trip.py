@@ -12,7 +12,7 @@ from nats.aio.msg import Msg
 
 from cplane.bus.connect import round_trip
 from cplane.bus.server import EmbeddedNats
-from tests.waiting import until
+from tests.waiting import stopped, until
 
 
 async def test_a_late_answer_leaves_the_connection_reading() -> None:
@@ -27,7 +27,8 @@ async def test_a_late_answer_leaves_the_connection_reading() -> None:
         assert await round_trip(nc, 2.0)
         assert srv.proc is not None
         os.kill(srv.proc.pid, signal.SIGSTOP)
-        try:
+        try:  # a signal is delivered asynchronously: the server may answer until it stops
+            await until(lambda: stopped(srv.proc.pid), 5, "the server stopped")
             assert not await round_trip(nc, 0.5)  # paused: no answer in time
         finally:
             os.kill(srv.proc.pid, signal.SIGCONT)
