@@ -11,7 +11,7 @@ import msgspec
 import nats
 from nats.aio.client import Client as NATS
 
-from cplane.bus.credentials import connect_options, redact
+from cplane.bus.credentials import connect_options, redact, server_list
 from cplane.schemas.settings import NatsSettings
 
 log = logging.getLogger("cplane.bus")
@@ -95,7 +95,10 @@ async def connect(
                 await hook.task
 
     kwargs: dict[str, object] = {
-        "servers": [url],
+        "servers": server_list(url),
+        # The first listed server first (a cluster's processes spread over its nodes by
+        # listing them in different orders), then the others and those it announces.
+        "dont_randomize": True,
         "name": name,
         "max_reconnect_attempts": -1,
         "reconnect_time_wait": 0.5,

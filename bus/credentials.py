@@ -49,6 +49,15 @@ def redact(url: str) -> str:
     return ",".join(_redact_one(part) for part in url.split(","))
 
 
+def server_list(url: str) -> list[str]:
+    """The servers of `url` (one, or a comma-separated list: a cluster's nodes), as
+    nats-py takes them; it reads a comma-separated string as one server."""
+    servers = [part.strip() for part in url.split(",") if part.strip()]
+    if not servers:
+        raise ValueError(f"no NATS server in {url!r}")
+    return servers
+
+
 def _redact_one(url: str) -> str:
     m = _USERINFO.match(url.strip())
     if m is None:
@@ -219,4 +228,4 @@ def _ssl_reason(exc: OSError | ssl.SSLError) -> str:
 
 
 __all__ = ["ConnectErrors", "CredentialsError", "cannot_reach", "connect_options", "redact",
-           "tls_context"]
+           "server_list", "tls_context"]

@@ -19,9 +19,12 @@ Promises:
   `StreamWeakeningError` naming the fields, and nothing is changed. So a
   worker started without the cluster config cannot turn R3 streams into R1.
 - A durable consumer whose mutable fields (ack_wait, max_deliver,
-  max_ack_pending, filter) differ from the settings is updated in place (the
-  server keeps its position); a change the server refuses is logged and the
-  consumer kept.
+  max_ack_pending, filter, replicas) differ from the settings is updated in
+  place (the server keeps its position); a change the server refuses is
+  logged and the consumer kept.
+- On a cluster (`streams.replicas`, bus/stream_config.py) a stream or store
+  found with fewer replicas than the settings is reported (a warning naming
+  it) and, with `update_streams`, raised in place; never lowered.
 """
 
 from __future__ import annotations
@@ -32,200 +35,34 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from nats.js import JetStreamContext
-from nats.js.api import (
-    AckPolicy,
-    ConsumerConfig,
-    DiscardPolicy,
-    RePublish,
-    RetentionPolicy,
-    StorageType,
-    StreamConfig,
-    StreamSource,
-)
+from nats.js.api import ConsumerConfig, StreamConfig
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
-from cplane.schemas.messages import PRIORITIES, Priority, Role
-from cplane.schemas.settings import Settings, StoreSettings, StreamSettings
-from cplane.schemas.subjects import (
-    ANY_TARGET,
-    MODEL_TARGET_PREFIX,
-    Subjects,
-    consumer_for_priority,
-    consumer_for_work,
+from cplane.bus.stream_config import (
+    CONSUMER_FIELDS,
+    STORE_LIMITS,
+    STREAM_FIELDS,
+    ForeignStreamError,
+    StreamWeakeningError,
+    norm_field,
+    claims_bucket,
+    consumer_differences,
+    foreign_routing,
+    request_consumer_config,
+    store_configs,
+    stream_configs,
+    stream_differences,
+    weakening,
+    work_consumer_config,
 )
+from cplane.schemas.messages import PRIORITIES, Role
+from cplane.schemas.settings import Settings
+from cplane.schemas.subjects import consumer_for_work
 
 log = logging.getLogger("cplane.provision")
 _STREAM_EXISTS = 10058  # "stream name already in use with a different configuration"
-
-# Stream fields the settings decide; everything else on an existing stream is kept.
-STREAM_FIELDS = (
-    "subjects", "retention", "storage", "discard", "max_msgs", "max_bytes", "max_age",
-    "max_msg_size", "duplicate_window", "num_replicas", "allow_direct",
-)
-# How a stream routes messages beyond its subjects: set only as cplane configures it.
-ROUTING_FIELDS = ("republish", "sources", "mirror", "subject_transform")
-# Consumer fields compared with the settings; the first four the server updates in place.
-CONSUMER_FIELDS = ("ack_wait", "max_deliver", "max_ack_pending", "filter_subject",
-                   "filter_subjects", "ack_policy")
-
-
-class StreamWeakeningError(RuntimeError):
-    """The settings would weaken an existing stream; it was left unchanged."""
-
-    def __init__(self, stream: str, fields: dict[str, tuple[object, object]]) -> None:
-        detail = ", ".join(f"{k}: {cur!r} -> {new!r}" for k, (cur, new) in fields.items())
-        super().__init__(
-            f"refusing to weaken stream {stream} ({detail}); change it by hand if you mean it"
-        )
-        self.stream = stream
-        self.fields = fields
-
-
-# -- stream configurations (pure) -----------------------------------------------
-def _stream_config(
-    s: StreamSettings, subjects: list[str], retention: RetentionPolicy, discard_new: bool,
-    republish: RePublish | None = None, sources: list[StreamSource] | None = None,
-    allow_direct: bool = False,
-) -> StreamConfig:
-    return StreamConfig(
-        name=s.name,
-        subjects=subjects,
-        retention=retention,
-        storage=StorageType.MEMORY if s.storage == "memory" else StorageType.FILE,
-        max_bytes=s.max_bytes,
-        max_msgs=s.max_msgs,
-        max_age=s.max_age_s or None,
-        max_msg_size=s.max_msg_size,
-        duplicate_window=s.duplicate_window_s,
-        num_replicas=s.replicas,
-        discard=DiscardPolicy.NEW if discard_new else DiscardPolicy.OLD,
-        republish=republish,
-        sources=sources,
-        allow_direct=allow_direct,
-    )
-
-
-def stream_configs(settings: Settings) -> list[StreamConfig]:
-    """The six streams: LLM_REQ, LLM_WORK, LLM_OUT, LLM_DONE, LLM_CANCEL, LLM_DLQ."""
-    subj, st, limits = settings.subjects, settings.streams, RetentionPolicy.LIMITS
-    return [
-        # One subject pattern per priority: a publish to an unknown priority
-        # matches no stream and the publisher gets an error.
-        _stream_config(st.req, [s for p in PRIORITIES
-                                for s in (subj.requests_of(p), subj.tenant_requests_of(p))],
-                       RetentionPolicy.WORK_QUEUE, True),
-        _stream_config(st.work, [subj.work_all], RetentionPolicy.WORK_QUEUE, True),
-        # Outputs, chunks and terminals of a request in one stream, so readers get them
-        # in the order the worker published them: stored first, then republished
-        # (llm.s.out -> llm.out, llm.s.done -> llm.done). Direct gets: a tenant's own.
-        _stream_config(st.out, [subj.out_store_all, subj.done_store_all], limits, False,
-                       RePublish(src=f"{subj.prefix}.s.*.>",
-                                 dest=f"{subj.prefix}.{{{{wildcard(1)}}}}.>"),
-                       allow_direct=True),
-        # Terminals kept for days: copied by the server from LLM_OUT. Direct gets:
-        # the orchestrator asks for many ids' terminals in one request (bus/replay.py).
-        _stream_config(st.done, [], limits, False, sources=[
-            StreamSource(name=st.out.name, filter_subject=subj.done_store_all)],
-            allow_direct=True),
-        _stream_config(st.cancel, [subj.cancel_all], limits, False),
-        _stream_config(st.dlq, [subj.dead_letters_all], limits, False),
-    ]
-
-
-def _norm(field: str, value: object) -> object:
-    """One spelling per meaning: the server reports no age limit as 0, enums as strings."""
-    if field == "subjects":
-        return tuple(sorted(value or ()))  # type: ignore[call-overload]
-    if field == "max_age":
-        return float(value or 0)  # type: ignore[arg-type]
-    if field in ("retention", "storage", "discard"):
-        return getattr(value, "value", value)
-    if field == "num_replicas":
-        return value or 1
-    if field == "allow_direct":
-        return bool(value)
-    if field == "republish" and value is not None:
-        return (value.src, value.dest, bool(value.headers_only))  # type: ignore[attr-defined]
-    if field == "sources":
-        return tuple(sorted(map(repr, map(_source, value or ()))))  # type: ignore[call-overload]
-    if field == "mirror":
-        return _source(value)  # type: ignore[arg-type]
-    if field == "subject_transform" and value is not None:
-        return (value.src, value.dest)  # type: ignore[attr-defined]
-    return value
-
-
-def _source(s: StreamSource | None) -> object:
-    if s is None:
-        return None
-    ext = s.external.api if s.external is not None else ""
-    return (s.name, s.filter_subject or "", ext,
-            tuple((t.src, t.dest) for t in s.subject_transforms or ()))
-
-
-def stream_differences(
-    current: StreamConfig, wanted: StreamConfig, fields: tuple[str, ...] = STREAM_FIELDS
-) -> dict[str, tuple[object, object]]:
-    """Field -> (current, wanted) for every settings-owned field (of `fields`) that differs."""
-    diffs: dict[str, tuple[object, object]] = {}
-    for field in fields:
-        cur = _norm(field, getattr(current, field))
-        new = _norm(field, getattr(wanted, field))
-        if cur != new:
-            diffs[field] = (cur, new)
-    return diffs
-
-
-def weakening(current: StreamConfig, wanted: StreamConfig) -> dict[str, tuple[object, object]]:
-    """The differences that would make `current` less safe if `wanted` were applied.
-
-    Fewer replicas, memory instead of file, another retention, discard old
-    instead of new (a full stream would drop accepted messages), or subjects
-    removed (their publishers would be refused). Limits (age, size, count)
-    are operator choices and not counted here.
-    """
-    diffs = stream_differences(current, wanted)
-    weak: dict[str, tuple[object, object]] = {}
-    for field, (cur, new) in diffs.items():
-        if field == "num_replicas":
-            is_weaker = int(new) < int(cur)  # type: ignore[call-overload]
-        elif field == "storage":
-            is_weaker = cur == StorageType.FILE.value and new == StorageType.MEMORY.value
-        elif field == "retention":
-            is_weaker = True
-        elif field == "discard":
-            is_weaker = cur == DiscardPolicy.NEW.value
-        elif field == "subjects":
-            is_weaker = not set(cur).issubset(set(new))  # type: ignore[call-overload]
-        else:
-            is_weaker = False
-        if is_weaker:
-            weak[field] = (cur, new)
-    return weak
-
-
-class ForeignStreamError(RuntimeError):
-    """An existing stream routes messages as cplane never configures it (see
-    foreign_routing; a store's subjects too): nothing is changed, the caller stops."""
-
-    def __init__(self, stream: str, fields: dict[str, tuple[object, object]]) -> None:
-        detail = ", ".join(f"{k}: {cur!r}, ours {new!r}" for k, (cur, new) in fields.items())
-        super().__init__(
-            f"refusing to start: stream {stream} routes messages as cplane did not configure "
-            f"({detail}); delete it (nats stream rm {stream}) and start the orchestrator again")
-        self.stream = stream
-        self.fields = fields
-
-
-def foreign_routing(current: StreamConfig, wanted: StreamConfig
-                    ) -> dict[str, tuple[object, object]]:
-    """Routing of `current` that `wanted` (ours) does not configure: a RePublish, sources,
-    a mirror or a subject transform could send stored messages to any subject
-    (`llm.admin.*`) or pull in other streams. LLM_OUT's RePublish and LLM_DONE's
-    source are ours, so they pass."""
-    return stream_differences(current, wanted, ROUTING_FIELDS)
 
 
 # -- streams (I/O) ----------------------------------------------------------------
@@ -305,16 +142,6 @@ async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
 
 
 # -- consumers --------------------------------------------------------------------
-def consumer_differences(
-    current: ConsumerConfig, wanted: ConsumerConfig
-) -> dict[str, tuple[object, object]]:
-    diffs: dict[str, tuple[object, object]] = {}
-    for field in CONSUMER_FIELDS:
-        cur, new = getattr(current, field), getattr(wanted, field)
-        cur, new = getattr(cur, "value", cur), getattr(new, "value", new)
-        if new is not None and cur != new:
-            diffs[field] = (cur, new)
-    return diffs
 
 
 async def ensure_consumer(js: JetStreamContext, stream: str, cfg: ConsumerConfig) -> None:
@@ -339,39 +166,10 @@ async def ensure_consumer(js: JetStreamContext, stream: str, cfg: ConsumerConfig
         log.warning("consumer %s on %s kept as is: %s", cfg.durable_name, stream, exc)
 
 
-def request_consumer_config(settings: Settings, subjects: Subjects, p: Priority) -> ConsumerConfig:
-    o = settings.orchestrator
-    return ConsumerConfig(
-        durable_name=consumer_for_priority(p),
-        filter_subjects=[subjects.requests_of(p), subjects.tenant_requests_of(p)],
-        ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=o.ack_wait_s,
-        max_deliver=-1,  # the orchestrator dead-letters at o.max_deliveries itself
-        max_ack_pending=max(o.hold_per_priority * 4, 1024),
-        max_waiting=512,
-    )
-
-
 async def ensure_request_consumers(js: JetStreamContext, settings: Settings) -> None:
     for p in PRIORITIES:
         cfg = request_consumer_config(settings, settings.subjects, p)
         await ensure_consumer(js, settings.streams.req.name, cfg)
-
-
-def work_consumer_config(settings: Settings, role: Role, target: str) -> ConsumerConfig:
-    w = settings.worker
-    return ConsumerConfig(
-        durable_name=consumer_for_work(role, target),
-        filter_subject=settings.subjects.work(role, target),
-        ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=w.ack_wait_s,
-        max_deliver=-1,  # the worker ends a work item after max_migrations itself
-        max_ack_pending=100_000,
-        max_waiting=512,
-        # A dead worker's own consumer goes away after an hour idle; pools stay.
-        inactive_threshold=None if target == ANY_TARGET or target.startswith(
-            MODEL_TARGET_PREFIX) else 3600.0,
-    )
 
 
 async def ensure_work_consumer(
@@ -393,9 +191,6 @@ async def delete_work_consumer(
 
 
 # -- KV buckets and object stores -------------------------------------------------------
-CONFIG_HISTORY = 5  # past choices kept per key (`nats kv history`): who switched what, when
-# Set to the settings on an existing store (its data kept): the bounds on what it may hold.
-STORE_LIMITS = ("max_bytes", "max_msg_size", "max_msgs", "max_msgs_per_subject", "discard")
 
 
 class StoreMissingError(LookupError):
@@ -407,60 +202,13 @@ class StoreMissingError(LookupError):
         self.bucket = bucket
 
 
-def claims_bucket(settings: Settings) -> str:
-    """KV bucket of the workers' per-request claims (bus/claims.py)."""
-    return f"{settings.subjects.prefix}_claims"
-
-
-def _kv_config(bucket: str, lim: StoreSettings, *, replicas: int, history: int = 1,
-               ttl_s: float | None = None) -> StreamConfig:
-    """A bucket's stream as nats-py's create_key_value makes it, with our limits."""
-    return StreamConfig(
-        name=f"KV_{bucket}", subjects=[f"$KV.{bucket}.>"], retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE, num_replicas=replicas, discard=DiscardPolicy.NEW,
-        max_bytes=lim.max_bytes, max_msg_size=lim.max_value_size, max_msgs=-1,
-        max_msgs_per_subject=history, max_age=ttl_s, max_consumers=-1,
-        duplicate_window=min(120.0, ttl_s or 120.0),
-        allow_rollup_hdrs=True, allow_msg_ttl=True, deny_delete=True)
-
-
-def _object_config(bucket: str, lim: StoreSettings, *, replicas: int,
-                   ttl_s: float | None = None) -> StreamConfig:
-    """An object store's stream as nats-py's create_object_store makes it, with our limits."""
-    return StreamConfig(
-        name=f"OBJ_{bucket}", subjects=[f"$O.{bucket}.C.>", f"$O.{bucket}.M.>"],
-        retention=RetentionPolicy.LIMITS, storage=StorageType.FILE, num_replicas=replicas,
-        discard=DiscardPolicy.NEW, max_bytes=lim.max_bytes, max_msg_size=lim.max_value_size,
-        max_msgs=-1, max_age=ttl_s, max_consumers=-1, duplicate_window=120.0,
-        allow_rollup_hdrs=True, allow_direct=True)
-
-
-def store_configs(settings: Settings) -> dict[str, StreamConfig]:
-    """The five stores' streams, keyed as their limits in `streams`. Batch jobs and
-    files live as long as LLM_DONE keeps terminals (a job outlives no result it
-    points to); config keeps 5 past values; leases and claims expire by TTL."""
-    subj, st = settings.subjects, settings.streams
-    done_ttl = st.done.max_age_s or None
-    return {
-        "leases": _kv_config(subj.leases_bucket, st.leases, replicas=st.req.replicas,
-                             ttl_s=settings.orchestrator.lease_ttl_s),
-        "claims": _kv_config(claims_bucket(settings), st.claims, replicas=st.work.replicas,
-                             ttl_s=settings.worker.claim_ttl_s),
-        "config": _kv_config(subj.config_bucket, st.config, replicas=st.req.replicas,
-                             history=CONFIG_HISTORY),
-        "batch_jobs": _kv_config(subj.batch_jobs_bucket, st.batch_jobs,
-                                 replicas=st.done.replicas, ttl_s=done_ttl),
-        "batch_files": _object_config(subj.batch_files_bucket, st.batch_files,
-                                      replicas=st.done.replicas, ttl_s=done_ttl),
-    }
-
-
-async def ensure_store(js: JetStreamContext, cfg: StreamConfig) -> None:
+async def ensure_store(js: JetStreamContext, cfg: StreamConfig, *, update: bool = False) -> None:
     """Create a store's stream if missing. An existing one keeps its data: routing not
     ours or other subjects -> ForeignStreamError, a weaker one (memory, fewer replicas,
     another retention) -> StreamWeakeningError, nothing changed; limits (STORE_LIMITS)
-    set to the settings' (logged); anything else (a TTL: entries could vanish under
-    their holder) kept, with a warning."""
+    set to the settings' (logged); more replicas applied with `update` (else a
+    warning); anything else (a TTL: entries could vanish under their holder) kept,
+    with a warning."""
     assert cfg.name is not None
     current = await _create_or_current(js, cfg)
     if current is None:
@@ -471,10 +219,11 @@ async def ensure_store(js: JetStreamContext, cfg: StreamConfig) -> None:
     weak = weakening(current, cfg)
     if weak:
         raise StreamWeakeningError(cfg.name, weak)
-    limits = {f: (getattr(current, f), getattr(cfg, f)) for f in STORE_LIMITS
-              if _norm(f, getattr(current, f)) != _norm(f, getattr(cfg, f))}
+    applied = STORE_LIMITS + (("num_replicas",) if update else ())
+    limits = {f: (getattr(current, f), getattr(cfg, f)) for f in applied
+              if norm_field(f, getattr(current, f)) != norm_field(f, getattr(cfg, f))}
     if limits:
-        log.warning("store %s: limits set to the settings' (%s)", cfg.name,
+        log.warning("store %s: set to the settings' (%s)", cfg.name,
                     ", ".join(f"{k}: {cur!r} -> {new!r}" for k, (cur, new) in limits.items()))
         await js.update_stream(dataclasses.replace(current, **{f: getattr(cfg, f)
                                                                 for f in limits}))
@@ -503,14 +252,16 @@ async def open_object_store(js: JetStreamContext, bucket: str) -> ObjectStore:
 
 async def ensure_lease_bucket(js: JetStreamContext, settings: Settings) -> KeyValue:
     """The orchestrator lease's bucket (TTL `orchestrator.lease_ttl_s`), ensured and opened."""
-    await ensure_store(js, store_configs(settings)["leases"])
+    await ensure_store(js, store_configs(settings)["leases"],
+                       update=settings.nats.update_streams)
     return await open_key_value(js, settings.subjects.leases_bucket)
 
 
 async def ensure_config_bucket(js: JetStreamContext, settings: Settings) -> KeyValue:
     """The bucket of fleet-wide runtime choices (the dispatch policy; file storage, no
     TTL: a choice outlives every process and a broker restart), ensured and opened."""
-    await ensure_store(js, store_configs(settings)["config"])
+    await ensure_store(js, store_configs(settings)["config"],
+                       update=settings.nats.update_streams)
     return await open_key_value(js, settings.subjects.config_bucket)
 
 
@@ -538,7 +289,7 @@ async def ensure_all(js: JetStreamContext, settings: Settings) -> None:
     await ensure_streams(js, settings)
     await ensure_request_consumers(js, settings)
     for cfg in store_configs(settings).values():
-        await ensure_store(js, cfg)
+        await ensure_store(js, cfg, update=settings.nats.update_streams)
 
 
 class Provisioner:

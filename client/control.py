@@ -30,7 +30,7 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from cplane.bus.credentials import cannot_reach, connect_options
+from cplane.bus.credentials import cannot_reach, connect_options, server_list
 from cplane.client.admin import Admin, NoOrchestrator
 from cplane.client.aggregate import (
     MetricsSummary,
@@ -100,7 +100,7 @@ class ControlPlane:
 
         try:
             async with asyncio.timeout(connect_timeout_s):
-                nc = await nats.connect(url, allow_reconnect=False, connect_timeout=2,
+                nc = await nats.connect(server_list(url), allow_reconnect=False, connect_timeout=2,
                                         error_cb=quiet, **options)
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             raise cannot_reach(url, exc) from None

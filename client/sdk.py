@@ -49,7 +49,7 @@ from nats.js.api import DeliverPolicy
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 from cplane.bus import tracing
-from cplane.bus.credentials import ConnectErrors, cannot_reach, connect_options
+from cplane.bus.credentials import ConnectErrors, cannot_reach, connect_options, server_list
 from cplane.client.results import Start, StoredResult, stored_results
 from cplane.schemas import trace
 from cplane.schemas.codec import encode, output_decoder
@@ -361,9 +361,9 @@ class Client:
 
         try:
             async with asyncio.timeout(connect_timeout_s):
-                nc = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-                                        error_cb=quiet, reconnected_cb=reconnected,
-                                        **options)
+                nc = await nats.connect(server_list(url), max_reconnect_attempts=-1,
+                                        reconnect_time_wait=0.5, error_cb=quiet,
+                                        reconnected_cb=reconnected, **options)
         except TimeoutError:
             raise cannot_reach(url, errors.reason) from None
         if tenant_view is None:

@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cplane.bus.credentials import ConnectErrors, cannot_reach, connect_options
+from cplane.bus.credentials import ConnectErrors, cannot_reach, connect_options, server_list
 from cplane.client.batch import (
     InvalidFile,
     SubmitOptions,
@@ -58,7 +58,8 @@ def _errors_path(output: Path) -> Path:
 async def _connected(settings: Settings) -> AsyncIterator[tuple[NATS, JobStore]]:
     errors = ConnectErrors()  # quiet; kept for the reason (authorization, TLS)
     try:
-        nc = await asyncio.wait_for(nats.connect(settings.nats.url, error_cb=errors.record,
+        nc = await asyncio.wait_for(nats.connect(server_list(settings.nats.url),
+                                                 error_cb=errors.record,
                                                  max_reconnect_attempts=-1,
                                                  **connect_options(settings.nats)), 5.0)
     except (TimeoutError, OSError, NoServersError):

@@ -24,7 +24,7 @@ import nats
 from nats.aio.client import Client as NATS
 
 from cplane.auth_setup import AuthSetup
-from cplane.bus.credentials import connect_options, redact
+from cplane.bus.credentials import connect_options, redact, server_list
 from cplane.bus.heartbeats import HeartbeatWatcher, Seen
 from cplane.bus.server import EmbeddedNats, free_port
 from cplane.schemas.messages import Heartbeat
@@ -83,7 +83,7 @@ async def wait_for_workers(url: str, n: int, timeout_s: float,
     """Block until `n` distinct workers have sent a heartbeat (or the timeout passes);
     `nats_settings` gives the credentials and TLS (bus/credentials.py)."""
     nats_settings = msgspec.structs.replace(nats_settings or NatsSettings(), url=url)
-    nc = await nats.connect(url, **connect_options(nats_settings))
+    nc = await nats.connect(server_list(url), **connect_options(nats_settings))
     try:
         return await heartbeats_seen(nc, subjects or Subjects(), n, timeout_s)
     finally:

@@ -24,7 +24,7 @@ import nats
 from nats.aio.msg import Msg
 from nats.errors import NoServersError
 
-from cplane.bus.credentials import cannot_reach, connect_options
+from cplane.bus.credentials import cannot_reach, connect_options, server_list
 from cplane.client.results import StoredResult, stored_results
 from cplane.schemas.codec import chunk_decoder
 from cplane.schemas.messages import ErrorReply, Final, TokenChunk
@@ -70,7 +70,7 @@ def chunk_line(group: str, c: TokenChunk) -> str:
 
 async def _tail_results(args: argparse.Namespace, settings: Settings,
                         out: Callable[[str], None]) -> None:
-    nc = await nats.connect(settings.nats.url, max_reconnect_attempts=-1,
+    nc = await nats.connect(server_list(settings.nats.url), max_reconnect_attempts=-1,
                             **connect_options(settings.nats))
     try:
         start = parse_since(args.since) if args.since else None
@@ -83,7 +83,7 @@ async def _tail_results(args: argparse.Namespace, settings: Settings,
 
 async def _tail_tokens(args: argparse.Namespace, settings: Settings,
                        out: Callable[[str], None]) -> None:
-    nc = await nats.connect(settings.nats.url, max_reconnect_attempts=-1,
+    nc = await nats.connect(server_list(settings.nats.url), max_reconnect_attempts=-1,
                             **connect_options(settings.nats))
     subjects = settings.subjects
 

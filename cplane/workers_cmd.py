@@ -23,7 +23,7 @@ import msgspec
 import nats
 from nats.aio.client import Client as NATS
 
-from cplane.bus.credentials import cannot_reach, connect_options
+from cplane.bus.credentials import cannot_reach, connect_options, server_list
 from cplane.bus.heartbeats import HeartbeatWatcher, Seen
 from cplane.schemas.admin import BREAKERS_VERB, breakers_decoder
 from cplane.schemas.messages import Heartbeat, WorkerState
@@ -178,7 +178,7 @@ async def _connect(settings: NatsSettings) -> NATS:
 
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT_S):
-            return await nats.connect(settings.url, allow_reconnect=False,
+            return await nats.connect(server_list(settings.url), allow_reconnect=False,
                                       max_reconnect_attempts=1, reconnect_time_wait=0.1,
                                       connect_timeout=2, error_cb=quiet,
                                       **connect_options(settings))

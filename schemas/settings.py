@@ -29,7 +29,7 @@ class StreamSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_age_s: float = 0.0  # 0 = forever
     max_msg_size: int = -1
     duplicate_window_s: float = 120.0
-    replicas: int = 1
+    replicas: int = 0  # copies on a JetStream cluster; 0: `streams.replicas`
 
 
 class StoreSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -38,9 +38,15 @@ class StoreSettings(msgspec.Struct, frozen=True, kw_only=True):
 
     max_bytes: int  # the whole store; the server reserves it up front
     max_value_size: int = -1  # one stored message (a value, an object chunk); -1 = max_payload
+    replicas: int = 0  # copies on a JetStream cluster; 0: `streams.replicas`
 
 
 class StreamsSettings(msgspec.Struct, frozen=True, kw_only=True):
+    # Copies of every stream, KV bucket and object store (each may set its own):
+    # 3 on a 3-node cluster (`cplane up --cluster 3` sets it), so an ack means a
+    # majority of nodes stored the message (README, "Guarantees"); at most the
+    # number of nodes.
+    replicas: int = 1
     # Requests: discard=new with size limits, so an overloaded system
     # refuses at publish time instead of queueing forever.
     req: StreamSettings = StreamSettings(

@@ -52,6 +52,8 @@ def isolated_settings(url: str, **sections: dict[str, object]) -> Settings:
     base = load_settings(env={}, nats={"url": url, "prefix": f"t{tag}"})
     streams = msgspec.to_builtins(base.streams)
     for key, cfg in streams.items():
+        if not isinstance(cfg, dict):  # `replicas`, for them all
+            continue
         if "name" in cfg:  # a stream; the others are bucket and object store limits
             cfg["name"] = f"{cfg['name']}_{tag}"
         cfg["max_bytes"] = 64 << 20  # the server reserves limits up front; stay small

@@ -1,0 +1,217 @@
+"""A local JetStream cluster: N `nats-server` processes on loopback, for `cplane up
+--cluster N`, the cluster chaos suite and tests.
+
+Each node is an `EmbeddedNats` (bus/server.py) with its own store, client port,
+route port and monitoring port (loopback only; it has no authentication).
+Routes are authorized by certificate: they speak TLS, both sides verified
+against a throwaway CA, and a node accepts a route only from a peer whose
+certificate subject is the route user (`verify_and_map`), so there is no route
+password to keep. Every node lists every route, so any node can start first.
+
+`url` is every node's client URL, comma-separated, in the form each cplane
+process takes with `--nats-url`; `url_from(i)` lists node i first, so
+processes given different `i` connect to different nodes first (and fail over
+to the others). Nodes are killed, paused (SIGSTOP: a hung node, not a dead one),
+resumed and restarted on their store one at a time; `meta_leader()` and
+`stream_leader(name)` say which node leads (from the monitoring endpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from cplane.bus.server import EmbeddedNats, free_port
+
+if TYPE_CHECKING:  # bus/tls.py imports cryptography: only where certificates are made
+    from cplane.bus.tls import TlsFiles
+
+CLUSTER_NAME = "cplane"
+ROUTE_USER = "CN=cplane nats-server"  # the subject of make_certs' server certificate
+
+
+class ClusterNotReadyError(TimeoutError):
+    """The cluster did not elect a JetStream meta leader in time."""
+
+
+class EmbeddedCluster:
+    """`size` nats-server nodes forming one JetStream cluster on loopback."""
+
+    def __init__(
+        self,
+        size: int = 3,
+        store_root: str | None = None,
+        client_tls: TlsFiles | None = None,
+        extra_config: str = "",
+        sync_interval: str = "100ms",
+        max_file_store: str | None = None,
+    ) -> None:
+        if size < 1:
+            raise ValueError("a cluster needs at least one node")
+        from cplane.bus.tls import make_certs
+
+        self._own_root = store_root is None
+        self.root = store_root or tempfile.mkdtemp(prefix="cplane-cluster-")
+        # Route certificates: the same server certificate dials and serves routes.
+        self.route_tls = client_tls or make_certs(Path(self.root, "tls"))
+        self.client_tls = client_tls
+        ports = [(free_port(), free_port(), free_port()) for _ in range(size)]
+        routes = ", ".join(f"nats-route://127.0.0.1:{route}" for _, route, _ in ports)
+        self.monitor_ports = [mon for _, _, mon in ports]
+        self.nodes: list[EmbeddedNats] = []
+        for i, (client, route, mon) in enumerate(ports):
+            name = f"n{i + 1}"
+            store = Path(self.root, name)
+            store.mkdir(parents=True, exist_ok=True)
+            block = "\n".join([
+                f"server_name: {name}",
+                f"http: 127.0.0.1:{mon}",
+                "cluster {",
+                f"  name: {CLUSTER_NAME}",
+                f"  listen: 127.0.0.1:{route}",
+                "  tls {",
+                f'    cert_file: "{self.route_tls.server_cert}"',
+                f'    key_file: "{self.route_tls.server_key}"',
+                f'    ca_file: "{self.route_tls.ca}"',
+                "    timeout: 2",
+                "    verify_and_map: true",
+                "  }",
+                f'  authorization {{ user: "{ROUTE_USER}", timeout: 2 }}',
+                f"  routes: [{routes}]",
+                "}",
+                extra_config,
+            ])
+            self.nodes.append(EmbeddedNats(
+                port=client, store_dir=str(store), sync_interval=sync_interval,
+                max_file_store=max_file_store, tls=client_tls, extra_config=block))
+
+    # -- where to connect ------------------------------------------------------------
+    @property
+    def urls(self) -> list[str]:
+        return [n.url for n in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """Every node's URL, comma-separated (`--nats-url`, NATS_URL)."""
+        return ",".join(self.urls)
+
+    def url_from(self, i: int) -> str:
+        """Every node's URL with node `i % size` first: spreads processes over nodes."""
+        urls = self.urls
+        k = i % len(urls)
+        return ",".join(urls[k:] + urls[:k])
+
+    # -- life cycle -----------------------------------------------------------------
+    def start(self, timeout_s: float = 30.0) -> EmbeddedCluster:
+        """Start every node, then wait until JetStream has a meta leader."""
+        for node in self.nodes:
+            node.start(timeout_s)
+        self.wait_ready(timeout_s)
+        return self
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Until every running node reports JetStream healthy and a meta leader is known."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.meta_leader() is not None and all(
+                    self._healthy(i) for i, n in enumerate(self.nodes) if n.running):
+                return
+            time.sleep(0.1)
+        raise ClusterNotReadyError(f"the {len(self.nodes)}-node cluster has no JetStream "
+                                   f"meta leader after {timeout_s} s (logs in {self.root})")
+
+    def kill(self, i: int) -> None:
+        """SIGKILL node `i` (a crash: the last sync interval may be lost); store kept."""
+        self.nodes[i].kill()
+
+    def pause(self, i: int) -> None:
+        """SIGSTOP node `i`: it holds its sockets and answers nothing (a hung node)."""
+        self._send(i, signal.SIGSTOP)
+
+    def resume(self, i: int) -> None:
+        self._send(i, signal.SIGCONT)
+
+    def restart(self, i: int, timeout_s: float = 30.0) -> None:
+        """Start node `i` again on its ports and store (SIGTERM first if it runs)."""
+        self.nodes[i].restart(timeout_s)
+
+    def start_node(self, i: int, timeout_s: float = 30.0) -> None:
+        self.nodes[i].start(timeout_s)
+
+    def _send(self, i: int, sig: signal.Signals) -> None:
+        proc = self.nodes[i].proc
+        if proc is None or proc.poll() is not None:
+            raise RuntimeError(f"node {i} is not running")
+        proc.send_signal(sig)
+
+    def stop(self) -> None:
+        """Stop every node (resumed first if paused) and delete a store made here."""
+        for i, node in enumerate(self.nodes):
+            if node.running:
+                self._send(i, signal.SIGCONT)
+            node.terminate()
+        if self._own_root:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> EmbeddedCluster:
+        return self.start()
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # -- who leads (the monitoring endpoint) ------------------------------------------
+    def _monitor(self, i: int, path: str, timeout_s: float = 1.0) -> dict[str, object] | None:
+        if not self.nodes[i].running:
+            return None
+        url = f"http://127.0.0.1:{self.monitor_ports[i]}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+                data = json.loads(resp.read())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def _healthy(self, i: int) -> bool:
+        data = self._monitor(i, "/healthz?js-enabled-only=true")
+        return data is not None and data.get("status") == "ok"
+
+    def node_named(self, name: str | None) -> int | None:
+        """Index of the node whose server_name is `name` (n1 -> 0)."""
+        if not name or not name.startswith("n") or not name[1:].isdigit():
+            return None
+        i = int(name[1:]) - 1
+        return i if 0 <= i < len(self.nodes) else None
+
+    def meta_leader(self) -> int | None:
+        """The JetStream meta leader's index, as the first answering node sees it."""
+        for i in range(len(self.nodes)):
+            data = self._monitor(i, "/jsz")
+            meta = data.get("meta_cluster") if data else None
+            if isinstance(meta, dict):
+                return self.node_named(meta.get("leader"))
+        return None
+
+    def stream_leader(self, stream: str, account: str | None = None) -> int | None:
+        """Index of the node leading `stream` (its Raft group), None when none is known."""
+        query = "/jsz?streams=true" + (f"&acc={account}" if account else "")
+        for i in range(len(self.nodes)):
+            data = self._monitor(i, query)
+            for acc in (data or {}).get("account_details") or []:  # type: ignore[attr-defined]
+                for st in acc.get("stream_detail") or []:
+                    if st.get("name") == stream:
+                        leader = (st.get("cluster") or {}).get("leader")
+                        if leader:
+                            return self.node_named(leader)
+        return None
+
+
+__all__ = ["CLUSTER_NAME", "ROUTE_USER", "ClusterNotReadyError", "EmbeddedCluster"]
