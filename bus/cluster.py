@@ -52,6 +52,7 @@ class EmbeddedCluster:
         extra_config: str = "",
         sync_interval: str = "100ms",
         max_file_store: str | None = None,
+        own_session: bool = False,
     ) -> None:
         if size < 1:
             raise ValueError("a cluster needs at least one node")
@@ -90,7 +91,8 @@ class EmbeddedCluster:
             ])
             self.nodes.append(EmbeddedNats(
                 port=client, store_dir=str(store), sync_interval=sync_interval,
-                max_file_store=max_file_store, tls=client_tls, extra_config=block))
+                max_file_store=max_file_store, tls=client_tls, extra_config=block,
+                own_session=own_session))
 
     # -- where to connect ------------------------------------------------------------
     @property

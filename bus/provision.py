@@ -33,6 +33,7 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, StreamConfig
@@ -46,10 +47,10 @@ from cplane.bus.stream_config import (
     STREAM_FIELDS,
     ForeignStreamError,
     StreamWeakeningError,
-    norm_field,
     claims_bucket,
     consumer_differences,
     foreign_routing,
+    norm_field,
     request_consumer_config,
     store_configs,
     stream_configs,
@@ -62,6 +63,7 @@ from cplane.schemas.settings import Settings
 from cplane.schemas.subjects import consumer_for_work
 
 log = logging.getLogger("cplane.provision")
+T = TypeVar("T")
 _STREAM_EXISTS = 10058  # "stream name already in use with a different configuration"
 
 
@@ -69,18 +71,25 @@ _STREAM_EXISTS = 10058  # "stream name already in use with a different configura
 _API_TRIES = 3  # a JetStream API request unanswered within its timeout is asked again
 
 
-async def _current(js: JetStreamContext, name: str) -> StreamConfig:
-    """The stream's config; NotFoundError if none. A busy server (many services
-    provisioning at once on a loaded host) may answer after the request's
-    timeout: reading is safe to repeat, so ask again before giving up."""
+async def _asked(call: Callable[[], Awaitable[T]], what: str) -> T:
+    """`call()`, asked again when unanswered in time. A busy server (many services
+    provisioning at once on a loaded host; on a cluster each creation is a round
+    of the meta leader's Raft group) may answer after the request's timeout; every
+    request asked this way is safe to repeat (a read, or a creation of an identical
+    config, which the server accepts again)."""
     for attempt in range(_API_TRIES):
         try:
-            return (await js.stream_info(name)).config
+            return await call()
         except TimeoutError:
             if attempt + 1 == _API_TRIES:
                 raise
-            log.info("stream_info %s unanswered; asking again", name)
+            log.info("%s unanswered; asking again", what)
     raise AssertionError("unreachable")
+
+
+async def _current(js: JetStreamContext, name: str) -> StreamConfig:
+    """The stream's config; NotFoundError if none."""
+    return (await _asked(lambda: js.stream_info(name), f"stream_info {name}")).config
 
 
 async def _create_or_current(js: JetStreamContext, cfg: StreamConfig) -> StreamConfig | None:
@@ -151,8 +160,10 @@ async def ensure_consumer(js: JetStreamContext, stream: str, cfg: ConsumerConfig
     change it refuses (an immutable field) is logged and the consumer kept.
     """
     assert cfg.durable_name is not None
+    name = cfg.durable_name
     try:
-        current = (await js.consumer_info(stream, cfg.durable_name)).config
+        current = (await _asked(lambda: js.consumer_info(stream, name),
+                                f"consumer_info {name}")).config
     except NotFoundError:
         current = None
     if current is not None:
@@ -161,7 +172,7 @@ async def ensure_consumer(js: JetStreamContext, stream: str, cfg: ConsumerConfig
             return
         log.info("updating consumer %s on %s: %s", cfg.durable_name, stream, diffs)
     try:
-        await js.add_consumer(stream, cfg)
+        await _asked(lambda: js.add_consumer(stream, cfg), f"add_consumer {name}")
     except BadRequestError as exc:
         log.warning("consumer %s on %s kept as is: %s", cfg.durable_name, stream, exc)
 

@@ -80,6 +80,7 @@ class EmbeddedNats:
         tls: TlsFiles | None = None,
         verify_clients: bool = False,
         extra_config: str = "",
+        own_session: bool = False,
     ) -> None:
         self.port = port or free_port()
         self._own_dir = store_dir is None
@@ -93,6 +94,9 @@ class EmbeddedNats:
         self.tls = tls
         self.verify_clients = verify_clients  # with tls: clients must present a certificate
         self.extra_config = extra_config
+        # A session of its own: a Ctrl-C (SIGINT to the terminal's process group) does not
+        # reach it, so `cplane up` drains its services before it stops the server.
+        self.own_session = own_session
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -141,8 +145,8 @@ class EmbeddedNats:
         conf = self._write_config()
         log = open(Path(self.store_dir) / "server.log", "ab")
         self.proc = subprocess.Popen(
-            [nats_server_binary(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
-        )
+            [nats_server_binary(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=self.own_session)
         log.close()
         _wait_port(self.port, self.proc, timeout_s)
         return self

@@ -30,7 +30,7 @@ async def streams_ready(js: JetStreamContext, settings: Settings, poll_s: float 
             try:
                 await js.stream_info(cfg.name)
                 break
-            except NotFoundError:
+            except (NotFoundError, TimeoutError):  # unanswered: a busy (cluster) server
                 pass
             try:
                 await ensure_stream(js, cfg, update=False)

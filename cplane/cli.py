@@ -98,7 +98,17 @@ def cmd_up(args: argparse.Namespace) -> int:
         tenants=args.tenant or [],
         tls=args.tls,
         as_json=args.json,
+        cluster=args.cluster,
+        orchestrators=args.orchestrators or 0,
     )
+    if spec.cluster and spec.nats_url:
+        print("cplane up: --cluster starts its own nats-servers; it cannot with --nats-url",
+              file=sys.stderr)
+        return 2
+    if args.cluster < 0 or (args.orchestrators is not None and args.orchestrators < 1):
+        print("cplane up: --cluster takes a node count, --orchestrators at least 1",
+              file=sys.stderr)
+        return 2
     if spec.auth and spec.nats_url:
         print("cplane up: --auth configures the embedded server; it cannot with --nats-url",
               file=sys.stderr)
@@ -271,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant", action="append", metavar="NAME",
                    help="a tenant account (implies --auth; repeat for more)")
     p.add_argument("--tls", action="store_true", help="TLS-only server with a throwaway CA")
+    p.add_argument("--cluster", type=int, nargs="?", const=3, default=0, metavar="N",
+                   help="a JetStream cluster of N nats-servers (default 3) on loopback, every "
+                        "stream and store replicated on min(N, 3) of them; prints each URL")
+    p.add_argument("--orchestrators", type=int, default=None, metavar="N",
+                   help="orchestrator replicas (one leads); default 1, 2 with --cluster")
     p.add_argument("--json", action="store_true",
                    help="with --auth: one JSON line per principal (principal, role, tenant, "
                         "url, user, password, file)")

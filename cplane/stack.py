@@ -24,6 +24,7 @@ import nats
 from nats.aio.client import Client as NATS
 
 from cplane.auth_setup import AuthSetup
+from cplane.bus.cluster import EmbeddedCluster
 from cplane.bus.credentials import connect_options, redact, server_list
 from cplane.bus.heartbeats import HeartbeatWatcher, Seen
 from cplane.bus.server import EmbeddedNats, free_port
@@ -53,6 +54,14 @@ class StackSpec:
     tenants: list[str] = field(default_factory=list)
     tls: bool = False
     as_json: bool = False  # print each principal as one JSON line
+    # --cluster N: N nats-servers forming one JetStream cluster (bus/cluster.py), every
+    # stream and store with min(N, 3) replicas, processes spread over the nodes.
+    cluster: int = 0
+    orchestrators: int = 0  # replicas (one leads, the others stand by); 0: 1, 2 on a cluster
+
+    def __post_init__(self) -> None:
+        if self.orchestrators <= 0:
+            self.orchestrators = 2 if self.cluster else 1
 
 
 async def heartbeats_seen(nc: NATS, subjects: Subjects, n: int, timeout_s: float) -> set[str]:
@@ -128,6 +137,7 @@ class Stack:
     def __init__(self, spec: StackSpec) -> None:
         self.spec = spec
         self.server: EmbeddedNats | None = None
+        self.cluster: EmbeddedCluster | None = None
         self.procs: list[subprocess.Popen[bytes]] = []
         self.url = spec.nats_url or ""
         self.kv_dir: str | None = None
@@ -138,8 +148,10 @@ class Stack:
         self.tls_ca: str | None = None
         self.tls_files: TlsFiles | None = None  # --tls: the gateway serves https with them
 
-    def _cli(self, *args: str, principal: str = "operator") -> list[str]:
-        base = [sys.executable, "-m", "cplane.cli", *args, "--nats-url", self.url]
+    def _cli(self, *args: str, principal: str = "operator", node: int = 0) -> list[str]:
+        """A `cplane` command line; on a cluster it lists node `node` first."""
+        url = self.cluster.url_from(node) if self.cluster is not None else self.url
+        base = [sys.executable, "-m", "cplane.cli", *args, "--nats-url", url]
         if self.spec.config:
             base += ["--config", self.spec.config]
         if self.auth is not None:
@@ -168,7 +180,12 @@ class Stack:
             tls = make_certs(tempfile.mkdtemp(prefix="cplane-tls-"))
             self.tls_ca = tls.ca
             self.tls_files = tls
-        self.server = EmbeddedNats(tls=tls, extra_config=extra).start()
+        if s.cluster:
+            self.cluster = EmbeddedCluster(s.cluster, client_tls=tls, extra_config=extra,
+                                           own_session=True).start()
+            self.url = self.cluster.url
+            return
+        self.server = EmbeddedNats(tls=tls, extra_config=extra, own_session=True).start()
         self.url = self.server.url
 
     def operator_nats(self) -> NatsSettings:
@@ -194,21 +211,23 @@ class Stack:
             kv = ["--kv-connector", "ExampleConnector", "--kv-shared-path", self.kv_dir]
         return [
             self._cli("worker", "--role", w.split("-")[0] if s.pd else "unified", "--worker-id",
-                      w, *common, *kv, principal=f"worker-{w}")
-            for w in self._worker_ids()
+                      w, *common, *kv, principal=f"worker-{w}", node=s.orchestrators + i)
+            for i, w in enumerate(self._worker_ids())
         ]
 
     def start(self, timeout_s: float = 180.0) -> None:
         if not self.url:
             self._start_server()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        # Each process its own /metrics port (orchestrator first), free when picked.
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.cluster_env())
+        # Each process its own /metrics port (orchestrators first), free when picked.
         cmds = self._worker_cmds()
-        self.metrics_ports = [free_port() for _ in range(1 + len(cmds))]
-        orch = self._cli("orchestrator", principal="orchestrator")
-        self.procs.append(subprocess.Popen(orch, env={
-            **env, "CPLANE__METRICS__ORCHESTRATOR_PORT": str(self.metrics_ports[0])}))
-        for cmd, port in zip(cmds, self.metrics_ports[1:], strict=True):
+        n_orch = self.spec.orchestrators
+        self.metrics_ports = [free_port() for _ in range(n_orch + len(cmds))]
+        for i in range(n_orch):
+            orch = self._cli("orchestrator", principal="orchestrator", node=i)
+            self.procs.append(subprocess.Popen(orch, env={
+                **env, "CPLANE__METRICS__ORCHESTRATOR_PORT": str(self.metrics_ports[i])}))
+        for cmd, port in zip(cmds, self.metrics_ports[n_orch:], strict=True):
             self.procs.append(subprocess.Popen(cmd, env={
                 **env, "CPLANE__METRICS__WORKER_PORT": str(port)}))
         if self.spec.gateway:
@@ -260,11 +279,20 @@ class Stack:
         finally:
             sock.close()  # the gateway holds its own copy
 
+    def cluster_env(self) -> dict[str, str]:
+        """On a cluster: every stream and store with min(N, 3) replicas."""
+        if self.cluster is None:
+            return {}
+        return {"CPLANE__STREAMS__REPLICAS": str(min(3, len(self.cluster.nodes)))}
+
     def stop(self) -> None:
         stop_processes(self.procs, 40)
         if self.server:
             self.server.stop()
             self.server = None
+        if self.cluster:
+            self.cluster.stop()
+            self.cluster = None
 
     def _print_principals(self) -> None:
         """--auth: how each principal connects (one JSON object per line with --json)."""
@@ -295,13 +323,24 @@ class Stack:
         self.start()
         s = self.spec
         roles = "prefill+decode" if s.pd else f"{s.workers} unified"
-        print(f"cplane is up: NATS at {redact(self.url)} | orchestrator + {roles} {s.engine} "
+        orch = f"{s.orchestrators} orchestrator replicas" if s.orchestrators > 1 else "orchestrator"
+        print(f"cplane is up: NATS at {redact(self.url)} | {orch} + {roles} {s.engine} "
               f"worker(s), model {s.model!r}", flush=True)
         if self.gateway_url:
             print(f"  gateway: {self.gateway_url}  (OpenAI API at {self.gateway_url}/v1)",
                   flush=True)
-        print(f"  metrics: http://127.0.0.1:{self.metrics_ports[0]}/metrics (orchestrator), "
-              f"workers on ports {', '.join(map(str, self.metrics_ports[1:]))}", flush=True)
+        n_orch = s.orchestrators
+        orch_ports = ", ".join(map(str, self.metrics_ports[1:n_orch]))
+        print(f"  metrics: http://127.0.0.1:{self.metrics_ports[0]}/metrics (orchestrator"
+              f"{'; standbys on ports ' + orch_ports if orch_ports else ''}), workers on ports "
+              f"{', '.join(map(str, self.metrics_ports[n_orch:]))}", flush=True)
+        if self.cluster is not None:
+            print(f"  cluster: {len(self.cluster.nodes)} nats-server nodes, every stream and "
+                  f"store R{self.cluster_env()['CPLANE__STREAMS__REPLICAS']}; give your own "
+                  "processes all the URLs and CPLANE__STREAMS__REPLICAS the same", flush=True)
+            for i, node in enumerate(self.cluster.nodes):
+                print(f"    n{i + 1}: {redact(node.url)}  (monitoring http://127.0.0.1:"
+                      f"{self.cluster.monitor_ports[i]}, store {node.store_dir})", flush=True)
         who = f" --creds {self.auth.creds('operator')}" if self.auth else ""
         who += f" --tls-ca {self.tls_ca}" if self.tls_ca else ""
         print(f"  try: cplane generate 'Hello' --nats-url {redact(self.url)}{who}", flush=True)
