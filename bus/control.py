@@ -111,7 +111,8 @@ class ControlEndpoint:
             self._server = self._serve_metrics()
             self.metrics_port = self._server.server_port
             host = self._server.server_address[0]
-            log.info("%s: metrics on http://%s:%d/metrics", self.name, host, self.metrics_port)
+            log.info("%s: metrics on http://%s:%d/metrics (probes: /healthz, /readyz)",
+                     self.name, host, self.metrics_port)
 
     async def stop(self) -> None:
         """Unsubscribe and close the metrics server; safe to call twice."""

@@ -131,9 +131,11 @@ class OrchestratorControl:
             a(INSTANCES_VERB): self._on_instances, a(REQUEST_VERB): self._on_request,
             a(BREAKERS_VERB): self._on_breakers}
         m = settings.metrics
-        serve = (functools.partial(start_metrics_server, m.host, m.orchestrator_port, self.report)
+        serve = (functools.partial(start_metrics_server, m.host, m.orchestrator_port,
+                                   self.report, self.not_ready)
                  if m.orchestrator_port else None)
         self.endpoint = ControlEndpoint(nc, answers, serve, name=f"orchestrator {replica.id}")
+        self._nc = nc
 
     @property
     def metrics_port(self) -> int:
@@ -142,6 +144,14 @@ class OrchestratorControl:
 
     async def start(self) -> None:
         await self.endpoint.start()
+
+    async def not_ready(self) -> str | None:
+        """`/readyz`: why this replica is not ready, None when it is. The server only
+        exists from after provisioning (the replica starts it once every stream,
+        consumer and store is in place), so what is left is the connection: ready
+        while connected to NATS, leader or standby alike (a standby takes over
+        within lease_ttl_s, so it counts for the PodDisruptionBudget)."""
+        return None if self._nc.is_connected else "not connected to NATS"
 
     async def stop(self) -> None:
         await self.endpoint.stop()

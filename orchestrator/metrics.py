@@ -15,7 +15,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from cplane.bus.prom import serve_metrics
+from cplane.bus.prom import NotReady, serve_metrics
 from cplane.schemas.control import OrchestratorReport
 
 SHED_CODE = "overloaded"
@@ -94,9 +94,11 @@ def families(r: OrchestratorReport) -> Iterator[Metric]:
 
 
 def start_metrics_server(host: str, port: int,
-                         snapshot: Callable[[], Awaitable[OrchestratorReport]]) -> WSGIServer:
-    """Serve `/metrics` on `host:port` (-1: any free port) in a daemon thread."""
-    return serve_metrics(host, port, snapshot, families)
+                         snapshot: Callable[[], Awaitable[OrchestratorReport]],
+                         not_ready: NotReady | None = None) -> WSGIServer:
+    """Serve `/metrics`, `/healthz` and `/readyz` (`not_ready` says why not) on
+    `host:port` (-1: any free port) in a daemon thread (bus/prom.py)."""
+    return serve_metrics(host, port, snapshot, families, not_ready)
 
 
 __all__ = ["families", "start_metrics_server"]

@@ -24,6 +24,7 @@ from nats.aio.client import Client as NATS
 
 from cplane.bus import tracing
 from cplane.bus.control import ControlEndpoint
+from cplane.bus.prom import NotReady
 from cplane.schemas.codec import encode
 from cplane.schemas.control import (
     INSTANCE_VERB,
@@ -44,12 +45,14 @@ class WorkerControl:
     """Answers the control subjects for one worker, from the reads it is given."""
 
     def __init__(self, nc: NATS, settings: Settings, worker_id: str, *,
-                 report: ReportFn, request_status: RequestStatusFn) -> None:
+                 report: ReportFn, request_status: RequestStatusFn,
+                 not_ready: NotReady | None = None) -> None:
         self._report = report
         self._request_status = request_status
         a = settings.subjects.admin
         m = settings.metrics
-        serve = (functools.partial(start_metrics_server, m.host, m.worker_port, self.report)
+        serve = (functools.partial(start_metrics_server, m.host, m.worker_port, self.report,
+                                   not_ready)
                  if m.worker_port else None)
         self.endpoint = ControlEndpoint(
             nc, {a(METRICS_VERB): self._on_report,
@@ -84,11 +87,13 @@ class WorkerControl:
 
 
 async def start_control(nc: NATS, settings: Settings, worker_id: str, *,
-                        report: ReportFn, request_status: RequestStatusFn) -> WorkerControl:
-    """Answer the control subjects and serve /metrics until `stop()`."""
+                        report: ReportFn, request_status: RequestStatusFn,
+                        not_ready: NotReady | None = None) -> WorkerControl:
+    """Answer the control subjects and serve /metrics, /healthz and /readyz (`not_ready`
+    says why not) until `stop()`."""
     tracing.setup("cplane-worker")  # OTLP export when OTEL_EXPORTER_OTLP_ENDPOINT is set
     control = WorkerControl(nc, settings, worker_id, report=report,
-                            request_status=request_status)
+                            request_status=request_status, not_ready=not_ready)
     await control.start()
     return control
 

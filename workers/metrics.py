@@ -19,7 +19,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from cplane.bus.prom import serve_metrics
+from cplane.bus.prom import NotReady, serve_metrics
 from cplane.schemas.control import HistogramData, WorkerReport
 
 WORKER_STATES = ("ready", "draining", "unhealthy", "stopped")
@@ -146,9 +146,11 @@ def _load(r: WorkerReport) -> Iterator[Metric]:
 
 
 def start_metrics_server(host: str, port: int,
-                         snapshot: Callable[[], Awaitable[WorkerReport]]) -> WSGIServer:
-    """Serve `/metrics` on `host:port` (-1: any free port) in a daemon thread."""
-    return serve_metrics(host, port, snapshot, families)
+                         snapshot: Callable[[], Awaitable[WorkerReport]],
+                         not_ready: NotReady | None = None) -> WSGIServer:
+    """Serve `/metrics`, `/healthz` and `/readyz` (`not_ready` says why not) on
+    `host:port` (-1: any free port) in a daemon thread (bus/prom.py)."""
+    return serve_metrics(host, port, snapshot, families, not_ready)
 
 
 __all__ = ["HISTOGRAMS", "families", "histogram", "start_metrics_server"]

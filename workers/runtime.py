@@ -105,6 +105,7 @@ class Worker:
         self._moving: asyncio.Task[int] | None = None
         self._started_ms = time.time() * 1000
         self._state = WorkerState.READY
+        self._consuming = False  # its pull consumers are in place (/readyz)
         self.ctx: ServeContext | None = None
 
     @property
@@ -138,7 +139,8 @@ class Worker:
         ctx = self.ctx  # admin.metrics/instance/request, and /metrics
         self.control = await start_control(
             nc, self.settings, self.worker_id, request_status=ctx.stats.request_status,
-            report=lambda: ctx.stats.report(self.heartbeat(), ctx.counts, self._engine_errors))
+            report=lambda: ctx.stats.report(self.heartbeat(), ctx.counts, self._engine_errors),
+            not_ready=self.not_ready)
         hb_sub = await nc.subscribe(self.subjects.heartbeat_request, cb=self._on_hb_request)
         peers_sub = await subscribe_heartbeats(nc, self.subjects, self._on_peer)
         for target in self._targets():
@@ -157,6 +159,7 @@ class Worker:
                                        ws.kv_events_ms)
             tasks.append(asyncio.create_task(self.kv_pump.run(stop), name="kv-events"))
         await self._publish_heartbeat()
+        self._consuming = True
         log.info("worker %s (%s, %s) consuming", self.worker_id, self.role, self.engine.name)
         if ready is not None:
             ready.set()
@@ -180,6 +183,19 @@ class Worker:
             if self._own_nc:
                 await nc.flush()
                 await nc.close()
+
+    async def not_ready(self) -> str | None:
+        """`/readyz`: why this worker takes no work now, None when it does. Its engine
+        is started before the worker runs (the server starts after it), so ready =
+        connected to NATS, its pull consumers in place, and state READY (not
+        draining, not unhealthy after an engine failure)."""
+        if self._nc is None or not self._nc.is_connected:
+            return "not connected to NATS"
+        if not self._consuming:
+            return "not consuming yet"
+        if self._state is not WorkerState.READY:
+            return f"worker {self._state.value}"
+        return None
 
     def _targets(self) -> list[str]:
         """Work subjects' targets: the role's pool, each model's pool, this worker."""

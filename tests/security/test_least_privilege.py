@@ -32,7 +32,6 @@ from nats.js.errors import APIError
 from cplane.bus.claims import Claims
 from cplane.bus.control import ADMIN_GUARD
 from cplane.bus.provision import (
-    ROUTING_FIELDS,
     ForeignStreamError,
     StoreMissingError,
     ensure_all,
@@ -42,6 +41,7 @@ from cplane.bus.provision import (
     stream_configs,
     stream_differences,
 )
+from cplane.bus.stream_config import ROUTING_FIELDS
 from cplane.client.admin import Admin
 from cplane.client.batch_store import JobStore
 from cplane.client.control import ControlPlane
