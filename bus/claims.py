@@ -28,7 +28,12 @@ from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from cplane.bus.provision import StoreMissingError, claims_bucket, open_key_value
+from cplane.bus.provision import (
+    TRANSIENT_API_ERRORS,
+    StoreMissingError,
+    claims_bucket,
+    open_key_value,
+)
 from cplane.schemas.settings import Settings
 
 log = logging.getLogger("cplane.claims")
@@ -73,8 +78,9 @@ class Claims:
     async def start(self) -> None:
         try:
             await self._bucket_kv()
-        except StoreMissingError as exc:  # a worker may start before the orchestrator
-            log.info("%s; opened at the first claim", exc)
+        except (StoreMissingError, *TRANSIENT_API_ERRORS) as exc:
+            # a worker may start before the orchestrator, or while a cluster elects
+            log.info("%s; opened at the first claim", exc or type(exc).__name__)
         self._task = asyncio.create_task(self._renew_loop(), name="claims-renew")
 
     async def stop(self) -> None:

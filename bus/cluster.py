@@ -26,7 +26,7 @@ import time
 import urllib.request
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cplane.bus.server import EmbeddedNats, free_port
 
@@ -35,6 +35,42 @@ if TYPE_CHECKING:  # bus/tls.py imports cryptography: only where certificates ar
 
 CLUSTER_NAME = "cplane"
 ROUTE_USER = "CN=cplane nats-server"  # the subject of make_certs' server certificate
+
+
+# Route pings: a node that answers nothing (SIGSTOP, a hung process) loses its routes
+# after about ROUTE_PING_S * (ROUTE_PING_MAX + 1) s, not the default 2 min x 2.
+ROUTE_PING_S = 1
+ROUTE_PING_MAX = 3
+
+
+def node_config(name: str, route_port: int, monitor_port: int, routes: list[str],
+                tls: TlsFiles) -> str:
+    """The lines that make a nats-server node `name` of the loopback cluster: its name,
+    monitoring port, and the cluster block (route TLS both ways verified, the route
+    user from the certificate subject, every route listed)."""
+    return "\n".join([
+        f"server_name: {name}",
+        f"http: 127.0.0.1:{monitor_port}",
+        "cluster {",
+        f"  name: {CLUSTER_NAME}",
+        f"  listen: 127.0.0.1:{route_port}",
+        f'  ping_interval: "{ROUTE_PING_S}s"',
+        f"  ping_max: {ROUTE_PING_MAX}",
+        "  tls {",
+        f'    cert_file: "{tls.server_cert}"',
+        f'    key_file: "{tls.server_key}"',
+        f'    ca_file: "{tls.ca}"',
+        "    timeout: 2",
+        "    verify_and_map: true",
+        "  }",
+        f'  authorization {{ user: "{ROUTE_USER}", timeout: 2 }}',
+        f"  routes: [{', '.join(routes)}]",
+        "}",
+    ])
+
+
+def route_urls(ports: list[int]) -> list[str]:
+    return [f"nats-route://127.0.0.1:{p}" for p in ports]
 
 
 class ClusterNotReadyError(TimeoutError):
@@ -64,31 +100,14 @@ class EmbeddedCluster:
         self.route_tls = client_tls or make_certs(Path(self.root, "tls"))
         self.client_tls = client_tls
         ports = [(free_port(), free_port(), free_port()) for _ in range(size)]
-        routes = ", ".join(f"nats-route://127.0.0.1:{route}" for _, route, _ in ports)
+        routes = route_urls([route for _, route, _ in ports])
         self.monitor_ports = [mon for _, _, mon in ports]
         self.nodes: list[EmbeddedNats] = []
         for i, (client, route, mon) in enumerate(ports):
             name = f"n{i + 1}"
             store = Path(self.root, name)
             store.mkdir(parents=True, exist_ok=True)
-            block = "\n".join([
-                f"server_name: {name}",
-                f"http: 127.0.0.1:{mon}",
-                "cluster {",
-                f"  name: {CLUSTER_NAME}",
-                f"  listen: 127.0.0.1:{route}",
-                "  tls {",
-                f'    cert_file: "{self.route_tls.server_cert}"',
-                f'    key_file: "{self.route_tls.server_key}"',
-                f'    ca_file: "{self.route_tls.ca}"',
-                "    timeout: 2",
-                "    verify_and_map: true",
-                "  }",
-                f'  authorization {{ user: "{ROUTE_USER}", timeout: 2 }}',
-                f"  routes: [{routes}]",
-                "}",
-                extra_config,
-            ])
+            block = node_config(name, route, mon, routes, self.route_tls) + "\n" + extra_config
             self.nodes.append(EmbeddedNats(
                 port=client, store_dir=str(store), sync_interval=sync_interval,
                 max_file_store=max_file_store, tls=client_tls, extra_config=block,
@@ -171,20 +190,11 @@ class EmbeddedCluster:
         self.stop()
 
     # -- who leads (the monitoring endpoint) ------------------------------------------
-    def _monitor(self, i: int, path: str, timeout_s: float = 1.0) -> dict[str, object] | None:
-        if not self.nodes[i].running:
-            return None
-        url = f"http://127.0.0.1:{self.monitor_ports[i]}{path}"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout_s) as resp:
-                data = json.loads(resp.read())
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
+    def _ports(self) -> list[int]:
+        return [p for p, n in zip(self.monitor_ports, self.nodes, strict=True) if n.running]
 
     def _healthy(self, i: int) -> bool:
-        data = self._monitor(i, "/healthz?js-enabled-only=true")
-        return data is not None and data.get("status") == "ok"
+        return node_healthy(self.monitor_ports[i])
 
     def node_named(self, name: str | None) -> int | None:
         """Index of the node whose server_name is `name` (n1 -> 0)."""
@@ -195,25 +205,50 @@ class EmbeddedCluster:
 
     def meta_leader(self) -> int | None:
         """The JetStream meta leader's index, as the first answering node sees it."""
-        for i in range(len(self.nodes)):
-            data = self._monitor(i, "/jsz")
-            meta = data.get("meta_cluster") if data else None
-            if isinstance(meta, dict):
-                return self.node_named(meta.get("leader"))
-        return None
+        return self.node_named(leader_of(self._ports()))
 
-    def stream_leader(self, stream: str, account: str | None = None) -> int | None:
+    def stream_leader(self, stream: str) -> int | None:
         """Index of the node leading `stream` (its Raft group), None when none is known."""
-        query = "/jsz?streams=true" + (f"&acc={account}" if account else "")
-        for i in range(len(self.nodes)):
-            data = self._monitor(i, query)
-            for acc in (data or {}).get("account_details") or []:  # type: ignore[attr-defined]
-                for st in acc.get("stream_detail") or []:
-                    if st.get("name") == stream:
-                        leader = (st.get("cluster") or {}).get("leader")
-                        if leader:
-                            return self.node_named(leader)
+        return self.node_named(leader_of(self._ports(), stream))
+
+
+def monitor_json(port: int, path: str, timeout_s: float = 1.0) -> dict[str, Any] | None:
+    """A node's monitoring endpoint's answer (None: no answer, a paused or dead node)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout_s) as r:
+            data = json.loads(r.read())
+    except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
-__all__ = ["CLUSTER_NAME", "ROUTE_USER", "ClusterNotReadyError", "EmbeddedCluster"]
+def node_healthy(port: int) -> bool:
+    """The node's JetStream is up and current with the cluster: its meta layer and every
+    stream and consumer it holds caught up (`/healthz`, what a Kubernetes probe asks)."""
+    data = monitor_json(port, "/healthz")
+    return data is not None and data.get("status") == "ok"
+
+
+def leader_of(monitor_ports: list[int], stream: str | None = None) -> str | None:
+    """The server name of the JetStream meta leader (`stream` None) or of the leader of
+    `stream` (any account), as the first node that answers sees it."""
+    for port in monitor_ports:
+        if stream is None:
+            meta = (monitor_json(port, "/jsz") or {}).get("meta_cluster")
+            if isinstance(meta, dict):
+                return meta.get("leader") or None
+            continue
+        data = monitor_json(port, "/jsz?streams=true")
+        if data is None:
+            continue
+        for acc in data.get("account_details") or []:
+            for st in acc.get("stream_detail") or []:
+                if st.get("name") == stream:
+                    return (st.get("cluster") or {}).get("leader") or None
+        return None
+    return None
+
+
+__all__ = ["CLUSTER_NAME", "ROUTE_PING_MAX", "ROUTE_PING_S", "ROUTE_USER", "ClusterNotReadyError",
+           "EmbeddedCluster", "leader_of", "monitor_json", "node_config", "node_healthy",
+           "route_urls"]

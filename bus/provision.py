@@ -32,12 +32,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, StreamConfig
-from nats.js.errors import APIError, BadRequestError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
@@ -68,23 +70,29 @@ _STREAM_EXISTS = 10058  # "stream name already in use with a different configura
 
 
 # -- streams (I/O) ----------------------------------------------------------------
-_API_TRIES = 3  # a JetStream API request unanswered within its timeout is asked again
+# A JetStream API request unanswered (a busy server), answered 503 (the meta group or a
+# stream's Raft group electing a leader) or with no responders (JetStream not up on the
+# node yet) is asked again, with a growing pause, for up to this long.
+_API_PATIENCE_S = 30.0
+TRANSIENT_API_ERRORS = (TimeoutError, ServiceUnavailableError, NoRespondersError)
 
 
 async def _asked(call: Callable[[], Awaitable[T]], what: str) -> T:
-    """`call()`, asked again when unanswered in time. A busy server (many services
-    provisioning at once on a loaded host; on a cluster each creation is a round
-    of the meta leader's Raft group) may answer after the request's timeout; every
-    request asked this way is safe to repeat (a read, or a creation of an identical
-    config, which the server accepts again)."""
-    for attempt in range(_API_TRIES):
+    """`call()`, asked again while its answer is transient (TRANSIENT_API_ERRORS): many
+    services provisioning at once on a loaded host, or a cluster electing a leader
+    (seconds). Every request asked this way is safe to repeat (a read, or a creation
+    of an identical config, which the server accepts again)."""
+    deadline = time.monotonic() + _API_PATIENCE_S
+    pause = 0.2
+    while True:
         try:
             return await call()
-        except TimeoutError:
-            if attempt + 1 == _API_TRIES:
+        except TRANSIENT_API_ERRORS as exc:
+            if time.monotonic() + pause > deadline:
                 raise
-            log.info("%s unanswered; asking again", what)
-    raise AssertionError("unreachable")
+            log.info("%s: %s; asking again in %.1f s", what, exc or type(exc).__name__, pause)
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 2.0)
 
 
 async def _current(js: JetStreamContext, name: str) -> StreamConfig:
@@ -333,6 +341,7 @@ class Provisioner:
 __all__ = [
     "CONSUMER_FIELDS",
     "STREAM_FIELDS",
+    "TRANSIENT_API_ERRORS",
     "ForeignStreamError",
     "Provisioner",
     "StoreMissingError",

@@ -91,6 +91,16 @@ async def last_chunk(
         return None
 
 
+async def stored_count(
+    js: JetStreamContext, settings: Settings, group: str, request_id: str
+) -> int:
+    """How many chunks of a request LLM_OUT holds (one round trip: the stream's count
+    for the request's subject)."""
+    subject = settings.subjects.out_store(group, request_id)
+    info = await js.stream_info(settings.streams.out.name, subjects_filter=subject)
+    return int((info.state.subjects or {}).get(subject, 0))
+
+
 async def stored_seqs(
     js: JetStreamContext, settings: Settings, group: str, request_id: str, from_seq: int = 0,
     limit: int = 100_000,

@@ -22,8 +22,9 @@ from nats.js import JetStreamContext
 
 from cplane.bus.claims import Claims
 from cplane.bus.outcome import StoredPublisher, error_reply, send_again, terminal_msg_id
-from cplane.bus.replay import last_chunk, stored_seqs, stored_terminal
+from cplane.bus.replay import last_chunk, stored_count, stored_seqs, stored_terminal
 from cplane.bus.stored_retry import StoreResult, publish_until_stored
+from cplane.bus.stream_config import replicas_of
 from cplane.schemas import trace
 from cplane.schemas.codec import encode
 from cplane.schemas.messages import (
@@ -167,6 +168,8 @@ class ServeContext:
         if (req.reply_to or not self.nc.is_connected or not self.gate.is_set()
                 or (stream is not None and stream.sent and stream.epoch != self.epoch)):
             await ready(None)  # else (the common case) ready as it is
+        elif stream is not None and stream.sent and self._replicated_out:
+            await self._all_stored(item, stream, deadline)
         result = await publish_until_stored(
             self.store, self.subjects.done_store(req.group, req.request_id), data,
             terminal_msg_id(req.group, req.request_id), window_s=window_s, headers=headers,
@@ -200,6 +203,26 @@ class ServeContext:
             if time.monotonic() > deadline:
                 raise TimeoutError("not connected")
             await asyncio.sleep(0.05)
+
+    @property
+    def _replicated_out(self) -> bool:
+        return replicas_of(self.settings, self.settings.streams.out) > 1
+
+    async def _all_stored(self, item: WorkItem, stream: ChunkStream, deadline: float) -> None:
+        """On a cluster (LLM_OUT replicated), before the Final: every chunk stored.
+
+        Chunks are core publishes that the stream's leader stores; while a
+        cluster elects a new leader for LLM_OUT (a node killed or hung) the
+        ones published meanwhile are dropped, with no reconnect to tell. One
+        count per request (not an ack per chunk) says whether any is missing;
+        then the missing ones are found and re-sent before the Final goes."""
+        req = item.request
+        try:
+            have = await stored_count(self.js, self.settings, req.group, req.request_id)
+        except (TimeoutError, NatsError):
+            have = -1  # unanswered (an election): look chunk by chunk, with retries
+        if have < stream.next_seq:
+            await self._resend_lost(item, stream, deadline)
 
     async def _resend_lost(self, item: WorkItem, stream: ChunkStream, deadline: float) -> None:
         """Re-send the chunks LLM_OUT lacks; retried (the broker is back, its API

@@ -56,10 +56,12 @@ class ChaosConfig:
     resubmit_wait_s: float = 25.0
     partitions: bool = True  # one worker and orch1 behind proxies
     tenants: tuple[str, ...] = ("acme", "globex")  # the load's tenant accounts (>= 2)
+    cluster: int = 0  # > 0: that many nats-server nodes, streams R3 (cluster.py); no proxies
 
     @classmethod
     def from_env(cls) -> ChaosConfig:
         n = int(os.environ.get("CPLANE_CHAOS_REQUESTS", "300"))
+        cluster = int(_env_num("CPLANE_CHAOS_CLUSTER", 0))
         return cls(
             requests=n,
             workers=int(_env_num("CPLANE_CHAOS_WORKERS", 3)),
@@ -79,9 +81,11 @@ class ChaosConfig:
             long_tokens=_env_range("CPLANE_CHAOS_LONG_TOKENS", (3000, 5500)),
             resubmit=int(_env_num("CPLANE_CHAOS_RESUBMIT", 6)),
             resubmit_wait_s=_env_num("CPLANE_CHAOS_RESUBMIT_WAIT_S", 25.0),
-            partitions=os.environ.get("CPLANE_CHAOS_PARTITIONS", "1") not in ("0", ""),
+            partitions=not cluster and os.environ.get("CPLANE_CHAOS_PARTITIONS", "1")
+            not in ("0", ""),
             tenants=tuple(t.strip() for t in os.environ.get(
                 "CPLANE_CHAOS_TENANTS", "acme,globex").split(",") if t.strip()),
+            cluster=cluster,
         )
 
     def router_for(self, replica: int, start: int) -> str:
@@ -115,4 +119,6 @@ class ChaosConfig:
         })
         for stream in ("REQ", "WORK", "OUT", "DONE"):
             env[f"CPLANE__STREAMS__{stream}__DUPLICATE_WINDOW_S"] = str(self.dup_window_s)
+        if self.cluster:  # every stream and store on min(N, 3) nodes
+            env["CPLANE__STREAMS__REPLICAS"] = str(min(3, self.cluster))
         return env

@@ -22,6 +22,10 @@ nats-server, one for the orchestrator replicas):
                 62%  the worker proxy blackholed 4-10 s
                 85%  both proxies reset every connection (RST)
 
+On a cluster (`CPLANE_CHAOS_CLUSTER`; cluster.py) the nats-server faults at
+35, 45, 80 and 90% give way to that file's node faults (leader kills, a hung
+node, a rolling restart), and there are no proxies.
+
 Periodic: every `kill_every_s` a streaming worker is killed -9 (a replacement
 starts, under the same id every other time, once its link and the broker let
 it connect; no kill while a replacement waits); every `pause_every_s` a
@@ -58,12 +62,34 @@ from tests.chaos.resubmit import RunView
 Event = Callable[[], Awaitable[None] | None]
 
 
+class Broker(Protocol):
+    """The run's nats-server: one (procs.NatsServer) or a cluster's nodes (cluster.py)."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def procs(self) -> list[Proc]: ...
+
+    def available(self) -> bool: ...
+
+
+class BrokerFaults(Protocol):
+    """Faults aimed at the broker, in place of the single server's (cluster.ClusterFaults)."""
+
+    def crashes(self) -> list[tuple[float, Event]]: ...
+
+    def pauses(self) -> list[tuple[float, Event]]: ...
+
+
 class LaneView(RunView, Protocol):
     """What the fault lanes use of the run (scenario.Run). The proxies, the
     recorder's connection and the publisher come after the lanes are made:
     they are read from the run when needed."""
 
-    server: NatsServer
+    @property
+    def server(self) -> Broker: ...
+
     fleet: Fleet
     nc_rec: NATS | None
     wproxy: Proxy | None  # the proxied worker's link
@@ -86,10 +112,11 @@ class FaultLanes:
         self.pending_starts: list[tuple[str | None, str]] = []  # replacements waiting for a link
         self.worker_pause: asyncio.Task[None] | None = None
         self.long_hits: dict[str, list[str]] = {}  # long request id -> faults aimed at it
+        self.broker_faults: BrokerFaults | None = None  # a cluster's (else the server's own)
 
     def _clear(self, url: str) -> bool:
         """Whether a process started now on `url` can connect (its first connect must succeed)."""
-        if self.nats_busy or not self.server.proc.alive():
+        if self.nats_busy or not self.server.available():
             return False
         return all(px.passing() for px in (self.run.wproxy, self.run.oproxy)
                    if px is not None and px.url == url)
@@ -113,15 +140,18 @@ class FaultLanes:
                      f"{p.env['CPLANE__ORCHESTRATOR__ROUTER']}")
 
     async def _restart_nats(self, graceful: bool) -> None:
+        server = self.server
+        assert isinstance(server, NatsServer)
         async with self.locks["nats"]:
             how = "SIGTERM (graceful)" if graceful else "kill -9"
-            self.log(f"FAULT nats-server {how} pid={self.server.proc.pid}")
+            self.counts["node_kills"] += not graceful
+            self.log(f"FAULT nats-server {how} pid={server.proc.pid}")
             self.nats_busy = True
             try:
-                await self.server.restart(graceful, down_s=1.0)
+                await server.restart(graceful, down_s=1.0)
             finally:
                 self.nats_busy = False
-            self.log(f"nats-server back pid={self.server.proc.pid}")
+            self.log(f"nats-server back pid={server.proc.pid}")
 
     # -- pause lane -----------------------------------------------------------
     async def _leader(self) -> Proc | None:
@@ -156,7 +186,7 @@ class FaultLanes:
         async with self.locks["nats"]:
             self.nats_busy = True
             try:
-                await self._pause(self.server.proc, self.rng.uniform(2.0, 6.0), "nats-server")
+                await self._pause(self.server.procs[0], self.rng.uniform(2.0, 6.0), "nats-server")
             finally:
                 self.nats_busy = False
 
@@ -277,24 +307,35 @@ class FaultLanes:
         p = self.fleet.workers[wid]
         await self._pause(p, self.rng.uniform(4.0, 12.0), "worker", note)
 
-    # -- the schedule ---------------------------------------------------------
+    # -- the schedule (the broker's faults: the single server's here, or a cluster's) --
+    def _broker_events(self) -> tuple[list[tuple[float, Event]], list[tuple[float, Event]]]:
+        """(crash lane, pause lane) faults aimed at the broker."""
+        if self.broker_faults is not None:
+            return self.broker_faults.crashes(), self.broker_faults.pauses()
+        return ([(0.35, lambda: self._restart_nats(True)),
+                 (0.80, lambda: self._restart_nats(False))],
+                [(0.45, self._pause_nats), (0.90, self._pause_nats)])
+
     def _lanes(self, pub: Publisher) -> dict[str, list[tuple[float, Event]]]:
         half = max(1, self.cfg.resubmit // 2)
+        crashes, pauses = self._broker_events()
+
+        def frac(event: tuple[float, Event]) -> float:
+            return event[0]
+
         return {
-            "crashes": [
+            "crashes": sorted([
                 (0.15, lambda: self._restart_orch(0)),
-                (0.35, lambda: self._restart_nats(True)),
                 (0.50, lambda: pub.start_overload(self.cfg.overload_s)),
                 (0.60, lambda: self.resubmit(half) if self.cfg.resubmit else None),
                 (0.65, lambda: self._restart_orch(1)),
-                (0.80, lambda: self._restart_nats(False)),
-            ],
-            "pauses": [
+                *crashes,
+            ], key=frac),
+            "pauses": sorted([
                 (0.25, lambda: self._pause_orch(leader=True)),
-                (0.45, self._pause_nats),
                 (0.72, lambda: self._pause_orch(leader=False)),
-                (0.90, self._pause_nats),
-            ],
+                *pauses,
+            ], key=frac),
             "partitions": [
                 (0.10, lambda: self._blackhole(self.run.wproxy, 4.0, 10.0)),
                 (0.30, lambda: self._delay(6.0)),
@@ -303,6 +344,11 @@ class FaultLanes:
                 (0.85, self._reset),
             ] if self.cfg.partitions else [],
         }
+
+    def _sample_rss(self) -> None:
+        self.fleet.sample_rss()
+        for p in self.server.procs:
+            p.sample_rss()
 
     async def _lane(self, name: str, events: list[tuple[float, Event]], pub: Publisher) -> None:
         for frac, event in events:
@@ -327,8 +373,7 @@ class FaultLanes:
                         raise RuntimeError(f"fault {t.get_name()} failed") from t.exception()
                 now = time.monotonic()
                 if now - last_rss > 1.0:
-                    self.fleet.sample_rss()
-                    self.server.proc.sample_rss()
+                    self._sample_rss()
                     last_rss = now
                 if pub.overloaded() and pub.overload_accepted >= cap:
                     pub.overload_until = 0.0

@@ -269,6 +269,7 @@ class Figures:
     resubmitted: int = 0
     # messages a tenant's account received that name another tenant (tenants.py spies)
     leaks: int = 0
+    node_kills: int = 0  # nats-server processes killed -9 (a cluster's nodes, or the one server)
     codes: Counter[str] = field(default_factory=Counter)
     samples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     ids: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))  # every one
@@ -276,11 +277,11 @@ class Figures:
     def line(self) -> str:
         return ("chaos: accepted=%d refused=%d completed=%d errored=%d lost=%d dup_terminals=%d "
                 "gaps=%d inconsistent=%d stranded=%d hung=%d max_rss_mb=%d pauses=%d "
-                "partitions=%d long_generations=%d resubmitted=%d leaks=%d" % (
+                "partitions=%d long_generations=%d resubmitted=%d leaks=%d node_kills=%d" % (
                     self.accepted, self.refused, self.completed, self.errored, self.lost,
                     self.dup_terminals, self.gaps, self.inconsistent, self.stranded, self.hung,
                     self.max_rss_mb, self.pauses, self.partitions, self.long_generations,
-                    self.resubmitted, self.leaks))
+                    self.resubmitted, self.leaks, self.node_kills))
 
     def sample(self, kind: str, rid: str) -> None:
         self.ids[kind].append(rid)

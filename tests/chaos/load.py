@@ -67,6 +67,8 @@ class Publisher:
         self.retry_s = retry_s
         self.long_share, self.long_tokens = long_share, long_tokens
         self.accepted: dict[str, float] = {}  # request id -> time of its ack
+        # every publish: (monotonic first try, its ack or refusal; None: never answered)
+        self.waits: list[tuple[float, float | None]] = []
         self.bodies: dict[str, tuple[str, bytes]] = {}  # request id -> (subject, body) published
         self.tenant_of: dict[str, str] = {}  # request id -> the tenant that publishes it
         self.long: dict[str, int] = {}  # long generations: request id -> max_tokens
@@ -121,18 +123,21 @@ class Publisher:
         subject, data = self.body(rid)
         js = self.js[self.tenant_of[rid]]
         in_overload = self.overloaded()
-        deadline = time.monotonic() + self.retry_s
+        first = time.monotonic()
+        deadline = first + self.retry_s
+        answered: float | None = None
         try:
             while True:
                 try:
                     await js.publish(subject, data, timeout=2.0, headers={"Nats-Msg-Id": rid})
-                    self.accepted[rid] = time.monotonic()
+                    self.accepted[rid] = answered = time.monotonic()
                     self.overload_accepted += in_overload
                     return
                 except nats.js.errors.APIError as exc:
                     if exc.err_code in LIMIT_CODES or time.monotonic() > deadline:
                         self.refused[f"{exc.err_code} {exc.description}"] += 1
                         self.overload_refused += in_overload
+                        answered = time.monotonic()
                         return
                     self.log(f"publish {rid}: transient API error {exc!r}, retrying")
                 except TRANSIENT as exc:
@@ -143,6 +148,7 @@ class Publisher:
                 self.retries += 1
                 await asyncio.sleep(0.25)  # back-off before a retry (bounded by retry_s)
         finally:
+            self.waits.append((first, answered))
             self.inflight -= 1
             self._sem.release()
 

@@ -1,4 +1,4 @@
-"""Processes of the chaos run: one nats-server and the cplane services, each its own OS process.
+"""Processes of the chaos run: nats-server (or a cluster's nodes) and the cplane services, each its own OS process.
 
 Black box, as an operator sees it: the services are started through the CLI
 (`python -m cplane.cli ...`), configured by `CPLANE__SECTION__KEY` variables,
@@ -187,14 +187,19 @@ class NatsServer:
     """nats-server with JetStream file storage; restarts on the same port and store dir.
 
     Same configuration as bus.server.EmbeddedNats (sync_interval on purpose);
-    `extra_config` (an `accounts { ... }` block) is appended, as there.
+    `extra_config` (an `accounts { ... }` block; a cluster node's own lines) is
+    appended, as there. `name` other than the default: a node of a cluster
+    (tests/chaos/cluster.py), its files under run_dir/<name>, its log <name>.log.
     """
 
     def __init__(self, run_dir: Path, sync_interval: str = "100ms",
-                 extra_config: str = "") -> None:
+                 extra_config: str = "", name: str = "nats-server") -> None:
+        self.name = name
         self.port = free_port()
-        self.store = run_dir / "js"
-        self.conf = run_dir / "nats.conf"
+        home = run_dir if name == "nats-server" else run_dir / name
+        home.mkdir(parents=True, exist_ok=True)
+        self.store = home / "js"
+        self.conf = home / "nats.conf"
         self.conf.touch(mode=0o600)  # the accounts block holds passwords
         self.conf.chmod(0o600)
         self.conf.write_text("\n".join([
@@ -207,12 +212,21 @@ class NatsServer:
             extra_config,
             "",
         ]))
-        self.proc = Proc("nats-server", [nats_server_binary(), "-c", str(self.conf)],
-                         dict(os.environ), run_dir / "nats-server.log")
+        self.proc = Proc(name, [nats_server_binary(), "-c", str(self.conf)],
+                         dict(os.environ), run_dir / f"{name}.log")
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def procs(self) -> list[Proc]:
+        """Every nats-server process of the broker (one here; a cluster's nodes there)."""
+        return [self.proc]
+
+    def available(self) -> bool:
+        """Whether a process started now can connect (and find JetStream)."""
+        return self.proc.alive() and not self.proc.paused
 
     async def start(self) -> None:
         self.proc.start()
@@ -225,6 +239,9 @@ class NatsServer:
             self.proc.kill9()
         await asyncio.sleep(down_s)  # the outage under test: the broker stays down down_s
         await self.start()
+
+    async def stop(self) -> None:
+        await self.proc.terminate(10.0)
 
 
 class Fleet:

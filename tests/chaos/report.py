@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from tests.chaos.cluster import ClusterFaults
 from tests.chaos.faults import LaneView
 from tests.chaos.ledger import (
     STORE_ALL,
@@ -78,6 +79,8 @@ class BooksView(LaneView, Protocol):
     faults: list[tuple[float, str]]  # (wall time, what) of each FAULT line logged
     orch_starts: Counter[int]
     spies: list[TenantSpy]  # one per tenant account (tenants.py)
+    t0: float  # monotonic time of the run's start (t0_wall on the wall clock)
+    cluster_faults: ClusterFaults | None  # a cluster run's node faults (elections timed)
 
 
 class Books:
@@ -91,6 +94,17 @@ class Books:
         self.faults, self.counts, self.orch_starts = run.faults, run.counts, run.orch_starts
         self.long_hits, self.resubmits = long_hits, resubmits
         self.spies = run.spies
+        self.t0, self.cluster_faults = run.t0, run.cluster_faults
+
+    def _violations(self) -> tuple[Counter[str], Counter[str]]:
+        """The broker's refusals, every node's log together (tenants.permission_violations)."""
+        found: Counter[str] = Counter()
+        expected: Counter[str] = Counter()
+        for proc in self.server.procs:
+            f, e = permission_violations(proc.log)
+            found.update(f)
+            expected.update(e)
+        return found, expected
 
     async def stranded(self) -> int:
         assert self.nc_rec is not None
@@ -203,14 +217,45 @@ class Books:
                 best = t_fin - t_fault
         return best
 
+    def _stalled(self, t_fault: float, window_s: float = 30.0) -> float:
+        """Seconds new requests went unanswered at publish after a fault: the longest
+        wait of a publish pending in [fault, fault + window_s] (from the later of its
+        first try and the fault to its ack or refusal; one never answered counts to
+        the window's end)."""
+        assert self.pub is not None
+        t = self.t0 + (t_fault - self.t0_wall)  # the publisher's clock is monotonic
+        worst = 0.0
+        for first, answered in self.pub.waits:
+            end = answered if answered is not None else t + window_s
+            if first <= t + window_s and end >= t:
+                worst = max(worst, min(end, t + window_s) - max(first, t))
+        return worst
+
     def _fault_lines(self) -> list[str]:
         out = ["faults (wall clock; unavailable = fault start -> first live Final of a "
-               "request dispatched after it):"]
+               "request dispatched after it; stalled = the longest a publish pending in the "
+               "30 s after it waited for its ack or refusal):"]
         for t, what in self.faults:
             u = self._unavailable(t)
             out.append(f"    {t:.3f} (+{t - self.t0_wall:6.1f}s) unavailable "
-                       f"{'n/a' if u is None else f'{u:5.2f}s'}  {what}")
+                       f"{'n/a' if u is None else f'{u:5.2f}s'} stalled "
+                       f"{self._stalled(t):5.2f}s  {what}")
         return out
+
+    def _latency_lines(self, pub: Publisher) -> list[str]:
+        """Publish ack -> first live chunk, every accepted request with one, through the
+        whole run (faults included)."""
+        ttft = sorted(max(0.0, self.rec.first_chunk_at[r] - t) for r, t in pub.accepted.items()
+                      if r in self.rec.first_chunk_at and t > 0)
+        if not ttft:
+            return ["first token after the ack: none seen"]
+
+        def q(p: float) -> float:
+            return ttft[min(len(ttft) - 1, int(p * len(ttft)))] * 1000
+
+        return [f"first token after the ack, through the run ({len(ttft)} requests): "
+                f"p50 {q(0.5):.0f} ms, p90 {q(0.9):.0f} ms, p99 {q(0.99):.0f} ms, "
+                f"max {ttft[-1] * 1000:.0f} ms"]
 
     def _long_lines(self, pub: Publisher) -> list[str]:
         out = [f"long generations: {len(pub.long)} publishes tried, "
@@ -239,13 +284,14 @@ class Books:
         wrong = sorted(rid for rid, seen in self.rec.tenants.items()
                        if rid in pub.tenant_of and seen != {pub.tenant_of[rid]})
         per = Counter(pub.tenant_of[r] for r in pub.accepted if r in pub.tenant_of)
-        denied, by_design = permission_violations(self.server.proc.log)
+        denied, by_design = self._violations()
         return [
             f"tenants: accepted per tenant {dict(per)}; ids whose outputs came on another "
             f"tenant's subjects (or none): {len(wrong)} "
             + " ".join(f"{r}:{sorted(map(str, self.rec.tenants[r]))}" for r in wrong[:5]),
             *(spy.line() for spy in self.spies),
-            f"permission violations in {self.server.proc.log.name}: {sum(denied.values())}"
+            f"permission violations in {', '.join(p.log.name for p in self.server.procs)}: "
+            f"{sum(denied.values())}"
             + "".join(f"\n    {n}x {what}" for what, n in denied.most_common(20)),
             f"refused by design (a worker's try to create a missing stream: "
             f"bus/streams_ready.py): {sum(by_design.values())}"
@@ -274,6 +320,7 @@ class Books:
         fig.long_generations = sum(1 for r in pub.long if r in pub.accepted)
         fig.resubmitted = self.counts["resubmitted"]
         fig.leaks = sum(s.leaks for s in self.spies)
+        fig.node_kills = self.counts["node_kills"]
         for rid in pub.accepted:
             judge(fig, rid, self.rec.by_id.get(rid))
         for rid in [*sorted(hung), *silent][:8]:
@@ -303,7 +350,7 @@ class Books:
                 max((p.peak_kb for p in self.fleet.orchestrators), default=0) // 1024,
                 max((p.peak_kb for p in self.fleet.all_procs()
                      if p not in self.fleet.orchestrators), default=0) // 1024,
-                self.server.proc.peak_kb // 1024),
+                max(p.peak_kb for p in self.server.procs) // 1024),
             "proxies: " + "; ".join(px.stats() for px in (self.wproxy, self.oproxy)
                                     if px is not None),
             f"hung: {len(hung)} accepted without a terminal after the drain, {len(silent)} "
@@ -313,6 +360,8 @@ class Books:
                 + (f" after {r.wait_s:.2f}s" if r.wait_s else "")
                 for r in self.resubmits.values()) or "none"),
             *self._long_lines(pub),
+            *self._latency_lines(pub),
+            *(self.cluster_faults.report_lines() if self.cluster_faults is not None else []),
             *self._fault_lines(),
             *(await self._stream_lines()),
             *self._beat_lines(),
@@ -333,4 +382,4 @@ class Books:
                 rep.append(self._near_fault(self.rec.by_id.get(rid)))
                 rep.extend(self._grep(rid))
         return Outcome(fig, self.dir, rep, {s.tenant: s.own_outputs["done"] for s in self.spies},
-                       dict(permission_violations(self.server.proc.log)[0]))
+                       dict(self._violations()[0]))

@@ -37,8 +37,9 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import StorageType, StreamConfig, StreamSource
 
-from cplane.bus.credentials import connect_options
+from cplane.bus.credentials import connect_options, server_list
 from cplane.schemas.settings import NatsSettings
+from tests.chaos.cluster import ClusterFaults, NatsCluster
 from tests.chaos.config import ChaosConfig
 from tests.chaos.faults import FaultLanes
 from tests.chaos.ledger import Recorder, done_subject
@@ -61,7 +62,10 @@ class Run:
         self.t0_wall = time.time()
         self._log = open(run_dir / "harness.log", "a", buffering=1)
         self.auth = ChaosAuth(run_dir, cfg.worker_ids(), cfg.tenants)
-        self.server = NatsServer(run_dir, extra_config=self.auth.accounts)
+        self.cluster = (NatsCluster(run_dir, cfg.cluster, extra_config=self.auth.accounts)
+                        if cfg.cluster else None)
+        self.server: NatsServer | NatsCluster = self.cluster or NatsServer(
+            run_dir, extra_config=self.auth.accounts)
         self.fleet = Fleet(run_dir, self.server.url, cfg.service_env(), cfg.capacity,
                            creds=self.auth.creds, worker_ids=self.auth.worker_ids)
         self.rec = Recorder()
@@ -77,6 +81,9 @@ class Run:
         self.orch_starts: Counter[int] = Counter()
         self.resubmitter = Resubmitter(self)
         self.lanes = FaultLanes(self, self.resubmitter.batch)
+        self.cluster_faults = (ClusterFaults(self.lanes, self.cluster)
+                               if self.cluster is not None else None)
+        self.lanes.broker_faults = self.cluster_faults
 
     def log(self, what: str) -> None:
         self._log.write(f"{time.monotonic() - self.t0:8.2f}s {time.time():.3f} {what}\n")
@@ -93,17 +100,17 @@ class Run:
         async def rec() -> None:
             self.log(f"{name}: reconnected")
 
-        return await nats.connect(self.server.url, name=name, max_reconnect_attempts=-1,
+        return await nats.connect(server_list(self.server.url), name=name, max_reconnect_attempts=-1,
                                   reconnect_time_wait=0.25, error_cb=err,
                                   disconnected_cb=disc, reconnected_cb=rec,
-                                  pending_size=256 << 20,
+                                  pending_size=256 << 20, **self._pings,
                                   **connect_options(NatsSettings(creds=creds)))
 
     # -- phases -----------------------------------------------------------
     async def start(self) -> None:
         await self.server.start()
         self.log(f"nats-server on {self.server.url}, seed {self.cfg.seed}")
-        if self.cfg.partitions:
+        if self.cfg.partitions and isinstance(self.server, NatsServer):
             self.wproxy = await Proxy("proxy-w", self.server.port, self.log).start()
             self.oproxy = await Proxy("proxy-o", self.server.port, self.log).start()
             self.log(f"proxies: worker via {self.wproxy.url}, orch1 via {self.oproxy.url}")
@@ -125,11 +132,12 @@ class Run:
         hb = await self.nc_rec.subscribe("llm.hb.*", cb=on_hb)
         await self.rec.subscribe(self.nc_rec)
         for i in range(2):
-            url = self.oproxy.url if i == 1 and self.oproxy is not None else None
+            url = self.oproxy.url if i == 1 and self.oproxy is not None else self._first(i)
             self.fleet.start_orchestrator(url, self.router_env(i))
         for k in range(self.cfg.workers):
             last = k == self.cfg.workers - 1
-            self.fleet.start_worker(url=self.wproxy.url if last and self.wproxy else None)
+            self.fleet.start_worker(url=self.wproxy.url if last and self.wproxy
+                                    else self._first(2 + k))
         self.log("routers: " + ", ".join(
             f"{p.name}={p.env.get('CPLANE__ORCHESTRATOR__ROUTER')}"
             for p in self.fleet.orchestrators))
@@ -153,8 +161,20 @@ class Run:
         await hb.unsubscribe()
         await js.add_stream(StreamConfig(
             name=ARCHIVE, mirror=StreamSource(name="LLM_OUT"), storage=StorageType.FILE,
-            max_age=7200.0, allow_direct=False, mirror_direct=False))
+            max_age=7200.0, allow_direct=False, mirror_direct=False,
+            num_replicas=min(3, self.cfg.cluster or 1)))
         self.log(f"fleet up: heartbeats {sorted(beats)}; archive {ARCHIVE} mirrors LLM_OUT")
+
+    @property
+    def _pings(self) -> dict[str, int]:
+        """On a cluster the harness's own connections leave a hung node within ~4 s (a
+        ping a second): the recorder's live view then misses seconds, not minutes."""
+        return {"ping_interval": 1, "max_outstanding_pings": 3} if self.cluster else {}
+
+    def _first(self, i: int) -> str | None:
+        """On a cluster: every node, node i first (orchestrators on n1 and n2, workers
+        spread); None (the server's URL) on one server."""
+        return self.cluster.url_from(i) if self.cluster is not None else None
 
     def router_env(self, replica: int) -> dict[str, str]:
         """The environment that sets orchestrator `replica`'s router for its next start."""
@@ -206,7 +226,7 @@ class Run:
         for px in (self.wproxy, self.oproxy):
             if px is not None:
                 await px.close()
-        await self.server.proc.terminate(10.0)
+        await self.server.stop()
         self._log.close()
 
 

@@ -207,9 +207,12 @@ def test_k8s_nats_values_match_what_cplane_and_keda_use() -> None:
     cfg = v["config"]
     assert cfg["cluster"]["enabled"] and cfg["jetstream"]["enabled"]
     settings = config_settings()
-    replicas = [getattr(settings.streams, k).replicas for k in
-                ("req", "work", "out", "done", "cancel", "dlq")]
-    assert max(replicas) <= cfg["cluster"]["replicas"]  # an R3 stream needs 3 nodes
+    from cplane.bus.stream_config import store_configs, stream_configs
+
+    # every stream and store R3 on the chart's 3-node cluster (an R3 stream needs 3 nodes)
+    replicas = {c.name: c.num_replicas for c in
+                [*stream_configs(settings), *store_configs(settings).values()]}
+    assert set(replicas.values()) == {cfg["cluster"]["replicas"]} == {3}, replicas
     assert cfg["merge"]["max_payload"] == "<< 8MB >>"
     assert cfg["jetstream"]["merge"]["sync_interval"] == "<< 100ms >>"
     assert cfg["merge"]["00$include"] == "accounts.conf"

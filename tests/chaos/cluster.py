@@ -1,0 +1,227 @@
+"""The chaos run on a 3-node JetStream cluster: the nodes, and the faults aimed at them.
+
+`NatsCluster` is the run's broker when `CPLANE_CHAOS_CLUSTER` is set: N
+`NatsServer` nodes (procs.py) with the cluster block of bus/cluster.py (TLS
+routes authorized by certificate subject, route pings every second, so a
+hung node loses its routes after about 4 s), the same accounts block on
+each. Every stream and store is R3 (the services get
+`CPLANE__STREAMS__REPLICAS`); each process lists every node, its own first
+(orchestrators on n1 and n2, workers spread), so a node's death moves its
+clients to the others.
+
+`ClusterFaults` replaces the single server's faults in the lanes (faults.py):
+
+    crashes  10%  kill -9 the node leading LLM_REQ, restarted on its store 3 s later
+             30%  kill -9 the node leading LLM_OUT, restarted likewise
+             42%  kill -9 the JetStream meta leader, restarted likewise
+             78%  rolling restart: each node in turn stopped (SIGTERM), started, and
+                  waited for until its JetStream is current (an upgrade)
+    pauses   45%  one node SIGSTOPped 6-10 s (past its route timeout), then resumed
+             90%  the node leading LLM_REQ SIGSTOPped 6-10 s (a hung leader)
+
+After each kill or pause the harness times the election: the seconds until a
+node other than the victim leads what it led (`ELECTION` lines of harness.log,
+in the report). Workers and orchestrators are killed and paused as in the
+single-node run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cplane.bus.cluster import leader_of, node_config, node_healthy, route_urls
+from cplane.bus.server import free_port
+from cplane.bus.tls import make_certs
+from tests.chaos.procs import NatsServer, Proc
+
+if TYPE_CHECKING:
+    from tests.chaos.faults import FaultLanes
+
+Event = Callable[[], Awaitable[None] | None]
+DOWN_S = 3.0  # a killed node stays down this long before it is started on its store
+ELECTION_MAX_S = 60.0
+
+
+class NatsCluster:
+    """`size` nats-server nodes forming one JetStream cluster, restartable one by one."""
+
+    def __init__(self, run_dir: Path, size: int = 3, extra_config: str = "") -> None:
+        tls = make_certs(run_dir / "tls")
+        ports = [(free_port(), free_port()) for _ in range(size)]  # route, monitoring
+        routes = route_urls([route for route, _ in ports])
+        self.monitor_ports = [mon for _, mon in ports]
+        self.nodes = [
+            NatsServer(run_dir, name=f"n{i + 1}", extra_config="\n".join([
+                node_config(f"n{i + 1}", route, mon, routes, tls), extra_config]))
+            for i, (route, mon) in enumerate(ports)]
+
+    @property
+    def url(self) -> str:
+        return ",".join(n.url for n in self.nodes)
+
+    def url_from(self, i: int) -> str:
+        """Every node's URL, node `i % size` first."""
+        urls = [n.url for n in self.nodes]
+        k = i % len(urls)
+        return ",".join(urls[k:] + urls[:k])
+
+    @property
+    def procs(self) -> list[Proc]:
+        return [n.proc for n in self.nodes]
+
+    def up(self, i: int) -> bool:
+        return self.nodes[i].proc.alive() and not self.nodes[i].proc.paused
+
+    def available(self) -> bool:
+        """A majority of the nodes runs: a process started now finds JetStream."""
+        return sum(self.up(i) for i in range(len(self.nodes))) > len(self.nodes) // 2
+
+    async def start(self, timeout_s: float = 60.0) -> None:
+        for node in self.nodes:
+            await node.start()
+        await self.until_healthy(range(len(self.nodes)), timeout_s)
+
+    async def until_healthy(self, which: range | list[int], timeout_s: float) -> float:
+        """Wait (bounded) until each node of `which` says its JetStream is current and a
+        meta leader is known; the seconds it took."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            ok = await asyncio.to_thread(
+                lambda: all(node_healthy(self.monitor_ports[i]) for i in which)
+                and self.leader() is not None)
+            if ok:
+                return time.monotonic() - t0
+            await asyncio.sleep(0.2)  # poll the nodes' /healthz (bounded by timeout_s)
+        raise TimeoutError(f"cluster nodes {list(which)} not healthy within {timeout_s} s")
+
+    def leader(self, stream: str | None = None) -> int | None:
+        """Index of the node leading `stream` (None: the JetStream meta group), as the
+        running, unpaused nodes see it."""
+        ports = [p for i, p in enumerate(self.monitor_ports) if self.up(i)]
+        name = leader_of(ports, stream)
+        if not name or not name[1:].isdigit():
+            return None
+        i = int(name[1:]) - 1
+        return i if 0 <= i < len(self.nodes) else None
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(n.stop() for n in self.nodes), return_exceptions=True)
+
+
+class ClusterFaults:
+    """The node faults of a cluster run, in the lanes of faults.FaultLanes."""
+
+    def __init__(self, lanes: FaultLanes, cluster: NatsCluster) -> None:
+        self.lanes, self.cluster = lanes, cluster
+        self.log, self.counts, self.rng = lanes.log, lanes.counts, lanes.rng
+        self.elections: list[tuple[str, float | None]] = []  # (what, seconds; None: none seen)
+        self._led: dict[str | None, int | None] = {}  # LLM_REQ, LLM_OUT, meta -> leading node
+
+    def crashes(self) -> list[tuple[float, Event]]:
+        return [
+            (0.10, lambda: self.kill_leader("LLM_REQ")),
+            (0.30, lambda: self.kill_leader("LLM_OUT")),
+            (0.42, lambda: self.kill_leader(None)),
+            (0.78, self.rolling_restart),
+        ]
+
+    def pauses(self) -> list[tuple[float, Event]]:
+        return [
+            (0.45, lambda: self.pause_node(None)),
+            (0.90, lambda: self.pause_node("LLM_REQ")),
+        ]
+
+    # -- elections ------------------------------------------------------------
+    async def _election(self, what: str, stream: str | None, old: int, t0: float) -> None:
+        """Time until a node other than `old` leads `stream` (None: the meta group)."""
+        while time.monotonic() - t0 < ELECTION_MAX_S:
+            now = await asyncio.to_thread(self.cluster.leader, stream)
+            if now is not None and now != old:
+                took = time.monotonic() - t0
+                self.elections.append((what, took))
+                self.log(f"ELECTION {what}: n{now + 1} leads after {took:.2f}s (was n{old + 1})")
+                return
+            await asyncio.sleep(0.1)  # poll the monitoring endpoints (bounded)
+        self.elections.append((what, None))
+        self.log(f"ELECTION {what}: no other leader within {ELECTION_MAX_S:.0f}s")
+
+    def _watch(self, victim: int, t0: float, why: str) -> list[asyncio.Task[None]]:
+        """Elections to time after node `victim` went away: what it led of LLM_REQ,
+        LLM_OUT and the meta group, read before the fault."""
+        return [asyncio.create_task(self._election(f"{name or 'meta'} ({why} n{victim + 1})",
+                                                   name, victim, t0))
+                for name, led in self._led.items() if led == victim]
+
+    def _note_leaders(self) -> None:
+        self._led = {name: self.cluster.leader(name) for name in ("LLM_REQ", "LLM_OUT", None)}
+
+    # -- faults -----------------------------------------------------------------
+    async def kill_leader(self, stream: str | None) -> None:
+        """kill -9 the node leading `stream` (None: the meta leader); restart it on its store."""
+        async with self.lanes.locks["nats"]:
+            await asyncio.to_thread(self._note_leaders)
+            victim = self._led.get(stream)
+            if victim is None:
+                victim = self.rng.randrange(len(self.cluster.nodes))
+            node = self.cluster.nodes[victim]
+            what = f"leader of {stream}" if stream else "JetStream meta leader"
+            self.counts["node_kills"] += 1
+            self.log(f"FAULT kill -9 nats node n{victim + 1} ({what}) pid={node.proc.pid}")
+            t0 = time.monotonic()
+            node.proc.kill9()
+            watch = self._watch(victim, t0, "kill")
+            await asyncio.sleep(DOWN_S)  # the fault under test: the node stays dead
+            await node.start()
+            took = await self.cluster.until_healthy([victim], 60.0)
+            self.log(f"nats node n{victim + 1} back pid={node.proc.pid}, current after "
+                     f"{took:.2f}s")
+            await asyncio.gather(*watch)
+
+    async def pause_node(self, stream: str | None) -> None:
+        """SIGSTOP a node (the one leading `stream`, else any) past its route timeout."""
+        async with self.lanes.locks["nats"]:
+            await asyncio.to_thread(self._note_leaders)
+            victim = self._led.get(stream) if stream else None
+            if victim is None:
+                victim = self.rng.randrange(len(self.cluster.nodes))
+            node = self.cluster.nodes[victim]
+            seconds = self.rng.uniform(6.0, 10.0)
+            watch = self._watch(victim, time.monotonic(), "pause")
+            note = f"(leader of {stream})" if stream else ""
+            await self.lanes._pause(node.proc, seconds, "nats node", note)
+            await asyncio.gather(*watch)
+            took = await self.cluster.until_healthy([victim], 60.0)
+            self.log(f"nats node n{victim + 1} current again {took:.2f}s after SIGCONT")
+
+    async def rolling_restart(self) -> None:
+        """Each node in turn: SIGTERM (a clean shutdown), start on its store, wait until its
+        JetStream is current again, then the next one (an upgrade, one node at a time)."""
+        async with self.lanes.locks["nats"]:
+            self.log("FAULT rolling restart of the nats cluster")
+            for i, node in enumerate(self.cluster.nodes):
+                await asyncio.to_thread(self._note_leaders)
+                self.counts["node_restarts"] += 1
+                self.log(f"rolling: stopping n{i + 1} pid={node.proc.pid} (SIGTERM)")
+                t0 = time.monotonic()
+                await node.proc.terminate(15.0)
+                watch = self._watch(i, t0, "rolling stop")
+                await node.start()
+                took = await self.cluster.until_healthy([i], 60.0)
+                self.log(f"rolling: n{i + 1} back pid={node.proc.pid}, current after {took:.2f}s")
+                await asyncio.gather(*watch)
+            self.log("rolling restart done")
+
+    def report_lines(self) -> list[str]:
+        took = sorted(s for _, s in self.elections if s is not None)
+        lines = [f"leader elections: {len(self.elections)} timed, "
+                 + (f"median {took[len(took) // 2]:.2f}s, max {took[-1]:.2f}s"
+                    if took else "none seen")
+                 + f"; node kills {self.counts['node_kills']}, pauses of nodes and rolling "
+                   f"restarts in the fault list"]
+        lines += [f"    {what}: {'none within %.0fs' % ELECTION_MAX_S if s is None else f'{s:.2f}s'}"
+                  for what, s in self.elections]
+        return lines
