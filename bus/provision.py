@@ -108,7 +108,7 @@ async def _create_or_current(js: JetStreamContext, cfg: StreamConfig) -> StreamC
         current = await _current(js, cfg.name)
     except NotFoundError:
         try:
-            await js.add_stream(cfg)
+            await _asked(lambda: js.add_stream(cfg), f"add_stream {cfg.name}")
             log.info("created stream %s", cfg.name)
             return None
         except APIError as exc:
@@ -256,7 +256,7 @@ async def open_key_value(js: JetStreamContext, bucket: str) -> KeyValue:
     """An existing bucket: every component but the orchestrator opens, never creates.
     StoreMissingError (naming it) when there is none."""
     try:
-        return await js.key_value(bucket)
+        return await _asked(lambda: js.key_value(bucket), f"key_value {bucket}")
     except NotFoundError:  # BucketNotFoundError too
         raise StoreMissingError("KV bucket", bucket) from None
 
@@ -264,7 +264,7 @@ async def open_key_value(js: JetStreamContext, bucket: str) -> KeyValue:
 async def open_object_store(js: JetStreamContext, bucket: str) -> ObjectStore:
     """An existing object store (see open_key_value)."""
     try:
-        return await js.object_store(bucket)
+        return await _asked(lambda: js.object_store(bucket), f"object_store {bucket}")
     except NotFoundError:
         raise StoreMissingError("object store", bucket) from None
 

@@ -15,7 +15,7 @@ import logging
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from cplane.bus.provision import ensure_stream, stream_configs
+from cplane.bus.provision import TRANSIENT_API_ERRORS, ensure_stream, stream_configs
 from cplane.schemas.settings import Settings
 
 log = logging.getLogger("cplane.provision")
@@ -30,7 +30,7 @@ async def streams_ready(js: JetStreamContext, settings: Settings, poll_s: float 
             try:
                 await js.stream_info(cfg.name)
                 break
-            except (NotFoundError, TimeoutError):  # unanswered: a busy (cluster) server
+            except (NotFoundError, *TRANSIENT_API_ERRORS):  # a busy or electing cluster
                 pass
             try:
                 await ensure_stream(js, cfg, update=False)

@@ -99,6 +99,23 @@ async def wait_for_workers(url: str, n: int, timeout_s: float,
         await nc.close()
 
 
+def probe_ready(port: int, timeout_s: float) -> bool:
+    """Poll a service's `/readyz` on its metrics port until it answers 200 (an
+    orchestrator: provisioned every store and connected) or time runs out."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
+                if resp.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
 def gateway_ready(url: str, workers: int, timeout_s: float, ca: str | None = None) -> bool:
     """Poll `url`/health until it answers 200 and sees `workers` workers (or time runs out);
     `ca` verifies an https gateway."""
@@ -246,6 +263,10 @@ class Stack:
                                                   self.tls_ca):
             self.stop()
             raise RuntimeError(f"the gateway at {self.gateway_url} did not become ready")
+        orch_ports = self.metrics_ports[:self.spec.orchestrators]
+        if not all(probe_ready(port, 60.0) for port in orch_ports):
+            self.stop()
+            raise RuntimeError("an orchestrator did not become ready (/readyz) in 60 s")
 
     def bind_gateway(self) -> str:
         """Bind the gateway's socket (gateway.port, or a free one) now; returns its URL.

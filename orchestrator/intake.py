@@ -215,6 +215,12 @@ def _admit(
     )
 
 
+# A delivery to a replica that no longer leads (Intake.NAK) goes back with a delay: at
+# once, it could come straight back to the same open pull (on a cluster that outlives
+# our unsubscribe by a route hop), hundreds of times a second, and dead-letter it.
+NOT_LEADING_NAK_S = 0.5
+
+
 class Intake(enum.Enum):
     """What the shell does with one LLM_REQ delivery (orchestrator/service.py `_intake`)."""
 

@@ -52,7 +52,7 @@ from cplane.orchestrator.dispatch import (
 )
 from cplane.orchestrator.fleet import FleetView
 from cplane.orchestrator.health_admin import build_registry
-from cplane.orchestrator.intake import Intake, Rejection, classify, scoped_key
+from cplane.orchestrator.intake import NOT_LEADING_NAK_S, Intake, Rejection, classify, scoped_key
 from cplane.orchestrator.known_ids import KnownIds
 from cplane.orchestrator.kv_feed import KvFeed
 from cplane.orchestrator.lease import LeaderLease
@@ -298,8 +298,8 @@ class Orchestrator:
                                                              RequestState.DISPATCHING),
             seen=seen)
         match action:
-            case Intake.NAK:
-                await msg.nak()
+            case Intake.NAK:  # not leading: from a pull of ours still open (intake.py)
+                await msg.nak(delay=NOT_LEADING_NAK_S)
             case Intake.DEAD_LETTER:
                 self.stats.dead_letters += 1
                 self._spawn(self._out.dead_letter_request(msg, seq, deliveries, self._known),

@@ -68,6 +68,12 @@ async def prepare(ctx: ServeContext, run: Run) -> WorkItem | None:
         waited += 1
         await asyncio.sleep(_CLAIM_POLL_S)
     resume_at = chunks[-1].seq + 1 if chunks else item.next_seq
+    if not chunks and _may_have_aged_out(ctx, item):
+        raise HeadLost(f"{rid}: no chunk from seq {resume_at} in "
+                       f"{ctx.settings.streams.out.name}, but an earlier run may have "
+                       f"streamed them more than its max_age "
+                       f"({ctx.settings.streams.out.max_age_s:g} s) ago: running it from "
+                       f"seq {resume_at} again could contradict what readers have")
     if await _hole_at(ctx, item, resume_at):
         raise HeadLost(f"{rid}: chunk {resume_at} is missing from "
                        f"{ctx.settings.streams.out.name} while later ones are stored (aged "
@@ -98,10 +104,25 @@ async def prepare(ctx: ServeContext, run: Run) -> WorkItem | None:
 
 class HeadLost(Exception):
     """A run to continue with a hole in its stored chunks (the head aged out of
-    LLM_OUT, or one was lost with a broker) while later ones remain: continuing
-    after the hole would write seqs readers have with other contents, and
-    running it again from the start would too. It ends in ErrorReply
-    `worker_failed` (retryable) instead."""
+    LLM_OUT, or one was lost with a broker) while later ones remain, or with none
+    stored where an earlier run may have streamed them all longer ago than
+    LLM_OUT keeps them: continuing after the hole would write seqs readers have
+    with other contents, and running it again from the start would too. It
+    ends in ErrorReply `worker_failed` (retryable) instead."""
+
+
+def _may_have_aged_out(ctx: ServeContext, item: WorkItem) -> bool:
+    """An earlier run of `item` could have started longer ago than LLM_OUT keeps chunks
+    (the request was stored then): what it streamed may be gone without a trace, so
+    finding nothing stored proves nothing. Within max_age, nothing stored means
+    nothing was streamed (a broker that lost chunks loses a tail, which the run that
+    streamed them re-sends: bus/connect.py drop_pending, ServeContext._resend_lost)."""
+    max_age_s = ctx.settings.streams.out.max_age_s
+    # The item's own dispatch (a rescued or redelivered work message is the same
+    # item); a re-dispatch by another leader may follow an earlier dispatch made
+    # any time after the request was stored.
+    since = (item.enqueued_ms if item.redispatched else 0.0) or item.dispatched_ms
+    return bool(max_age_s and since) and time.time() * 1000 - since > max_age_s * 1000
 
 
 async def _hole_at(ctx: ServeContext, item: WorkItem, seq: int) -> bool:

@@ -69,6 +69,7 @@ class Outcome:
     spied: dict[str, int] = field(default_factory=dict)
     # the broker's refusals but those by design (tenants.permission_violations): what, how often
     permission_violations: dict[str, int] = field(default_factory=dict)
+    died: list[str] = field(default_factory=list)  # services that exited on their own
 
 
 class BooksView(LaneView, Protocol):
@@ -382,4 +383,4 @@ class Books:
                 rep.append(self._near_fault(self.rec.by_id.get(rid)))
                 rep.extend(self._grep(rid))
         return Outcome(fig, self.dir, rep, {s.tenant: s.own_outputs["done"] for s in self.spies},
-                       dict(self._violations()[0]))
+                       dict(self._violations()[0]), self.fleet.dead_unexpectedly())

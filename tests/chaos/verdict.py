@@ -22,7 +22,8 @@ ALLOWED_CODES = frozenset(os.environ.get(
 
 def run_and_check(cfg: ChaosConfig, chaos_dir: Path, node_kills: bool = False) -> None:
     """Run the chaos scenario `cfg`; fail on any guarantee broken (report in chaos_dir);
-    `node_kills`: fail too when no nats-server node was killed."""
+    `node_kills` (the cluster run): fail too when no nats-server node was killed, or
+    when a service exited on its own (a start-up that gave up during an election)."""
     out = asyncio.run(run_chaos(cfg, chaos_dir))
     fig = out.figures
     (chaos_dir / "report.txt").write_text("\n".join(out.report) + "\n")
@@ -47,6 +48,7 @@ def run_and_check(cfg: ChaosConfig, chaos_dir: Path, node_kills: bool = False) -
     odd = {c: n for c, n in fig.codes.items() if c not in ALLOWED_CODES}
     assert not odd, f"error codes outside {sorted(ALLOWED_CODES)}: {odd} ({chaos_dir})"
     assert fig.node_kills or not node_kills, f"no nats-server node was killed: {figures}"
+    assert not (node_kills and out.died), f"services exited on their own: {out.died} ({chaos_dir})"
     assert fig.accepted >= cfg.requests, f"accepted < {cfg.requests}: {figures} ({chaos_dir})"
     blind = [t for t, n in out.spied.items() if not n]
     assert not blind, f"spies that saw none of their tenant's terminals: {blind} ({chaos_dir})"
