@@ -19,6 +19,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from cplane.bus.tasks import cancel_all
 from cplane.orchestrator.prefix_router import PrefixIndex
 from cplane.schemas.codec import kv_events_decoder
 from cplane.schemas.messages import KvEvents
@@ -53,9 +54,7 @@ class KvFeed:
                 await self._sub.unsubscribe()
             except Exception:
                 pass
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_all(list(self._tasks))
 
     def _usable(self, ev: KvEvents, subject_worker: str | None) -> bool:
         if subject_worker is not None and ev.worker_id != subject_worker:

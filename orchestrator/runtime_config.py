@@ -40,6 +40,7 @@ from nats.js.kv import KeyValue
 
 from cplane.bus.control import ADMIN_GUARD
 from cplane.bus.provision import ensure_config_bucket
+from cplane.bus.tasks import cancel_all
 from cplane.orchestrator import plugins
 from cplane.orchestrator.plugin_types import Policy
 from cplane.schemas.admin import (
@@ -149,8 +150,7 @@ class PolicySwitch:
     async def _stop_watch(self) -> None:
         task, self._follow = self._follow, None
         if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await cancel_all([task])
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
             with contextlib.suppress(Exception):

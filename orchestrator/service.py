@@ -41,6 +41,7 @@ from cplane.bus.provision import ensure_all, ensure_request_consumers, ensure_st
 from cplane.bus.puller import Puller
 from cplane.bus.recent import RecentIds
 from cplane.bus.stored_retry import StoreResult, publish_until_stored
+from cplane.bus.tasks import cancel_all
 from cplane.orchestrator.control import start_control
 from cplane.orchestrator.core import DecisionCore, Journal
 from cplane.orchestrator.dispatch import (
@@ -195,9 +196,7 @@ class Orchestrator:
         finally:
             lease_stop.set()  # steps down (naks what it holds) and releases the lease
             await asyncio.gather(loops[2], return_exceptions=True)
-            for t in loops[:2]:
-                t.cancel()
-            await asyncio.gather(*loops, return_exceptions=True)
+            await cancel_all(loops)
             await self._cancels.stop()
             await self._policy.stop()
             await self.control.stop()

@@ -55,6 +55,7 @@ from cplane.bus.outcome import StoredPublisher
 from cplane.bus.provision import delete_work_consumer, ensure_work_consumer
 from cplane.bus.puller import Puller
 from cplane.bus.streams_ready import streams_ready
+from cplane.bus.tasks import cancel_all
 from cplane.schemas.codec import encode, work_decoder
 from cplane.schemas.messages import Heartbeat, Role, WorkerState, WorkItem
 from cplane.schemas.settings import Settings
@@ -167,9 +168,7 @@ class Worker:
             await stop.wait()
         finally:
             await self._drain()
-            for t in [*tasks, *self._background]:
-                t.cancel()
-            await asyncio.gather(*tasks, *self._background, return_exceptions=True)
+            await cancel_all([*tasks, *self._background])
             await self._cancels.stop()
             await self.control.stop()
             await self.ctx.claims.stop()
@@ -458,7 +457,8 @@ class Worker:
         answered, none of them can be redelivered before `ack_wait_s` from the
         round's start, and the fence (workers/fence.py) opens that far."""
         ws = self.settings.worker
-        while True:
+        me = asyncio.current_task()
+        while me is None or not me.cancelling():  # a cancel lost in round_trip (bus/tasks.py)
             await asyncio.sleep(ws.in_progress_every_s)
             start = time.monotonic()
             for msg in self.runs.msgs():
