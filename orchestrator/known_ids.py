@@ -11,6 +11,13 @@ not stored a second time, when this copy was published after it was stored
 redelivery) had its readers subscribed when the stored one went out, and
 they get it once. An unanswered lookup (a stream without direct gets, a
 broker restarting) holds the requests as new: availability first.
+
+On a cluster any replica of LLM_DONE answers a direct get, and one that is
+behind (resumed after a pause, restarted, catching up) answers "none" for a
+terminal it has not copied yet: an id published again would run again. So
+while a replica is behind (the stream's cluster info, read at most once a
+second), every id the batch did not find is asked of the stream's leader
+(`stored_terminal`: a plain get, answered by the leader) before it is held.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from nats.aio.msg import Msg
 
 from cplane.bus.outcome import send_again
 from cplane.bus.replay import stored_terminal, stored_terminals
+from cplane.bus.stream_config import replicas_of
 from cplane.orchestrator.intake import scoped_key
 from cplane.orchestrator.ledger import Entry
 from cplane.schemas.codec import final_decoder
@@ -52,6 +60,8 @@ class KnownIds:
         self._waiting = [0] * len(PRIORITIES)  # per level, queued or being looked up
         self._tasks: set[asyncio.Task[None]] = set()
         self.answered_from_store = 0
+        self._replicated = replicas_of(settings, settings.streams.done) > 1
+        self._behind: tuple[float, bool] = (-1.0, True)  # (when read, a replica behind)
 
     def waiting(self, level: int) -> int:
         """Requests of `level` pulled and not yet held (the puller's room counts them)."""
@@ -83,15 +93,53 @@ class KnownIds:
             if took > 0.05:
                 log.info("stored-terminal lookup of %d ids took %.0f ms", len(batch),
                          took * 1000)
+            confirmed = await self._confirm_absent(batch, found)
             for e in batch:
                 self._waiting[e.level] -= 1
                 data = found.get((e.item.request.group, e.request_id))
-                term = _decoded(data) if data is not None else None
+                term = (_decoded(data) if data is not None
+                        else confirmed.get((e.item.request.group, e.request_id)))
                 if term is None:
                     await self._hold(e)
                 else:
                     await self._answer(e.item, term, e.msg)
                     self._answered(scoped_key(e.item.request))
+
+    async def _replicas_behind(self) -> bool:
+        """A replica of LLM_DONE is behind its leader (read at most once a second;
+        unknown counts as behind)."""
+        at, behind = self._behind
+        now = time.monotonic()
+        if now - at < 1.0:
+            return behind
+        try:
+            info = await self._nc.jetstream().stream_info(self._settings.streams.done.name)
+            peers = info.cluster.replicas if info.cluster is not None else None
+            behind = any(not p.current or p.offline or (p.lag or 0) > 0 for p in peers or ())
+        except Exception:
+            behind = True
+        self._behind = (now, behind)
+        return behind
+
+    async def _confirm_absent(self, batch: list[Entry[WorkItem]],
+                              found: dict[tuple[str, str], bytes]
+                              ) -> dict[tuple[str, str], Final | ErrorReply]:
+        """On a cluster with a replica behind: the ids the batch did not find, asked of
+        the leader (concurrently); (group, request id) -> the terminal it has."""
+        missing = [e for e in batch if (e.item.request.group, e.request_id) not in found]
+        if not (self._replicated and missing and await self._replicas_behind()):
+            return {}
+        js = self._nc.jetstream()
+
+        async def ask(e: Entry[WorkItem]) -> Final | ErrorReply | None:
+            with contextlib.suppress(Exception):  # unanswered: held as new (see above)
+                return await stored_terminal(js, self._settings, e.item.request.group,
+                                             e.request_id)
+            return None
+
+        terms = await asyncio.gather(*(ask(e) for e in missing))
+        return {(e.item.request.group, e.request_id): t
+                for e, t in zip(missing, terms, strict=True) if t is not None}
 
     async def answer_again(self, item: WorkItem, msg: Msg) -> bool:
         """An id this replica remembers, published again: True (and the message acked)

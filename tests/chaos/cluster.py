@@ -33,6 +33,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nats.js import JetStreamContext
+
 from cplane.bus.cluster import leader_of, node_config, node_healthy, route_urls
 from cplane.bus.server import free_port
 from cplane.bus.tls import make_certs
@@ -138,12 +140,18 @@ class ClusterFaults:
     # -- elections ------------------------------------------------------------
     async def _election(self, what: str, stream: str | None, old: int, t0: float) -> None:
         """Time until a node other than `old` leads `stream` (None: the meta group)."""
+        gone = False  # the old leader was seen down (killed, paused or restarting)
         while time.monotonic() - t0 < ELECTION_MAX_S:
+            gone = gone or not self.cluster.up(old)
             now = await asyncio.to_thread(self.cluster.leader, stream)
-            if now is not None and now != old:
+            # Another node leads; or the old one again, once it is back (a node down for
+            # less than the election timeout may find no other elected and win again).
+            if now is not None and (now != old or (gone and self.cluster.up(old))):
                 took = time.monotonic() - t0
                 self.elections.append((what, took))
-                self.log(f"ELECTION {what}: n{now + 1} leads after {took:.2f}s (was n{old + 1})")
+                again = " again, after its return" if now == old else ""
+                self.log(f"ELECTION {what}: n{now + 1} leads{again} after {took:.2f}s "
+                         f"(was n{old + 1})")
                 return
             await asyncio.sleep(0.1)  # poll the monitoring endpoints (bounded)
         self.elections.append((what, None))
@@ -225,3 +233,41 @@ class ClusterFaults:
         lines += [f"    {what}: {'none within %.0fs' % ELECTION_MAX_S if s is None else f'{s:.2f}s'}"
                   for what, s in self.elections]
         return lines
+
+
+class SourceWatch:
+    """How far behind LLM_OUT the server-side copies fall: LLM_DONE's source (terminals
+    kept for days) and the harness's archive mirror. A copy that falls further behind
+    than LLM_OUT's max_age loses what aged out meanwhile, so the run reports the
+    worst seen (sampled every second): messages behind, and seconds since contact."""
+
+    def __init__(self, js: JetStreamContext, streams: tuple[str, ...]) -> None:
+        self.js, self.streams = js, streams
+        self.worst: dict[str, tuple[int, float]] = {s: (0, 0.0) for s in streams}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="source-watch")
+
+    async def _run(self) -> None:
+        while True:
+            for name in self.streams:
+                try:
+                    info = await self.js.stream_info(name)
+                except Exception:  # an election: the next sample
+                    continue
+                for src in [*(info.sources or []), *([info.mirror] if info.mirror else [])]:
+                    lag, idle = self.worst[name]
+                    active_s = (src.active or 0) / 1e9 if (src.active or 0) > 0 else 0.0
+                    self.worst[name] = (max(lag, src.lag or 0), max(idle, active_s))
+            await asyncio.sleep(1.0)  # the sampling period (bounded by the run)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def report_lines(self, max_age_s: float) -> list[str]:
+        return [f"copies of LLM_OUT (its max_age {max_age_s:g}s), worst sampled: " + "; ".join(
+            f"{name} {lag} messages behind, {idle:.1f}s since contact"
+            for name, (lag, idle) in self.worst.items())]

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from tests.chaos.cluster import ClusterFaults
+from tests.chaos.cluster import ClusterFaults, SourceWatch
 from tests.chaos.faults import LaneView
 from tests.chaos.ledger import (
     STORE_ALL,
@@ -82,6 +82,7 @@ class BooksView(LaneView, Protocol):
     spies: list[TenantSpy]  # one per tenant account (tenants.py)
     t0: float  # monotonic time of the run's start (t0_wall on the wall clock)
     cluster_faults: ClusterFaults | None  # a cluster run's node faults (elections timed)
+    source_watch: SourceWatch | None  # a cluster run: how far LLM_OUT's copies fell behind
 
 
 class Books:
@@ -96,6 +97,7 @@ class Books:
         self.long_hits, self.resubmits = long_hits, resubmits
         self.spies = run.spies
         self.t0, self.cluster_faults = run.t0, run.cluster_faults
+        self.source_watch = run.source_watch
 
     def _violations(self) -> tuple[Counter[str], Counter[str]]:
         """The broker's refusals, every node's log together (tenants.permission_violations)."""
@@ -363,6 +365,8 @@ class Books:
             *self._long_lines(pub),
             *self._latency_lines(pub),
             *(self.cluster_faults.report_lines() if self.cluster_faults is not None else []),
+            *(self.source_watch.report_lines(self.cfg.out_max_age_s)
+              if self.source_watch is not None else []),
             *self._fault_lines(),
             *(await self._stream_lines()),
             *self._beat_lines(),

@@ -39,7 +39,7 @@ from nats.js.api import StorageType, StreamConfig, StreamSource
 
 from cplane.bus.credentials import connect_options, server_list
 from cplane.schemas.settings import NatsSettings
-from tests.chaos.cluster import ClusterFaults, NatsCluster
+from tests.chaos.cluster import ClusterFaults, NatsCluster, SourceWatch
 from tests.chaos.config import ChaosConfig
 from tests.chaos.faults import FaultLanes
 from tests.chaos.ledger import Recorder, done_subject
@@ -84,6 +84,7 @@ class Run:
         self.cluster_faults = (ClusterFaults(self.lanes, self.cluster)
                                if self.cluster is not None else None)
         self.lanes.broker_faults = self.cluster_faults
+        self.source_watch: SourceWatch | None = None  # a cluster run: LLM_OUT's copies' lag
 
     def log(self, what: str) -> None:
         self._log.write(f"{time.monotonic() - self.t0:8.2f}s {time.time():.3f} {what}\n")
@@ -164,6 +165,9 @@ class Run:
             max_age=7200.0, allow_direct=False, mirror_direct=False,
             num_replicas=min(3, self.cfg.cluster or 1)))
         self.log(f"fleet up: heartbeats {sorted(beats)}; archive {ARCHIVE} mirrors LLM_OUT")
+        if self.cluster is not None:
+            self.source_watch = SourceWatch(js, ("LLM_DONE", ARCHIVE))
+            self.source_watch.start()
 
     @property
     def _pings(self) -> dict[str, int]:
@@ -213,6 +217,8 @@ class Run:
 
     async def close(self) -> None:
         await self.resubmitter.cancel()
+        if self.source_watch is not None:
+            await self.source_watch.stop()
         for px in (self.wproxy, self.oproxy):
             if px is not None:
                 px.set_pass()
