@@ -351,9 +351,9 @@ class Stack:
             print(f"  gateway: {self.gateway_url}  (OpenAI API at {self.gateway_url}/v1)",
                   flush=True)
         n_orch = s.orchestrators
-        orch_ports = ", ".join(map(str, self.metrics_ports[1:n_orch]))
+        others = ", ".join(map(str, self.metrics_ports[1:n_orch]))
         print(f"  metrics: http://127.0.0.1:{self.metrics_ports[0]}/metrics (orchestrator"
-              f"{'; standbys on ports ' + orch_ports if orch_ports else ''}), workers on ports "
+              f"{'; its replicas on ports ' + others if others else ''}), workers on ports "
               f"{', '.join(map(str, self.metrics_ports[n_orch:]))}", flush=True)
         if self.cluster is not None:
             print(f"  cluster: {len(self.cluster.nodes)} nats-server nodes, every stream and "
