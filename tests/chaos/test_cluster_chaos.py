@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.chaos, pytest.mark.cluster, pytest.mark.timeout(_TIMEO
 
 # LLM_OUT keeps chunks and terminals 60 s here, not the single-server run's 20 s: on a
 # cluster, LLM_DONE's source (and the harness's archive mirror) lost contact with
-# LLM_OUT for up to 16 s after node faults (report.txt, "copies of LLM_OUT"), and what
+# LLM_OUT for up to 17 s after node faults (report.txt, "copies of LLM_OUT"), and what
 # ages out of LLM_OUT before it is copied is gone. Heads aging out under long
 # generations are the single-server run's (test_chaos.py).
 OUT_MAX_AGE_S = float(os.environ.get("CPLANE_CHAOS_OUT_MAX_AGE_S", "60"))
