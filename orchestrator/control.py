@@ -161,6 +161,27 @@ class OrchestratorControl:
         """Workers heard within worker_timeout_s, by id (the registry's clock: wall ms)."""
         return self.registry.heartbeats(time.time() * 1000)
 
+    async def done_copy(self) -> tuple[int | None, float | None]:
+        """How far LLM_DONE's source is behind LLM_OUT, as JetStream reports it now; logs
+        a warning once it has been out of contact for half of LLM_OUT's max_age."""
+        try:
+            async with asyncio.timeout(JS_TIMEOUT_S):
+                info = await self.js.stream_info(self.settings.streams.done.name)
+        except Exception as exc:  # the broker is away: say nothing rather than guess
+            log.debug("LLM_DONE's source state unavailable: %r", exc)
+            return None, None
+        sources = info.sources or []
+        if not sources:
+            return None, None
+        lag = max(src.lag or 0 for src in sources)
+        idle_s = max(max(src.active or 0, 0) for src in sources) / 1e9
+        max_age_s = self.settings.streams.out.max_age_s
+        if max_age_s and idle_s > max_age_s / 2:
+            log.warning("LLM_DONE has not heard from LLM_OUT for %.0f s (%d behind): terminals "
+                        "older than %.0f s that it has not copied are lost", idle_s, lag,
+                        max_age_s)
+        return lag, idle_s
+
     async def queue_depth(self) -> list[QueueDepth]:
         """LLM_REQ per priority, as JetStream reports it now ([] when it does not answer)."""
         js, stream, subjects = self.js, self.settings.streams.req.name, self.settings.subjects
@@ -191,6 +212,7 @@ class OrchestratorControl:
         r, o = self.replica, self.settings.orchestrator
         st, ledger = r.stats, r.ledger
         instances = self.instances()
+        copy_lag, copy_idle_s = await self.done_copy()
         return OrchestratorReport(
             orchestrator_id=r.id, leading=r.leading, policy=r.policy_name,
             router=r.cfg.router_in_use.name, pd_mode=o.pd_mode,
@@ -203,6 +225,7 @@ class OrchestratorControl:
             queue=await self.queue_depth(),
             workers_known=len(instances),
             workers_ready=sum(hb.state is WorkerState.READY for hb in instances),
+            done_copy_lag=copy_lag, done_copy_idle_s=copy_idle_s,
             instances=instances if with_instances else [],
             started_ms=self.started_ms, ts_ms=time.time() * 1000)
 

@@ -83,6 +83,12 @@ def families(r: OrchestratorReport) -> Iterator[Metric]:
                  [([oid, k], v) for k, v in r.held.items()])
     yield _gauge("cplane_orchestrator_in_flight_requests", "Dispatched, terminal not seen "
                  "yet.", ["orchestrator"], [([oid], r.in_flight)])
+    if r.done_copy_lag is not None and r.done_copy_idle_s is not None:
+        yield _gauge("cplane_done_copy_lag_messages", "Terminals stored in LLM_OUT that "
+                     "LLM_DONE's source has not copied yet.", [], [([], r.done_copy_lag)])
+        yield _gauge("cplane_done_copy_idle_seconds", "Seconds since LLM_DONE's source last "
+                     "heard from LLM_OUT; alert well below LLM_OUT's max_age.", [],
+                     [([], r.done_copy_idle_s)])
     yield _gauge("cplane_orchestrator_leader", "1 on the replica that dispatches.",
                  ["orchestrator"], [([oid], 1.0 if r.leading else 0.0)])
     yield _gauge("cplane_orchestrator_info", "Policy, router and PD mode in force.",

@@ -135,6 +135,11 @@ class OrchestratorReport(Base, frozen=True, kw_only=True, tag="orchestrator",
     queue: list[QueueDepth] = []
     workers_known: int = 0
     workers_ready: int = 0
+    # LLM_DONE's copy of LLM_OUT's terminals (a stream source): messages behind and seconds
+    # since it last heard from LLM_OUT (None: not known now). What ages out of LLM_OUT
+    # before it is copied never reaches LLM_DONE (docs/guarantees.md).
+    done_copy_lag: int | None = None
+    done_copy_idle_s: float | None = None
     instances: list[Heartbeat] = []  # on `status` only
     started_ms: float = 0.0
     ts_ms: float = 0.0

@@ -260,6 +260,14 @@ async def test_metrics_agree_with_what_the_client_saw(nats_url: str) -> None:
         assert _total(orch, "cplane_pd_decisions_total", decision=("unified",)) == 30
         assert _total(orch, "cplane_orchestrator_leader") == 1
         assert len(orch["cplane_queue_depth"]) == 10  # five priorities x pending/held
+        # LLM_DONE's source copies every terminal the 30 requests stored in LLM_OUT
+
+        async def copied() -> bool:
+            now = await _scrape(orch_port)
+            return (_total(now, "cplane_done_copy_lag_messages") == 0
+                    and 0 <= _total(now, "cplane_done_copy_idle_seconds") < 5)
+
+        await until(copied, 10, "LLM_DONE's copy of LLM_OUT caught up (the gauges)")
 
 
 async def test_every_family_is_exported(nats_url: str) -> None:
