@@ -40,6 +40,7 @@ class LatencySummary(msgspec.Struct, frozen=True, kw_only=True):
     mean_ms: float = 0.0
     p50_ms: float = 0.0
     p90_ms: float = 0.0
+    p95_ms: float = 0.0
     p99_ms: float = 0.0
 
 
@@ -146,10 +147,11 @@ def latency(h: HistogramData | None, samples: Sequence[float]) -> LatencySummary
         return LatencySummary()
     mean = h.sum / h.count * 1000
     if samples:
-        p = [percentile(samples, x) for x in (50, 90, 99)]
+        p = [percentile(samples, x) for x in (50, 90, 95, 99)]
     else:
-        p = [histogram_quantile(h, x) * 1000 for x in (0.5, 0.9, 0.99)]
-    return LatencySummary(count=h.count, mean_ms=mean, p50_ms=p[0], p90_ms=p[1], p99_ms=p[2])
+        p = [histogram_quantile(h, x) * 1000 for x in (0.5, 0.9, 0.95, 0.99)]
+    return LatencySummary(count=h.count, mean_ms=mean, p50_ms=p[0], p90_ms=p[1], p95_ms=p[2],
+                          p99_ms=p[3])
 
 
 def _newest_queue(orchs: Sequence[OrchestratorReport]) -> list[QueueDepth]:

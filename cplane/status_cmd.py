@@ -147,9 +147,10 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     lat = [("TTFT", m.ttft), ("TPOT", m.tpot), ("inter-token", m.itl), ("end to end", m.e2e),
            ("queue", m.queue_time)]
     con.print(_table("latency (ms; mean over all, percentiles over recent requests)",
-                     ["", "count", "mean", "p50", "p90", "p99"],
+                     ["", "count", "mean", "p50", "p90", "p95", "p99"],
                      [[name, str(s.count), f"{s.mean_ms:.2f}", f"{s.p50_ms:.2f}",
-                       f"{s.p90_ms:.2f}", f"{s.p99_ms:.2f}"] for name, s in lat]))
+                       f"{s.p90_ms:.2f}", f"{s.p95_ms:.2f}", f"{s.p99_ms:.2f}"]
+                      for name, s in lat]))
     con.print(_table(f"rates (last {m.window_s:.0f} s)", ["req/s", "prompt tok/s",
                                                           "gen tok/s", "prompt tokens",
                                                           "gen tokens", "cost"],

@@ -167,6 +167,11 @@ PANELS: tuple[Panel, ...] = (
         ("{{event}}", _rate("cplane_orchestrator_events_total", "event"),
          Q("rate", "cplane_orchestrator_events_total", ("event",),
            match=(("event", "batches"),))))),
+    Panel("LLM_DONE's copy of LLM_OUT: behind (terminals), out of contact (s)", "short", (
+        ("terminals not copied", "max (cplane_done_copy_lag_messages)",
+         Q("gauge", "cplane_done_copy_lag_messages", (), agg="max")),
+        ("seconds since contact", "max (cplane_done_copy_idle_seconds)",
+         Q("gauge", "cplane_done_copy_idle_seconds", (), agg="max")))),
 )
 
 

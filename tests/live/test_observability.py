@@ -228,6 +228,7 @@ async def test_metrics_agree_with_what_the_client_saw(nats_url: str) -> None:
         assert m.ttft.count == 30 and m.ttft.mean_ms == pytest.approx(statistics.fmean(ttft))
         assert m.e2e.mean_ms == pytest.approx(statistics.fmean(e2e))
         assert m.ttft.p50_ms == percentile(ttft, 50) and m.e2e.p99_ms == percentile(e2e, 99)
+        assert m.ttft.p95_ms == percentile(ttft, 95) and m.e2e.p95_ms == percentile(e2e, 95)
         assert m.tpot.mean_ms == pytest.approx(statistics.fmean(
             f.timings.tpot_ms for f in finals if f.usage.completion_tokens > 1))
         assert m.itl.count == sum(f.usage.completion_tokens - 1 for f in finals)
