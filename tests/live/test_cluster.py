@@ -86,14 +86,11 @@ async def test_provisioning_makes_every_stream_store_and_consumer_r3(
         await eventually(lambda n=name: replicas_of(js, n), lambda r: r == (3, 2),
                     timeout_s=20, what=f"{name} R3 with two peers")
     # Consumers are created following the stream: the server puts them on its three peers.
-    for ci in [c async for c in _consumers(js, s.streams.req.name)]:
-        assert (ci.config.num_replicas or 0) == 0
-        assert len(ci.cluster.replicas or []) == 2, ci.name
-
-
-async def _consumers(js: nats.js.JetStreamContext, stream: str) -> AsyncIterator[object]:
-    for ci in await js.consumers_info(stream):
-        yield ci
+    infos = await eventually(lambda: js.consumers_info(s.streams.req.name),
+                             lambda cis: len(cis) == 5 and all(
+                                 len(c.cluster.replicas or []) == 2 for c in cis),
+                             timeout_s=20, what="the request consumers on three peers")
+    assert all((c.config.num_replicas or 0) == 0 for c in infos)
 
 
 async def test_fewer_replicas_are_reported_raised_with_update_and_never_lowered(
