@@ -11,9 +11,10 @@ password to keep. Every node lists every route, so any node can start first.
 `url` is every node's client URL, comma-separated, in the form each cplane
 process takes with `--nats-url`; `url_from(i)` lists node i first, so
 processes given different `i` connect to different nodes first (and fail over
-to the others). Nodes are killed, paused (SIGSTOP: a hung node, not a dead one),
-resumed and restarted on their store one at a time; `meta_leader()` and
-`stream_leader(name)` say which node leads (from the monitoring endpoint).
+to the others). Nodes are killed and started again on their store one at a
+time; `meta_leader()` and `stream_leader(name)` say which node leads (from the
+monitoring endpoint). The chaos suite's nodes (tests/chaos/cluster.py) use the
+same node configuration, URL order and leader lookups.
 """
 
 from __future__ import annotations
@@ -73,6 +74,21 @@ def route_urls(ports: list[int]) -> list[str]:
     return [f"nats-route://127.0.0.1:{p}" for p in ports]
 
 
+def urls_from(urls: list[str], i: int) -> str:
+    """`urls` comma-separated with the `i % len(urls)`-th first: processes given
+    different `i` connect to different nodes first (and fail over to the others)."""
+    k = i % len(urls)
+    return ",".join(urls[k:] + urls[:k])
+
+
+def node_index(name: str | None, size: int) -> int | None:
+    """Index of the node whose server_name is `name` (n1 -> 0), None for another name."""
+    if not name or not name.startswith("n") or not name[1:].isdigit():
+        return None
+    i = int(name[1:]) - 1
+    return i if 0 <= i < size else None
+
+
 class ClusterNotReadyError(TimeoutError):
     """The cluster did not elect a JetStream meta leader in time."""
 
@@ -98,7 +114,6 @@ class EmbeddedCluster:
         self.root = store_root or tempfile.mkdtemp(prefix="cplane-cluster-")
         # Route certificates: the same server certificate dials and serves routes.
         self.route_tls = client_tls or make_certs(Path(self.root, "tls"))
-        self.client_tls = client_tls
         ports = [(free_port(), free_port(), free_port()) for _ in range(size)]
         routes = route_urls([route for _, route, _ in ports])
         self.monitor_ports = [mon for _, _, mon in ports]
@@ -125,9 +140,7 @@ class EmbeddedCluster:
 
     def url_from(self, i: int) -> str:
         """Every node's URL with node `i % size` first: spreads processes over nodes."""
-        urls = self.urls
-        k = i % len(urls)
-        return ",".join(urls[k:] + urls[:k])
+        return urls_from(self.urls, i)
 
     # -- life cycle -----------------------------------------------------------------
     def start(self, timeout_s: float = 30.0) -> EmbeddedCluster:
@@ -152,31 +165,16 @@ class EmbeddedCluster:
         """SIGKILL node `i` (a crash: the last sync interval may be lost); store kept."""
         self.nodes[i].kill()
 
-    def pause(self, i: int) -> None:
-        """SIGSTOP node `i`: it holds its sockets and answers nothing (a hung node)."""
-        self._send(i, signal.SIGSTOP)
-
-    def resume(self, i: int) -> None:
-        self._send(i, signal.SIGCONT)
-
-    def restart(self, i: int, timeout_s: float = 30.0) -> None:
-        """Start node `i` again on its ports and store (SIGTERM first if it runs)."""
-        self.nodes[i].restart(timeout_s)
-
     def start_node(self, i: int, timeout_s: float = 30.0) -> None:
+        """Start node `i` again on its ports and store."""
         self.nodes[i].start(timeout_s)
 
-    def _send(self, i: int, sig: signal.Signals) -> None:
-        proc = self.nodes[i].proc
-        if proc is None or proc.poll() is not None:
-            raise RuntimeError(f"node {i} is not running")
-        proc.send_signal(sig)
-
     def stop(self) -> None:
-        """Stop every node (resumed first if paused) and delete a store made here."""
-        for i, node in enumerate(self.nodes):
-            if node.running:
-                self._send(i, signal.SIGCONT)
+        """Stop every node (resumed first, should a test have paused it) and delete a
+        store made here."""
+        for node in self.nodes:
+            if node.proc is not None and node.running:
+                node.proc.send_signal(signal.SIGCONT)
             node.terminate()
         if self._own_root:
             shutil.rmtree(self.root, ignore_errors=True)
@@ -198,10 +196,7 @@ class EmbeddedCluster:
 
     def node_named(self, name: str | None) -> int | None:
         """Index of the node whose server_name is `name` (n1 -> 0)."""
-        if not name or not name.startswith("n") or not name[1:].isdigit():
-            return None
-        i = int(name[1:]) - 1
-        return i if 0 <= i < len(self.nodes) else None
+        return node_index(name, len(self.nodes))
 
     def meta_leader(self) -> int | None:
         """The JetStream meta leader's index, as the first answering node sees it."""
@@ -251,4 +246,4 @@ def leader_of(monitor_ports: list[int], stream: str | None = None) -> str | None
 
 __all__ = ["CLUSTER_NAME", "ROUTE_PING_MAX", "ROUTE_PING_S", "ROUTE_USER", "ClusterNotReadyError",
            "EmbeddedCluster", "leader_of", "monitor_json", "node_config", "node_healthy",
-           "route_urls"]
+           "node_index", "route_urls", "urls_from"]

@@ -21,6 +21,7 @@ from nats.js.api import (
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    StreamInfo,
     StreamSource,
 )
 
@@ -317,6 +318,18 @@ def store_configs(settings: Settings) -> dict[str, StreamConfig]:
     }
 
 
+def copy_behind(info: StreamInfo) -> tuple[int, float] | None:
+    """How far a stream's copies of others (its sources and mirror, as the server reports
+    them) are behind, at worst: (messages, seconds since contact); None when it copies
+    nothing. LLM_DONE copies LLM_OUT's terminals so: what ages out of LLM_OUT before it
+    is copied never reaches LLM_DONE."""
+    copies = [*(info.sources or []), *([info.mirror] if info.mirror else [])]
+    if not copies:
+        return None
+    return (max(c.lag or 0 for c in copies),
+            max(max(c.active or 0, 0) for c in copies) / 1e9)
+
+
 __all__ = [
     "CONFIG_HISTORY",
     "CONSUMER_FIELDS",
@@ -327,6 +340,7 @@ __all__ = [
     "StreamWeakeningError",
     "claims_bucket",
     "consumer_differences",
+    "copy_behind",
     "foreign_routing",
     "norm_field",
     "replicas_of",

@@ -12,10 +12,12 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -99,40 +101,36 @@ async def wait_for_workers(url: str, n: int, timeout_s: float,
         await nc.close()
 
 
-def probe_ready(port: int, timeout_s: float) -> bool:
-    """Poll a service's `/readyz` on its metrics port until it answers 200 (an
-    orchestrator: provisioned every store and connected) or time runs out."""
+def _poll(url: str, holds: Callable[[bytes], bool], timeout_s: float,
+          context: ssl.SSLContext | None = None) -> bool:
+    """GET `url` every 0.1 s until it answers 2xx with a body that `holds`; False once
+    `timeout_s` has passed (an error status or a refused connection: asked again)."""
     import urllib.request
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
-                if resp.status == 200:
+            with urllib.request.urlopen(url, timeout=2, context=context) as resp:
+                if holds(resp.read()):
                     return True
-        except OSError:
+        except OSError:  # HTTPError (not 2xx) included
             pass
         time.sleep(0.1)
     return False
+
+
+def probe_ready(port: int, timeout_s: float) -> bool:
+    """Poll a service's `/readyz` on its metrics port until it answers 200 (an
+    orchestrator: provisioned every store and connected) or time runs out."""
+    return _poll(f"http://127.0.0.1:{port}/readyz", lambda body: True, timeout_s)
 
 
 def gateway_ready(url: str, workers: int, timeout_s: float, ca: str | None = None) -> bool:
     """Poll `url`/health until it answers 200 and sees `workers` workers (or time runs out);
     `ca` verifies an https gateway."""
-    import ssl
-    import urllib.request
-
     context = ssl.create_default_context(cafile=ca) if ca else None
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2, context=context) as resp:
-                if json.loads(resp.read()).get("workers", 0) >= workers:
-                    return True
-        except OSError:
-            pass
-        time.sleep(0.1)
-    return False
+    return _poll(f"{url}/health", lambda body: json.loads(body).get("workers", 0) >= workers,
+                 timeout_s, context)
 
 
 def stop_processes(procs: list[subprocess.Popen[bytes]], timeout_s: float) -> None:

@@ -36,6 +36,7 @@ from nats.js import JetStreamContext
 from cplane.bus import tracing
 from cplane.bus.control import ADMIN_GUARD, Answer, ControlEndpoint
 from cplane.bus.replay import stored_terminal
+from cplane.bus.stream_config import copy_behind
 from cplane.orchestrator.dispatch import DispatchConfig
 from cplane.orchestrator.fleet import Registry
 from cplane.orchestrator.health_admin import breaker_infos
@@ -170,11 +171,10 @@ class OrchestratorControl:
         except Exception as exc:  # the broker is away: say nothing rather than guess
             log.debug("LLM_DONE's source state unavailable: %r", exc)
             return None, None
-        sources = info.sources or []
-        if not sources:
+        behind = copy_behind(info)
+        if behind is None:
             return None, None
-        lag = max(src.lag or 0 for src in sources)
-        idle_s = max(max(src.active or 0, 0) for src in sources) / 1e9
+        lag, idle_s = behind
         max_age_s = self.settings.streams.out.max_age_s
         if max_age_s and idle_s > max_age_s / 2:
             log.warning("LLM_DONE has not heard from LLM_OUT for %.0f s (%d behind): terminals "

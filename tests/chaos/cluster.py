@@ -35,8 +35,17 @@ from typing import TYPE_CHECKING
 
 from nats.js import JetStreamContext
 
-from cplane.bus.cluster import leader_of, node_config, node_healthy, route_urls
+from cplane.bus.cluster import (
+    leader_of,
+    node_config,
+    node_healthy,
+    node_index,
+    route_urls,
+    urls_from,
+)
 from cplane.bus.server import free_port
+from cplane.bus.stream_config import copy_behind
+from cplane.bus.tasks import cancel_all
 from cplane.bus.tls import make_certs
 from tests.chaos.procs import NatsServer, Proc
 
@@ -67,9 +76,7 @@ class NatsCluster:
 
     def url_from(self, i: int) -> str:
         """Every node's URL, node `i % size` first."""
-        urls = [n.url for n in self.nodes]
-        k = i % len(urls)
-        return ",".join(urls[k:] + urls[:k])
+        return urls_from([n.url for n in self.nodes], i)
 
     @property
     def procs(self) -> list[Proc]:
@@ -104,11 +111,7 @@ class NatsCluster:
         """Index of the node leading `stream` (None: the JetStream meta group), as the
         running, unpaused nodes see it."""
         ports = [p for i, p in enumerate(self.monitor_ports) if self.up(i)]
-        name = leader_of(ports, stream)
-        if not name or not name[1:].isdigit():
-            return None
-        i = int(name[1:]) - 1
-        return i if 0 <= i < len(self.nodes) else None
+        return node_index(leader_of(ports, stream), len(self.nodes))
 
     async def stop(self) -> None:
         await asyncio.gather(*(n.stop() for n in self.nodes), return_exceptions=True)
@@ -150,15 +153,12 @@ class ClusterFaults:
                 info = await nc.jetstream(timeout=1.0).stream_info(stream)
             except Exception:
                 return None
-            name = info.cluster.leader if info.cluster is not None else None
-            return int(name[1:]) - 1 if name and name[1:].isdigit() else None
+            return node_index(info.cluster.leader if info.cluster else None,
+                              len(self.cluster.nodes))
         views = await asyncio.to_thread(
             lambda: {leader_of([p]) for i, p in enumerate(self.cluster.monitor_ports)
                      if self.cluster.up(i)})
-        if len(views) != 1:
-            return None
-        name = views.pop()
-        return int(name[1:]) - 1 if name and name[1:].isdigit() else None
+        return node_index(views.pop(), len(self.cluster.nodes)) if len(views) == 1 else None
 
     async def _election(self, what: str, stream: str | None, old: int, t0: float) -> None:
         """Time until a node leads `stream` (None: the meta group) again: another one,
@@ -277,16 +277,15 @@ class SourceWatch:
                     info = await self.js.stream_info(name)
                 except Exception:  # an election: the next sample
                     continue
-                for src in [*(info.sources or []), *([info.mirror] if info.mirror else [])]:
-                    lag, idle = self.worst[name]
-                    active_s = (src.active or 0) / 1e9 if (src.active or 0) > 0 else 0.0
-                    self.worst[name] = (max(lag, src.lag or 0), max(idle, active_s))
+                behind = copy_behind(info)
+                if behind is not None:
+                    (lag, idle), (now_lag, now_idle) = self.worst[name], behind
+                    self.worst[name] = (max(lag, now_lag), max(idle, now_idle))
             await asyncio.sleep(1.0)  # the sampling period (bounded by the run)
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_all([self._task])
 
     def report_lines(self, max_age_s: float) -> list[str]:
         return [f"copies of LLM_OUT (its max_age {max_age_s:g}s), worst sampled: " + "; ".join(
