@@ -9,21 +9,15 @@ KV events (schemas/blocks.py), which is what precise prefix routing needs.
 
 from __future__ import annotations
 
-from typing import Any
-
 from cplane.orchestrator.prefix_router import prompt_blocks
-from cplane.schemas.blocks import chain_hashes, chat_text, hf_prompt_ids, word_token_ids
+from cplane.schemas.blocks import (
+    chain_hashes,
+    chat_text,
+    hf_prompt_ids,
+    load_tokenizer,
+    word_token_ids,
+)
 from cplane.schemas.messages import Request
-
-
-def load_tokenizer(spec: str) -> Any:
-    """The Hugging Face tokenizer at `spec` (a directory or a tokenizer.json)."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    if spec.endswith(".json"):
-        return PreTrainedTokenizerFast(tokenizer_file=spec)
-    return AutoTokenizer.from_pretrained(spec)
-
 
 MAX_TOKENIZED_CHARS = 32_768  # tokenizing runs on the dispatch loop: bound its cost
 
@@ -64,4 +58,4 @@ class PromptHasher:
         return prompt_blocks(None, text, self.block_tokens)
 
 
-__all__ = ["PromptHasher", "load_tokenizer"]
+__all__ = ["PromptHasher"]

@@ -54,6 +54,15 @@ def chat_text(messages: Sequence[ChatMessage]) -> str:
 
 
 
+def load_tokenizer(spec: str) -> Any:
+    """The Hugging Face tokenizer at `spec` (a directory or a tokenizer.json)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if spec.endswith(".json"):
+        return PreTrainedTokenizerFast(tokenizer_file=spec)
+    return AutoTokenizer.from_pretrained(spec)
+
+
 def hf_prompt_ids(tok: Any, prompt: str | None, messages: Sequence[ChatMessage] | None
                   ) -> list[int]:
     """A Hugging Face tokenizer's ids for a text or chat prompt, as the vLLM worker
@@ -73,4 +82,4 @@ def hf_prompt_ids(tok: Any, prompt: str | None, messages: Sequence[ChatMessage] 
     return list(tok.encode(plain))
 
 
-__all__ = ["chain_hashes", "chat_text", "hf_prompt_ids", "word_token_ids"]
+__all__ = ["chain_hashes", "chat_text", "hf_prompt_ids", "load_tokenizer", "word_token_ids"]

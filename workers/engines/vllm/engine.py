@@ -34,8 +34,9 @@ from cplane.workers.engines.base import (
     EngineStats,
     KvDelta,
 )
+from cplane.workers.engines.detok import resume_echo
+from cplane.workers.engines.kv_zmq import KvTranslator, ZmqKvEvents
 from cplane.workers.engines.vllm.config import VllmSettings, build_engine_args
-from cplane.workers.engines.vllm.kv_events import KvTranslator, ZmqKvEvents
 from cplane.workers.engines.vllm.stats import StatsRecorder, stat_logger_factory
 
 if TYPE_CHECKING:
@@ -255,9 +256,9 @@ class VllmEngine:
         from vllm.exceptions import VLLMClientError
         from vllm.inputs.engine import tokens_input
 
-        # Text vLLM wrongly repeats on a resumed request (see _resume_echo).
+        # Text vLLM wrongly repeats on a resumed request (see detok.resume_echo).
         echo = (
-            _resume_echo(self._tokenizer, engine_ids, len(prompt_ids))
+            resume_echo(self._tokenizer, engine_ids, len(prompt_ids))
             if req.resume_token_ids
             else None
         )
@@ -458,30 +459,3 @@ def _max_token_chars(tokenizer: Any) -> int:
         return max((len(str(k)) for k in vocab), default=0)
     except Exception:
         return 0
-
-
-def _resume_echo(tokenizer: Any, engine_ids: list[int], prompt_len: int) -> str | None:
-    """The text vLLM will wrongly put in front of a resumed request's output.
-
-    When prompt + resumed tokens end inside a multi-byte character (the
-    streamed tokens stopped mid-character, so that text was never sent),
-    vLLM 0.32 primes its `tokenizers.DecodeStream` with those ids, and once the
-    character completes the stream returns the text of the *whole* sequence,
-    prompt included. We cut that leading part, which is the text of the ids
-    before the incomplete tail. None when the tail is complete (no echo).
-    """
-    raw = getattr(tokenizer, "_tokenizer", None)  # the `tokenizers` object vLLM uses
-    if raw is None:
-        return None
-
-    def ends_incomplete(end: int) -> bool:
-        return raw.decode(engine_ids[max(end - 8, 0) : end], skip_special_tokens=True).endswith(
-            "\ufffd"
-        )
-
-    end = len(engine_ids)
-    while end > prompt_len and ends_incomplete(end):
-        end -= 1
-    if end == len(engine_ids):
-        return None
-    return str(raw.decode(engine_ids[:end], skip_special_tokens=True))

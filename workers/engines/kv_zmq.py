@@ -1,7 +1,10 @@
 """vLLM's KV-cache events, in the block hashes routers use (precise prefix routing).
 
 vLLM publishes BlockStored / BlockRemoved / AllBlocksCleared from its engine
-core on a ZMQ PUB socket (`kv_events_config`). Its block hashes are its own
+core on a ZMQ PUB socket (`kv_events_config`): in this process for the
+in-process engine, over TCP for a remote `vllm serve` (`--kv-events-config`).
+The wire is decoded with mirrors of vLLM's structs (below), so a worker that
+fronts remote servers needs no vLLM installed. Its block hashes are its own
 (seeded, salted), so each stored block is re-hashed here from the token ids
 the event carries, chained from its parent's translation (schemas/blocks.py):
 the orchestrator hashes a prompt the same way. Changes are netted per block
@@ -15,10 +18,39 @@ import contextlib
 import logging
 from typing import Any
 
+import msgspec
+
 from cplane.schemas.blocks import chain_hashes
 from cplane.workers.engines.base import KvDelta
 
 log = logging.getLogger(__name__)
+
+
+# Mirrors of vllm.distributed.kv_events (0.11 - 0.32): events are msgpack maps
+# tagged by class name; unknown fields (medium, lora_name, group_idx...) are
+# ignored, so newer vLLMs decode as long as these fields keep their meaning.
+class _Event(msgspec.Struct, tag=True):
+    pass
+
+
+class BlockStored(_Event):
+    block_hashes: list[Any]
+    token_ids: list[int]
+    block_size: int
+    parent_block_hash: Any = None  # a map: the order of fields is free
+
+
+class BlockRemoved(_Event):
+    block_hashes: list[Any]
+
+
+class AllBlocksCleared(_Event):
+    pass
+
+
+class KVEventBatch(msgspec.Struct, array_like=True):
+    ts: float
+    events: list[BlockStored | BlockRemoved | AllBlocksCleared]
 
 
 class KvTranslator:
@@ -76,13 +108,12 @@ class KvTranslator:
     def apply(self, batch: Any) -> None:
         """One vLLM KVEventBatch."""
         for ev in batch.events:
-            kind = type(ev).__name__
-            if kind == "BlockStored":
+            if isinstance(ev, BlockStored):
                 self.stored(list(ev.block_hashes), ev.parent_block_hash, list(ev.token_ids),
                             ev.block_size)
-            elif kind == "BlockRemoved":
+            elif isinstance(ev, BlockRemoved):
                 self.removed(list(ev.block_hashes))
-            elif kind == "AllBlocksCleared":
+            elif isinstance(ev, AllBlocksCleared):
                 self.cleared()
 
     def drain(self) -> KvDelta | None:
@@ -108,10 +139,8 @@ class ZmqKvEvents:
         self.gaps = 0
 
     def start(self) -> None:
-        import msgspec
         import zmq
         import zmq.asyncio
-        from vllm.distributed.kv_events import KVEventBatch
 
         ctx = zmq.asyncio.Context.instance()
         sock = ctx.socket(zmq.SUB)
