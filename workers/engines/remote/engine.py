@@ -1,0 +1,407 @@
+"""The remote engine: an OpenAI-compatible server (`vllm serve`, SGLang...) by address.
+
+Work items go to the server's `/v1/completions` as streams. With `api="vllm"`
+prompts travel as token ids and come back with them (`return_token_ids`), so
+a request that moves (a worker's death, a prefill's hand-off) continues on
+another instance from the stored tokens exactly as on an in-process engine:
+the ids are made by a local tokenizer when one is configured (the same
+`hf_prompt_ids` the orchestrator hashes with), else by the server's
+`/tokenize`, and only when needed (a text prompt that starts fresh is sent as
+text; its ids come back in the first chunk). `api="openai"` speaks text to any
+server: a request that must continue mid-way cannot, and ends with a clear
+engine_error.
+
+PD: a prefill item is one non-streaming completion of one token with
+`kv_transfer_params: {"do_remote_decode": true}` (vLLM's disaggregated-serving
+protocol); the decode item sends back what it answered.
+
+Cancel closes the stream; vLLM aborts a request whose client went away. The
+server's `/health` and `/metrics` are probed every `probe_s`: load for
+heartbeats, and `problem()` (why the server cannot serve now) for the
+instance's health. Faults (down, slow, 5xx, a broken or lying stream) raise
+ServerFault, retried elsewhere by the worker; a request the server refuses as
+invalid (HTTP 400) raises EngineInputError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from cplane.schemas.blocks import hf_prompt_ids, load_tokenizer
+from cplane.schemas.messages import ErrorCode, FinishReason
+from cplane.workers.engines.base import (
+    Delta,
+    EngineInputError,
+    EngineRequest,
+    EngineStats,
+    KvDelta,
+)
+from cplane.workers.engines.detok import resume_echo
+from cplane.workers.engines.kv_zmq import KvTranslator, ZmqKvEvents
+from cplane.workers.engines.remote.server import ServerClient, ServerFault, ServerRefused
+from cplane.workers.engines.remote.server_stats import ServerLoad, parse
+
+log = logging.getLogger("cplane.remote")
+
+_FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH,
+           "abort": FinishReason.ABORT}
+CONNECTOR_KEY = "connector"  # as workers/engines/vllm/engine.py: ExampleConnector needs no params
+INLINE_TOKENIZE_CHARS = 8192
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RemoteSettings:
+    url: str
+    model_name: str
+    api: str = "vllm"  # "vllm" (token ids) | "openai" (text only)
+    tokenizer: str = ""  # local tokenizer matching the server's; "" = /tokenize
+    api_key: str = ""
+    kv_events: str = ""  # the server's ZMQ KV-event endpoint, e.g. tcp://host:5557
+    pool: int = 64  # connections kept for this server (the requests held here)
+    connect_timeout_s: float = 3.0
+    # No byte from the server for this long mid-request (prefill included): a fault.
+    stall_timeout_s: float = 120.0
+    probe_s: float = 1.0  # /health and /metrics
+    probe_timeout_s: float = 2.0
+    start_timeout_s: float = 60.0  # wait this long for /health at start
+    load_window_s: float = 10.0
+
+
+class RemoteEngine:
+    """Engine protocol over one OpenAI-compatible server."""
+
+    name = "openai"
+
+    def __init__(self, settings: RemoteSettings) -> None:
+        if settings.api not in ("vllm", "openai"):
+            raise ValueError(f"api must be vllm or openai, not {settings.api!r}")
+        self.settings = settings
+        self.models = [settings.model_name]
+        self.client = ServerClient(settings.url, api_key=settings.api_key, pool=settings.pool,
+                                   connect_timeout_s=settings.connect_timeout_s,
+                                   stall_timeout_s=settings.stall_timeout_s,
+                                   probe_timeout_s=settings.probe_timeout_s)
+        self._tokenizer: Any = None
+        self._load = ServerLoad(settings.load_window_s)
+        self._problem: str | None = "not started"
+        self._probe_task: asyncio.Task[None] | None = None
+        # request_id -> [cancelled, the open response]
+        self._active: dict[str, list[Any]] = {}
+        self._kv = KvTranslator()
+        self._kv_reader: ZmqKvEvents | None = None
+        self.block_tokens = 16  # from the server's events once they come
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        """Wait for the server to be healthy and to serve the model; start probing."""
+        s = self.settings
+        await self.client.open()
+        if s.tokenizer:
+            self._tokenizer = await asyncio.to_thread(load_tokenizer, s.tokenizer)
+        deadline = time.monotonic() + s.start_timeout_s
+        while (why := await self.client.health()) is not None:
+            if time.monotonic() > deadline:
+                await self.client.close()
+                raise ServerFault(f"{s.url} not healthy after {s.start_timeout_s:.0f} s: {why}")
+            await asyncio.sleep(min(s.probe_s, 1.0))
+        served = await self._served_models()
+        if served is not None and s.model_name not in served:
+            await self.client.close()
+            raise ValueError(f"{s.url} serves {', '.join(served) or 'no model'}, "
+                             f"not {s.model_name!r}")
+        self._problem = None
+        await self._probe()
+        self._probe_task = asyncio.create_task(self._probe_loop(), name=f"probe-{s.url}")
+        if s.kv_events:
+            self._kv_reader = ZmqKvEvents(s.kv_events, self._kv)
+            self._kv_reader.start()
+
+    async def _served_models(self) -> list[str] | None:
+        try:
+            listing = await self.client.get_json("/v1/models")
+            return [str(m.get("id")) for m in listing.get("data", []) if isinstance(m, dict)]
+        except (ServerFault, AttributeError, TypeError):
+            return None  # not every server lists its models: requests will tell
+
+    async def shutdown(self) -> None:
+        task, self._probe_task = self._probe_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        reader, self._kv_reader = self._kv_reader, None
+        if reader is not None:
+            await reader.stop()
+        for rid in list(self._active):
+            await self.abort(rid)
+        await self.client.close()
+
+    # -- health and load -------------------------------------------------------------
+    def problem(self) -> str | None:
+        """Why the server cannot serve now (its last probe), None when it can."""
+        return self._problem
+
+    async def _probe(self) -> None:
+        self._problem = await self.client.health()
+        if self._problem is not None:
+            return
+        with contextlib.suppress(ServerFault):
+            text = await self.client.get_text("/metrics")
+            self._load.add(parse(text, time.monotonic(), self.settings.model_name))
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.probe_s)
+            try:
+                await self._probe()
+            except Exception as exc:  # never let the probe die
+                self._problem = f"probe failed: {exc}"
+
+    def stats(self) -> EngineStats:
+        return self._load.stats(held=len(self._active))
+
+    def pool_stats(self) -> tuple[int, int]:
+        """(connections opened, requests sent) to the server since start."""
+        return self.client.opened, self.client.sent
+
+    def kv_events(self) -> KvDelta | None:
+        return self._kv.drain()
+
+    def kv_blocks(self) -> list[int]:
+        return self._kv.blocks()
+
+    # -- requests --------------------------------------------------------------------
+    async def abort(self, request_id: str) -> None:
+        """Close the request's stream (the server aborts it); generate() ends CANCELLED."""
+        entry = self._active.get(request_id)
+        if entry is None:
+            return
+        entry[0] = True
+        if entry[1] is not None:
+            entry[1].close()
+
+    async def generate(self, req: EngineRequest) -> AsyncIterator[Delta]:
+        rid = req.request_id
+        if rid in self._active:
+            raise EngineInputError(f"request {rid} is already running")
+        if self._problem is not None:
+            raise ServerFault(f"{self.settings.url}: {self._problem}")
+        entry: list[Any] = [False, None]
+        self._active[rid] = entry
+        try:
+            async for delta in self._generate(req, entry):
+                yield delta
+        finally:
+            self._active.pop(rid, None)
+
+    async def _generate(self, req: EngineRequest, entry: list[Any]) -> AsyncIterator[Delta]:
+        prompt, prompt_ids = await self._prompt(req)
+        resumed = list(req.resume_token_ids)
+        max_tokens = 1 if req.prefill_only else req.max_tokens - len(resumed)
+        if max_tokens <= 0 or entry[0]:
+            yield Delta(token_ids=[], prompt_tokens=len(prompt_ids or ()), cached_prompt_tokens=0,
+                        finish_reason=FinishReason.CANCELLED if entry[0] else FinishReason.LENGTH)
+            return
+        body = self._body(req, prompt, max_tokens)
+        try:
+            if req.prefill_only:
+                yield await self._prefill(req, body, prompt_ids)
+                return
+            echo = (resume_echo(self._tokenizer, [*prompt_ids, *resumed], len(prompt_ids))
+                    if resumed and prompt_ids and self._tokenizer is not None else None)
+            async for delta in self._stream(req, body, entry, max_tokens, prompt_ids):
+                if echo is not None and delta.text:
+                    delta.text, echo = delta.text.removeprefix(echo), None
+                yield delta
+        except ServerRefused as exc:
+            code = (ErrorCode.PROMPT_TOO_LONG if "maximum" in str(exc) and "length" in str(exc)
+                    else ErrorCode.INVALID_REQUEST)
+            raise EngineInputError(f"{self.settings.url} refused it: {exc}", code=code) from exc
+
+    async def _prompt(self, req: EngineRequest) -> tuple[Any, list[int] | None]:
+        """(the `prompt` field to send, the prompt's ids when known)."""
+        given = [x is not None for x in (req.prompt, req.prompt_token_ids, req.messages)]
+        if sum(given) != 1:
+            raise EngineInputError("give exactly one of prompt, prompt_token_ids, messages")
+        if req.messages is not None and not req.messages:
+            raise EngineInputError("messages is empty")
+        needs_ids = bool(req.resume_token_ids) or req.messages is not None
+        if req.prompt_token_ids is not None:
+            ids = list(req.prompt_token_ids)
+        elif self._tokenizer is not None:
+            ids = await self._local_ids(req)
+        elif self.settings.api == "vllm" and needs_ids:
+            ids = await self._server_ids(req)
+        elif needs_ids:
+            raise EngineInputError(
+                f"{self.settings.url} (api openai) gives no token ids: a chat prompt or a "
+                "request continued mid-way cannot run there", code=ErrorCode.ENGINE_ERROR)
+        else:
+            return req.prompt, None
+        if not ids:
+            raise EngineInputError("empty prompt")
+        if 0 < req.max_prompt_tokens < len(ids):
+            raise EngineInputError(f"prompt has {len(ids)} tokens, more than "
+                                   f"{req.max_prompt_tokens}", code=ErrorCode.PROMPT_TOO_LONG)
+        return [*ids, *req.resume_token_ids], ids
+
+    async def _local_ids(self, req: EngineRequest) -> list[int]:
+        chars = len(req.prompt or "") + sum(len(m.content) for m in req.messages or [])
+        try:
+            if chars <= INLINE_TOKENIZE_CHARS:
+                return hf_prompt_ids(self._tokenizer, req.prompt, req.messages)
+            return await asyncio.to_thread(hf_prompt_ids, self._tokenizer, req.prompt,
+                                           req.messages)
+        except ValueError as exc:
+            raise EngineInputError(str(exc)) from exc
+
+    async def _server_ids(self, req: EngineRequest) -> list[int]:
+        body: dict[str, Any] = {"model": self.settings.model_name}
+        if req.messages is not None:
+            body["messages"] = [{"role": m.role, "content": m.content} for m in req.messages]
+            body["add_generation_prompt"] = True
+        else:
+            body["prompt"] = req.prompt
+        try:
+            answer = await self.client.post("/tokenize", body)
+        except ServerRefused as exc:
+            raise EngineInputError(f"{self.settings.url} refused it: {exc}") from exc
+        tokens = answer.get("tokens") if isinstance(answer, dict) else None
+        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+            raise ServerFault(f"{self.settings.url}/tokenize answered no token list")
+        return tokens
+
+    def _body(self, req: EngineRequest, prompt: Any, max_tokens: int) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.settings.model_name, "prompt": prompt,
+                                "max_tokens": max_tokens, "temperature": req.temperature,
+                                "top_p": req.top_p}
+        if req.stop:
+            body["stop"] = list(req.stop)
+        if req.seed is not None:
+            body["seed"] = req.seed
+        if self.settings.api == "vllm":
+            body["return_token_ids"] = True
+            if req.top_k > 0:
+                body["top_k"] = req.top_k
+            if req.ignore_eos:
+                body["ignore_eos"] = True
+            if req.prefill_only:
+                body["kv_transfer_params"] = {"do_remote_decode": True}
+            elif req.kv_transfer_params and "do_remote_prefill" in req.kv_transfer_params:
+                body["kv_transfer_params"] = dict(req.kv_transfer_params)
+        return body
+
+    async def _prefill(self, req: EngineRequest, body: dict[str, Any],
+                       prompt_ids: list[int] | None) -> Delta:
+        answer = await self.client.post("/v1/completions", body)
+        try:
+            choice = answer["choices"][0]
+            ids = [int(t) for t in choice.get("token_ids") or []]
+            reason = choice.get("finish_reason") or "length"
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise ServerFault(f"{self.settings.url}: malformed completion") from exc
+        if len(ids) > 1:
+            raise ServerFault(f"{self.settings.url}: {len(ids)} tokens for a 1-token prefill")
+        usage = answer.get("usage") or {}
+        return Delta(token_ids=ids, text=str(choice.get("text") or ""),
+                     finish_reason=_FINISH.get(reason, FinishReason.STOP),
+                     prompt_tokens=int(usage.get("prompt_tokens") or len(prompt_ids or ())),
+                     cached_prompt_tokens=_cached(usage),
+                     kv_transfer_params=answer.get("kv_transfer_params")
+                     or {CONNECTOR_KEY: "remote"})
+
+    async def _stream(self, req: EngineRequest, body: dict[str, Any], entry: list[Any],
+                      max_tokens: int, prompt_ids: list[int] | None) -> AsyncIterator[Delta]:
+        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        url = self.settings.url
+        got = 0
+        final: Delta | None = None
+        prompt_len = len(prompt_ids) if prompt_ids is not None else None
+        usage: dict[str, Any] = {}
+        try:
+            async with self.client.stream("/v1/completions", body) as (resp, chunks):
+                entry[1] = resp
+                if entry[0]:
+                    resp.close()
+                async for chunk in chunks:
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+                    choices = chunk.get("choices") or []
+                    if not choices:
+                        continue
+                    if final is not None:
+                        raise ServerFault(f"{url}: output after the finish of {req.request_id}")
+                    delta, plen = _choice_delta(choices[0], self.settings.api == "vllm", url)
+                    prompt_len = prompt_len if prompt_len is not None else plen
+                    got += len(delta.token_ids)
+                    if got > max_tokens:
+                        raise ServerFault(f"{url}: {got} tokens for max_tokens {max_tokens}")
+                    if delta.finish_reason is not None:
+                        final = delta
+                    elif delta.token_ids or delta.text:
+                        yield delta
+        except ServerFault:
+            if not entry[0]:
+                raise
+            final = None  # our own close: the request was cancelled
+        finally:
+            entry[1] = None
+        yield _last(final, entry[0], usage, prompt_len, prompt_ids, f"{url}: {req.request_id}")
+
+
+def _last(final: Delta | None, cancelled: bool, usage: dict[str, Any], prompt_len: int | None,
+          prompt_ids: list[int] | None, where: str) -> Delta:
+    """The stream's last delta with its counts; ServerFault if the stream never finished."""
+    if final is None:
+        if not cancelled:
+            raise ServerFault(f"{where}: the stream ended without a finish")
+        final = Delta(token_ids=[], finish_reason=FinishReason.CANCELLED)
+    elif cancelled and final.finish_reason is FinishReason.ABORT:
+        final.finish_reason = FinishReason.CANCELLED
+    final.prompt_tokens = int(usage.get("prompt_tokens") or prompt_len or 0)
+    final.cached_prompt_tokens = _cached(usage)
+    if prompt_ids is not None and final.prompt_tokens > len(prompt_ids):
+        final.prompt_tokens = len(prompt_ids)  # the server counts resumed tokens too
+    return final
+
+
+def _choice_delta(c: Any, with_ids: bool, url: str) -> tuple[Delta, int | None]:
+    """One streamed choice as a Delta (finish_reason set on the last), and the prompt's
+    length when this chunk tells it; ServerFault for anything malformed."""
+    if not isinstance(c, dict):
+        raise ServerFault(f"{url}: malformed choice")
+    delta = Delta(token_ids=_ids(c.get("token_ids"), url) if with_ids else [],
+                  text=str(c.get("text") or ""))
+    reason = c.get("finish_reason")
+    if reason is not None:
+        if reason not in (*_FINISH, "repetition"):
+            raise ServerFault(f"{url}: finish_reason {str(reason)[:40]!r}")
+        delta.finish_reason = _FINISH.get(reason, FinishReason.STOP)
+    prompt = c.get("prompt_token_ids")
+    return delta, len(prompt) if isinstance(prompt, list) else None
+
+
+def _ids(value: Any, url: str) -> list[int]:
+    if value is None:
+        raise ServerFault(f"{url}: a chunk without token_ids (does it support return_token_ids?"
+                          " use api openai)")
+    if not isinstance(value, list) or not all(isinstance(t, int) for t in value):
+        raise ServerFault(f"{url}: malformed token_ids")
+    return value
+
+
+def _cached(usage: dict[str, Any]) -> int:
+    details = usage.get("prompt_tokens_details") or {}
+    try:
+        return int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+    except (TypeError, ValueError):
+        return 0
+
+
+__all__ = ["RemoteEngine", "RemoteSettings"]
