@@ -4,10 +4,12 @@
         m = await cp.get_metrics()             # MetricsSummary: totals, latencies, SLOs, rates
         s = await cp.get_status()              # SystemStatus: replicas, leader, workers, queue
         ws = await cp.get_instances()          # [Heartbeat] of every live worker
+        vs = await cp.get_instance_views()     # [InstanceView]: load, health, latency, GPU
         w = await cp.get_instance_metrics("w0")          # WorkerReport (NotFound if none)
         r = await cp.get_request_status(request_id)      # RequestStatus (phase not_found...)
         c = await cp.cancel_request(request_id)          # CancelResult
         a = await cp.update_policy("fifo")               # AdminReply (client/admin.py)
+        r = await cp.update_router("least_loaded")       # AdminReply; r.router: in force
 
 Each call publishes one core request on `<prefix>.admin.<verb>` with its own
 inbox and collects every answer (orchestrator replicas, workers) until none
@@ -35,10 +37,12 @@ from cplane.client.admin import Admin, NoOrchestrator
 from cplane.client.aggregate import (
     MetricsSummary,
     SystemStatus,
+    instance_views,
     merge_status,
     summarize,
     system_status,
 )
+from cplane.client.instances import list_instances, register_instance, unregister_instance
 from cplane.schemas.admin import AdminReply
 from cplane.schemas.codec import encode
 from cplane.schemas.control import (
@@ -47,6 +51,7 @@ from cplane.schemas.control import (
     METRICS_VERB,
     REQUEST_VERB,
     STATUS_VERB,
+    InstanceView,
     OrchestratorReport,
     RequestPhase,
     RequestQuery,
@@ -57,6 +62,7 @@ from cplane.schemas.control import (
     request_status_decoder,
     worker_report_decoder,
 )
+from cplane.schemas.instances import InstanceSpec
 from cplane.schemas.messages import Heartbeat
 from cplane.schemas.settings import Settings, load_settings
 from cplane.schemas.subjects import INTERACTIVE_GROUP, scoped, valid_token
@@ -193,19 +199,42 @@ class ControlPlane:
 
     async def get_instances(self) -> list[Heartbeat]:
         """The latest heartbeat of every live worker, as the replicas heard them."""
-        newest: dict[str, Heartbeat] = {}
+        beats = await self._heartbeats()
+        if beats is None:
+            raise NoOrchestrator("no orchestrator answered")
+        return [beats[k][0] for k in sorted(beats)]
+
+    async def _heartbeats(self) -> dict[str, tuple[Heartbeat, float]] | None:
+        """Worker id -> (the newest heartbeat any replica holds, its age in seconds when
+        that replica answered: reply time less heartbeat time, two hosts' wall clocks);
+        None when no replica answered."""
+        newest: dict[str, tuple[Heartbeat, float]] = {}
         replies = await self.gather(self.subjects.admin(INSTANCES_VERB))
         if not replies:
-            raise NoOrchestrator("no orchestrator answered")
+            return None
         for data in replies:
             with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                for hb in instances_decoder.decode(data).instances:
-                    if hb.worker_id not in newest or hb.ts_ms > newest[hb.worker_id].ts_ms:
-                        newest[hb.worker_id] = hb
-        return [newest[k] for k in sorted(newest)]
+                reply = instances_decoder.decode(data)
+                for hb in reply.instances:
+                    if hb.worker_id not in newest or hb.ts_ms > newest[hb.worker_id][0].ts_ms:
+                        newest[hb.worker_id] = (hb, max(0.0, reply.ts_ms - hb.ts_ms) / 1000)
+        return newest
+
+    async def get_instance_views(self) -> list[InstanceView]:
+        """Every serving instance as the specification's `get_instances()` shows one
+        (`InstanceView`: load, queue, health and its reason, latency avg/p95, TTFT/TPOT
+        averages, KV, GPU), by id: the heartbeats the replicas hold (healthy = ready
+        and heard within `orchestrator.worker_timeout_s`) joined with each worker's own
+        report (latency); a worker no replica lists yet is judged by its report.
+        Raises NoOrchestrator when neither a replica nor a worker answers."""
+        beats, (_, reports) = await asyncio.gather(self._heartbeats(),
+                                                   self._reports(METRICS_VERB))
+        return instance_views(beats or {}, reports, self.settings.orchestrator.worker_timeout_s)
 
     async def get_instance_metrics(self, worker_id: str) -> WorkerReport:
-        """One worker's report, from the worker itself; NotFound when it does not answer."""
+        """One worker's report, from the worker itself (with the instance view's fields:
+        healthy, health_reason, load, latency_avg_ms / latency_p95_ms, ttft_ms_avg,
+        tpot_ms_avg, gpu_*); NotFound when it does not answer."""
         if not valid_token(worker_id):
             raise NotFound(f"{worker_id!r} is not a worker id")
         subject = self.subjects.admin(f"{INSTANCE_VERB}.{worker_id}")
@@ -213,6 +242,22 @@ class ControlPlane:
             with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
                 return worker_report_decoder.decode(data)
         raise NotFound(f"worker {worker_id} not found (no answer on {subject})")
+
+    # -- remote engine instances (client/instances.py) -----------------------------------
+    async def register_instance(self, spec: InstanceSpec) -> InstanceSpec:
+        """Add (or replace) a remote engine instance: the worker processes of its group
+        start fronting it (`cplane instances add`). ValueError on a bad spec."""
+        return await register_instance(self.nc.jetstream(), self.settings, spec)
+
+    async def unregister_instance(self, instance_id: str) -> None:
+        """Remove an instance: its worker drains it (running requests finish or move on)
+        and stops routing to it. NotFound when it is not registered."""
+        if not await unregister_instance(self.nc.jetstream(), self.settings, instance_id):
+            raise NotFound(f"instance {instance_id} is not registered")
+
+    async def list_instances(self) -> list[InstanceSpec]:
+        """Every registered remote instance (live state: get_instance_views)."""
+        return await list_instances(self.nc.jetstream(), self.settings)
 
     async def get_request_status(self, request_id: str, group: str = INTERACTIVE_GROUP,
                                  tenant: str | None = None) -> RequestStatus:
@@ -256,6 +301,19 @@ class ControlPlane:
         """Switch every replica's dispatch policy (`cplane policy set`)."""
         admin = Admin(self.nc, self.settings, timeout_s=max(self.timeout_s, 5.0))
         return await admin.set_policy(name, params, by=by)
+
+    async def update_router(self, name: str, params: Mapping[str, Any] | None = None,
+                            by: str = "") -> AdminReply:
+        """Switch every replica's router (`cplane router set`); a policy that brings its
+        own router keeps it (`reply.router` is the router in force)."""
+        return await self._admin().set_router(name, params, by=by)
+
+    async def get_router(self) -> AdminReply:
+        """The router choice (`reply.router_state`) and the router in force (`reply.router`)."""
+        return await self._admin().get_router()
+
+    def _admin(self) -> Admin:
+        return Admin(self.nc, self.settings, timeout_s=max(self.timeout_s, 5.0))
 
 
 __all__ = ["CancelResult", "ControlPlane", "NoOrchestrator", "NotFound"]

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
+from cplane.instances_cmd import add_parsers as add_instances_parsers
+from cplane.instances_cmd import add_spec_args
 from cplane.service_run import run_service
 from cplane.settings_args import add_common, settings_from_args
 from cplane.status_cmd import add_parsers as add_status_parsers
@@ -62,6 +64,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from cplane.workers.factory import build_engine
     from cplane.workers.runtime import Worker
 
+    if args.engine == "openai":
+        from cplane.instances_cmd import run_remote_worker
+
+        return run_remote_worker(args)
     w: dict[str, Any] = {"role": args.role}
     for key in ("worker_id", "model", "capacity"):
         if getattr(args, key) is not None:
@@ -100,6 +106,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         as_json=args.json,
         cluster=args.cluster,
         orchestrators=args.orchestrators or 0,
+        urls=args.url or [],
     )
     if spec.cluster and spec.nats_url:
         print("cplane up: --cluster starts its own nats-servers; it cannot with --nats-url",
@@ -115,6 +122,17 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 2
     if args.engine == "vllm" and not args.model:
         print("cplane up: --engine vllm needs --model PATH", file=sys.stderr)
+        return 2
+    if args.engine == "openai" and not (args.url and args.model):
+        print("cplane up: --engine openai needs --url (one per server) and --model (the name "
+              "they serve)", file=sys.stderr)
+        return 2
+    if (args.url or []) and args.engine != "openai":
+        print("cplane up: --url is for --engine openai", file=sys.stderr)
+        return 2
+    if args.engine == "openai" and spec.auth:
+        print("cplane up: --engine openai does not run with --auth yet (a worker principal "
+              "is rendered per worker id, not per instance)", file=sys.stderr)
         return 2
     return Stack(spec).run_foreground()
 
@@ -229,6 +247,52 @@ def cmd_policy(args: argparse.Namespace) -> int:
     return asyncio.run(main())
 
 
+def _key_value(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--param wants KEY=VALUE, got {text!r}")
+    return key.replace("-", "_"), _param_value(value)
+
+
+def cmd_router(args: argparse.Namespace) -> int:
+    """`router get [--json]` / `router set NAME [--param k=v ...]`: 0 ok, 1 no answer,
+    2 refused. The router in force is told too: a policy's own router wins."""
+    import socket
+
+    from cplane.client.admin import Admin
+    from cplane.client.control import ControlPlane
+
+    settings = settings_from_args(args)
+    params = dict(_key_value(kv) for kv in getattr(args, "param", None) or [])  # bad: exit 2
+
+    async def ask() -> Any:
+        async with await ControlPlane.connect(settings.nats.url, settings) as cp:
+            admin = Admin(cp.nc, settings, timeout_s=args.timeout)
+            if args.router_cmd == "get":
+                return await admin.get_router()
+            by = f"{os.environ.get('USER', 'cplane')}@{socket.gethostname()}"
+            return await admin.set_router(args.name, params, by=by)
+
+    try:
+        reply = asyncio.run(ask())
+    except ConnectionError as exc:  # unreachable, or no orchestrator answered (NoOrchestrator)
+        print(f"cplane router: {exc}", file=sys.stderr)
+        return 1
+    st = reply.router_state
+    if not reply.ok or st is None:
+        print(f"cplane router: refused: {reply.error}", file=sys.stderr)
+        return 2 if reply.choices else 1  # refused with choices, else it failed
+    if getattr(args, "json", False):
+        print(json.dumps({"name": st.name, "params": st.params, "by": st.by,
+                          "updated_ms": st.updated_ms, "in_force": reply.router}))
+        return 0
+    where = (f"set by {st.by or '?'} at {_iso(st.updated_ms)}" if st.updated_ms
+             else "from the settings")
+    print(f"router: {st.name} {json.dumps(st.params, sort_keys=True)} ({where}); "
+          f"in force: {reply.router or '?'}")
+    return 0
+
+
 def cmd_workers(args: argparse.Namespace) -> int:
     """`workers`: every live worker from its heartbeats (see cplane/workers_cmd.py)."""
     from cplane.workers_cmd import run_workers
@@ -268,7 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sp.add_parser("up", help="start nats-server (embedded), the orchestrator and workers")
     add_common(p)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--engine", choices=["sim", "vllm"], default="sim")
+    p.add_argument("--engine", choices=["sim", "vllm", "openai"], default="sim")
+    p.add_argument("--url", action="append", default=None,
+                   help="openai: a running OpenAI-compatible server (vllm serve...) to front; "
+                        "repeat for several")
     p.add_argument("--model", default=None)
     p.add_argument("--capacity", type=int, default=None)
     p.add_argument("--zero-cost", action="store_true", help="sim steps take no time")
@@ -300,9 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pd-mode", choices=["never", "always", "auto", "adaptive"], default=None)
     p.set_defaults(fn=cmd_orchestrator)
 
-    p = sp.add_parser("worker", help="run a worker hosting one engine")
+    p = sp.add_parser("worker", help="run a worker hosting one engine, or fronting remote "
+                      "OpenAI-compatible servers (--engine openai)")
     add_common(p)
-    p.add_argument("--engine", choices=["sim", "vllm"], default="sim")
+    p.add_argument("--engine", choices=["sim", "vllm", "openai"], default="sim")
+    add_spec_args(p, many=True)
+    p.add_argument("--group", default=None, help="openai: also front the instances "
+                   "registered for this group (`cplane instances add`), added and removed live")
+    p.add_argument("--stall-timeout", type=float, default=120.0,
+                   help="openai: seconds without a byte from a server mid-request: a fault")
     p.add_argument("--role", choices=["unified", "prefill", "decode"], default="unified")
     p.add_argument("--model", default=None, help="model name (sim) or path (vllm)")
     p.add_argument("--worker-id", default=None)
@@ -350,6 +423,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
     g.set_defaults(fn=cmd_policy)
 
+    p = sp.add_parser("router", help="get or switch the router of every orchestrator")
+    rp = p.add_subparsers(dest="router_cmd", required=True)
+    g = rp.add_parser("get", help="print the router choice and the router in force")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g = rp.add_parser("set", help="switch every orchestrator replica (kept across restarts; "
+                                  "a policy with its own router keeps it)")
+    g.add_argument("name", help="a router plugin: " + ", ".join(_plugin_names("router")))
+    g.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="a router parameter (value as JSON when it parses, else a string)")
+    for g in rp.choices.values():
+        add_common(g)
+        g.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+        g.set_defaults(fn=cmd_router)
+
     p = sp.add_parser("workers", help="list live workers from their heartbeats, with health")
     add_common(p)
     p.add_argument("--wait", type=float, default=None, metavar="S",
@@ -360,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _gateway_parser(sp)
     add_status_parsers(sp, add_common)  # status, metrics, request ID, cancel ID
+    add_instances_parsers(sp, add_common)  # instances add | remove | list
     from cplane.batch_cmd import add_batch_parser  # batch jobs and streaming consumers
     from cplane.tail_cmd import add_tail_parser
     add_batch_parser(sp, add_common, settings_from_args)

@@ -60,6 +60,9 @@ class StackSpec:
     # stream and store with min(N, 3) replicas, processes spread over the nodes.
     cluster: int = 0
     orchestrators: int = 0  # replicas (one leads, the others stand by); 0: 1, 2 on a cluster
+    # --engine openai: the OpenAI-compatible servers to front (one worker process, one
+    # instance each; it also fronts what `cplane instances add` registers for "remote").
+    urls: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.orchestrators <= 0:
@@ -177,6 +180,9 @@ class Stack:
 
     def _worker_ids(self) -> list[str]:
         s = self.spec
+        if s.engine == "openai":  # the instance ids workers/instances.py gives --url servers
+            return ["remote"] if len(s.urls) == 1 else [f"remote-{i + 1}"
+                                                        for i in range(len(s.urls))]
         return ["prefill-0", "decode-0"] if s.pd else [f"{s.engine}-{i}"
                                                         for i in range(s.workers)]
 
@@ -220,6 +226,10 @@ class Stack:
         if s.zero_cost:
             common.append("--zero-cost")
         common += s.extra_worker_args
+        if s.engine == "openai":
+            urls = [arg for url in s.urls for arg in ("--url", url)]
+            return [self._cli("worker", "--worker-id", "remote", "--group", "remote", *urls,
+                              *common, principal="worker-remote", node=s.orchestrators)]
         kv: list[str] = []
         if s.pd and s.engine != "sim":
             self.kv_dir = tempfile.mkdtemp(prefix="cplane-kv-")
@@ -252,12 +262,13 @@ class Stack:
                 self.stop()
                 raise
         settings = load_settings(self.spec.config)
-        seen = asyncio.run(wait_for_workers(self.url, len(cmds), timeout_s, settings.subjects,
+        n = len(self._worker_ids())
+        seen = asyncio.run(wait_for_workers(self.url, n, timeout_s, settings.subjects,
                                             self.operator_nats()))
-        if len(seen) < len(cmds):
+        if len(seen) < n:
             self.stop()
-            raise RuntimeError(f"only {len(seen)} of {len(cmds)} workers came up in {timeout_s} s")
-        if self.gateway_url and not gateway_ready(self.gateway_url, len(cmds), 30.0,
+            raise RuntimeError(f"only {len(seen)} of {n} workers came up in {timeout_s} s")
+        if self.gateway_url and not gateway_ready(self.gateway_url, n, 30.0,
                                                   self.tls_ca):
             self.stop()
             raise RuntimeError(f"the gateway at {self.gateway_url} did not become ready")
@@ -341,7 +352,7 @@ class Stack:
             print(f"gateway: {self.bind_gateway()} (starting)", flush=True)
         self.start()
         s = self.spec
-        roles = "prefill+decode" if s.pd else f"{s.workers} unified"
+        roles = ("prefill+decode" if s.pd else f"{len(self._worker_ids())} unified")
         orch = f"{s.orchestrators} orchestrator replicas" if s.orchestrators > 1 else "orchestrator"
         print(f"cplane is up: NATS at {redact(self.url)} | {orch} + {roles} {s.engine} "
               f"worker(s), model {s.model!r}", flush=True)

@@ -243,6 +243,12 @@ class Worker:
         elif self._engine_errors >= self.settings.worker.engine_error_limit:
             await self._become_unhealthy(f"{self._engine_errors} engine errors in a row")
 
+    async def engine_down(self, why: str) -> None:
+        """The engine is known to be down (a remote server's probes fail): unhealthy now,
+        without waiting for requests to fail on it."""
+        self._engine_errors = max(self._engine_errors, self.settings.worker.engine_error_limit)
+        await self._become_unhealthy(why)
+
     async def _become_unhealthy(self, why: str) -> None:
         """Stop pulling, say so, hand everything held back to its model's pool."""
         if self._state is not WorkerState.READY:
@@ -487,7 +493,11 @@ class Worker:
         return start
 
     def heartbeat(self) -> Heartbeat:
+        from cplane.workers import gpu
+
         st = self.engine.stats()
+        g = (gpu.sample(self.settings.worker.heartbeat_s)
+             if self.engine.name in gpu.GPU_ENGINES else None)
         return Heartbeat(
             worker_id=self.worker_id,
             role=self.role,
@@ -510,6 +520,9 @@ class Worker:
             faults=self.faults,
             ts_ms=time.time() * 1000,
             started_ms=self._started_ms,
+            gpu_util=g.util if g else None,
+            gpu_mem_used_bytes=g.mem_used_bytes if g else None,
+            gpu_mem_total_bytes=g.mem_total_bytes if g else None,
         )
 
     async def _publish_heartbeat(self) -> None:
