@@ -29,20 +29,20 @@ demo: install
 # vLLM engines are shared per session; chaos runs its own processes and broker).
 PYTEST := $(BIN)/python -m pytest -q
 # Not even collected there: importing tests/vllm loads vLLM and torch (5 s per xdist worker).
-NOT_HEAVY := --ignore=tests/vllm --ignore=tests/chaos
+NOT_HEAVY := --ignore=tests/vllm --ignore=tests/chaos --ignore=tests/remote
 
 # The whole suite: lint, types and every test, vLLM and chaos included.
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy -p cplane
-	$(PYTEST) -n 4 --dist worksteal $(NOT_HEAVY) -m "not vllm and not chaos" tests
-	$(PYTEST) -m "vllm or chaos" tests
+	$(PYTEST) -n 4 --dist worksteal $(NOT_HEAVY) -m "not vllm and not chaos and not remote" tests
+	$(PYTEST) -m "vllm or chaos or remote" tests
 
 # The quick loop (under 2 minutes on 2 cores): lint, then unit + live tests;
 # no vLLM, no chaos, nothing marked slow. No mypy (a minute of its own: make lint).
 test-fast: install
 	$(BIN)/ruff check .
-	$(PYTEST) -n 4 --dist worksteal $(NOT_HEAVY) -m "not vllm and not chaos and not slow" tests
+	$(PYTEST) -n 4 --dist worksteal $(NOT_HEAVY) -m "not vllm and not chaos and not remote and not slow" tests
 
 lint: install
 	$(BIN)/ruff check .

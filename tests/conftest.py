@@ -5,6 +5,7 @@ Layout (see tests/README.md):
   tests/live/   real nats-server, sim engines, subprocess CLIs -> marker `live`
   tests/vllm/   needs vLLM (CPU wheel or GPU)                   -> marker `vllm`
   tests/chaos/  separate processes, kill -9, broker restarts    -> marker `chaos`
+  tests/remote/ real `vllm serve` processes behind remote workers -> marker `remote`
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tests.vllm_fixtures import *  # noqa: F403 - session engines shared by ever
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 _TESTS = Path(__file__).resolve().parent
-FOLDER_MARKERS = ("unit", "live", "vllm", "chaos", "security")
+FOLDER_MARKERS = ("unit", "live", "vllm", "chaos", "security", "remote")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -113,6 +113,11 @@ class Worker:
     def state(self) -> WorkerState:
         return self._state
 
+    @property
+    def consuming(self) -> bool:
+        """Its pull consumers are in place: work sent to it is taken."""
+        return self._consuming
+
     # -- lifecycle ------------------------------------------------------------
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         """Serve until `stop` is set, then drain. `ready` is set once consuming."""
