@@ -9,25 +9,30 @@
   (the last `metrics.recent_samples` requests of each), inter-token
   percentiles from the histogram buckets (linear within a bucket);
 - the queue is JetStream's, as the most recent replica saw it;
-- a request's phase is the most advanced any answer gives.
+- a request's phase is the most advanced any answer gives;
+- an instance is healthy when it is READY and its last heartbeat is younger
+  than `orchestrator.worker_timeout_s` (`health`: `cplane workers`, the
+  worker's own report and the instance view judge alike), and its view joins
+  its heartbeat with its report (`instance_view`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import msgspec
 
 from cplane.schemas.control import (
     HistogramData,
+    InstanceView,
     OrchestratorReport,
     QueueDepth,
     RequestPhase,
     RequestStatus,
     WorkerReport,
 )
-from cplane.schemas.messages import Heartbeat
+from cplane.schemas.messages import Heartbeat, WorkerState
 
 NORMAL_ENDS = ("stop", "length")  # finish reasons of a completed request
 SHED_CODE = "overloaded"
@@ -241,6 +246,64 @@ def system_status(orchs: Sequence[OrchestratorReport]) -> SystemStatus:
         instances=[newest[k] for k in sorted(newest)], queue=_newest_queue(orchs))
 
 
+def health(of: Heartbeat | WorkerReport, age_s: float, timeout_s: float) -> tuple[bool, str]:
+    """(healthy, reason): READY with a heartbeat younger than `timeout_s` (`age_s`
+    old when read; a worker judging its own report passes 0)."""
+    if of.state != WorkerState.READY:
+        return False, f"state {of.state}"
+    if age_s > timeout_s:
+        return False, f"no heartbeat for {age_s:.0f} s"
+    return True, ""
+
+
+def load_of(held: int, capacity: int) -> float:
+    """Items held over the sequences it takes at once (0.0 without a capacity)."""
+    return held / capacity if capacity > 0 else 0.0
+
+
+def instance_view(hb: Heartbeat, report: WorkerReport | None = None, *, age_s: float = 0.0,
+                  timeout_s: float = math.inf) -> InstanceView:
+    """The instance behind `hb` (read `age_s` old): load, health and GPU from the
+    heartbeat, end-to-end latency from its report (0.0 without one)."""
+    return _view(hb, health(hb, age_s, timeout_s), report)
+
+
+def report_view(r: WorkerReport) -> InstanceView:
+    """The instance as its own report tells it (no replica has its heartbeat yet):
+    it just answered, so only its state judges its health."""
+    return _view(r, health(r, 0.0, math.inf), r)
+
+
+def _view(src: Heartbeat | WorkerReport, verdict: tuple[bool, str],
+          report: WorkerReport | None) -> InstanceView:
+    # Latency as get_metrics folds it: the histogram's mean, the p95 of recent samples.
+    e2e = (latency(report.e2e, report.recent.get("e2e", ())) if report is not None
+           else LatencySummary())
+    return InstanceView(
+        instance_id=src.worker_id, role=str(src.role), models=list(src.models),
+        engine=src.engine, state=str(src.state), healthy=verdict[0], health_reason=verdict[1],
+        active_requests=src.running, queued=src.waiting, held=src.held_items,
+        capacity=src.capacity, load=load_of(src.held_items, src.capacity),
+        latency_avg_ms=e2e.mean_ms, latency_p95_ms=e2e.p95_ms, ttft_ms_avg=src.ttft_ms_avg,
+        tpot_ms_avg=src.tpot_ms_avg, kv_usage=src.kv_usage, prefix_hit_rate=src.prefix_hit_rate,
+        prompt_tokens_per_s=src.prompt_tokens_per_s, gen_tokens_per_s=src.gen_tokens_per_s,
+        gpu_util=src.gpu_util, gpu_mem_used_bytes=src.gpu_mem_used_bytes,
+        gpu_mem_total_bytes=src.gpu_mem_total_bytes, served=src.served, faults=src.faults,
+        started_ms=src.started_ms, ts_ms=src.ts_ms)
+
+
+def instance_views(heartbeats: Mapping[str, tuple[Heartbeat, float]],
+                   reports: Iterable[WorkerReport], timeout_s: float) -> list[InstanceView]:
+    """Every instance, by id: those with a heartbeat (worker id -> (heartbeat, its age
+    in seconds)) joined with their reports, then those only a report knows."""
+    by_id = {r.worker_id: r for r in reports}
+    views = {wid: instance_view(hb, by_id.get(wid), age_s=age, timeout_s=timeout_s)
+             for wid, (hb, age) in heartbeats.items()}
+    for wid, r in by_id.items():
+        views.setdefault(wid, report_view(r))
+    return [views[k] for k in sorted(views)]
+
+
 def merge_status(request_id: str, answers: Sequence[RequestStatus]) -> RequestStatus:
     """The most advanced answer (a worker's over an orchestrator's at the same phase),
     its unknown timestamps filled in from the others."""
@@ -262,6 +325,7 @@ def merge_status(request_id: str, answers: Sequence[RequestStatus]) -> RequestSt
     return msgspec.structs.replace(best, **fill) if fill else best
 
 
-__all__ = ["LatencySummary", "MetricsSummary", "SloSummary", "SystemStatus",
-           "histogram_quantile", "latency", "merge_histograms", "merge_status", "percentile",
-           "summarize", "system_status"]
+__all__ = ["LatencySummary", "MetricsSummary", "SloSummary", "SystemStatus", "health",
+           "histogram_quantile", "instance_view", "instance_views", "latency", "load_of",
+           "merge_histograms", "merge_status", "percentile", "report_view", "summarize",
+           "system_status"]

@@ -25,14 +25,16 @@ from nats.aio.client import Client as NATS
 
 from cplane.bus.credentials import cannot_reach, connect_options, server_list
 from cplane.bus.heartbeats import HeartbeatWatcher, Seen
+from cplane.client.aggregate import health, load_of
 from cplane.schemas.admin import BREAKERS_VERB, breakers_decoder
-from cplane.schemas.messages import Heartbeat, WorkerState
+from cplane.schemas.messages import Heartbeat
 from cplane.schemas.settings import NatsSettings, Settings
 from cplane.schemas.subjects import Subjects
 
 SETTLE_S = 0.3  # return once the set of workers has not grown for this long
 CONNECT_TIMEOUT_S = 5.0
-WIDE = 200  # console width when stdout is not a terminal: never cut a column
+WIDE = 320  # console width when stdout is not a terminal: never cut a column
+GIB = 1 << 30
 
 
 class WorkerRow(msgspec.Struct, kw_only=True):
@@ -48,6 +50,7 @@ class WorkerRow(msgspec.Struct, kw_only=True):
     reason: str  # why unhealthy ("" when healthy)
     held_items: int
     capacity: int
+    load: float  # held_items / capacity
     running: int
     waiting: int
     kv_usage: float  # 0..1
@@ -65,6 +68,10 @@ class WorkerRow(msgspec.Struct, kw_only=True):
     breaker_reason: str = ""
     served: int = 0  # since it started: served to the end / failed by its engine
     faults: int = 0
+    # Its GPUs (NVML: utilisation 0..1 averaged, memory summed); null where it has none.
+    gpu_util: float | None = None
+    gpu_mem_used_bytes: int | None = None
+    gpu_mem_total_bytes: int | None = None
 
 
 class HeartbeatCollector:
@@ -114,27 +121,30 @@ class HeartbeatCollector:
                 for _, s in sorted(self.seen.items())]
 
 
-def health(hb: Heartbeat, age_s: float, timeout_s: float) -> tuple[bool, str]:
-    """(healthy, reason): READY with a heartbeat younger than `timeout_s`."""
-    if hb.state is not WorkerState.READY:
-        return False, f"state {hb.state}"
-    if age_s > timeout_s:
-        return False, f"no heartbeat for {age_s:.0f} s"
-    return True, ""
-
-
 def row(hb: Heartbeat, age_s: float, timeout_s: float) -> WorkerRow:
     ok, reason = health(hb, age_s, timeout_s)
     return WorkerRow(
         worker_id=hb.worker_id, role=str(hb.role), models=list(hb.models), engine=hb.engine,
         state=str(hb.state), healthy=ok, health="healthy" if ok else "unhealthy",
-        reason=reason, held_items=hb.held_items, capacity=hb.capacity, running=hb.running,
+        reason=reason, held_items=hb.held_items, capacity=hb.capacity,
+        load=load_of(hb.held_items, hb.capacity), running=hb.running,
         waiting=hb.waiting, kv_usage=hb.kv_usage, prefix_hit_rate=hb.prefix_hit_rate,
         prompt_tokens_per_s=hb.prompt_tokens_per_s, gen_tokens_per_s=hb.gen_tokens_per_s,
         ttft_ms_avg=hb.ttft_ms_avg, tpot_ms_avg=hb.tpot_ms_avg,
         heartbeat_age_s=round(age_s, 3), started_ms=hb.started_ms, ts_ms=hb.ts_ms,
-        served=hb.served, faults=hb.faults,
+        served=hb.served, faults=hb.faults, gpu_util=hb.gpu_util,
+        gpu_mem_used_bytes=hb.gpu_mem_used_bytes, gpu_mem_total_bytes=hb.gpu_mem_total_bytes,
     )
+
+
+def gpu_cell(r: WorkerRow) -> str:
+    """'87% 70/80 GiB' (utilisation, memory used/total); '-' for what it does not report."""
+    if r.gpu_util is None and r.gpu_mem_used_bytes is None:
+        return "-"
+    util = "-" if r.gpu_util is None else f"{100 * r.gpu_util:.0f}%"
+    if r.gpu_mem_used_bytes is None or r.gpu_mem_total_bytes is None:
+        return util
+    return f"{util} {r.gpu_mem_used_bytes / GIB:.0f}/{r.gpu_mem_total_bytes / GIB:.0f} GiB"
 
 
 def render(rows: list[WorkerRow], width: int | None = None) -> None:
@@ -147,9 +157,9 @@ def render(rows: list[WorkerRow], width: int | None = None) -> None:
     columns: list[tuple[str, JustifyMethod]] = [
         *((name, "left") for name in ("worker", "role", "models", "engine", "state", "health",
                                       "breaker")),
-        *((name, "right") for name in ("held/cap", "running", "waiting", "kv %", "prefix %",
-                                       "prompt tok/s", "gen tok/s", "ttft ms", "tpot ms",
-                                       "last hb")),
+        *((name, "right") for name in ("held/cap", "load %", "running", "waiting", "kv %",
+                                       "prefix %", "prompt tok/s", "gen tok/s", "ttft ms",
+                                       "tpot ms", "gpu", "last hb")),
     ]
     for name, justify in columns:
         table.add_column(name, justify=justify, no_wrap=True)
@@ -161,10 +171,11 @@ def render(rows: list[WorkerRow], width: int | None = None) -> None:
                    }.get(r.breaker, r.breaker)
         table.add_row(
             r.worker_id, r.role, ",".join(r.models) or "-", r.engine, r.state, verdict, breaker,
-            f"{r.held_items}/{r.capacity}", str(r.running), str(r.waiting),
-            f"{100 * r.kv_usage:.1f}", f"{100 * r.prefix_hit_rate:.1f}",
+            f"{r.held_items}/{r.capacity}", f"{100 * r.load:.0f}", str(r.running),
+            str(r.waiting), f"{100 * r.kv_usage:.1f}", f"{100 * r.prefix_hit_rate:.1f}",
             f"{r.prompt_tokens_per_s:.0f}", f"{r.gen_tokens_per_s:.0f}",
-            f"{r.ttft_ms_avg:.1f}", f"{r.tpot_ms_avg:.2f}", f"{r.heartbeat_age_s:.1f} s",
+            f"{r.ttft_ms_avg:.1f}", f"{r.tpot_ms_avg:.2f}", gpu_cell(r),
+            f"{r.heartbeat_age_s:.1f} s",
         )
     console.print(table)
     healthy = sum(r.healthy for r in rows)

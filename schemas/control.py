@@ -106,6 +106,58 @@ class WorkerReport(Base, frozen=True, kw_only=True, tag="worker", tag_field="kin
     window: RateWindow = RateWindow()
     started_ms: float = 0.0
     ts_ms: float = 0.0
+    # The instance view (`InstanceView`'s fields under their report names), judged by
+    # the worker as it answers (client/aggregate.py: the same functions as the view).
+    healthy: bool = False  # state ready (a worker that answers is alive)
+    health_reason: str = ""  # why not healthy ("" when healthy)
+    load: float = 0.0  # held_items / capacity
+    latency_avg_ms: float = 0.0  # end to end (stored in LLM_REQ -> Final), every request
+    latency_p95_ms: float = 0.0  # end to end, its recent requests (nearest rank)
+    ttft_ms_avg: float = 0.0  # moving averages (EWMA), as its heartbeat carries them
+    tpot_ms_avg: float = 0.0
+    served: int = 0  # items served to the end (or handed to a decode) since it started
+    faults: int = 0  # items its engine failed on
+    # Its GPUs as its heartbeat carries them (schemas/messages.py Heartbeat): None, and
+    # then not on the wire, where there is none.
+    gpu_util: float | None = None
+    gpu_mem_used_bytes: int | None = None
+    gpu_mem_total_bytes: int | None = None
+
+
+class InstanceView(msgspec.Struct, frozen=True, kw_only=True):
+    """One serving instance (a worker and its engine) as the specification's
+    `get_instances()` shows it: `ControlPlane.get_instance_views()`, built by
+    client/aggregate.py `instance_view` from the heartbeat an orchestrator replica
+    holds and the worker's own report. Not sent by any process; its JSON keeps
+    every field (a GPU field absent is `null`)."""
+
+    instance_id: str  # the worker id: its work subject and heartbeat
+    role: str  # unified | prefill | decode
+    models: list[str] = []
+    engine: str = ""  # sim | vllm | ...
+    state: str = ""  # ready | draining | unhealthy | stopped
+    healthy: bool = False  # ready, and its last heartbeat younger than worker_timeout_s
+    health_reason: str = ""  # why not ("state draining", "no heartbeat for 5 s")
+    active_requests: int = 0  # sequences its engine runs now
+    queued: int = 0  # waiting in its engine
+    held: int = 0  # work items it holds (running, waiting, being stored)
+    capacity: int = 0  # sequences it takes at once
+    load: float = 0.0  # held / capacity
+    latency_avg_ms: float = 0.0  # end to end, every request since it started
+    latency_p95_ms: float = 0.0  # end to end, its recent requests
+    ttft_ms_avg: float = 0.0  # moving averages of its recent requests
+    tpot_ms_avg: float = 0.0
+    kv_usage: float = 0.0  # 0..1
+    prefix_hit_rate: float = 0.0  # 0..1
+    prompt_tokens_per_s: float = 0.0
+    gen_tokens_per_s: float = 0.0
+    gpu_util: float | None = None  # 0..1, mean over its GPUs; None: no GPU reading
+    gpu_mem_used_bytes: int | None = None  # summed over its GPUs
+    gpu_mem_total_bytes: int | None = None
+    served: int = 0
+    faults: int = 0
+    started_ms: float = 0.0
+    ts_ms: float = 0.0  # its heartbeat's (or report's) time
 
 
 class QueueDepth(Base, frozen=True, kw_only=True):
@@ -226,6 +278,7 @@ __all__ = [
     "REQUEST_VERB",
     "STATUS_VERB",
     "HistogramData",
+    "InstanceView",
     "InstancesReply",
     "OrchestratorReport",
     "OutcomeCount",

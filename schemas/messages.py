@@ -256,6 +256,13 @@ class Heartbeat(Base, frozen=True, kw_only=True):
     faults: int = 0
     ts_ms: float = 0.0
     started_ms: float = 0.0
+    # The GPUs its engine runs on (those this process sees), from NVML (workers/gpu.py):
+    # utilisation 0..1 averaged over them, memory summed. None, and then not on the
+    # wire, where there is no GPU or no reading (CPU machines, remote and sim engines):
+    # absent, never 0.
+    gpu_util: float | None = None
+    gpu_mem_used_bytes: int | None = None
+    gpu_mem_total_bytes: int | None = None
 
 
 class KvEvents(Base, frozen=True, kw_only=True):

@@ -14,12 +14,14 @@ length, label values (tenants, SLO classes) a cap beyond which they count as
 
 from __future__ import annotations
 
+import math
 import time
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from cplane.client.aggregate import health, latency, load_of
 from cplane.schemas.control import (
     HistogramData,
     OutcomeCount,
@@ -226,8 +228,13 @@ class WorkerStats:
 
     def report(self, hb: Heartbeat | None, events: Mapping[str, int],
                engine_errors: int = 0) -> WorkerReport:
-        """Everything measured, with the load and health `hb` tells (a fresh heartbeat)."""
+        """Everything measured, with the load, health and GPUs `hb` tells (a fresh
+        heartbeat: its age is 0, so its state alone judges its health), and the instance
+        view's latency as get_metrics folds it (client/aggregate.py)."""
         now = time.time()
+        e2e = self.e2e.data()
+        ok, reason = health(hb, 0.0, math.inf) if hb else (False, "no heartbeat")
+        lat = latency(e2e, list(self.recent["e2e"]))
         return WorkerReport(
             worker_id=self.worker_id,
             role=str(hb.role) if hb else "", state=str(hb.state) if hb else "",
@@ -247,9 +254,17 @@ class WorkerStats:
             prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
             cost_by_tenant=dict(self.cost_by_tenant), events=dict(events),
             ttft=self.ttft.data(), tpot=self.tpot.data(), itl=self.itl.data(),
-            e2e=self.e2e.data(), queue=self.queue.data(),
+            e2e=e2e, queue=self.queue.data(),
             recent={k: list(v) for k, v in self.recent.items()},
-            window=self.rates.window(now), started_ms=self.started_ms, ts_ms=now * 1000)
+            window=self.rates.window(now), started_ms=self.started_ms, ts_ms=now * 1000,
+            healthy=ok, health_reason=reason,
+            load=load_of(hb.held_items, hb.capacity) if hb else 0.0,
+            latency_avg_ms=lat.mean_ms, latency_p95_ms=lat.p95_ms,
+            ttft_ms_avg=hb.ttft_ms_avg if hb else 0.0, tpot_ms_avg=hb.tpot_ms_avg if hb else 0.0,
+            served=hb.served if hb else 0, faults=hb.faults if hb else 0,
+            gpu_util=hb.gpu_util if hb else None,
+            gpu_mem_used_bytes=hb.gpu_mem_used_bytes if hb else None,
+            gpu_mem_total_bytes=hb.gpu_mem_total_bytes if hb else None)
 
 
 def clamp(own: float | None, base: float) -> float:
