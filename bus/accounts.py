@@ -122,8 +122,9 @@ def _system_user(p: Principal, s: Subjects, st: StreamsSettings) -> str:
             f"{pre}.s.done.>", f"{pre}.done.>", f"{pre}.dlq.>", f"{pre}.admin.heartbeat",
             f"{pre}.fin.*", f"{pre}.admin.kv.*", ib, _REPLY_TO,
         ], [ib, f"{pre}.hb.*", f"{pre}.fin.*", f"{pre}.cancel.>", f"{pre}.kv.*",
-            f"{pre}.admin.policy", f"{pre}.admin.breakers", f"{pre}.admin.status",
-            f"{pre}.admin.metrics", f"{pre}.admin.instances", f"{pre}.admin.request"],
+            f"{pre}.admin.policy", f"{pre}.admin.router", f"{pre}.admin.breakers",
+            f"{pre}.admin.status", f"{pre}.admin.metrics", f"{pre}.admin.instances",
+            f"{pre}.admin.request"],
             [*never, *(f"$JS.API.STREAM.PURGE.{x}" for x in _streams(s, st))])
     if p.role == "worker":
         w, work = p.worker_id, st.work.name

@@ -5,14 +5,17 @@ PrefixIndex in order. A gap (a lost message, a broker restart, this
 orchestrator meeting a worker mid-life) makes it ask that worker for a
 snapshot of every block it holds; until the answer, the worker's blocks are
 what the index already had. Events from ids with no heartbeat are dropped, so
-a stray publisher cannot grow the index.
+a stray publisher cannot grow the index. A feed started while workers run (a
+switch to a prefix router: orchestrator/switches.py) asks each of them for a
+snapshot at once: their caches are filled already, and what the index kept
+from an earlier feed may be stale.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -45,8 +48,11 @@ class KvFeed:
         self.snapshots = 0
         self.dropped = 0  # undecodable, unknown worker, other block size
 
-    async def start(self) -> None:
+    async def start(self, resync: Iterable[str] = ()) -> None:
+        """Subscribe; then ask each worker in `resync` for a snapshot."""
         self._sub = await self._nc.subscribe(self._subjects.kv_events_all, cb=self._on_msg)
+        for worker_id in resync:
+            self._ask(worker_id)
 
     async def stop(self) -> None:
         if self._sub is not None:
@@ -87,11 +93,16 @@ class KvFeed:
         if not self._usable(ev, Subjects.last_token(msg.subject)):
             self.dropped += 1
             return
-        if not self.fold(ev) and ev.worker_id not in self._asking:
-            self._asking.add(ev.worker_id)
-            task = asyncio.create_task(self._resync(ev.worker_id), name="kv-snapshot")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        if not self.fold(ev):
+            self._ask(ev.worker_id)
+
+    def _ask(self, worker_id: str) -> None:
+        if worker_id in self._asking:
+            return
+        self._asking.add(worker_id)
+        task = asyncio.create_task(self._resync(worker_id), name="kv-snapshot")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _resync(self, worker_id: str) -> None:
         try:

@@ -1,24 +1,28 @@
-"""The dispatch policy, switched at run time for every replica (`cplane policy`).
+"""Plugin choices switched at run time for every replica (`cplane policy`, `cplane router`).
 
-The fleet's choice lives in the JetStream KV bucket `<prefix>_config`, key
-`policy`, as a `PolicyState` (JSON). Every orchestrator replica runs one
-`PolicySwitch`, which:
+The fleet's choice of each switched plugin kind lives in the JetStream KV
+bucket `<prefix>_config`, under its own key (`policy`, `router`), as a
+`SwitchState` (JSON: `PolicyState`, `RouterState`). Every orchestrator
+replica runs one `RuntimeSwitch` per kind (`PolicySwitch`, `RouterSwitch`),
+which:
 
 - at start, adopts what the key holds before the replica may lead (the
   stored choice wins over the settings, so a restart keeps it; with no key,
-  the settings' `orchestrator.policy` / `policy_params` rule);
+  the settings' `orchestrator.policy` / `policy_params`, or
+  `orchestrator.router` / `router_params`, rule);
 - watches the key and adopts each new value as the server pushes it, so
   every replica follows a switch within milliseconds; a deleted key means
   "back to the settings";
-- answers `<prefix>.admin.policy` (queue group: one replica answers each
-  request). `set` builds the plugin first: an unknown policy or parameter is
-  refused with the valid choices and nothing is stored. A `set` answered ok
-  is stored (file storage) and in force on the answering replica.
+- answers its admin subject (`<prefix>.admin.policy`, `.router`; queue
+  group: one replica answers each request). `set` builds the plugin first:
+  an unknown plugin or parameter is refused with the valid choices and
+  nothing is stored. A `set` answered ok is stored (file storage) and in
+  force on the answering replica.
 
-A stored value that does not build (garbage, or a policy this version
-lacks) is logged and ignored: the replica keeps the policy it runs. The
-swap itself is the `apply` callback's (Orchestrator.use_policy): one
-assignment between two dispatch steps, never inside one.
+A stored value that does not build (garbage, or a plugin this version
+lacks) is logged and ignored: the replica keeps what it runs. The swap
+itself is the `apply` callback's (orchestrator/switches.py): one assignment
+between two dispatch steps, never inside one.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -45,22 +50,28 @@ from cplane.orchestrator import plugins
 from cplane.orchestrator.plugin_types import Policy
 from cplane.schemas.admin import (
     AdminReply,
-    PolicyGet,
-    PolicySet,
     PolicyState,
+    RouterState,
+    SwitchSet,
+    SwitchState,
     policy_command_decoder,
     policy_state_decoder,
+    router_command_decoder,
+    router_state_decoder,
 )
 from cplane.schemas.codec import encode
 from cplane.schemas.settings import OrchestratorSettings, Settings
 
-log = logging.getLogger("cplane.policy_switch")
 POLICY_KEY = "policy"
+ROUTER_KEY = "router"
 ADMIN_QUEUE = "orchestrators"  # one replica answers each admin request
 _DELETED = ("DEL", "PURGE")  # KV operations that remove the key
 _WATCH_TIMEOUT_S = 5.0
+_PLURAL = {"policy": "policies", "router": "routers", "pd": "pd deciders"}
 
+S = TypeVar("S", bound=SwitchState)
 Apply = Callable[[str, Mapping[str, Any]], None]
+Build = Callable[[str, Mapping[str, Any]], object]
 
 
 def policy_order(o: OrchestratorSettings, name: str, params: Mapping[str, Any]) -> Policy:
@@ -75,34 +86,58 @@ def policy_order(o: OrchestratorSettings, name: str, params: Mapping[str, Any]) 
     return plugins.build_policy(name, full)
 
 
-def refusal(o: OrchestratorSettings, name: str, params: Mapping[str, Any]) -> AdminReply | None:
-    """None when `name` with `params` builds; else the refusal, naming the valid choices."""
+def refusal_of(kind: plugins.Kind, build: Build, name: str, params: Mapping[str, Any]
+               ) -> AdminReply | None:
+    """None when plugin `name` of `kind` builds with `params`; else the refusal, naming
+    the valid choices (and, for a known plugin, its parameters)."""
     try:
-        policy_order(o, name, params)
+        build(name, params)
         return None
     except Exception as exc:  # operator input: a factory may refuse it any way it likes
         error = str(exc)
-    choices = plugins.names("policy")
+    choices = plugins.names(kind)
     if name not in choices:
-        return AdminReply(ok=False, error=f"unknown policy {name!r}; valid policies: "
+        return AdminReply(ok=False, error=f"unknown {kind} {name!r}; valid {_PLURAL[kind]}: "
                           f"{', '.join(choices)}", choices=choices)
-    accepted = sorted(plugins.spec("policy", name).params.__struct_fields__)
+    accepted = sorted(plugins.spec(kind, name).params.__struct_fields__)
     error += f"; parameters of {name}: {', '.join(accepted) or 'none'}"
     return AdminReply(ok=False, error=error, choices=choices, param_choices=accepted)
 
 
-class PolicySwitch:
-    """One replica's view of the fleet's policy choice: adopt, follow, answer admin requests."""
+def refusal(o: OrchestratorSettings, name: str, params: Mapping[str, Any]) -> AdminReply | None:
+    """The policy's refusal (refusal_of), built as the orchestrator runs it."""
+    return refusal_of("policy", lambda n, p: policy_order(o, n, p), name, params)
+
+
+@dataclass(frozen=True, slots=True)
+class Choice(Generic[S]):
+    """What one switch switches: a plugin kind, where its choice is stored and asked for."""
+
+    kind: plugins.Kind  # the plugin kind: its names, in refusals and logs
+    key: str  # its key in `<prefix>_config`
+    subject: str  # its admin subject (get | set)
+    default: S  # the settings' choice: in force while no key is stored
+    states: msgspec.json.Decoder[S]  # the stored value
+    commands: msgspec.json.Decoder[Any]  # the admin subject's tagged union (a get or a SwitchSet)
+    build: Build  # the plugin as the orchestrator runs it; raises when it cannot be
+
+
+class RuntimeSwitch(Generic[S]):
+    """One replica's view of the fleet's choice of one plugin kind: adopt, follow,
+    answer admin requests. `reply` is the answer telling a choice (and the router
+    it leaves in force)."""
 
     def __init__(self, nc: NATS, js: JetStreamContext, settings: Settings, holder: str,
-                 apply: Apply) -> None:
+                 choice: Choice[S], apply: Apply, reply: Callable[[S], AdminReply]) -> None:
         self._nc = nc
         self._js = js
         self._settings = settings
         self._holder = holder
+        self.choice = choice
         self._apply = apply
-        o = settings.orchestrator
-        self.default = PolicyState(name=o.policy, params=dict(o.policy_params), by="settings")
+        self._reply = reply
+        self._log = logging.getLogger(f"cplane.{choice.kind}_switch")
+        self.default = choice.default
         self.state = self.default  # in force on this replica
         self._kv: KeyValue | None = None
         self._sub: Subscription | None = None
@@ -111,10 +146,10 @@ class PolicySwitch:
         self._lock = asyncio.Lock()
 
     async def start(self) -> None:
-        """Adopt the stored choice, then follow it and answer `<prefix>.admin.policy`."""
+        """Adopt the stored choice, then follow it and answer the admin subject."""
         await self.resume()
-        self._sub = await self._nc.subscribe(self._settings.subjects.admin_policy,
-                                             queue=ADMIN_QUEUE, cb=self._on_admin)
+        self._sub = await self._nc.subscribe(self.choice.subject, queue=ADMIN_QUEUE,
+                                             cb=self._on_admin)
         # The server must know the subscription before we say we are up. nats-py writes
         # a flush's PING ahead of commands still buffered (the SUB), so the first PONG
         # may come back before the SUB left; the second PING follows it.
@@ -127,7 +162,7 @@ class PolicySwitch:
         async with self._lock:
             await self._stop_watch()
             self._kv = await ensure_config_bucket(self._js, self._settings)
-            watcher = await self._kv.watch(POLICY_KEY)
+            watcher = await self._kv.watch(self.choice.key)
             try:
                 # The watch delivers the key's current value first, then a None marker.
                 while (entry := await asyncio.wait_for(anext(watcher), _WATCH_TIMEOUT_S)):
@@ -137,7 +172,8 @@ class PolicySwitch:
                     await watcher.stop()
                 raise
             self._watcher = watcher
-            self._follow = asyncio.create_task(self._follow_updates(watcher), name="policy-watch")
+            self._follow = asyncio.create_task(self._follow_updates(watcher),
+                                               name=f"{self.choice.kind}-watch")
 
     async def stop(self) -> None:
         if self._sub is not None:
@@ -167,34 +203,36 @@ class PolicySwitch:
             self._adopt(self.default)
             return
         try:
-            state = policy_state_decoder.decode(entry.value or b"")
+            state = self.choice.states.decode(entry.value or b"")
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.warning("%s: ignoring the stored policy (revision %s, not a PolicyState: %s); "
-                        "keeping %s", self._holder, entry.revision, exc, self.state.name)
+            self._log.warning("%s: ignoring the stored %s (revision %s, not a %s: %s); "
+                              "keeping %s", self._holder, self.choice.kind, entry.revision,
+                              type(self.default).__name__, exc, self.state.name)
             return
         self._adopt(state)
 
-    def _adopt(self, state: PolicyState) -> bool:
+    def _adopt(self, state: S) -> bool:
         """Put `state` in force here; False (logged, nothing changes) when it does not build."""
         if state == self.state:
             return True  # our own set, seen again through the watch
         try:
             self._apply(state.name, state.params)
         except Exception as exc:  # whatever is stored, the replica keeps running
-            log.warning("%s: ignoring the stored policy %r: %s; keeping %s", self._holder,
-                        state.name, exc, self.state.name)
+            self._log.warning("%s: ignoring the stored %s %r: %s; keeping %s", self._holder,
+                              self.choice.kind, state.name, exc, self.state.name)
             return False
         self.state = state
         return True
 
     # -- admin requests --------------------------------------------------------------
     async def _on_admin(self, msg: Msg) -> None:
-        if not ADMIN_GUARD.admit(msg, self._settings.subjects.admin_policy):
+        if not ADMIN_GUARD.admit(msg, self.choice.subject):
             return  # came sideways (a push consumer aimed here): never applied
         try:
             reply = await self._answer(msg.data)
         except Exception as exc:  # the broker did not answer: say so, the caller may retry
-            log.warning("%s: admin policy request failed: %s", self._holder, exc)
+            self._log.warning("%s: admin %s request failed: %s", self._holder,
+                              self.choice.kind, exc)
             reply = AdminReply(ok=False, error=f"{type(exc).__name__}: {exc}")
         if msg.reply:
             with contextlib.suppress(Exception):
@@ -202,54 +240,91 @@ class PolicySwitch:
 
     async def _answer(self, data: bytes) -> AdminReply:
         try:
-            cmd = policy_command_decoder.decode(data)
+            cmd = self.choice.commands.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             return AdminReply(ok=False, error=f"bad admin request: {exc}")
-        match cmd:
-            case PolicySet():
-                return await self._set(cmd)
-            case PolicyGet():
-                state = await self.stored()
-                return AdminReply(ok=True, state=state, router=self.router_of(state))
-        raise AssertionError(f"unhandled admin command {cmd!r}")  # the decoder's union
+        if isinstance(cmd, SwitchSet):
+            return await self._set(cmd)
+        return self._reply(await self.stored())  # the union's other member: a get
 
-    async def _set(self, cmd: PolicySet) -> AdminReply:
-        refused = refusal(self._settings.orchestrator, cmd.name, cmd.params)
+    async def _set(self, cmd: SwitchSet) -> AdminReply:
+        refused = self.refusal(cmd.name, cmd.params)
         if refused is not None:
             return refused
-        state = PolicyState(name=cmd.name, params=dict(cmd.params), updated_ms=time.time() * 1000,
-                            by=cmd.by or self._holder)
+        state = type(self.default)(name=cmd.name, params=dict(cmd.params),
+                                   updated_ms=time.time() * 1000, by=cmd.by or self._holder)
         kv = self._kv or await ensure_config_bucket(self._js, self._settings)
-        await kv.put(POLICY_KEY, encode(state))
+        await kv.put(self.choice.key, encode(state))
         self._adopt(state)  # in force here before the answer; the others follow the watch
-        log.info("%s: policy set to %s %s by %s", self._holder, state.name, state.params,
-                 state.by)
-        return AdminReply(ok=True, state=state, router=self.router_of(state))
+        self._log.info("%s: %s set to %s %s by %s", self._holder, self.choice.kind, state.name,
+                       state.params, state.by)
+        return self._reply(state)
 
-    def router_of(self, state: PolicyState) -> str:
-        """The router `state`'s policy runs with on this replica."""
-        o = self._settings.orchestrator
-        try:
-            own = policy_order(o, state.name, state.params).router
-        except Exception:  # a stored value that does not build: the settings' choice runs
-            own = None
-        return own.name if own is not None else o.router
+    def refusal(self, name: str, params: Mapping[str, Any]) -> AdminReply | None:
+        return refusal_of(self.choice.kind, self.choice.build, name, params)
 
-    async def stored(self) -> PolicyState:
+    async def stored(self) -> S:
         """The fleet's choice: the stored one, else this replica's settings. A stored value
-        that does not build is ignored by every replica, so the policy in force here is told."""
+        that does not build is ignored by every replica, so the choice in force here is told."""
         kv = self._kv or await ensure_config_bucket(self._js, self._settings)
         try:
-            entry = await kv.get(POLICY_KEY)
+            entry = await kv.get(self.choice.key)
         except KeyNotFoundError:  # never set, or deleted: the settings rule
             return self.default
         try:
-            state = policy_state_decoder.decode(entry.value or b"")
+            state = self.choice.states.decode(entry.value or b"")
         except (msgspec.DecodeError, msgspec.ValidationError):
             return self.state
-        if refusal(self._settings.orchestrator, state.name, state.params) is not None:
+        if self.refusal(state.name, state.params) is not None:
             return self.state
         return state
 
 
-__all__ = ["ADMIN_QUEUE", "POLICY_KEY", "PolicySwitch", "policy_order", "refusal"]
+class PolicySwitch(RuntimeSwitch[PolicyState]):
+    """The dispatch policy (`<prefix>.admin.policy`, key `policy`). `set_router`: the
+    router set for policies without their own (the settings' when not given)."""
+
+    def __init__(self, nc: NATS, js: JetStreamContext, settings: Settings, holder: str,
+                 apply: Apply, *, set_router: Callable[[], str] | None = None) -> None:
+        o = settings.orchestrator
+        self._set_router = set_router or (lambda: o.router)
+        choice = Choice(kind="policy", key=POLICY_KEY, subject=settings.subjects.admin_policy,
+                        default=PolicyState(name=o.policy, params=dict(o.policy_params),
+                                            by="settings"),
+                        states=policy_state_decoder, commands=policy_command_decoder,
+                        build=lambda name, params: policy_order(o, name, params))
+        super().__init__(nc, js, settings, holder, choice, apply,
+                         lambda state: AdminReply(ok=True, state=state,
+                                                  router=self.router_of(state)))
+
+    def router_of(self, state: PolicyState) -> str:
+        """The router `state`'s policy runs with on this replica."""
+        try:
+            own = policy_order(self._settings.orchestrator, state.name, state.params).router
+        except Exception:  # a stored value that does not build: the set router runs
+            own = None
+        return own.name if own is not None else self._set_router()
+
+
+class RouterSwitch(RuntimeSwitch[RouterState]):
+    """The router (`<prefix>.admin.router`, key `router`). A policy that brings its own
+    router (cost_optimized) routes with it whatever is set here: `policy_router` names
+    the in-force policy's own router (None when it has none), and every answer's
+    `router` tells the router actually in force."""
+
+    def __init__(self, nc: NATS, js: JetStreamContext, settings: Settings, holder: str,
+                 apply: Apply, *, policy_router: Callable[[], str | None] = lambda: None
+                 ) -> None:
+        o = settings.orchestrator
+        choice = Choice(kind="router", key=ROUTER_KEY, subject=settings.subjects.admin_router,
+                        default=RouterState(name=o.router, params=dict(o.router_params),
+                                            by="settings"),
+                        states=router_state_decoder, commands=router_command_decoder,
+                        build=plugins.build_router)
+        super().__init__(nc, js, settings, holder, choice, apply,
+                         lambda state: AdminReply(ok=True, router_state=state,
+                                                  router=policy_router() or state.name))
+
+
+__all__ = ["ADMIN_QUEUE", "POLICY_KEY", "ROUTER_KEY", "Choice", "PolicySwitch", "RouterSwitch",
+           "RuntimeSwitch", "policy_order", "refusal", "refusal_of"]

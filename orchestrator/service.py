@@ -1,7 +1,8 @@
 """The orchestrator service: the imperative shell around the decision core.
 
 - `run`: connect, provision, follow heartbeats / terminals / cancels, compete
-  for the leader lease (lease.py); only a leader with a fresh lease acts.
+  for the leader lease (lease.py); only a leader with a fresh lease acts, and
+  pulls requests (leadership.py).
 - `_intake`: one LLM_REQ delivery -> dead letter, rejection, duplicate,
   re-check of a redelivery, a stored-terminal lookup (known_ids.py), HELD.
 - `_dispatch_step`: the core plans and applies; each batch is published (a
@@ -10,18 +11,19 @@
 - `_on_done`: terminals stored free their slots (the Fin signal).
 - `_ticker`: keep-alives, missed terminals (reconcile.py), worker expiry and
   rescue (rescue.py), a stall detector.
+- `cplane policy set` / `cplane router set`: the runtime switches (switches.py)
+  swap the core's policy or router between two steps and wake dispatch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import random
 import time
 import uuid
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Coroutine, Iterable
 from dataclasses import asdict
 from typing import Any
 
@@ -37,8 +39,7 @@ from cplane.bus.fins import read_fin
 from cplane.bus.heartbeats import subscribe_heartbeats
 from cplane.bus.jsmeta import delivery
 from cplane.bus.outcome import StoredPublisher, cancelled_final
-from cplane.bus.provision import ensure_all, ensure_request_consumers, ensure_streams
-from cplane.bus.puller import Puller
+from cplane.bus.provision import ensure_all, ensure_streams
 from cplane.bus.recent import RecentIds
 from cplane.bus.stored_retry import StoreResult, publish_until_stored
 from cplane.bus.tasks import cancel_all
@@ -49,13 +50,12 @@ from cplane.orchestrator.dispatch import (
     DispatchConfig,
     batch_msg_id,
     dispatch_config,
-    free_slots,
 )
-from cplane.orchestrator.fleet import FleetView
 from cplane.orchestrator.health_admin import build_registry
 from cplane.orchestrator.intake import NOT_LEADING_NAK_S, Intake, Rejection, classify, scoped_key
 from cplane.orchestrator.known_ids import KnownIds
 from cplane.orchestrator.kv_feed import KvFeed
+from cplane.orchestrator.leadership import Leadership
 from cplane.orchestrator.lease import LeaderLease
 from cplane.orchestrator.ledger import Entry, Ledger, RequestState
 from cplane.orchestrator.outcomes import Outcomes, Recheck, recheck
@@ -63,14 +63,13 @@ from cplane.orchestrator.pending import pending_of
 from cplane.orchestrator.prompt_hash import PromptHasher
 from cplane.orchestrator.reconcile import keep_held_alive, reconcile_missed
 from cplane.orchestrator.rescue import ORPHAN_SWEEP_S, rescue_orphans, rescue_queue
-from cplane.orchestrator.runtime_config import PolicySwitch, policy_order
-from cplane.orchestrator.snapshot import PoolKey
+from cplane.orchestrator.runtime_config import PolicySwitch
 from cplane.orchestrator.stats import OrchestratorStats
+from cplane.orchestrator.switches import Switches
 from cplane.orchestrator.tenancy import TenantGate, known_in_scope
 from cplane.schemas import trace
 from cplane.schemas.codec import encode
 from cplane.schemas.messages import (
-    PRIORITIES,
     Heartbeat,
     Role,
     WorkBatch,
@@ -78,7 +77,7 @@ from cplane.schemas.messages import (
     WorkItem,
 )
 from cplane.schemas.settings import Settings
-from cplane.schemas.subjects import consumer_for_priority, valid_token
+from cplane.schemas.subjects import valid_token
 
 log = logging.getLogger("cplane.orchestrator")
 _PUBLISH_RETRY_S = 0.5
@@ -99,7 +98,6 @@ class Orchestrator:
         if not valid_token(self.id):  # it names subjects (llm.fin.<id>, llm.admin...)
             raise ValueError(f"orchestrator id {self.id!r} must be a subject token")
         self.subjects = settings.subjects
-        self.policy_name = o.policy  # in force now: `cplane policy set` changes it (use_policy)
         self.registry = build_registry(settings)
         # Every decision: the ledger, the decision state, plan and apply (no I/O).
         # Routers read the registry's counts of items routed since each heartbeat.
@@ -111,13 +109,11 @@ class Orchestrator:
         self.stats = OrchestratorStats()
         self._seen = RecentIds(o.dedup_cache)  # ids dispatched or finished: served once
         self._tenants = TenantGate(o, self.subjects, self.settings.limits)
-        self._pullers: list[Puller] = []
+        # While leading: pullers; after a takeover, workers' held items count too.
+        self._leader = Leadership(settings, self.id, self._on_request, self._hold_room)
         self._wake = asyncio.Event()
         # Set by the ticker: plan even without room (model-wait timeouts, aging).
         self._tick_due = True
-        # Since when this replica leads while work a previous leader dispatched may
-        # still run (None: drained): heartbeats' held items count on top of the ledger.
-        self._inherited_since: float | None = None
         self._publish_slots = asyncio.Semaphore(o.publish_window)
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = time.monotonic()
@@ -127,12 +123,9 @@ class Orchestrator:
         self._store: StoredPublisher
         self._out: Outcomes
         self._cancels: CancelBook
-        self._policy: PolicySwitch
         self.lease: LeaderLease | None = None
-        self._hasher = (PromptHasher(o.prefix_tokenizer, o.prefix_block_tokens,
-                                     settings.sim.vocab_size)
-                        if self.core.cfg.router_in_use.reads_prefix else None)
-        self._kv: KvFeed | None = None
+        # `cplane policy` / `cplane router`: the core's policy and router, the prefix inputs
+        self.switches = Switches(settings, self.core, self.registry, self.id, self._replan)
         self._known_ids: KnownIds | None = None
 
     @property
@@ -151,6 +144,25 @@ class Orchestrator:
     @property
     def counters(self) -> dict[str, int]:
         return asdict(self.stats)
+
+    @property
+    def policy_name(self) -> str:
+        """The policy in force (`cplane policy set` changes it)."""
+        return self.switches.policy_name
+
+    @property
+    def _policy(self) -> PolicySwitch:
+        return self.switches.policy
+
+    @property
+    def _hasher(self) -> PromptHasher | None:
+        """Hashes prompts at intake while a prefix router is in use."""
+        return self.switches.hasher
+
+    @property
+    def _kv(self) -> KvFeed | None:
+        """Workers' KV events into the prefix index, while a prefix router is in use."""
+        return self.switches.kv
 
     # -- lifecycle ------------------------------------------------------------
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
@@ -173,13 +185,8 @@ class Orchestrator:
         ]
         self._cancels = CancelBook(nc, self.settings, on_cancel=self._on_cancel)
         await self._cancels.start()
-        if self._hasher is not None:  # a prefix router: workers' KV events feed its index
-            self._kv = KvFeed(nc, self.subjects, self.core.state.prefix, o.prefix_block_tokens,
-                              known=self.registry.knows)
-            await self._kv.start()
-        # Before the lease: a replica that leads at once dispatches by the stored choice.
-        self._policy = PolicySwitch(nc, self._js, self.settings, self.id, self.use_policy)
-        await self._policy.start()
+        # Before the lease: a replica that leads at once dispatches by the stored choices.
+        await self.switches.start(nc, self._js)
         # admin.status/metrics/instances/request/breakers, and /metrics
         self.control = await start_control(nc, self._js, self.settings, self.registry, self)
         self.lease = LeaderLease(self._js, self.settings, self.id, on_change=self._on_leadership)
@@ -188,7 +195,8 @@ class Orchestrator:
                  asyncio.create_task(self._ticker(), name="ticker"),
                  asyncio.create_task(self.lease.run(lease_stop), name="lease")]
         await nc.publish(self.subjects.heartbeat_request, b"")  # workers answer at once
-        log.info("orchestrator %s up (policy=%s)", self.id, self.policy_name)
+        log.info("orchestrator %s up (policy=%s, router=%s)", self.id, self.policy_name,
+                 self.cfg.router_in_use.name)
         if ready is not None:
             ready.set()
         try:
@@ -198,10 +206,8 @@ class Orchestrator:
             await asyncio.gather(loops[2], return_exceptions=True)
             await cancel_all(loops)
             await self._cancels.stop()
-            await self._policy.stop()
+            await self.switches.stop()
             await self.control.stop()
-            if self._kv is not None:
-                await self._kv.stop()
             for s in subs:
                 with contextlib.suppress(Exception):
                     await s.unsubscribe()
@@ -214,19 +220,12 @@ class Orchestrator:
         """After a broker restart: streams and consumers back, cancels sent meanwhile."""
         await ensure_all(self._js, self.settings)
         await self._cancels.load()
-        await self._policy.resume()
+        await self.switches.resume()
         self._wake.set()
 
-    def use_policy(self, name: str, params: Mapping[str, Any]) -> None:
-        """Dispatch by policy `name` from the next step on (called by PolicySwitch).
-
-        Raises (and changes nothing) when the plugin does not build. Steps are
-        synchronous, so no step sees half a switch.
-        """
-        self.core.use_policy(policy_order(self.settings.orchestrator, name, params))
-        self.policy_name = name
-        log.info("orchestrator %s: policy %s %s", self.id, name, dict(params))
-        self._tick_due = True  # re-plan what is held under the new order
+    def _replan(self) -> None:
+        """A switch changed the policy or the router: plan what is held again at once."""
+        self._tick_due = True
         self._wake.set()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -237,30 +236,12 @@ class Orchestrator:
     # -- leadership ------------------------------------------------------------
     async def _on_leadership(self, leading: bool) -> None:
         if leading:
-            self._inherited_since = time.monotonic()
-            await self._start_pulling()
+            assert self._nc is not None
+            await self._leader.begin(self._nc, self._js)
             self._wake.set()
-        else:
-            await self._stop_pulling()
-
-    async def _start_pulling(self) -> None:
-        assert self._nc is not None
-        o = self.settings.orchestrator
-        await ensure_request_consumers(self._js, self.settings)
-        for level, p in enumerate(PRIORITIES):
-            puller = Puller(
-                self._nc, self.settings.streams.req.name, consumer_for_priority(p),
-                self._on_request, room=functools.partial(self._hold_room, level),
-                expires_s=o.fetch_timeout_s, max_batch=o.fetch_batch,
-            )
-            await puller.start()
-            self._pullers.append(puller)
-
-    async def _stop_pulling(self) -> None:
-        """Stop taking requests; finish publishes in flight; hand held ones back at once."""
-        pullers, self._pullers = self._pullers, []
-        for puller in pullers:
-            await puller.stop()
+            return
+        # Stop taking requests; finish publishes in flight; hand held ones back at once.
+        await self._leader.end()
         if self._tasks:
             timeout = self.settings.orchestrator.publish_timeout_s
             await asyncio.wait(set(self._tasks), timeout=timeout)
@@ -416,7 +397,7 @@ class Orchestrator:
         t = now_ms()
         fleet = self.registry.snapshot(t)
         step = self.core.step(fleet, now_ms=t, rng=self._rng, due=self._tick_due,
-                              inherited=self._inherited(fleet))
+                              inherited=self._leader.inherited(fleet, self.ledger))
         if step is None:  # no room and nothing due (most wakes at saturation)
             return
         self._tick_due = False
@@ -429,25 +410,7 @@ class Orchestrator:
             self.stats.route(out.batch.role.value, out.routed, len(out.entries))
             await self._publish_slots.acquire()
             self._spawn(self._publish_batch(out.batch, out.entries), "publish")
-        for puller in self._pullers:
-            puller.poke()
-
-    def _inherited(self, fleet: FleetView) -> dict[PoolKey, int] | None:
-        """After a takeover, what the workers report holding, counted on top of the
-        ledger (work a previous leader dispatched runs there), until that work
-        has drained: every pool's workers report no more than this replica
-        dispatched, at heartbeats sent after the takeover (two periods). Not
-        always: heartbeats lag by up to a period and would hold back dispatch
-        that the ledger knows is safe."""
-        if self._inherited_since is None:
-            return None
-        held = {pool: fleet.pool_held(pool) for pool in free_slots(fleet, {}, 0.0)}
-        settled = time.monotonic() - self._inherited_since > 2 * self.settings.worker.heartbeat_s
-        if settled and all(n <= self.ledger.in_flight(pool) for pool, n in held.items()):
-            log.info("orchestrator %s: the previous leader's work has drained", self.id)
-            self._inherited_since = None
-            return None
-        return held
+        self._leader.poke()
 
     async def _publish_batch(self, batch: Batch, entries: tuple[Entry[WorkItem], ...]) -> None:
         try:

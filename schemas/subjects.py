@@ -237,13 +237,18 @@ class Subjects:
 
     @property
     def config_bucket(self) -> str:
-        """KV bucket of fleet-wide runtime choices (key `policy`: the dispatch policy)."""
+        """KV bucket of fleet-wide runtime choices (keys `policy` and `router`)."""
         return f"{self.prefix}_config"
 
     @property
     def admin_policy(self) -> str:
         """Request/reply: get or set the dispatch policy (schemas/admin.py)."""
         return self.admin("policy")
+
+    @property
+    def admin_router(self) -> str:
+        """Request/reply: get or set the router (schemas/admin.py)."""
+        return self.admin("router")
 
     def admin(self, verb: str) -> str:
         return f"{self.prefix}.admin.{verb}"
