@@ -49,7 +49,7 @@ class VllmServer:
                "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32",
                "--max-model-len", "512", "--block-size", "32", "--enforce-eager",
                "--kv-cache-memory-bytes", str(64 << 20), "--max-num-seqs", str(self.max_num_seqs),
-               "--seed", "0", "--kv-events-config", json.dumps({
+               "--seed", "0", "--enable-prompt-tokens-details", "--kv-events-config", json.dumps({
                    "enable_kv_cache_events": True, "publisher": "zmq",
                    "endpoint": self.kv_events})]
         if self.kv_dir is not None:

@@ -11,6 +11,8 @@ what it holds there stands in for `running`.
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -37,17 +39,22 @@ class Scrape:
     prompt: float = 0.0
     gen: float = 0.0
     known: bool = False  # any vLLM family found
+    block_size: int = 0  # tokens per KV block (vllm:cache_config_info), 0 = not told
 
 
 def parse(text: str, at: float, model: str | None = None) -> Scrape:
     """Sum the families we read; `model`: only samples labelled with it (or unlabelled)."""
     values: dict[str, float] = {}
     known = False
+    block_size = 0
     try:
         families = list(text_string_to_metric_families(text))
     except ValueError:  # not Prometheus text: nothing known
         return Scrape(at)
     for fam in families:
+        if fam.name == "vllm:cache_config_info" and fam.samples:
+            with contextlib.suppress(ValueError):
+                block_size = int(fam.samples[0].labels.get("block_size", "0"))
         name = _GAUGES.get(fam.name) or _COUNTERS.get(fam.name)
         if name is None:
             continue
@@ -57,9 +64,17 @@ def parse(text: str, at: float, model: str | None = None) -> Scrape:
                 continue
             if model is not None and s.labels.get("model_name", model) != model:
                 continue
-            values[name] = values.get(name, 0.0) + float(s.value)
+            value = float(s.value)
+            # Fix: Prometheus text allows NaN and +Inf. A NaN kv usage went out in the
+            # heartbeat as JSON null, which no reader decodes (the worker vanished from
+            # the fleet), and int(+Inf) raised in stats(), so no heartbeat went out at
+            # all. A sample that is not a finite count or share is not load.
+            if not math.isfinite(value) or value < 0:
+                continue
+            values[name] = values.get(name, 0.0) + value
     kv = values.pop("kv_usage", 0.0)
-    return Scrape(at, kv_usage=min(max(kv, 0.0), 1.0), known=known, **values)
+    return Scrape(at, kv_usage=min(max(kv, 0.0), 1.0), known=known, block_size=block_size,
+                  **values)
 
 
 class ServerLoad:
@@ -91,7 +106,9 @@ class ServerLoad:
         return EngineStats(
             running=max(int(last.running), held), waiting=int(last.waiting),
             kv_usage=last.kv_usage,
-            prefix_hit_rate=(last.hits - first.hits) / queries if queries > 0 else 0.0,
+            # clamped: counters that went back (a server restart) are not a rate
+            prefix_hit_rate=(min(max((last.hits - first.hits) / queries, 0.0), 1.0)
+                             if queries > 0 else 0.0),
             prompt_tokens_per_s=rate(last.prompt, first.prompt),
             gen_tokens_per_s=rate(last.gen, first.gen))
 
