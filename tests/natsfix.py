@@ -63,4 +63,5 @@ def isolated_settings(url: str, **sections: dict[str, object]) -> Settings:
     for name in ("orchestrator", "worker", "sim", "limits"):
         slow = name in ("sim", "limits")
         merged[name] = {**({} if slow else fast), **sections.pop(name, {})}  # type: ignore[dict-item]
+    merged.update(sections)  # any other section as given (metrics, gateway...)
     return load_settings(env={}, nats={"url": url, "prefix": f"t{tag}"}, **merged)  # type: ignore[arg-type]

@@ -29,6 +29,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -36,12 +37,15 @@ from nats.js.errors import NoKeysError
 from nats.js.kv import KeyValue
 
 from cplane.bus.connect import connect
+from cplane.bus.prom import serve_metrics
 from cplane.bus.provision import ensure_config_bucket
 from cplane.bus.tasks import cancel_all
+from cplane.schemas.control import WorkerReport
 from cplane.schemas.instances import INSTANCE_KEY_PREFIX, InstanceSpec
 from cplane.schemas.messages import WorkerState
 from cplane.schemas.settings import Settings
 from cplane.workers.engines.remote import RemoteEngine, RemoteSettings
+from cplane.workers.metrics import fleet_families
 from cplane.workers.runtime import Worker
 
 log = logging.getLogger("cplane.instances")
@@ -108,11 +112,18 @@ class InstanceSupervisor:
         self._nc = nc
         self._alone = len(static) == 1 and group is None
         self._lock = asyncio.Lock()  # the watch and the resync change the set one at a time
+        self._metrics: WSGIServer | None = None
+
+    @property
+    def metrics_port(self) -> int:
+        """Where this process's `/metrics` listens (0: not served here)."""
+        return self._metrics.server_port if self._metrics is not None else 0
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         nc = self._nc or await connect(self.settings.nats.url, "worker-instances",
                                        settings=self.settings.nats)
         tasks: list[asyncio.Task[Any]] = []
+        server = self._metrics = self._serve_metrics()
         try:
             for spec in self.static:
                 self._add(nc, spec)
@@ -125,12 +136,36 @@ class InstanceSupervisor:
                 ready.set()
             await stop.wait()
         finally:
+            if server is not None:
+                server.shutdown()
             await cancel_all(tasks)
             await asyncio.gather(*(self._remove(i) for i in list(self.fronts)),
                                  return_exceptions=True)
             if self._nc is None:
                 with contextlib.suppress(Exception):
                     await nc.drain()
+
+    def _serve_metrics(self) -> WSGIServer | None:
+        """One `/metrics` for every instance fronted here (a single fixed instance's Worker
+        serves its own); `/readyz` passes while at least one instance takes work."""
+        m = self.settings.metrics
+        if self._alone or not m.worker_port:
+            return None
+
+        async def reports() -> list[WorkerReport]:
+            workers = [f.worker for f in list(self.fronts.values()) if f.worker is not None]
+            # A Worker has its control endpoint once it runs.
+            return [await c.report() for w in workers
+                    if (c := getattr(w, "control", None)) is not None]
+
+        async def not_ready() -> str | None:
+            if any(f.worker is not None and f.worker.state is WorkerState.READY
+                   and f.worker.consuming for f in self.fronts.values()):
+                return None
+            return "no instance takes work: " + ("; ".join(
+                f"{i}: {f.problem or 'starting'}" for i, f in self.fronts.items()) or "none")
+
+        return serve_metrics(m.host, m.worker_port, reports, fleet_families, not_ready)
 
     # -- the instance set ----------------------------------------------------------------
     def _add(self, nc: NATS, spec: InstanceSpec) -> None:

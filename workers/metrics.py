@@ -145,6 +145,20 @@ def _load(r: WorkerReport) -> Iterator[Metric]:
     yield info
 
 
+def fleet_families(reports: list[WorkerReport]) -> Iterator[Metric]:
+    """The families of several workers in one process (a worker fronting many remote
+    instances): each family once, with every worker's samples (all carry `worker`)."""
+    merged: dict[str, Metric] = {}
+    for r in reports:
+        for fam in families(r):
+            have = merged.get(fam.name)
+            if have is None:
+                merged[fam.name] = fam
+            else:
+                have.samples.extend(fam.samples)
+    yield from merged.values()
+
+
 def start_metrics_server(host: str, port: int,
                          snapshot: Callable[[], Awaitable[WorkerReport]],
                          not_ready: NotReady | None = None) -> WSGIServer:
@@ -153,4 +167,4 @@ def start_metrics_server(host: str, port: int,
     return serve_metrics(host, port, snapshot, families, not_ready)
 
 
-__all__ = ["HISTOGRAMS", "families", "histogram", "start_metrics_server"]
+__all__ = ["HISTOGRAMS", "families", "fleet_families", "histogram", "start_metrics_server"]

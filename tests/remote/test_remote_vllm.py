@@ -39,6 +39,11 @@ def direct_ids(server: VllmServer, prompt: str, n: int) -> list[int]:
         return list(json.load(resp)["choices"][0]["token_ids"])
 
 
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return str(resp.read().decode())
+
+
 def greedy(rid: str, prompt: str = PROMPT, n: int = 24, **kw: Any) -> Request:
     return Request(request_id=rid, prompt=prompt, max_tokens=n, temperature=0.0,
                    ignore_eos=True, model=MODEL_NAME, **kw)
@@ -147,7 +152,7 @@ async def test_instances_added_and_removed_under_load(
     """Instances come and go through the KV bucket while requests run: every request
     ends with one Final, the new instance takes work, the removed one drains."""
     a, b = vllm_servers
-    s = isolated_settings(nats_url)
+    s = isolated_settings(nats_url, metrics={"worker_port": -1})
     async with stack(s, workers=0), ControlPlane(await nats.connect(nats_url), s) as cp:
         await cp.register_instance(spec(a, "ga", vllm_model_dir, group="g1"))
         async with fronting(s, [], group="g1", wait_for=["ga"]) as sup:
@@ -158,6 +163,9 @@ async def test_instances_added_and_removed_under_load(
                 await cp.register_instance(spec(b, "gb", vllm_model_dir, group="g1"))
                 await until(lambda: serving(sup, ["gb"]), 60, "gb fronted")
                 assert [x.instance_id for x in await cp.list_instances()] == ["ga", "gb"]
+                page = await asyncio.to_thread(_get, f"http://127.0.0.1:{sup.metrics_port}/metrics")
+                assert 'cplane_worker_healthy{worker="ga"} 1.0' in page
+                assert 'cplane_worker_healthy{worker="gb"} 1.0' in page
                 second = [asyncio.create_task(served(client, greedy(f"le{i}", n=48)))
                           for i in range(6)]
                 ga_worker = sup.fronts["ga"].worker
