@@ -30,10 +30,8 @@ from tests.stack import Running, stack
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "porting.md"
 BLOCK = re.compile(r"```python\n# example: (\S+)\n(.*?)```", re.S)
 
-# TODO: examples of methods still being written; each moves to CHECKS once they land.
-PENDING = {
-    "update_routing_strategy": "ControlPlane.update_router / get_router (router switch)",
-}
+# Examples of methods still being written (none now); each moves to CHECKS once they land.
+PENDING: dict[str, str] = {}
 
 
 def examples() -> dict[str, str]:
@@ -146,6 +144,11 @@ def _get_status(ns: dict[str, Any]) -> None:
     assert ns["st"].leader and len(ns["st"].instances) == 2
 
 
+def _router(ns: dict[str, Any]) -> None:
+    assert ns["reply"].ok and ns["reply"].router == "least_loaded"
+    assert ns["r"].router == "least_loaded" and ns["r"].router_state.name == "least_loaded"
+
+
 def _register(ns: dict[str, Any]) -> None:
     # Stored in the config bucket; no worker of group `remote` runs here to front it.
     assert ns["spec"].instance_id == "vllm-a"
@@ -165,6 +168,7 @@ CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
     "cancel_request": _cancel,
     "get_metrics": _metrics,
     "update_scheduling_policy": _policy,
+    "update_routing_strategy": _router,
     "update_pd_config": _pd,
     "get_status": _get_status,
     "register_instance": _register,
