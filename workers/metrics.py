@@ -23,6 +23,9 @@ from cplane.bus.prom import NotReady, serve_metrics
 from cplane.schemas.control import HistogramData, WorkerReport
 
 WORKER_STATES = ("ready", "draining", "unhealthy", "stopped")
+# Exported only by a worker that reads a GPU through NVML (absent elsewhere, never 0).
+GPU_FAMILIES = frozenset({"cplane_gpu_utilization", "cplane_gpu_memory_used_bytes",
+                          "cplane_gpu_memory_total_bytes"})
 
 HISTOGRAMS = (  # (report field, metric name, documentation)
     ("ttft", "cplane_time_to_first_token_seconds",
@@ -134,6 +137,15 @@ def _load(r: WorkerReport) -> Iterator[Metric]:
                  "of these make the worker unhealthy.", r.engine_errors_in_a_row, wid)
     yield _gauge("cplane_worker_healthy", "1 when ready to take work.",
                  1.0 if r.state == "ready" else 0.0, wid)
+    # Only where NVML sees a GPU: an absent GPU is no series, never a 0.
+    if r.gpu_util is not None:
+        yield _gauge("cplane_gpu_utilization", "GPU busy fraction (NVML), mean over the "
+                     "worker's visible GPUs.", r.gpu_util, wid)
+    if r.gpu_mem_used_bytes is not None and r.gpu_mem_total_bytes is not None:
+        yield _gauge("cplane_gpu_memory_used_bytes", "GPU memory in use (NVML), summed over "
+                     "the worker's visible GPUs.", r.gpu_mem_used_bytes, wid)
+        yield _gauge("cplane_gpu_memory_total_bytes", "GPU memory (NVML), summed over the "
+                     "worker's visible GPUs.", r.gpu_mem_total_bytes, wid)
     st = GaugeMetricFamily("cplane_worker_state", "1 for the state the worker is in.",
                            labels=["worker", "state"])
     for s in WORKER_STATES:
@@ -167,4 +179,5 @@ def start_metrics_server(host: str, port: int,
     return serve_metrics(host, port, snapshot, families, not_ready)
 
 
-__all__ = ["HISTOGRAMS", "families", "fleet_families", "histogram", "start_metrics_server"]
+__all__ = ["GPU_FAMILIES", "HISTOGRAMS", "families", "fleet_families", "histogram",
+           "start_metrics_server"]

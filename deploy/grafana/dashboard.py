@@ -51,7 +51,7 @@ def _rate(name: str, by: str = "") -> str:
 def _quantiles(hist: str) -> tuple[tuple[str, str, Q], ...]:
     return tuple((f"p{int(q * 100)}",
                   f"histogram_quantile({q}, sum by (le) (rate({hist}_bucket{W})))",
-                  Q("quantile", hist, q=q)) for q in (0.5, 0.9, 0.99))
+                  Q("quantile", hist, q=q)) for q in (0.5, 0.9, 0.95, 0.99))
 
 
 PANELS: tuple[Panel, ...] = (
@@ -128,6 +128,12 @@ PANELS: tuple[Panel, ...] = (
          Q("gauge", "cplane_kv_cache_usage_perc", ("worker",), agg="max")),
         ("{{worker}} prefix hits", "max by (worker) (cplane_prefix_cache_hit_rate)",
          Q("gauge", "cplane_prefix_cache_hit_rate", ("worker",), agg="max")))),
+    Panel("GPU utilisation and memory used (NVML; in-process engines)", "percentunit", (
+        ("{{worker}} busy", "max by (worker) (cplane_gpu_utilization)",
+         Q("gauge", "cplane_gpu_utilization", ("worker",), agg="max")),
+        ("{{worker}} memory", "max by (worker) (cplane_gpu_memory_used_bytes / "
+         "cplane_gpu_memory_total_bytes)",
+         Q("gauge", "cplane_gpu_memory_used_bytes", ("worker",), agg="max")))),
     Panel("Worker speed (tokens/s, engine)", "short", (
         ("{{worker}} gen", "sum by (worker) (cplane_worker_generation_tokens_per_second)",
          Q("gauge", "cplane_worker_generation_tokens_per_second", ("worker",))),
