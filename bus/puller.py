@@ -82,13 +82,24 @@ class Puller:
         # One ticker wakes the loop to expire requests; cheaper than a timeout per wait.
         self._ticker = asyncio.create_task(self._tick(), name="puller-tick")
 
-    async def stop(self) -> None:
+    async def stop(self, linger: bool = False) -> None:
+        """Stop asking for messages and unsubscribe. `linger`: in between, keep receiving
+        until the pull requests already sent are used up or expired (at most
+        `expires_s` + a grace): what the server still delivers for them reaches the
+        handler (which can give it back at once) instead of an abandoned inbox, where
+        it would wait out the consumer's ack_wait before anyone else may have it."""
         for task in (self._task, self._ticker, self._gone_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._task = self._ticker = self._gone_task = None
+        if linger and self._requests:
+            deadline = max(r[0] for r in self._requests) + _GRACE_S
+            while self._outstanding > 0 and (left := deadline - time.monotonic()) > 0:
+                self._wake.clear()  # set by every delivery and status message
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), left)
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()

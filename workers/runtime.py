@@ -209,8 +209,10 @@ class Worker:
     async def _drain(self) -> None:
         if self._state is WorkerState.READY:
             self._state = WorkerState.DRAINING
-        for puller in self._pullers:
-            await puller.stop()
+        # Stop asking now; what pull requests already sent still bring is given back
+        # at once (_accept) while the held runs finish.
+        stopping = [asyncio.create_task(p.stop(linger=True)) for p in self._pullers]
+        await asyncio.sleep(0)  # each stop cancels its loop before anything else runs
         await self._publish_heartbeat()
         await self._move_own_queue()
         ws = self.settings.worker
@@ -218,6 +220,7 @@ class Worker:
             log.info("drain: handing %d unfinished items back", self.runs.held)
             self._hand_back_all()
             await self.runs.idle(ws.publish_timeout_s)  # the hand-backs and the last acks
+        await asyncio.gather(*stopping, return_exceptions=True)
 
     def _hand_back_all(self) -> None:
         """Every run goes back to its model's pool (except those storing an outcome
@@ -259,11 +262,13 @@ class Worker:
         if self._state is not WorkerState.READY:
             return
         log.error("worker %s unhealthy: %s; handing its work back", self.worker_id, why)
-        self._state = WorkerState.UNHEALTHY
+        self._state = WorkerState.UNHEALTHY  # no room: no new pull request goes out
         self._hand_back_all()
-        for puller in self._pullers:  # no pull request left open: nothing comes back here
-            await puller.stop()
         await self._publish_heartbeat()
+        # What pull requests already sent still bring (a hand-back included) is given
+        # back at once (_accept), not left in a dead inbox until ack_wait_s.
+        for puller in self._pullers:
+            await puller.stop(linger=True)
         self._spawn(self._move_own_queue())
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
@@ -294,6 +299,10 @@ class Worker:
         seq, deliveries, enqueued = delivery(msg.reply)
         if self.runs.refresh(seq, msg):
             log.info("work message %d delivered again (%d) while held here", seq, deliveries)
+            return
+        if self._state is not WorkerState.READY:  # a pull request sent before it stopped
+            with contextlib.suppress(Exception):
+                await msg.nak()
             return
         try:
             batch = work_decoder.decode(msg.data)

@@ -153,7 +153,10 @@ class RemoteEngine:
             return
         with contextlib.suppress(ServerFault):
             text = await self.client.get_text("/metrics")
-            self._load.add(parse(text, time.monotonic(), self.settings.model_name))
+            scrape = parse(text, time.monotonic(), self.settings.model_name)
+            self._load.add(scrape)
+            if scrape.block_size > 0:  # what its KV events hash over (precise routing)
+                self.block_tokens = scrape.block_size
 
     async def _probe_loop(self) -> None:
         while True:
@@ -304,17 +307,25 @@ class RemoteEngine:
             choice = answer["choices"][0]
             ids = [int(t) for t in choice.get("token_ids") or []]
             reason = choice.get("finish_reason") or "length"
-        except (KeyError, IndexError, TypeError, ValueError) as exc:
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
             raise ServerFault(f"{self.settings.url}: malformed completion") from exc
         if len(ids) > 1:
             raise ServerFault(f"{self.settings.url}: {len(ids)} tokens for a 1-token prefill")
-        usage = answer.get("usage") or {}
+        if reason not in (*_FINISH, "repetition"):
+            raise ServerFault(f"{self.settings.url}: finish_reason {str(reason)[:40]!r}")
+        # Checked as the stream's are (a bad usage or kv_transfer_params raised
+        # AttributeError / ValueError here, not ServerFault).
+        usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
+        kv = answer.get("kv_transfer_params")
+        if kv is not None and not isinstance(kv, dict):
+            raise ServerFault(f"{self.settings.url}: malformed kv_transfer_params")
+        told = usage.get("prompt_tokens")
+        prompt_tokens = (told if type(told) is int and told > 0 else None) or len(prompt_ids or ())
         return Delta(token_ids=ids, text=str(choice.get("text") or ""),
                      finish_reason=_FINISH.get(reason, FinishReason.STOP),
-                     prompt_tokens=int(usage.get("prompt_tokens") or len(prompt_ids or ())),
-                     cached_prompt_tokens=_cached(usage),
-                     kv_transfer_params=answer.get("kv_transfer_params")
-                     or {CONNECTOR_KEY: "remote"})
+                     prompt_tokens=prompt_tokens,
+                     cached_prompt_tokens=min(_cached(usage), prompt_tokens),
+                     kv_transfer_params=kv or {CONNECTOR_KEY: "remote"})
 
     async def _stream(self, req: EngineRequest, body: dict[str, Any], entry: list[Any],
                       max_tokens: int, prompt_ids: list[int] | None) -> AsyncIterator[Delta]:
@@ -324,35 +335,87 @@ class RemoteEngine:
         final: Delta | None = None
         prompt_len = len(prompt_ids) if prompt_ids is not None else None
         usage: dict[str, Any] = {}
+        watch: _Watchdog | None = None
         try:
             async with self.client.stream("/v1/completions", body) as (resp, chunks):
                 entry[1] = resp
                 if entry[0]:
                     resp.close()
+                watch = _Watchdog(resp, self.settings.stall_timeout_s)
                 async for chunk in chunks:
-                    if chunk.get("usage"):
-                        usage = chunk["usage"]
-                    choices = chunk.get("choices") or []
-                    if not choices:
+                    usage = _usage(chunk) or usage
+                    if (choice := _first_choice(chunk, url)) is None:
                         continue
                     if final is not None:
                         raise ServerFault(f"{url}: output after the finish of {req.request_id}")
-                    delta, plen = _choice_delta(choices[0], self.settings.api == "vllm", url)
+                    delta, plen = _choice_delta(choice, self.settings.api == "vllm", url)
                     prompt_len = prompt_len if prompt_len is not None else plen
                     got += len(delta.token_ids)
                     if got > max_tokens:
                         raise ServerFault(f"{url}: {got} tokens for max_tokens {max_tokens}")
                     if delta.finish_reason is not None:
                         final = delta
+                        watch.progress()
                     elif delta.token_ids or delta.text:
+                        watch.hold()
                         yield delta
-        except ServerFault:
+                        watch.progress()
+        except ServerFault as exc:
             if not entry[0]:
+                if watch is not None and watch.fired:  # the watchdog closed it
+                    raise ServerFault(f"{url}: no output for {req.request_id} in "
+                                      f"{self.settings.stall_timeout_s:g} s") from exc
                 raise
             final = None  # our own close: the request was cancelled
         finally:
             entry[1] = None
+            if watch is not None:
+                watch.cancel()
         yield _last(final, entry[0], usage, prompt_len, prompt_ids, f"{url}: {req.request_id}")
+
+
+class _Watchdog:
+    """Closes a stream that brings no output for `stall_s` (the response's close ends
+    its read, as a cancel's does).
+
+    Fix: the session's sock_read timeout only measures bytes, so a server that
+    sends SSE comments (`: ping`), or events without a choice, forever held the
+    request (and its slot) forever. Output (a token, text, the finish) is what
+    counts here; time the consumer holds a delta (a worker waiting out a NATS
+    outage before it publishes) is not the server's. One timer per `stall_s`,
+    moved on lazily: a chunk only notes the time."""
+
+    __slots__ = ("_handle", "_held", "_last", "_loop", "_resp", "_stall_s", "fired")
+
+    def __init__(self, resp: Any, stall_s: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._resp = resp
+        self._stall_s = stall_s
+        self._last = self._loop.time()
+        self._held = False
+        self.fired = False
+        self._handle = self._loop.call_at(self._last + stall_s, self._check)
+
+    def progress(self) -> None:
+        """Output came (or the consumer gave control back): the wait starts again."""
+        self._held = False
+        self._last = self._loop.time()
+
+    def hold(self) -> None:
+        """The consumer has a delta: no stall is counted until `progress()`."""
+        self._held = True
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        due = (now if self._held else self._last) + self._stall_s
+        if now < due:
+            self._handle = self._loop.call_at(due, self._check)
+            return
+        self.fired = True
+        self._resp.close()
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 def _last(final: Delta | None, cancelled: bool, usage: dict[str, Any], prompt_len: int | None,
@@ -364,11 +427,32 @@ def _last(final: Delta | None, cancelled: bool, usage: dict[str, Any], prompt_le
         final = Delta(token_ids=[], finish_reason=FinishReason.CANCELLED)
     elif cancelled and final.finish_reason is FinishReason.ABORT:
         final.finish_reason = FinishReason.CANCELLED
-    final.prompt_tokens = int(usage.get("prompt_tokens") or prompt_len or 0)
-    final.cached_prompt_tokens = _cached(usage)
+    # A server's usage is not trusted to be well-formed (a bad count raised
+    # ValueError or TypeError here, not ServerFault): the ids it sent count instead.
+    told = usage.get("prompt_tokens")
+    final.prompt_tokens = (told if type(told) is int and told > 0 else None) or prompt_len or 0
     if prompt_ids is not None and final.prompt_tokens > len(prompt_ids):
         final.prompt_tokens = len(prompt_ids)  # the server counts resumed tokens too
+    final.cached_prompt_tokens = min(_cached(usage), final.prompt_tokens)
     return final
+
+
+def _usage(chunk: dict[str, Any]) -> dict[str, Any] | None:
+    usage = chunk.get("usage")
+    return usage if isinstance(usage, dict) and usage else None
+
+
+def _first_choice(chunk: dict[str, Any], url: str) -> Any:
+    """The chunk's first choice, None when it has none (a usage chunk); ServerFault
+    when `choices` is not a list (indexing a dict raised KeyError, not a fault)."""
+    choices = chunk.get("choices") or []
+    if not isinstance(choices, list):
+        raise ServerFault(f"{url}: malformed choices")
+    if not choices:
+        return None
+    if not isinstance(choices[0], dict):
+        raise ServerFault(f"{url}: malformed choice")
+    return choices[0]
 
 
 def _choice_delta(c: Any, with_ids: bool, url: str) -> tuple[Delta, int | None]:
@@ -391,17 +475,17 @@ def _ids(value: Any, url: str) -> list[int]:
     if value is None:
         raise ServerFault(f"{url}: a chunk without token_ids (does it support return_token_ids?"
                           " use api openai)")
-    if not isinstance(value, list) or not all(isinstance(t, int) for t in value):
+    # `type(t) is int`: JSON true/false are ints to isinstance, and would go out in
+    # token chunks that no reader decodes; ids are never negative.
+    if not isinstance(value, list) or not all(type(t) is int and t >= 0 for t in value):
         raise ServerFault(f"{url}: malformed token_ids")
     return value
 
 
 def _cached(usage: dict[str, Any]) -> int:
-    details = usage.get("prompt_tokens_details") or {}
-    try:
-        return int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
-    except (TypeError, ValueError):
-        return 0
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return cached if type(cached) is int and cached > 0 else 0
 
 
 __all__ = ["RemoteEngine", "RemoteSettings"]

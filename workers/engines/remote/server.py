@@ -13,6 +13,7 @@ well: see `pool_stats`). Every failure is one of two kinds:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import SimpleNamespace
@@ -20,11 +21,19 @@ from typing import Any
 
 import aiohttp
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 from cplane.workers.engines.remote.sse import MAX_EVENT_BYTES, ServerProtocolError, events
 
 _INPUT_STATUSES = frozenset({400, 413, 422})
 _ERROR_BODY_BYTES = 2048
+# A whole (non-streaming) answer: a prefill's one token, or /tokenize's ids of a long
+# prompt (a million tokens is ~8 MB of JSON). More than this is a broken server.
+MAX_BODY_BYTES = 64 << 20
+# What reading a response can raise besides ServerFault: aiohttp's errors, its
+# timeouts, and its parser's (a line over max_line_size raises LineTooLong, an
+# HttpProcessingError that is neither a ClientError nor a ValueError).
+_TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, HttpProcessingError)
 
 
 class ServerFault(RuntimeError):
@@ -135,15 +144,27 @@ class ServerClient:
     # -- requests ------------------------------------------------------------------
     async def post(self, path: str, body: dict[str, Any],
                    timeout: aiohttp.ClientTimeout | None = None) -> Any:
-        """POST JSON, return the JSON answer (non-streaming)."""
+        """POST JSON, return the JSON answer (non-streaming). `timeout`: the session's
+        (connect, and `stall_timeout_s` without a byte) when None; the body, once its
+        headers came, must follow within `stall_timeout_s` and MAX_BODY_BYTES."""
+        # Fix: `timeout=None` passed on to aiohttp means no timeout at all (its default
+        # is a sentinel), so a server that accepted a prefill or a /tokenize and then
+        # said nothing held the request forever; and `resp.read()` had no bound, so a
+        # body trickled a byte at a time (each byte resets sock_read) never ended.
+        extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
         try:
             async with self.session.post(f"{self.base_url}{path}", data=orjson.dumps(body),
                                          headers={"Content-Type": "application/json"},
-                                         timeout=timeout) as resp:
-                raw = await resp.read()
+                                         **extra) as resp:
+                try:
+                    async with asyncio.timeout(self._stall_timeout_s):
+                        raw = await _read_body(resp, MAX_BODY_BYTES)
+                except TimeoutError as exc:
+                    raise ServerFault(f"{path} of {self.base_url}: HTTP {resp.status}, its body "
+                                      f"not whole after {self._stall_timeout_s:g} s") from exc
                 _check(resp.status, raw)
                 return orjson.loads(raw)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except _TRANSPORT_ERRORS as exc:
             raise ServerFault(f"{path} of {self.base_url}: {type(exc).__name__}: {exc}") from exc
         except orjson.JSONDecodeError as exc:
             raise ServerFault(f"{path} of {self.base_url} answered no JSON") from exc
@@ -163,10 +184,31 @@ class ServerClient:
             raise ServerFault(f"{path} of {self.base_url}: {type(exc).__name__}: {exc}") from exc
         try:
             if resp.status != 200:
-                _check(resp.status, await resp.content.read(_ERROR_BODY_BYTES))
+                _check(resp.status, await self._error_body(path, resp))
             yield resp, _guarded(events(_lines(resp)), self.base_url)
         finally:
             resp.close()  # not release(): a connection left mid-stream is never reused
+
+    async def _error_body(self, path: str, resp: aiohttp.ClientResponse) -> bytes:
+        """The start of an error answer's body. Fix: a 5xx whose body stalls raised
+        aiohttp's own timeout error here, not ServerFault."""
+        try:
+            return await resp.content.read(_ERROR_BODY_BYTES)
+        except _TRANSPORT_ERRORS as exc:
+            raise ServerFault(f"{path} of {self.base_url}: HTTP {resp.status}, then "
+                              f"{type(exc).__name__}: {exc}") from exc
+
+
+async def _read_body(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, or ServerFault once it passes `limit` bytes."""
+    parts: list[bytes] = []
+    size = 0
+    async for part in resp.content.iter_any():
+        size += len(part)
+        if size > limit:
+            raise ServerFault(f"{resp.url}: answer larger than {limit} bytes")
+        parts.append(part)
+    return b"".join(parts)
 
 
 def _check(status: int, body: bytes) -> None:
@@ -190,7 +232,7 @@ async def _guarded(source: AsyncIterator[dict[str, Any]], url: str
             yield obj
     except ServerProtocolError as exc:
         raise ServerFault(f"{url}: {exc}") from exc
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:  # ValueError: line too long
+    except (*_TRANSPORT_ERRORS, ValueError) as exc:  # ValueError: line too long
         raise ServerFault(f"{url}: stream broken: {type(exc).__name__}: {exc}") from exc
 
 
