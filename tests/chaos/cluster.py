@@ -258,7 +258,7 @@ class ClusterFaults:
 
 class SourceWatch:
     """How far behind LLM_OUT the server-side copies fall: LLM_DONE's source (terminals
-    kept for days) and the harness's archive mirror. A copy that falls further behind
+    kept for days) and the harness's mirror (observed only: archive.py). A copy that falls further behind
     than LLM_OUT's max_age loses what aged out meanwhile, so the run reports the
     worst seen (sampled every second): messages behind, and seconds since contact."""
 

@@ -7,8 +7,8 @@ account: a tenant's outputs are on `llm.out.<tenant>.<group>.<id>`,
 `llm.s.done.<tenant>...`; `parse_output` reads either form: the group is the
 second-last token, the request id the last). Interactive outputs only
 (group `i`); the tenant a request's outputs came on is kept
-(`Recorder.tenants`: the books check it is the one that published it). Stored: what LLM_OUT stored, read back at the end from the
-run's archive (a mirror of LLM_OUT the harness creates with a long max_age:
+(`Recorder.tenants`: the books check it is the one that published it). Stored: what LLM_OUT stored, as the harness's archive
+kept it (archive.py: a durable consumer on LLM_OUT read from the run's start;
 LLM_OUT itself keeps chunks only seconds in this run), and LLM_DONE in full.
 A terminal is identified by its whole JSON content, so the same stored
 message seen twice (live and replayed) counts once; two different Finals,
@@ -207,38 +207,53 @@ class Recorder:
         return bool(seen and seen.terminals)
 
     async def replay(self, nc: NATS, stream: str, subject: str, timeout_s: float = 120.0) -> int:
-        """Read every message of `subject` stored in `stream` (pull, batches); returns count."""
-        js = nc.jetstream()
-        try:
-            info = await js.stream_info(stream)
-        except Exception as exc:  # e.g. a memory stream gone after a broker restart
-            self.notes.append(f"replay: stream {stream} unreadable: {exc!r}")
+        """Read every message of `subject` stored in `stream` as stored; returns the count
+        (-1: the stream unreadable)."""
+        msgs = await read_stream(nc, stream, subject, self.notes, timeout_s)
+        if msgs is None:
             return -1
-        last = info.state.last_seq
-        if info.state.messages == 0:
-            return 0
-        psub = await js.pull_subscribe(subject, stream=stream,
-                                       config=_replay_config())
-        n = 0
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        try:
-            while loop.time() < deadline:
-                try:
-                    msgs = await psub.fetch(1000, timeout=2.0)
-                except TimeoutError:
-                    break
-                done = False
-                for m in msgs:
-                    self.take(m.subject, m.data, "stored")
-                    n += 1
-                    if m.metadata.sequence.stream >= last or m.metadata.num_pending == 0:
-                        done = True
-                if done:
-                    break
-        finally:
-            await psub.unsubscribe()
-        return n
+        self.take_stored(msgs)
+        return len(msgs)
+
+    def take_stored(self, msgs: list[tuple[int, str, bytes]]) -> None:
+        """Messages read back from a stream (or the harness's archive of LLM_OUT)."""
+        for _, subject, data in msgs:
+            self.take(subject, data, "stored")
+
+
+async def read_stream(nc: NATS, stream: str, subject: str, notes: list[str],
+                      timeout_s: float = 120.0) -> list[tuple[int, str, bytes]] | None:
+    """Every message of `subject` stored in `stream` (pull, batches) as (seq, subject,
+    data); None when the stream is unreadable (noted in `notes`)."""
+    js = nc.jetstream()
+    try:
+        info = await js.stream_info(stream)
+    except Exception as exc:  # e.g. a memory stream gone after a broker restart
+        notes.append(f"replay: stream {stream} unreadable: {exc!r}")
+        return None
+    last = info.state.last_seq
+    out: list[tuple[int, str, bytes]] = []
+    if info.state.messages == 0:
+        return out
+    psub = await js.pull_subscribe(subject, stream=stream, config=_replay_config())
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    try:
+        while loop.time() < deadline:
+            try:
+                msgs = await psub.fetch(1000, timeout=2.0)
+            except TimeoutError:
+                break
+            done = False
+            for m in msgs:
+                out.append((m.metadata.sequence.stream, m.subject, m.data))
+                if m.metadata.sequence.stream >= last or m.metadata.num_pending == 0:
+                    done = True
+            if done:
+                break
+    finally:
+        await psub.unsubscribe()
+    return out
 
 
 def _replay_config() -> Any:
@@ -270,6 +285,9 @@ class Figures:
     # messages a tenant's account received that name another tenant (tenants.py spies)
     leaks: int = 0
     node_kills: int = 0  # nats-server processes killed -9 (a cluster's nodes, or the one server)
+    # terminals LLM_OUT stored (the harness's archive read them there) that LLM_DONE, which
+    # copies them from LLM_OUT (a stream source), never got: a terminal lost for lookups
+    done_missing: int = 0
     codes: Counter[str] = field(default_factory=Counter)
     samples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     ids: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))  # every one
@@ -277,11 +295,12 @@ class Figures:
     def line(self) -> str:
         return ("chaos: accepted=%d refused=%d completed=%d errored=%d lost=%d dup_terminals=%d "
                 "gaps=%d inconsistent=%d stranded=%d hung=%d max_rss_mb=%d pauses=%d "
-                "partitions=%d long_generations=%d resubmitted=%d leaks=%d node_kills=%d" % (
+                "partitions=%d long_generations=%d resubmitted=%d leaks=%d node_kills=%d "
+                "done_missing=%d" % (
                     self.accepted, self.refused, self.completed, self.errored, self.lost,
                     self.dup_terminals, self.gaps, self.inconsistent, self.stranded, self.hung,
                     self.max_rss_mb, self.pauses, self.partitions, self.long_generations,
-                    self.resubmitted, self.leaks, self.node_kills))
+                    self.resubmitted, self.leaks, self.node_kills, self.done_missing))
 
     def sample(self, kind: str, rid: str) -> None:
         self.ids[kind].append(rid)

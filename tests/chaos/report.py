@@ -1,13 +1,22 @@
 """The books of a chaos run: the figures, and the report that backs each nonzero one.
 
 At the end, the recorder replays what the streams stored: LLM_DONE in full,
-and what LLM_OUT stored from an archive (ARCHIVE: a mirror of LLM_OUT with a
-long max_age that the harness creates; nothing in the services reads it;
-LLM_OUT itself keeps chunks only `out_max_age_s` in this run), so every
-figure keeps its meaning: a restart from scratch shows as a seq with two
-contents or a Final whose text is not the streamed text (`inconsistent`);
+and what LLM_OUT stored as the harness's archive kept it (archive.py: a
+durable consumer on LLM_OUT that the harness reads from the run's start and
+acks as it keeps; nothing in the services reads it; LLM_OUT itself keeps
+chunks only `out_max_age_s` in this run), so every figure keeps its meaning:
+a restart from scratch shows as a seq with two contents or a Final whose
+text is not the streamed text (`inconsistent`);
 the report says, for each stream started over, whether its first copy had
-aged out.
+aged out. The archive's own holes (what aged out of LLM_OUT before it was
+read) are reported as the harness's, beside the figures they would touch.
+
+`done_missing`: the terminals LLM_OUT stored (read there by the archive)
+that LLM_DONE never got. LLM_DONE copies them from LLM_OUT with a stream
+source, the same server-side copy as a mirror; one it skipped would be a
+terminal lost for every later lookup (idempotency, the SDK's replay), so it
+is a product figure and must be 0. LLM_DONE is read again for a while before
+one counts (its source may still be catching up).
 
 The report: the run's notes (config, routers, refusals, resubmissions, long
 generations, peak RSS, proxies), the faults with the unavailability after
@@ -26,27 +35,30 @@ dispatched after it.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from tests.chaos.archive import OutArchive, mirror_lines
 from tests.chaos.cluster import ClusterFaults, SourceWatch
 from tests.chaos.faults import LaneView
 from tests.chaos.ledger import (
-    STORE_ALL,
     STORE_DONE_ALL,
     Figures,
     Seen,
     describe,
     judge,
+    parse_output,
+    read_stream,
     stream_runs,
 )
 from tests.chaos.load import Publisher
 from tests.chaos.resubmit import Resubmission
 from tests.chaos.tenants import TenantSpy, permission_violations
 
-ARCHIVE = "CHAOS_OUT_ARCHIVE"  # the harness's mirror of LLM_OUT (the books read it)
+DONE_WAIT_S = 30.0  # how long LLM_DONE is read again for a terminal it lacks
 
 
 def _matches(pattern: str, subject: str) -> bool:
@@ -83,6 +95,7 @@ class BooksView(LaneView, Protocol):
     t0: float  # monotonic time of the run's start (t0_wall on the wall clock)
     cluster_faults: ClusterFaults | None  # a cluster run's node faults (elections timed)
     source_watch: SourceWatch | None  # a cluster run: how far LLM_OUT's copies fell behind
+    archive: OutArchive | None  # the harness's copy of LLM_OUT (archive.py), once started
 
 
 class Books:
@@ -98,6 +111,8 @@ class Books:
         self.spies = run.spies
         self.t0, self.cluster_faults = run.t0, run.cluster_faults
         self.source_watch = run.source_watch
+        assert run.archive is not None, "the books read the archive the run started"
+        self.archive = run.archive
 
     def _violations(self) -> tuple[Counter[str], Counter[str]]:
         """The broker's refusals, every node's log together (tenants.permission_violations)."""
@@ -301,14 +316,65 @@ class Books:
             + "".join(f"\n    {n}x {what}" for what, n in by_design.most_common(5)),
         ]
 
+    async def _done_check(self, fig: Figures, out_msgs: list[tuple[int, str, bytes]],
+                          done_msgs: list[tuple[int, str, bytes]]) -> list[str]:
+        """`done_missing`: terminals in LLM_OUT (the archive) that LLM_DONE lacks, LLM_DONE
+        read again (bounded) while any is missing: in full, then each missing one's subject."""
+        assert self.nc_rec is not None
+        nc, notes = self.nc_rec, self.rec.notes
+
+        def terminals(msgs: list[tuple[int, str, bytes]]) -> dict[tuple[str, bytes], int]:
+            """(stored subject, data) -> seq, for every terminal of `msgs`."""
+            out: dict[tuple[str, bytes], int] = {}
+            for seq, subject, data in msgs:
+                parsed = parse_output(subject)
+                if parsed is not None and parsed[0] == "done":
+                    out.setdefault((subject, data), seq)
+            return out
+
+        in_out, in_done = terminals(out_msgs), terminals(done_msgs)
+        missing = set(in_out) - set(in_done)
+        t0 = time.monotonic()
+        while missing and time.monotonic() - t0 < DONE_WAIT_S:
+            await asyncio.sleep(2.0)  # LLM_DONE's source may still be copying (bounded)
+            again = await read_stream(nc, "LLM_DONE", STORE_DONE_ALL, notes)
+            in_done.update(terminals(again or []))
+            missing = set(in_out) - set(in_done)
+        for subject in sorted({s for s, _ in missing})[:50]:  # each one's own subject, last
+            got = await read_stream(nc, "LLM_DONE", subject, notes, timeout_s=10.0)
+            in_done.update(terminals(got or []))
+        missing = set(in_out) - set(in_done)
+        fig.done_missing = len(missing)
+        lines = [f"terminals: LLM_OUT (the archive) {len(in_out)}, LLM_DONE {len(in_done)}; "
+                 f"in LLM_OUT but never in LLM_DONE (done_missing, LLM_DONE read for "
+                 f"{time.monotonic() - t0:.0f}s): {len(missing)}; in LLM_DONE but not in the "
+                 f"archive (the archive's holes): {len(set(in_done) - set(in_out))}"]
+        done_subjects = {s for s, _ in in_done}
+        for subject, data in sorted(missing, key=lambda k: in_out[k]):
+            parsed = parse_output(subject)
+            rid = parsed[3] if parsed is not None else subject
+            if parsed is not None and parsed[2] == "i":
+                fig.sample("done_missing", rid)
+            if len(lines) <= 10:
+                lines.append(f"    LLM_OUT seq {in_out[(subject, data)]} {subject}: "
+                             f"{data[:160]!r}; LLM_DONE has "
+                             + ("another terminal" if subject in done_subjects else "none")
+                             + " on that subject")
+        return lines
+
     async def books(self, pub: Publisher, hung: set[str]) -> Outcome:
         assert self.nc_rec is not None
         fig = Figures(refused=pub.refused_total)
         fig.stranded = await self.stranded()
         self.fleet.sample_rss()
         fig.max_rss_mb = self.fleet.max_rss_mb()
-        n_done = await self.rec.replay(self.nc_rec, "LLM_DONE", STORE_DONE_ALL)
-        n_out = await self.rec.replay(self.nc_rec, ARCHIVE, STORE_ALL)
+        await self.archive.settle()
+        done_msgs = await read_stream(self.nc_rec, "LLM_DONE", STORE_DONE_ALL, self.rec.notes)
+        self.rec.take_stored(done_msgs or [])
+        out_msgs = self.archive.stored()
+        self.rec.take_stored(out_msgs)
+        n_done, n_out = (-1 if done_msgs is None else len(done_msgs)), len(out_msgs)
+        done_lines = await self._done_check(fig, out_msgs, done_msgs or [])
         for rid in list(pub.ambiguous):
             if rid in self.rec.by_id:
                 pub.accepted[rid] = 0.0
@@ -336,8 +402,11 @@ class Books:
                 f"orch{i}: " + "/".join(self.cfg.router_for(i, k)
                                         for k in range(self.orch_starts[i]))
                 for i in range(len(self.fleet.orchestrators))),
-            f"replayed LLM_DONE={n_done} {ARCHIVE} (LLM_OUT's mirror)={n_out}; "
+            f"replayed LLM_DONE={n_done} LLM_OUT (the archive)={n_out}; "
             f"live terminals={len(self.rec.live_terminal)}",
+            *self.archive.report_lines(self.cfg.out_max_age_s),
+            *(await mirror_lines(self.nc_rec, self.archive)),
+            *done_lines,
             f"refusals: {dict(pub.refused)}",
             f"ambiguous publishes (no answer within {pub.retry_s}s): {len(pub.ambiguous)} "
             f"{sorted(pub.ambiguous)[:10]}",

@@ -20,8 +20,11 @@ Long generations (`long_share` of the requests, seeded; `long_tokens` tokens,
 21-40 s on the sim engine at ~7 ms a token) run against an LLM_OUT scaled
 down to `out_max_age_s` (20 s: longer than a short request lives through the
 usual fault chains, shorter than a long generation). The books read what
-LLM_OUT stored from an archive the run creates at start-up (report.py says
-why every figure keeps its meaning).
+LLM_OUT stored from the harness's own archive of it (archive.py: a durable
+consumer on LLM_OUT made as soon as LLM_OUT exists, read and acked for the
+whole run on a connection of its own; report.py says why every figure keeps
+its meaning). A server-side mirror of LLM_OUT is kept beside it, observed
+only: on a cluster it skipped messages during node faults.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from nats.js.api import StorageType, StreamConfig, StreamSource
 
 from cplane.bus.credentials import connect_options, server_list
 from cplane.schemas.settings import NatsSettings
+from tests.chaos.archive import MIRROR, OutArchive
 from tests.chaos.cluster import ClusterFaults, NatsCluster, SourceWatch
 from tests.chaos.config import ChaosConfig
 from tests.chaos.faults import FaultLanes
@@ -46,7 +50,7 @@ from tests.chaos.ledger import Recorder, done_subject
 from tests.chaos.load import Publisher
 from tests.chaos.procs import Fleet, NatsServer
 from tests.chaos.proxy import Proxy
-from tests.chaos.report import ARCHIVE, Books, Outcome
+from tests.chaos.report import Books, Outcome
 from tests.chaos.resubmit import Resubmitter
 from tests.chaos.tenants import OPERATOR, ChaosAuth, TenantSpy
 from tests.waiting import subscribed
@@ -75,6 +79,8 @@ class Run:
         self.nc_spy: dict[str, NATS] = {}  # the spies' connections, by tenant
         self.spies = [TenantSpy(t, cfg.tenants) for t in cfg.tenants]
         self.nc_rec: NATS | None = None  # the operator's: recorder, books, look-ups
+        self.nc_archive: NATS | None = None  # the operator's too: the archive of LLM_OUT
+        self.archive: OutArchive | None = None  # made once LLM_OUT exists (start)
         self.pub: Publisher | None = None
         self.wproxy: Proxy | None = None  # the proxied worker's link
         self.oproxy: Proxy | None = None  # orch1's link
@@ -160,13 +166,18 @@ class Run:
         else:
             raise TimeoutError(f"fleet not up within 60 s: heartbeats from {sorted(beats)}")
         await hb.unsubscribe()
+        # before the first request: the archive reads LLM_OUT from its first message
+        self.nc_archive = await self._connect("chaos-archive", self.auth.creds(OPERATOR))
+        self.archive = OutArchive(self.nc_archive, self.log)
+        await self.archive.start()
         await js.add_stream(StreamConfig(
-            name=ARCHIVE, mirror=StreamSource(name="LLM_OUT"), storage=StorageType.FILE,
+            name=MIRROR, mirror=StreamSource(name="LLM_OUT"), storage=StorageType.FILE,
             max_age=7200.0, allow_direct=False, mirror_direct=False,
             num_replicas=min(3, self.cfg.cluster or 1)))
-        self.log(f"fleet up: heartbeats {sorted(beats)}; archive {ARCHIVE} mirrors LLM_OUT")
+        self.log(f"fleet up: heartbeats {sorted(beats)}; the archive reads LLM_OUT; "
+                 f"{MIRROR} mirrors it (observed only)")
         if self.cluster is not None:
-            self.source_watch = SourceWatch(js, ("LLM_DONE", ARCHIVE))
+            self.source_watch = SourceWatch(js, ("LLM_DONE", MIRROR))
             self.source_watch.start()
 
     @property
@@ -217,12 +228,15 @@ class Run:
 
     async def close(self) -> None:
         await self.resubmitter.cancel()
+        if self.archive is not None:
+            await self.archive.stop()
         if self.source_watch is not None:
             await self.source_watch.stop()
         for px in (self.wproxy, self.oproxy):
             if px is not None:
                 px.set_pass()
-        for nc in (*self.nc_pub.values(), *self.nc_spy.values(), self.nc_rec):
+        for nc in (*self.nc_pub.values(), *self.nc_spy.values(), self.nc_rec,
+                   self.nc_archive):
             if nc is not None and not nc.is_closed:
                 try:
                     await asyncio.wait_for(nc.close(), 5)

@@ -5,13 +5,15 @@ the acceptance check runs 2000). The last line printed is the figures line:
 
     chaos: accepted= refused= completed= errored= lost= dup_terminals= gaps=
            inconsistent= stranded= hung= max_rss_mb= pauses= partitions=
-           long_generations= resubmitted= leaks=
+           long_generations= resubmitted= leaks= node_kills= done_missing=
 
 Every process runs on its own credentials against the multi-tenant server
 configuration (tenants.py): the load publishes from two tenant accounts, and
 `leaks` counts the messages a tenant's account received that name another
-tenant (a spy subscribed to `>` on each; must be 0). The line before the
-figures line counts the broker's permission violations.
+tenant (a spy subscribed to `>` on each; must be 0). `done_missing` counts
+the terminals LLM_OUT stored that LLM_DONE (its stream source) never got (must
+be 0; report.py). The line before the figures line counts the broker's
+permission violations.
 
 pauses, partitions, long_generations and resubmitted say what the run injected (faults.py describes every fault);
 report.txt in the run dir adds the seconds of unavailability after each fault.

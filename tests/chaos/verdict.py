@@ -13,7 +13,8 @@ from pathlib import Path
 
 from tests.chaos.scenario import ChaosConfig, run_chaos
 
-MUST_BE_ZERO = ("lost", "dup_terminals", "gaps", "inconsistent", "stranded", "hung", "leaks")
+MUST_BE_ZERO = ("lost", "dup_terminals", "gaps", "inconsistent", "stranded", "hung", "leaks",
+                "done_missing")
 # An errored request is acceptable only with one of these explicit codes.
 ALLOWED_CODES = frozenset(os.environ.get(
     "CPLANE_CHAOS_ALLOWED_CODES", "worker_failed,overloaded,dead_letter,model_unavailable"
