@@ -270,3 +270,28 @@ def test_counters_that_went_back_give_no_negative_rates() -> None:
     st = load.stats(held=0)
     assert st.prompt_tokens_per_s == 0.0 and st.gen_tokens_per_s == 0.0
     assert 0.0 <= st.prefix_hit_rate <= 1.0
+
+
+# -- the splitter: bytes as the socket gives them ---------------------------------------
+def test_any_split_of_a_body_gives_the_same_events() -> None:
+    from cplane.workers.engines.remote.sse import SseSplitter
+
+    body = (b'data: {"a": 1}\n\n: ping\n\ndata: {"b":\ndata: 2}\r\n\r\n'
+            b'data: {"c": [3]}\n\ndata: [DONE]\n\n')
+    want = [{"a": 1}, {"b": 2}, {"c": [3]}]
+    for i in range(len(body) + 1):
+        for j in range(i, len(body) + 1):
+            sp = SseSplitter()
+            got = [*sp.feed(body[:i]), *sp.feed(body[i:j]), *sp.feed(body[j:])]
+            sp.end()
+            assert got == want and sp.done, (i, j)
+
+
+def test_what_one_read_brings_is_one_batch_and_a_fault_waits_its_turn() -> None:
+    from cplane.workers.engines.remote.sse import ServerProtocolError, SseSplitter
+
+    sp = SseSplitter()
+    assert sp.feed(b'data: {"a": 1}\n\ndata: {"b": 2}\n\ndata: {oops\n\n') == [{"a": 1},
+                                                                               {"b": 2}]
+    with pytest.raises(ServerProtocolError, match="malformed"):
+        sp.check()

@@ -331,10 +331,8 @@ class RemoteEngine:
                       max_tokens: int, prompt_ids: list[int] | None) -> AsyncIterator[Delta]:
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
         url = self.settings.url
-        got = 0
-        final: Delta | None = None
-        prompt_len = len(prompt_ids) if prompt_ids is not None else None
-        usage: dict[str, Any] = {}
+        read = _StreamRead(url, req.request_id, max_tokens, self.settings.api == "vllm",
+                           len(prompt_ids) if prompt_ids is not None else None)
         watch: _Watchdog | None = None
         try:
             async with self.client.stream("/v1/completions", body) as (resp, chunks):
@@ -342,23 +340,13 @@ class RemoteEngine:
                 if entry[0]:
                     resp.close()
                 watch = _Watchdog(resp, self.settings.stall_timeout_s)
-                async for chunk in chunks:
-                    usage = _usage(chunk) or usage
-                    if (choice := _first_choice(chunk, url)) is None:
-                        continue
-                    if final is not None:
-                        raise ServerFault(f"{url}: output after the finish of {req.request_id}")
-                    delta, plen = _choice_delta(choice, self.settings.api == "vllm", url)
-                    prompt_len = prompt_len if prompt_len is not None else plen
-                    got += len(delta.token_ids)
-                    if got > max_tokens:
-                        raise ServerFault(f"{url}: {got} tokens for max_tokens {max_tokens}")
-                    if delta.finish_reason is not None:
-                        final = delta
-                        watch.progress()
-                    elif delta.token_ids or delta.text:
+                async for batch in chunks:
+                    delta = read.take(batch)
+                    if delta is not None:
                         watch.hold()
                         yield delta
+                    read.check()
+                    if delta is not None or read.final is not None:
                         watch.progress()
         except ServerFault as exc:
             if not entry[0]:
@@ -366,12 +354,68 @@ class RemoteEngine:
                     raise ServerFault(f"{url}: no output for {req.request_id} in "
                                       f"{self.settings.stall_timeout_s:g} s") from exc
                 raise
-            final = None  # our own close: the request was cancelled
+            read.final = None  # our own close: the request was cancelled
         finally:
             entry[1] = None
             if watch is not None:
                 watch.cancel()
-        yield _last(final, entry[0], usage, prompt_len, prompt_ids, f"{url}: {req.request_id}")
+        yield _last(read.final, entry[0], read.usage, read.prompt_len, prompt_ids,
+                    f"{url}: {req.request_id}")
+
+
+class _StreamRead:
+    """One streamed completion, checked as it arrives: what each read of the socket
+    brought becomes one delta (a worker that fell behind catches up in one step, not
+    one per token); the finish is kept until the stream proves whole."""
+
+    __slots__ = ("fault", "final", "got", "max_tokens", "prompt_len", "rid", "url", "usage",
+                 "with_ids")
+
+    def __init__(self, url: str, rid: str, max_tokens: int, with_ids: bool,
+                 prompt_len: int | None) -> None:
+        self.url, self.rid, self.max_tokens, self.with_ids = url, rid, max_tokens, with_ids
+        self.prompt_len = prompt_len
+        self.got = 0
+        self.final: Delta | None = None
+        self.fault: ServerFault | None = None
+        self.usage: dict[str, Any] = {}
+
+    def take(self, batch: list[dict[str, Any]]) -> Delta | None:
+        """The output of `batch` before any finish (None: nothing). A fault met after
+        good output in the same batch is raised by the next `check()`: what came
+        before it is delivered first, as if the reads had been one token each."""
+        ids: list[int] = []
+        text: list[str] = []
+        try:
+            for chunk in batch:
+                self._one(chunk, ids, text)
+        except ServerFault as exc:
+            if not ids and not any(text):
+                raise
+            self.fault = exc
+        return Delta(token_ids=ids, text="".join(text)) if ids or any(text) else None
+
+    def check(self) -> None:
+        if self.fault is not None:
+            raise self.fault
+
+    def _one(self, chunk: dict[str, Any], ids: list[int], text: list[str]) -> None:
+        self.usage = _usage(chunk) or self.usage
+        if (choice := _first_choice(chunk, self.url)) is None:
+            return
+        if self.final is not None:
+            raise ServerFault(f"{self.url}: output after the finish of {self.rid}")
+        delta, plen = _choice_delta(choice, self.with_ids, self.url)
+        self.prompt_len = self.prompt_len if self.prompt_len is not None else plen
+        if self.got + len(delta.token_ids) > self.max_tokens:
+            raise ServerFault(f"{self.url}: {self.got + len(delta.token_ids)} tokens for "
+                              f"max_tokens {self.max_tokens}")
+        self.got += len(delta.token_ids)
+        if delta.finish_reason is not None:
+            self.final = delta  # kept until the stream proves whole
+        else:
+            ids += delta.token_ids
+            text.append(delta.text)
 
 
 class _Watchdog:

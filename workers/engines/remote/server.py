@@ -23,7 +23,11 @@ import aiohttp
 import orjson
 from aiohttp.http_exceptions import HttpProcessingError
 
-from cplane.workers.engines.remote.sse import MAX_EVENT_BYTES, ServerProtocolError, events
+from cplane.workers.engines.remote.sse import (
+    MAX_EVENT_BYTES,
+    ServerProtocolError,
+    event_batches,
+)
 
 _INPUT_STATUSES = frozenset({400, 413, 422})
 _ERROR_BODY_BYTES = 2048
@@ -172,8 +176,9 @@ class ServerClient:
     @asynccontextmanager
     async def stream(self, path: str, body: dict[str, Any]
                      ) -> AsyncIterator[tuple[aiohttp.ClientResponse,
-                                              AsyncIterator[dict[str, Any]]]]:
-        """POST a streaming request; yields (response, its SSE objects). Closing the
+                                              AsyncIterator[list[dict[str, Any]]]]]:
+        """POST a streaming request; yields (response, its SSE objects in batches: what
+        each read of the socket completed). Closing the
         response (cancel) drops the connection, and vLLM aborts the request."""
         url = f"{self.base_url}{path}"
         try:
@@ -185,7 +190,7 @@ class ServerClient:
         try:
             if resp.status != 200:
                 _check(resp.status, await self._error_body(path, resp))
-            yield resp, _guarded(events(_lines(resp)), self.base_url)
+            yield resp, _guarded(event_batches(resp.content.iter_any()), self.base_url)
         finally:
             resp.close()  # not release(): a connection left mid-stream is never reused
 
@@ -219,13 +224,8 @@ def _check(status: int, body: bytes) -> None:
     raise ServerFault(_message(status, body))
 
 
-async def _lines(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    async for line in resp.content:
-        yield line
-
-
-async def _guarded(source: AsyncIterator[dict[str, Any]], url: str
-                   ) -> AsyncIterator[dict[str, Any]]:
+async def _guarded(source: AsyncIterator[list[dict[str, Any]]], url: str
+                   ) -> AsyncIterator[list[dict[str, Any]]]:
     """Transport errors while reading the stream, as ServerFault."""
     try:
         async for obj in source:

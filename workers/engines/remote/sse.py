@@ -38,34 +38,104 @@ def parse_data(payload: bytes) -> dict[str, Any]:
     return obj
 
 
-async def events(lines: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
-    """The JSON objects of a `text/event-stream` body, until `data: [DONE]`.
+class SseSplitter:
+    """Bytes as they arrive -> the JSON objects of complete events (pure; no I/O).
 
     Data of one event may span several `data:` lines (joined by newlines);
-    comments (`:`), `event:`, `id:` and `retry:` lines are skipped."""
-    data: list[bytes] = []
-    size = 0
-    async for raw in lines:
-        line = raw.rstrip(b"\r\n")
+    comments (`:`), `event:`, `id:` and `retry:` lines are skipped. `done` turns
+    True at `data: [DONE]`; bytes after it are ignored."""
+
+    __slots__ = ("_buf", "_data", "_size", "done", "error")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._data: list[bytes] = []
+        self._size = 0
+        self.done = False
+        # A fault met after good events in one feed: those are returned first, the
+        # fault waits here (`check()`), as if the bytes had come one event at a time.
+        self.error: ServerProtocolError | None = None
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def feed(self, chunk: bytes) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        if self.done:
+            return out
+        buf = self._buf + chunk if self._buf else chunk
+        start = 0
+        while (end := buf.find(b"\n", start)) >= 0:
+            try:
+                self._line(buf[start:end], out)
+            except ServerProtocolError as exc:
+                if not out:
+                    raise
+                self.error = exc
+                return out
+            start = end + 1
+            if self.done:
+                self._buf = b""
+                return out
+        self._buf = buf[start:]
+        if len(self._buf) + self._size > MAX_EVENT_BYTES:
+            raise ServerProtocolError(f"SSE event larger than {MAX_EVENT_BYTES} bytes")
+        return out
+
+    def end(self) -> None:
+        """The stream closed: ServerProtocolError unless `[DONE]` came (its event may
+        lack the closing blank line; an unfinished event is not used)."""
+        if self.done:
+            return
+        line = self._buf.rstrip(b"\r")
+        data = [*self._data, line[5:].removeprefix(b" ")] if line.startswith(b"data:") else (
+            self._data)
+        if b"\n".join(data).strip() != DONE:
+            raise ServerProtocolError("the stream ended before [DONE]")
+        self.done = True
+
+    def _line(self, raw: bytes, out: list[dict[str, Any]]) -> None:
+        line = raw.rstrip(b"\r")
         if not line:  # end of an event
-            if data:
-                payload, data, size = b"\n".join(data), [], 0
+            if self._data:
+                payload = b"\n".join(self._data)
+                self._data, self._size = [], 0
                 if payload.strip() == DONE:
-                    return
-                yield parse_data(payload)
-            continue
-        size += len(line)
-        if size > MAX_EVENT_BYTES:
+                    self.done = True
+                else:
+                    out.append(parse_data(payload))
+            return
+        self._size += len(line)
+        if self._size > MAX_EVENT_BYTES:
             raise ServerProtocolError(f"SSE event larger than {MAX_EVENT_BYTES} bytes")
         if line.startswith(b"data:"):
-            data.append(line[5:].removeprefix(b" "))
-        elif line.startswith((b":", b"event:", b"id:", b"retry:")):
-            continue
-        else:
+            self._data.append(line[5:].removeprefix(b" "))
+        elif not line.startswith((b":", b"event:", b"id:", b"retry:")):
             raise ServerProtocolError(f"not an SSE line: {line[:80]!r}")
-    if data and b"\n".join(data).strip() == DONE:
-        return
-    raise ServerProtocolError("the stream ended before [DONE]")
 
 
-__all__ = ["MAX_EVENT_BYTES", "ServerProtocolError", "events", "parse_data"]
+async def event_batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[dict[str, Any]]]:
+    """The events of a `text/event-stream` body, a list per read of the socket, until
+    `data: [DONE]`: a reader that fell behind takes what piled up in one step instead
+    of one step per token."""
+    splitter = SseSplitter()
+    async for chunk in chunks:
+        batch = splitter.feed(chunk)
+        if batch:
+            yield batch
+        splitter.check()
+        if splitter.done:
+            return
+    splitter.end()
+
+
+async def events(lines: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
+    """The same, one object at a time (any split of the body into pieces)."""
+    async for batch in event_batches(lines):
+        for obj in batch:
+            yield obj
+
+
+__all__ = ["MAX_EVENT_BYTES", "ServerProtocolError", "SseSplitter", "event_batches", "events",
+           "parse_data"]
