@@ -96,7 +96,11 @@ class World:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def world(nats_url: str) -> AsyncIterator[World]:
+    # model_wait_s short: a generated body that is a valid request for a model nobody
+    # serves (it happens, depending on the examples drawn) ends model_unavailable
+    # after this wait; 30 s each made some runs take 200 s.
     s = isolated_settings(nats_url, sim={"zero_cost": True},
+                          orchestrator={"model_wait_s": 1.0},
                           limits={"max_prompt_chars": 500_000})  # type: ignore[arg-type]
     async with stack(s, workers=1) as run:
         nc = await nats.connect(nats_url)
