@@ -102,7 +102,7 @@ class RemoteEngine:
         """Wait for the server to be healthy and to serve the model; start probing."""
         s = self.settings
         await self.client.open()
-        if s.tokenizer:
+        if s.tokenizer and self._tokenizer is None:  # start() is retried until it succeeds
             self._tokenizer = await asyncio.to_thread(load_tokenizer, s.tokenizer)
         deadline = time.monotonic() + s.start_timeout_s
         while (why := await self.client.health()) is not None:
