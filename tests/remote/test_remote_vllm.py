@@ -271,3 +271,41 @@ async def test_prefix_aware_router_follows_the_remote_servers_kv_events(
                 assert servers[wid].metric("vllm:prefix_cache_hits_total") - before >= 64
         finally:
             await client.close()
+
+
+async def test_a_paused_server_is_taken_out_and_back_without_waiting_for_its_stall(
+        nats_url: str, vllm_servers: list[VllmServer], vllm_model_dir: Path) -> None:
+    """SIGSTOP the server generating a request (slow, not dead): its probes fail, the
+    instance goes unhealthy and hands the request back long before the stall timeout,
+    another instance finishes it with the same greedy tokens; after SIGCONT a fresh
+    worker takes the instance's identity and it serves again."""
+    import os
+    import signal
+
+    a, b = vllm_servers
+    s = isolated_settings(nats_url, worker={"chunk_tokens": 1})
+    n = 200
+    assert b.proc is not None
+    async with stack(s, workers=0), fronting(s, [spec(b, "pb", vllm_model_dir)]) as sup:
+        client = Client(await nats.connect(nats_url), s)
+        try:
+            handle = await client.submit(greedy("ps1", n=n))
+            stream = handle.__aiter__()
+            seen = 0
+            while seen < 8:
+                seen += len((await asyncio.wait_for(stream.__anext__(), 60)).token_ids)
+            async with fronting(s, [spec(a, "pa2", vllm_model_dir)]):
+                os.killpg(b.proc.pid, signal.SIGSTOP)
+                try:
+                    final = await handle.result(timeout=20)  # well under the 30 s stall
+                    front = sup.fronts["pb"]
+                    assert front.worker is None or front.worker.state is not WorkerState.READY
+                finally:
+                    os.killpg(b.proc.pid, signal.SIGCONT)
+            assert final.workers[0] == "pb" and final.workers[-1] == "pa2", final.workers
+            assert await _stored_ids(nats_url, s, "ps1") == direct_ids(a, PROMPT, n)
+            await until(lambda: serving(sup, ["pb"]), 60, "pb back after SIGCONT")
+            _, again = await served(client, greedy("ps2", n=4))
+            assert again.workers == ["pb"]
+        finally:
+            await client.close()
