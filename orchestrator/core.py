@@ -42,7 +42,7 @@ from cplane.orchestrator.dispatch import (
 )
 from cplane.orchestrator.fleet import FleetView, RoutedSince
 from cplane.orchestrator.ledger import Entry, Ledger, RequestState
-from cplane.orchestrator.plugin_types import Policy
+from cplane.orchestrator.plugin_types import Policy, Router
 from cplane.orchestrator.snapshot import PoolKey
 
 T = TypeVar("T")
@@ -103,6 +103,12 @@ class DecisionCore(Generic[T]):
             self.journal.add("use_policy", policy)
         self.cfg = replace(self.cfg, policy=policy)
         self.state.mode, self.state.mode_since = "", -1.0
+
+    def use_router(self, router: Router) -> None:
+        """Route with `router` from the next step on (a policy with its own keeps it)."""
+        if self.journal is not None:
+            self.journal.add("use_router", router)
+        self.cfg = replace(self.cfg, router=router)
 
     # -- requests in --------------------------------------------------------------
     def hold(self, entry: Entry[T]) -> None:
@@ -282,6 +288,8 @@ def replay(journal: Journal, cfg: DispatchConfig, **core_kw: Any) -> list[Dispat
             core.step(fleet, now_ms=now_ms, rng=rng, due=due, inherited=inherited)
         elif name == "use_policy":
             core.use_policy(args[0])
+        elif name == "use_router":
+            core.use_router(args[0])
         elif name == "forget_worker":
             core.forget_worker(args[0])
         elif name == "terminal":

@@ -28,7 +28,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -112,9 +111,7 @@ class Switches:
         """Route with router `name` from the next step on (unless the policy has its own)."""
         router = plugins.build_router(name, params)
         self._hasher_for(self._core.cfg.policy.router or router)
-        # The same single assignment DecisionCore.use_policy makes (the core has no
-        # use_router yet): a journal does not record it.
-        self._core.cfg = replace(self._core.cfg, router=router)
+        self._core.use_router(router)  # journaled: a replay follows the switch
         log.info("orchestrator %s: router %s %s (in force: %s)", self._holder, name,
                  dict(params), self._core.cfg.router_in_use.name)
         self._switched()

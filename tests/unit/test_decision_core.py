@@ -107,3 +107,31 @@ def test_a_recorded_simulator_run_replays_to_the_same_plans() -> None:
     other = DispatchConfig.named(policy="priority", router="round_robin", pd="never")
     assert replay(journal, other, tenant_weights=spec.tenant_weights,
                   prefill_tokens_per_s=1000 / spec.engine.prefill_b_ms) != journal.plans
+
+
+def test_a_router_switch_is_journaled_and_replayed() -> None:
+    """A run-time router switch (cplane router set) is a core event: a replay of the
+    journal routes the later steps by the new router too."""
+    from cplane.orchestrator import plugins
+
+    journal = Journal()
+    core: DecisionCore[None] = DecisionCore(CFG, journal=journal)
+    # w0 nearly full: least_loaded avoids it, round_robin does not.
+    view = FleetView(tuple(WorkerView(f"w{i}", Role.UNIFIED, ("m",), 64, 60 if i == 0 else 0,
+                                      0, 0, 0.0, 0.0) for i in range(4)))
+
+    def round_of(start: int, now: float) -> None:
+        for i in range(start, start + 8):
+            core.hold(Entry(pend(f"r{i}", now), None))
+        core.step(view, now_ms=now, rng=random.Random(1), due=False)
+
+    round_of(0, 0.0)
+    core.use_router(plugins.build_router("round_robin", {}))
+    round_of(8, 1.0)
+    assert {b.target for b in journal.plans[0].batches} == {"w1", "w2", "w3"}
+    assert "w0" in {b.target for b in journal.plans[1].batches}
+    assert replay(journal, CFG) == journal.plans
+    # Without the switch in the journal the second round goes by least_loaded.
+    kept = Journal()
+    kept.events = [e for e in journal.events if e[0] != "use_router"]
+    assert replay(kept, CFG) != journal.plans
