@@ -43,11 +43,13 @@ async def stored_terminal(
 
 
 async def stored_terminals(nc: NATS, settings: Settings, keys: list[tuple[str, str]],
-                           timeout_s: float = 2.0) -> dict[tuple[str, str], bytes]:
+                           timeout_s: float = 2.0, stream: str | None = None
+                           ) -> dict[tuple[str, str], bytes]:
     """(group, request id) -> its stored terminal (encoded), for every key in `keys`
-    that has one in LLM_DONE: one batched direct get (`multi_last`) for all of
-    them. Raises TimeoutError (or the server's error) when unanswered. Keyed by
-    group too: two tenants' requests may share an id, never a subject."""
+    that has one in `stream` (default LLM_DONE; LLM_OUT holds them too, for its
+    max_age): one batched direct get (`multi_last`) for all of them. Raises
+    TimeoutError (or the server's error) when unanswered. Keyed by group too: two
+    tenants' requests may share an id, never a subject."""
     subjects = settings.subjects
     wanted = {subjects.done_store(g, r): (g, r) for g, r in keys}
     found: dict[tuple[str, str], bytes] = {}
@@ -69,7 +71,8 @@ async def stored_terminals(nc: NATS, settings: Settings, keys: list[tuple[str, s
     sub = await nc.subscribe(inbox, cb=on_msg)
     try:
         req = orjson.dumps({"multi_last": list(wanted), "batch": len(wanted)})
-        await nc.publish(f"$JS.API.DIRECT.GET.{settings.streams.done.name}", req, reply=inbox)
+        await nc.publish(f"$JS.API.DIRECT.GET.{stream or settings.streams.done.name}", req,
+                         reply=inbox)
         await asyncio.wait_for(end, timeout_s)
     finally:
         await sub.unsubscribe()

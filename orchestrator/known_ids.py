@@ -1,10 +1,11 @@
 """Request ids as idempotency keys: an id whose terminal is stored is answered with
 it, never run again, whichever replica sees it and however late.
 
-New requests are looked up in LLM_DONE before they are held, in batches: one
-direct get (`multi_last`) for everything that arrived since the last one
-left, up to `IN_FLIGHT` lookups out at once, so the cost is a round trip of
-latency and close to nothing per request at saturation. A request with a stored terminal is acked
+New requests are looked up in LLM_DONE and LLM_OUT before they are held, in
+batches: one direct get (`multi_last`) per stream, concurrently, for everything
+that arrived since the last one left, up to `IN_FLIGHT` lookups out at once, so
+the cost is a round trip of latency and close to nothing per request at
+saturation. A request with a stored terminal is acked
 and never run; the terminal is sent again on its live subject (and reply_to),
 not stored a second time, when this copy was published after it was stored
 (an id published again): a copy published before it (a duplicate, a
@@ -80,15 +81,8 @@ class KnownIds:
         await asyncio.sleep(0)  # what arrives in this loop turn goes in the same lookup
         while self._queue:
             batch, self._queue = self._queue[:BATCH], self._queue[BATCH:]
-            found: dict[tuple[str, str], bytes] = {}
             t0 = time.monotonic()
-            try:
-                found = await stored_terminals(
-                    self._nc, self._settings,
-                    [(e.item.request.group, e.request_id) for e in batch], LOOKUP_TIMEOUT_S)
-            except Exception as exc:
-                log.info("stored-terminal lookup of %d ids failed (%s): held as new",
-                         len(batch), exc)
+            found = await self._lookup(batch)
             took = time.monotonic() - t0
             if took > 0.05:
                 log.info("stored-terminal lookup of %d ids took %.0f ms", len(batch),
@@ -104,6 +98,26 @@ class KnownIds:
                 else:
                     await self._answer(e.item, term, e.msg)
                     self._answered(scoped_key(e.item.request))
+
+    async def _lookup(self, batch: list[Entry[WorkItem]]) -> dict[tuple[str, str], bytes]:
+        """The batch's stored terminals, asked of LLM_DONE and LLM_OUT at once (one
+        direct get each). LLM_OUT too: on a cluster, LLM_DONE's copy of LLM_OUT was
+        seen to skip terminals stored around a leader's kill -9 (the cluster chaos
+        run's done_missing), and an id published again then ran again; LLM_OUT holds
+        every terminal for its max_age. An unanswered lookup holds the ids as new."""
+        keys = [(e.item.request.group, e.request_id) for e in batch]
+        names = (self._settings.streams.out.name, self._settings.streams.done.name)
+        answers = await asyncio.gather(*(
+            stored_terminals(self._nc, self._settings, keys, LOOKUP_TIMEOUT_S, name)
+            for name in names), return_exceptions=True)
+        found: dict[tuple[str, str], bytes] = {}
+        for name, got in zip(names, answers, strict=True):
+            if isinstance(got, BaseException):
+                log.info("stored-terminal lookup of %d ids in %s failed (%s)", len(batch),
+                         name, got)
+            else:
+                found.update(got)  # LLM_DONE's last: the same terminal when both have it
+        return found
 
     async def _replicas_behind(self) -> bool:
         """A replica of LLM_DONE is behind its leader (read at most once a second;

@@ -154,3 +154,29 @@ async def test_a_malformed_copy_of_a_live_id_never_ends_it(nats_url: str) -> Non
             f"live-1 was ended by its malformed copy: {got.seen['live-1']}")
         assert fresh.stats.rejected == 1
     await nc.close()
+
+
+async def test_an_id_whose_terminal_llm_done_lacks_is_answered_from_llm_out(
+        nats_url: str) -> None:
+    """LLM_DONE's copy of LLM_OUT was seen to skip terminals on a cluster (a leader
+    killed -9: the cluster chaos run's done_missing), and the id, published again,
+    ran a second time. Made here by purging the copy: the id is still answered from
+    LLM_OUT, never run again."""
+    s = settings(nats_url, sim={"zero_cost": True})
+    nc = await nats.connect(nats_url)
+    got = Terminals()
+    await nc.subscribe(s.subjects.done_all, cb=got.on_done)
+    async with stack(s, workers=1) as run:
+        await publish(nc, s, "again-4")
+        await until(lambda: got.count("again-4") == 1, 15, "the first terminal")
+        await until(lambda: stored_terminals(nc, s, "again-4"), 15, "LLM_DONE's copy")
+        await nc.jetstream().purge_stream(s.streams.done.name,
+                                          subject=s.subjects.done_store("i", "again-4"))
+        assert await stored_terminals(nc, s, "again-4") == 0
+        fresh = await takeover(run, s)
+        await asyncio.sleep(WINDOW_S + 0.5)  # the scenario: every duplicate window passes
+        await publish(nc, s, "again-4")
+        await until(lambda: got.count("again-4") == 2, 15, "a terminal for the second publish")
+        assert got.seen["again-4"][1] == got.seen["again-4"][0]
+        assert fresh.stats.dispatched == 0  # not run again
+    await nc.close()
