@@ -35,8 +35,8 @@ NOT_HEAVY := --ignore=tests/vllm --ignore=tests/chaos --ignore=tests/remote
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy -p cplane
-	$(PYTEST) -n 4 --dist worksteal $(NOT_HEAVY) -m "not vllm and not chaos and not remote" tests
-	$(PYTEST) -m "vllm or chaos or remote" tests
+	$(PYTEST) -n 4 --dist worksteal $(NOT_HEAVY) -m "not vllm and not chaos and not remote and not serial" tests
+	$(PYTEST) -m "vllm or chaos or remote or serial" tests
 
 # The quick loop (under 2 minutes on 2 cores): lint, then unit + live tests;
 # no vLLM, no chaos, nothing marked slow. No mypy (a minute of its own: make lint).

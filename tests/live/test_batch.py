@@ -91,6 +91,7 @@ async def test_good_and_bad_lines_give_output_and_error_files(nats_url: str, nc:
     assert "line 4" in bad[0]["error"]["message"]  # type: ignore[index]
 
 
+@pytest.mark.serial  # beside three busy xdist workers the job once finished before the kill
 async def test_collector_killed_mid_job_then_results_has_every_line_once(
         nats_url: str, nc: NATS, tmp_path: Path) -> None:
     # 8 slots, 16 decode steps of 25 ms per line: the job takes at least

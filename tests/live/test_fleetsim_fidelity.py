@@ -44,6 +44,9 @@ TOLERANCE_PCT = 15.0
 
 
 @pytest.mark.slow  # a 100-request live stack of processes (about 30 s): `make test`, not test-fast
+# Live TTFT is milliseconds: beside three other xdist workers on 2 cores it drifted
+# 33-39 % from the simulator (CI, 2026-12-06), alone 2.4-2.6 %.
+@pytest.mark.serial
 @pytest.mark.timeout(150)
 def test_simulator_tracks_the_live_stack(tmp_path: Path) -> None:
     reqs = fidelity.prepare(workload(), count=REQUESTS,
