@@ -106,6 +106,7 @@ class InstanceSupervisor:
             raise ValueError("no instance to front: give --url or --group")
         self.settings = settings
         self.static = static
+        self._fixed = {s.instance_id for s in static}  # from the command line: never changed
         self.group = group
         self.options = options or FrontOptions()
         self.fronts: dict[str, Front] = {}
@@ -194,7 +195,7 @@ class InstanceSupervisor:
     async def _apply_locked(self, nc: NATS, spec: InstanceSpec | None, instance_id: str) -> None:
         ours = spec is not None and spec.group == self.group
         front = self.fronts.get(instance_id)
-        if front is not None and any(s.instance_id == instance_id for s in self.static):
+        if front is not None and instance_id in self._fixed:
             return  # fixed on the command line
         if front is not None and (not ours or front.spec != spec):
             await self._remove(instance_id)

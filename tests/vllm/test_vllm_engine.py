@@ -18,9 +18,14 @@ import pytest
 import vllm  # noqa: F401 - these tests fail, never skip, where vLLM is missing
 
 from cplane.schemas.messages import ChatMessage, ErrorCode, FinishReason
-from cplane.workers.engines.base import Delta, Engine, EngineInputError, EngineRequest
+from cplane.workers.engines.base import (
+    CONNECTOR_KEY,
+    Delta,
+    Engine,
+    EngineInputError,
+    EngineRequest,
+)
 from cplane.workers.engines.vllm import VllmEngine
-from cplane.workers.engines.vllm.engine import CONNECTOR_KEY
 from tests.waiting import until
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(240)]

@@ -27,6 +27,11 @@ class EngineDeadError(RuntimeError):
     stops pulling, reports itself unhealthy and hands its work back."""
 
 
+# What a prefill hands its decode when the connector returns no params of its own
+# (ExampleConnector finds the KV by the prompt's hash in its shared directory).
+CONNECTOR_KEY = "connector"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EngineRequest:
     """What an engine needs to run one request (built from a WorkItem)."""

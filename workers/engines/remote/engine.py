@@ -36,6 +36,7 @@ from typing import Any
 from cplane.schemas.blocks import hf_prompt_ids, load_tokenizer
 from cplane.schemas.messages import ErrorCode, FinishReason
 from cplane.workers.engines.base import (
+    CONNECTOR_KEY,
     Delta,
     EngineInputError,
     EngineRequest,
@@ -51,7 +52,6 @@ log = logging.getLogger("cplane.remote")
 
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH,
            "abort": FinishReason.ABORT}
-CONNECTOR_KEY = "connector"  # as workers/engines/vllm/engine.py: ExampleConnector needs no params
 INLINE_TOKENIZE_CHARS = 8192
 
 

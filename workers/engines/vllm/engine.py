@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from cplane.schemas.blocks import hf_prompt_ids
 from cplane.schemas.messages import ErrorCode, FinishReason
 from cplane.workers.engines.base import (
+    CONNECTOR_KEY,
     Delta,
     EngineDeadError,
     EngineInputError,
@@ -52,9 +53,6 @@ _FINISH = {
     "length": FinishReason.LENGTH,
     "repetition": FinishReason.STOP,
 }
-# What a prefill hands its decode when the connector returns no params
-# (ExampleConnector finds the KV by prompt hash in the shared directory).
-CONNECTOR_KEY = "connector"
 # Prompts (text or chat contents) up to this many characters are tokenized
 # inline: a few ms at most, and their order of arrival is kept. Longer ones go
 # to the tokenizer thread so the loop keeps running.
