@@ -119,7 +119,7 @@ class ServerClient:
                 if resp.status == 200:
                     return None
                 return _message(resp.status, await resp.content.read(_ERROR_BODY_BYTES))
-        except (aiohttp.ClientError, TimeoutError, ServerFault) as exc:
+        except (*_TRANSPORT_ERRORS, ServerFault) as exc:
             return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
     async def get_text(self, path: str) -> str:
@@ -139,8 +139,11 @@ class ServerClient:
                 if resp.status != 200:
                     raise ServerFault(f"{path}: " + _message(resp.status, await resp.read()))
                 return await resp.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ServerFault(f"{path} of {self.base_url}: {type(exc).__name__}: {exc}") from exc
+        except _TRANSPORT_ERRORS as exc:
+            raise self._fault(path, exc) from exc
+
+    def _fault(self, path: str, exc: BaseException) -> ServerFault:
+        return ServerFault(f"{path} of {self.base_url}: {type(exc).__name__}: {exc}")
 
     def _probe_timeout(self) -> aiohttp.ClientTimeout:
         return aiohttp.ClientTimeout(total=self._probe_timeout_s)
@@ -169,7 +172,7 @@ class ServerClient:
                 _check(resp.status, raw)
                 return orjson.loads(raw)
         except _TRANSPORT_ERRORS as exc:
-            raise ServerFault(f"{path} of {self.base_url}: {type(exc).__name__}: {exc}") from exc
+            raise self._fault(path, exc) from exc
         except orjson.JSONDecodeError as exc:
             raise ServerFault(f"{path} of {self.base_url} answered no JSON") from exc
 
@@ -185,8 +188,8 @@ class ServerClient:
             resp = await self.session.post(url, data=orjson.dumps(body),
                                            headers={"Content-Type": "application/json",
                                                     "Accept": "text/event-stream"})
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ServerFault(f"{path} of {self.base_url}: {type(exc).__name__}: {exc}") from exc
+        except _TRANSPORT_ERRORS as exc:
+            raise self._fault(path, exc) from exc
         try:
             if resp.status != 200:
                 _check(resp.status, await self._error_body(path, resp))
