@@ -9,9 +9,12 @@ from dataclasses import dataclass, field
 
 import msgspec
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from cplane.orchestrator.core import Journal
 from cplane.orchestrator.service import Orchestrator
+from cplane.schemas.codec import heartbeat_decoder
+from cplane.schemas.messages import WorkerState
 from cplane.schemas.settings import Settings
 from cplane.workers.engines.base import Engine
 from cplane.workers.engines.sim import SimEngine
@@ -29,6 +32,26 @@ class Running:
     async def stop_worker(self, worker: Worker) -> None:
         self.stops[worker].set()
         await self.tasks[worker]
+
+
+@dataclass
+class StateWatch:
+    """The states one worker's heartbeats said, in order; `unhealthy` set at the first
+    UNHEALTHY."""
+
+    states: list[WorkerState] = field(default_factory=list)
+    unhealthy: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def on_heartbeat(self, msg: Msg) -> None:
+        self.states.append(heartbeat_decoder.decode(msg.data).state)
+        if self.states[-1] is WorkerState.UNHEALTHY:
+            self.unhealthy.set()
+
+
+async def watch_states(nc: NATS, settings: Settings, worker_id: str) -> StateWatch:
+    watch = StateWatch()
+    await nc.subscribe(settings.subjects.heartbeat(worker_id), cb=watch.on_heartbeat)
+    return watch
 
 
 async def _start(svc: Orchestrator | Worker, run: Running) -> None:

@@ -18,10 +18,8 @@ import msgspec
 import nats
 import pytest
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
 from cplane.client.sdk import Client
-from cplane.schemas.codec import heartbeat_decoder
 from cplane.schemas.instances import InstanceSpec
 from cplane.schemas.messages import ErrorCode, Final, FinishReason, Request, WorkerState
 from cplane.workers.engines.base import Delta, EngineInputError, EngineRequest
@@ -30,7 +28,7 @@ from cplane.workers.engines.remote.server import ServerFault
 from cplane.workers.instances import FrontOptions, InstanceSupervisor
 from tests.natsfix import isolated_settings
 from tests.remote_fakes import FIRST_TOKEN, MODES, FakeServer, free_port, token_text, tokenize
-from tests.stack import stack
+from tests.stack import stack, watch_states
 from tests.waiting import until
 
 STALL_S = 0.5  # no output for this long mid-request: a fault
@@ -357,15 +355,8 @@ async def test_hostile_instance_goes_unhealthy_and_its_work_finishes_on_the_good
         worker={"engine_error_limit": limit, "max_migrations": 3, "heartbeat_s": 0.5,
                 "in_progress_every_s": 0.4, "drain_timeout_s": 0.2},
         orchestrator={"router": "round_robin", "policy": "fifo"})
-    states: list[WorkerState] = []
-    unhealthy = asyncio.Event()
-
-    async def on_hb(msg: Msg) -> None:
-        states.append(heartbeat_decoder.decode(msg.data).state)
-        if states[-1] is WorkerState.UNHEALTHY:
-            unhealthy.set()
-
-    await nc.subscribe(s.subjects.heartbeat("bad"), cb=on_hb)
+    watch = await watch_states(nc, s, "bad")
+    states, unhealthy = watch.states, watch.unhealthy
     # The hostile server takes a while to break (decode time between its tokens), so
     # every request is routed before it does: none is sent to its worker after that
     # worker went unhealthy and stopped (that one would wait for the orchestrator's

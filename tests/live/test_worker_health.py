@@ -8,14 +8,13 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
-from cplane.schemas.codec import heartbeat_decoder
 from cplane.schemas.messages import ErrorReply, Final, WorkerState
 from cplane.schemas.settings import Settings
 from cplane.workers.engines.base import Delta, EngineDeadError, EngineRequest
 from cplane.workers.engines.sim import SimEngine
 from tests.live.test_worker_faults import Watch, fleet, item, put, work_empty
+from tests.stack import watch_states
 from tests.waiting import until
 
 
@@ -43,14 +42,7 @@ async def test_dead_engine_hands_work_back_and_reports_unhealthy(nats_url: str, 
                                                                   ) -> None:
     async with fleet(nats_url, sim={"decode_a_ms": 5.0}) as f:
         js = nc.jetstream()
-        states: list[WorkerState] = []
-        unhealthy = asyncio.Event()
-
-        async def on_hb(msg: Msg) -> None:
-            states.append(heartbeat_decoder.decode(msg.data).state)
-            if states[-1] is WorkerState.UNHEALTHY:
-                unhealthy.set()
-        await nc.subscribe(f.s.subjects.heartbeat("sick"), cb=on_hb)
+        unhealthy = (await watch_states(nc, f.s, "sick")).unhealthy
         sick = await f.start("sick", FailingEngine(f.s, EngineDeadError("gone"), after=10))
         watch = await Watch.start(nc, f.s, "survivor")
         await put(js, f.s, item("survivor", 60))
