@@ -3,10 +3,14 @@ fleet size. Pure CPU, no broker: the decision itself, as the orchestrator runs i
 
     python bench/decision_cost.py [--workers 8,64,512] [--routers ...] [--requests 256]
 
+CPU time of this process (not wall time: other work on the machine does not count).
 Each measurement plans `--requests` held requests (random prompts, a quarter
 sharing prefixes) onto an idle fleet of N workers with room for all of them,
-repeated until at least `--min-s` seconds have passed; it prints the median
-over `--rounds` of microseconds per dispatched request.
+repeated until at least `--min-s` seconds have passed, with the decision
+core's own tables (DecisionState): each plan is folded in and as many routed
+requests finish, so loads stay level and the routers' ordered lists are kept
+between plans as in the orchestrator. It prints the median over `--rounds`
+of microseconds per dispatched request, the folding included.
 """
 
 from __future__ import annotations
@@ -25,10 +29,10 @@ if str(ROOT) not in sys.path:
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from cplane.orchestrator.decision_state import DecisionState  # noqa: E402
 from cplane.orchestrator.dispatch import DispatchConfig, plan_dispatch  # noqa: E402
 from cplane.orchestrator.fleet import FleetView, WorkerView  # noqa: E402
-from cplane.orchestrator.prefix_router import PrefixIndex  # noqa: E402
-from cplane.orchestrator.snapshot import DecisionTables, Pending, QueueSnapshot  # noqa: E402
+from cplane.orchestrator.snapshot import Pending, QueueSnapshot  # noqa: E402
 from cplane.schemas.messages import Role  # noqa: E402
 
 
@@ -52,20 +56,28 @@ def measure(router: str, workers: int, requests: int, rounds: int, min_s: float)
     rng = random.Random(0)
     view, snap = fleet(workers), queue(requests, rng)
     cfg = DispatchConfig.named(policy="fifo", router=router, pd="never")
-    index = PrefixIndex()
+    # The core's own tables: the prefix index, placed work, the routers' ordered lists.
+    state = DecisionState()
     for w in view.workers[: max(1, workers // 4)]:
-        index.add(w.worker_id, tuple(range(16)))
-    state = DecisionTables(prefix=index)
+        state.prefix.add(w.worker_id, tuple(range(16)))
+    since = state.since
     samples = []
     for _ in range(rounds):
         n = 0
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         while True:
-            plan = plan_dispatch(snap, view, cfg, now_ms=0.0, tables=state, rng=rng)
+            plan = plan_dispatch(snap, view, cfg, now_ms=0.0, tables=state.tables, rng=rng)
             n += plan.dispatched
-            if time.perf_counter() - t0 >= min_s:
+            # As the core does: fold the plan in, and (steady state) as many of the
+            # requests routed earlier finish, so the fleet's loads stay as they were.
+            since.routed(plan.sent)
+            state.tables.step += plan.route_steps
+            for wid, k in plan.sent.items():
+                for _ in range(k):
+                    since.finished_on(wid)
+            if time.process_time() - t0 >= min_s:
                 break
-        samples.append((time.perf_counter() - t0) / max(1, n) * 1e6)
+        samples.append((time.process_time() - t0) / max(1, n) * 1e6)
     return statistics.median(samples)
 
 

@@ -29,9 +29,12 @@ from overhead import pct, send_open_loop
 from cplane.schemas.codec import final_decoder
 from cplane.schemas.messages import Final
 
+FRESH = False  # --fresh-ids: the publisher says it minted each id (Request.fresh_id)
+
 
 def _body(rid: str) -> bytes:
-    return json.dumps({"request_id": rid, "prompt": "hello world", "max_tokens": 3}).encode()
+    return json.dumps({"request_id": rid, "prompt": "hello world", "max_tokens": 3,
+                       "fresh_id": FRESH}).encode()
 
 
 async def one_rate(url: str, rate: float, seconds: float) -> str:
@@ -84,4 +87,8 @@ if __name__ == "__main__":
     ap.add_argument("url")
     ap.add_argument("--rates", type=float, nargs="+", default=[1000.0, 2500.0, 4000.0])
     ap.add_argument("--seconds", type=float, default=8.0)
-    uvloop.run(main(ap.parse_args()))
+    ap.add_argument("--fresh-ids", action="store_true",
+                    help="mark each id as minted for its request (Request.fresh_id)")
+    args = ap.parse_args()
+    FRESH = args.fresh_ids
+    uvloop.run(main(args))

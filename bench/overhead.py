@@ -12,7 +12,9 @@ nats-server, it measures:
 
 It prints (b)/(a), and, when ../shared/bench/run_ceiling.sh exists (or
 --ceiling-script is given), runs the raw-nats-py pipeline ceiling in the same
-session and prints (b) against it.
+session: durable (the same hops with cplane's guarantees, DURABLE=1) before
+and after cplane, their mean the yardstick (`ceiling` in the JSON), and the
+plain one (chunks captured by a memory stream) for the record.
 
 With --auth the server runs the multi-tenant accounts (`cplane up --auth`,
 docs/security.md): every service on its own credentials and the load
@@ -228,10 +230,13 @@ def start_services(url: str, workers: int, capacity: int) -> list[subprocess.Pop
     return procs
 
 
-def run_ceiling(script: Path, n: int) -> dict[int, float]:
-    """The raw nats-py pipeline's end-to-end rate for batch sizes 1 and 16."""
+def run_ceiling(script: Path, n: int, durable: bool = True) -> dict[int, float]:
+    """The raw nats-py pipeline's end-to-end rate for batch sizes 1 and 16: durable, the
+    same hops with cplane's guarantees (stored before seen, terminals kept, a
+    Nats-Msg-Id on every publish), or plain (chunks captured by a memory stream)."""
+    env = dict(os.environ, DURABLE="1" if durable else "0")
     out = subprocess.run(["bash", str(script), sys.executable, str(n)], capture_output=True,
-                         text=True, timeout=900, check=False).stdout
+                         text=True, timeout=900, check=False, env=env).stdout
     found = re.findall(r"batch=(\d+) .*end-to-end (\d+) req/s", out)
     return {int(b): float(r) for b, r in found}
 
@@ -284,11 +289,19 @@ def main() -> None:
         extra = auth.config(load_settings(env={}))
         CREDS.update(auth.files)
         CONNECT.update(client=auth.login("tenant-bench"), admin=auth.login("operator"))
+    script = Path(args.ceiling_script)
+    runs: dict[str, dict[int, float]] = {}
+    if script.exists():  # the durable ceiling before and after cplane, the plain one after
+        runs["durable_before"] = run_ceiling(script, args.requests)
     with EmbeddedNats(extra_config=extra) as server:
         res = uvloop.run(measure(args, server.url))
-    script = Path(args.ceiling_script)
     if script.exists():
-        res["ceiling"] = run_ceiling(script, args.requests)
+        runs["durable_after"] = run_ceiling(script, args.requests)
+        runs["plain"] = run_ceiling(script, args.requests, durable=False)
+        before, after = runs["durable_before"], runs["durable_after"]
+        res["ceiling"] = {b: (before[b] + after[b]) / 2 for b in before if b in after}
+        res["ceiling_plain"] = runs["plain"]
+        res["ceiling_runs"] = runs
     res["settings"] = {"workers": args.workers, "capacity": args.capacity,
                        "max_tokens": args.max_tokens, "requests": args.requests,
                        "rounds": args.rounds, "latency_s": args.latency_s,
@@ -316,11 +329,12 @@ def show(res: dict[str, object], args: argparse.Namespace) -> None:
     t.add_row("(a) raw JetStream publish_async", f"{raw:,.0f} msg/s")
     t.add_row("(b) end-to-end at saturation", f"{sat:,.0f} req/s")
     t.add_row("(b)/(a)", f"{sat / raw:.2f}")
-    ceiling = res.get("ceiling") or {}
-    assert isinstance(ceiling, dict)
-    for b, rate in sorted(ceiling.items()):
-        t.add_row(f"raw-nats-py pipeline ceiling, batch {b}", f"{rate:,.0f} req/s")
-        t.add_row(f"(b) / ceiling batch {b}", f"{sat / rate:.2f}")
+    for key, name in (("ceiling", "durable"), ("ceiling_plain", "plain")):
+        ceiling = res.get(key) or {}
+        assert isinstance(ceiling, dict)
+        for b, rate in sorted(ceiling.items()):
+            t.add_row(f"{name} pipeline ceiling, batch {b}", f"{rate:,.0f} req/s")
+            t.add_row(f"(b) / {name} ceiling batch {b}", f"{sat / rate:.2f}")
     t.add_row("(c) offered load", f"{lat['rate']:,.0f} req/s ({lat['n']} requests)")
     t.add_row("(c) publish -> first token p50 / p99",
               f"{lat['ttft_p50']:.2f} / {lat['ttft_p99']:.2f} ms")

@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from cplane.schemas.messages import PRIORITIES
 from cplane.schemas.settings import StreamsSettings
-from cplane.schemas.subjects import Subjects, valid_token
+from cplane.schemas.subjects import POOL_MARKER, Subjects, partition_token, valid_token
 
 ROLES = ("tenant", "operator", "worker", "orchestrator", "gateway")
 _PRIORITY_NAMES = frozenset(p.value for p in PRIORITIES)
@@ -110,11 +110,15 @@ def inbox_prefix(p: Principal) -> str:
 _REPLY_TO = "_INBOX.>"
 
 
-def _system_user(p: Principal, s: Subjects, st: StreamsSettings) -> str:
+def _system_user(p: Principal, s: Subjects, st: StreamsSettings, partitioned: bool = False
+                 ) -> str:
     pre, ib = s.prefix, _inbox(p)
     never = [f"$JS.API.STREAM.DELETE.{x}" for x in _streams(s, st)]
     if p.role == "orchestrator":
-        return _user(p, [
+        # partitioned leadership: a request is forwarded to its model's pool subject
+        forward = ([f"{pre}.req.{POOL_MARKER}.>", f"{pre}.req.*.{POOL_MARKER}.>"]
+                   if partitioned else [])
+        return _user(p, [*forward,
             "$JS.API.>", f"$JS.ACK.{st.req.name}.>", f"$JS.ACK.{st.work.name}.>", "$JS.FC.>",
             f"$KV.{s.leases_bucket}.>", f"$KV.{s.config_bucket}.>", f"{pre}.work.>",
             # llm.done: a stored terminal sent again to a later copy of its request
@@ -138,8 +142,8 @@ def _system_user(p: Principal, s: Subjects, st: StreamsSettings) -> str:
             f"$JS.API.CONSUMER.CREATE.{st.cancel.name}.>",
             f"$JS.API.CONSUMER.DELETE.{st.cancel.name}.>",
             f"$JS.ACK.{work}.>", "$JS.FC.>", f"$KV.{s.prefix}_claims.>",
-            f"{pre}.s.out.>", f"{pre}.s.done.>", f"{pre}.done.>", f"{pre}.work.>", f"{pre}.dlq.>",
-            f"{pre}.hb.{w}", f"{pre}.fin.{w}", f"{pre}.kv.{w}", ib, _REPLY_TO,
+            f"{pre}.s.out.>", f"{pre}.s.done.>", f"{pre}.sf.>", f"{pre}.done.>", f"{pre}.work.>",
+            f"{pre}.dlq.>", f"{pre}.hb.{w}", f"{pre}.fin.{w}", f"{pre}.kv.{w}", ib, _REPLY_TO,
         ], [ib, f"{pre}.cancel.>", f"{pre}.admin.heartbeat", f"{pre}.hb.*",
             f"{pre}.admin.kv.{w}", f"{pre}.admin.metrics", f"{pre}.admin.instance.{w}",
             f"{pre}.admin.request"])
@@ -177,14 +181,19 @@ def _streams(s: Subjects, st: StreamsSettings) -> list[str]:
             f"KV_{s.prefix}_claims", f"KV_{s.batch_jobs_bucket}", f"OBJ_{s.batch_files_bucket}"]
 
 
-def _tenant_mappings(t: str, s: Subjects, st: StreamsSettings) -> list[tuple[str, str, str]]:
+def _tenant_mappings(t: str, s: Subjects, st: StreamsSettings,
+                     pools: Sequence[str] = ()) -> list[tuple[str, str, str]]:
     """What tenant `t` shares with the system: (kind, the system's subject, the same as
-    the tenant reads it). Exported to `T_<t>` alone, imported there mapped."""
+    the tenant reads it). Exported to `T_<t>` alone, imported there mapped. `pools`:
+    the partitions' pool tokens a tenant may address (docs/replicas.md)."""
     pre = s.prefix
     return [
         # exactly `<priority>.<slo>`: any other shape maps to nothing (never to a
         # subject of the system's own, as `llm.req.x` -> `llm.req.<t>.x` would)
         ("service", f"{pre}.req.{t}.*.*", f"{pre}.req.*.*"),
+        # one configured pool's `pool.<pool>.<priority>.<slo>`, no other
+        *(("service", f"{pre}.req.{t}.{POOL_MARKER}.{pool}.*.*",
+           f"{pre}.req.{POOL_MARKER}.{pool}.*.*") for pool in pools),
         ("service", f"{pre}.cancel.{t}.>", f"{pre}.cancel.>"),
         ("stream", f"{pre}.out.{t}.>", f"{pre}.out.>"),
         ("stream", f"{pre}.done.{t}.>", f"{pre}.done.>"),
@@ -194,15 +203,17 @@ def _tenant_mappings(t: str, s: Subjects, st: StreamsSettings) -> list[tuple[str
     ]
 
 
-def _tenant_exports(t: str, s: Subjects, st: StreamsSettings) -> list[str]:
+def _tenant_exports(t: str, s: Subjects, st: StreamsSettings, pools: Sequence[str]
+                    ) -> list[str]:
     return [f'      {{ {kind}: "{system}", accounts: [T_{t}] }}'
-            for kind, system, _ in _tenant_mappings(t, s, st)]
+            for kind, system, _ in _tenant_mappings(t, s, st, pools)]
 
 
-def _tenant_account(t: str, users: list[Principal], s: Subjects, st: StreamsSettings) -> str:
+def _tenant_account(t: str, users: list[Principal], s: Subjects, st: StreamsSettings,
+                    pools: Sequence[str]) -> str:
     pre = s.prefix
     imports = [f'{{ {kind}: {{ account: {SYSTEM_ACCOUNT}, subject: "{system}" }}, to: "{own}" }}'
-               for kind, system, own in _tenant_mappings(t, s, st)]
+               for kind, system, own in _tenant_mappings(t, s, st, pools)]
     gets = [f"$JS.API.DIRECT.GET.{x}.>" for x in (st.out.name, st.done.name)]
     body = ",\n".join(_user(u, [f"{pre}.req.>", f"{pre}.cancel.>", *gets, "$JS.API.INFO",
                                 "_INBOX.>"],
@@ -213,9 +224,12 @@ def _tenant_account(t: str, users: list[Principal], s: Subjects, st: StreamsSett
 
 def render_accounts(principals: list[Principal], subjects: Subjects | None = None,
                     streams: StreamsSettings | None = None, *, max_file: str = "50G",
-                    max_mem: str = "2G") -> str:
-    """The `accounts { ... }` block (and `no_auth_user`-free: every client authenticates)."""
+                    max_mem: str = "2G", partitions: Sequence[str] = ()) -> str:
+    """The `accounts { ... }` block (and `no_auth_user`-free: every client authenticates).
+    `partitions`: the models with a pool of their own (`orchestrator.partitions`),
+    whose pool subjects tenants may publish to."""
     s, st = subjects or Subjects(), streams or StreamsSettings()
+    pools = [partition_token(p) for p in partitions]
     names = [p.name for p in principals]
     if len(set(names)) != len(names):
         raise ValueError("principal names must be unique")
@@ -225,14 +239,15 @@ def render_accounts(principals: list[Principal], subjects: Subjects | None = Non
             assert p.tenant is not None
             tenants.setdefault(p.tenant, []).append(p)
     system = [p for p in principals if p.role != "tenant"]
-    exports = [e for t in sorted(tenants) for e in _tenant_exports(t, s, st)]
+    exports = [e for t in sorted(tenants) for e in _tenant_exports(t, s, st, pools)]
     out = ["accounts {", f"  {SYSTEM_ACCOUNT} {{",
            f"    jetstream: {{ max_mem: {max_mem}, max_file: {max_file} }}",
-           "    users: [", ",\n".join(_system_user(p, s, st) for p in system), "    ]"]
+           "    users: [", ",\n".join(_system_user(p, s, st, bool(pools)) for p in system),
+           "    ]"]
     if exports:
         out += ["    exports: [", ",\n".join(exports), "    ]"]
     out.append("  }")
-    out += [_tenant_account(t, users, s, st) for t, users in sorted(tenants.items())]
+    out += [_tenant_account(t, users, s, st, pools) for t, users in sorted(tenants.items())]
     out.append("}")
     return "\n".join(out) + "\n"
 

@@ -103,15 +103,7 @@ class Claims:
             self._wrote(start)
             return True
         except KeyWrongLastSequenceError:
-            try:
-                entry = await kv.get(key)
-            except KeyNotFoundError:
-                return False  # expired just now: the next try wins it
-            if entry.value == self.holder.encode() and entry.revision is not None:
-                # Ours from before a reconnect or a pause: written again, so it holds
-                # a full ttl from now (the fence counts on it).
-                return await self._rewrite(kv, request_id, entry.revision, start)
-            return False
+            return await self._reclaim(kv, request_id, start)
         except BucketNotFoundError:
             self._kv = None  # the bucket went with a lost store: opened again next time
             raise
@@ -136,6 +128,29 @@ class Claims:
         self._wrote(start)
         return True
 
+    async def _reclaim(self, kv: KeyValue, request_id: str, start: float) -> bool:
+        """A write refused over a revision we never saw: read the entry back. Still ours
+        (from before a reconnect or a pause, or our last write landed and its answer
+        was lost) it is written again, so it holds a full ttl from now (the fence counts
+        on it); gone (expired just now) or another holder's: False."""
+        try:
+            entry = await kv.get(claim_key(request_id))
+        except KeyNotFoundError:
+            return False
+        if entry.value != self.holder.encode() or entry.revision is None:
+            return False
+        return await self._rewrite(kv, request_id, entry.revision, start)
+
+    async def _still_ours(self, request_id: str, start: float) -> bool | None:
+        """A renewal refused over a revision we never saw (a cluster node killed
+        mid-write): `_reclaim`, with None when the broker did not answer."""
+        assert self._kv is not None
+        try:
+            return await self._reclaim(self._kv, request_id, start)
+        except Exception as exc:  # broker away
+            log.debug("claim of %s not read back: %s", request_id, exc)
+            return None
+
     async def release(self, request_id: str) -> None:
         rev = self._held.pop(request_id, None)
         if rev is None or self._kv is None:
@@ -156,7 +171,13 @@ class Claims:
                     assert self._kv is not None
                     self._held[rid] = await self._kv.update(
                         claim_key(rid), self.holder.encode(), last=rev)
-                except KeyWrongLastSequenceError:  # expired and taken: we are not the runner
+                except KeyWrongLastSequenceError:  # expired and taken, or our own write
+                    ours = await self._still_ours(rid, start)
+                    if ours:
+                        continue
+                    if ours is None:  # could not tell: the next round asks again
+                        renewed = False
+                        continue
                     self._held.pop(rid, None)
                     log.warning("claim on %s lost", rid)
                     if self._on_lost is not None:

@@ -62,7 +62,7 @@ from cplane.bus.stream_config import (
 )
 from cplane.schemas.messages import PRIORITIES, Role
 from cplane.schemas.settings import Settings
-from cplane.schemas.subjects import consumer_for_work
+from cplane.schemas.subjects import DEFAULT_PARTITION, consumer_for_work, partition_token
 
 log = logging.getLogger("cplane.provision")
 T = TypeVar("T")
@@ -185,10 +185,17 @@ async def ensure_consumer(js: JetStreamContext, stream: str, cfg: ConsumerConfig
         log.warning("consumer %s on %s kept as is: %s", cfg.durable_name, stream, exc)
 
 
-async def ensure_request_consumers(js: JetStreamContext, settings: Settings) -> None:
-    for p in PRIORITIES:
-        cfg = request_consumer_config(settings, settings.subjects, p)
-        await ensure_consumer(js, settings.streams.req.name, cfg)
+async def ensure_request_consumers(js: JetStreamContext, settings: Settings,
+                                   pool: str | None = None) -> None:
+    """Each priority's request consumer of one partition (`pool`: its token), or, None,
+    of every partition the settings name (unpartitioned: the default's alone, which
+    reads every request subject there is)."""
+    pools = ([DEFAULT_PARTITION, *map(partition_token, settings.orchestrator.partitions)]
+             if pool is None else [pool])
+    for one in pools:
+        for p in PRIORITIES:
+            cfg = request_consumer_config(settings, settings.subjects, p, one)
+            await ensure_consumer(js, settings.streams.req.name, cfg)
 
 
 async def ensure_work_consumer(

@@ -23,6 +23,7 @@ from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableEr
 from cplane.bus.outcome import StoredPublisher
 
 OnRetry = Callable[[Exception], Awaitable[None]]
+_WRONG_LAST_SEQUENCE = 10071  # JetStream: the expected last sequence is not the stored one
 
 
 class StoreResult(enum.Enum):
@@ -31,7 +32,13 @@ class StoreResult(enum.Enum):
     # within the window: this try's own earlier copy, or another writer's.
     DUPLICATE = "duplicate"
     REFUSED = "refused"  # the stream refused it (limits, a bad subject...): not stored
+    # Refused because an expected last (subject) sequence header did not hold: a
+    # newer message was stored there first (a run fence, workers/run_fence.py).
+    CONFLICT = "conflict"
     GAVE_UP = "gave_up"  # unanswered until half the window, or still_valid() said no
+    # still_valid() said no before the first try (the caller lost the message while
+    # it waited to write it, e.g. paused past its lease): nothing was published.
+    NOT_SENT = "not_sent"
 
     @property
     def stored(self) -> bool:
@@ -61,18 +68,23 @@ async def publish_until_stored(
     other than 503 "temporarily unavailable") ends it at once. Otherwise it
     tries again every `retry_s` until `window_s / 2` have passed since the
     call, or `still_valid()` turns False (the caller no longer owns the
-    message: lost leadership, closed connection). `on_retry(exc)` runs after
+    message: lost leadership, closed connection); False before the first try is
+    NOT_SENT: nothing went out. `on_retry(exc)` runs after
     each failed try, before the next one (wait for the connection, re-create a
     stream, count the retry); what it raises propagates.
     """
     deadline = time.monotonic() + window_s / 2
+    if not still_valid():  # checked again at the write: a pause may have come since
+        return StoreResult.NOT_SENT
     while True:
         try:
             ack = await store.publish(subject, data, msg_id, headers)
             return StoreResult.DUPLICATE if ack.get("duplicate") else StoreResult.STORED
         except (NoStreamResponseError, ServiceUnavailableError) as exc:  # not stored, yet
             error: Exception = exc
-        except APIError:
+        except APIError as exc:
+            if exc.err_code == _WRONG_LAST_SEQUENCE:
+                return StoreResult.CONFLICT
             return StoreResult.REFUSED
         except (TimeoutError, NatsError) as exc:  # no answer: maybe stored
             error = exc

@@ -29,6 +29,7 @@ from cplane.schemas.messages import PRIORITIES, Priority, Role
 from cplane.schemas.settings import Settings, StoreSettings, StreamSettings
 from cplane.schemas.subjects import (
     ANY_TARGET,
+    DEFAULT_PARTITION,
     MODEL_TARGET_PREFIX,
     Subjects,
     consumer_for_priority,
@@ -70,7 +71,7 @@ def _stream_config(
     s: StreamSettings, replicas: int, subjects: list[str], retention: RetentionPolicy,
     discard_new: bool,
     republish: RePublish | None = None, sources: list[StreamSource] | None = None,
-    allow_direct: bool = False,
+    allow_direct: bool = False, allow_msg_ttl: bool | None = None,
 ) -> StreamConfig:
     return StreamConfig(
         name=s.name,
@@ -87,6 +88,7 @@ def _stream_config(
         republish=republish,
         sources=sources,
         allow_direct=allow_direct,
+        allow_msg_ttl=allow_msg_ttl,
     )
 
 
@@ -101,17 +103,22 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
         # One subject pattern per priority: a publish to an unknown priority
         # matches no stream and the publisher gets an error.
         _stream_config(st.req, rep(st.req),
-                       [s for p in PRIORITIES
-                        for s in (subj.requests_of(p), subj.tenant_requests_of(p))],
+                       [s for p in PRIORITIES for s in request_filters(
+                           subj, p, None if settings.orchestrator.partitions
+                           else DEFAULT_PARTITION)],
                        RetentionPolicy.WORK_QUEUE, True),
         _stream_config(st.work, rep(st.work), [subj.work_all], RetentionPolicy.WORK_QUEUE, True),
         # Outputs, chunks and terminals of a request in one stream, so readers get them
         # in the order the worker published them: stored first, then republished
-        # (llm.s.out -> llm.out, llm.s.done -> llm.done). Direct gets: a tenant's own.
-        _stream_config(st.out, rep(st.out), [subj.out_store_all, subj.done_store_all], limits,
+        # (llm.s.out -> llm.out, llm.s.done -> llm.done; run fences, llm.sf, are not
+        # republished). Direct gets: a tenant's own.
+        _stream_config(st.out, rep(st.out), [subj.out_store_all, subj.done_store_all,
+                                            subj.fence_store_all], limits,
                        False, RePublish(src=f"{subj.prefix}.s.*.>",
                                         dest=f"{subj.prefix}.{{{{wildcard(1)}}}}.>"),
-                       allow_direct=True),
+                       # run fences outlive max_age (`Nats-TTL: never`): a run may
+                       # stream longer than LLM_OUT keeps its chunks
+                       allow_direct=True, allow_msg_ttl=True),
         # Terminals kept for days: copied by the server from LLM_OUT. Direct gets:
         # the orchestrator asks for many ids' terminals in one request (bus/replay.py).
         _stream_config(st.done, rep(st.done), [], limits, False, sources=[
@@ -230,12 +237,26 @@ def consumer_differences(
     return diffs
 
 
-def request_consumer_config(settings: Settings, subjects: Subjects, p: Priority) -> ConsumerConfig:
+def request_filters(subjects: Subjects, p: Priority, pool: str | None) -> list[str]:
+    """The request subjects of priority `p` that one consumer reads: one partition's
+    pool token (`DEFAULT_PARTITION`: the forms without one, all an unpartitioned fleet
+    has), or every form (None: the stream's subjects when partitions are configured)."""
+    plain = [subjects.requests_of(p), subjects.tenant_requests_of(p)]
+    if pool == DEFAULT_PARTITION:
+        return plain
+    star = "*" if pool is None else pool
+    return [*(plain if pool is None else []), subjects.pool_requests_of(star, p),
+            subjects.tenant_pool_requests_of(star, p)]
+
+
+def request_consumer_config(settings: Settings, subjects: Subjects, p: Priority,
+                            pool: str = DEFAULT_PARTITION) -> ConsumerConfig:
+    """Priority `p`'s consumer of one partition (its pool token; see `request_filters`)."""
     o = settings.orchestrator
     return ConsumerConfig(
-        durable_name=consumer_for_priority(p),
+        durable_name=consumer_for_priority(p, pool),
         num_replicas=0,  # the stream's replicas and peers (see the module's docstring)
-        filter_subjects=[subjects.requests_of(p), subjects.tenant_requests_of(p)],
+        filter_subjects=request_filters(subjects, p, pool),
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=o.ack_wait_s,
         max_deliver=-1,  # the orchestrator dead-letters at o.max_deliveries itself
@@ -345,6 +366,7 @@ __all__ = [
     "norm_field",
     "replicas_of",
     "request_consumer_config",
+    "request_filters",
     "store_configs",
     "stream_configs",
     "stream_differences",

@@ -41,7 +41,7 @@ from cplane.client.batch_collect import checker_for
 from cplane.client.batch_lines import LineChecker, LineError
 from cplane.client.batch_state import Resubmit, job_id_for, on_resubmit, transition
 from cplane.client.batch_store import JobStore, file_lines
-from cplane.client.sdk import _STREAM_FULL_CODES
+from cplane.client.errors import STREAM_FULL_CODES
 from cplane.schemas.batch import BatchJob, JobState
 from cplane.schemas.codec import encode
 from cplane.schemas.messages import Priority
@@ -160,7 +160,7 @@ async def _publish(js: JetStreamContext, subject: str, data: bytes, rid: str) ->
             await js.publish(subject, data, headers={"Nats-Msg-Id": rid})
             return
         except APIError as exc:
-            if exc.err_code not in _STREAM_FULL_CODES or pause is None:
+            if exc.err_code not in STREAM_FULL_CODES or pause is None:
                 raise
             await asyncio.sleep(pause)
 

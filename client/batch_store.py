@@ -27,6 +27,7 @@ from nats.js.errors import (
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
+from cplane.bus.kv_keys import kv_keys
 from cplane.bus.provision import open_batch_stores
 from cplane.schemas.batch import BatchJob
 from cplane.schemas.settings import Settings
@@ -114,12 +115,8 @@ class JobStore:
     async def list(self) -> list[BatchJob]:
         """Every job record, oldest first.
 
-        Keys from the bucket stream's subject counts, not `kv.keys()`: nats-py's
-        watcher can signal "no more" before it has handed over what the server
-        already delivered, and returns no keys under load."""
-        pre = f"$KV.{self._bucket}."
-        info = await self._js.stream_info(f"KV_{self._bucket}", subjects_filter=f"{pre}>")
-        keys = [subj[len(pre):] for subj in (info.state.subjects or {})]
+        Keys from the bucket stream's subject counts (bus/kv_keys.py), not `kv.keys()`."""
+        keys = await kv_keys(self._js, self._bucket)
         jobs = [job for k in keys if (job := await self.get(k)) is not None]
         return sorted(jobs, key=lambda j: j.created_ms)
 

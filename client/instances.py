@@ -9,8 +9,9 @@ from urllib.parse import urlsplit
 
 import msgspec
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.errors import KeyNotFoundError
 
+from cplane.bus.kv_keys import live_entries
 from cplane.bus.provision import ensure_config_bucket
 from cplane.schemas.codec import encode
 from cplane.schemas.instances import INSTANCE_KEY_PREFIX, InstanceSpec, instance_key
@@ -65,17 +66,13 @@ async def unregister_instance(js: JetStreamContext, settings: Settings, instance
 async def list_instances(js: JetStreamContext, settings: Settings) -> list[InstanceSpec]:
     """Every registered instance, by id."""
     kv = await ensure_config_bucket(js, settings)
-    try:
-        keys = [k for k in await kv.keys() if k.startswith(INSTANCE_KEY_PREFIX)]
-    except NoKeysError:
-        return []
+    entries = await live_entries(js, kv, settings.subjects.config_bucket, INSTANCE_KEY_PREFIX)
     specs = []
-    for key in sorted(keys):
+    for key in sorted(entries):
         try:
-            entry = await kv.get(key)
-            specs.append(_decoder.decode(entry.value or b""))
-        except (KeyNotFoundError, msgspec.DecodeError, msgspec.ValidationError):
-            continue  # deleted meanwhile, or not ours to read
+            specs.append(_decoder.decode(entries[key].value or b""))
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            continue  # not ours to read
     return specs
 
 

@@ -18,7 +18,8 @@ Promises:
   saw, they are replayed from LLM_OUT too; chunks gone from there as well
   (aged out of its retention) end the iteration with StreamGap, which
   carries the complete Final: a stream never ends with a gap it did not
-  report.
+  report. A request quiet for 5 s reads what is stored too, then again at
+  doubling intervals: a live copy can be lost without a reconnect (quiet.py).
 - `generate()` and `stream()` never wait forever: without a `timeout` they
   use the client's `default_timeout_s` (300 s unless given to `Client` /
   `Client.connect`; None waits without bound). On timeout they cancel the
@@ -44,12 +45,19 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.errors import MaxPayloadError, NoRespondersError
 from nats.js.api import DeliverPolicy
-from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from cplane.bus import tracing
 from cplane.bus.credentials import ConnectErrors, cannot_reach, connect_options, server_list
+from cplane.client.errors import (
+    Overloaded,
+    RejectedAtPublish,
+    RequestFailed,
+    StreamGap,
+    publish_error,
+)
+from cplane.client.quiet import QuietWatch
 from cplane.client.results import Start, StoredResult, stored_results
 from cplane.schemas import trace
 from cplane.schemas.codec import encode, output_decoder
@@ -60,42 +68,14 @@ from cplane.schemas.subjects import (
     INTERACTIVE_GROUP,
     RESERVED_GROUPS,
     Subjects,
+    pool_of,
     scoped,
     valid_token,
 )
 
 log = logging.getLogger("cplane.client")
-_STREAM_FULL_CODES = {10077, 10078, 10047}  # max msgs / max bytes / storage resources
 DEFAULT_TIMEOUT_S = 300.0  # generate()/stream() without a timeout wait at most this long
 _RECOVERY_ATTEMPTS = 12  # JetStream may answer 503 for a moment after a broker restart
-
-
-class RequestFailed(Exception):
-    """The request ended with an ErrorReply."""
-
-    def __init__(self, error: ErrorReply) -> None:
-        super().__init__(f"{error.code}: {error.message}")
-        self.error = error
-
-
-class StreamGap(Exception):
-    """The stream ended with chunks it never delivered: seen neither live nor in LLM_OUT
-    (aged out of its retention). `final` is the whole answer (its `text` is
-    complete); `missing` is the range of seqs no reader can get any more."""
-
-    def __init__(self, final: Final, first_missing: int) -> None:
-        super().__init__(f"{final.request_id}: chunks {first_missing}..{final.chunks - 1} "
-                         "were never delivered and are no longer stored")
-        self.final = final
-        self.missing = range(first_missing, final.chunks)
-
-
-class Overloaded(Exception):
-    """The request stream refused the publish (full): try again later."""
-
-
-class RejectedAtPublish(ValueError):
-    """The request could not be published as given (too large, unknown priority...)."""
 
 
 def new_request_id() -> str:
@@ -266,6 +246,24 @@ class RequestHandle:
         log.warning("%s: could not recover after a reconnect; waiting on live messages",
                     self.request_id)
 
+    def progress(self) -> int:  # QuietWatch's measure: the next seq expected
+        return self._next_seq
+
+    def settled(self) -> bool:  # the terminal is in: `_replay` takes it from there
+        return self._terminal.done()
+
+    async def look_again(self) -> bool:
+        """Quiet for a while: read what is stored, in case its live copy was lost;
+        True when that found output not seen live."""
+        had = (self._next_seq, self._terminal.done())
+        try:
+            if self._pending:  # a gap behind chunks already here
+                await self._replay_stored()
+            await self._lookup_terminal()
+        except Exception as exc:  # the next check asks again
+            log.debug("%s: quiet lookup failed: %s", self.request_id, exc)
+        return (self._next_seq, self._terminal.done()) != had
+
     def _chunks_missing(self) -> bool:
         term = self._terminal.result()
         return isinstance(term, Final) and self._next_seq < term.chunks
@@ -279,6 +277,19 @@ class RequestHandle:
             self._spawn(sub.unsubscribe())
 
     # -- output ----------------------------------------------------------------
+    def ready(self) -> list[TokenChunk]:
+        """The chunks already received and not yet iterated, taken now without waiting
+        (a writer sends them in one write); the stream's end stays for the iterator."""
+        out: list[TokenChunk] = []
+        q = self._chunks
+        while not q.empty():
+            item = q.get_nowait()
+            if item is None:  # always the last item: put back for the iterator
+                q.put_nowait(None)
+                break
+            out.append(item)
+        return out
+
     def __aiter__(self) -> AsyncIterator[TokenChunk]:
         return self._iter(None)
 
@@ -322,7 +333,7 @@ class Client:
 
     def __init__(self, nc: NATS, settings: Settings, *,
                  default_timeout_s: float | None = DEFAULT_TIMEOUT_S,
-                 tenant_view: bool = False) -> None:
+                 tenant_view: bool = False, quiet_lookup_s: float = 5.0) -> None:
         self.nc = nc
         # A tenant's connection (its own account: docs/security.md): the server maps its
         # subjects, and it reads its stored terminals by direct get, nothing else.
@@ -333,6 +344,7 @@ class Client:
         self.default_timeout_s = default_timeout_s
         self._open: set[RequestHandle] = set()  # handles still waiting for output
         self._bg: set[asyncio.Future[None]] = set()
+        self.quiet = QuietWatch(first_s=quiet_lookup_s)  # quiet requests read the store
 
     @classmethod
     async def connect(
@@ -383,6 +395,7 @@ class Client:
         await asyncio.gather(*(h.recover() for h in list(self._open)))
 
     async def close(self) -> None:
+        self.quiet.close()
         for fut in list(self._bg):
             fut.cancel()
         await self.nc.flush()
@@ -441,7 +454,10 @@ class Client:
         self.check(request)
         prio = Priority(priority) if priority else (request.priority or Priority.NORMAL)
         slo = slo_class or request.slo_class or DEFAULT_SLO_CLASS
-        subject = self.subjects.request(prio, slo, None if self.tenant_view else request.tenant)
+        # A model that is a partition: its pool's leader alone reads it (docs/replicas.md).
+        pool = pool_of(request.model, self.settings.orchestrator.partitions)
+        subject = self.subjects.request(prio, slo, None if self.tenant_view else request.tenant,
+                                        pool)
         data = encode(request)
         if len(data) > self.nc.max_payload:
             raise RejectedAtPublish(
@@ -465,13 +481,14 @@ class Client:
             ack = await self.js.publish(subject, data, timeout=timeout, headers=headers)
         except Exception as exc:
             handle.close()
-            mapped = _publish_error(exc, subject)
+            mapped = publish_error(exc, subject)
             if mapped is exc:
                 raise
             raise mapped from exc
         if ack.duplicate:
             handle.duplicate = True
             await handle._lookup_terminal()
+        self.quiet.add(handle)
         return handle
 
     async def attach(self, request_id: str, group: str = INTERACTIVE_GROUP,
@@ -489,6 +506,7 @@ class Client:
             self.subjects.outputs_of(handle.group, request_id), cb=handle._on_msg
         )
         await handle.recover()
+        self.quiet.add(handle)
         return handle
 
     def _timeout(self, timeout: float | None) -> float | None:
@@ -549,14 +567,5 @@ async def _is_tenant_account(nc: NATS) -> bool:
     return False
 
 
-def _publish_error(exc: Exception, subject: str) -> Exception:
-    if isinstance(exc, APIError) and exc.err_code in _STREAM_FULL_CODES:
-        return Overloaded(f"request stream is full ({exc.description}); retry later")
-    if isinstance(exc, NoRespondersError | NoStreamResponseError):
-        return RejectedAtPublish(
-            f"no stream accepts {subject!r}: priority must be one of "
-            f"{[p.value for p in Priority]} and the subject llm.req.<priority>.<slo_class>"
-        )
-    if isinstance(exc, MaxPayloadError):
-        return RejectedAtPublish("request exceeds the server's max_payload")
-    return exc
+__all__ = ["Client", "Overloaded", "RejectedAtPublish", "RequestFailed", "RequestHandle",
+           "StreamGap", "new_request_id"]

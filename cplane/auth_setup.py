@@ -60,7 +60,8 @@ class AuthSetup:
         return str(path)
 
     def config(self, settings: Settings) -> str:
-        return render_accounts(self.principals, settings.subjects, settings.streams)
+        return render_accounts(self.principals, settings.subjects, settings.streams,
+                               partitions=settings.orchestrator.partitions)
 
     def creds(self, name: str) -> str:
         return self.files[name]

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from cplane.instances_cmd import add_parsers as add_instances_parsers
 from cplane.instances_cmd import add_spec_args
+from cplane.plan_cmd import add_parser as add_plan_parser
 from cplane.service_run import run_service
 from cplane.settings_args import add_common, settings_from_args
 from cplane.status_cmd import add_parsers as add_status_parsers
@@ -31,6 +32,8 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
         o["router"] = args.router
     if args.pd_mode:
         o["pd_mode"] = args.pd_mode
+    if args.partitions is not None:
+        o["partitions"] = [m.strip() for m in args.partitions.split(",") if m.strip()]
     settings = settings_from_args(args, orchestrator=o)
     run_service(Orchestrator(settings).run)
     return 0
@@ -60,6 +63,28 @@ def _vllm_options(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
+def _catalogue_prices(args: argparse.Namespace) -> dict[str, Any]:
+    """--price-gpu: the worker's prices from the GPU catalogue and its layout's
+    predicted throughput (fleetsim/pricing.py). A bad GPU or config: exit 2."""
+    from cplane.fleetsim import gpus, model_config
+    from cplane.fleetsim.perf_model import Layout
+    from cplane.fleetsim.pricing import catalogue_prices
+
+    config = args.price_model or args.model
+    if not config or not (Path(config) / "config.json").is_file():
+        raise SystemExit(f"--price-gpu needs a model directory with config.json (--price-model "
+                         f"or --model); got {config!r}")
+    extra = _vllm_options(args).get("extra_engine_args", {})
+    lay = Layout(tp=int(extra.get("tensor_parallel_size") or 1),
+                 pp=int(extra.get("pipeline_parallel_size") or 1))
+    try:
+        p = catalogue_prices(model_config.load(config), gpus.gpu(args.price_gpu), lay)
+    except (KeyError, ValueError) as exc:
+        raise SystemExit(f"--price-gpu {args.price_gpu}: {exc}") from None
+    return {"price_in_per_1k": p.in_per_1k, "price_out_per_1k": p.out_per_1k,
+            "price_source": p.source}
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from cplane.workers.factory import build_engine
     from cplane.workers.runtime import Worker
@@ -72,6 +97,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     for key in ("worker_id", "model", "capacity"):
         if getattr(args, key) is not None:
             w[key] = getattr(args, key)
+    if args.price_gpu:
+        w.update(_catalogue_prices(args))
     sim: dict[str, Any] = {"zero_cost": True} if args.zero_cost else {}
     settings = settings_from_args(args, worker=w, sim=sim)
     engine = build_engine(args.engine, settings, _vllm_options(args))
@@ -365,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--router", default=None, help="a router plugin: " + ", ".join(
         _plugin_names("router")))
     p.add_argument("--pd-mode", choices=["never", "always", "auto", "adaptive"], default=None)
+    p.add_argument("--partitions", default=None, metavar="M1,M2",
+                   help="models whose pools get a leader of their own (orchestrator."
+                        "partitions; every replica and client the same list)")
     p.set_defaults(fn=cmd_orchestrator)
 
     p = sp.add_parser("worker", help="run a worker hosting one engine, or fronting remote "
@@ -393,6 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="the name requests use")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     p.add_argument("--engine-arg", action="append", help="any AsyncEngineArgs field: KEY=VALUE")
+    p.add_argument("--price-gpu", default=None, help="derive this worker's prices from the GPU "
+                   "catalogue (e.g. h100-80gb): GPU-hours over the layout's predicted tokens/s")
+    p.add_argument("--price-model", default=None, help="with --price-gpu: the model directory "
+                   "(config.json) to price, when --model is not one (sim workers)")
     p.set_defaults(fn=cmd_worker)
 
     p = sp.add_parser("generate", help="send one request and stream its text")
@@ -458,6 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = bp.add_parser("policies", help="policies x routers on a trace, in the fleet simulator")
     _bench_arguments(p)
     p.set_defaults(fn=cmd_bench_policies)
+
+    add_plan_parser(sp)  # plan, plan predict
 
     p = sp.add_parser("schema", help="export the wire types as JSON Schema")
     p.add_argument("--out", default=None, help="directory for one file per type")

@@ -10,6 +10,11 @@ crossing. Results go to DIR/results.json, DIR/goodput.png, DIR/ttft_cdf.png.
 A trace without tenants, priorities or SLO classes gets them by the seeded
 rule of `fleetsim.workload.assign_classes` (per request id, so a slice keeps
 its requests' classes), with the mixes given on the command line.
+
+The workload is a trace (`--trace`), a named family sized to the fleet
+(`--family`, see fleetsim/families.py), or the plain synthetic stream.
+`--load-per-worker` rescales any of them to an offered load per worker;
+`--write-trace FILE` writes the workload as Mooncake JSONL instead of running.
 """
 
 from __future__ import annotations
@@ -27,11 +32,18 @@ import orjson
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cplane.fleetsim import metrics, plots, report
-from cplane.fleetsim.records import DEFAULT_SLOS, TraceRequest
+from cplane.fleetsim import families, metrics, plots, report
+from cplane.fleetsim.records import DEFAULT_SLOS, SloTarget, TraceRequest
 from cplane.fleetsim.sim import FleetSpec, simulate
 from cplane.fleetsim.synthetic import LengthDist, SyntheticSpec, generate
-from cplane.fleetsim.workload import assign_classes, load_trace, scale_rate, slice_requests, summary
+from cplane.fleetsim.workload import (
+    assign_classes,
+    load_trace,
+    scale_rate,
+    slice_requests,
+    summary,
+    write_mooncake,
+)
 from cplane.orchestrator import plugins
 from cplane.orchestrator.dispatch import DispatchConfig
 
@@ -89,8 +101,17 @@ def _params_for(policy: str, given: Sequence[str] | None, kind: str = "policy"
     return out
 
 
-def workload(args: argparse.Namespace) -> list[TraceRequest]:
-    if args.trace:
+def _fleet_size(args: argparse.Namespace) -> int:
+    return int(args.workers + args.prefill_workers + args.decode_workers)
+
+
+def shaped(args: argparse.Namespace) -> list[TraceRequest]:
+    """The workload's requests, sliced and at their rate, before classes are assigned."""
+    n = _fleet_size(args)
+    if args.family:
+        reqs = families.family_workload(args.family, n, requests=args.requests, seed=args.seed,
+                                        tokens_per_worker_s=args.load_per_worker)
+    elif args.trace:
         reqs = load_trace(args.trace)
     else:
         reqs = generate(SyntheticSpec(rate_per_s=args.synthetic_rate, count=args.requests or 2000,
@@ -101,9 +122,15 @@ def workload(args: argparse.Namespace) -> list[TraceRequest]:
                                       prefix_share=args.prefix_share if args.prefix_groups else 0),
                         seed=args.seed)
     reqs = slice_requests(reqs, start=args.start, count=args.requests)
+    if args.load_per_worker and not args.family:
+        reqs = families.at_load(reqs, n, args.load_per_worker)
     if args.rate_scale != 1.0:
         reqs = scale_rate(reqs, args.rate_scale)
-    reqs = assign_classes(reqs, seed=args.seed, tenants=_mix(args.tenants),
+    return reqs
+
+
+def workload(args: argparse.Namespace) -> list[TraceRequest]:
+    reqs = assign_classes(shaped(args), seed=args.seed, tenants=_mix(args.tenants),
                           levels=_mix(args.levels, int), slo_classes=_mix(args.slo_classes))
     return with_batch_job(reqs, args.batch_requests, args.batch_at_s * 1000)
 
@@ -126,38 +153,54 @@ def _rate(reqs: Sequence[TraceRequest]) -> float:
 
 
 def sweep(reqs: Sequence[TraceRequest], fleet: FleetSpec, cfg: DispatchConfig, *, seed: int,
-          refine: int, max_points: int = 14, threshold: float = 0.9
-          ) -> list[tuple[float, float]]:
+          refine: int, max_points: int = 14, threshold: float = 0.9,
+          slos: Mapping[str, SloTarget] = DEFAULT_SLOS) -> list[tuple[float, float]]:
     """(request rate, attainment) points: doubling (or halving, when the trace's own
-    rate fails) to the crossing, then bisection."""
+    rate fails) to the crossing, then bisection. `slos`: the targets per class."""
     base = _rate(reqs)
     points: dict[float, float] = {}
 
     def at(factor: float) -> float:
         run = simulate(scale_rate(reqs, factor), fleet, cfg, seed=seed)
-        att = metrics.summarize(run)["attainment"] or 0.0
+        att = metrics.summarize(run, slos)["attainment"] or 0.0
         points[base * factor] = att
         return att
 
+    crossing(at, refine=refine, max_points=max_points, threshold=threshold)
+    return sorted(points.items())
+
+
+def crossing(at: Callable[[float], float], *, refine: int, max_points: int = 14,
+             threshold: float = 0.9) -> None:
+    """The sweep's search over rate factors: `at(factor)` runs one point (factor 1 =
+    the workload's own rate) and returns its attainment. Doubles while it passes (or
+    halves until it does), then bisects `refine` times; at most `max_points` calls,
+    each at a new factor (so a caller may run one simulation for several SLOs)."""
+    calls = 0
+
+    def run(factor: float) -> float:
+        nonlocal calls
+        calls += 1
+        return at(factor)
+
     lo, hi = 0.0, 1.0
-    if at(hi) >= threshold:  # up: double while it passes
+    if run(hi) >= threshold:  # up: double while it passes
         lo, hi = hi, hi * 2
-        while len(points) < max_points and at(hi) >= threshold:
+        while calls < max_points and run(hi) >= threshold:
             lo, hi = hi, hi * 2
     else:  # down: the trace's own rate is already too much; halve until it passes
         lo, passed = hi, False
-        while not passed and len(points) < max_points // 2:
+        while not passed and calls < max_points // 2:
             lo, hi = lo / 2, lo
-            passed = at(lo) >= threshold
+            passed = run(lo) >= threshold
         if not passed:
             lo = 0.0
     for _ in range(refine if lo > 0 else 0):
         mid = (lo + hi) / 2
-        if at(mid) >= threshold:
+        if run(mid) >= threshold:
             lo = mid
         else:
             hi = mid
-    return sorted(points.items())
 
 
 def run_all(args: argparse.Namespace, console: Console) -> dict[str, Any]:
@@ -216,7 +259,8 @@ def run_all(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         "prefix_bound": (metrics.shared_cache_bound(reqs, per_worker * n_cached)
                          if any(r.block_hashes for r in reqs) else None),
         "command": "cplane bench " + " ".join(sys.argv[2:] if args.argv is None else args.argv),
-        "trace": str(args.trace) if args.trace else "synthetic",
+        "trace": (f"family {args.family}" if args.family else
+                  str(args.trace) if args.trace else "synthetic"),
         "workload": summary(reqs), "sweep_requests": len(swept),
         "fleet": msgspec.to_builtins(fleet),
         "slos": {k: asdict(v) for k, v in DEFAULT_SLOS.items()},
@@ -233,6 +277,15 @@ def run_all(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", default=None,
                    help="Azure CSV or Mooncake JSONL (default: a synthetic workload)")
+    p.add_argument("--family", default=None, choices=sorted(families.FAMILIES),
+                   help="a named synthetic family sized to the fleet (fleetsim/families.py; "
+                        "default length: %d requests per worker)" % families.REQUESTS_PER_WORKER)
+    p.add_argument("--load-per-worker", type=float, default=None, metavar="TOKENS_S",
+                   help="rescale arrivals to offer this many prompt+output tokens per worker "
+                        "per second (%g = the Mooncake trace on 8 workers; default: a family's "
+                        "own load, a trace's own rate)" % families.LOAD_TOKENS_PER_WORKER_S)
+    p.add_argument("--write-trace", default=None, metavar="FILE",
+                   help="write the workload as Mooncake JSONL (usable as --trace) and exit")
     p.add_argument("--workers", type=int, default=8, help="unified workers")
     p.add_argument("--prefill-workers", type=int, default=0)
     p.add_argument("--decode-workers", type=int, default=0)
@@ -269,7 +322,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a batch job of this many lines submitted at once on top")
     p.add_argument("--batch-at-s", type=float, default=0.0, help="when it is submitted")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="folder for results.json and the plots")
+    p.add_argument("--out", default=None,
+                   help="folder for results.json and the plots (required unless --write-trace)")
 
 
 def main(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
@@ -280,6 +334,14 @@ def main(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
         raise ValueError("the fleet needs at least one unified or prefill worker")
     if (args.prefill_workers > 0) != (args.decode_workers > 0):
         raise ValueError("PD needs both --prefill-workers and --decode-workers")
+    if args.family and args.trace:
+        raise ValueError("give --trace or --family, not both")
+    if args.write_trace:
+        n = write_mooncake(shaped(args), args.write_trace)
+        console.print(f"wrote {n} requests to {args.write_trace}")
+        return 0
+    if not args.out:
+        raise ValueError("--out is required (a folder for results.json and the plots)")
     args.argv = list(argv) if argv is not None else None
     payload = run_all(args, console)
     console.print(report.table(payload["results"], title=_title(payload)))
@@ -301,4 +363,4 @@ def _title(payload: Mapping[str, Any]) -> str:
             f"{f['workers']} workers (+{f['prefill_workers']}P/{f['decode_workers']}D)")
 
 
-__all__ = ["add_arguments", "main", "run_all", "sweep", "workload"]
+__all__ = ["add_arguments", "crossing", "main", "run_all", "shaped", "sweep", "workload"]

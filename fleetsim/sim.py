@@ -49,6 +49,13 @@ class FleetSpec:
     capacity: int = 64  # slots per worker (worker.capacity)
     model: str = "sim"
     engine: SimSettings = field(default_factory=SimSettings)
+    # Per-worker engines and slots (unified, then prefill, then decode workers, in
+    # order; fleetsim/engine_model.py builds them from a parallel layout). Empty =
+    # every worker runs `engine` with `capacity` slots.
+    worker_engines: tuple[SimSettings, ...] = ()
+    worker_capacities: tuple[int, ...] = ()
+    # ...and the GPUs each engine spans (heartbeats: Request.parallelism_hint); empty = 1.
+    worker_parallelism: tuple[int, ...] = ()
     # Messaging delays: medians measured on the live stack (bench/fidelity.py: one
     # nats-server, orchestrator and sim workers as processes on one 2-core host;
     # 2026-11-29). Under load they are shorter than on an idle stack (token 0.5 vs 1.0).
@@ -67,6 +74,9 @@ class FleetSpec:
     plan_ms: float = 1.0  # a plan and its publishes keep the orchestrator busy this long
     horizon_ms: float = 3_600_000.0  # stop this long after the last arrival
     max_run_steps: int = 0  # decode steps priced at once at most (0 = to the next finish)
+    # A step with prefills and decodes is one forward pass (vLLM V1), not a prefill
+    # pass then a decode pass (the engine model's sum): fleetsim/worker.py `fused_ms`.
+    fused_steps: bool = False
     # Workers forward their engine's prefix-cache events this often (worker.kv_events_ms;
     # 0 = none: prefix routers know only what they sent). Arrive `kv_ms` later.
     kv_events_ms: float = 0.0
@@ -103,11 +113,14 @@ class Simulation:
         self.workers: dict[str, SimWorker] = {}
         roles = ((Role.UNIFIED, fleet.workers, "u"), (Role.PREFILL, fleet.prefill_workers, "p"),
                  (Role.DECODE, fleet.decode_workers, "d"))
-        for role, n, tag in roles:
-            for i in range(n):
-                wid = f"{tag}{i:03d}"
-                self.workers[wid] = SimWorker(wid, role, fleet.model, fleet.capacity,
-                                              fleet.engine, cfg.max_batch, fleet.max_run_steps)
+        n_all = fleet.workers + fleet.prefill_workers + fleet.decode_workers
+        for seq, (role, i, tag) in enumerate((r, i, t) for r, n, t in roles for i in range(n)):
+            wid = f"{tag}{i:03d}"
+            self.workers[wid] = SimWorker(
+                wid, role, fleet.model, _per_worker(fleet.worker_capacities, seq, n_all,
+                                                    fleet.capacity),
+                _per_worker(fleet.worker_engines, seq, n_all, fleet.engine), cfg.max_batch,
+                fleet.max_run_steps, fleet.fused_steps)
         self._of_role = {r: [w for w in self.workers.values() if w.role is r] for r in Role}
         self.pools: dict[Role, list[_Msg]] = {r: [] for r in Role}  # the `any` subjects
         self.own: dict[str, list[_Msg]] = {w: [] for w in self.workers}
@@ -256,14 +269,14 @@ class Simulation:
             msg = own.pop(0) if own else pool.pop(0)
             for it in msg.items:
                 it.rec.worker = w.worker_id
-            w.take(msg.items, self.now, self._kv_delay(msg.items))
+            w.take(msg.items, self.now, self._kv_delay(w, msg.items))
             w.last_pull = self.now
             took = True
         if took:
             self._kick(w)
 
-    def _kv_delay(self, items: list[Item]) -> float:
-        s = self.fleet.engine
+    def _kv_delay(self, w: SimWorker, items: list[Item]) -> float:
+        s = w.core.s  # the receiving engine's link (the fleet's engine unless per worker)
         if not items or not items[0].transferred:
             return 0.0
         return s.kv_transfer_a_ms + s.kv_transfer_b_ms * items[0].rec.req.prompt_tokens
@@ -334,6 +347,7 @@ class Simulation:
     def _heartbeat(self) -> None:
         views = []
         prices = self.fleet.prices
+        n_all = len(self.workers)
         for i, w in enumerate(self.workers.values()):
             core = w.core
             s = core.s
@@ -344,7 +358,8 @@ class Simulation:
                 held_items=w.held, running=len(core.running), waiting=len(core.waiting),
                 kv_usage=core.kv_used / s.kv_tokens if s.kv_tokens else 0.0,
                 last_seen_ms=self.now, price_in_per_1k=p_in, price_out_per_1k=p_out,
-                ttft_ms_avg=lat.ttft_ms if lat else 0.0, tpot_ms_avg=lat.tpot_ms if lat else 0.0))
+                ttft_ms_avg=lat.ttft_ms if lat else 0.0, tpot_ms_avg=lat.tpot_ms if lat else 0.0,
+                parallelism=_per_worker(self.fleet.worker_parallelism, i, n_all, 1)))
         self.view = FleetView(tuple(views))
         self.orch.core.state.since.heard_all()
         self.samples.append((self.now, tuple(
@@ -374,6 +389,15 @@ class Simulation:
             self._at(self.now + self.fleet.kv_ms, _KV, batch)
         if self.finished < len(self.records):
             self._at(self.now + self.fleet.kv_events_ms, _KV)
+
+
+def _per_worker(values: Sequence[Any], seq: int, n: int, default: Any) -> Any:
+    """Worker `seq`'s entry of a per-worker tuple (empty = `default` for all)."""
+    if not values:
+        return default
+    if len(values) != n:
+        raise ValueError(f"{len(values)} per-worker entries for {n} workers")
+    return values[seq]
 
 
 def simulate(reqs: Sequence[TraceRequest], fleet: FleetSpec, cfg: DispatchConfig, *,

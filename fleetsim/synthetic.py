@@ -10,7 +10,8 @@ Model of a request stream:
 - Lengths: lognormal with the given mean and shape `sigma`, rounded and
   clamped to [min, max].
 - Shared prefixes: a fraction `prefix_share` of conversations belongs to one
-  of `prefix_groups` groups (picked uniformly); its prompt is the group's
+  of `prefix_groups` groups (picked uniformly, or with Zipf weights
+  1/rank**`group_skew` when that is positive); its prompt is the group's
   `prefix_tokens` (a common system prompt) followed by a drawn suffix, so its
   leading `prefix_tokens // block_tokens` block hashes are the group's.
 - Sessions: a fraction `session_share` of requests is a turn of one of
@@ -24,6 +25,8 @@ Model of a request stream:
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import random
 from collections.abc import Mapping
@@ -86,6 +89,7 @@ class SyntheticSpec:
     prefix_groups: int = 0
     prefix_tokens: int = 1024
     prefix_share: float = 0.0  # fraction of conversations that start with a group prefix
+    group_skew: float = 0.0  # Zipf exponent of group popularity (0 = uniform)
     sessions: int = 0
     session_share: float = 0.0  # fraction of requests that are a turn of a session
     tenants: Mapping[str, float] = field(default_factory=lambda: {"default": 1.0})
@@ -100,6 +104,8 @@ class SyntheticSpec:
             raise ValueError("rate_per_s, cv and block_tokens must be positive")
         if self.arrivals not in ("poisson", "gamma"):
             raise ValueError(f"unknown arrivals {self.arrivals!r}")
+        if self.group_skew < 0:
+            raise ValueError("group_skew must be >= 0")
         if not (0 <= self.prefix_share <= 1 and 0 <= self.session_share <= 1):
             raise ValueError("prefix_share and session_share must be in [0, 1]")
         if any(v not in range(5) for v in self.levels):
@@ -125,12 +131,20 @@ class _Gen:
         self.next_block = 0
         per_group = spec.prefix_tokens // spec.block_tokens
         self.groups = [self.fresh(per_group) for _ in range(spec.prefix_groups)]
+        weights = [1.0 / (k + 1) ** spec.group_skew for k in range(spec.prefix_groups)]
+        self.group_cum = list(itertools.accumulate(w / sum(weights) for w in weights))
         self.sessions = [_Session() for _ in range(spec.sessions)]
 
     def fresh(self, n: int) -> list[int]:
         ids = list(range(self.next_block, self.next_block + n))
         self.next_block += n
         return ids
+
+    def group(self) -> int:
+        """A group's index: uniform (as before skew existed, so old seeds replay) or Zipf."""
+        if self.spec.group_skew == 0:
+            return self.rng.randrange(len(self.groups))
+        return min(bisect.bisect_right(self.group_cum, self.rng.random()), len(self.groups) - 1)
 
     def gap_ms(self) -> float:
         s = self.spec
@@ -149,7 +163,7 @@ class _Gen:
         s, r = self.spec, self.rng
         drawn = s.prompt.draw(r)
         if self.groups and r.random() < s.prefix_share:
-            prefix = self.groups[r.randrange(len(self.groups))]
+            prefix = self.groups[self.group()]
             tokens = min(s.prompt.max, s.prefix_tokens + drawn)
             n = tokens // s.block_tokens
             return tokens, prefix[:n] + self.fresh(n - min(n, len(prefix)))

@@ -56,13 +56,15 @@ class SimWorker:
     """A worker with `capacity` slots; takes whole work messages while it has a free slot."""
 
     def __init__(self, worker_id: str, role: Role, model: str, capacity: int,
-                 engine: SimSettings, max_batch: int, max_run_steps: int = 0) -> None:
+                 engine: SimSettings, max_batch: int, max_run_steps: int = 0,
+                 fused_steps: bool = False) -> None:
         self.worker_id = worker_id
         self.role = role
         self.model = model
         self.capacity = capacity
         self.max_batch = max_batch
         self.max_run_steps = max_run_steps
+        self.fused_steps = fused_steps
         self.core = StepCore(engine)
         self.held = 0  # items taken, not finished
         self.run: Run | None = None
@@ -101,6 +103,8 @@ class SimWorker:
         step = core.plan(now_ms)
         if step is None:
             return None
+        if self.fused_steps and step.prefills and step.decodes:
+            step.ms = fused_ms(core.s, step.ms, len(step.decodes))
         self.version += 1
         if step.admitted or core.waiting:
             return self._set(Run(now_ms, now_ms + step.ms, 1, step, version=self.version))
@@ -170,4 +174,15 @@ class SimWorker:
         return done  # type: ignore[return-value]
 
 
-__all__ = ["Item", "Run", "SimSeq", "SimWorker"]
+def fused_ms(s: SimSettings, ms: float, decodes: int) -> float:
+    """A step that prefills and decodes as one forward pass (vLLM V1's mixed batch with
+    chunked prefill): StepCore prices it as a prefill pass then a decode pass (V0's
+    order), so the weights are read and the step's overhead paid twice. Fused, the
+    decode side's fixed cost (`decode_a_ms`) is not paid again; its tokens ride the
+    prefill's linear layers instead (`prefill_b_ms` each); its KV reads remain."""
+    if s.zero_cost:
+        return ms
+    return max(0.0, ms - s.decode_a_ms + s.prefill_b_ms * decodes)
+
+
+__all__ = ["Item", "Run", "SimSeq", "SimWorker", "fused_ms"]

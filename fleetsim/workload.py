@@ -4,7 +4,9 @@ Traces (`load_trace` picks by suffix):
 - Azure LLM inference CSV (`TIMESTAMP,ContextTokens,GeneratedTokens`): ids
   `az-<row>`, no block hashes.
 - Mooncake JSONL (`timestamp` ms, `input_length`, `output_length`,
-  `hash_ids`, one id per 512-token block): ids `mc-<record>`.
+  `hash_ids`, one id per 512-token block): ids `mc-<record>`. An optional
+  `session` string (not in Mooncake's own files; `write_mooncake` adds it)
+  keeps a conversation's turns together.
 Both are returned in file order, with arrival_ms relative to the first row
 (row/record numbers count from 0, header and blank lines excluded).
 
@@ -49,6 +51,7 @@ __all__ = [
     "scale_rate",
     "slice_requests",
     "summary",
+    "write_mooncake",
 ]
 
 _AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
@@ -128,7 +131,11 @@ def _mooncake_record(line: bytes, n: int) -> tuple[float, TraceRequest]:
         raise ValueError("hash_ids must be a list of integers")
     prompt = _count(rec["input_length"], "input_length")
     output = _count(rec["output_length"], "output_length")
-    return float(ts), TraceRequest(f"mc-{n}", float(ts), prompt, output, tuple(hashes))
+    session = rec.get("session", "")
+    if not isinstance(session, str):
+        raise ValueError(f"session must be a string, got {session!r}")
+    return float(ts), TraceRequest(f"mc-{n}", float(ts), prompt, output, tuple(hashes),
+                                   session=session)
 
 
 def load_mooncake(path: str | Path, *, limit: int | None = None) -> list[TraceRequest]:
@@ -149,6 +156,27 @@ def load_mooncake(path: str | Path, *, limit: int | None = None) -> list[TraceRe
                 t0 = ts
             out.append(replace(req, arrival_ms=ts - t0))
     return out
+
+
+def write_mooncake(reqs: Iterable[TraceRequest], path: str | Path) -> int:
+    """Write `reqs` as Mooncake JSONL (integer ms timestamps, in arrival order), with
+    `session` where a request has one; returns the number of records.
+
+    `load_mooncake` reads it back with the same lengths, hashes and sessions
+    (arrivals rounded to the millisecond, ids renumbered `mc-<record>`).
+    """
+    n = 0
+    with open(path, "wb") as f:
+        for r in sorted(reqs, key=lambda r: r.arrival_ms):
+            rec: dict[str, Any] = {"timestamp": round(r.arrival_ms),
+                                   "input_length": r.prompt_tokens,
+                                   "output_length": r.output_tokens,
+                                   "hash_ids": list(r.block_hashes)}
+            if r.session:
+                rec["session"] = r.session
+            f.write(orjson.dumps(rec) + b"\n")
+            n += 1
+    return n
 
 
 def load_trace(path: str | Path, **kw: Any) -> list[TraceRequest]:

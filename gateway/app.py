@@ -40,6 +40,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from cplane.client.sdk import (
     Client,
@@ -86,6 +87,7 @@ class Gateway:
         self.client = client
         self.models = models
         self.metrics = metrics
+        metrics.watch_quiet(client.quiet)
         self._bg: set[asyncio.Future[None]] = set()  # cancels in flight
         self.batches = BatchApi(client, settings)
 
@@ -100,10 +102,30 @@ class Gateway:
         ]
 
     def app(self) -> Guard:
-        """The ASGI app: the routes behind the guard."""
+        """The ASGI app: the routes behind the guard. The two completion routes are
+        called directly (`_fast`), the rest through Starlette's router."""
         routes = Starlette(routes=self.routes(), exception_handlers={
             HTTPException: _http_error, BodyRefused: self._body_refused})
-        return Guard(routes, self.cfg, self.metrics)
+        fast = {"/v1/chat/completions": om.Kind.CHAT, "/v1/completions": om.Kind.COMPLETION}
+
+        async def dispatch(scope: Scope, receive: Receive, send: Send) -> None:
+            kind = fast.get(scope["path"]) if scope["method"] == "POST" else None
+            if kind is None:
+                await routes(scope, receive, send)
+            else:
+                await self._fast(kind, scope, receive, send)
+
+        return Guard(dispatch, self.cfg, self.metrics)
+
+    async def _fast(self, kind: om.Kind, scope: Scope, receive: Receive, send: Send) -> None:
+        """A completion without Starlette's middleware, which wraps every `send` (each
+        SSE event) in two more layers: the handler and its answer, called directly."""
+        request = HttpRequest(scope, receive)
+        try:
+            response = await self._openai(request, kind)
+        except BodyRefused as exc:
+            response = await self._body_refused(request, exc)
+        await response(scope, receive, send)
 
     async def _body_refused(self, request: HttpRequest, exc: Exception) -> Response:
         """A body over its size or time (the guard's reader raised): 413 / 408, then close."""
@@ -147,7 +169,7 @@ class Gateway:
         caller = caller_of(request)
         body = await request.body()  # counted and timed by the guard
         mapped = om.parse(kind, body, request_id=new_request_id(), headers=request.headers,
-                          tenant=caller.tenant, now_ms=time.time() * 1000)
+                          tenant=caller.tenant, now_ms=time.time() * 1000, fresh_id=True)
         if isinstance(mapped, om.ApiError):
             return self._refuse(endpoint, mapped)
         ceiling = caller.policy.max_priority if caller.policy else None
@@ -250,7 +272,10 @@ class Gateway:
                 self.metrics.ttft.labels(endpoint).observe(time.perf_counter() - t0)
                 try:
                     async for chunk in chunks:
-                        await out.body(sse.event(mapper.chunk(chunk)))
+                        # What has arrived meanwhile goes in the same write: one event
+                        # per chunk still, one send for all of them.
+                        await out.body(sse.events(mapper.chunk(c)
+                                                  for c in (chunk, *handle.ready())))
                 except RequestFailed as exc:
                     await self._late_error(out, self._error_of(exc.error))
                     return True

@@ -6,6 +6,8 @@ process (tests) never collide.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -14,6 +16,10 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from cplane.client.quiet import QuietWatch
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                     120.0, 300.0)
@@ -59,5 +65,24 @@ class GatewayMetrics:
             "cplane_gateway_overloaded",
             "429 answers: the request stream refused or the orchestrator shed", registry=r)
 
+    def watch_quiet(self, quiet: QuietWatch) -> None:
+        """Export the client's reads of the store for requests gone quiet."""
+        self.registry.register(_QuietCollector(quiet))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _QuietCollector(Collector):
+    def __init__(self, quiet: QuietWatch) -> None:
+        self.quiet = quiet
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "cplane_gateway_quiet_lookups",
+            "reads of the store by requests that made no progress for a while",
+            value=self.quiet.looked_up)
+        yield CounterMetricFamily(
+            "cplane_gateway_outputs_recovered",
+            "of those, reads that found output never seen live (a republish lost)",
+            value=self.quiet.recovered)

@@ -263,8 +263,10 @@ def _prompt(value: Any) -> dict[str, Any] | ApiError:
 
 
 def parse(kind: Kind, body: bytes, *, request_id: str, headers: Mapping[str, str],
-          tenant: str | None = None, now_ms: float | None = None) -> Mapped | ApiError:
-    """An OpenAI body (and its `x-priority` / `x-slo-class` headers) -> Mapped, or a 400."""
+          tenant: str | None = None, now_ms: float | None = None,
+          fresh_id: bool = False) -> Mapped | ApiError:
+    """An OpenAI body (and its `x-priority` / `x-slo-class` headers) -> Mapped, or a 400.
+    `fresh_id`: the caller minted `request_id` for this request (Request.fresh_id)."""
     b = _decode(kind, body)
     if isinstance(b, ApiError):
         return b
@@ -302,7 +304,7 @@ def parse(kind: Kind, body: bytes, *, request_id: str, headers: Mapping[str, str
         if value is not None:
             fields[key] = value
     req = Request(request_id=request_id, model=b.model, ignore_eos=b.ignore_eos, priority=prio,
-                  slo_class=slo, **fields)
+                  slo_class=slo, fresh_id=fresh_id, **fields)
     include_usage = bool(b.stream_options and b.stream_options.include_usage)
     return Mapped(kind=kind, request=req, priority=prio, slo_class=slo, stream=bool(b.stream),
                   include_usage=include_usage)

@@ -279,11 +279,7 @@ def replay(journal: Journal, cfg: DispatchConfig, **core_kw: Any) -> list[Dispat
             core.hold(Entry(args[0], None))
         elif name == "step":
             fleet, now_ms, due, inherited, sent, done, rng_state = args
-            since = core.state.since
-            since.sent.clear()
-            since.sent.update(sent)
-            since.done.clear()
-            since.done.update(done)
+            core.state.since.replace(sent, done)
             rng.setstate(rng_state)
             core.step(fleet, now_ms=now_ms, rng=rng, due=due, inherited=inherited)
         elif name == "use_policy":

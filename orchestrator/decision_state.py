@@ -24,13 +24,12 @@ from collections.abc import Iterable, Mapping
 from cplane.orchestrator.dispatch import DispatchPlan
 from cplane.orchestrator.fairness import FairParams, charge
 from cplane.orchestrator.fleet import FleetView, RoutedSince
+from cplane.orchestrator.placed_work import PlacedWork
 from cplane.orchestrator.prefix_index import PrefixIndex
+from cplane.orchestrator.route_index import RouteIndex
 from cplane.orchestrator.snapshot import DecisionTables, Measured, Pending
 
 MAX_IDLE_TENANTS = 10_000  # counters kept for tenants with nothing held or running
-
-
-PLACED_HALF_LIFE_MS = 60_000.0
 
 
 class DecisionState:
@@ -42,8 +41,9 @@ class DecisionState:
         self.window_ms = window_s * 1000
         self.prefix = PrefixIndex()
         self.since = routed_since or RoutedSince()
-        self.placed: dict[str, float] = {}  # decaying tokens routed per worker
-        self._placed_ms = 0.0
+        self.placed = PlacedWork()  # decaying tokens routed per worker
+        self.index = RouteIndex()  # routers' ordered candidates, following loads
+        self.since.moved = self._moved
         self.work: dict[str, float] = {}
         self.active: dict[str, int] = {}  # tenant -> requests held or running
         self.mode = ""
@@ -55,7 +55,13 @@ class DecisionState:
         self._backlog_ms = 0.0  # when it was last decayed
         # The live tables every plan reads (the dicts above, by reference).
         self.tables = DecisionTables(0, self.since.sent, self.since.done, self.placed,
-                                     self.prefix, self.work, self.weights)
+                                     self.prefix, self.work, self.weights, self.index)
+
+    def _moved(self, worker_id: str | None) -> None:
+        if worker_id is None:
+            self.index.invalidate()
+        else:
+            self.index.changed(worker_id)
 
     # -- events ---------------------------------------------------------------
     def held(self, tenant: str) -> None:
@@ -82,21 +88,20 @@ class DecisionState:
         if worker_id not in self.placed and self.placed:
             # A newcomer starts level with the least placed, not at 0 (which
             # would draw every request until it caught up).
-            self.placed[worker_id] = min(self.placed.values())
-        self.placed[worker_id] = self.placed.get(worker_id, 0.0) + tokens
+            self.placed.set(worker_id, min(self.placed.values()))
+        self.placed.add(worker_id, tokens)
+        self.index.changed(worker_id)
 
     def decay_placed(self, now_ms: float) -> None:
-        dt = now_ms - self._placed_ms
-        if dt < 100.0:
-            return
-        self._placed_ms = now_ms
-        factor = 0.5 ** (dt / PLACED_HALF_LIFE_MS)
-        for wid in self.placed:
-            self.placed[wid] *= factor
+        epoch = self.placed.epoch
+        self.placed.decay(now_ms)
+        if self.placed.epoch != epoch:  # stored values rewritten: lists keyed by them too
+            self.index.invalidate()
 
     def forget_worker(self, worker_id: str) -> None:
         self.prefix.forget(worker_id)
-        self.placed.pop(worker_id, None)
+        self.placed.forget(worker_id)
+        self.index.changed(worker_id)
 
     def finished(self, tenant: str, now_ms: float, ran: bool = True,
                  missed: bool | None = None) -> None:

@@ -25,10 +25,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from cplane.orchestrator import plugins
 from cplane.orchestrator.fleet import POOL_PD, POOL_UNIFIED, FleetView
 from cplane.orchestrator.plugin_types import PdDecider, Policy, Router
 from cplane.orchestrator.route_context import RouteContext
+from cplane.orchestrator.routers import least_loaded
 from cplane.orchestrator.snapshot import (
     DecisionTables,
     Measured,
@@ -87,9 +90,9 @@ def dispatch_config(o: OrchestratorSettings) -> DispatchConfig:
         headroom=o.headroom, max_batch=o.max_batch, model_wait_ms=o.model_wait_s * 1000)
 
 
-@dataclass(frozen=True, slots=True)
-class Batch:
-    """Publish as one WorkBatch on `llm.work.<role>.<target>`; ack its requests after the store."""
+class Batch(msgspec.Struct, frozen=True, gc=False):
+    """Publish as one WorkBatch on `llm.work.<role>.<target>`; ack its requests after the store.
+    (A Struct, not a dataclass: over a large fleet a plan makes one per request.)"""
 
     role: Role  # the subject's role: unified or prefill (a PD request starts at prefill)
     target: str  # `any`, a model's pool (`m-...`) or a worker id
@@ -152,6 +155,21 @@ def _expired(p: Pending, now_ms: float, cfg: DispatchConfig) -> bool:
         p.deadline_ms is not None and now_ms >= p.deadline_ms)
 
 
+def _unavailable(p: Pending, fleet: FleetView, model: str | None, role: Role | None,
+                 now_ms: float) -> Rejection:
+    """Nobody live could take it for `model_wait_ms`: no worker serves its model, or
+    none of them runs an engine of the size its parallelism hint asks."""
+    waited = f"waited {(now_ms - p.held_ms) / 1000:.1f} s"
+    if model is None or role is None:
+        why = (f"no live worker serves model {p.model!r} ({waited}); served now: "
+               f"{sorted(fleet.models)}")
+    else:
+        why = (f"no live {role.value} worker of model {model!r} runs an engine of "
+               f"{p.parallelism} GPUs (parallelism_hint; {waited}); engine sizes served "
+               f"now: {fleet.layouts(role, model)}")
+    return Rejection(p.request_id, ErrorCode.MODEL_UNAVAILABLE, why, True)
+
+
 def _admission(p: Pending, position: int, ctx: PolicyContext, fleet: FleetView,
                role: Role, model: str) -> Rejection | None:
     """Refuse now what cannot be served as asked: over budget, or (sheddable) too late."""
@@ -173,20 +191,24 @@ def _admission(p: Pending, position: int, ctx: PolicyContext, fleet: FleetView,
 
 def _place(router: Router, fleet: FleetView, role: Role, model: str, p: Pending,
            rctx: RouteContext) -> str:
-    """The work subject's target for one request: a worker, or a pool."""
-    cands = fleet.of_role(role, model)
+    """The work subject's target for one request: a worker, or a pool (never for a
+    request with a parallelism hint: only workers of its layout may take it)."""
+    cands = (fleet.of_layout(role, model, p.parallelism) if p.parallelism
+             else fleet.of_role(role, model))
     worker = None
     if fleet.probes:  # a half-open breaker's one probe goes first
-        worker = next((w for w in cands if w.worker_id in fleet.probes
-                       and not rctx.sent.get(w.worker_id)), None)
+        ids = rctx.index.memo("ids", cands, lambda: {w.worker_id: w for w in cands})
+        worker = next((ids[wid] for wid in sorted(fleet.probes)
+                       if wid in ids and not rctx.sent.get(wid)), None)
         if worker is None:
-            cands = tuple(w for w in cands if w.worker_id not in fleet.probes)
-    if worker is None:
+            cands = rctx.index.memo(("unprobed", fleet.probes), cands, lambda: tuple(
+                w for w in cands if w.worker_id not in fleet.probes))
+    if worker is None and cands:
         worker = router.route(cands, p, rctx)
-    if worker is None and role in fleet.fenced_roles and cands:
-        # A worker whose breaker is not closed pulls from the pool subjects
-        # too: address a healthy one instead.
-        worker = min(cands, key=rctx.per_slot)
+    if worker is None and cands and (p.parallelism or role in fleet.fenced_roles):
+        # A pool subject reaches every layout, and a worker whose breaker is not
+        # closed pulls from it too: address a healthy one of the layout instead.
+        worker = least_loaded(cands, rctx)
     if worker is not None:
         rctx.routed(worker, p)
         return worker.worker_id
@@ -226,13 +248,10 @@ def plan_dispatch(queue: QueueSnapshot, fleet: FleetView, cfg: DispatchConfig, *
     for position, p in enumerate(ordered):
         model = _resolve_model(p, fleet, free)
         role = None if model is None else cfg.pd.role(model, p.prompt_tokens, fleet)
-        if model is None or role is None:
+        if model is None or role is None or (
+                p.parallelism and not fleet.of_layout(role, model, p.parallelism)):
             if _expired(p, now_ms, cfg):
-                served = sorted(fleet.models)
-                rejections.append(Rejection(
-                    p.request_id, ErrorCode.MODEL_UNAVAILABLE,
-                    f"no live worker serves model {p.model!r} (waited "
-                    f"{(now_ms - p.held_ms) / 1000:.1f} s); served now: {served}", True))
+                rejections.append(_unavailable(p, fleet, model, role, now_ms))
             continue
         pool = (POOL_PD if role is Role.PREFILL else POOL_UNIFIED, model)
         blocked = free.get(pool, 0) <= 0 or position >= limit
@@ -249,8 +268,15 @@ def plan_dispatch(queue: QueueSnapshot, fleet: FleetView, cfg: DispatchConfig, *
         else:
             groups.setdefault((role, target, pool, model), []).append(p.request_id)
     batches = list(alone)
+    sizes: dict[tuple[Role, str], int] = {}
     for (role, target, pool, model), ids in groups.items():
-        size = max(1, min(cfg.max_batch, fleet.max_capacity(role, model)))
+        size = sizes.get((role, model), 0)
+        if not size:
+            size = sizes[role, model] = max(1, min(cfg.max_batch,
+                                                   fleet.max_capacity(role, model)))
+        if len(ids) == 1:  # routed one by one over a large fleet: the common case there
+            batches.append(Batch(role, target, pool, model, (ids[0],)))
+            continue
         if target == ANY_TARGET or target.startswith(MODEL_TARGET_PREFIX):
             # A pool message goes whole to one worker: a burst cut into
             # max_batch pieces would land on one or two workers while the

@@ -36,6 +36,7 @@ class WorkerView:
     prompt_tokens_per_s: float = 0.0  # measured over its last seconds
     ttft_ms_avg: float = 0.0  # moving averages of its recent requests (0 = none yet)
     tpot_ms_avg: float = 0.0
+    parallelism: int = 1  # GPUs its engine spans (TP x PP)
 
     def cost(self, prompt_tokens: int, output_tokens: int) -> float:
         return (prompt_tokens * self.price_in_per_1k + output_tokens * self.price_out_per_1k
@@ -52,6 +53,9 @@ class FleetView:
     _by_role_model: dict[tuple[Role, str], tuple[WorkerView, ...]] = field(
         default_factory=dict, init=False, repr=False, compare=False)
     _models: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
+    # (role, model, GPUs per engine) -> its workers: requests with a parallelism hint.
+    _by_layout: dict[tuple[Role, str, int], tuple[WorkerView, ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
     # Counted once per snapshot (decisions read them per plan, some per request).
     # Roles with workers left out by their circuit breaker: those still pull from
     # the pool subjects, so work for these roles goes to chosen workers.
@@ -73,6 +77,11 @@ class FleetView:
             by_role.setdefault(w.role, []).append(w)
             for m in w.models:
                 by_rm.setdefault((w.role, m), []).append(w)
+        by_layout: dict[tuple[Role, str, int], list[WorkerView]] = {}
+        for (role, model), ws in by_rm.items():
+            for w in ws:
+                by_layout.setdefault((role, model, w.parallelism), []).append(w)
+        object.__setattr__(self, "_by_layout", {k: tuple(v) for k, v in by_layout.items()})
         object.__setattr__(self, "_by_role", {k: tuple(v) for k, v in by_role.items()})
         object.__setattr__(self, "_by_role_model", {k: tuple(v) for k, v in by_rm.items()})
         object.__setattr__(self, "_models", frozenset(m for w in self.workers for m in w.models))
@@ -98,6 +107,14 @@ class FleetView:
         if not model:
             return self._by_role.get(role, ())
         return self._by_role_model.get((role, model), ())
+
+    def of_layout(self, role: Role, model: str, parallelism: int) -> tuple[WorkerView, ...]:
+        """The workers of `role` serving `model` whose engines span `parallelism` GPUs."""
+        return self._by_layout.get((role, model, parallelism), ())
+
+    def layouts(self, role: Role, model: str) -> list[int]:
+        """The engine sizes (GPUs) the workers of `role` serving `model` have."""
+        return sorted({n for (r, m, n) in self._by_layout if r is role and m == model})
 
     def whole_pool_serves(self, role: Role, model: str) -> bool:
         """Every live worker of `role` serves `model` (so the `any` subject is exact)."""
@@ -158,24 +175,44 @@ class RoutedSince:
         self.sent: dict[str, int] = {}
         self.done: dict[str, int] = {}
         self.watch: Callable[[Mapping[str, int], float], None] | None = None
+        # Told of every worker whose count moved, and of a wholesale reset (None):
+        # the routers' ordered lists (orchestrator/route_index.py) follow them.
+        self.moved: Callable[[str | None], None] | None = None
 
     def routed(self, sent: Mapping[str, int], now_ms: float = 0.0) -> None:
         for wid, n in sent.items():
             self.sent[wid] = self.sent.get(wid, 0) + n
+            if self.moved is not None:
+                self.moved(wid)
         if self.watch is not None and sent:
             self.watch(sent, now_ms)
 
     def finished_on(self, worker_id: str) -> None:
         self.done[worker_id] = self.done.get(worker_id, 0) + 1
+        if self.moved is not None:
+            self.moved(worker_id)
 
     def heard(self, worker_id: str) -> None:
         """A heartbeat from the worker (or its end): its own count is current again."""
         self.sent.pop(worker_id, None)
         self.done.pop(worker_id, None)
+        if self.moved is not None:
+            self.moved(worker_id)
 
     def heard_all(self) -> None:
         self.sent.clear()
         self.done.clear()
+        if self.moved is not None:
+            self.moved(None)
+
+    def replace(self, sent: Mapping[str, int], done: Mapping[str, int]) -> None:
+        """Both counts at once (a replay restores a step's)."""
+        self.sent.clear()
+        self.sent.update(sent)
+        self.done.clear()
+        self.done.update(done)
+        if self.moved is not None:
+            self.moved(None)
 
 
 def _view_of(hb: Heartbeat, seen: float) -> WorkerView:
@@ -184,7 +221,7 @@ def _view_of(hb: Heartbeat, seen: float) -> WorkerView:
         held_items=hb.held_items, running=hb.running, waiting=hb.waiting,
         kv_usage=hb.kv_usage, last_seen_ms=seen, price_in_per_1k=hb.price_in_per_1k,
         price_out_per_1k=hb.price_out_per_1k, prompt_tokens_per_s=hb.prompt_tokens_per_s,
-        ttft_ms_avg=hb.ttft_ms_avg, tpot_ms_avg=hb.tpot_ms_avg)
+        ttft_ms_avg=hb.ttft_ms_avg, tpot_ms_avg=hb.tpot_ms_avg, parallelism=hb.parallelism)
 
 
 class Registry:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import msgspec
 
+from cplane.orchestrator.ledger import Entry, RequestState
 from cplane.schemas.codec import request_decoder, sniff_request_id
 from cplane.schemas.messages import PRIORITIES, ErrorCode, Priority, Request, WorkItem
 from cplane.schemas.settings import LimitsSettings, TenantPolicy
@@ -101,8 +102,8 @@ def _problem(req: Request, lim: LimitsSettings) -> str | None:
         return "temperature must be >= 0"
     if not 0 < req.top_p <= 1:
         return "top_p must be in (0, 1]"
-    if req.parallelism_hint < 1:
-        return "parallelism_hint must be at least 1"
+    if req.parallelism_hint < 0:
+        return "parallelism_hint must be 0 (any layout) or the GPUs one engine spans"
     if req.top_k < -1 or req.top_k == 0:
         return "top_k must be -1 (off) or at least 1"
     if not valid_token(req.group):
@@ -125,6 +126,22 @@ def sniff_group(data: bytes) -> str:
     m = _GROUP.search(data[:65536])
     group = m.group(1).decode() if m else INTERACTIVE_GROUP
     return INTERACTIVE_GROUP if group in RESERVED_GROUPS else group
+
+
+class _ModelOnly(msgspec.Struct):
+    model: str = ""
+
+
+_model_decoder = msgspec.json.Decoder(_ModelOnly)
+
+
+def sniff_model(data: bytes) -> str | None:
+    """The model a request body names ("" = none); None when it does not decode (admit
+    then refuses it where it is)."""
+    try:
+        return _model_decoder.decode(data).model
+    except Exception:  # not JSON, wrong shapes, deep nesting...
+        return None
 
 
 def sniff_id(data: bytes) -> str | None:
@@ -226,6 +243,7 @@ class Intake(enum.Enum):
 
     NAK = "nak"  # not leading: hand it to the leader at once
     DEAD_LETTER = "dead_letter"  # delivered too often: ErrorReply + evidence in LLM_DLQ
+    FORWARD = "forward"  # its model is another partition's: republished there, then acked
     REJECT = "reject"  # not a valid request: ErrorReply, then ack
     SAME_MESSAGE = "same_message"  # a redelivery of the message we hold: keep the new handle
     DUPLICATE_HELD = "duplicate_held"  # the same id again while held: acked with the first
@@ -234,17 +252,27 @@ class Intake(enum.Enum):
     HOLD = "hold"  # new: into the ledger, HELD
 
 
+def held_as(entry: Entry[WorkItem] | None, seq: int) -> Entry[WorkItem] | None:
+    """`entry` (the ledger's under a delivery's id) when it holds this very message
+    (stream sequence `seq`) and waits to be dispatched; else None."""
+    return entry if entry is not None and entry.seq == seq and (
+        entry.state is RequestState.HELD) else None
+
+
 def classify(*, leading: bool, deliveries: int, max_deliveries: int,
              admitted: WorkItem | Rejection | None, seq: int, held_seq: int | None,
-             held_waiting: bool, seen: bool) -> Intake:
+             held_waiting: bool, seen: bool, elsewhere: bool = False) -> Intake:
     """The action for a delivery. `admitted`: `admit`'s answer (None when not asked:
-    not leading, or too many deliveries); `held_seq`: the stream sequence of the
-    ledger's entry for its id (None: none), `held_waiting` whether that entry is not
-    yet dispatched; `seen`: its id was dispatched or finished recently."""
+    not leading, too many deliveries, or `elsewhere`); `held_seq`: the stream sequence
+    of the ledger's entry for its id (None: none), `held_waiting` whether that entry
+    is not yet dispatched; `seen`: its id was dispatched or finished recently;
+    `elsewhere`: the model it names is another partition's (docs/replicas.md)."""
     if not leading:
         return Intake.NAK
     if deliveries > max_deliveries:
         return Intake.DEAD_LETTER
+    if elsewhere:
+        return Intake.FORWARD
     if admitted is None or isinstance(admitted, Rejection):
         return Intake.REJECT
     if held_seq is not None:

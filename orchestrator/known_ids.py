@@ -61,6 +61,7 @@ class KnownIds:
         self._waiting = [0] * len(PRIORITIES)  # per level, queued or being looked up
         self._tasks: set[asyncio.Task[None]] = set()
         self.answered_from_store = 0
+        self.looked_up = 0  # ids asked of the streams (a fresh id is not: Request.fresh_id)
         self._replicated = replicas_of(settings, settings.streams.done) > 1
         self._behind: tuple[float, bool] = (-1.0, True)  # (when read, a replica behind)
 
@@ -106,6 +107,7 @@ class KnownIds:
         run's done_missing), and an id published again then ran again; LLM_OUT holds
         every terminal for its max_age. An unanswered lookup holds the ids as new."""
         keys = [(e.item.request.group, e.request_id) for e in batch]
+        self.looked_up += len(keys)
         names = (self._settings.streams.out.name, self._settings.streams.done.name)
         answers = await asyncio.gather(*(
             stored_terminals(self._nc, self._settings, keys, LOOKUP_TIMEOUT_S, name)

@@ -26,23 +26,24 @@ from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from cplane.bus.provision import ensure_lease_bucket
+from cplane.orchestrator.partitions import LEASE_KEY
 from cplane.schemas.settings import Settings
 
 log = logging.getLogger("cplane.lease")
-LEASE_KEY = "orchestrator"
 OnChange = Callable[[bool], Awaitable[None]]
 
 
 class LeaderLease:
     def __init__(self, js: JetStreamContext, settings: Settings, holder: str,
-                 on_change: OnChange) -> None:
+                 on_change: OnChange, key: str = LEASE_KEY, kv: KeyValue | None = None) -> None:
         self._js = js
+        self.key = key  # one partition's (orchestrator/partitions.py lease_key)
         self._settings = settings
         self.holder = holder
         self.ttl_s = settings.orchestrator.lease_ttl_s
         self.renew_s = settings.orchestrator.lease_renew_s
         self._on_change = on_change
-        self._kv: KeyValue | None = None
+        self._kv: KeyValue | None = kv
         self._revision = 0
         self._renewed_at = 0.0  # monotonic start of the last successful write
         self.leading = False
@@ -57,6 +58,10 @@ class LeaderLease:
         finally:
             await self.release()
 
+    async def step(self) -> None:
+        """Renew while leading (stepping down when fenced or taken), else try to acquire."""
+        await self._step()
+
     async def _step(self) -> None:
         started = time.monotonic()
         try:
@@ -64,21 +69,22 @@ class LeaderLease:
                 self._kv = await ensure_lease_bucket(self._js, self._settings)
             if self.leading:
                 self._revision = await asyncio.wait_for(
-                    self._kv.update(LEASE_KEY, self.holder.encode(), last=self._revision),
+                    self._kv.update(self.key, self.holder.encode(), last=self._revision),
                     self.renew_s)
                 self._renewed_at = started
             else:
                 self._revision = await asyncio.wait_for(
-                    self._kv.create(LEASE_KEY, self.holder.encode()), self.renew_s)
+                    self._kv.create(self.key, self.holder.encode()), self.renew_s)
                 self._renewed_at = started
                 await self._set(True)
         except KeyWrongLastSequenceError:  # someone else holds it (or ours expired)
             if self.leading:
-                log.warning("%s lost the orchestrator lease", self.holder)
+                log.warning("%s lost the lease %s", self.holder, self.key)
             await self._set(False)
         except Exception as exc:  # broker away, timeout: fenced once the lease may expire
             if self.leading and time.monotonic() - self._renewed_at > self.ttl_s - self.renew_s:
-                log.warning("%s cannot renew its lease (%s): stepping down", self.holder, exc)
+                log.warning("%s cannot renew its lease %s (%s): stepping down", self.holder,
+                            self.key, exc)
                 await self._set(False)
             else:
                 log.debug("lease step failed: %s", exc)
@@ -93,7 +99,8 @@ class LeaderLease:
     async def _set(self, leading: bool) -> None:
         if leading != self.leading:
             self.leading = leading
-            log.info("%s is %s", self.holder, "the leader" if leading else "standing by")
+            log.info("%s is %s (lease %s)", self.holder,
+                     "the leader" if leading else "standing by", self.key)
             await self._on_change(leading)
 
     async def release(self) -> None:
@@ -102,4 +109,4 @@ class LeaderLease:
         await self._set(False)
         if was and self._kv is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._kv.delete(LEASE_KEY, last=self._revision), 2.0)
+                await asyncio.wait_for(self._kv.delete(self.key, last=self._revision), 2.0)

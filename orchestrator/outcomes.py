@@ -67,16 +67,18 @@ class Outcomes:
             log.warning("terminal of %s not stored: %s", req.request_id, exc)
             return False
 
-    async def _settle(self, msg: Msg, publish: Callable[[], object]) -> None:
+    async def _settle(self, msg: Msg, publish: Callable[[], object]) -> bool:
+        """Publish, then ack; nak when it failed (redelivered). True when published."""
         try:
             await publish()  # type: ignore[misc]
         except Exception as exc:
             log.warning("could not store an outcome (redelivered later): %s", exc)
             with contextlib.suppress(Exception):
                 await msg.nak(delay=_RETRY_DELAY_S)
-            return
+            return False
         with contextlib.suppress(Exception):
             await msg.ack()  # ack, not term: it leaves the WorkQueue stream for sure
+        return True
 
     async def _in_store(self, group: str, request_id: str) -> bool:
         """The store has a trace of this id: chunks streamed, or a terminal. Asked only
@@ -94,6 +96,8 @@ class Outcomes:
         request's terminal)."""
         rid, group = rej.request_id, rej.group
         if not rid or known(rid, group) or await self._in_store(group, rid):
+            if rid and await self._answer_again(msg, rid, group, rej.reply_to):
+                return
             rid, group = f"seq{seq}", scoped(tenant_of(group), INVALID_GROUP)
         err = error_reply(rid, rej.code, rej.message, rej.retryable, rej.retry_after_ms)
         reply_to = rej.reply_to if rid == rej.request_id else None
@@ -104,13 +108,38 @@ class Outcomes:
 
         await self._settle(msg, publish)
 
+    async def _answer_again(self, msg: Msg, rid: str, group: str, reply_to: str | None
+                            ) -> bool:
+        """An id whose terminal is stored, published again and refused on its way (the
+        request stream full while it was forwarded to its partition): its stored
+        terminal goes again on its live subject, never a rejection its publisher
+        would not hear. False when none is stored (a live request's id)."""
+        term = None
+        with contextlib.suppress(Exception):
+            term = await stored_terminal(self.nc.jetstream(), self.settings, group, rid)
+        if term is None:
+            return False
+        data = encode(term)
+
+        async def publish() -> None:
+            await self.nc.publish(self.subjects.done(group, rid), data)
+            if reply_to:
+                await self.nc.publish(reply_to, data)
+
+        log.info("%s published again after its answer: the stored terminal goes again", rid)
+        await self._settle(msg, publish)
+        return True
+
     async def dead_letter_request(self, msg: Msg, seq: int, deliveries: int,
-                                  known: Callable[[str, str], bool]) -> None:
-        """A request delivered too often: evidence to LLM_DLQ, ErrorReply dead_letter, ack."""
+                                  known: Callable[[str, str], bool], *, own: bool = False
+                                  ) -> bool:
+        """A request delivered too often: evidence to LLM_DLQ, ErrorReply dead_letter, ack
+        (True once stored). `own`: this very message is the one the ledger holds under
+        its id, so that id being known names no other request."""
         s = self.settings
         rid = sniff_id(msg.data) or ""
         group = scoped(self.subjects.tenant_of_request(msg.subject), sniff_group(msg.data))
-        usable = bool(rid) and valid_token(rid) and not known(rid, group)
+        usable = bool(rid) and valid_token(rid) and (own or not known(rid, group))
         letter = DeadLetter(
             stream=s.streams.req.name, seq=seq, subject=msg.subject,
             reason=f"delivered {deliveries} times without an outcome", deliveries=deliveries,
@@ -132,4 +161,4 @@ class Outcomes:
             if err is not None:
                 await self.store.publish_terminal(self.nc, self.subjects, group, err)
 
-        await self._settle(msg, publish)
+        return await self._settle(msg, publish)

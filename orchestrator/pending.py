@@ -29,7 +29,8 @@ def pending_of(item: WorkItem, held_ms: float, o: OrchestratorSettings,
         redispatched=redispatched, output_tokens=req.max_tokens, tenant=req.tenant or "",
         slo_class=slo.name, session=req.session_id or req.user_id or "",
         ttft_target_ms=slo.ttft_ms, tpot_target_ms=slo.tpot_ms, sheddable=slo.sheddable,
-        cost_budget=req.cost_budget, block_hashes=blocks(req) if blocks is not None else ())
+        cost_budget=req.cost_budget, block_hashes=blocks(req) if blocks is not None else (),
+        parallelism=req.parallelism_hint)
 
 
 __all__ = ["BlockHasher", "pending_of"]

@@ -11,6 +11,8 @@ import itertools
 from collections import OrderedDict
 from collections.abc import Sequence
 
+_NONE: frozenset[str] = frozenset()
+
 
 class PrefixIndex:
     """Per worker, which prefix blocks it holds: what it reported in its KV events
@@ -30,6 +32,33 @@ class PrefixIndex:
         self._by_worker: dict[str, OrderedDict[int, float]] = {}  # block -> sent at
         self._reported: dict[str, dict[int, None]] = {}
         self._seq: dict[str, tuple[str, int]] = {}  # worker -> (epoch, last seq applied)
+        # block -> workers holding it (sent or reported): routers look a block up
+        # instead of asking every worker.
+        self._holders: dict[int, set[str]] = {}
+
+    def holders(self, block: int) -> set[str] | frozenset[str]:
+        """Workers that hold `block` or were sent it (read only)."""
+        return self._holders.get(block, _NONE)
+
+    def _hold(self, worker_id: str, block: int) -> None:
+        held = self._holders.get(block)
+        if held is None:
+            self._holders[block] = {worker_id}
+        else:
+            held.add(worker_id)
+
+    def _drop(self, worker_id: str, block: int) -> None:
+        """The worker may no longer hold `block`: out of the reverse map unless the
+        other source still has it."""
+        sent = self._by_worker.get(worker_id)
+        held = self._reported.get(worker_id)
+        if (sent is not None and block in sent) or (held is not None and block in held):
+            return
+        workers = self._holders.get(block)
+        if workers is not None:
+            workers.discard(worker_id)
+            if not workers:
+                del self._holders[block]
 
     def match(self, worker_id: str, hashes: Sequence[int]) -> int:
         sent = self._by_worker.get(worker_id)
@@ -58,14 +87,27 @@ class PrefixIndex:
         for h in hashes:
             if h in blocks:
                 blocks.move_to_end(h)
+            else:
+                self._hold(worker_id, h)
             blocks[h] = now
         while len(blocks) > self.capacity:
-            blocks.popitem(last=False)
+            old, _ = blocks.popitem(last=False)
+            self._drop(worker_id, old)
+
+    def _fresh_report(self, worker_id: str, old: dict[int, None] | None) -> dict[int, None]:
+        """The worker's reported blocks start over (a snapshot, a new engine)."""
+        held: dict[int, None] = {}
+        self._reported[worker_id] = held
+        for h in old or ():
+            self._drop(worker_id, h)
+        return held
 
     def forget(self, worker_id: str) -> None:
-        self._by_worker.pop(worker_id, None)
-        self._reported.pop(worker_id, None)
+        sent = self._by_worker.pop(worker_id, OrderedDict())
+        held = self._reported.pop(worker_id, {})
         self._seq.pop(worker_id, None)
+        for h in itertools.chain(sent, held):
+            self._drop(worker_id, h)
 
     def reporting(self, worker_id: str) -> bool:
         return worker_id in self._reported
@@ -90,18 +132,25 @@ class PrefixIndex:
             return True  # a stale snapshot: newer events were applied since
         held = self._reported.get(worker_id)
         if held is None or cleared:
-            held = self._reported[worker_id] = {}
+            held = self._fresh_report(worker_id, held)
+        self._fold(worker_id, held, stored, removed)
+        self._seq[worker_id] = (epoch, seq)
+        return True
+
+    def _fold(self, worker_id: str, held: dict[int, None], stored: Sequence[int],
+              removed: Sequence[int]) -> None:
         for h in removed:
-            held.pop(h, None)
+            if held.pop(h, 0) is None:
+                self._drop(worker_id, h)
         for h in stored:
             held.pop(h, None)  # re-insert: newest last
             held[h] = None
+            self._hold(worker_id, h)
         over = len(held) - self.reported_capacity
         if over > 0:  # keep the newest; the oldest are the likeliest evicted
             for h in list(itertools.islice(held, over)):
                 del held[h]
-        self._seq[worker_id] = (epoch, seq)
-        return True
+                self._drop(worker_id, h)
 
 
 __all__ = ["PrefixIndex"]

@@ -11,7 +11,7 @@ Routers that score follow llm-d's profile shape: scorers, each giving every
 candidate a score clamped to [0, 1] (lower is better), weighted and summed,
 then a picker: the lowest, ties in turn (lowest-index ties would pile every
 light load onto one worker). A scorer over an unbounded figure (items,
-TTFT) divides by the candidates' largest, which keeps its order.
+TTFT) scores alone: its order is the picker's.
 
 - `pool`: always the pool subject. JetStream's pull consumers make it "join
   the first free worker"; the cheapest choice when workers are alike.
@@ -24,14 +24,19 @@ TTFT) divides by the candidates' largest, which keeps its order.
   `weighted_round_robin` (by capacity), `least_response_time` (scorer: the
   TTFT moving average from heartbeats scaled by load), `power_of_two` (two
   at random, the less loaded).
-- `affinity` (session sticky by rendezvous hashing), `locality` (consistent
+- `affinity` (session sticky by consistent hashing), `locality` (consistent
   hashing of the prompt's first block); `prefix_aware` is in
   orchestrator/prefix_router.py.
+
+Every choice costs O(log n) in the number of candidates, not O(n): scored
+routers read the lowest of a list kept in score order between plans, keyed
+routers a hash ring, weighted round robin running sums, all per candidate
+group (orchestrator/route_index.py). bench/decision_cost.py measures it.
 """
 
 from __future__ import annotations
 
-import zlib
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -42,94 +47,68 @@ from cplane.orchestrator.plugin_types import NoParams, PluginSpec, Router
 from cplane.orchestrator.route_context import RouteContext
 from cplane.orchestrator.snapshot import Pending
 
-# (candidates, request, ctx) -> one raw figure per candidate, lower is better.
-Scorer = Callable[[Sequence[WorkerView], Pending, RouteContext], list[float]]
+# (worker, ctx) -> its figure, lower is better. A figure depends on the worker's
+# heartbeat and its load only, so candidates can be kept in its order between
+# plans (orchestrator/route_index.py) instead of scored one by one per request.
+Scorer = Callable[[WorkerView, RouteContext], float]
+PER_SLOT = "per_slot"  # the ordered list of items per slot, shared by routers
+_names = itertools.count()
 
 
 @dataclass(frozen=True, slots=True)
 class Weighted:
     """One scorer of a profile: its figure, clamped to [0, 1], times `weight`. An
-    `unbounded` figure (items, TTFT) is first divided by the candidates' largest."""
+    `unbounded` figure (items, TTFT) is only valid alone: its order is its score."""
 
     weight: float
     score: Scorer
     unbounded: bool = False
 
-    def scores(self, cands: Sequence[WorkerView], p: Pending, ctx: RouteContext
-               ) -> list[float]:
-        raw = self.score(cands, p, ctx)
-        if self.unbounded:
-            raw = relative(raw)
-        w = self.weight
-        return [w * (x if 0.0 <= x <= 1.0 else 0.0 if x < 0.0 else 1.0) for x in raw]
-
-
-def _rotated(cands: Sequence[WorkerView], ctx: RouteContext) -> list[int]:
-    """Candidate indexes starting at the round-robin position: ties go round in turn."""
-    n = len(cands)
-    start = ctx.next_step() % n
-    return [(start + i) % n for i in range(n)]
-
-
-def relative(raw: list[float]) -> list[float]:
-    """Scores over an unbounded figure, in [0, 1] with their order kept."""
-    top = max(raw, default=0.0)
-    return [x / top for x in raw] if top > 0 else [0.0] * len(raw)
-
-
-def pick_lowest(cands: Sequence[WorkerView], ctx: RouteContext,
-                scores: Sequence[float]) -> WorkerView:
-    """The picker: the lowest score; ties in turn."""
-    return cands[min(_rotated(cands, ctx), key=scores.__getitem__)]
+    def __call__(self, w: WorkerView, ctx: RouteContext) -> float:
+        x = self.score(w, ctx)
+        return self.weight * (x if 0.0 <= x <= 1.0 else 0.0 if x < 0.0 else 1.0)
 
 
 def scored(name: str, weighted: Sequence[Weighted]) -> Router:
-    """A router from weighted scorers and the lowest-score picker."""
-    if len(weighted) == 1 and weighted[0].unbounded and weighted[0].weight > 0:
-        # One unbounded scorer: dividing by the largest and weighting keep its
-        # order, so the picker reads the raw figure (half the work per request).
+    """A router from weighted scorers and the lowest-score picker (ties in turn)."""
+    if any(part.unbounded for part in weighted) and (
+            len(weighted) != 1 or weighted[0].weight <= 0):
+        raise ValueError(f"{name}: an unbounded scorer scores alone, with a positive weight")
+    key_name = f"{name}#{next(_names)}"  # one ordered list per router built
+    if weighted[0].unbounded:
         only = weighted[0].score
 
         def route_one(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext
                       ) -> WorkerView | None:
-            return pick_lowest(cands, ctx, only(cands, p, ctx))
+            return ctx.lowest(key_name, cands, lambda w: only(w, ctx))
 
         return Router(name, route_one)
 
+    parts = tuple(weighted)
+
     def route(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> WorkerView | None:
-        parts = [part.scores(cands, p, ctx) for part in weighted]
-        return pick_lowest(cands, ctx, [sum(col) for col in zip(*parts, strict=True)])
+        return ctx.lowest(key_name, cands, lambda w: sum(part(w, ctx) for part in parts))
 
     return Router(name, route)
 
 
 # -- scorers -----------------------------------------------------------------------
-def per_slot_score(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> list[float]:
+def per_slot_score(w: WorkerView, ctx: RouteContext) -> float:
     """Items per slot (1 = full)."""
-    per_slot = ctx.per_slot
-    return [per_slot(w) for w in cands]
+    return ctx.per_slot(w)
 
 
-def kv_score(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> list[float]:
-    return [w.kv_usage for w in cands]
+def kv_score(w: WorkerView, ctx: RouteContext) -> float:
+    return w.kv_usage
 
 
-def items_score(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> list[float]:
-    load = ctx.load
-    return [float(load(w)) for w in cands]
-
-
-def response_score(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> list[float]:
-    """Expected response: the TTFT moving average (a worker without figures yet
-    counts as the mean) scaled by how full the worker is."""
-    known = [w.ttft_ms_avg for w in cands if w.ttft_ms_avg > 0]
-    mean = sum(known) / len(known) if known else 1.0
-    return [(w.ttft_ms_avg or mean) * (1.0 + ctx.per_slot(w)) for w in cands]
+def items_score(w: WorkerView, ctx: RouteContext) -> float:
+    return float(ctx.load(w))
 
 
 def least_loaded(cands: Sequence[WorkerView], ctx: RouteContext) -> WorkerView:
     """The fewest items per slot; ties in turn, so equal workers share."""
-    return cands[min(_rotated(cands, ctx), key=lambda i: ctx.per_slot(cands[i]))]
+    return ctx.lowest(PER_SLOT, cands, ctx.per_slot)
 
 
 # -- the plugins ---------------------------------------------------------------------
@@ -162,7 +141,11 @@ def _random(params: NoParams) -> Router:
 
 def _least_loaded(params: NoParams) -> Router:
     """The fewest items per slot (ties: in turn, so equal workers share)."""
-    return scored("least_loaded", [Weighted(1.0, per_slot_score, unbounded=True)])
+
+    def route(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> WorkerView | None:
+        return least_loaded(cands, ctx)
+
+    return Router("least_loaded", route)
 
 
 # -- load-balancing algorithms -------------------------------------------------------
@@ -188,23 +171,31 @@ def _weighted_round_robin(params: NoParams) -> Router:
     every 5 requests next to a 16-slot one."""
 
     def route(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> WorkerView | None:
-        total = sum(max(1, w.capacity) for w in cands)
+        sums = ctx.index.cumulative(cands)
         # Interleave by a stride coprime-ish to the total, so one worker's turns
         # are spread over the cycle instead of coming in a run.
-        slot = (ctx.next_step() * 7919) % total
-        for w in cands:
-            slot -= max(1, w.capacity)
-            if slot < 0:
-                return w
-        return cands[-1]
+        return sums.at((ctx.next_step() * 7919) % sums.total)
 
     return Router("weighted_round_robin", route)
+
+
+def _known_mean_ttft(cands: Sequence[WorkerView]) -> float:
+    known = [w.ttft_ms_avg for w in cands if w.ttft_ms_avg > 0]
+    return sum(known) / len(known) if known else 1.0
 
 
 def _least_response_time(params: NoParams) -> Router:
     """The lowest expected response: the worker's TTFT moving average (heartbeats)
     scaled by how full it is; a worker without figures yet counts as the mean."""
-    return scored("least_response_time", [Weighted(1.0, response_score, unbounded=True)])
+    key_name = f"least_response_time#{next(_names)}"
+
+    def route(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> WorkerView | None:
+        # The candidates' mean moves with their heartbeats only: once per view.
+        mean = ctx.index.memo("mean_ttft", cands, lambda: _known_mean_ttft(cands))
+        return ctx.lowest(key_name, cands,
+                          lambda w: (w.ttft_ms_avg or mean) * (1.0 + ctx.per_slot(w)))
+
+    return Router("least_response_time", route)
 
 
 def _power_of_two(params: NoParams) -> Router:
@@ -220,20 +211,20 @@ def _power_of_two(params: NoParams) -> Router:
 
 
 # -- placement by key -----------------------------------------------------------------
-def rendezvous(key: str, cands: Sequence[WorkerView]) -> WorkerView:
-    """Highest-random-weight hashing: the same key picks the same worker while it
-    lives; when it goes, only its keys move."""
-    return max(cands, key=lambda w: zlib.crc32(f"{key}|{w.worker_id}".encode()))
+def by_key(key: str, cands: Sequence[WorkerView], ctx: RouteContext) -> WorkerView:
+    """Consistent hashing: the same key picks the same worker while it lives; when it
+    goes, only its keys move (a ring per candidate group, built once)."""
+    return ctx.index.ring(cands).owner(key)
 
 
 def _affinity(params: NoParams) -> Router:
     """Session (or user) sticky: a session's requests go to one worker while it is
-    alive, then to another (rendezvous hashing); without a session, least loaded."""
+    alive, then to another (consistent hashing); without a session, least loaded."""
 
     def route(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> WorkerView | None:
         if not p.session:
             return least_loaded(cands, ctx)
-        return rendezvous(p.session, cands)
+        return by_key(p.session, cands, ctx)
 
     return Router("affinity", route)
 
@@ -244,7 +235,7 @@ def _locality(params: NoParams) -> Router:
 
     def route(cands: Sequence[WorkerView], p: Pending, ctx: RouteContext) -> WorkerView | None:
         key = str(p.block_hashes[0]) if p.block_hashes else (p.tenant or p.request_id)
-        return rendezvous(key, cands)
+        return by_key(key, cands, ctx)
 
     return Router("locality", route, reads_prefix=True)
 
@@ -263,5 +254,5 @@ ROUTERS: tuple[PluginSpec[Router], ...] = (
     PluginSpec("locality", _locality),
 )
 
-__all__ = ["ROUTERS", "Scorer", "Weighted", "least_loaded", "pick_lowest", "relative",
-           "rendezvous", "scored"]
+__all__ = ["PER_SLOT", "ROUTERS", "Scorer", "Weighted", "by_key", "items_score", "kv_score",
+           "least_loaded", "per_slot_score", "scored"]

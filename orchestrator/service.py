@@ -1,10 +1,10 @@
 """The orchestrator service: the imperative shell around the decision core.
 
-- `run`: connect, provision, follow heartbeats / terminals / cancels, compete
-  for the leader lease (lease.py); only a leader with a fresh lease acts, and
-  pulls requests (leadership.py).
-- `_intake`: one LLM_REQ delivery -> dead letter, rejection, duplicate,
-  re-check of a redelivery, a stored-terminal lookup (known_ids.py), HELD.
+- `run`: connect, provision, follow heartbeats / terminals / cancels, compete for
+  the lease(s) (leads.py); only a leader with a fresh lease acts, and pulls its
+  partitions' requests (leadership.py); the default partition's leader rescues.
+- `_intake`: one LLM_REQ delivery -> dead letter, forward to its model's partition,
+  rejection, duplicate, re-check of a redelivery, a stored-terminal lookup, HELD.
 - `_dispatch_step`: the core plans and applies; each batch is published (a
   Nats-Msg-Id from its requests and their LLM_REQ sequences, retried while
   leading) and then acked; each rejection is published, then acked.
@@ -45,37 +45,35 @@ from cplane.bus.stored_retry import StoreResult, publish_until_stored
 from cplane.bus.tasks import cancel_all
 from cplane.orchestrator.control import start_control
 from cplane.orchestrator.core import DecisionCore, Journal
-from cplane.orchestrator.dispatch import (
-    Batch,
-    DispatchConfig,
-    batch_msg_id,
-    dispatch_config,
-)
+from cplane.orchestrator.dispatch import Batch, DispatchConfig, batch_msg_id, dispatch_config
+from cplane.orchestrator.forwarding import Forwarded, Forwarder
 from cplane.orchestrator.health_admin import build_registry
-from cplane.orchestrator.intake import NOT_LEADING_NAK_S, Intake, Rejection, classify, scoped_key
+from cplane.orchestrator.intake import (
+    NOT_LEADING_NAK_S,
+    Intake,
+    Rejection,
+    classify,
+    held_as,
+    scoped_key,
+    sniff_id,
+)
 from cplane.orchestrator.known_ids import KnownIds
 from cplane.orchestrator.kv_feed import KvFeed
 from cplane.orchestrator.leadership import Leadership
-from cplane.orchestrator.lease import LeaderLease
+from cplane.orchestrator.leads import Leads
 from cplane.orchestrator.ledger import Entry, Ledger, RequestState
 from cplane.orchestrator.outcomes import Outcomes, Recheck, recheck
+from cplane.orchestrator.partitions import PartitionMap
 from cplane.orchestrator.pending import pending_of
 from cplane.orchestrator.prompt_hash import PromptHasher
 from cplane.orchestrator.reconcile import keep_held_alive, reconcile_missed
 from cplane.orchestrator.rescue import ORPHAN_SWEEP_S, rescue_orphans, rescue_queue
-from cplane.orchestrator.runtime_config import PolicySwitch
 from cplane.orchestrator.stats import OrchestratorStats
 from cplane.orchestrator.switches import Switches
 from cplane.orchestrator.tenancy import TenantGate, known_in_scope
 from cplane.schemas import trace
 from cplane.schemas.codec import encode
-from cplane.schemas.messages import (
-    Heartbeat,
-    Role,
-    WorkBatch,
-    WorkerState,
-    WorkItem,
-)
+from cplane.schemas.messages import Heartbeat, Role, WorkBatch, WorkerState, WorkItem
 from cplane.schemas.settings import Settings
 from cplane.schemas.subjects import valid_token
 
@@ -109,9 +107,15 @@ class Orchestrator:
         self.stats = OrchestratorStats()
         self._seen = RecentIds(o.dedup_cache)  # ids dispatched or finished: served once
         self._tenants = TenantGate(o, self.subjects, self.settings.limits)
+        # One lease per partition when partitions are configured (docs/replicas.md).
+        self.partitions = PartitionMap.of(o.partitions)
+        self._leads = Leads(self.partitions)
         # While leading: pullers; after a takeover, workers' held items count too.
-        self._leader = Leadership(settings, self.id, self._on_request, self._hold_room)
+        self._leader = Leadership(settings, self.id, self._on_request, self._hold_room,
+                                  self.partitions)
         self._wake = asyncio.Event()
+        self._forwarder = Forwarder(self.subjects, self.partitions, self._leads.leads,
+                                    o.publish_timeout_s, self.stats)
         # Set by the ticker: plan even without room (model-wait timeouts, aging).
         self._tick_due = True
         self._publish_slots = asyncio.Semaphore(o.publish_window)
@@ -123,7 +127,6 @@ class Orchestrator:
         self._store: StoredPublisher
         self._out: Outcomes
         self._cancels: CancelBook
-        self.lease: LeaderLease | None = None
         # `cplane policy` / `cplane router`: the core's policy and router, the prefix inputs
         self.switches = Switches(settings, self.core, self.registry, self.id, self._replan)
         self._known_ids: KnownIds | None = None
@@ -138,8 +141,8 @@ class Orchestrator:
 
     @property
     def leading(self) -> bool:
-        """Leads, by a lease renewed recently enough to act on (LeaderLease.valid)."""
-        return self.lease is not None and self.lease.valid()
+        """Leads (some partition) by a lease fresh enough to act on (leads.py)."""
+        return self._leads.leading
 
     @property
     def counters(self) -> dict[str, int]:
@@ -149,10 +152,6 @@ class Orchestrator:
     def policy_name(self) -> str:
         """The policy in force (`cplane policy set` changes it)."""
         return self.switches.policy_name
-
-    @property
-    def _policy(self) -> PolicySwitch:
-        return self.switches.policy
 
     @property
     def _hasher(self) -> PromptHasher | None:
@@ -189,11 +188,12 @@ class Orchestrator:
         await self.switches.start(nc, self._js)
         # admin.status/metrics/instances/request/breakers, and /metrics
         self.control = await start_control(nc, self._js, self.settings, self.registry, self)
-        self.lease = LeaderLease(self._js, self.settings, self.id, on_change=self._on_leadership)
         lease_stop = asyncio.Event()
+        leases = self._leads.start(self._js, self.settings, self.id, self._on_leadership,
+                                   lease_stop)
         loops = [asyncio.create_task(self._dispatch_loop(), name="dispatch"),
                  asyncio.create_task(self._ticker(), name="ticker"),
-                 asyncio.create_task(self.lease.run(lease_stop), name="lease")]
+                 asyncio.create_task(leases, name="lease")]
         await nc.publish(self.subjects.heartbeat_request, b"")  # workers answer at once
         log.info("orchestrator %s up (policy=%s, router=%s)", self.id, self.policy_name,
                  self.cfg.router_in_use.name)
@@ -234,24 +234,28 @@ class Orchestrator:
         task.add_done_callback(self._tasks.discard)
 
     # -- leadership ------------------------------------------------------------
-    async def _on_leadership(self, leading: bool) -> None:
+    async def _on_leadership(self, pool: str, leading: bool) -> None:
+        """A partition's lease (unpartitioned: the one lease) gained or lost. Lost: stop
+        taking its requests, let its publishes in flight finish, hand back the rest."""
         if leading:
             assert self._nc is not None
-            await self._leader.begin(self._nc, self._js)
+            await self._leader.begin(self._nc, self._js, pool)
             self._wake.set()
             return
-        # Stop taking requests; finish publishes in flight; hand held ones back at once.
-        await self._leader.end()
-        if self._tasks:
-            timeout = self.settings.orchestrator.publish_timeout_s
-            await asyncio.wait(set(self._tasks), timeout=timeout)
-        await self._hand_back(list(self.ledger.entries(RequestState.HELD)))
+        await self._leader.end(pool)
+        mine = [t for t in self._tasks
+                if not self.partitions.enabled or t.get_name() == f"publish-{pool}"]
+        if mine:
+            await asyncio.wait(mine, timeout=self.settings.orchestrator.publish_timeout_s)
+        of_model = self.partitions.of_model
+        await self._hand_back([e for e in self.ledger.entries(RequestState.HELD)
+                               if of_model(e.pending.model) == pool])
 
     # -- intake ----------------------------------------------------------------
     def _hold_room(self, level: int) -> int:
         looking = self._known_ids.waiting(level) if self._known_ids is not None else 0
         return (self.settings.orchestrator.hold_per_priority - self.ledger.held_count(level)
-                - looking)
+                - looking - self._forwarder.busy)
 
     async def _on_request(self, msg: Msg) -> None:
         try:
@@ -263,11 +267,12 @@ class Orchestrator:
     async def _intake(self, msg: Msg) -> None:
         seq, deliveries, stored = delivery(msg.reply)
         o = self.settings.orchestrator
-        leading = self.leading
+        pool, elsewhere = self._forwarder.partition_of(msg)
+        leading = self._leads.leads(pool)
         admitted: WorkItem | Rejection | None = None
         held: Entry[WorkItem] | None = None
         seen = False
-        if leading and deliveries <= o.max_deliveries:
+        if leading and deliveries <= o.max_deliveries and not elsewhere:
             admitted, held, seen = self._tenants.admit(
                 msg.subject, msg.data, stored, now_ms(), deliveries, self.id, self.core.ledger.get,
                 self.core.state.active, self._seen)
@@ -276,14 +281,14 @@ class Orchestrator:
             admitted=admitted, seq=seq, held_seq=held.seq if held is not None else None,
             held_waiting=held is not None and held.state in (RequestState.HELD,
                                                              RequestState.DISPATCHING),
-            seen=seen)
+            seen=seen, elsewhere=elsewhere)
         match action:
             case Intake.NAK:  # not leading: from a pull of ours still open (intake.py)
                 await msg.nak(delay=NOT_LEADING_NAK_S)
+            case Intake.FORWARD:
+                self._spawn(self._forward(msg, seq), "forward")
             case Intake.DEAD_LETTER:
-                self.stats.dead_letters += 1
-                self._spawn(self._out.dead_letter_request(msg, seq, deliveries, self._known),
-                            "dead-letter")
+                self._dead_letter(msg, seq, deliveries)
             case Intake.REJECT:
                 assert isinstance(admitted, Rejection)
                 self.stats.reject(admitted.code)
@@ -304,10 +309,19 @@ class Orchestrator:
                 entry = self._entry(admitted, msg, seq)
                 if action is Intake.RECHECK:
                     self._spawn(self._recheck(entry), "recheck")
-                elif self._known_ids is not None:  # answered already? (orchestrator/known_ids.py)
+                elif self._known_ids is not None and not admitted.request.fresh_id:
+                    # answered already? (orchestrator/known_ids.py)
                     self._known_ids.check(entry)
                 else:
                     await self._hold(entry)
+
+    async def _forward(self, msg: Msg, seq: int) -> None:
+        """Its model is another partition's: republished there (forwarding.py); refused
+        (overloaded, retryable) when LLM_REQ stays full."""
+        if await self._forwarder.forward(self._js, msg, seq) is Forwarded.FULL:
+            rej = self._tenants.refuse_overloaded(msg.subject, msg.data, now_ms(), self.id)
+            self.stats.reject(rej.code)
+            await self._out.reject(msg, seq, rej, self._known)
 
     async def _duplicate(self, item: WorkItem, msg: Msg, seq: int) -> None:
         """An id this replica dispatched or finished, published again (a client retrying
@@ -316,11 +330,12 @@ class Orchestrator:
         subject when it ends; an id with no trace anywhere (forgotten) is new."""
         if self._known_ids is not None and await self._known_ids.answer_again(item, msg):
             return
-        if item.request.request_id not in self.ledger and self.leading:
+        running = item.request.request_id in self.ledger  # its terminal answers this too
+        if not running and self._leads.leads(self.partitions.of_model(item.request.model)):
             await self._hold(self._entry(item, msg, seq))
             return
-        with contextlib.suppress(Exception):
-            await msg.ack()
+        with contextlib.suppress(Exception):  # not ours to answer now: the leader's
+            await (msg.ack() if running else msg.nak(delay=NOT_LEADING_NAK_S))
 
     def _entry(self, item: WorkItem, msg: Msg, seq: int) -> Entry[WorkItem]:
         if msg.headers and trace.parse(tp := msg.headers.get(trace.HEADER)):  # W3C, per item
@@ -328,6 +343,24 @@ class Orchestrator:
         blocks = self._hasher.blocks if self._hasher is not None else None
         return Entry(pending_of(item, now_ms(), self.settings.orchestrator, blocks), item,
                      seq=seq, msg=msg)
+
+    def _dead_letter(self, msg: Msg, seq: int, deliveries: int) -> None:
+        """Delivered too often. Held here (naked at each change of leader), it ends on
+        its own subject and leaves the ledger, never run (at once: no dispatch between)."""
+        self.stats.dead_letters += 1
+        own = held_as(self.ledger.get(sniff_id(msg.data) or ""), seq)
+        if own is not None:
+            self.core.finish_own(own)
+
+        async def settle() -> None:
+            stored = await self._out.dead_letter_request(msg, seq, deliveries, self._known,
+                                                         own=own is not None)
+            if own is not None:
+                if stored:
+                    self._seen.add(scoped_key(own.item.request))
+                self.core.finished_own(own, now_ms())
+
+        self._spawn(settle(), "dead-letter")
 
     def _known(self, request_id: str, group: str) -> bool:
         return known_in_scope(self.ledger.get(request_id), self._seen, request_id, group)
@@ -350,7 +383,7 @@ class Orchestrator:
         await entry.msg.ack()
 
     async def _hold(self, entry: Entry[WorkItem]) -> None:
-        if not self.leading:  # stepped down while it was looked up: the next leader's
+        if not self._leads.entries([entry]):  # stepped down while it was looked up
             await self._hand_back([entry])
             return
         held = self.ledger.get(entry.request_id)
@@ -394,6 +427,11 @@ class Orchestrator:
     async def _dispatch_step(self) -> None:
         """One decision (the core plans and applies it), then its effects: each
         rejection published, each batch published (then acked), pullers poked."""
+        if self._leads.stale():
+            # A partition's lease too old to act on (this process stalled): what it
+            # holds goes back now, before a plan could send it.
+            await self._hand_back([e for e in self.ledger.entries(RequestState.HELD)
+                                   if not self._leads.entries([e])])
         t = now_ms()
         fleet = self.registry.snapshot(t)
         step = self.core.step(fleet, now_ms=t, rng=self._rng, due=self._tick_due,
@@ -409,7 +447,8 @@ class Orchestrator:
         for out in step.publish:
             self.stats.route(out.batch.role.value, out.routed, len(out.entries))
             await self._publish_slots.acquire()
-            self._spawn(self._publish_batch(out.batch, out.entries), "publish")
+            pool = self.partitions.of_model(out.entries[0].pending.model)
+            self._spawn(self._publish_batch(out.batch, out.entries), f"publish-{pool}")
         self._leader.poke()
 
     async def _publish_batch(self, batch: Batch, entries: tuple[Entry[WorkItem], ...]) -> None:
@@ -419,7 +458,7 @@ class Orchestrator:
             self._publish_slots.release()
         if not result.stored:  # not stored (or not known to be): plan again
             self.core.refused(entries, redispatch=result is StoreResult.GAVE_UP)
-            if not self.leading:  # ...by the next leader: held here, nobody would
+            if not self._leads.entries(entries):  # ...by the next leader: held here
                 await self._hand_back(entries)
             self._wake.set()
             return
@@ -467,7 +506,7 @@ class Orchestrator:
             encode(WorkBatch(items=items)),
             batch_msg_id(batch, ((e.request_id, e.seq) for e in entries)),
             window_s=self.settings.streams.work.duplicate_window_s, on_retry=on_retry,
-            retry_s=_PUBLISH_RETRY_S, still_valid=lambda: self.leading)
+            retry_s=_PUBLISH_RETRY_S, still_valid=lambda: self._leads.entries(entries))
         if result is StoreResult.REFUSED:
             log.warning("work publish refused (%d requests stay held)", len(entries))
             self.stats.publish_failures += 1
@@ -515,7 +554,7 @@ class Orchestrator:
                 log.info("worker %s expired; %d live", hb.worker_id,
                          len(self.registry.snapshot(t).workers))
                 self.core.forget_worker(hb.worker_id)
-                if self.leading:
+                if self._leads.fleet:
                     self._spawn(self._rescue(hb.role, hb.worker_id, list(hb.models)), "rescue")
             self._tick_due = True
             self._wake.set()
@@ -529,7 +568,7 @@ class Orchestrator:
                 await self._reconcile(t)
             # Own queues of dead workers no leader saw expire; once this process
             # has heard heartbeats for a worker timeout (every live one is known).
-            if (self.leading and mono - last_sweep >= ORPHAN_SWEEP_S
+            if (self._leads.fleet and mono - last_sweep >= ORPHAN_SWEEP_S
                     and mono - self._started >= o.worker_timeout_s):
                 last_sweep = mono
                 self._spawn(rescue_orphans(self._js, self._store, self.settings,
@@ -537,7 +576,7 @@ class Orchestrator:
 
     async def _rescue(self, role: Role, worker_id: str, models: list[str]) -> None:
         def still_dead() -> bool:  # a worker that was only slow keeps its queue
-            return self.leading and not self.registry.knows(worker_id)
+            return self._leads.fleet and not self.registry.knows(worker_id)
 
         try:
             await rescue_queue(self._js, self._store, self.settings, role, worker_id, models,

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 import msgspec
 
 from cplane.orchestrator.fleet import FleetView
+from cplane.orchestrator.placed_work import PlacedWork
 from cplane.orchestrator.prefix_index import PrefixIndex
+from cplane.orchestrator.route_index import RouteIndex
 
 PoolKey = tuple[str, str]  # (role class: "unified" | "pd", model)
 
@@ -35,6 +37,7 @@ class Pending(msgspec.Struct, frozen=True):
     tenant: str = ""
     slo_class: str = "standard"
     session: str = ""  # affinity key (session or user id); "" = none
+    parallelism: int = 0  # GPUs its engine must span (Request.parallelism_hint); 0 = any
     block_hashes: tuple[int, ...] = ()  # prefix blocks, when known
     # Its SLO class's targets (or its own, within bounds: see orchestrator/slo.py).
     ttft_target_ms: float = 1000.0
@@ -69,14 +72,17 @@ class DecisionTables:
     # ...and those of them (routed to it by us) that finished since: the heartbeat's
     # count is stale by them until the next one.
     done_since: Mapping[str, int] = field(default_factory=dict)
-    # Tokens (prompt + output) routed to each worker, decaying (half-life ~1 min):
+    # Tokens (prompt + output) routed to each worker, decaying (half-life 10 min):
     # a work measure for routers that must not pile long requests on one worker.
-    placed: Mapping[str, float] = field(default_factory=dict)
+    placed: PlacedWork = field(default_factory=PlacedWork)
     # Which prefix blocks each worker holds (prefix routers); None = no index.
     prefix: PrefixIndex | None = None
     # Tenant fairness: virtual work counters (orchestrator/fairness.py) and weights.
     tenant_work: Mapping[str, float] = field(default_factory=dict)
     tenant_weights: Mapping[str, float] = field(default_factory=dict)
+    # Routers' candidates in load order, kept between plans; None = a fresh one per
+    # plan (right, but each plan pays for the whole fleet).
+    index: RouteIndex | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ class OrchestratorStats:
     dead_letters: int = 0  # request messages delivered max_deliveries times
     redeliveries_settled: int = 0  # redelivered requests found finished or running
     reconciled: int = 0  # slots freed by an LLM_DONE lookup (terminal missed live)
+    forwarded: int = 0  # requests moved to their model's partition (docs/replicas.md)
     # By label (bounded): rejections by error code (`overloaded` = shed), requests
     # held by "<priority>/<slo_class>", routing decisions by "<role>/<worker|pool>".
     rejections: dict[str, int] = field(default_factory=dict)

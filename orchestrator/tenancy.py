@@ -66,6 +66,22 @@ class TenantGate:
             return refused, None, False
         return admitted, held, scoped_key(admitted.request) in seen
 
+    def refuse_overloaded(self, subject: str, data: bytes, now_ms: float,
+                          orchestrator_id: str) -> Rejection:
+        """The rejection of a request that cannot be taken now (LLM_REQ full while it
+        waited to be forwarded to its partition): overloaded, retryable; or what
+        `intake.admit` says is wrong with it."""
+        prio, slo = self.subjects.parse_request(subject)
+        tenant = self.subjects.tenant_of_request(subject)
+        admitted = admit(data, prio, slo, now_ms, now_ms, orchestrator_id, self.limits,
+                         tenant, self.policy(tenant))
+        if isinstance(admitted, Rejection):
+            return admitted
+        req = admitted.request
+        return Rejection(req.request_id, req.group, ErrorCode.OVERLOADED,
+                         "the request stream is full: publish again later",
+                         retryable=True, retry_after_ms=1000.0)
+
     def policy(self, tenant: str | None) -> TenantPolicy:
         if tenant is None:
             return TenantPolicy()

@@ -123,10 +123,19 @@ class Request(Base, frozen=True, kw_only=True):
     ttft_target_ms: float | None = None
     tpot_target_ms: float | None = None
     cost_budget: float | None = None  # currency units for this request
-    parallelism_hint: int = 1
+    # GPUs one engine must span (tensor x pipeline parallel): the request runs only on
+    # workers whose heartbeats report that layout, or is refused (model_unavailable,
+    # naming the layouts served) once none has come within orchestrator.model_wait_s.
+    # 0 = any layout.
+    parallelism_hint: int = 0
     user_id: str | None = None
     tenant: str | None = None
     session_id: str | None = None
+    # The publisher minted request_id for this very request (never published before:
+    # the gateway's ids, a fresh UUID), so no earlier run can have stored a terminal
+    # under it: the orchestrator skips that lookup, a round trip on the way to the
+    # first token. A wrong claim only lets the publisher's own id run again.
+    fresh_id: bool = False
     # delivery
     group: str = "i"  # output subject group: "i" interactive, else batch job id
     reply_to: str | None = None  # extra core-NATS subject that also gets every output
@@ -161,6 +170,11 @@ class WorkItem(Base, frozen=True, kw_only=True):
     # W3C traceparent of the request's publish (header `traceparent`), carried per
     # item because one work message may hold many requests (schemas/trace.py).
     traceparent: str = ""
+    # The LLM_OUT sequence of the run fence this item's outputs are stored under
+    # (0: none written yet). A run that takes a request over writes a new fence
+    # (`Subjects.fence_store`); LLM_OUT then refuses every output stored under an
+    # older one, also those of a dead run still on their way (workers/run_fence.py).
+    fence_seq: int = 0
 
 
 class WorkBatch(Base, frozen=True, kw_only=True):
@@ -177,7 +191,12 @@ class Usage(Base, frozen=True, kw_only=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
-    cost: float = 0.0  # at the serving workers' configured prices (0 = unpriced)
+    cost: float = 0.0  # at the serving worker's prices below (0 = unpriced)
+    # The prices that applied, per 1000 prompt / output tokens, and where they come
+    # from (the worker's settings, or the GPU catalogue and its layout).
+    price_in_per_1k: float = 0.0
+    price_out_per_1k: float = 0.0
+    price_source: str = ""
 
 
 class Timings(Base, frozen=True, kw_only=True):
@@ -247,6 +266,7 @@ class Heartbeat(Base, frozen=True, kw_only=True):
     # Its configured price per 1000 tokens (cost_optimized routes by these).
     price_in_per_1k: float = 0.0
     price_out_per_1k: float = 0.0
+    parallelism: int = 1  # GPUs its engine spans (TP x PP): Request.parallelism_hint
     # Moving averages (EWMA) over its recent requests: least_response_time.
     ttft_ms_avg: float = 0.0
     tpot_ms_avg: float = 0.0

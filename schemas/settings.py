@@ -185,6 +185,12 @@ class OrchestratorSettings(msgspec.Struct, frozen=True, kw_only=True):
     # `lease_renew_s`; a standby takes over `lease_ttl_s` after the last renewal.
     lease_ttl_s: float = 3.0
     lease_renew_s: float = 1.0
+    # Partitioned leadership (docs/replicas.md): the models whose pools each get a
+    # lease of their own (`orchestrator.<pool>`) and their own request subjects, so
+    # replicas dispatch for different pools at once; everything else is the default
+    # partition (lease `orchestrator`). Empty: one leader for the whole fleet. Every
+    # replica, gateway and client must name the same list. Env: comma-separated.
+    partitions: tuple[str, ...] = ()
     # A request for a model no live worker serves waits this long (or until its
     # deadline), then gets ErrorReply model_unavailable (retryable).
     model_wait_s: float = 30.0
@@ -244,6 +250,13 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True):
     # What this worker charges per 1000 tokens (Final.usage.cost; cost_optimized).
     price_in_per_1k: float = 0.0
     price_out_per_1k: float = 0.0
+    # Where those prices come from, told in every Final.usage ("" = set by hand;
+    # `cplane worker --price-gpu` derives them from the GPU catalogue: fleetsim/pricing.py).
+    price_source: str = ""
+    # GPUs its engine spans (tensor x pipeline parallel), told in heartbeats: requests
+    # with that parallelism_hint may run here. 0 = the engine's own (vLLM: its
+    # tensor_parallel_size x pipeline_parallel_size; others 1).
+    parallelism: int = 0
     # Forward the engine's prefix-cache events (blocks stored / removed) to the
     # routers at most this often, on `<prefix>.kv.<worker_id>` (0 = never).
     kv_events_ms: float = 20.0
@@ -405,6 +418,9 @@ def load_settings(
     if "NATS_URL" in env and "url" not in _env_overrides(env).get("nats", {}):
         data["nats"]["url"] = env["NATS_URL"]
     data = _merge(data, overrides)
+    parts = data["orchestrator"].get("partitions")
+    if isinstance(parts, str):  # CPLANE__ORCHESTRATOR__PARTITIONS=m1,m2
+        data["orchestrator"]["partitions"] = [p.strip() for p in parts.split(",") if p.strip()]
     try:
         return msgspec.convert(data, Settings, strict=False)
     except msgspec.ValidationError as exc:

@@ -6,11 +6,14 @@ Subjects (defaults; the prefix is configurable through `Subjects(prefix=...)`):
 | ------------------------------------ | ---------------------------- | -------- |
 | `llm.req.<priority>.<slo_class>`     | Request (JSON)               | LLM_REQ  |
 | `llm.req.<tenant>.<priority>.<slo>`  | a tenant's Request           | LLM_REQ  |
+| `llm.req.pool.<pool>.<priority>.<slo>` | a Request for one partition | LLM_REQ  |
+| `llm.req.<tenant>.pool.<pool>.<prio>.<slo>` | a tenant's, the same     | LLM_REQ  |
 | `llm.work.<role>.<target>`           | WorkBatch                    | LLM_WORK |
 | `llm.s.out.<group>.<request_id>`     | TokenChunk (workers publish) | LLM_OUT  |
 | `llm.out.<group>.<request_id>`       | TokenChunk, once stored      | (republished by LLM_OUT)  |
 | `llm.s.done.<group>.<request_id>`    | Final or ErrorReply          | LLM_DONE |
 | `llm.done.<group>.<request_id>`      | the same, once stored        | (republished by LLM_DONE) |
+| `llm.sf.<group>.<request_id>.run.fence` | a run fence (worker id), not republished | LLM_OUT |
 | `llm.hb.<worker_id>`                 | Heartbeat (core NATS)        | —        |
 | `llm.cancel.<request_id>`            | Cancel (captured)            | LLM_CANCEL |
 | `llm.dlq.<stream>.<seq>`             | DeadLetter                   | LLM_DLQ  |
@@ -33,6 +36,13 @@ the tenant. Inside the system the scoped group is the string `<tenant>.<group>`.
 Undecodable requests (no request id recoverable) get their ErrorReply on
 `llm.done.invalid.seq<stream_sequence>`.
 
+Partitions (docs/replicas.md): a request for a model that is a configured
+partition may name its pool, `llm.req.pool.<pool>.<priority>.<slo>` (a
+tenant's: `llm.req.<tenant>.pool.<pool>...`), so that only that pool's
+leader reads it. The forms differ in length (2, 3, 4 and 5 tokens after
+`req`), never by a token's value, so no tenant name can make one read as
+another. `<pool>` is `partition_token(model)`.
+
 Work targets: `any` (the role's whole pool), `m-<model key>` (every worker
 of the role that serves that model: hand-offs, hand-backs and mixed-model
 pools keep the model), or one worker id.
@@ -53,6 +63,10 @@ DEFAULT_SLO_CLASS = "standard"
 MODEL_TARGET_PREFIX = "m-"
 # Groups a request may not name: they are the system's own output subjects.
 RESERVED_GROUPS = frozenset({INVALID_GROUP, "any", "all", "admin", "sys"})
+
+POOL_MARKER = "pool"  # the token before a request subject's pool (partition)
+DEFAULT_PARTITION = ""  # requests without a pool token, and models no partition names
+_SAFE_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,48}")
 
 # Subject tokens cannot hold these; ids that do are refused at the door.
 _BAD_TOKEN = re.compile(r"[\s.*>]")
@@ -86,6 +100,32 @@ def model_target(model: str) -> str:
     return f"{MODEL_TARGET_PREFIX}{readable}-{zlib.crc32(model.encode()):08x}"
 
 
+def partition_token(name: str) -> str:
+    """The subject token (and consumer name part) of a partition: the name itself
+    when it is a plain token of letters, digits, `_` and `-`, else a readable
+    part and a checksum as `model_target` makes (model names hold `/` and `.`)."""
+    if _SAFE_TOKEN.fullmatch(name):
+        return name
+    return model_target(name)[len(MODEL_TARGET_PREFIX):]
+
+
+def pool_of(model: str, partitions: tuple[str, ...] | list[str]) -> str:
+    """The pool token a publisher puts in a request's subject: its model's, when that
+    model is a configured partition (`orchestrator.partitions`); else none."""
+    return partition_token(model) if model and model in partitions else DEFAULT_PARTITION
+
+
+@dataclass(frozen=True, slots=True)
+class RequestSubject:
+    """What a request subject says: its tenant (None: the system's own principal),
+    its partition's pool token (DEFAULT_PARTITION: none), priority and SLO class."""
+
+    tenant: str | None
+    pool: str
+    priority: str
+    slo_class: str
+
+
 @dataclass(frozen=True, slots=True)
 class Subjects:
     """Builds and parses subject names. Nothing else in the project formats subjects."""
@@ -94,13 +134,15 @@ class Subjects:
 
     # -- requests -------------------------------------------------------
     def request(self, priority: Priority | str, slo_class: str = DEFAULT_SLO_CLASS,
-                tenant: str | None = None) -> str:
+                tenant: str | None = None, pool: str = DEFAULT_PARTITION) -> str:
         """Where a request is published; with `tenant`, the system-side subject of
-        that tenant's requests (what a tenant's own publish is mapped to)."""
+        that tenant's requests (what a tenant's own publish is mapped to); with
+        `pool` (a `partition_token`), the subject only that partition's leader reads."""
         prio = priority.value if isinstance(priority, Priority) else priority
-        if tenant:
-            return f"{self.prefix}.req.{tenant}.{prio}.{slo_class}"
-        return f"{self.prefix}.req.{prio}.{slo_class}"
+        head = f"{self.prefix}.req.{tenant}" if tenant else f"{self.prefix}.req"
+        if pool:
+            return f"{head}.{POOL_MARKER}.{pool}.{prio}.{slo_class}"
+        return f"{head}.{prio}.{slo_class}"
 
     def requests_of(self, priority: Priority) -> str:
         """Filter for one priority's durable consumer (every SLO class)."""
@@ -110,10 +152,28 @@ class Subjects:
         """Every tenant's requests of one priority (`llm.req.<tenant>.<priority>.<slo>`)."""
         return f"{self.prefix}.req.*.{priority.value}.*"
 
+    def pool_requests_of(self, pool: str, priority: Priority) -> str:
+        """Filter of one partition's requests of one priority (system principals')."""
+        return f"{self.prefix}.req.{POOL_MARKER}.{pool}.{priority.value}.*"
+
+    def tenant_pool_requests_of(self, pool: str, priority: Priority) -> str:
+        """Every tenant's requests of one partition and priority."""
+        return f"{self.prefix}.req.*.{POOL_MARKER}.{pool}.{priority.value}.*"
+
+    def parse_request_subject(self, subject: str) -> RequestSubject:
+        """Any of the four request forms, told apart by their length."""
+        tokens = subject[len(self.prefix) + len(".req."):].split(".")
+        if len(tokens) == 3:
+            return RequestSubject(tokens[0], DEFAULT_PARTITION, tokens[1], tokens[2])
+        if len(tokens) == 4:
+            return RequestSubject(None, tokens[1], tokens[2], tokens[3])
+        if len(tokens) == 5:
+            return RequestSubject(tokens[0], tokens[2], tokens[3], tokens[4])
+        return RequestSubject(None, DEFAULT_PARTITION, tokens[-2], tokens[-1])
+
     def tenant_of_request(self, subject: str) -> str | None:
-        """The tenant token of a request subject (None for `llm.req.<priority>.<slo>`)."""
-        extra = subject.count(".") - self.prefix.count(".") - 3
-        return subject.rsplit(".", 3)[1] if extra == 1 else None
+        """The tenant token of a request subject (None for the system's own forms)."""
+        return self.parse_request_subject(subject).tenant
 
     @property
     def requests_all(self) -> str:
@@ -157,6 +217,16 @@ class Subjects:
     def done_store(self, group: str, request_id: str) -> str:
         """Where a terminal is published (LLM_DONE stores it, then republishes it on `done`)."""
         return f"{self.prefix}.s.done.{group}.{request_id}"
+
+    def fence_store(self, group: str, request_id: str) -> str:
+        """Where a run that takes a request over writes its fence (workers/run_fence.py).
+        Outside `llm.s.*.>` (never republished) and six tokens or more, so no reader's
+        `llm.*.<group>.<id>` or `llm.*.<tenant>.<group>.<id>` matches it."""
+        return f"{self.prefix}.sf.{group}.{request_id}.run.fence"
+
+    @property
+    def fence_store_all(self) -> str:
+        return f"{self.prefix}.sf.>"
 
     @property
     def out_store_all(self) -> str:
@@ -292,9 +362,10 @@ class Subjects:
         return f"{self.prefix}_batch_files"
 
 
-def consumer_for_priority(priority: Priority) -> str:
-    """Durable pull consumer name of one priority level on LLM_REQ."""
-    return f"orch-{priority.value}"
+def consumer_for_priority(priority: Priority, pool: str = DEFAULT_PARTITION) -> str:
+    """Durable pull consumer name of one priority level on LLM_REQ (of one partition's
+    pool token: `orch-<pool>-<priority>`)."""
+    return f"orch-{pool}-{priority.value}" if pool else f"orch-{priority.value}"
 
 
 def consumer_for_work(role: Role, target: str) -> str:
@@ -304,16 +375,21 @@ def consumer_for_work(role: Role, target: str) -> str:
 
 __all__ = [
     "ANY_TARGET",
+    "DEFAULT_PARTITION",
     "DEFAULT_SLO_CLASS",
     "INTERACTIVE_GROUP",
     "INVALID_GROUP",
     "MODEL_TARGET_PREFIX",
+    "POOL_MARKER",
     "PRIORITIES",
     "RESERVED_GROUPS",
+    "RequestSubject",
     "Subjects",
     "consumer_for_priority",
     "consumer_for_work",
     "model_target",
+    "partition_token",
+    "pool_of",
     "scoped",
     "tenant_of",
     "valid_token",

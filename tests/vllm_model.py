@@ -32,7 +32,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def _build_tokenizer(out: Path, vocab_size: int) -> int:
+def build_tokenizer(out: Path, vocab_size: int) -> int:
+    """A byte-level BPE tokenizer (and its config, with the chat template) in `out`;
+    returns its vocabulary size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -74,7 +76,7 @@ def build_tiny_llama(out: Path, *, vocab_size: int = 512, seed: int = 0) -> Path
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     out.mkdir(parents=True, exist_ok=True)
-    vocab = _build_tokenizer(out, vocab_size)
+    vocab = build_tokenizer(out, vocab_size)
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))

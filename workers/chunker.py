@@ -11,7 +11,9 @@ token: chunks are plain core publishes that the LLM_OUT stream captures.
 
 Fenced: each chunk carries `Nats-Msg-Id: <request id>:<seq>`, so LLM_OUT
 stores the first content of a seq and drops any other inside its duplicate
-window (two workers writing one request after a pause), and no chunk goes out
+window (two workers writing one request after a pause), and the run's fence
+headers (`store_fence`: LLM_OUT stores it only while no newer run fence was
+written for the request, however late it arrives), and no chunk goes out
 while this worker's fence is closed (workers/fence.py).
 """
 
@@ -53,8 +55,10 @@ class ChunkStream:
         gate: asyncio.Event | None = None,
         fence: Fence | None = None,
         msg_key: str | None = None,
+        store_fence: dict[str, str] | None = None,
     ) -> None:
         self._publish = publish
+        self._store_fence = store_fence or {}  # headers LLM_OUT checks (fence.py)
         # Names the chunks' Nats-Msg-Ids: the request scoped by tenant (`<tenant>.<id>`).
         self._msg_key = msg_key or request_id
         self._subjects = subjects  # output subject, plus reply_to when asked for
@@ -148,7 +152,7 @@ class ChunkStream:
     async def _send(self, seq: int, data: bytes) -> None:
         store, *copies = self._subjects  # the stored subject, then reply_to
         await self._publish(store, data, headers={
-            "Nats-Msg-Id": chunk_msg_id(self._msg_key, seq)})
+            "Nats-Msg-Id": chunk_msg_id(self._msg_key, seq), **self._store_fence})
         for subject in copies:
             await self._publish(subject, data)
 

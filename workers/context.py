@@ -42,6 +42,7 @@ from cplane.workers.chunker import ChunkStream
 from cplane.workers.engines.base import Engine
 from cplane.workers.fence import Fence, fenced
 from cplane.workers.latency import LatencyAverages
+from cplane.workers.run_fence import Superseded, store_fence
 from cplane.workers.runs import RunLedger
 from cplane.workers.stats import WorkerStats
 
@@ -145,14 +146,21 @@ class ServeContext:
         terminal again, never a second, different one. When the connection
         dropped while `stream` was streaming, chunks that never reached LLM_OUT
         (lost in a socket buffer) are re-sent first, so the Final never counts
-        a chunk nobody has. Raises NotStored when it was not stored.
+        a chunk nobody has. Raises NotStored when it was not stored, Superseded
+        when the store refused it under a newer run fence.
         """
         await fenced(self.fence)  # a lost run's terminal never goes out
         req = item.request
         window_s = self.settings.streams.out.duplicate_window_s
         deadline = time.monotonic() + window_s / 2
         data = encode(msg)
-        headers = {trace.HEADER: item.traceparent} if item.traceparent else None
+        # The terminal of a stream is the run's: refused once another run took the
+        # request over (run_fence.py). One without (an error before any chunk, a
+        # dead letter) closes no text of its own.
+        headers = (store_fence(self.subjects, item) if stream is not None and self.run_fences
+                   else {})
+        if item.traceparent:
+            headers[trace.HEADER] = item.traceparent
 
         async def ready(failed: Exception | None) -> None:
             """Before each try: connected, every chunk stored, the reply_to copy sent."""
@@ -163,7 +171,7 @@ class ServeContext:
                     failed is not None or stream.epoch != self.epoch):
                 await self._resend_lost(item, stream, deadline)
             if req.reply_to:
-                await self.nc.publish(req.reply_to, data, headers=headers)
+                await self.nc.publish(req.reply_to, data, headers=headers or None)
 
         if (req.reply_to or not self.nc.is_connected or not self.gate.is_set()
                 or (stream is not None and stream.sent and stream.epoch != self.epoch)):
@@ -172,8 +180,11 @@ class ServeContext:
             await self._all_stored(item, stream, deadline)
         result = await publish_until_stored(
             self.store, self.subjects.done_store(req.group, req.request_id), data,
-            terminal_msg_id(req.group, req.request_id), window_s=window_s, headers=headers,
+            terminal_msg_id(req.group, req.request_id), window_s=window_s, headers=headers or None,
             still_valid=lambda: not self.nc.is_closed, on_retry=ready, retry_s=_RETRY_S)
+        if result is StoreResult.CONFLICT:
+            raise Superseded(f"{req.request_id}: another run took it over (a newer run "
+                             f"fence than #{item.fence_seq}): this run's terminal is refused")
         if not result.stored:
             raise NotStored(f"terminal of {req.request_id}: {result.value}")
         if result is StoreResult.DUPLICATE:
@@ -203,6 +214,13 @@ class ServeContext:
             if time.monotonic() > deadline:
                 raise TimeoutError("not connected")
             await asyncio.sleep(0.05)
+
+    @property
+    def run_fences(self) -> bool:
+        """Outputs carry run fences (run_fence.py) on a single broker only: a replicated
+        LLM_OUT refuses a publish that names a subject's last sequence while an earlier
+        one naming it is still in flight, which would drop a stream's chunks."""
+        return not self._replicated_out
 
     @property
     def _replicated_out(self) -> bool:

@@ -33,10 +33,10 @@ from wsgiref.simple_server import WSGIServer
 
 import msgspec
 from nats.aio.client import Client as NATS
-from nats.js.errors import NoKeysError
 from nats.js.kv import KeyValue
 
 from cplane.bus.connect import connect
+from cplane.bus.kv_keys import live_entries
 from cplane.bus.prom import serve_metrics
 from cplane.bus.provision import ensure_config_bucket
 from cplane.bus.tasks import cancel_all
@@ -79,7 +79,8 @@ def worker_settings(settings: Settings, spec: InstanceSpec, alone: bool) -> Sett
     `/metrics` on the configured port only when it fronts a single fixed instance."""
     w = msgspec.structs.replace(settings.worker, worker_id=spec.instance_id,
                                 role=spec.role.value, model=spec.model_name,
-                                capacity=spec.capacity)
+                                capacity=spec.capacity,
+                                parallelism=max(spec.gpu_count, spec.tensor_parallel_size))
     m = settings.metrics if alone else msgspec.structs.replace(settings.metrics, worker_port=0)
     return msgspec.structs.replace(settings, worker=w, metrics=m)
 
@@ -226,16 +227,13 @@ class InstanceSupervisor:
                 log.warning("instance listing failed: %s", exc)
 
     async def _resync(self, nc: NATS, kv: KeyValue) -> None:
-        try:
-            keys = [k for k in await kv.keys() if k.startswith(INSTANCE_KEY_PREFIX)]
-        except NoKeysError:
-            keys = []
-        listed = {k[len(INSTANCE_KEY_PREFIX):] for k in keys}
+        entries = await live_entries(nc.jetstream(), kv, self.settings.subjects.config_bucket,
+                                     INSTANCE_KEY_PREFIX)
+        listed = {k[len(INSTANCE_KEY_PREFIX):] for k in entries}
         for instance_id in [i for i in self.fronts if i not in listed]:
             await self._apply(nc, None, instance_id)
-        for key in keys:
+        for key, entry in entries.items():
             with contextlib.suppress(Exception):
-                entry = await kv.get(key)
                 await self._apply(nc, _spec_of(entry), key[len(INSTANCE_KEY_PREFIX):])
 
     # -- one instance ------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Forward the engine's prefix-cache events to the routers (precise prefix routing).
 
-Every `kv_events_ms` the engine's netted changes go out as one `KvEvents` on
+Every `kv_events_ms` while the engine works (and at least once a second while
+it idles) the engine's netted changes go out as one `KvEvents` on
 `llm.kv.<worker_id>` (core NATS: a lost message costs a router a snapshot,
 never a request). Each message has the next `seq` of this engine's `epoch`;
 a router that sees a gap asks `llm.admin.kv.<worker_id>` and gets every block
@@ -25,6 +26,8 @@ from cplane.workers.engines.base import KvEventSource
 log = logging.getLogger(__name__)
 
 MAX_HASHES_PER_MSG = 20_000  # ~400 kB of JSON at 19 digits a hash
+QUIET_TICKS = 10  # ticks with no change before the pump idles until poked
+IDLE_CHECK_S = 1.0  # an idle pump still looks this often (an engine others feed too)
 MAX_SNAPSHOT_BLOCKS = 40_000  # the most recently used, when an engine holds more
 
 
@@ -39,6 +42,14 @@ class KvEventPump:
         self.epoch = uuid.uuid4().hex[:12]
         self.seq = 0
         self.published = 0  # KvEvents messages sent (tests, stats)
+        self.ticks = 0  # looks at the engine (tests: an idle pump rarely looks)
+        self._quiet = 0  # ticks in a row that found nothing
+        self._poked = asyncio.Event()
+
+    def poke(self) -> None:
+        """Work arrived: the cache will change, look every tick again."""
+        self._quiet = 0
+        self._poked.set()
 
     def _next(self, stored: list[int], removed: list[int], cleared: bool = False) -> KvEvents:
         self.seq += 1
@@ -47,9 +58,12 @@ class KvEventPump:
                         removed=removed, cleared=cleared)
 
     async def flush(self) -> None:
+        self.ticks += 1
         delta = self._engine.kv_events()
         if delta is None:
+            self._quiet += 1
             return
+        self._quiet = 0
         subject = self._subjects.kv_events(self.worker_id)
         cleared = delta.cleared
         removed, stored = delta.removed, delta.stored
@@ -73,15 +87,25 @@ class KvEventPump:
                         block_tokens=self._engine.block_tokens, stored=blocks, cleared=True)
         await self._nc.publish(msg.reply, encode(snap))
 
+    async def _idle(self, stop: asyncio.Event) -> None:
+        """Until poked, stopped, or IDLE_CHECK_S."""
+        self._poked.clear()
+        waits = {asyncio.ensure_future(self._poked.wait()), asyncio.ensure_future(stop.wait())}
+        _, pending = await asyncio.wait(waits, timeout=IDLE_CHECK_S,
+                                        return_when=asyncio.FIRST_COMPLETED)
+        for w in pending:
+            w.cancel()
+
     async def run(self, stop: asyncio.Event) -> None:
         sub = await self._nc.subscribe(self._subjects.kv_snapshot(self.worker_id),
                                        cb=self._on_snapshot)
         try:
             while not stop.is_set():
-                try:
-                    await asyncio.wait_for(stop.wait(), self._interval_s)
-                except TimeoutError:
-                    pass
+                if self._quiet >= QUIET_TICKS:  # idle: a tick 50 times a second cost an
+                    await self._idle(stop)      # idle worker 8 ms of CPU a second
+                    if stop.is_set():
+                        break
+                await asyncio.sleep(self._interval_s)  # a stop waits one tick
                 try:
                     await self.flush()
                 except Exception as exc:  # a broker outage: the routers resync by snapshot

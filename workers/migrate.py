@@ -28,8 +28,9 @@ from nats.aio.msg import Msg
 from cplane.bus.replay import last_chunk, stored_terminal, streamed_chunks
 from cplane.bus.requeue import requeue
 from cplane.schemas.codec import encode
-from cplane.schemas.messages import DeadLetter, ErrorCode, WorkItem
+from cplane.schemas.messages import DeadLetter, ErrorCode, TokenChunk, WorkItem
 from cplane.workers.context import Outcome, ServeContext
+from cplane.workers.run_fence import write_run_fence
 from cplane.workers.runs import Letter, Run, RunState
 
 log = logging.getLogger("cplane.worker")
@@ -79,6 +80,10 @@ async def prepare(ctx: ServeContext, run: Run) -> WorkItem | None:
                        f"{ctx.settings.streams.out.name} while later ones are stored (aged "
                        f"out after {ctx.settings.streams.out.max_age_s:g} s, or lost with a "
                        "broker): it cannot continue without contradicting them")
+    fenced = await _fence(ctx, item, chunks)
+    if fenced is None:
+        return None
+    item, chunks = fenced
     if not chunks:
         return item
     ctx.counts["migrated"] += 1
@@ -109,6 +114,28 @@ class HeadLost(Exception):
     LLM_OUT keeps them: continuing after the hole would write seqs readers have
     with other contents, and running it again from the start would too. It
     ends in ErrorReply `worker_failed` (retryable) instead."""
+
+
+async def _fence(ctx: ServeContext, item: WorkItem, chunks: list[TokenChunk]
+                 ) -> tuple[WorkItem, list[TokenChunk]] | None:
+    """A run fence (run_fence.py): from it on the store refuses whatever an earlier run
+    still sends (bytes a healed partition delivers late), so what was stored before
+    it is all that run will ever have stored: the item under its fence and those
+    chunks, read again (`chunks`, read before, if none are left); None when the
+    terminal is stored. Without run fences (a replicated LLM_OUT): as they are."""
+    if not ctx.run_fences:
+        return item, chunks
+    req = item.request
+    seq = await write_run_fence(ctx.js, ctx.subjects, item, ctx.worker_id,
+                                ctx.settings.worker.publish_timeout_s)
+    item = msgspec.structs.replace(item, fence_seq=seq)
+    if await stored_terminal(ctx.js, ctx.settings, req.group, req.request_id) is not None:
+        ctx.counts["skipped"] += 1
+        log.info("%s has its terminal: not run again", req.request_id)
+        return None
+    again = await streamed_chunks(ctx.js, ctx.settings, req.group, req.request_id,
+                                  from_seq=item.next_seq)
+    return item, again or chunks
 
 
 def _may_have_aged_out(ctx: ServeContext, item: WorkItem) -> bool:

@@ -66,6 +66,7 @@ from cplane.workers.engines.base import Engine, KvEventSource
 from cplane.workers.fence import Fence
 from cplane.workers.kv_events import KvEventPump
 from cplane.workers.migrate import move_queued, store_dead_letter, taken_over
+from cplane.workers.run_fence import Superseded
 from cplane.workers.runs import Letter, Run, RunLedger, RunState
 from cplane.workers.serve import serve
 
@@ -304,6 +305,8 @@ class Worker:
             with contextlib.suppress(Exception):
                 await msg.nak()
             return
+        if self.kv_pump is not None:
+            self.kv_pump.poke()
         try:
             batch = work_decoder.decode(msg.data)
         except msgspec.DecodeError as exc:
@@ -345,6 +348,10 @@ class Worker:
         try:
             try:  # the common case, without a retry loop's frame around it
                 outcome: Outcome | None = await serve(self.ctx, run)
+            except Superseded as exc:  # it settles once the run that took over has
+                log.info("%s", exc)
+                run.check = True
+                outcome = await self._outcome(run, tried=1)
             except Exception:
                 log.exception("outcome of %s not stored (try 1)", run.request_id)
                 outcome = await self._outcome(run, tried=1)
@@ -380,6 +387,8 @@ class Worker:
             self._spawn(self.ctx.claims.release(run.request_id))
         for puller in self._pullers:
             puller.poke()
+        if self.kv_pump is not None:  # what the run left in the cache goes out at once
+            self.kv_pump.poke()
         return msgs
 
     async def _outcome(self, run: Run, *, tried: int) -> Outcome | None:
@@ -528,6 +537,9 @@ class Worker:
             state=self._state,
             price_in_per_1k=self.settings.worker.price_in_per_1k,
             price_out_per_1k=self.settings.worker.price_out_per_1k,
+            # Engines that know their layout say so (VllmEngine); the setting wins.
+            parallelism=self.settings.worker.parallelism or getattr(
+                self.engine, "parallelism", 1),
             ttft_ms_avg=self.ctx.latency.ttft_ms if self.ctx else 0.0,
             tpot_ms_avg=self.ctx.latency.tpot_ms if self.ctx else 0.0,
             served=self.served,

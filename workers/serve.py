@@ -38,6 +38,7 @@ from cplane.workers.chunker import ChunkStream
 from cplane.workers.context import Outcome, ServeContext
 from cplane.workers.engines.base import Delta, EngineDeadError, EngineInputError, EngineRequest
 from cplane.workers.migrate import HeadLost, dead_letter, prepare
+from cplane.workers.run_fence import store_fence
 from cplane.workers.runs import Run, RunState
 
 __all__ = ["Outcome", "ServeContext", "engine_request", "serve"]
@@ -250,6 +251,7 @@ def _stream(ctx: ServeContext, item: WorkItem) -> ChunkStream:
         next_seq=item.next_seq, max_tokens=ws.chunk_tokens,
         min_interval_s=ws.chunk_interval_ms / 1000, epoch=ctx.epoch, gate=ctx.gate,
         fence=ctx.fence, msg_key=ctx.subjects.scoped_id(req.group, req.request_id),
+        store_fence=store_fence(ctx.subjects, item) if ctx.run_fences else None,
     )
 
 
@@ -325,6 +327,9 @@ def _final(
             completion_tokens=n_tokens,
             cached_prompt_tokens=last.cached_prompt_tokens or 0,
             cost=cost,
+            price_in_per_1k=w.price_in_per_1k,
+            price_out_per_1k=w.price_out_per_1k,
+            price_source=w.price_source or ("configured" if cost else ""),
         ),
         timings=Timings(
             queue_ms=max(0.0, (item.dispatched_ms or t0) - t0),

@@ -57,6 +57,9 @@ class ChaosConfig:
     partitions: bool = True  # one worker and orch1 behind proxies
     tenants: tuple[str, ...] = ("acme", "globex")  # the load's tenant accounts (>= 2)
     cluster: int = 0  # > 0: that many nats-server nodes, streams R3 (cluster.py); no proxies
+    # Partitioned leadership (docs/replicas.md): models whose pools get a lease each
+    # (`orchestrator.partitions`); the load names them (half with the pool token).
+    leader_partitions: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls) -> ChaosConfig:
@@ -86,6 +89,8 @@ class ChaosConfig:
             tenants=tuple(t.strip() for t in os.environ.get(
                 "CPLANE_CHAOS_TENANTS", "acme,globex").split(",") if t.strip()),
             cluster=cluster,
+            leader_partitions=tuple(m.strip() for m in os.environ.get(
+                "CPLANE_CHAOS_LEADER_PARTITIONS", "").split(",") if m.strip()),
         )
 
     def router_for(self, replica: int, start: int) -> str:
@@ -119,6 +124,8 @@ class ChaosConfig:
         })
         for stream in ("REQ", "WORK", "OUT", "DONE"):
             env[f"CPLANE__STREAMS__{stream}__DUPLICATE_WINDOW_S"] = str(self.dup_window_s)
+        if self.leader_partitions:
+            env["CPLANE__ORCHESTRATOR__PARTITIONS"] = ",".join(self.leader_partitions)
         if self.cluster:  # every stream and store on min(N, 3) nodes
             env["CPLANE__STREAMS__REPLICAS"] = str(min(3, self.cluster))
         return env

@@ -54,6 +54,7 @@ from typing import Protocol
 
 from nats.aio.client import Client as NATS
 
+from cplane.orchestrator.partitions import PartitionMap, lease_key
 from tests.chaos.load import Publisher
 from tests.chaos.procs import Fleet, NatsServer, Proc
 from tests.chaos.proxy import Proxy
@@ -158,7 +159,10 @@ class FaultLanes:
         assert self.run.nc_rec is not None
         try:
             kv = await self.run.nc_rec.jetstream().key_value("llm_leases")
-            entry = await asyncio.wait_for(kv.get("orchestrator"), 3.0)
+            # partitioned leadership: the leader of one partition, the default or a pool's
+            keys = [lease_key(p) for p in PartitionMap.of(self.run.cfg.leader_partitions).pools]
+            key = self.run.rng.choice(keys) if len(keys) > 1 else keys[0]
+            entry = await asyncio.wait_for(kv.get(key), 3.0)
             holder = (entry.value or b"").decode()
         except Exception as exc:
             self.log(f"leader lookup failed: {exc!r}")

@@ -33,7 +33,10 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 
+from cplane.schemas.subjects import Subjects, pool_of
 from tests.chaos.tenants import tenant_marker
+
+SUBJECTS = Subjects()
 
 PRIORITY_WEIGHTS = {"critical": 1, "high": 2, "normal": 4, "low": 2, "background": 1}
 WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike "
@@ -59,13 +62,18 @@ PREFIXES = _prefixes()
 class Publisher:
     def __init__(self, ncs: dict[str, NATS], total: int, base_rate: float, rng: random.Random,
                  tag: str, log: Callable[[str], None], retry_s: float = 45.0,
-                 long_share: float = 0.0, long_tokens: tuple[int, int] = (3000, 5500)) -> None:
-        """`ncs`: each tenant's connection (on its own account), by tenant name."""
+                 long_share: float = 0.0, long_tokens: tuple[int, int] = (3000, 5500),
+                 partitions: tuple[str, ...] = ()) -> None:
+        """`ncs`: each tenant's connection (on its own account), by tenant name.
+        `partitions` (partitioned leadership): each request names one of these models,
+        and half go to its pool's subject, half the old way (the default partition's
+        leader forwards those)."""
         self.tenants = tuple(ncs)
         self.js = {t: nc.jetstream() for t, nc in ncs.items()}
         self.total, self.base_rate, self.rng, self.tag, self.log = total, base_rate, rng, tag, log
         self.retry_s = retry_s
         self.long_share, self.long_tokens = long_share, long_tokens
+        self.partitions = partitions
         self.accepted: dict[str, float] = {}  # request id -> time of its ack
         # every publish: (monotonic first try, its ack or refusal; None: never answered)
         self.waits: list[tuple[float, float | None]] = []
@@ -113,7 +121,12 @@ class Publisher:
         if self.rng.random() < 0.3:
             req["session_id"] = f"s{self.rng.randrange(SESSIONS)}"
         slo = "interactive" if not long and self.rng.random() < 0.25 else "standard"
-        subject, data = f"llm.req.{prio}.{slo}", json.dumps(req).encode()
+        pool = ""
+        if self.partitions:
+            req["model"] = self.rng.choice(self.partitions)
+            if self.rng.random() < 0.5:
+                pool = pool_of(str(req["model"]), self.partitions)
+        subject, data = SUBJECTS.request(prio, slo, None, pool), json.dumps(req).encode()
         self.bodies[rid] = (subject, data)
         if long:
             self.long[rid] = max_tokens

@@ -268,6 +268,7 @@ class Fleet:
         self.next_worker = 1
         self.events: list[str] = []
         self.urls: dict[str, str] = {}
+        self.models: dict[str, str] = {}  # worker id -> the model it was started with
 
     def _python(self) -> str:
         venv = ROOT / ".venv" / "bin" / "python"
@@ -305,7 +306,12 @@ class Fleet:
         self.note(f"worker ids used up: a new worker reuses {dead[0]}")
         return dead[0]
 
-    def start_worker(self, worker_id: str | None = None, url: str | None = None) -> Proc:
+    def start_worker(self, worker_id: str | None = None, url: str | None = None,
+                     model: str | None = None) -> Proc:
+        """`model`: the one it serves (default: the settings', `sim`); a restart under
+        the same id keeps it."""
+        if model is None:
+            model = self.models.get(worker_id or "")
         if worker_id is None:
             worker_id = self._new_worker_id()
         if url is not None and url != self.url:
@@ -315,6 +321,9 @@ class Fleet:
         argv = [self._python(), "-m", "cplane.cli", "worker", "--engine", "sim",
                 "--worker-id", worker_id, *self._creds(f"worker-{worker_id}"),
                 "--nats-url", self.url_of(worker_id), "--capacity", str(self.capacity)]
+        if model is not None:
+            argv += ["--model", model]
+            self.models[worker_id] = model
         p = Proc(worker_id, argv, self.env, self.dir / f"worker-{worker_id}.log")
         old = self.workers.get(worker_id)
         if old is not None:

@@ -65,7 +65,7 @@ class Run:
         self.t0 = time.monotonic()
         self.t0_wall = time.time()
         self._log = open(run_dir / "harness.log", "a", buffering=1)
-        self.auth = ChaosAuth(run_dir, cfg.worker_ids(), cfg.tenants)
+        self.auth = ChaosAuth(run_dir, cfg.worker_ids(), cfg.tenants, cfg.leader_partitions)
         self.cluster = (NatsCluster(run_dir, cfg.cluster, extra_config=self.auth.accounts)
                         if cfg.cluster else None)
         self.server: NatsServer | NatsCluster = self.cluster or NatsServer(
@@ -255,7 +255,8 @@ async def run_chaos(cfg: ChaosConfig, run_dir: Path) -> Outcome:
     try:
         await run.start()
         pub = Publisher(run.nc_pub, cfg.requests, cfg.rate, run.rng, f"{cfg.seed % 100000:05d}",
-                        run.log, long_share=cfg.long_share, long_tokens=cfg.long_tokens)
+                        run.log, long_share=cfg.long_share, long_tokens=cfg.long_tokens,
+                        partitions=cfg.leader_partitions)
         run.pub = pub
         pub.completions = lambda: len(run.rec.live_terminal)
         ptask = asyncio.create_task(pub.run(limit_s=60 + 3 * cfg.requests / cfg.rate))

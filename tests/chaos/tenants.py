@@ -34,7 +34,7 @@ from pathlib import Path
 from nats.aio.msg import Msg
 
 from cplane.auth_setup import AuthSetup
-from cplane.schemas.settings import Settings
+from cplane.schemas.settings import load_settings
 
 OPERATOR = "operator"
 ORCHESTRATOR = "orchestrator"
@@ -57,7 +57,8 @@ class ChaosAuth:
     """The run's principals, their credential files (`<run dir>/creds`, 0600) and the
     broker's accounts block."""
 
-    def __init__(self, run_dir: Path, worker_ids: list[str], tenants: tuple[str, ...]) -> None:
+    def __init__(self, run_dir: Path, worker_ids: list[str], tenants: tuple[str, ...],
+                 partitions: tuple[str, ...] = ()) -> None:
         if len(tenants) < 2:
             raise ValueError(f"the chaos run needs at least two tenants, not {tenants}")
         creds = run_dir / "creds"
@@ -66,8 +67,10 @@ class ChaosAuth:
         self.worker_ids = list(worker_ids)
         self.setup = AuthSetup.create(self.worker_ids, list(tenants), gateway=False,
                                       directory=str(creds))
-        # stream and subject names only: the run's services change sizes, not names
-        self.accounts = self.setup.config(Settings())
+        # stream and subject names only: the run's services change sizes, not names;
+        # partitioned leadership: tenants may publish to the partitions' pool subjects
+        self.accounts = self.setup.config(load_settings(
+            env={}, orchestrator={"partitions": list(partitions)}))
 
     def creds(self, principal: str) -> str:
         return self.setup.creds(principal)

@@ -24,11 +24,13 @@ prefix_aware, affinity, pool, any other router, or rotate; unset: picked from th
 seed), _OUT_MAX_AGE_S (LLM_OUT's max_age, 20), _DUP_WINDOW_S (the streams'
 duplicate windows, 10), _LONG_SHARE (0.04; 0.01 from N=1000), _LONG_TOKENS (3000-5500), _RESUBMIT (6),
 _RESUBMIT_WAIT_S (25), _PARTITIONS (0: no proxies), _TENANTS (acme,globex: two or more),
+_LEADER_PARTITIONS (models with a leader each; test_chaos_partitioned_leadership: sim),
 _CLUSTER (N: an N-node JetStream cluster instead of one server; test_cluster_chaos.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -45,3 +47,16 @@ pytestmark = [pytest.mark.chaos, pytest.mark.timeout(_TIMEOUT)]
 
 def test_chaos(chaos_dir: Path) -> None:
     run_and_check(ChaosConfig.from_env(), chaos_dir)
+
+
+def test_chaos_partitioned_leadership(chaos_dir: Path) -> None:
+    """The same run with partitioned leadership: the workers' model (`sim`) is a
+    partition with a lease of its own beside the default partition's, so the
+    replicas lead one each and every orchestrator kill, pause and network partition
+    hits a partition's leader; every request names the model, half on its pool's
+    subject (through the tenants' mapped imports), half the old way (forwarded by
+    the default partition's leader). Same verdict, same figures line."""
+    cfg = ChaosConfig.from_env()
+    if not cfg.leader_partitions:
+        cfg = dataclasses.replace(cfg, leader_partitions=("sim",))
+    run_and_check(cfg, chaos_dir)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 import pytest
 from nats.aio.client import Client as NATS
@@ -140,3 +142,31 @@ async def test_recover_reads_chunks_and_terminal_stored_while_away(
     assert (await h.result(timeout=5)).chunks == 3
     assert [c.seq async for c in h] == [0, 1, 2]
     assert not client._open
+
+
+async def test_a_quiet_request_reads_outputs_whose_live_copy_was_lost(
+    nats_url: str, nc: NATS
+) -> None:
+    """LLM_OUT republishes once: chunks 0..1 and the Final stored while nobody listened
+    (a node that died before republishing, a publish repeated after a lost ack) never
+    reach the subscription. The quiet handle replays the gap and reads the Final."""
+    s = isolated_settings(nats_url)
+    js = nc.jetstream()
+    await ensure_streams(js, s)
+    for seq in range(2):  # stored, republished to nobody
+        await js.publish(s.subjects.out_store("i", "r1"), msgspec.json.encode(chunk(seq)))
+    client = Client(nc, s, quiet_lookup_s=0.2)
+    h = await client.submit(Request(request_id="r1", prompt="x"))  # no orchestrator runs
+    await js.publish(s.subjects.out_store("i", "r1"), msgspec.json.encode(chunk(2)))  # seen live
+    chunks = aiter(h)
+    seen = [(await asyncio.wait_for(anext(chunks), 10)).seq for _ in range(3)]
+    assert seen == [0, 1, 2] and not h.settled()  # the gap was filled before any terminal
+    sub, h._sub = h._sub, None  # the terminal's live copy is lost
+    assert sub is not None
+    await sub.unsubscribe()
+    await js.publish(s.subjects.done_store("i", "r1"), msgspec.json.encode(
+        Final(request_id="r1", finish_reason=FinishReason.LENGTH, chunks=3)))
+    assert (await h.result(timeout=10)).chunks == 3
+    assert [c async for c in chunks] == []  # the stream ends at the Final, whole
+    assert client.quiet.looked_up >= 1 and client.quiet.recovered >= 1 and not client._open
+    await client.close()

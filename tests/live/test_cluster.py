@@ -188,7 +188,11 @@ async def test_an_ack_on_the_cluster_is_a_quorum_a_leader_kill_loses_nothing(
                             lambda i: i.state.messages in (N_ACKED, N_ACKED + 1),
                             timeout_s=30, what="the acked messages after the restarts")
     sub = await js.pull_subscribe(f"{name}.>", durable="check")
-    got = [m.data for m in await sub.fetch(info.state.messages, timeout=10)]
+    # The new consumer answers 503 until its own leader is elected: ask again (nothing
+    # was delivered by a refused fetch).
+    msgs = await eventually(lambda: sub.fetch(info.state.messages, timeout=10), bool,
+                            timeout_s=30, what="the consumer delivering")
+    got = [m.data for m in msgs]
     assert len(got) == info.state.messages and len(set(got)) == len(got)
     assert set(got) - {b"late"} == {b"%d" % i for i in range(N_ACKED)}
 

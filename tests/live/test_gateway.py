@@ -193,6 +193,7 @@ async def test_shed_request_gets_429_with_retry_after(up: str) -> None:
         metrics = (await http.get("/metrics")).text
     assert 'cplane_gateway_requests_total{endpoint="/v1/chat/completions",status="429"} 2.0' in metrics
     assert "cplane_gateway_overloaded_total 2.0" in metrics
+    assert "cplane_gateway_outputs_recovered_total" in metrics  # the client's QuietWatch
 
 
 async def _cancelled(s: Settings, request_id: str) -> Final:

@@ -180,3 +180,26 @@ async def test_an_id_whose_terminal_llm_done_lacks_is_answered_from_llm_out(
         assert got.seen["again-4"][1] == got.seen["again-4"][0]
         assert fresh.stats.dispatched == 0  # not run again
     await nc.close()
+
+
+async def test_a_fresh_id_is_held_without_a_lookup_and_others_are_looked_up(
+        nats_url: str) -> None:
+    """Request.fresh_id (the gateway's ids): no stored-terminal lookup on the way to the
+    first token; an id without the claim is still looked up, and both are answered."""
+    s = settings(nats_url, sim={"zero_cost": True})
+    nc = await nats.connect(nats_url)
+    got = Terminals()
+    await nc.subscribe(s.subjects.done_all, cb=got.on_done)
+    async with stack(s, workers=1) as run:
+        assert run.orchestrator is not None and run.orchestrator._known_ids is not None
+        known = run.orchestrator._known_ids
+        for i in range(5):
+            await publish(nc, s, f"fresh-{i}", {"request_id": f"fresh-{i}", "prompt": "x y",
+                                                "max_tokens": 2, "fresh_id": True})
+        await until(lambda: all(got.count(f"fresh-{i}") == 1 for i in range(5)), 15,
+                    "the fresh ids answered")
+        assert known.looked_up == 0
+        await publish(nc, s, "plain-1")
+        await until(lambda: got.count("plain-1") == 1, 15, "the plain id answered")
+        assert known.looked_up == 1
+    await nc.close()

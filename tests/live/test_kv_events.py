@@ -4,6 +4,8 @@ where it was sent."""
 
 from __future__ import annotations
 
+import asyncio
+
 import nats
 from nats.aio.msg import Msg
 
@@ -13,11 +15,12 @@ from cplane.orchestrator.prompt_hash import PromptHasher
 from cplane.orchestrator.service import Orchestrator
 from cplane.schemas.blocks import chain_hashes, word_token_ids
 from cplane.schemas.codec import kv_events_decoder
-from cplane.schemas.messages import Request
+from cplane.schemas.messages import KvEvents, Request
 from cplane.schemas.settings import SimSettings
-from cplane.workers.engines.base import EngineRequest
+from cplane.workers.engines.base import EngineRequest, KvDelta
 from cplane.workers.engines.sim import SimEngine
 from cplane.workers.engines.stepcore import PrefixCache
+from cplane.workers.kv_events import IDLE_CHECK_S, QUIET_TICKS, KvEventPump
 from tests.natsfix import isolated_settings
 from tests.stack import _start, stack
 from tests.waiting import until
@@ -187,3 +190,55 @@ async def test_worker_answers_snapshots_and_splits_nothing_it_holds(nats_url: st
 def test_sim_settings_report_by_default() -> None:
     assert SimSettings().kv_events
 
+
+
+class _Cache:
+    """A KvEventSource whose changes a test makes by hand."""
+
+    block_tokens = 32
+
+    def __init__(self) -> None:
+        self.pending: list[int] = []
+
+    def kv_events(self) -> KvDelta | None:
+        stored, self.pending = self.pending, []
+        return KvDelta(stored, []) if stored else None
+
+    def kv_blocks(self) -> list[int]:
+        return []
+
+
+async def test_an_idle_pump_stops_ticking_and_wakes_on_work_or_within_a_second(
+        nats_url: str) -> None:
+    """Nothing changes: after QUIET_TICKS the pump stops looking 50 times a second (an
+    idle worker's CPU). Work pokes it back; a change nobody poked for (an engine other
+    clients feed) still goes out within IDLE_CHECK_S."""
+    s = isolated_settings(nats_url)
+    nc = await nats.connect(nats_url)
+    got: list[KvEvents] = []
+
+    async def on(msg: Msg) -> None:
+        got.append(kv_events_decoder.decode(msg.data))
+
+    await nc.subscribe(s.subjects.kv_events("w-idle"), cb=on)
+    cache = _Cache()
+    pump = KvEventPump(nc, s.subjects, "w-idle", cache, 20)
+    stop = asyncio.Event()
+    task = asyncio.create_task(pump.run(stop))
+    try:
+        await until(lambda: pump.ticks >= QUIET_TICKS + 1, 5, "the pump going quiet")
+        idle_at = pump.ticks
+        await asyncio.sleep(0.3)  # 15 ticks' time: an idle pump looks at most once
+        assert pump.ticks - idle_at <= 1
+        cache.pending = [7]
+        pump.poke()
+        await until(lambda: [e.stored for e in got] == [[7]], 2, "the poked change")
+        await until(lambda: pump.ticks >= idle_at + QUIET_TICKS, 5, "quiet again")
+        t0 = asyncio.get_running_loop().time()
+        cache.pending = [8]  # no poke
+        await until(lambda: [8] in [e.stored for e in got], 3, "the unpoked change")
+        assert asyncio.get_running_loop().time() - t0 <= IDLE_CHECK_S + 0.5
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+        await nc.close()

@@ -90,6 +90,34 @@ async def test_a_request_that_keeps_failing_is_dead_lettered(nats_url: str, nc: 
         await until(req_empty, 5, "the dead-lettered request's ack")
 
 
+async def test_a_request_held_by_the_leader_and_dead_lettered_ends_on_its_own_subject(
+        nats_url: str, nc: NATS) -> None:
+    """The leader holds a request (no worker yet) whose message keeps coming back (each
+    change of leader naks what it held): past max_deliveries its dead_letter
+    ErrorReply goes to its own subject, where its client waits, and it leaves the
+    ledger; not to `llm.done.invalid.seq<N>` as if another request owned the id."""
+    s = isolated_settings(nats_url, orchestrator={"max_deliveries": 2})
+    done = await nc.subscribe(s.subjects.done("i", "held1"))
+    async with stack(s, workers=0) as run:
+        orch = run.orchestrator
+        assert orch is not None
+        await until(lambda: orch.leading, what="leadership")
+        await nc.jetstream().publish(s.subjects.request("normal"), msgspec.json.encode(
+            Request(request_id="held1", prompt="x")))
+        await until(lambda: "held1" in orch.ledger, 10, "the request held")
+        for _ in range(2):  # naked as a standby would, redelivered to the leader
+            entry = orch.ledger.get("held1")
+            assert entry is not None and entry.state is RequestState.HELD
+            first = entry.msg
+            assert first is not None
+            await first.nak()
+            await until(lambda m=first: (e := orch.ledger.get("held1")) is None
+                        or e.msg is not m, 10, "the redelivery")
+        err = output_decoder.decode((await done.next_msg(timeout=10)).data)
+        assert isinstance(err, ErrorReply) and err.code == "dead_letter"
+        await until(lambda: "held1" not in orch.ledger, 5, "the ledger let go of it")
+
+
 async def test_a_cancel_sent_before_the_orchestrator_started_is_honoured(
         nats_url: str, nc: NATS) -> None:
     s = isolated_settings(nats_url, sim={"zero_cost": True})
@@ -164,6 +192,23 @@ async def test_a_bad_copy_cannot_end_a_live_request(nats_url: str, nc: NATS) -> 
         assert isinstance(err, ErrorReply) and err.request_id.startswith("seq")
         final = await handle.result(timeout=20)
         assert final.usage.completion_tokens == 40
+
+
+async def test_a_refused_copy_of_a_finished_id_gets_its_stored_answer_again(
+        nats_url: str, nc: NATS) -> None:
+    """An id whose terminal is stored, published again and refused on its way (here
+    malformed; in a partitioned fleet, refused as overloaded while LLM_REQ was full):
+    its publisher, listening on the id's subject, hears the stored answer again, not
+    a rejection sent to `llm.done.invalid.seq<N>` it never hears."""
+    s = isolated_settings(nats_url, sim={"zero_cost": True})
+    async with stack(s, workers=1):
+        client = Client(nc, s)
+        first = await client.generate(Request(request_id="again1", prompt="x", max_tokens=3))
+        done = await nc.subscribe(s.subjects.done("i", "again1"))
+        await nc.jetstream().publish(s.subjects.request("normal"),
+                                     b'{"request_id": "again1", "prompt": 7}')
+        term = output_decoder.decode((await done.next_msg(timeout=10)).data)
+        assert term == first
 
 
 async def test_work_of_a_worker_that_died_before_any_leader_saw_it_is_rescued(

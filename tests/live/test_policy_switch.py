@@ -63,7 +63,7 @@ async def _stored(nc: NATS, s: Settings) -> KeyValue.Entry | None:
 
 
 def _in_force(o: Orchestrator) -> tuple[str, dict[str, object]]:
-    return o.policy_name, dict(o._policy.state.params)
+    return o.policy_name, dict(o.switches.policy.state.params)
 
 
 async def test_a_switch_reaches_every_replica_within_a_second(nats_url: str, conn: NATS) -> None:

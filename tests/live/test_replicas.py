@@ -112,9 +112,10 @@ async def test_a_replica_that_steps_down_mid_publish_keeps_nothing(nats_url: str
         client = Client(await nats.connect(nats_url), s)
         handle = await client.submit(Request(request_id="x1", prompt="x y", max_tokens=3))
         await until(entered.is_set, 10, "the publish in flight")
-        assert old.lease is not None
-        old.lease._step = no_renewal  # type: ignore[method-assign]
-        await old.lease.release()  # steps down; the standby acquires the lease
+        lease = old._leads.lease
+        assert lease is not None
+        lease._step = no_renewal  # type: ignore[method-assign]
+        await lease.release()  # steps down; the standby acquires the lease
         await until(lambda: new.leading, 10, "takeover")
         fail.set()
         final = await handle.result(timeout=15)

@@ -177,9 +177,25 @@ async def test_instances_added_and_removed_under_load(
                 served_by = {w for _, f in results for w in f.workers}
                 assert served_by == {"ga", "gb"}, served_by
                 await until(lambda: ga_worker.state is WorkerState.STOPPED, 60, "ga drained")
-                assert [x.instance_id for x in await cp.list_instances()] == ["gb"]
+                listed = [x.instance_id for x in await cp.list_instances()]
+                assert listed == ["gb"], (listed, await _bucket_state(cp))
             finally:
                 await client.close()
+
+
+async def _bucket_state(cp: ControlPlane) -> dict[str, Any]:
+    """What the config bucket holds, raw (a CI run once listed no instance at all)."""
+    js, bucket = cp.nc.jetstream(), cp.settings.subjects.config_bucket
+    info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"$KV.{bucket}.>")
+    kv = await js.key_value(bucket)
+    out: dict[str, Any] = {"subjects": info.state.subjects, "messages": info.state.messages}
+    for key in ("instance.ga", "instance.gb"):
+        try:
+            entry = await kv.get(key)
+            out[key] = (entry.operation, entry.revision, (entry.value or b"")[:80])
+        except Exception as exc:  # the failure itself is what we want to see
+            out[key] = repr(exc)
+    return out
 
 
 async def test_mixed_fleet_in_process_remote_and_sim(

@@ -238,6 +238,26 @@ async def test_the_same_id_in_two_tenants_is_two_requests(stack: Stack) -> None:
         await b.close()
 
 
+async def test_a_fresh_id_claim_reaches_no_other_tenants_answer(stack: Stack) -> None:
+    """`fresh_id` skips the stored-terminal lookup: b claiming a's finished id as fresh
+    runs b's own request and leaves a's stored answer as it was (ids are per tenant)."""
+    a, b = await tenant(stack, "a"), await tenant(stack, "b")
+    try:
+        r = rid()
+        ta = await answered(await send(a, {"request_id": r, "prompt": "one two three",
+                                           "max_tokens": 3, "fresh_id": True}, msg_id=False))
+        tb = await answered(await send(b, {"request_id": r, "prompt": "x", "max_tokens": 5,
+                                           "fresh_id": True}, msg_id=False))
+        assert ta["type"] == tb["type"] == "final"
+        assert tb["usage"]["completion_tokens"] == 5 and ta["usage"]["completion_tokens"] == 3
+        again = await answered(await send(a, {"request_id": r, "prompt": "other",
+                                              "max_tokens": 7}, msg_id=False))
+        assert again["usage"]["completion_tokens"] == 3  # a's id: its stored answer
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def test_a_tenant_reaches_no_system_subject(stack: Stack) -> None:
     a, op = await tenant(stack, "a"), await operator(stack)
     try:

@@ -255,3 +255,11 @@ def test_batch_jobs_as_openai_batch_and_file_objects() -> None:
                                                    created_at=5))
     assert f == {"id": "file-1", "object": "file", "bytes": 10, "created_at": 5,
                  "filename": "a.jsonl", "purpose": "batch"}
+
+
+def test_the_gateway_claims_its_minted_ids_fresh_and_nothing_else_does() -> None:
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    minted = om.parse(om.Kind.CHAT, body, request_id="r1", headers={}, fresh_id=True)
+    plain = om.parse(om.Kind.CHAT, body, request_id="r1", headers={})
+    assert isinstance(minted, om.Mapped) and isinstance(plain, om.Mapped)
+    assert minted.request.fresh_id and not plain.request.fresh_id

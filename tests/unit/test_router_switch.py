@@ -49,7 +49,8 @@ def test_an_unknown_router_is_refused_with_every_choice() -> None:
 def test_a_bad_router_parameter_is_refused_with_the_routers_parameters() -> None:
     reply = refusal_of("router", plugins.build_router, "prefix_aware", {"bogus": 1})
     assert reply is not None and "bogus" in reply.error
-    assert reply.param_choices == ["slack", "work_floor_tokens", "work_slack"]
+    assert reply.param_choices == ["search", "slack", "work_floor_tokens", "work_slack",
+                                   "work_weight"]
     assert "slack" in reply.error
     reply = refusal_of("router", plugins.build_router, "least_loaded", {"slack": 1})
     assert reply is not None and "none" in reply.error and reply.param_choices == []

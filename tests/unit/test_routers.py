@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Mapping
 
 from cplane.orchestrator import plugins
 from cplane.orchestrator.fleet import WorkerView
+from cplane.orchestrator.placed_work import PlacedWork
 from cplane.orchestrator.prefix_router import PrefixIndex, prompt_blocks
-from cplane.orchestrator.routers import RouteContext
+from cplane.orchestrator.route_context import RouteContext
 from cplane.orchestrator.snapshot import DecisionTables, Pending
 from cplane.schemas.messages import Role
 
@@ -21,9 +23,16 @@ def p(rid: str = "r", session: str = "", blocks: tuple[int, ...] = (), tenant: s
     return Pending(rid, 2, 0.0, 0.0, "m", 10, session=session, block_hashes=blocks, tenant=tenant)
 
 
+def placed(**tokens: float) -> PlacedWork:
+    out = PlacedWork()
+    for wid, n in tokens.items():
+        out.add(wid, n)
+    return out
+
+
 def pick(name: str, cands: tuple[WorkerView, ...], n: int = 1, seed: int = 0,
          state: DecisionTables | None = None, req: Pending | None = None,
-         params: dict[str, object] | None = None) -> list[str]:
+         params: Mapping[str, object] | None = None) -> list[str]:
     router = plugins.build_router(name, params)
     ctx = RouteContext(state or DecisionTables(), random.Random(seed))
     out = []
@@ -100,9 +109,11 @@ def test_prefix_aware_follows_the_cached_prefix_within_the_load_slack() -> None:
     cands = (w("a", cap=100), w("b", cap=100), w("c", cap=100))
     req = p(blocks=(1, 2, 3, 4))
     assert pick("prefix_aware", cands, state=DecisionTables(prefix=index), req=req) == ["b"]
-    busy = (w("a", cap=100), w("b", cap=100, held=20), w("c", cap=100))
-    # b is 0.2 items per slot above the least loaded: outside the slack of 0.05
+    busy = (w("a", cap=100), w("b", cap=100, held=70), w("c", cap=100))
+    # b is 0.7 items per slot above the least loaded: out of the least loaded band (0.6)
     assert pick("prefix_aware", busy, state=DecisionTables(prefix=index), req=req) == ["c"]
+    near = (w("a", cap=100), w("b", cap=100, held=20), w("c", cap=100))
+    assert pick("prefix_aware", near, state=DecisionTables(prefix=index), req=req) == ["b"]
     # a plan remembers what it just routed: the second of two equal prompts follows the first
     fresh = (w("x", cap=100), w("y", cap=100))
     got = pick("prefix_aware", fresh, n=2, state=DecisionTables(prefix=PrefixIndex()), req=req)
@@ -113,13 +124,13 @@ def test_prefix_aware_leaves_a_worker_with_too_much_placed_work() -> None:
     index = PrefixIndex()
     index.add("a", (1, 2, 3))
     cands = (w("a"), w("b"), w("c"))
-    req = p(blocks=(1, 2, 3))
+    req = Pending("r", 2, 0.0, 0.0, "m", 6_000, block_hashes=(1, 2, 3))
     # a caches the prefix, but lately took far more tokens than the others
-    heavy = DecisionTables(prefix=index, placed={"a": 300e3, "b": 100e3, "c": 100e3})
+    heavy = DecisionTables(prefix=index, placed=placed(a=300e3, b=100e3, c=100e3))
     assert pick("prefix_aware", cands, state=heavy, req=req) == ["b"]
-    level = DecisionTables(prefix=index, placed={"a": 110e3, "b": 100e3, "c": 100e3})
+    level = DecisionTables(prefix=index, placed=placed(a=110e3, b=100e3, c=100e3))
     assert pick("prefix_aware", cands, state=level, req=req) == ["a"]
-    off = {"work_slack": 0.0}
+    off = {"work_slack": 0.0, "work_weight": 0.0}
     assert pick("prefix_aware", cands, state=heavy, req=req, params=off) == ["a"]
     # this plan's own routing counts too: a burst of long prompts moves on once
     # a is over the cap

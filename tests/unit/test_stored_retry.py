@@ -52,8 +52,13 @@ async def test_a_refusal_ends_it_at_once() -> None:
 
 async def test_gives_up_when_no_longer_valid_or_past_half_the_window() -> None:
     store = FakeStore(*[ConnectionClosedError()] * 3)
-    assert await publish(store, still_valid=lambda: False) is StoreResult.GAVE_UP
+    valid = iter([True, False])  # valid at the first write, lost after it failed
+    assert await publish(store, still_valid=lambda: next(valid)) is StoreResult.GAVE_UP
     assert len(store.sent) == 1
+    # Lost before the first write (a pause between the decision and the write): no try.
+    store = FakeStore()
+    assert await publish(store, still_valid=lambda: False) is StoreResult.NOT_SENT
+    assert not store.sent and not StoreResult.NOT_SENT.stored
     store = FakeStore(*[TimeoutError()] * 1000)
     assert await publish(store, window_s=0.0) is StoreResult.GAVE_UP
     assert len(store.sent) == 1

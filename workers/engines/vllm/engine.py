@@ -68,6 +68,13 @@ class VllmEngine:
 
     name = "vllm"
 
+    @property
+    def parallelism(self) -> int:
+        """GPUs the engine spans: tensor x pipeline parallel size (heartbeats)."""
+        args = self.settings.extra_engine_args
+        return (max(1, int(args.get("tensor_parallel_size") or 1))
+                * max(1, int(args.get("pipeline_parallel_size") or 1)))
+
     def __init__(self, settings: VllmSettings) -> None:
         self.settings = settings
         self.models = [settings.model_name]
