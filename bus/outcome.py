@@ -199,8 +199,15 @@ async def send_again(nc: NATS, subjects: Subjects, item: WorkItem,
     req = item.request
     if term.ts_ms >= item.enqueued_ms:
         return False
-    data = encode(term)
-    await nc.publish(subjects.done(req.group, req.request_id), data)
-    if req.reply_to:
-        await nc.publish(req.reply_to, data)
+    await publish_again(nc, subjects, req.group, req.request_id, req.reply_to, term)
     return True
+
+
+async def publish_again(nc: NATS, subjects: Subjects, group: str, request_id: str,
+                        reply_to: str | None, term: Final | ErrorReply) -> None:
+    """A stored terminal, published again with a core publish on its id's done
+    subject and its reply_to (never stored twice)."""
+    data = encode(term)
+    await nc.publish(subjects.done(group, request_id), data)
+    if reply_to:
+        await nc.publish(reply_to, data)

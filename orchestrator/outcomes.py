@@ -17,7 +17,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from cplane.bus.outcome import StoredPublisher, error_reply
+from cplane.bus.outcome import StoredPublisher, error_reply, publish_again
 from cplane.bus.replay import stored_terminal
 from cplane.orchestrator.intake import Rejection, sniff_group, sniff_id
 from cplane.schemas.codec import encode
@@ -119,12 +119,9 @@ class Outcomes:
             term = await stored_terminal(self.nc.jetstream(), self.settings, group, rid)
         if term is None:
             return False
-        data = encode(term)
 
         async def publish() -> None:
-            await self.nc.publish(self.subjects.done(group, rid), data)
-            if reply_to:
-                await self.nc.publish(reply_to, data)
+            await publish_again(self.nc, self.subjects, group, rid, reply_to, term)
 
         log.info("%s published again after its answer: the stored terminal goes again", rid)
         await self._settle(msg, publish)

@@ -61,16 +61,16 @@ async def test_the_live_orchestrators_decisions_replay_to_the_same_plans(nats_ur
 
 
 @contextlib.asynccontextmanager
-async def _adaptive_run(nats_url: str, sim: dict[str, object]
+async def _adaptive_run(nats_url: str, sim: dict[str, object], ttft_ms: float
                         ) -> AsyncIterator[tuple[Orchestrator, list[Final]]]:
     """One worker of 64 slots, the adaptive policy, 12 requests 0.25 s apart, each
-    with a 250 ms TTFT target; yields the orchestrator and the Finals."""
+    with a TTFT target of `ttft_ms`; yields the orchestrator and the Finals."""
     s = isolated_settings(nats_url, worker={"capacity": 64}, sim=sim,
                           orchestrator={"policy": "adaptive",
                                         "policy_params": {"up_s": 0.5}})
     async with stack(s, workers=1) as run:
         assert run.orchestrator is not None
-        yield run.orchestrator, await _send(s, nats_url, 12, every_s=0.25, ttft_ms=250.0)
+        yield run.orchestrator, await _send(s, nats_url, 12, every_s=0.25, ttft_ms=ttft_ms)
 
 
 async def test_adaptive_switches_on_ttft_misses_the_workers_measured(nats_url: str) -> None:
@@ -78,7 +78,7 @@ async def test_adaptive_switches_on_ttft_misses_the_workers_measured(nats_url: s
     # only sign of trouble is that every request's first token comes after its
     # 250 ms target (the sim engine's prefill takes 400 ms). Workers measure it,
     # the Fin signal carries it, and adaptive leaves fifo for slo_aware.
-    async with _adaptive_run(nats_url, {"prefill_a_ms": 400.0}) as (orch, finals):
+    async with _adaptive_run(nats_url, {"prefill_a_ms": 400.0}, 250.0) as (orch, finals):
         assert all(f.timings.ttft_ms > 250 for f in finals)
         state = orch.core.state
         assert state.miss_rate(time.time() * 1000) > 0.5
@@ -86,6 +86,8 @@ async def test_adaptive_switches_on_ttft_misses_the_workers_measured(nats_url: s
 
 
 async def test_adaptive_stays_on_fifo_when_targets_are_met(nats_url: str) -> None:
-    async with _adaptive_run(nats_url, {"zero_cost": True}) as (orch, finals):
-        assert all(f.timings.ttft_ms < 250 for f in finals)
+    # Zero-cost engines meet a 2 s target even on a loaded CI box (a 250 ms one
+    # was missed there once: a real miss, which rightly moved adaptive off fifo).
+    async with _adaptive_run(nats_url, {"zero_cost": True}, 2000.0) as (orch, finals):
+        assert all(f.timings.ttft_ms < 2000 for f in finals)
         assert orch.core.state.mode in ("", FIFO)

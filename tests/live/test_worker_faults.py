@@ -219,7 +219,10 @@ async def test_a_head_aged_out_of_llm_out_is_never_regenerated(nats_url: str,
         js = nc.jetstream()
         victim = await f.start("victim")
         watch = await Watch.start(nc, f.s, "h1")
-        await put(js, f.s, item("h1", 1500))
+        # Stamped as the orchestrator stamps its dispatches: when the heir comes in
+        # after every chunk aged out (a slow box), nothing stored proves nothing.
+        h1 = msgspec.structs.replace(item("h1", 1500), dispatched_ms=time.time() * 1000)
+        await put(js, f.s, h1)
         await until(lambda: watch.tokens() >= 400)  # ~3 s in: seq 0 is older than 2 s
         await f.start("heir")
         await f.kill(victim)
