@@ -58,7 +58,8 @@ class ChunkStream:
         store_fence: dict[str, str] | None = None,
     ) -> None:
         self._publish = publish
-        self._store_fence = store_fence or {}  # headers LLM_OUT checks (fence.py)
+        # Headers LLM_OUT checks (run_fence.py), on every chunk and the stream's Final.
+        self.store_fence = store_fence or {}
         # Names the chunks' Nats-Msg-Ids: the request scoped by tenant (`<tenant>.<id>`).
         self._msg_key = msg_key or request_id
         self._subjects = subjects  # output subject, plus reply_to when asked for
@@ -152,7 +153,7 @@ class ChunkStream:
     async def _send(self, seq: int, data: bytes) -> None:
         store, *copies = self._subjects  # the stored subject, then reply_to
         await self._publish(store, data, headers={
-            "Nats-Msg-Id": chunk_msg_id(self._msg_key, seq), **self._store_fence})
+            "Nats-Msg-Id": chunk_msg_id(self._msg_key, seq), **self.store_fence})
         for subject in copies:
             await self._publish(subject, data)
 

@@ -42,7 +42,7 @@ from cplane.workers.chunker import ChunkStream
 from cplane.workers.engines.base import Engine
 from cplane.workers.fence import Fence, fenced
 from cplane.workers.latency import LatencyAverages
-from cplane.workers.run_fence import Superseded, store_fence
+from cplane.workers.run_fence import Superseded
 from cplane.workers.runs import RunLedger
 from cplane.workers.stats import WorkerStats
 
@@ -154,11 +154,10 @@ class ServeContext:
         window_s = self.settings.streams.out.duplicate_window_s
         deadline = time.monotonic() + window_s / 2
         data = encode(msg)
-        # The terminal of a stream is the run's: refused once another run took the
-        # request over (run_fence.py). One without (an error before any chunk, a
-        # dead letter) closes no text of its own.
-        headers = (store_fence(self.subjects, item) if stream is not None and self.run_fences
-                   else {})
+        # The terminal of a stream is the run's, under its chunks' fence: refused once
+        # another run took the request over (run_fence.py). One without (an error
+        # before any chunk, a dead letter) closes no text of its own.
+        headers = dict(stream.store_fence) if stream is not None else {}
         if item.traceparent:
             headers[trace.HEADER] = item.traceparent
 
