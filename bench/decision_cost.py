@@ -70,8 +70,7 @@ def measure(router: str, workers: int, requests: int, rounds: int, min_s: float)
             n += plan.dispatched
             # As the core does: fold the plan in, and (steady state) as many of the
             # requests routed earlier finish, so the fleet's loads stay as they were.
-            since.routed(plan.sent)
-            state.tables.step += plan.route_steps
+            state.applied(plan, 0.0)
             for wid, k in plan.sent.items():
                 for _ in range(k):
                     since.finished_on(wid)

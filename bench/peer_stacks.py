@@ -62,7 +62,6 @@ class PeerStack(Protocol):
     router: str
     url: str
 
-    def pids(self) -> list[int]: ...
     def body(self, prompt: str, max_tokens: int) -> dict[str, Any]: ...
     def stop(self) -> None: ...
 
@@ -137,9 +136,6 @@ class CplaneStack:
             out.setdefault(role, []).append(p.pid)
         return out
 
-    def pids(self) -> list[int]:
-        return [pid for ps in self.processes().values() for pid in ps]
-
     def body(self, prompt: str, max_tokens: int) -> dict[str, Any]:
         return {"model": "sim", "messages": [{"role": "user", "content": prompt}],
                 "max_tokens": max_tokens, "stream": True,
@@ -186,7 +182,8 @@ def model_dir(out: Path) -> tuple[Path, list[int]]:
 
 
 class DynamoStack:
-    """`dynamo.frontend` + `workers` x `dynamo.mocker`, loopback only, own HOME."""
+    """`dynamo.frontend` + `workers` x `dynamo.mocker`, loopback only, own HOME.
+    `router`: Dynamo's own `--router-mode` name (peers.py's DYNAMO_ROUTER)."""
 
     name = "dynamo"
     model = "peer-model"
@@ -212,10 +209,9 @@ class DynamoStack:
         self.url = f"http://127.0.0.1:{port}"
         log = open(self.tmp / "dynamo.log", "wb")
         self._log = log
-        mode = {"round_robin": "round-robin", "kv": "kv"}.get(router, router)
         self.procs = [subprocess.Popen(
             [str(python), "-m", "dynamo.frontend", "--http-host", "127.0.0.1", "--http-port",
-             str(port), "--router-mode", mode, *common], env=env, stdout=log, stderr=log)]
+             str(port), "--router-mode", router, *common], env=env, stdout=log, stderr=log)]
         for _ in range(workers):
             self.procs.append(subprocess.Popen(
                 [str(python), "-m", "dynamo.mocker", "--model-path", str(path), "--model-name",
@@ -250,9 +246,6 @@ class DynamoStack:
 
     def processes(self) -> dict[str, list[int]]:
         return {"frontend": [self.procs[0].pid], "mocker": [p.pid for p in self.procs[1:]]}
-
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
 
     def body(self, prompt: str, max_tokens: int) -> dict[str, Any]:
         return {"model": self.model, "messages": [{"role": "user", "content": prompt}],
@@ -305,8 +298,12 @@ class HttpRouterStack:
             [sys.executable, str(Path(__file__).parent / "zero_engine.py"), "--port", str(p),
              "--model", self.model], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for p in ports]
-        for p in ports:
-            _wait_http(f"http://127.0.0.1:{p}/health", 30.0)
+        try:
+            for p in ports:
+                _wait_http(f"http://127.0.0.1:{p}/health", 30.0)
+        except RuntimeError:
+            _stop(self.procs)  # an engine that never came up: none of them outlives it
+            raise
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.tmp = Path(tempfile.mkdtemp(prefix=f"cplane-peers-{name}-"))
@@ -326,9 +323,6 @@ class HttpRouterStack:
 
     def processes(self) -> dict[str, list[int]]:
         return {"router": [self.procs[0].pid], "engine": [p.pid for p in self.procs[1:]]}
-
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
 
     def body(self, prompt: str, max_tokens: int) -> dict[str, Any]:
         return {"model": self.model, "messages": [{"role": "user", "content": prompt}],

@@ -80,7 +80,8 @@ class DecisionState:
 
     def sent_to(self, worker_id: str, pendings: Iterable[Pending]) -> None:
         """Work routed to one worker (not a pool): its prefix blocks join the index,
-        its tokens the worker's placed work."""
+        its tokens the worker's placed work. (The route index re-keys it at the next
+        plan: `applied` marked every worker the plan sent to.)"""
         tokens = 0.0
         for p in pendings:
             self.prefix.add(worker_id, p.block_hashes)
@@ -90,7 +91,6 @@ class DecisionState:
             # would draw every request until it caught up).
             self.placed.set(worker_id, min(self.placed.values()))
         self.placed.add(worker_id, tokens)
-        self.index.changed(worker_id)
 
     def decay_placed(self, now_ms: float) -> None:
         epoch = self.placed.epoch

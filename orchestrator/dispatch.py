@@ -268,15 +268,11 @@ def plan_dispatch(queue: QueueSnapshot, fleet: FleetView, cfg: DispatchConfig, *
         else:
             groups.setdefault((role, target, pool, model), []).append(p.request_id)
     batches = list(alone)
-    sizes: dict[tuple[Role, str], int] = {}
     for (role, target, pool, model), ids in groups.items():
-        size = sizes.get((role, model), 0)
-        if not size:
-            size = sizes[role, model] = max(1, min(cfg.max_batch,
-                                                   fleet.max_capacity(role, model)))
         if len(ids) == 1:  # routed one by one over a large fleet: the common case there
             batches.append(Batch(role, target, pool, model, (ids[0],)))
             continue
+        size = max(1, min(cfg.max_batch, fleet.max_capacity(role, model)))
         if target == ANY_TARGET or target.startswith(MODEL_TARGET_PREFIX):
             # A pool message goes whole to one worker: a burst cut into
             # max_batch pieces would land on one or two workers while the

@@ -62,15 +62,10 @@ class PartitionLeases:
         self._releases: dict[str, asyncio.Task[None]] = {}
         self._free_before: set[str] = set()
         self.replicas: set[str] = set()  # live at the last renewal (this one included)
-        self.took: dict[str, float] = {}  # pool -> monotonic time this replica last gained it
 
     def valid(self, pool: str) -> bool:
         lease = self.leases.get(pool)
         return lease is not None and lease.valid()
-
-    def led(self) -> list[str]:
-        """The partitions this replica leads by a lease fresh enough to act on."""
-        return [p for p, lease in self.leases.items() if lease.valid()]
 
     def any_valid(self) -> bool:
         return any(lease.valid() for lease in self.leases.values())
@@ -116,8 +111,6 @@ class PartitionLeases:
         return lease
 
     def _change(self, pool: str, leading: bool) -> None:
-        if leading:
-            self.took[pool] = time.monotonic()
         before = self._changes.get(pool)
 
         async def apply() -> None:

@@ -140,7 +140,7 @@ def _prefix_aware(params: PrefixParams) -> Router:
         # Under the cap, if the least placed of the band is; else the band alone.
         ch.loose = not ch.near(base)
         ch.offer(base, first, ch.match(base))
-        pos = ctx.index.memo("pos", cands, lambda: {w.worker_id: i for i, w in enumerate(cands)})
+        pos = order.pos  # worker id -> its index in `cands`
         # Deepest first: a worker holding block m-1 may match m blocks, and matching m
         # can beat the best so far only if m blocks save more than the least placed
         # near worker costs beyond it.

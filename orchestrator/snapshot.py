@@ -72,7 +72,7 @@ class DecisionTables:
     # ...and those of them (routed to it by us) that finished since: the heartbeat's
     # count is stale by them until the next one.
     done_since: Mapping[str, int] = field(default_factory=dict)
-    # Tokens (prompt + output) routed to each worker, decaying (half-life 10 min):
+    # Tokens (prompt + output) routed to each worker, decaying (half-life an hour):
     # a work measure for routers that must not pile long requests on one worker.
     placed: PlacedWork = field(default_factory=PlacedWork)
     # Which prefix blocks each worker holds (prefix routers); None = no index.
