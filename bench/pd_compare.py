@@ -49,11 +49,12 @@ from cplane.fleetsim import metrics
 from cplane.fleetsim.bench import crossing
 from cplane.fleetsim.gpus import Gpu, gpu
 from cplane.fleetsim.model_config import ModelConfig, load
-from cplane.fleetsim.perf_model import EFF, Layout, kv_bytes_per_token
+from cplane.fleetsim.perf_model import Layout, kv_bytes_per_token, kv_ms_per_token
 from cplane.fleetsim.planner import (
     Candidate,
     capacity_estimate,
     fleet_for,
+    offered_rate,
     pd_splits,
     prefill_share,
     requests_per_engine,
@@ -106,13 +107,6 @@ def link_gb_s(g: Gpu, name: str) -> float:
     if v <= 0:
         raise ValueError(f"bad link {name!r}: must be > 0")
     return v
-
-
-def kv_ms_per_token(m: ModelConfig, lay: Layout, gb_s: float, efficiency: float = EFF.link,
-                    dtype: str = "bf16") -> float:
-    """KV hand-off time per prompt token (ms): each GPU of the engine sends its own
-    shard (its KV heads and layers) over its own link of `gb_s` at `efficiency`."""
-    return kv_bytes_per_token(m, lay, dtype) / (gb_s * efficiency * 1e9) * 1e3
 
 
 def attainment(records: Sequence[RequestRecord], target: SloTarget) -> float:
@@ -180,15 +174,10 @@ class Setup:
     fused: bool = False  # FleetSpec.fused_steps: a mixed step is one forward pass
 
 
-def _rate(reqs: Sequence[TraceRequest]) -> float:
-    span = (reqs[-1].arrival_ms - reqs[0].arrival_ms) / 1e3 if len(reqs) > 1 else 0.0
-    return len(reqs) / span if span > 0 else 1.0
-
-
 def _fleet(c: Candidate, pool: Sequence[TraceRequest], st: Setup, link: float) -> FleetSpec:
     base = FleetSpec(shed=False, fused_steps=st.fused)
     f = fleet_for(c, st.model, st.gpu, st.dtype, shape_of(pool), base)
-    b = kv_ms_per_token(st.model, st.layout, link, dtype=st.dtype)
+    b = kv_ms_per_token(st.model, st.layout, link)
     return replace(f, engine=msgspec.structs.replace(f.engine, kv_transfer_b_ms=b))
 
 
@@ -201,8 +190,8 @@ def evaluate(c: Candidate, pool: Sequence[TraceRequest], st: Setup, link: float
     n = requests_per_engine(c, st.model, st.gpu, st.dtype, s, *st.per_engine) * c.engines
     part = list(pool[:n])
     start = max(1e-3, 0.6 * capacity_estimate(c, st.model, st.gpu, st.dtype, s))
-    part = scale_rate(part, start / _rate(part))
-    base = _rate(part)
+    part = scale_rate(part, start / offered_rate(part))
+    base = offered_rate(part)
     fleet = _fleet(c, pool, st, link)
     runs: dict[float, dict[str, float]] = {}
     t0 = time.perf_counter()
@@ -220,7 +209,7 @@ def evaluate(c: Candidate, pool: Sequence[TraceRequest], st: Setup, link: float
         pts = sorted((base * f, a[name]) for f, a in runs.items())
         g = metrics.goodput(pts)
         good[name], lower[name] = g.rate, g.lower_bound
-    return {"mode": "unified" if c.unified else f"PD {c.prefill}:{c.decode}",
+    return {"mode": c.mode,
             "engines": c.engines, "gpus": c.gpus, "prefill": c.prefill, "decode": c.decode,
             "link_gb_s": link, "goodput": good, "goodput_lower_bound": lower,
             "sweep": {name: sorted((base * f, a[name]) for f, a in runs.items())
@@ -234,8 +223,8 @@ def at_reference(row: dict[str, Any], c: Candidate, pool: Sequence[TraceRequest]
                  rate: float) -> None:
     """Latency at a common fleet-wide rate (fills row["ref"])."""
     part = list(pool[:row["requests_per_point"]])
-    run = simulate(scale_rate(part, rate / _rate(part)), _fleet(c, pool, st, row["link_gb_s"]),
-                   st.cfg, seed=st.seed)
+    fleet = _fleet(c, pool, st, row["link_gb_s"])
+    run = simulate(scale_rate(part, rate / offered_rate(part)), fleet, st.cfg, seed=st.seed)
     summ = metrics.summarize(run, {CLASS: next(iter(st.slos.values()))})
     row["ref"] = {k: summ.get(k) for k in (
         "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms", "p99_e2el_ms",
@@ -398,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shape = shape_of(pool)
     console.log(f"{len(pool)} requests, prompt mean {shape.prompt_mean:.0f}, output mean "
                 f"{shape.output_mean:.0f}; {m.name} {st.layout.label()} on {g.name}; KV "
-                f"{kv_bytes_per_token(m, st.layout, args.dtype) / 1024:.0f} KiB/token per GPU")
+                f"{kv_bytes_per_token(m, st.layout) / 1024:.0f} KiB/token per GPU")
     t0 = time.perf_counter()
     blocks = []
     for n in (int(x) for x in args.gpus.split(",")):

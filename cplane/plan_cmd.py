@@ -142,7 +142,7 @@ def run_search(args: argparse.Namespace) -> int:
     from cplane.fleetsim import planner
     from cplane.orchestrator.dispatch import DispatchConfig
 
-    if args.plan_cmd is None and not (args.model and args.gpus):
+    if not (args.model and args.gpus):
         raise ValueError("plan needs --model and --gpus (or: plan predict ...)")
     m = load(args.model)
     budget, g = parse_budget(args.gpus)

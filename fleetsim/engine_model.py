@@ -20,7 +20,7 @@ from cplane.fleetsim.perf_model import (
     Efficiency,
     Layout,
     decode_step_ms,
-    kv_bytes_per_token,
+    kv_ms_per_token,
     memory,
     prefill_ms,
 )
@@ -86,14 +86,13 @@ def sim_settings(m: ModelConfig, g: Gpu, lay: Layout, dtype: str = "bf16", *,
                    - decode_step_ms(m, g, lay, 16, 0, dtype, eff)) / (16 * ctx))
     mem = memory(m, g, lay, dtype, max_batched_tokens, eff)
     kv_tokens = max(1, mem.kv_tokens)
-    per_token = kv_bytes_per_token(m, lay, dtype) * lay.pp * lay.tp  # the whole model's KV
     return SimSettings(
         prefill_a_ms=pa, prefill_b_ms=pb, prefill_c_ms=pc,
         decode_a_ms=da, decode_b_ms=db, decode_c_ms=dc,
         kv_tokens=kv_tokens, max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
         vocab_size=m.vocab, eos_probability=base.eos_probability,
         kv_transfer_a_ms=base.kv_transfer_a_ms,
-        kv_transfer_b_ms=per_token / (KV_LINK_GB_S * 1e9 * lay.gpus) * 1e3,
+        kv_transfer_b_ms=kv_ms_per_token(m, lay, KV_LINK_GB_S, efficiency=1.0),
         prefix_block_tokens=base.prefix_block_tokens,
         prefix_cache_tokens=kv_tokens if base.prefix_cache_tokens else 0,
         kv_events=base.kv_events)

@@ -103,10 +103,18 @@ def _kv_heads_local(m: ModelConfig, tp: int) -> float:
     return max(1.0, m.kv_heads / tp)  # fewer KV heads than ranks: each keeps a copy
 
 
-def kv_bytes_per_token(m: ModelConfig, lay: Layout, dtype: str = "bf16") -> float:
-    """KV bytes one token takes on one GPU (the stage with the most layers)."""
+def kv_bytes_per_token(m: ModelConfig, lay: Layout) -> float:
+    """KV bytes one token takes on one GPU (the stage with the most layers); the KV
+    cache stays 16-bit whatever the weights' dtype."""
     width = m.kv_dim_per_layer or 2 * m.head_dim * _kv_heads_local(m, lay.tp)
-    return math.ceil(m.layers / lay.pp) * width * 2  # KV cache stays 16-bit
+    return _stage(m, lay) * width * 2
+
+
+def kv_ms_per_token(m: ModelConfig, lay: Layout, gb_s: float,
+                    efficiency: float = EFF.link) -> float:
+    """KV hand-off time per prompt token (ms): each GPU of the engine sends its own
+    shard (its KV heads and layers) over its own link of `gb_s` at `efficiency`."""
+    return kv_bytes_per_token(m, lay) / (gb_s * efficiency * 1e9) * 1e3
 
 
 def weight_bytes_per_gpu(m: ModelConfig, lay: Layout, dtype: str) -> float:
@@ -139,7 +147,7 @@ def memory(m: ModelConfig, g: Gpu, lay: Layout, dtype: str = "bf16",
     act = max_batched_tokens * (4 * m.hidden + 2 * inter / lay.tp) * 2 / 1e9
     reserve = eff.reserve_gb + act
     kv = eff.utilization * g.memory_gb - w - reserve
-    kv_tokens = int(max(0.0, kv) * 1e9 / kv_bytes_per_token(m, lay, dtype))
+    kv_tokens = int(max(0.0, kv) * 1e9 / kv_bytes_per_token(m, lay))
     return Memory(w, reserve, max(0.0, kv), kv_tokens, kv > 0 and kv_tokens >= 1024)
 
 
@@ -256,7 +264,7 @@ def decode_step_ms(m: ModelConfig, g: Gpu, lay: Layout, batch: int, context: int
         return 0.0
     micro = min(batch, lay.pp)
     b = batch / micro
-    kv = b * context * kv_bytes_per_token(m, lay, dtype) / _stage(m, lay)  # per layer
+    kv = b * context * kv_bytes_per_token(m, lay) / _stage(m, lay)  # per layer
     attn = kv / (eff.kv_read * g.hbm_tb_s * 1e12) * 1e3 + eff.kernel_us / 1e3
     stage = _stage(m, lay) * (_linear_ms(m, g, lay, dtype, b, eff) + attn)
     head = _head_ms(m, g, lay, dtype, math.ceil(b), eff)
@@ -317,5 +325,6 @@ def predict(m: ModelConfig, g: Gpu, lay: Layout, *, batch: int, prompt_tokens: i
 
 
 __all__ = ["DTYPES", "EFF", "Efficiency", "Layout", "Memory", "Prediction", "allreduce_ms",
-           "check", "decode_step_ms", "gemm_ms", "kv_bytes_per_token", "memory", "predict",
+           "check", "decode_step_ms", "gemm_ms", "kv_bytes_per_token", "kv_ms_per_token", "memory",
+           "predict",
            "prefill_ms", "weight_bytes_per_gpu"]

@@ -154,7 +154,7 @@ def fleet_for(c: Candidate, m: ModelConfig, g: Gpu, dtype: str, s: Shape,
               base: FleetSpec | None = None) -> FleetSpec:
     """The simulated fleet of a candidate (engines priced by the performance model)."""
     eng = sim_settings(m, g, c.layout, dtype)
-    n = c.unified + c.prefill + c.decode
+    n = c.engines
     return replace(base or FleetSpec(), workers=c.unified, prefill_workers=c.prefill,
                    decode_workers=c.decode, capacity=slots(eng, s), engine=eng, model=m.name,
                    worker_parallelism=(c.layout.gpus,) * n)
@@ -206,7 +206,8 @@ def requests_per_engine(c: Candidate, m: ModelConfig, g: Gpu, dtype: str, s: Sha
     return max(lo, min(hi, round(15 * rate * e2e_s)))
 
 
-def _rate(reqs: Sequence[TraceRequest]) -> float:
+def offered_rate(reqs: Sequence[TraceRequest]) -> float:
+    """Requests per second over the arrivals' span (1.0 when they all come at once)."""
     span = (reqs[-1].arrival_ms - reqs[0].arrival_ms) / 1e3 if len(reqs) > 1 else 0.0
     return len(reqs) / span if span > 0 else 1.0
 
@@ -257,8 +258,8 @@ def evaluate(c: Candidate, reqs: Sequence[TraceRequest], m: ModelConfig, g: Gpu,
     part = list(reqs[:n])
     fleet = fleet_for(sim, m, g, dtype, s, base)
     start = max(1e-3, 0.6 * capacity_estimate(sim, m, g, dtype, s))
-    points = sweep(scale_rate(part, start / _rate(part)), fleet, cfg, seed=seed, refine=refine,
-                   max_points=10)
+    points = sweep(scale_rate(part, start / offered_rate(part)), fleet, cfg, seed=seed,
+                   refine=refine, max_points=10)
     good = metrics.goodput(points)
     mem = memory(m, g, c.layout, dtype)
     return Result(c, good.rate * scale, good.lower_bound,
@@ -273,7 +274,7 @@ def at_rate(r: Result, reqs: Sequence[TraceRequest], rate: float, m: ModelConfig
     `at_reference`; the slice gets its share of the rate)."""
     part = list(reqs[:r.requests])
     fleet = fleet_for(r.simulated, m, g, dtype, shape_of(reqs), base)
-    run = simulate(scale_rate(part, rate / r.scale / _rate(part)), fleet, cfg, seed=seed)
+    run = simulate(scale_rate(part, rate / r.scale / offered_rate(part)), fleet, cfg, seed=seed)
     r.at_reference = metrics.summarize(run)
 
 
