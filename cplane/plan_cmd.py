@@ -207,7 +207,7 @@ def _evaluate_all(cands: list[planner.Candidate], reqs: list[TraceRequest], m: M
         args.rate = args.rate or (0.8 * goods[len(goods) // 2] if goods else 1.0)
         for r in results:
             bar.update(task, description=f"at {args.rate:.2f} req/s: {r.candidate.label()}")
-            planner.at_rate(r, reqs, args.rate, m, g, args.dtype, cfg, seed=args.seed)
+            planner.at_rate(r, reqs, args.rate, cfg, seed=args.seed)
             bar.advance(task)
     return results
 

@@ -226,6 +226,7 @@ class Result:
     simulated: Candidate  # the slice the simulator ran (`reduced`)
     scale: float  # whole fleet / slice
     requests: int  # per sweep point
+    fleet: FleetSpec  # the simulated slice's fleet, as swept
     at_reference: dict[str, Any] = field(default_factory=dict)  # summarize() at the ref rate
 
     def row(self, price_per_hour: float) -> dict[str, Any]:
@@ -264,17 +265,17 @@ def evaluate(c: Candidate, reqs: Sequence[TraceRequest], m: ModelConfig, g: Gpu,
     mem = memory(m, g, c.layout, dtype)
     return Result(c, good.rate * scale, good.lower_bound,
                   [(rate * scale, att) for rate, att in points], fleet.engine.kv_tokens,
-                  mem.headroom, fleet.capacity, sim, scale, len(part))
+                  mem.headroom, fleet.capacity, sim, scale, len(part), fleet)
 
 
-def at_rate(r: Result, reqs: Sequence[TraceRequest], rate: float, m: ModelConfig, g: Gpu,
-            dtype: str, cfg: DispatchConfig, *, seed: int = 0,
-            base: FleetSpec | None = None) -> None:
+def at_rate(r: Result, reqs: Sequence[TraceRequest], rate: float, cfg: DispatchConfig, *,
+            seed: int = 0) -> None:
     """Latency figures of a candidate at a common fleet-wide request rate (fills
-    `at_reference`; the slice gets its share of the rate)."""
+    `at_reference`; the slice, on the fleet it was swept on, gets its share of the
+    rate). `reqs`: the pool `evaluate` had."""
     part = list(reqs[:r.requests])
-    fleet = fleet_for(r.simulated, m, g, dtype, shape_of(reqs), base)
-    run = simulate(scale_rate(part, rate / r.scale / offered_rate(part)), fleet, cfg, seed=seed)
+    run = simulate(scale_rate(part, rate / r.scale / offered_rate(part)), r.fleet, cfg,
+                   seed=seed)
     r.at_reference = metrics.summarize(run)
 
 

@@ -78,7 +78,7 @@ def test_search_finds_data_parallel_best_for_a_small_model() -> None:
 def test_latency_ranks_only_those_meeting_the_slos_first() -> None:
     def result(good: float, att: float, e2e: float) -> planner.Result:
         c = planner.Candidate(Layout(), unified=1)
-        return planner.Result(c, good, False, [], 1, 0.5, 8, c, 1.0, 10,
+        return planner.Result(c, good, False, [], 1, 0.5, 8, c, 1.0, 10, FleetSpec(),
                               {"attainment": att, "p99_e2el_ms": e2e})
 
     fast_failing, slow_ok, fast_ok = result(9, 0.5, 100), result(5, 1.0, 900), result(4, 1.0,
@@ -121,7 +121,7 @@ def test_plan_predict_json_shape(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 def test_worker_commands_carry_the_layout() -> None:
     c = planner.Candidate(Layout(tp=4, pp=2), prefill=1, decode=2)
-    r = planner.Result(c, 1.0, False, [], 1000, 0.5, 32, c, 1.0, 10)
+    r = planner.Result(c, 1.0, False, [], 1000, 0.5, 32, c, 1.0, 10, FleetSpec())
     cmds = plan_cmd.worker_commands("/models/x", r, "fp8", 4096)
     assert len(cmds) == 2 and "--role prefill" in cmds[0] and "--role decode" in cmds[1]
     for cmd in cmds:
