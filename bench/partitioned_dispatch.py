@@ -49,6 +49,8 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from remote_overhead import cpu_s  # noqa: E402
+
 from cplane.bus.server import EmbeddedNats  # noqa: E402
 from cplane.orchestrator.partitions import lease_key  # noqa: E402
 from cplane.schemas.subjects import Subjects, pool_of  # noqa: E402
@@ -104,19 +106,10 @@ class Procs:
                 p.kill()
 
 
-def _cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) a live process has used; 0 when unreadable."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
 def _cpu_by_role(procs: Procs, server_pid: int) -> dict[str, float]:
-    out = {"nats-server": _cpu_s(server_pid), "replicas": 0.0, "workers": 0.0}
+    out = {"nats-server": cpu_s([server_pid]), "replicas": 0.0, "workers": 0.0}
     for name, p in zip(procs.names, procs.procs, strict=True):
-        out["replicas" if name.startswith("orch") else "workers"] += _cpu_s(p.pid)
+        out["replicas" if name.startswith("orch") else "workers"] += cpu_s([p.pid])
     return out
 
 

@@ -29,12 +29,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Protocol
 
-import psutil
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bus.server import free_port  # noqa: E402
+from remote_overhead import cpu_s as proc_cpu_s  # noqa: E402
+from remote_overhead import descendants  # noqa: E402
+
+from cplane.bus.server import free_port  # noqa: E402
 from cplane.stack import Stack, StackSpec  # noqa: E402
 from tests.vllm_model import build_tokenizer  # noqa: E402
 
@@ -68,16 +69,7 @@ class PeerStack(Protocol):
 
 def cpu_s(pids: list[int]) -> float:
     """User + system CPU seconds of these processes and every descendant."""
-    total = 0.0
-    for pid in pids:
-        try:
-            proc = psutil.Process(pid)
-            for p in [proc, *proc.children(recursive=True)]:
-                t = p.cpu_times()
-                total += t.user + t.system
-        except psutil.NoSuchProcess:
-            continue
-    return total
+    return proc_cpu_s([q for p in pids for q in (p, *descendants(p))])
 
 
 def cpu_by_name(pids: dict[str, list[int]]) -> dict[str, float]:
@@ -266,11 +258,10 @@ HTTP_ROUTERS = {"vllm-router": ("vllm-router", "0.1.17", [], ["--disable-retries
                 "smg": ("smg", "1.13.0", ["launch"], [])}
 
 
-def install_router(name: str, root: Path = DEFAULT_VENV.parent) -> Path:
-    """A Rust HTTP router from PyPI (`vllm-router`: vLLM's; `smg`: SGLang's model
-    gateway) in its own virtual environment; returns its executable."""
-    package, version, _, _ = HTTP_ROUTERS[name]
-    venv = root / f"{name}-{version}"
+def venv_tool(package: str, version: str, root: Path = DEFAULT_VENV.parent) -> Path:
+    """`package==version` from PyPI in a virtual environment of its own under `root`
+    (made once, never the project's); returns its executable `bin/<package>`."""
+    venv = root / f"{package}-{version}"
     exe = venv / "bin" / package
     if exe.exists():
         return exe
@@ -279,6 +270,13 @@ def install_router(name: str, root: Path = DEFAULT_VENV.parent) -> Path:
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
                     "--disable-pip-version-check", f"{package}=={version}"], check=True)
     return exe
+
+
+def install_router(name: str, root: Path = DEFAULT_VENV.parent) -> Path:
+    """A Rust HTTP router from PyPI (`vllm-router`: vLLM's; `smg`: SGLang's model
+    gateway) in its own virtual environment; returns its executable."""
+    package, version, _, _ = HTTP_ROUTERS[name]
+    return venv_tool(package, version, root)
 
 
 class HttpRouterStack:

@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import collections
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from loadgen import closed_loop  # noqa: E402
-from peer_stacks import DEFAULT_VENV, CplaneStack, cpu_by_name  # noqa: E402
+from peer_stacks import DEFAULT_VENV, CplaneStack, cpu_by_name, venv_tool  # noqa: E402
 from peers import prompts  # noqa: E402
 
 PY_SPY = "0.4.1"
@@ -52,14 +51,7 @@ console = Console(stderr=True)
 
 
 def install_py_spy(root: Path = DEFAULT_VENV.parent) -> Path:
-    venv = root / f"py-spy-{PY_SPY}"
-    exe = venv / "bin" / "py-spy"
-    if not exe.exists():
-        shutil.rmtree(venv, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
-                        "--disable-pip-version-check", f"py-spy=={PY_SPY}"], check=True)
-    return exe
+    return venv_tool("py-spy", PY_SPY, root)
 
 
 def owner(frame: str) -> str | None:
