@@ -52,10 +52,7 @@ class TenantGate:
         """`intake.admit` with the subject's tenant and its ceilings, then `check`;
         returns the answer, the ledger's entry under its id (None if refused) and
         whether its scoped id is in `seen` (dispatched or finished recently)."""
-        prio, slo = self.subjects.parse_request(subject)
-        tenant = self.subjects.tenant_of_request(subject)
-        admitted = admit(data, prio, slo, stored_ms, now_ms, orchestrator_id, self.limits,
-                         tenant, self.policy(tenant))
+        admitted, tenant = self._admit(subject, data, stored_ms, now_ms, orchestrator_id)
         if not isinstance(admitted, WorkItem):
             return admitted, None, False
         held = held_of(admitted.request.request_id)
@@ -71,16 +68,21 @@ class TenantGate:
         """The rejection of a request that cannot be taken now (LLM_REQ full while it
         waited to be forwarded to its partition): overloaded, retryable; or what
         `intake.admit` says is wrong with it."""
-        prio, slo = self.subjects.parse_request(subject)
-        tenant = self.subjects.tenant_of_request(subject)
-        admitted = admit(data, prio, slo, now_ms, now_ms, orchestrator_id, self.limits,
-                         tenant, self.policy(tenant))
+        admitted, _ = self._admit(subject, data, now_ms, now_ms, orchestrator_id)
         if isinstance(admitted, Rejection):
             return admitted
         req = admitted.request
         return Rejection(req.request_id, req.group, ErrorCode.OVERLOADED,
                          "the request stream is full: publish again later",
                          retryable=True, retry_after_ms=1000.0)
+
+    def _admit(self, subject: str, data: bytes, stored_ms: float, now_ms: float,
+               orchestrator_id: str) -> tuple[WorkItem | Rejection, str | None]:
+        """`intake.admit` under the subject's tenant and its ceilings; and that tenant."""
+        parsed = self.subjects.parse_request_subject(subject)
+        return admit(data, parsed.priority, parsed.slo_class, stored_ms, now_ms,
+                     orchestrator_id, self.limits, parsed.tenant,
+                     self.policy(parsed.tenant)), parsed.tenant
 
     def policy(self, tenant: str | None) -> TenantPolicy:
         if tenant is None:
