@@ -75,7 +75,7 @@ class FleetSpec:
     horizon_ms: float = 3_600_000.0  # stop this long after the last arrival
     max_run_steps: int = 0  # decode steps priced at once at most (0 = to the next finish)
     # A step with prefills and decodes is one forward pass (vLLM V1), not a prefill
-    # pass then a decode pass (the engine model's sum): fleetsim/worker.py `fused_ms`.
+    # pass then a decode pass (the engine model's sum): workers/engines/stepcore.py `fused_ms`.
     fused_steps: bool = False
     # Workers forward their engine's prefix-cache events this often (worker.kv_events_ms;
     # 0 = none: prefix routers know only what they sent). Arrive `kv_ms` later.

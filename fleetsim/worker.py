@@ -64,8 +64,7 @@ class SimWorker:
         self.capacity = capacity
         self.max_batch = max_batch
         self.max_run_steps = max_run_steps
-        self.fused_steps = fused_steps
-        self.core = StepCore(engine)
+        self.core = StepCore(engine, fused=fused_steps)
         self.held = 0  # items taken, not finished
         self.run: Run | None = None
         self.last_pull = -1.0  # when it last took a work message (its pull re-queued then)
@@ -103,8 +102,6 @@ class SimWorker:
         step = core.plan(now_ms)
         if step is None:
             return None
-        if self.fused_steps and step.prefills and step.decodes:
-            step.ms = fused_ms(core.s, step.ms, len(step.decodes))
         self.version += 1
         if step.admitted or core.waiting:
             return self._set(Run(now_ms, now_ms + step.ms, 1, step, version=self.version))
@@ -174,15 +171,4 @@ class SimWorker:
         return done  # type: ignore[return-value]
 
 
-def fused_ms(s: SimSettings, ms: float, decodes: int) -> float:
-    """A step that prefills and decodes as one forward pass (vLLM V1's mixed batch with
-    chunked prefill): StepCore prices it as a prefill pass then a decode pass (V0's
-    order), so the weights are read and the step's overhead paid twice. Fused, the
-    decode side's fixed cost (`decode_a_ms`) is not paid again; its tokens ride the
-    prefill's linear layers instead (`prefill_b_ms` each); its KV reads remain."""
-    if s.zero_cost:
-        return ms
-    return max(0.0, ms - s.decode_a_ms + s.prefill_b_ms * decodes)
-
-
-__all__ = ["Item", "Run", "SimSeq", "SimWorker", "fused_ms"]
+__all__ = ["Item", "Run", "SimSeq", "SimWorker"]

@@ -13,9 +13,10 @@ from cplane.fleetsim.gpus import gpu
 from cplane.fleetsim.model_config import parse
 from cplane.fleetsim.perf_model import Layout
 from cplane.fleetsim.records import RequestRecord, SloTarget, TraceRequest
-from cplane.fleetsim.worker import Item, SimWorker, fused_ms
+from cplane.fleetsim.worker import Item, SimWorker
 from cplane.schemas.messages import Role
 from cplane.schemas.settings import SimSettings
+from cplane.workers.engines.stepcore import fused_ms
 from tests.unit.test_planner_perf import LLAMA3_8B
 
 H100 = gpu("h100-80gb")

@@ -113,8 +113,10 @@ def block_hashes(token_ids: Sequence[int], block_tokens: int) -> tuple[int, ...]
 class StepCore:
     """Waiting queue, running batch, KV accounting and prefix cache of one engine."""
 
-    def __init__(self, settings: SimSettings, record_cache: bool = False) -> None:
+    def __init__(self, settings: SimSettings, record_cache: bool = False,
+                 fused: bool = False) -> None:
         self.s = settings
+        self.fused = fused  # a mixed step is one forward pass (`fused_ms`)
         self.waiting: deque[CoreSeq] = deque()
         self.running: list[CoreSeq] = []
         self.kv_used = 0
@@ -181,6 +183,8 @@ class StepCore:
         if decodes:
             ms += s.decode_a_ms + s.decode_b_ms * sum(q.ctx for q in decodes) + (
                 s.decode_c_ms * len(decodes))
+            if self.fused and prefills:
+                return fused_ms(s, ms, len(decodes))
         return ms
 
     def decode_run_ms(self, k: int) -> float:
@@ -227,4 +231,15 @@ class StepCore:
                 pass
 
 
-__all__ = ["CoreSeq", "PrefixCache", "Step", "StepCore", "block_hashes"]
+def fused_ms(s: SimSettings, ms: float, decodes: int) -> float:
+    """A step that prefills and decodes as one forward pass (vLLM V1's mixed batch with
+    chunked prefill): `step_ms` prices it as a prefill pass then a decode pass (V0's
+    order), so the weights are read and the step's overhead paid twice. Fused, the
+    decode side's fixed cost (`decode_a_ms`) is not paid again; its tokens ride the
+    prefill's linear layers instead (`prefill_b_ms` each); its KV reads remain."""
+    if s.zero_cost:
+        return ms
+    return max(0.0, ms - s.decode_a_ms + s.prefill_b_ms * decodes)
+
+
+__all__ = ["CoreSeq", "PrefixCache", "Step", "StepCore", "block_hashes", "fused_ms"]
