@@ -73,14 +73,12 @@ class FleetView:
     def __post_init__(self) -> None:
         by_role: dict[Role, list[WorkerView]] = {}
         by_rm: dict[tuple[Role, str], list[WorkerView]] = {}
+        by_layout: dict[tuple[Role, str, int], list[WorkerView]] = {}
         for w in self.workers:
             by_role.setdefault(w.role, []).append(w)
             for m in w.models:
                 by_rm.setdefault((w.role, m), []).append(w)
-        by_layout: dict[tuple[Role, str, int], list[WorkerView]] = {}
-        for (role, model), ws in by_rm.items():
-            for w in ws:
-                by_layout.setdefault((role, model, w.parallelism), []).append(w)
+                by_layout.setdefault((w.role, m, w.parallelism), []).append(w)
         object.__setattr__(self, "_by_layout", {k: tuple(v) for k, v in by_layout.items()})
         object.__setattr__(self, "_by_role", {k: tuple(v) for k, v in by_role.items()})
         object.__setattr__(self, "_by_role_model", {k: tuple(v) for k, v in by_rm.items()})
