@@ -52,7 +52,7 @@ class LeaderLease:
         """Acquire, renew, and step down when fenced, until `stop`; then release."""
         try:
             while not stop.is_set():
-                await self.step()
+                await self._step()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.renew_s)
         finally:
@@ -60,6 +60,9 @@ class LeaderLease:
 
     async def step(self) -> None:
         """Renew while leading (stepping down when fenced or taken), else try to acquire."""
+        await self._step()
+
+    async def _step(self) -> None:
         started = time.monotonic()
         try:
             if self._kv is None:
