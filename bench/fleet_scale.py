@@ -211,9 +211,8 @@ DISPATCH_NOTE = (
 
 def dispatch_lines(runs: Sequence[Mapping[str, Any]] | None) -> list[str]:
     if runs is None:
-        return ["Not measured in this run: `bench/partitioned_dispatch.py` writes "
-                '`{"runs": [{"replicas": N, "req_per_s": X, ...}]}`; pass that file with '
-                "`--dispatch-json FILE`."]
+        return ["Not measured in this run: pass `bench/partitioned_dispatch.py --json FILE`'s "
+                "rows (`replicas`, `dispatch_rps`) with `--dispatch-json FILE`."]
     base = next((r["req_per_s"] for r in runs if r["replicas"] == 1), None)
     lines = ["| replicas | dispatched req/s | vs 1 replica |", "| ---: | ---: | ---: |"]
     for r in runs:
