@@ -83,6 +83,7 @@ class Publisher:
         self.refused: Counter[str] = Counter()
         self.ambiguous: set[str] = set()
         self.retries = 0
+        self.last_accept = 0.0  # monotonic time of the latest acceptance
         self.inflight = 0
         self.launched = 0
         self.overload_until = 0.0
@@ -143,7 +144,7 @@ class Publisher:
             while True:
                 try:
                     await js.publish(subject, data, timeout=2.0, headers={"Nats-Msg-Id": rid})
-                    self.accepted[rid] = answered = time.monotonic()
+                    self.accepted[rid] = answered = self.last_accept = time.monotonic()
                     self.overload_accepted += in_overload
                     return
                 except nats.js.errors.APIError as exc:
@@ -201,13 +202,17 @@ class Publisher:
         self.overload_until = time.monotonic() + seconds
         self.log(f"overload phase: {seconds:.0f}s at 3x the fleet's completion rate")
 
-    async def run(self, limit_s: float) -> None:
+    async def run(self, limit_s: float, stall_s: float = 60.0) -> None:
         """Publish until `total` requests are accepted: paced at `base_rate`, or 3x in overload.
 
-        Gives up launching after `limit_s` (a system that accepts nothing must still
-        end in a figures line); publishes in flight then finish within `retry_s`.
+        Gives up launching after `limit_s`, or once nothing was accepted for `stall_s`
+        (a system that accepts nothing must still end in a figures line); publishes in
+        flight then finish within `retry_s`. The stall bound is what tells a stuck system
+        from a slow one: a full request stream admits as fast as the fleet completes, and
+        how fast that is under the faults depends on the seed's long generations.
         """
-        give_up = time.monotonic() + limit_s
+        start = time.monotonic()
+        give_up = start + limit_s
         window: deque[tuple[float, int]] = deque(maxlen=200)
         credit = 0.0
         last = time.monotonic()
@@ -215,9 +220,11 @@ class Publisher:
         phase = (0.0, 0, 0)
         while len(self.accepted) + self.inflight < self.total or self.inflight:
             now = time.monotonic()
-            if now > give_up and not self.gave_up:
+            quiet = now - max(self.last_accept, start)
+            if (now > give_up or quiet > stall_s) and not self.gave_up:
                 self.gave_up = True
-                self.log(f"LOAD GAVE UP after {limit_s:.0f}s: accepted={len(self.accepted)}")
+                self.log(f"LOAD GAVE UP after {now - start:.0f}s ({quiet:.0f}s since the "
+                         f"last acceptance): accepted={len(self.accepted)}")
             if self.gave_up:
                 if not self.inflight:
                     break

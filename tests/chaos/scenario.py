@@ -259,7 +259,7 @@ async def run_chaos(cfg: ChaosConfig, run_dir: Path) -> Outcome:
                         partitions=cfg.leader_partitions)
         run.pub = pub
         pub.completions = lambda: len(run.rec.live_terminal)
-        ptask = asyncio.create_task(pub.run(limit_s=60 + 3 * cfg.requests / cfg.rate))
+        ptask = asyncio.create_task(pub.run(limit_s=60 + 10 * cfg.requests / cfg.rate))
         try:
             await run.lanes.chaos(pub)
             await ptask
