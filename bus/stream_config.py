@@ -39,7 +39,8 @@ from cplane.schemas.subjects import (
 # Stream fields the settings decide; everything else on an existing stream is kept.
 STREAM_FIELDS = (
     "subjects", "retention", "storage", "discard", "max_msgs", "max_bytes", "max_age",
-    "max_msg_size", "duplicate_window", "num_replicas", "allow_direct",
+    "max_msg_size", "duplicate_window", "num_replicas", "allow_direct", "allow_msg_ttl",
+    "allow_rollup_hdrs",
 )
 # How a stream routes messages beyond its subjects: set only as cplane configures it.
 ROUTING_FIELDS = ("republish", "sources", "mirror", "subject_transform")
@@ -72,6 +73,7 @@ def _stream_config(
     discard_new: bool,
     republish: RePublish | None = None, sources: list[StreamSource] | None = None,
     allow_direct: bool = False, allow_msg_ttl: bool | None = None,
+    allow_rollup_hdrs: bool = False,
 ) -> StreamConfig:
     return StreamConfig(
         name=s.name,
@@ -89,6 +91,7 @@ def _stream_config(
         sources=sources,
         allow_direct=allow_direct,
         allow_msg_ttl=allow_msg_ttl,
+        allow_rollup_hdrs=allow_rollup_hdrs,
     )
 
 
@@ -117,8 +120,9 @@ def stream_configs(settings: Settings) -> list[StreamConfig]:
                        False, RePublish(src=f"{subj.prefix}.s.*.>",
                                         dest=f"{subj.prefix}.{{{{wildcard(1)}}}}.>"),
                        # run fences outlive max_age (`Nats-TTL: never`): a run may
-                       # stream longer than LLM_OUT keeps its chunks
-                       allow_direct=True, allow_msg_ttl=True),
+                       # stream longer than LLM_OUT keeps its chunks; each replaces
+                       # the request's fence before it (`Nats-Rollup: sub`)
+                       allow_direct=True, allow_msg_ttl=True, allow_rollup_hdrs=True),
         # Terminals kept for days: copied by the server from LLM_OUT. Direct gets:
         # the orchestrator asks for many ids' terminals in one request (bus/replay.py).
         _stream_config(st.done, rep(st.done), [], limits, False, sources=[
@@ -139,7 +143,7 @@ def norm_field(field: str, value: object) -> object:
         return getattr(value, "value", value)
     if field == "num_replicas":
         return value or 1
-    if field == "allow_direct":
+    if field in ("allow_direct", "allow_msg_ttl", "allow_rollup_hdrs"):
         return bool(value)
     if field == "republish" and value is not None:
         return (value.src, value.dest, bool(value.headers_only))  # type: ignore[attr-defined]

@@ -42,7 +42,7 @@ from cplane.workers.chunker import ChunkStream
 from cplane.workers.engines.base import Engine
 from cplane.workers.fence import Fence, fenced
 from cplane.workers.latency import LatencyAverages
-from cplane.workers.run_fence import Superseded
+from cplane.workers.run_fence import Superseded, close_run_fence
 from cplane.workers.runs import RunLedger
 from cplane.workers.stats import WorkerStats
 
@@ -192,12 +192,20 @@ class ServeContext:
             # a copy published after it gets the stored one here, not this run's.
             await self._resend_stored_terminal(item)
         self.store.terminal_stored(self.subjects, msg)
+        await self._close_fence(item)
         key = "finals" if isinstance(msg, Final) else "errors"
         self.counts[key] += 1
         if isinstance(msg, Final):
             self.stats.finished(item, msg)
         else:
             self.stats.failed(item, msg.code)
+
+    async def _close_fence(self, item: WorkItem) -> None:
+        """A run that took its request over (it wrote a run fence) and stored the
+        terminal: its fence goes with max_age, as the request's chunks do."""
+        if item.fence_seq and self.run_fences:
+            await close_run_fence(self.js, self.subjects, item, self.worker_id,
+                                  self.settings.worker.publish_timeout_s)
 
     async def _resend_stored_terminal(self, item: WorkItem) -> None:
         req = item.request

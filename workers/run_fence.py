@@ -18,6 +18,12 @@ fence is still the request's newest, so anything a superseded run still
 sends is refused, however late it arrives. The fence sequence travels with
 the item (`WorkItem.fence_seq`) to the decode worker of a hand-off.
 
+Only a request's newest fence refuses anything, so each fence replaces the one
+before it (`Nats-Rollup: sub`), and once the run's terminal is stored it closes
+its fence (`close_run_fence`): a closing fence that LLM_OUT's max_age takes away
+replaces the one kept forever. So the store holds one fence per request taken
+over, for max_age after the request ends, not one per takeover for ever.
+
 On a single broker only (`ServeContext.run_fences`). A replicated LLM_OUT
 refuses a publish naming a subject's last sequence while an earlier publish
 naming it is still being replicated, so a stream's chunks, a few hundred
@@ -36,7 +42,9 @@ from cplane.schemas.messages import WorkItem
 from cplane.schemas.subjects import Subjects
 
 log = logging.getLogger("cplane.worker")
-_TTL_DISABLED = 10166  # JetStream: per-message TTL is disabled on the stream
+# JetStream's refusals of a header the stream does not allow: the header it names
+_OLDER_STREAM = {10166: "Nats-TTL", 10111: "Nats-Rollup"}
+ROLLUP = "Nats-Rollup"
 EXPECTED_SEQ = "Nats-Expected-Last-Subject-Sequence"
 EXPECTED_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
 
@@ -55,27 +63,54 @@ def store_fence(subjects: Subjects, item: WorkItem) -> dict[str, str]:
 
 async def write_run_fence(js: JetStreamContext, subjects: Subjects, item: WorkItem,
                           worker_id: str, timeout_s: float) -> int:
-    """Write a new run fence for `item`'s request; its sequence (0 when LLM_OUT does
-    not capture run fences: a stream made by an older version, kept as it was)."""
+    """Write a new run fence for `item`'s request, in place of the one before it; its
+    sequence (0 when LLM_OUT does not capture run fences: a stream made by an older
+    version, kept as it was)."""
     req = item.request
     subject = subjects.fence_store(req.group, req.request_id)
+    # Kept past LLM_OUT's max_age: the run it fences may stream for longer. Only the
+    # newest fence refuses anything (the expected sequence is the subject's last), so
+    # it replaces the earlier ones: one fence per request, not one per takeover.
+    headers = {"Nats-TTL": "never", ROLLUP: "sub"}
+    while True:
+        try:
+            ack = await js.publish(subject, worker_id.encode(), timeout=timeout_s,
+                                   headers=headers)
+            return ack.seq
+        except APIError as exc:
+            dropped = _OLDER_STREAM.get(exc.err_code or 0)
+            if dropped is None or dropped not in headers:
+                raise
+            log.warning("LLM_OUT does not allow %s headers (made by an older version: start "
+                        "with nats.update_streams to allow them): the run fence of %s goes "
+                        "without", dropped, req.request_id)
+            del headers[dropped]
+        except NoStreamResponseError:
+            log.warning("LLM_OUT does not capture %s (made by an older version: start with "
+                        "nats.update_streams to add it): %s runs on without a run fence",
+                        subjects.fence_store_all, req.request_id)
+            return 0
+
+
+async def close_run_fence(js: JetStreamContext, subjects: Subjects, item: WorkItem,
+                          worker_id: str, timeout_s: float) -> bool:
+    """After `item`'s run stored its terminal: replace its fence, kept forever, by a
+    closing one that LLM_OUT's max_age takes, as it takes the request's chunks; only
+    while the run's own fence is the newest. Until max_age has passed, late bytes of
+    any earlier run stay refused. A first run (no fence) does nothing. True when
+    closed; a failure (a newer run's fence, the broker away) leaves the fence as it
+    was: one message per request, kept."""
+    if not item.fence_seq:
+        return False
+    req = item.request
     try:
-        # Kept past LLM_OUT's max_age: the run it fences may stream for longer.
-        ack = await js.publish(subject, worker_id.encode(), timeout=timeout_s,
-                               headers={"Nats-TTL": "never"})
-    except APIError as exc:
-        if exc.err_code != _TTL_DISABLED:
-            raise
-        log.warning("LLM_OUT does not allow per-message TTLs (made by an older version: "
-                    "start with nats.update_streams to allow them): the run fence of %s "
-                    "lasts its max_age", req.request_id)
-        ack = await js.publish(subject, worker_id.encode(), timeout=timeout_s)
-    except NoStreamResponseError:
-        log.warning("LLM_OUT does not capture %s (made by an older version: start with "
-                    "nats.update_streams to add it): %s runs on without a run fence",
-                    subjects.fence_store_all, req.request_id)
-        return 0
-    return ack.seq
+        await js.publish(subjects.fence_store(req.group, req.request_id),
+                         f"{worker_id} closed".encode(), timeout=timeout_s,
+                         headers={**store_fence(subjects, item), ROLLUP: "sub"})
+        return True
+    except Exception as exc:
+        log.info("run fence #%d of %s left as it is: %r", item.fence_seq, req.request_id, exc)
+        return False
 
 
-__all__ = ["Superseded", "store_fence", "write_run_fence"]
+__all__ = ["Superseded", "close_run_fence", "store_fence", "write_run_fence"]

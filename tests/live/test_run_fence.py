@@ -24,7 +24,7 @@ from cplane.schemas.messages import (
 )
 from cplane.schemas.settings import Settings
 from cplane.workers.chunker import ChunkStream
-from cplane.workers.run_fence import store_fence, write_run_fence
+from cplane.workers.run_fence import close_run_fence, store_fence, write_run_fence
 from tests.natsfix import isolated_settings
 from tests.waiting import until
 
@@ -107,6 +107,45 @@ async def test_a_run_fence_outlives_the_streams_max_age(nats_url: str, nc: NATS)
     seen = [chunk_of(await live.next_msg(10)) for _ in range(2)]
     assert [(c.seq, c.worker_id, c.text) for c in seen] == [(1, "w-new", "a"),
                                                            (2, "w-new", "b")]
+
+
+async def test_a_closed_run_fence_keeps_refusing_then_ages_out(nats_url: str, nc: NATS) -> None:
+    """Fences are kept forever while their run streams: once the run's terminal is
+    stored it closes its fence, so a fleet that migrates requests for months does not
+    keep one per takeover. The closing fence still refuses an earlier run's late
+    bytes, then goes with max_age (5 s here: the refusal is checked well before), as the
+    request's chunks do."""
+    s = isolated_settings(nats_url, stream_out={"max_age_s": 5.0, "duplicate_window_s": 1.0})
+    js, subj = nc.jetstream(), s.subjects
+    await ensure_streams(js, s)
+    first = WorkItem(request=Request(request_id="rf3", prompt="x"), priority=Priority.NORMAL,
+                     slo_class="standard")
+    assert not await close_run_fence(js, subj, first, "w", 5.0)  # no fence
+    seq = await write_run_fence(js, subj, first, "w-new", 5.0)
+    took_over = msgspec.structs.replace(first, fence_seq=seq)
+    # A newer run took it over meanwhile: this run's fence is not closed by it.
+    newer = await write_run_fence(js, subj, first, "w-third", 5.0)
+    assert not await close_run_fence(js, subj, took_over, "w-new", 5.0)
+    newest = msgspec.structs.replace(first, fence_seq=newer)
+    assert await close_run_fence(js, subj, newest, "w-third", 5.0)
+    fence = subj.fence_store("i", "rf3")
+    # One fence per request, not one per takeover: each replaced the one before it.
+    info = await js.stream_info(s.streams.out.name, subjects_filter=fence)
+    assert info.state.subjects == {fence: 1}
+    assert (await js.get_last_msg(s.streams.out.name, fence)).data == b"w-third closed"
+    out = [subj.out_store("i", "rf3")]
+    live = await nc.subscribe(subj.out("i", "rf3"))
+    late = ChunkStream(nc.publish, out, "rf3", "w-old", store_fence=store_fence(subj, first))
+    await late.add([0], "late")  # a first run's bytes: refused while the closing fence is kept
+    marker = ChunkStream(nc.publish, out, "rf3", "probe")  # unfenced: stored
+    await marker.add([7], "probe")
+    assert chunk_of(await live.next_msg(10)).worker_id == "probe"
+
+    async def gone() -> bool:
+        info = await js.stream_info(s.streams.out.name, subjects_filter=fence)
+        return not info.state.subjects
+
+    await until(gone, 15, "LLM_OUT's max_age to take the closing fence")
 
 
 def chunk_of(msg: Msg) -> TokenChunk:

@@ -304,6 +304,12 @@ async def test_resume_that_reached_max_tokens_publishes_only_the_final(
     assert (final.text, final.chunks, final.usage.completion_tokens) == (" a b c", 2, 3)
     assert final.workers == ["gone", "w"] and watch.chunks == []
     assert w.ctx is not None and w.ctx.counts["migrated"] == 1
+    # The run took the request over behind a run fence, kept forever while it ran; once
+    # its Final is stored, only a closing fence is left, which max_age takes away.
+    fence = f.s.subjects.fence_store("i", "full")
+    info = await js.stream_info(f.s.streams.out.name, subjects_filter=fence)
+    assert info.state.subjects == {fence: 1}
+    assert (await js.get_last_msg(f.s.streams.out.name, fence)).data == b"w closed"
 
 
 async def test_duplicate_item_waits_for_the_running_original(nats_url: str, nc: NATS) -> None:
