@@ -40,10 +40,19 @@ async def recheck(js: JetStreamContext, settings: Settings, req: Request) -> Rec
     with contextlib.suppress(Exception):
         if await stored_terminal(js, settings, req.group, req.request_id) is not None:
             return Recheck.FINISHED
-        await js.get_last_msg(settings.streams.out.name,
-                              settings.subjects.out_store(req.group, req.request_id))
-        return Recheck.RUNNING
+        if await streamed(js, settings, req.group, req.request_id):
+            return Recheck.RUNNING
     return Recheck.NOT_FOUND
+
+
+async def streamed(js: JetStreamContext, settings: Settings, group: str, request_id: str
+                   ) -> bool:
+    """Chunks of this id are stored (a live or migrating request). Errors count as no."""
+    with contextlib.suppress(Exception):
+        await js.get_last_msg(settings.streams.out.name,
+                              settings.subjects.out_store(group, request_id))
+        return True
+    return False
 
 
 class Outcomes:
@@ -93,11 +102,12 @@ class Outcomes:
         """ErrorReply on the request's done subject, or on `llm.done.invalid.seq<N>` when
         the body names no usable id, or an id that belongs to a live or finished request,
         in this replica's memory or in the store (a bad copy must not become another
-        request's terminal)."""
+        request's terminal). An id whose terminal is stored gets that terminal again."""
         rid, group = rej.request_id, rej.group
-        if not rid or known(rid, group) or await self._in_store(group, rid):
-            if rid and await self._answer_again(msg, rid, group, rej.reply_to):
-                return
+        if rid and await self._answer_again(msg, rid, group, rej.reply_to):
+            return
+        if not rid or known(rid, group) or await streamed(
+                self.nc.jetstream(), self.settings, group, rid):
             rid, group = f"seq{seq}", scoped(tenant_of(group), INVALID_GROUP)
         err = error_reply(rid, rej.code, rej.message, rej.retryable, rej.retry_after_ms)
         reply_to = rej.reply_to if rid == rej.request_id else None
