@@ -95,9 +95,13 @@ def main() -> int:
         asyncio.run(closed_loop(stack.url, make, 32, 600))  # warm-up
         procs = stack.processes()
         before = cpu_by_name(procs)
-        asyncio.run(closed_loop(stack.url, make, args.concurrency, args.requests))
+        run = asyncio.run(closed_loop(stack.url, make, args.concurrency, args.requests))
         after = cpu_by_name(procs)
-        ms = {k: (after[k] - before[k]) * 1000 / args.requests for k in procs}
+        if not run.samples:
+            raise SystemExit(f"no request was served: {run.errors[:3]}")
+        # per request served: an errored request costs the stack less than a served one
+        ms = {k: (after[k] - before[k]) * 1000 / len(run.samples) for k in procs}
+        out["served"], out["errors"] = len(run.samples), len(run.errors)
         with tempfile.TemporaryDirectory() as tmp:
             spies = {f"{role}-{i}": (pid, Path(tmp) / f"{role}-{i}.txt")
                      for role, pids in procs.items() if role != "nats-server"
@@ -117,7 +121,7 @@ def main() -> int:
             got = {name: samples(path) for name, (_, path) in spies.items()}
     finally:
         stack.stop()
-    by_owner: collections.Counter[str] = collections.Counter()
+    by_owner: dict[str, float] = collections.defaultdict(float)
     for role, cpu in ms.items():
         # a role's processes (a standby orchestrator too) weighted by their samples
         counts = sum((c for name, c in got.items() if name.rsplit("-", 1)[0] == role),
@@ -129,13 +133,14 @@ def main() -> int:
                                   "shares": {k: round(v, 3) for k, v in split.items()}}
         for k, v in split.items():
             by_owner[k] += cpu * v
-    out["ms_per_req_by_owner"] = {k: round(v, 3) for k, v in by_owner.most_common()}
+    ranked = sorted(by_owner.items(), key=lambda kv: -kv[1])
+    out["ms_per_req_by_owner"] = {k: round(v, 3) for k, v in ranked}
     out["total_ms_per_req"] = round(sum(ms.values()), 3)
     table = Table(title="CPU ms per request at saturation, by whose code")
     table.add_column("owner")
     table.add_column("ms/request", justify="right")
     table.add_column("share", justify="right")
-    for k, v in by_owner.most_common():
+    for k, v in ranked:
         table.add_row(k, f"{v:.3f}", f"{100 * v / out['total_ms_per_req']:.0f} %")
     Console().print(table)
     for role, row in out["processes"].items():
