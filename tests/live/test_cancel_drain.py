@@ -92,14 +92,18 @@ async def test_cancel_while_in_the_work_queue(nats_url: str, nc: NATS) -> None:
 async def test_drain_hands_unfinished_work_to_another_worker(nats_url: str) -> None:
     """Stopping a worker mid-generation: the client's stream continues gap-free
     on another worker, with the same tokens an uninterrupted run produces."""
-    s = isolated_settings(nats_url, worker={"drain_timeout_s": 0.1}, sim={"decode_a_ms": 5.0})
+    # 800 tokens at 4 ms: the first worker is still generating (3 s) when the second
+    # has started and the first is stopped, even on a loaded machine (at 120 tokens, a
+    # slow start let the first finish alone once)
+    n = 800
+    s = isolated_settings(nats_url, worker={"drain_timeout_s": 0.1}, sim={"decode_a_ms": 4.0})
     nc = await nats.connect(nats_url)
     client = Client(nc, s)
     async with stack(s, workers=[{"worker_id": "first"}]) as run:
-        ref_handle = await client.submit(req("ref", 120))
+        ref_handle = await client.submit(req("ref", n))
         ref_ids = [t async for c in ref_handle for t in c.token_ids]
         ref = await ref_handle.result(timeout=20)
-        h = await client.submit(req("moved", 120))
+        h = await client.submit(req("moved", n))
         chunks = []
         async for c in h:
             chunks.append(c)
@@ -113,7 +117,7 @@ async def test_drain_hands_unfinished_work_to_another_worker(nats_url: str) -> N
     await nc.close()
     assert [c.seq for c in chunks] == list(range(len(chunks)))
     assert [t for c in chunks for t in c.token_ids] == ref_ids
-    assert final.text == ref.text and final.usage.completion_tokens == 120
+    assert final.text == ref.text and final.usage.completion_tokens == n
     assert final.workers == ["first", "second"]
 
 
