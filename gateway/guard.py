@@ -184,13 +184,29 @@ class Guard:
             await self._refuse(err, scope, receive, send)
             return
         self.metrics.open_requests.inc()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.slots.leave(caller)
+                self.metrics.open_requests.dec()
+
+        async def sending(message: Message) -> None:
+            # The slot is free once the response's last bytes are handed over, not when
+            # the app returns (it may still clean up): a client that sends its next
+            # request on seeing the end must not find this one still open.
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                release()
+            await send(message)
+
         try:
             state: dict[str, Any] = scope.setdefault("state", {})
             state[CALLER] = caller
-            await self.app(scope, metered, send)
+            await self.app(scope, metered, sending)
         finally:
-            self.slots.leave(caller)
-            self.metrics.open_requests.dec()
+            release()
 
     def _exposure(self, path: str, headers: Headers) -> ApiError | None:
         hidden = ApiError(404, f"{path}: Not Found", code="404")

@@ -3,12 +3,17 @@ parsing in openai_map.py), on plain values with plain asserts."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+from starlette.types import Message, Receive, Scope, Send
 
 from cplane.gateway import limits
 from cplane.gateway import openai_map as om
 from cplane.gateway.auth import OPEN, Caller, caller_for, key_book
+from cplane.gateway.guard import Guard
 from cplane.gateway.limits import TokenBucket
+from cplane.gateway.metrics import GatewayMetrics
 from cplane.gateway.ownership import own_only, owns
 from cplane.schemas.messages import Priority
 from cplane.schemas.settings import ApiKeyPolicy, load_settings
@@ -132,3 +137,49 @@ def test_ownership_hides_what_is_not_yours() -> None:
     items = [("f1", "acme"), ("f2", None), ("f3", "globex"), ("f4", "acme")]
     assert own_only(items, lambda i: i[1], "acme") == [("f1", "acme"), ("f4", "acme")]
     assert own_only(items, lambda i: i[1], "") == [("f2", None)]
+
+
+async def test_a_slot_is_free_once_the_last_bytes_are_sent_not_when_the_app_returns() -> None:
+    """A key with one request in flight, used one request after another: the next one,
+    sent on seeing the end of the last, is admitted even while the app still cleans up
+    after that last one (it failed CI once, as a 429 too_many_streams)."""
+    cfg = load_settings(env={}, gateway={
+        "api_key_policies": {"kp": {"tenant": "t", "max_in_flight": 1}}}).gateway
+    cleaning, done = asyncio.Event(), asyncio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        if scope["path"] == "/v1/stream":
+            await send({"type": "http.response.body", "body": b"a", "more_body": True})
+            cleaning.set()  # mid-stream: the slot is still taken
+            await done.wait()
+        await send({"type": "http.response.body", "body": b"z", "more_body": False})
+        if scope["path"] == "/v1/first":
+            cleaning.set()
+            await done.wait()  # e.g. unsubscribing, after the client has its answer
+
+    guard = Guard(app, cfg, GatewayMetrics())
+
+    async def call(path: str) -> int:
+        sent: list[Message] = []
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": path,
+                 "headers": [(b"authorization", b"Bearer kp")]}
+        await guard(scope, receive, send)
+        return int(sent[0]["status"])
+
+    for slow, status in (("/v1/first", 200), ("/v1/stream", 429)):
+        cleaning.clear()
+        done.clear()
+        first = asyncio.create_task(call(slow))
+        await cleaning.wait()
+        assert await call("/v1/next") == status
+        done.set()
+        assert await first == 200
+        assert guard.slots.open_total == 0 and not guard.slots.open_by_key
