@@ -84,8 +84,17 @@ async def prepare(ctx: ServeContext, run: Run) -> WorkItem | None:
     if fenced is None:
         return None
     item, chunks = fenced
-    if not chunks:
-        return item
+    return _continued(ctx, item, chunks) if chunks else item
+
+
+def _continued(ctx: ServeContext, item: WorkItem, chunks: list[TokenChunk]) -> WorkItem:
+    """`item` extended with the chunks an earlier run stored, to continue after them."""
+    rid = item.request.request_id
+    if _tail_may_have_aged_out(ctx, chunks[-1]):
+        raise HeadLost(f"{rid}: the last chunk read back (seq {chunks[-1].seq}) was streamed "
+                       f"about {ctx.settings.streams.out.max_age_s:g} s ago, LLM_OUT's "
+                       "max_age: later ones may have aged out, even while it was read, and "
+                       "continuing after it could contradict what readers have")
     ctx.counts["migrated"] += 1
     served = list(item.served_by)
     for c in chunks:
@@ -111,9 +120,10 @@ class HeadLost(Exception):
     """A run to continue with a hole in its stored chunks (the head aged out of
     LLM_OUT, or one was lost with a broker) while later ones remain, or with none
     stored where an earlier run may have streamed them all longer ago than
-    LLM_OUT keeps them: continuing after the hole would write seqs readers have
-    with other contents, and running it again from the start would too. It
-    ends in ErrorReply `worker_failed` (retryable) instead."""
+    LLM_OUT keeps them, or whose newest chunk read back is about max_age old (a
+    tail may have aged out unseen): continuing after the hole would write seqs
+    readers have with other contents, and running it again from the start would
+    too. It ends in ErrorReply `worker_failed` (retryable) instead."""
 
 
 async def _fence(ctx: ServeContext, item: WorkItem, chunks: list[TokenChunk]
@@ -150,6 +160,22 @@ def _may_have_aged_out(ctx: ServeContext, item: WorkItem) -> bool:
     # any time after the request was stored.
     since = (item.enqueued_ms if item.redispatched else 0.0) or item.dispatched_ms
     return bool(max_age_s and since) and time.time() * 1000 - since > max_age_s * 1000
+
+
+def _tail_may_have_aged_out(ctx: ServeContext, last: TokenChunk) -> bool:
+    """`last`, the newest chunk of the run read back, is about as old as LLM_OUT's
+    max_age: a later chunk, if one was streamed, may have aged out before or while
+    the run was read (the server takes expired messages in batches, so a read can
+    see the head and miss the rest: seen in the chaos run). Asked after the read:
+    a later chunk was stored after `last`, so it expires after `last` would, and
+    while `last` is younger than max_age no later one had expired when it was
+    looked up. The margin (a quarter of max_age, at most 2 s) is for the clocks
+    (`ts_ms` is the streaming worker's); a chunk without a time (0) is not judged."""
+    max_age_s = ctx.settings.streams.out.max_age_s
+    if not max_age_s or not last.ts_ms:
+        return False
+    margin_s = min(2.0, max_age_s / 4)
+    return time.time() * 1000 - last.ts_ms > (max_age_s - margin_s) * 1000
 
 
 async def _hole_at(ctx: ServeContext, item: WorkItem, seq: int) -> bool:

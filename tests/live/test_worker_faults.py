@@ -233,6 +233,33 @@ async def test_a_head_aged_out_of_llm_out_is_never_regenerated(nats_url: str,
     assert len(watch.terminals) == 1
 
 
+async def test_a_tail_that_may_have_aged_out_is_not_continued(nats_url: str, nc: NATS) -> None:
+    """The newest chunk read back is about LLM_OUT's max_age old (30 s here): later ones,
+    if any, may have aged out, even while the run was read (the chaos run saw a read
+    that got seqs 0-2 of 25 as the server took the rest). The heir does not continue
+    after it: ErrorReply worker_failed (retryable). The same chunks streamed just now
+    are continued."""
+    async with fleet(nats_url, sim={"zero_cost": True},
+                     stream_out={"max_age_s": 30.0, "duplicate_window_s": 2.0}) as f:
+        js = nc.jetstream()
+        for rid, age_s in (("old-tail", 29.0), ("young-tail", 0.0)):
+            for seq in range(3):
+                chunk = TokenChunk(request_id=rid, seq=seq, token_ids=[seq + 1], text=f" t{seq}",
+                                   worker_id="gone", ts_ms=(time.time() - age_s) * 1000)
+                await js.publish(f.s.subjects.out_store("i", rid), encode(chunk))
+        watches = [await Watch.start(nc, f.s, rid) for rid in ("old-tail", "young-tail")]
+        w = await f.start("w")
+        for rid in ("old-tail", "young-tail"):
+            await put(js, f.s, msgspec.structs.replace(item(rid, 5), redispatched=True))
+        old, young = [await watch.terminal() for watch in watches]
+        await until(lambda: work_empty(js, f.s))
+    assert isinstance(old, ErrorReply) and old.code is ErrorCode.WORKER_FAILED and old.retryable
+    assert "max_age" in old.message and watches[0].chunks == []
+    assert isinstance(young, Final) and young.workers == ["gone", "w"]
+    assert young.usage.completion_tokens == 5 and young.text.startswith(" t0 t1 t2")
+    assert w.ctx is not None and w.ctx.counts["migrated"] == 1
+
+
 async def test_live_worker_keeps_its_work_past_ack_wait(nats_url: str, nc: NATS) -> None:
     """in_progress() keeps a long generation (3x ack_wait) from being redelivered."""
     async with fleet(nats_url, worker={"ack_wait_s": 1.0, "in_progress_every_s": 0.3},
