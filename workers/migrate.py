@@ -154,12 +154,11 @@ def _may_have_aged_out(ctx: ServeContext, item: WorkItem) -> bool:
     finding nothing stored proves nothing. Within max_age, nothing stored means
     nothing was streamed (a broker that lost chunks loses a tail, which the run that
     streamed them re-sends: bus/connect.py drop_pending, ServeContext._resend_lost)."""
-    max_age_s = ctx.settings.streams.out.max_age_s
     # The item's own dispatch (a rescued or redelivered work message is the same
     # item); a re-dispatch by another leader may follow an earlier dispatch made
     # any time after the request was stored.
     since = (item.enqueued_ms if item.redispatched else 0.0) or item.dispatched_ms
-    return bool(max_age_s and since) and time.time() * 1000 - since > max_age_s * 1000
+    return _past_max_age(ctx, since)
 
 
 def _tail_may_have_aged_out(ctx: ServeContext, last: TokenChunk) -> bool:
@@ -171,11 +170,14 @@ def _tail_may_have_aged_out(ctx: ServeContext, last: TokenChunk) -> bool:
     while `last` is younger than max_age no later one had expired when it was
     looked up. The margin (a quarter of max_age, at most 2 s) is for the clocks
     (`ts_ms` is the streaming worker's); a chunk without a time (0) is not judged."""
+    return _past_max_age(ctx, last.ts_ms, margin_s=min(2.0, ctx.settings.streams.out.max_age_s / 4))
+
+
+def _past_max_age(ctx: ServeContext, at_ms: float, margin_s: float = 0.0) -> bool:
+    """`at_ms` (epoch ms) is more than LLM_OUT's max_age, less `margin_s`, ago. False
+    when LLM_OUT keeps chunks for ever or the time is unknown (0)."""
     max_age_s = ctx.settings.streams.out.max_age_s
-    if not max_age_s or not last.ts_ms:
-        return False
-    margin_s = min(2.0, max_age_s / 4)
-    return time.time() * 1000 - last.ts_ms > (max_age_s - margin_s) * 1000
+    return bool(max_age_s and at_ms) and time.time() * 1000 - at_ms > (max_age_s - margin_s) * 1000
 
 
 async def _hole_at(ctx: ServeContext, item: WorkItem, seq: int) -> bool:
