@@ -7,6 +7,7 @@ from cplane.client.sdk import (
     RequestFailed,
     RequestHandle,
     StreamGap,
+    Unavailable,
     new_request_id,
 )
 
@@ -17,5 +18,6 @@ __all__ = [
     "RequestFailed",
     "RequestHandle",
     "StreamGap",
+    "Unavailable",
     "new_request_id",
 ]

@@ -35,7 +35,7 @@ from pathlib import Path
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.errors import APIError
+from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
 
 from cplane.client.batch_collect import checker_for
 from cplane.client.batch_lines import LineChecker, LineError
@@ -51,7 +51,7 @@ from cplane.schemas.subjects import RESERVED_GROUPS, valid_token
 CHECKPOINT_LINES = 256  # published counts are recorded (and a cancel noticed) this often
 WINDOW = 256  # publishes awaited together
 MAX_REPORTED = 50  # invalid lines listed one by one at most
-_FULL_BACKOFF_S = (0.2, 0.5, 1.0, 2.0)
+_FULL_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 2.0, 2.0)
 
 
 def now_ms() -> float:
@@ -154,15 +154,19 @@ async def start_job(store: JobStore, path: Path, checked: Checked, opts: SubmitO
 
 
 async def _publish(js: JetStreamContext, subject: str, data: bytes, rid: str) -> None:
-    """One line, retried with backoff while the request stream is full (batch waits)."""
+    """One line, retried with backoff while the request stream is full (batch waits)
+    or answers nothing (a cluster electing its leader: nothing was stored)."""
     for pause in (*_FULL_BACKOFF_S, None):
         try:
             await js.publish(subject, data, headers={"Nats-Msg-Id": rid})
             return
+        except (NoStreamResponseError, ServiceUnavailableError):
+            if pause is None:
+                raise
         except APIError as exc:
             if exc.err_code not in STREAM_FULL_CODES or pause is None:
                 raise
-            await asyncio.sleep(pause)
+        await asyncio.sleep(pause)
 
 
 async def publish_lines(js: JetStreamContext, store: JobStore, settings: Settings,

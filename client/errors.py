@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from nats.errors import MaxPayloadError, NoRespondersError
-from nats.js.errors import APIError, NoStreamResponseError
+from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
 
-from cplane.schemas.messages import ErrorReply, Final, Priority
+from cplane.schemas.messages import ErrorReply, Final
 
 STREAM_FULL_CODES = {10077, 10078, 10047}  # max msgs / max bytes / storage resources
 
@@ -38,14 +38,20 @@ class RejectedAtPublish(ValueError):
     """The request could not be published as given (too large, unknown priority...)."""
 
 
+class Unavailable(TimeoutError):
+    """No stream took the request within the publish timeout: none covers its subject,
+    or the one that does has no leader yet (a cluster electing one after a node
+    died). Nothing was stored: publishing it again is safe."""
+
+
 def publish_error(exc: Exception, subject: str) -> Exception:
     """The exception a failed request publish means to the caller (`exc` if no other)."""
     if isinstance(exc, APIError) and exc.err_code in STREAM_FULL_CODES:
         return Overloaded(f"request stream is full ({exc.description}); retry later")
-    if isinstance(exc, NoRespondersError | NoStreamResponseError):
-        return RejectedAtPublish(
-            f"no stream accepts {subject!r}: priority must be one of "
-            f"{[p.value for p in Priority]} and the subject llm.req.<priority>.<slo_class>"
+    if isinstance(exc, NoRespondersError | NoStreamResponseError | ServiceUnavailableError):
+        return Unavailable(
+            f"no stream took {subject!r}: LLM_REQ is missing, or has no leader yet "
+            "(a cluster electing one); retry later"
         )
     if isinstance(exc, MaxPayloadError):
         return RejectedAtPublish("request exceeds the server's max_payload")

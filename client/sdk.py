@@ -26,7 +26,11 @@ Promises:
   request (it is no longer wanted) and raise TimeoutError.
 - A request is refused before publishing (RejectedAtPublish) when its
   `reply_to` is outside `settings.limits.reply_to_prefixes` (`_INBOX.` by
-  default), its group is reserved, or its id or group cannot be a subject token.
+  default), its group is reserved, its priority is unknown, or its id, group or
+  SLO class cannot be a subject token.
+- A publish no stream answers ("no responders": a cluster electing a stream
+  leader after a node died, or no LLM_REQ) is sent again until `timeout`, then
+  raises Unavailable, a TimeoutError: nothing was stored, retrying is safe.
 """
 
 from __future__ import annotations
@@ -45,8 +49,13 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import DeliverPolicy
-from nats.js.errors import APIError, NotFoundError
+from nats.js.api import DeliverPolicy, PubAck
+from nats.js.errors import (
+    APIError,
+    NoStreamResponseError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 
 from cplane.bus import tracing
 from cplane.bus.credentials import ConnectErrors, cannot_reach, connect_options, server_list
@@ -55,6 +64,7 @@ from cplane.client.errors import (
     RejectedAtPublish,
     RequestFailed,
     StreamGap,
+    Unavailable,
     publish_error,
 )
 from cplane.client.quiet import QuietWatch
@@ -447,13 +457,20 @@ class Client:
         """Publish `request` to `llm.req.<priority>.<slo_class>`; returns once JetStream stored it.
 
         Raises Overloaded when the request stream is full, RejectedAtPublish
-        when the request fails `check()`, is too large or its subject matches
-        no stream. A duplicate request_id gets a handle on the first request's
-        outputs (with its terminal, when it is already stored).
+        when the request fails `check()`, is too large or names an unknown
+        priority or a bad SLO class, Unavailable when no stream answered within
+        `timeout` (sent again meanwhile). A duplicate request_id gets a handle on
+        the first request's outputs (with its terminal, when it is already stored).
         """
         self.check(request)
-        prio = Priority(priority) if priority else (request.priority or Priority.NORMAL)
+        try:
+            prio = Priority(priority) if priority else (request.priority or Priority.NORMAL)
+        except ValueError:
+            raise RejectedAtPublish(f"priority {priority!r} is not one of "
+                                    f"{[p.value for p in Priority]}") from None
         slo = slo_class or request.slo_class or DEFAULT_SLO_CLASS
+        if not valid_token(slo):
+            raise RejectedAtPublish(f"slo_class {slo!r} is not a subject token")
         # A model that is a partition: its pool's leader alone reads it (docs/replicas.md).
         pool = pool_of(request.model, self.settings.orchestrator.partitions)
         subject = self.subjects.request(prio, slo, None if self.tenant_view else request.tenant,
@@ -478,7 +495,7 @@ class Client:
                 # Nats-Msg-Id could be dropped as another's. The orchestrator dedupes
                 # by (tenant, id) itself (docs/security.md).
                 headers["Nats-Msg-Id"] = request.request_id
-            ack = await self.js.publish(subject, data, timeout=timeout, headers=headers)
+            ack = await self._publish_request(subject, data, headers, timeout)
         except Exception as exc:
             handle.close()
             mapped = publish_error(exc, subject)
@@ -490,6 +507,27 @@ class Client:
             await handle._lookup_terminal()
         self.quiet.add(handle)
         return handle
+
+    async def _publish_request(self, subject: str, data: bytes, headers: dict[str, str],
+                               timeout: float) -> PubAck:
+        """JetStream-publish until a stream answers, for at most `timeout` seconds.
+
+        "No responders" means nothing received the message, and a 503 that it was
+        not stored, so sending it again is safe. A stream answers nothing for a
+        moment when its leader is lost: a cluster is electing a new one (seconds
+        after a node is killed)."""
+        deadline = time.monotonic() + timeout
+        wait = 0.05
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return await self.js.publish(subject, data, timeout=max(left, 0.001),
+                                             headers=headers)
+            except (NoStreamResponseError, ServiceUnavailableError):
+                if deadline - time.monotonic() <= wait:
+                    raise
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, 0.5)
 
     async def attach(self, request_id: str, group: str = INTERACTIVE_GROUP,
                      tenant: str | None = None) -> RequestHandle:
@@ -568,4 +606,4 @@ async def _is_tenant_account(nc: NATS) -> bool:
 
 
 __all__ = ["Client", "Overloaded", "RejectedAtPublish", "RequestFailed", "RequestHandle",
-           "StreamGap", "new_request_id"]
+           "StreamGap", "Unavailable", "new_request_id"]

@@ -171,6 +171,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         Overloaded,
         RejectedAtPublish,
         RequestFailed,
+        Unavailable,
         new_request_id,
     )
     from cplane.schemas.messages import Priority, Request
@@ -208,7 +209,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         except RequestFailed as exc:
             print(f"\nerror: {exc}", file=sys.stderr)
             return 1
-        except (Overloaded, RejectedAtPublish) as exc:
+        except (Overloaded, RejectedAtPublish, Unavailable) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         except TimeoutError:

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -170,6 +171,33 @@ async def test_no_line_is_published_after_a_cancel(nats_url: str, nc: NATS,
     assert (job.published, job.publishing_done) == (0, True)
     info = await nc.jetstream().stream_info(s.streams.req.name)
     assert info.state.messages == 0
+
+
+async def test_lines_wait_for_a_request_stream_that_answers_nothing(
+        nats_url: str, nc: NATS, tmp_path: Path) -> None:
+    """No responders (LLM_REQ gone, or a cluster electing its leader) stores nothing:
+    the line is sent again with backoff, and the job publishes once a stream answers."""
+    s = isolated_settings(nats_url)
+    src = write_jsonl(tmp_path / "in.jsonl", [chat(f"w{i}", "x") for i in range(5)])
+    store, job = await start(nc, s, src)  # streams and stores, but no orchestrator
+    js = nc.jetstream()
+    await js.delete_stream(s.streams.req.name)
+    tries = 0
+    publish = js.publish
+
+    async def counted(*args: Any, **kw: Any) -> Any:
+        nonlocal tries
+        tries += 1
+        return await publish(*args, **kw)
+
+    js.publish = counted  # type: ignore[method-assign]
+    pending = asyncio.ensure_future(publish_lines(js, store, s, job.id, src))
+    await until(lambda: tries > 5, 10, "lines sent again after no responders")
+    assert not pending.done()
+    await ensure_all(js, s)
+    job = await asyncio.wait_for(pending, 30)
+    assert (job.published, job.publishing_done) == (5, True)
+    assert (await js.stream_info(s.streams.req.name)).state.messages == 5
 
 
 async def test_interactive_ttft_holds_while_a_large_batch_runs(nats_url: str, nc: NATS,

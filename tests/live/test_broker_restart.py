@@ -23,7 +23,7 @@ from cplane.bus.connect import connect
 from cplane.bus.provision import ensure_all, ensure_streams, stream_configs
 from cplane.bus.replay import streamed_chunks
 from cplane.bus.server import EmbeddedNats, free_port
-from cplane.client.sdk import Client, RejectedAtPublish, RequestHandle
+from cplane.client.sdk import Client, RequestHandle, Unavailable
 from cplane.schemas.codec import encode
 from cplane.schemas.messages import Final, FinishReason, Request, TokenChunk
 from tests.natsfix import isolated_settings
@@ -202,8 +202,9 @@ async def test_ensure_all_recreates_streams_deleted_while_services_run(
                                   timeout=30)
             for key in ("req", "out", "done"):
                 await js.delete_stream(getattr(s.streams, key).name)
-            with pytest.raises(RejectedAtPublish, match="no stream"):
-                await client.submit(Request(request_id="lost", prompt="p", max_tokens=5))
+            with pytest.raises(Unavailable, match="no stream"):
+                await client.submit(Request(request_id="lost", prompt="p", max_tokens=5),
+                                    timeout=1.0)
             await ensure_all(js, s)
             await ensure_all(js, s)  # idempotent
             names = {i.config.name for i in await js.streams_info()}

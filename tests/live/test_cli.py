@@ -60,7 +60,7 @@ def test_client_errors_are_one_line(up: str) -> None:
     res = subprocess.run([*CPLANE, "generate", "hi", "--slo-class", "a.b", "--nats-url", up],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode != 0
-    assert res.stderr.strip().count("\n") == 0 and "no stream accepts" in res.stderr
+    assert res.stderr.strip().count("\n") == 0 and "slo_class 'a.b' is not a subject token" in res.stderr
     res = subprocess.run([*CPLANE, "generate", "hi", "--nats-url", "nats://127.0.0.1:1"],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode != 0 and "Traceback" not in res.stderr

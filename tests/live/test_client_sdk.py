@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 
 from cplane.bus.provision import ensure_streams
-from cplane.client.sdk import Client, RejectedAtPublish, RequestHandle, StreamGap
+from cplane.client.sdk import Client, RejectedAtPublish, RequestHandle, StreamGap, Unavailable
 from cplane.schemas.messages import Final, FinishReason, Request, TokenChunk
 from tests.natsfix import isolated_settings
+from tests.waiting import until
 
 
 def chunk(seq: int) -> TokenChunk:
@@ -108,6 +110,36 @@ async def test_refused_before_publishing(nats_url: str, nc: NATS, field: str, va
     assert not client._open
     ok = Request(request_id="r2", prompt="x", reply_to="_INBOX.mine.1")
     await client.submit(ok)  # an _INBOX reply_to is fine
+    assert (await nc.jetstream().stream_info(s.streams.req.name)).state.messages == 1
+
+
+async def test_a_publish_no_stream_answers_is_sent_again_until_one_does(
+    nats_url: str, nc: NATS
+) -> None:
+    """No responders (what a cluster answers while it elects a stream's leader) is
+    not a bad request: the publish goes again until LLM_REQ answers or the timeout
+    ends it with Unavailable, a TimeoutError."""
+    s = isolated_settings(nats_url)
+    client = Client(nc, s)
+    tries = 0
+    publish = client.js.publish
+
+    async def counted(*args: Any, **kw: Any) -> Any:
+        nonlocal tries
+        tries += 1
+        return await publish(*args, **kw)
+
+    client.js.publish = counted  # type: ignore[method-assign]
+    with pytest.raises(Unavailable, match="no stream took"):
+        await client.submit(Request(request_id="r0", prompt="x"), timeout=0.5)
+    assert tries > 2 and not client._open
+    tries = 0
+    pending = asyncio.ensure_future(client.submit(Request(request_id="r1", prompt="x"),
+                                                  timeout=30))
+    await until(lambda: tries >= 2, 10, "a publish sent again after no responders")
+    await ensure_streams(nc.jetstream(), s)
+    handle = await pending
+    assert handle.request.request_id == "r1"
     assert (await nc.jetstream().stream_info(s.streams.req.name)).state.messages == 1
 
 

@@ -186,8 +186,11 @@ async def test_unknown_priority_subject_refused_at_publish(nats_url: str, nc: NA
     s = isolated_settings(nats_url)
     async with stack(s, workers=0, orchestrator=True):
         client = Client(nc, s)
-        with pytest.raises(RejectedAtPublish, match="priority must be one of"):
+        with pytest.raises(RejectedAtPublish, match=r"slo_class 'x\.y' is not a subject token"):
             await client.submit(req("urgent1"), priority="normal", slo_class="x.y")
+        with pytest.raises(RejectedAtPublish, match="priority 'urgent' is not one of"):
+            await client.submit(req("urgent2"), priority="urgent")
+        assert not client._open
         from nats.js.errors import NoStreamResponseError
 
         with pytest.raises(NoStreamResponseError):
