@@ -49,13 +49,8 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import DeliverPolicy, PubAck
-from nats.js.errors import (
-    APIError,
-    NoStreamResponseError,
-    NotFoundError,
-    ServiceUnavailableError,
-)
+from nats.js.api import DeliverPolicy
+from nats.js.errors import APIError, NotFoundError
 
 from cplane.bus import tracing
 from cplane.bus.credentials import ConnectErrors, cannot_reach, connect_options, server_list
@@ -68,6 +63,7 @@ from cplane.client.errors import (
     publish_error,
 )
 from cplane.client.quiet import QuietWatch
+from cplane.client.request_publish import publish_request
 from cplane.client.results import Start, StoredResult, stored_results
 from cplane.schemas import trace
 from cplane.schemas.codec import encode, output_decoder
@@ -495,7 +491,7 @@ class Client:
                 # Nats-Msg-Id could be dropped as another's. The orchestrator dedupes
                 # by (tenant, id) itself (docs/security.md).
                 headers["Nats-Msg-Id"] = request.request_id
-            ack = await self._publish_request(subject, data, headers, timeout)
+            ack = await publish_request(self.js, subject, data, headers, timeout)
         except Exception as exc:
             handle.close()
             mapped = publish_error(exc, subject)
@@ -507,27 +503,6 @@ class Client:
             await handle._lookup_terminal()
         self.quiet.add(handle)
         return handle
-
-    async def _publish_request(self, subject: str, data: bytes, headers: dict[str, str],
-                               timeout: float) -> PubAck:
-        """JetStream-publish until a stream answers, for at most `timeout` seconds.
-
-        "No responders" means nothing received the message, and a 503 that it was
-        not stored, so sending it again is safe. A stream answers nothing for a
-        moment when its leader is lost: a cluster is electing a new one (seconds
-        after a node is killed)."""
-        deadline = time.monotonic() + timeout
-        wait = 0.05
-        while True:
-            left = deadline - time.monotonic()
-            try:
-                return await self.js.publish(subject, data, timeout=max(left, 0.001),
-                                             headers=headers)
-            except (NoStreamResponseError, ServiceUnavailableError):
-                if deadline - time.monotonic() <= wait:
-                    raise
-            await asyncio.sleep(wait)
-            wait = min(wait * 2, 0.5)
 
     async def attach(self, request_id: str, group: str = INTERACTIVE_GROUP,
                      tenant: str | None = None) -> RequestHandle:
