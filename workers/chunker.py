@@ -25,7 +25,7 @@ from typing import Protocol
 
 from cplane.schemas.codec import encode
 from cplane.schemas.messages import TokenChunk
-from cplane.workers.fence import Fence, fenced
+from cplane.workers.fence import Fence, cancel_requested, fenced
 
 
 class Publish(Protocol):
@@ -118,7 +118,7 @@ class ChunkStream:
             self._timer = None
         if self._gate is not None and not self._gate.is_set():
             await self._gate.wait()
-        if self._fence is not None and not self._fence.open():
+        if self._fence is not None and (not self._fence.open() or cancel_requested()):
             await fenced(self._fence)  # raises CancelledError when this run was lost
         if not self._ids and not self._text:
             return
@@ -146,7 +146,10 @@ class ChunkStream:
         await self._send(chunk.seq, data)
 
     async def resend(self, seqs: list[int]) -> None:
-        """Publish chunks again, byte for byte (readers drop the seqs they have)."""
+        """Publish chunks again, byte for byte (readers drop the seqs they have);
+        none when this run was lost (cancelled), though a read swallowed it."""
+        if cancel_requested():
+            raise asyncio.CancelledError
         for seq in seqs:
             await self._send(seq, self.sent[seq - self.first_seq])
 

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Container
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from nats.aio.client import Client as NATS
 from nats.errors import ConnectionClosedError
@@ -40,7 +41,7 @@ from cplane.schemas.settings import Settings
 from cplane.schemas.subjects import Subjects, model_target
 from cplane.workers.chunker import ChunkStream
 from cplane.workers.engines.base import Engine
-from cplane.workers.fence import Fence, fenced
+from cplane.workers.fence import Fence, cancel_requested, fenced
 from cplane.workers.latency import LatencyAverages
 from cplane.workers.run_fence import Superseded, close_run_fence
 from cplane.workers.runs import RunLedger
@@ -67,6 +68,18 @@ class Outcome(enum.StrEnum):
 class NotStored(Exception):
     """An outcome JetStream did not store (refused, or unanswered for half the
     duplicate window): the message that carries the item stays unacked."""
+
+
+def _not_stored(item: WorkItem, result: StoreResult) -> NoReturn:
+    """Why a terminal was not stored, raised: the run was lost (cancelled, while
+    it tried), a newer run fence refused it, or no try was answered in time."""
+    if cancel_requested():
+        raise asyncio.CancelledError
+    rid = item.request.request_id
+    if result is StoreResult.CONFLICT:
+        raise Superseded(f"{rid}: another run took it over (a newer run fence than "
+                         f"#{item.fence_seq}): this run's terminal is refused")
+    raise NotStored(f"terminal of {rid}: {result.value}")
 
 
 @dataclass(slots=True)
@@ -180,12 +193,10 @@ class ServeContext:
         result = await publish_until_stored(
             self.store, self.subjects.done_store(req.group, req.request_id), data,
             terminal_msg_id(req.group, req.request_id), window_s=window_s, headers=headers or None,
-            still_valid=lambda: not self.nc.is_closed, on_retry=ready, retry_s=_RETRY_S)
-        if result is StoreResult.CONFLICT:
-            raise Superseded(f"{req.request_id}: another run took it over (a newer run "
-                             f"fence than #{item.fence_seq}): this run's terminal is refused")
+            still_valid=lambda: not self.nc.is_closed and not cancel_requested(),
+            on_retry=ready, retry_s=_RETRY_S)
         if not result.stored:
-            raise NotStored(f"terminal of {req.request_id}: {result.value}")
+            _not_stored(item, result)
         if result is StoreResult.DUPLICATE:
             # A terminal with this id was stored before (the same id run again within
             # the window): the stream kept that one and republishes nothing now, so

@@ -79,15 +79,24 @@ class Fence:
             self._checking = None
 
 
-async def fenced(fence: Fence | None) -> None:
-    """Wait for `fence` when it is closed, then raise CancelledError when the check
-    cancelled the calling run: nothing of a lost run goes out after it."""
-    if fence is None or fence.open():
-        return
-    await fence.ensure()
+def cancel_requested() -> bool:
+    """The calling task was told to stop (Task.cancel), even when an await swallowed
+    the CancelledError: Python 3.11's `asyncio.wait_for`, which nats-py's requests
+    use, returns a reply that is ready when the cancel lands and drops the cancel.
+    A run taken over while its terminal path read the store went on so, and
+    stored a second terminal (cluster chaos run, dup_terminals=1)."""
     task = asyncio.current_task()
-    if task is not None and task.cancelling():
+    return task is not None and task.cancelling() > 0
+
+
+async def fenced(fence: Fence | None) -> None:
+    """Wait for `fence` when it is closed, then raise CancelledError when the calling
+    run was cancelled (the check found it lost): nothing of a lost run goes out
+    after it, whether or not an earlier await delivered that cancel."""
+    if fence is not None and not fence.open():
+        await fence.ensure()
+    if cancel_requested():
         raise asyncio.CancelledError
 
 
-__all__ = ["MARGIN_S", "Fence", "fenced"]
+__all__ = ["MARGIN_S", "Fence", "cancel_requested", "fenced"]
