@@ -77,7 +77,7 @@ _API_PATIENCE_S = 30.0
 TRANSIENT_API_ERRORS = (TimeoutError, ServiceUnavailableError, NoRespondersError)
 
 
-async def _asked(call: Callable[[], Awaitable[T]], what: str) -> T:
+async def asked(call: Callable[[], Awaitable[T]], what: str) -> T:
     """`call()`, asked again while its answer is transient (TRANSIENT_API_ERRORS): many
     services provisioning at once on a loaded host, or a cluster electing a leader
     (seconds). Every request asked this way is safe to repeat (a read, or a creation
@@ -97,7 +97,7 @@ async def _asked(call: Callable[[], Awaitable[T]], what: str) -> T:
 
 async def _current(js: JetStreamContext, name: str) -> StreamConfig:
     """The stream's config; NotFoundError if none."""
-    return (await _asked(lambda: js.stream_info(name), f"stream_info {name}")).config
+    return (await asked(lambda: js.stream_info(name), f"stream_info {name}")).config
 
 
 async def _create_or_current(js: JetStreamContext, cfg: StreamConfig) -> StreamConfig | None:
@@ -108,7 +108,7 @@ async def _create_or_current(js: JetStreamContext, cfg: StreamConfig) -> StreamC
         current = await _current(js, cfg.name)
     except NotFoundError:
         try:
-            await _asked(lambda: js.add_stream(cfg), f"add_stream {cfg.name}")
+            await asked(lambda: js.add_stream(cfg), f"add_stream {cfg.name}")
             log.info("created stream %s", cfg.name)
             return None
         except APIError as exc:
@@ -170,7 +170,7 @@ async def ensure_consumer(js: JetStreamContext, stream: str, cfg: ConsumerConfig
     assert cfg.durable_name is not None
     name = cfg.durable_name
     try:
-        current = (await _asked(lambda: js.consumer_info(stream, name),
+        current = (await asked(lambda: js.consumer_info(stream, name),
                                 f"consumer_info {name}")).config
     except NotFoundError:
         current = None
@@ -180,7 +180,7 @@ async def ensure_consumer(js: JetStreamContext, stream: str, cfg: ConsumerConfig
             return
         log.info("updating consumer %s on %s: %s", cfg.durable_name, stream, diffs)
     try:
-        await _asked(lambda: js.add_consumer(stream, cfg), f"add_consumer {name}")
+        await asked(lambda: js.add_consumer(stream, cfg), f"add_consumer {name}")
     except BadRequestError as exc:
         log.warning("consumer %s on %s kept as is: %s", cfg.durable_name, stream, exc)
 
@@ -263,7 +263,7 @@ async def open_key_value(js: JetStreamContext, bucket: str) -> KeyValue:
     """An existing bucket: every component but the orchestrator opens, never creates.
     StoreMissingError (naming it) when there is none."""
     try:
-        return await _asked(lambda: js.key_value(bucket), f"key_value {bucket}")
+        return await asked(lambda: js.key_value(bucket), f"key_value {bucket}")
     except NotFoundError:  # BucketNotFoundError too
         raise StoreMissingError("KV bucket", bucket) from None
 
@@ -271,7 +271,7 @@ async def open_key_value(js: JetStreamContext, bucket: str) -> KeyValue:
 async def open_object_store(js: JetStreamContext, bucket: str) -> ObjectStore:
     """An existing object store (see open_key_value)."""
     try:
-        return await _asked(lambda: js.object_store(bucket), f"object_store {bucket}")
+        return await asked(lambda: js.object_store(bucket), f"object_store {bucket}")
     except NotFoundError:
         raise StoreMissingError("object store", bucket) from None
 
@@ -353,6 +353,7 @@ __all__ = [
     "Provisioner",
     "StoreMissingError",
     "StreamWeakeningError",
+    "asked",
     "claims_bucket",
     "delete_work_consumer",
     "ensure_all",

@@ -44,7 +44,7 @@ from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from cplane.bus.control import ADMIN_GUARD
-from cplane.bus.provision import ensure_config_bucket
+from cplane.bus.provision import asked, ensure_config_bucket
 from cplane.bus.tasks import cancel_all
 from cplane.orchestrator import plugins
 from cplane.orchestrator.plugin_types import Policy
@@ -161,19 +161,26 @@ class RuntimeSwitch(Generic[S]):
         restarted and forgotten the watch's consumer, or lost the bucket)."""
         async with self._lock:
             await self._stop_watch()
-            self._kv = await ensure_config_bucket(self._js, self._settings)
-            watcher = await self._kv.watch(self.choice.key)
-            try:
-                # The watch delivers the key's current value first, then a None marker.
-                while (entry := await asyncio.wait_for(anext(watcher), _WATCH_TIMEOUT_S)):
-                    self._adopt_entry(entry)
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await watcher.stop()
-                raise
+            self._kv = kv = await ensure_config_bucket(self._js, self._settings)
+            # Its consumer is a JetStream API request: asked again while a cluster
+            # elects (a 503 here once ended a replica's start-up in the chaos run).
+            watcher = await asked(lambda: self._watch(kv), f"{self.choice.kind} watch")
             self._watcher = watcher
             self._follow = asyncio.create_task(self._follow_updates(watcher),
                                                name=f"{self.choice.kind}-watch")
+
+    async def _watch(self, kv: KeyValue) -> KeyValue.KeyWatcher:
+        """A watch of the choice's key, its current value adopted."""
+        watcher = await kv.watch(self.choice.key)
+        try:
+            # The watch delivers the key's current value first, then a None marker.
+            while (entry := await asyncio.wait_for(anext(watcher), _WATCH_TIMEOUT_S)):
+                self._adopt_entry(entry)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+            raise
+        return watcher
 
     async def stop(self) -> None:
         if self._sub is not None:

@@ -14,12 +14,13 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import nats
 import pytest
 from nats.aio.client import Client as NATS
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import KeyNotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
 from cplane.bus.server import EmbeddedNats, free_port
@@ -257,3 +258,28 @@ async def test_replicas_follow_and_keep_the_choice_across_a_broker_restart(
         if nc is not None:
             await nc.close()
         srv.stop()
+
+
+async def test_a_replica_starts_through_a_503_on_its_watch(
+        nats_url: str, conn: NATS, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cluster electing answers JetStream API requests 503 for seconds: the watch of
+    the stored choice (a consumer made by a request) is asked again, not the end of
+    the replica's start-up (the cluster chaos run lost a replica so)."""
+    s = _settings(nats_url)
+    admin = Admin(conn, s)
+    real = KeyValue.watch
+    refused: list[str] = []
+
+    async def unavailable_once(self: KeyValue, key: str, **kw: Any) -> Any:
+        if not refused:
+            refused.append(key)
+            raise ServiceUnavailableError(code=503, err_code=10008,
+                                          description="JetStream system temporarily unavailable")
+        return await real(self, key, **kw)
+
+    async with stack(s, workers=0, orchestrator=False) as run:
+        await _replicas(s, run, 1)
+        assert (await admin.set_policy("fifo", by="test")).ok
+        monkeypatch.setattr(KeyValue, "watch", unavailable_once)
+        (second,) = await _replicas(s, run, 1)  # its settings say priority
+        assert refused and second.policy_name == "fifo"
