@@ -35,13 +35,13 @@ from pathlib import Path
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
+from nats.js.errors import APIError
 
 from cplane.client.batch_collect import checker_for
 from cplane.client.batch_lines import LineChecker, LineError
 from cplane.client.batch_state import Resubmit, job_id_for, on_resubmit, transition
 from cplane.client.batch_store import JobStore, file_lines
-from cplane.client.errors import STREAM_FULL_CODES
+from cplane.client.errors import NOT_STORED, STREAM_FULL_CODES
 from cplane.schemas.batch import BatchJob, JobState
 from cplane.schemas.codec import encode
 from cplane.schemas.messages import Priority
@@ -160,7 +160,7 @@ async def _publish(js: JetStreamContext, subject: str, data: bytes, rid: str) ->
         try:
             await js.publish(subject, data, headers={"Nats-Msg-Id": rid})
             return
-        except (NoStreamResponseError, ServiceUnavailableError):
+        except NOT_STORED:
             if pause is None:
                 raise
         except APIError as exc:

@@ -8,6 +8,10 @@ from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableEr
 from cplane.schemas.messages import ErrorReply, Final
 
 STREAM_FULL_CODES = {10077, 10078, 10047}  # max msgs / max bytes / storage resources
+# A JetStream publish that no stream answered (no responders) or that was answered
+# 503: nothing was stored, so sending it again is safe. A cluster answers so for
+# the seconds it takes to elect a stream's new leader.
+NOT_STORED = (NoStreamResponseError, ServiceUnavailableError)
 
 
 class RequestFailed(Exception):
@@ -48,7 +52,7 @@ def publish_error(exc: Exception, subject: str) -> Exception:
     """The exception a failed request publish means to the caller (`exc` if no other)."""
     if isinstance(exc, APIError) and exc.err_code in STREAM_FULL_CODES:
         return Overloaded(f"request stream is full ({exc.description}); retry later")
-    if isinstance(exc, NoRespondersError | NoStreamResponseError | ServiceUnavailableError):
+    if isinstance(exc, (NoRespondersError, *NOT_STORED)):
         return Unavailable(
             f"no stream took {subject!r}: LLM_REQ is missing, or has no leader yet "
             "(a cluster electing one); retry later"
