@@ -11,8 +11,10 @@ import contextlib
 import os
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import msgspec
+from nats.js import JetStreamContext
 
 from cplane.bus.server import EmbeddedNats
 from cplane.schemas.settings import Settings, load_settings
@@ -65,3 +67,18 @@ def isolated_settings(url: str, **sections: dict[str, object]) -> Settings:
         merged[name] = {**({} if slow else fast), **sections.pop(name, {})}  # type: ignore[dict-item]
     merged.update(sections)  # any other section as given (metrics, gateway...)
     return load_settings(env={}, nats={"url": url, "prefix": f"t{tag}"}, **merged)  # type: ignore[arg-type]
+
+
+class PublishCount:
+    """Counts the calls of `js.publish` from now on; the real publish still runs (a
+    test waits for a retry to have been sent before it changes what answers)."""
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self.n = 0
+        real = js.publish
+
+        async def counted(*args: Any, **kw: Any) -> Any:
+            self.n += 1
+            return await real(*args, **kw)
+
+        js.publish = counted  # type: ignore[method-assign]

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import msgspec
 import pytest
@@ -26,7 +25,7 @@ from cplane.client.sdk import Client, RequestFailed, new_request_id
 from cplane.schemas.batch import BatchJob, JobState
 from cplane.schemas.messages import ErrorCode, Priority, Request
 from cplane.schemas.settings import Settings
-from tests.natsfix import isolated_settings
+from tests.natsfix import PublishCount, isolated_settings
 from tests.stack import stack
 from tests.waiting import until
 
@@ -182,17 +181,9 @@ async def test_lines_wait_for_a_request_stream_that_answers_nothing(
     store, job = await start(nc, s, src)  # streams and stores, but no orchestrator
     js = nc.jetstream()
     await js.delete_stream(s.streams.req.name)
-    tries = 0
-    publish = js.publish
-
-    async def counted(*args: Any, **kw: Any) -> Any:
-        nonlocal tries
-        tries += 1
-        return await publish(*args, **kw)
-
-    js.publish = counted  # type: ignore[method-assign]
+    tries = PublishCount(js)
     pending = asyncio.ensure_future(publish_lines(js, store, s, job.id, src))
-    await until(lambda: tries > 5, 10, "lines sent again after no responders")
+    await until(lambda: tries.n > 5, 10, "lines sent again after no responders")
     assert not pending.done()
     await ensure_all(js, s)
     job = await asyncio.wait_for(pending, 30)

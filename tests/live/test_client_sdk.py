@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import msgspec
 import pytest
@@ -12,7 +11,7 @@ from nats.aio.client import Client as NATS
 from cplane.bus.provision import ensure_streams
 from cplane.client.sdk import Client, RejectedAtPublish, RequestHandle, StreamGap, Unavailable
 from cplane.schemas.messages import Final, FinishReason, Request, TokenChunk
-from tests.natsfix import isolated_settings
+from tests.natsfix import PublishCount, isolated_settings
 from tests.waiting import until
 
 
@@ -121,22 +120,14 @@ async def test_a_publish_no_stream_answers_is_sent_again_until_one_does(
     ends it with Unavailable, a TimeoutError."""
     s = isolated_settings(nats_url)
     client = Client(nc, s)
-    tries = 0
-    publish = client.js.publish
-
-    async def counted(*args: Any, **kw: Any) -> Any:
-        nonlocal tries
-        tries += 1
-        return await publish(*args, **kw)
-
-    client.js.publish = counted  # type: ignore[method-assign]
+    tries = PublishCount(client.js)
     with pytest.raises(Unavailable, match="no stream took"):
         await client.submit(Request(request_id="r0", prompt="x"), timeout=0.5)
-    assert tries > 2 and not client._open
-    tries = 0
+    assert tries.n > 2 and not client._open
+    before = tries.n
     pending = asyncio.ensure_future(client.submit(Request(request_id="r1", prompt="x"),
                                                   timeout=30))
-    await until(lambda: tries >= 2, 10, "a publish sent again after no responders")
+    await until(lambda: tries.n - before >= 2, 10, "a publish sent again after no responders")
     await ensure_streams(nc.jetstream(), s)
     handle = await pending
     assert handle.request.request_id == "r1"
