@@ -202,6 +202,12 @@ async def taken_over(ctx: ServeContext) -> list[Run]:
         if not await ctx.claims.confirm(req.request_id):
             lost.append(run)
             continue
+        if run.state is None or run.state is RunState.DONE:
+            # It ended while the claim was asked for (a lost claim cancels it): its
+            # end released nothing, and a claim nobody releases is renewed for as
+            # long as this worker lives, keeping every other worker off the request.
+            await ctx.claims.release(req.request_id)
+            continue
         run.claimed = True
         # Another worker streamed after this run began (one read: the last chunk),
         # or stored the terminal.
