@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 import nats
+import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -448,3 +449,51 @@ async def test_limits_are_checked(nats_url: str, nc: NATS) -> None:
     assert isinstance(e_text, ErrorReply) and e_text.code == "prompt_too_long"
     assert isinstance(e_big, ErrorReply) and e_big.code == "too_large"
     assert isinstance(fine, Final) and fine.usage.completion_tokens == 3
+
+
+async def test_a_run_ended_while_its_claim_is_confirmed_keeps_no_claim(
+        nats_url: str, nc: NATS) -> None:
+    """After a pause the fence check confirms each run's claim. A run that ends during
+    that await (a lost claim cancels it, and its end releases nothing) must not
+    leave the claim confirm() just wrote: the renewal loop would keep it while the
+    worker lives, and every other worker would wait on the request (the
+    partitioned chaos run lost a request so)."""
+    from types import SimpleNamespace
+    from typing import cast
+
+    from nats.js.errors import KeyNotFoundError
+
+    from cplane.bus.claims import Claims, claim_key
+    from cplane.bus.provision import claims_bucket
+    from cplane.workers.context import ServeContext
+    from cplane.workers.migrate import taken_over
+    from cplane.workers.runs import RunLedger
+
+    s = isolated_settings(nats_url)
+    js = nc.jetstream()
+    await ensure_all(js, s)
+    claims = Claims(js, s, "w1")
+    runs = RunLedger()
+    run = runs.add(item("ends", 4))
+    runs.begin(run)
+    run.running = run.item
+    run.task = asyncio.create_task(asyncio.sleep(3600))  # the run's task, still held
+    confirm = claims.confirm
+
+    async def confirm_as_the_run_ends(request_id: str) -> bool:
+        held = await confirm(request_id)  # the real write of the claim
+        runs.finish(run, stored=False)  # the run's end, inside the await
+        runs.transition(run, None)
+        return held
+
+    claims.confirm = confirm_as_the_run_ends  # type: ignore[method-assign]
+    ctx = cast(ServeContext, SimpleNamespace(runs=runs, claims=claims, js=js, settings=s,
+                                             worker_id="w1"))
+    try:
+        assert await taken_over(ctx) == []
+        assert "ends" not in claims._held  # nothing left to renew
+        kv = await js.key_value(claims_bucket(s))
+        with pytest.raises(KeyNotFoundError):
+            await kv.get(claim_key("ends"))
+    finally:
+        run.task.cancel()
